@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds everything with -Werror under AddressSanitizer and UBSan and runs
+# every test (unit and integration, the latter on the real /dev/kvm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+build=${FAULTLINE_TEST_BUILD:-build/test}
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFAULTLINE_WERROR=ON \
+  -DFAULTLINE_SANITIZE=ON -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" >/dev/null
+cmake --build "$build"
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+ctest --test-dir "$build" --output-on-failure -j2 "$@"
