@@ -64,8 +64,8 @@ class [[nodiscard]] Result : public std::expected<T, Status> {
   using Base::Base;
   // An error Status converts implicitly, so `return status;` works.
   Result(Status status) : Base(std::unexpect, std::move(status)) {}  // NOLINT
-  Result(const Base& b) : Base(b) {}                                  // NOLINT
-  Result(Base&& b) : Base(std::move(b)) {}                            // NOLINT
+  Result(const Base& b) : Base(b) {}                                 // NOLINT
+  Result(Base&& b) : Base(std::move(b)) {}                           // NOLINT
 
   Status status() const { return this->has_value() ? Status() : this->error(); }
 };
@@ -85,18 +85,18 @@ Status ToStatus(const Result<T>& r) {
 #define FL_CONCAT_(a, b) FL_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function if `expr` (a Status or Result) failed.
-#define RETURN_IF_ERROR(expr)                                              \
-  do {                                                                     \
-    auto&& fl_status_or_ = (expr);                                         \
-    if (!::faultline::internal::ToStatus(fl_status_or_).ok())             \
-      return ::faultline::internal::ToStatus(std::move(fl_status_or_));    \
+#define RETURN_IF_ERROR(expr)                                           \
+  do {                                                                  \
+    auto&& fl_status_or_ = (expr);                                      \
+    if (!::faultline::internal::ToStatus(fl_status_or_).ok())           \
+      return ::faultline::internal::ToStatus(std::move(fl_status_or_)); \
   } while (0)
 
 // `ASSIGN_OR_RETURN(auto x, Foo());` declares x from Foo()'s value, or
 // returns Foo()'s error from the enclosing function.
 #define ASSIGN_OR_RETURN(lhs, expr) \
   ASSIGN_OR_RETURN_IMPL_(FL_CONCAT_(fl_result_, __LINE__), lhs, expr)
-#define ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr)       \
-  auto tmp = (expr);                                 \
+#define ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr)         \
+  auto tmp = (expr);                                   \
   if (!tmp.has_value()) return std::move(tmp).error(); \
   lhs = std::move(*tmp)

@@ -1,0 +1,104 @@
+// Vm: the reference VMM. A KVM VM with 1..8 vCPUs and one RAM block,
+// running the Faultline test guest; serial console and test port devices;
+// kick-and-hold of every vCPU; vCPU state save and load.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "faultline/guest_report.h"
+#include "faultline/ram_block.h"
+#include "faultline/status.h"
+#include "src/sys/kvm.h"
+#include "src/vmm/serial.h"
+#include "src/vmm/test_port.h"
+#include "src/vmm/vcpu_set.h"
+#include "src/vmm/vcpu_state.h"
+
+namespace faultline::vmm {
+
+inline constexpr uint64_t kMinMemory = 64ull << 20;
+inline constexpr uint64_t kMaxMemory = 16ull << 30;
+inline constexpr uint32_t kMaxVcpus = 8;
+
+struct VmConfig {
+  std::string guest_path = FAULTLINE_DEFAULT_GUEST;
+  uint64_t mem_size = 1ull << 30;  // a multiple of 2 MiB in [64 MiB, 16 GiB]
+  uint32_t vcpus = 1;
+  // The guest's command line without tsc_khz, which the VMM appends.
+  std::string guest_args = "workload=fill,verify";
+  Backing backing = Backing::kAnonymous;
+  // False: no guest is loaded and vCPUs are not initialised; memory and vCPU
+  // state come from elsewhere (LoadVcpus, an incoming migration).
+  bool boot = true;
+  Serial::Sink serial;  // guest console lines; nullptr discards them
+  std::function<void(const GuestEvent&)> on_event;
+};
+
+// Checks a configuration without creating anything.
+Status ValidateConfig(const VmConfig& config);
+
+class Vm {
+ public:
+  static Result<std::unique_ptr<Vm>> Create(VmConfig config);
+  ~Vm();
+
+  Status Start();
+  // Waits until every vCPU has finished, at most `timeout`. An error if a
+  // vCPU hit an unexpected exit (with the exit and the registers), or on
+  // timeout (the VM is stopped then).
+  Result<GuestReport> Wait(std::chrono::milliseconds timeout);
+  void Stop();
+
+  // Kick-and-hold (VcpuSet::Hold): no vCPU runs until Resume().
+  void Pause() { vcpus_->Hold(); }
+  void Resume() { vcpus_->Release(); }
+
+  // Requires Pause() (or a VM not started).
+  Result<std::vector<VcpuState>> SaveVcpus();
+  // Before Start().
+  Status LoadVcpus(const std::vector<VcpuState>& states);
+
+  void SetGuestCommand(uint32_t command) { test_port_->SetCommand(command); }
+  GuestReport report() const { return test_port_->Snapshot(); }
+
+  // Guest memory access for the VMM itself. Bounds-checked.
+  Status ReadGuest(Gpa gpa, std::span<uint8_t> out) const;
+  Status WriteGuest(Gpa gpa, std::span<const uint8_t> data);
+  std::span<uint8_t> ram() const { return {ram_->host(), config_.mem_size}; }
+  const RamBlock& ram_block() const { return *ram_; }
+
+  const VmConfig& config() const { return config_; }
+  uint32_t tsc_khz() const { return tsc_khz_; }
+  sys::KvmVm& kvm_vm() { return vm_; }
+  VcpuSet& vcpus() { return *vcpus_; }
+
+ private:
+  Vm(VmConfig config, sys::KvmSystem kvm, sys::KvmVm vm);
+  Status Init();
+  Status Boot();
+  Result<ExitAction> HandleExit(uint32_t index, sys::KvmVcpu& vcpu);
+  Result<ExitAction> HandleIo(uint32_t index, sys::KvmVcpu& vcpu);
+  Status VcpuError(sys::KvmVcpu& vcpu, std::string what) const;
+
+  VmConfig config_;
+  sys::KvmSystem kvm_;
+  sys::KvmVm vm_;
+  std::shared_ptr<RamBlock> ram_;
+  std::unique_ptr<VcpuSet> vcpus_;
+  std::unique_ptr<Serial> serial_;
+  std::unique_ptr<TestPort> test_port_;
+  VcpuStateSupport state_support_;
+  uint32_t tsc_khz_ = 0;
+};
+
+// The registers of a vCPU that is out of KVM_RUN, for error messages.
+std::string FormatRegisters(const sys::KvmVcpu& vcpu);
+
+}  // namespace faultline::vmm

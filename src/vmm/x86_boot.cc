@@ -1,0 +1,149 @@
+#include "src/vmm/x86_boot.h"
+
+#include <cstring>
+
+#include "guest/abi.h"
+
+namespace faultline::vmm {
+namespace {
+
+constexpr uint64_t kPresent = 1ull << 0;
+constexpr uint64_t kWritable = 1ull << 1;
+constexpr uint64_t kUser = 1ull << 2;  // the workload runs at CPL3
+constexpr uint64_t kLargePage = 1ull << 7;
+
+constexpr uint64_t kCr0Pe = 1ull << 0, kCr0Mp = 1ull << 1, kCr0Et = 1ull << 4, kCr0Ne = 1ull << 5,
+                   kCr0Wp = 1ull << 16, kCr0Pg = 1ull << 31;
+constexpr uint64_t kCr4Pae = 1ull << 5, kCr4Osfxsr = 1ull << 9, kCr4Osxmmexcpt = 1ull << 10;
+constexpr uint64_t kEferLme = 1ull << 8, kEferLma = 1ull << 10;
+
+constexpr uint16_t kCodeSelector = 0x08, kDataSelector = 0x10;
+
+// Multiboot v1 information (only the fields the guest reads).
+struct MultibootInfo {
+  uint32_t flags, mem_lower, mem_upper, boot_device, cmdline, mods_count, mods_addr;
+  uint32_t syms[4];
+  uint32_t mmap_length, mmap_addr;
+};
+struct [[gnu::packed]] MultibootMmapEntry {
+  uint32_t size;  // of the rest of the entry
+  uint64_t base, length;
+  uint32_t type;  // 1 = RAM
+};
+constexpr uint32_t kMbInfoMem = 1u << 0, kMbInfoCmdline = 1u << 2, kMbInfoMmap = 1u << 6;
+
+template <typename T>
+void Put(std::span<uint8_t> ram, uint64_t gpa, const T& value) {
+  std::memcpy(ram.data() + gpa, &value, sizeof(T));
+}
+
+}  // namespace
+
+Status WriteBootStructures(std::span<uint8_t> ram, uint64_t ram_end, std::string_view cmdline) {
+  uint64_t gib = AlignUp(ram_end, 1ull << 30) >> 30;
+  if (gib > FL_MAX_RAM_GIB) {
+    return Error("{} GiB of RAM: the guest's page tables cover at most {} GiB", gib,
+                 FL_MAX_RAM_GIB);
+  }
+  if (cmdline.size() >= FL_CMDLINE_MAX) {
+    return Error("guest command line is {} bytes; at most {}", cmdline.size(), FL_CMDLINE_MAX - 1);
+  }
+
+  // Page tables: PML4 -> one PDPT -> one page directory per GiB, 2 MiB pages.
+  const uint64_t pml4 = FL_PAGE_TABLES_GPA, pdpt = pml4 + kPageSize, pd0 = pdpt + kPageSize;
+  std::memset(ram.data() + pml4, 0, (2 + gib) * kPageSize);
+  Put(ram, pml4, pdpt | kPresent | kWritable | kUser);
+  for (uint64_t g = 0; g < gib; ++g) {
+    uint64_t pd = pd0 + g * kPageSize;
+    Put(ram, pdpt + g * 8, pd | kPresent | kWritable | kUser);
+    for (uint64_t i = 0; i < 512; ++i) {
+      uint64_t phys = (g << 30) | (i << 21);
+      Put(ram, pd + i * 8, phys | kPresent | kWritable | kUser | kLargePage);
+    }
+  }
+
+  // Boot GDT: null, 64-bit code, flat data. The guest replaces it at once.
+  Put(ram, FL_BOOT_GDT_GPA, uint64_t{0});
+  Put(ram, FL_BOOT_GDT_GPA + kCodeSelector, uint64_t{0x00af9b000000ffff});
+  Put(ram, FL_BOOT_GDT_GPA + kDataSelector, uint64_t{0x00cf93000000ffff});
+
+  std::memset(ram.data() + FL_CMDLINE_GPA, 0, FL_CMDLINE_MAX);
+  std::memcpy(ram.data() + FL_CMDLINE_GPA, cmdline.data(), cmdline.size());
+
+  MultibootMmapEntry mmap[2] = {
+      {20, 0, 0x9fc00, 1},
+      {20, 0x100000, ram_end - 0x100000, 1},
+  };
+  std::memcpy(ram.data() + FL_BOOT_MMAP_GPA, mmap, sizeof(mmap));
+  MultibootInfo info{};
+  info.flags = kMbInfoMem | kMbInfoCmdline | kMbInfoMmap;
+  info.mem_lower = 639;
+  info.mem_upper = static_cast<uint32_t>((ram_end - 0x100000) >> 10);
+  info.cmdline = static_cast<uint32_t>(FL_CMDLINE_GPA);
+  info.mmap_length = sizeof(mmap);
+  info.mmap_addr = static_cast<uint32_t>(FL_BOOT_MMAP_GPA);
+  Put(ram, FL_BOOT_INFO_GPA, info);
+  return Status::Ok();
+}
+
+void SetupLongModeSregs(kvm_sregs& sregs) {
+  kvm_segment code{};
+  code.base = 0;
+  code.limit = 0xffffffff;
+  code.selector = kCodeSelector;
+  code.type = 0xb;  // execute/read, accessed
+  code.present = 1;
+  code.s = 1;
+  code.l = 1;
+  code.g = 1;
+  kvm_segment data = code;
+  data.selector = kDataSelector;
+  data.type = 0x3;  // read/write, accessed
+  data.l = 0;
+  data.db = 1;
+  sregs.cs = code;
+  sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
+
+  kvm_segment tr{};
+  tr.limit = 0x67;
+  tr.type = 0xb;  // busy 64-bit TSS
+  tr.present = 1;
+  sregs.tr = tr;
+  kvm_segment ldt{};
+  ldt.unusable = 1;
+  sregs.ldt = ldt;
+
+  sregs.gdt.base = FL_BOOT_GDT_GPA;
+  sregs.gdt.limit = 3 * 8 - 1;
+  sregs.idt.base = 0;
+  sregs.idt.limit = 0;
+  sregs.cr0 = kCr0Pe | kCr0Mp | kCr0Et | kCr0Ne | kCr0Wp | kCr0Pg;
+  sregs.cr3 = FL_PAGE_TABLES_GPA;
+  sregs.cr4 = kCr4Pae | kCr4Osfxsr | kCr4Osxmmexcpt;
+  sregs.efer = kEferLme | kEferLma;
+}
+
+kvm_regs LongModeEntryRegs(uint64_t entry64, uint32_t index, uint32_t count) {
+  kvm_regs regs{};
+  regs.rip = entry64;
+  regs.rflags = 0x2;
+  regs.rdi = FL_BOOT_INFO_GPA;
+  regs.rsi = index;
+  regs.rdx = count;
+  return regs;
+}
+
+std::vector<kvm_cpuid_entry2> CpuidForVcpu(std::span<const kvm_cpuid_entry2> supported,
+                                           uint32_t index) {
+  std::vector<kvm_cpuid_entry2> out(supported.begin(), supported.end());
+  for (kvm_cpuid_entry2& e : out) {
+    if (e.function == 1) {
+      e.ebx = (e.ebx & 0x00ffffff) | (index << 24);  // initial APIC ID
+    } else if (e.function == 0xb || e.function == 0x1f) {
+      e.edx = index;  // x2APIC ID
+    }
+  }
+  return out;
+}
+
+}  // namespace faultline::vmm

@@ -1,0 +1,31 @@
+// Parsing and formatting shared by the faultline subcommands.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "faultline/guest_report.h"
+#include "faultline/status.h"
+
+namespace faultline::cli {
+
+// "1G", "512M", "64MiB", "2g", "4096": a byte count. Errors say the syntax.
+Result<uint64_t> ParseSize(std::string_view text);
+
+// `--workload NAME[,key=value...]` to the guest's command line. Names:
+// verify (fill then verify), fill, random (fill, random writes, verify),
+// hotset (fill, hot-set rewrites, verify), touch, triplefault. A non-zero
+// `duration_s` bounds the open-ended phases.
+Result<std::string> WorkloadToGuestArgs(std::string_view workload, double duration_s);
+
+// The report as JSON: pages_verified, bad_pages, max_stall_us, success,
+// per-vCPU phases and the bad pages.
+nlohmann::json ReportToJson(const GuestReport& report);
+// The report for a person.
+std::string FormatReport(const GuestReport& report);
+
+}  // namespace faultline::cli

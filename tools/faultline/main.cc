@@ -1,0 +1,17 @@
+// faultline: run guests, migrate them, and measure the memory machinery.
+#include <cstdio>
+
+#include "tools/faultline/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"faultline: KVM guest memory and live migration"};
+  app.require_subcommand(1);
+  faultline::cli::Action action;
+  faultline::cli::AddRunCommand(app, action);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  return action();
+}
