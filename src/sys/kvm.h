@@ -3,7 +3,7 @@
 // code in the project that calls ioctl().
 #pragma once
 
-#include <linux/kvm.h>
+#include "src/sys/linux_abi.h"
 
 #include <cstdint>
 #include <span>

@@ -13,6 +13,20 @@
 // <linux/userfaultfd.h>).
 #pragma once
 
+// The 6.1 uapi <linux/stddef.h> declares flexible arrays as
+// `struct { struct { } __empty_x; T x[]; }`. In C++ an empty struct has size
+// 1, so every KVM struct ending in such an array (kvm_cpuid2, kvm_msrs,
+// kvm_msr_list, kvm_xsave, ...) grows, and with it the size encoded in the
+// ioctl number: KVM_GET_SUPPORTED_CPUID becomes 0xc00cae05 and the kernel
+// answers EINVAL. Later kernels define the macro as `T x[0]` for C++; do the
+// same before any <linux/kvm.h> is seen. Every src/sys file includes KVM and
+// userfaultfd headers through this one for that reason.
+#include <linux/stddef.h>
+#ifdef __cplusplus
+#undef __DECLARE_FLEX_ARRAY
+#define __DECLARE_FLEX_ARRAY(TYPE, NAME) TYPE NAME[0]
+#endif
+
 #include <linux/kvm.h>
 #include <linux/types.h>
 #include <linux/userfaultfd.h>
@@ -230,3 +244,13 @@ static_assert(UFFD_FEATURE_WP_ASYNC == 0x8000);
 static_assert(UFFD_FEATURE_MOVE == 0x10000);
 
 }  // namespace faultline::sys::abi_check
+
+// The flexible-array fix above, checked where it matters.
+static_assert(sizeof(kvm_cpuid2) == 8 && sizeof(kvm_msrs) == 8 && sizeof(kvm_msr_list) == 4);
+static_assert(sizeof(kvm_xsave) == 4096);
+static_assert(KVM_GET_SUPPORTED_CPUID == 0xc008ae05u);
+static_assert(KVM_SET_CPUID2 == 0x4008ae90u);
+static_assert(KVM_GET_MSR_INDEX_LIST == 0xc004ae02u);
+static_assert(KVM_GET_MSRS == 0xc008ae88u && KVM_SET_MSRS == 0x4008ae89u);
+static_assert(KVM_GET_XSAVE == 0x9000aea4u && KVM_SET_XSAVE == 0x5000aea5u);
+static_assert(KVM_GET_XSAVE2 == 0x9000aecfu);
