@@ -44,7 +44,8 @@ struct GuestBadPage {
 struct GuestVcpuReport {
   bool booted = false;  // sent its hello
   Gpa region_start, region_end;
-  uint64_t pages = 0;
+  Gpa first_page;      // the first workload page (the ledger precedes it)
+  uint64_t pages = 0;  // workload pages, from first_page on
   std::vector<GuestPhase> phases;
   bool done = false;
   uint32_t status = 0;  // from the done report: 0 = success

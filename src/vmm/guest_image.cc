@@ -51,6 +51,28 @@ Result<std::vector<Phdr>> ReadPhdrs(std::span<const uint8_t> file, const std::st
   return out;
 }
 
+Status LoadSegments(std::span<const uint8_t> file, const std::vector<Phdr>& phdrs,
+                    const std::string& path, std::vector<GuestSegment>* out) {
+  for (const Phdr& p : phdrs) {
+    if (p.type != PT_LOAD || p.memsz == 0) continue;
+    if (p.filesz > p.memsz || p.offset > file.size() || file.size() - p.offset < p.filesz) {
+      return Error("{}: PT_LOAD segment at {:#x} lies outside the file", path, p.paddr);
+    }
+    if (p.paddr < FL_IMAGE_BASE || p.paddr + p.memsz > kMaxImageEnd ||
+        p.paddr + p.memsz < p.paddr) {
+      return Error("{}: PT_LOAD segment [{:#x}, +{:#x}) is outside [{:#x}, {:#x})", path, p.paddr,
+                   p.memsz, FL_IMAGE_BASE, kMaxImageEnd);
+    }
+    GuestSegment seg;
+    seg.gpa = Gpa(p.paddr);
+    seg.bytes.assign(file.begin() + p.offset, file.begin() + p.offset + p.filesz);
+    seg.memory_size = p.memsz;
+    out->push_back(std::move(seg));
+  }
+  if (out->empty()) return Error("{}: no loadable segments", path);
+  return Status::Ok();
+}
+
 }  // namespace
 
 Result<GuestImage> GuestImage::Load(const std::string& path) {
@@ -81,24 +103,6 @@ Result<GuestImage> GuestImage::Parse(std::span<const uint8_t> file, const std::s
   }
 
   GuestImage image;
-  for (const Phdr& p : phdrs) {
-    if (p.type != PT_LOAD || p.memsz == 0) continue;
-    if (p.filesz > p.memsz || p.offset > file.size() || file.size() - p.offset < p.filesz) {
-      return Error("{}: PT_LOAD segment at {:#x} lies outside the file", path, p.paddr);
-    }
-    if (p.paddr < FL_IMAGE_BASE || p.paddr + p.memsz > kMaxImageEnd ||
-        p.paddr + p.memsz < p.paddr) {
-      return Error("{}: PT_LOAD segment [{:#x}, +{:#x}) is outside [{:#x}, {:#x})", path, p.paddr,
-                   p.memsz, FL_IMAGE_BASE, kMaxImageEnd);
-    }
-    GuestSegment seg;
-    seg.gpa = Gpa(p.paddr);
-    seg.bytes.assign(file.begin() + p.offset, file.begin() + p.offset + p.filesz);
-    seg.memory_size = p.memsz;
-    image.segments_.push_back(std::move(seg));
-  }
-  if (image.segments_.empty()) return Error("{}: no loadable segments", path);
-
   // The multiboot header: 4-byte aligned in the first 8 KiB, checksummed.
   size_t limit = std::min(file.size(), kMultibootSearch);
   for (size_t off = 0; off + 12 + sizeof(fl_image_header) <= limit; off += 4) {
@@ -124,6 +128,7 @@ Result<GuestImage> GuestImage::Parse(std::span<const uint8_t> file, const std::s
       }
       image.entry64_ = Gpa(header.entry64);
       image.image_end_ = Gpa(header.image_end);
+      RETURN_IF_ERROR(LoadSegments(file, phdrs, path, &image.segments_));
       return image;
     }
     return Error("{}: multiboot header without a Faultline image header — not a Faultline guest",

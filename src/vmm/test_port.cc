@@ -79,6 +79,7 @@ Status TestPort::HandleReport(uint32_t vcpu, std::span<const uint8_t> bytes) {
         v.region_start = Gpa(r.region_start);
         v.region_end = Gpa(r.region_end);
         v.pages = r.pages;
+        v.first_page = Gpa(r.first_page_gpa);
         break;
       }
       case FL_REPORT_PHASE: {
