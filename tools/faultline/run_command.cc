@@ -69,7 +69,14 @@ int Run(const RunOptions& o) {
     fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing)\n", elapsed_ms,
                config.mem_size >> 20, config.vcpus, BackingName(config.backing));
   }
-  return report->success() ? 0 : 1;
+  if (report->success()) return 0;
+  for (size_t i = 0; i < report->vcpus.size(); ++i) {
+    const GuestVcpuReport& v = report->vcpus[i];
+    if (v.panic) fmt::print(stderr, "faultline run: vcpu {}: guest {}\n", i, *v.panic);
+  }
+  fmt::print(stderr, "faultline run: the guest reported failure ({} bad pages)\n",
+             report->bad_page_count());
+  return 1;
 }
 
 }  // namespace
