@@ -1,16 +1,16 @@
 #include "src/sys/guest_memfd.h"
 
 #include <fcntl.h>
-#include <linux/kvm.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 
 #include <cstring>
+#include <optional>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "faultline/types.h"
+#include "src/sys/kvm.h"
 #include "src/sys/mapping.h"
 #include "src/sys/memfd.h"
 #include "src/sys/userfaultfd.h"
@@ -22,23 +22,26 @@ using ::testing::HasSubstr;
 
 constexpr uint64_t kSharedMmap = kGuestMemfdFlagMmap | kGuestMemfdFlagInitShared;
 
-// A VM fd for guest_memfd to bind to; invalid (and the test skips) without
+// Each test gets a VM for its guest_memfds to bind to, or skips without
 // /dev/kvm.
-UniqueFd OpenVm() {
-  UniqueFd kvm(::open("/dev/kvm", O_RDWR | O_CLOEXEC));
-  if (!kvm.valid()) return UniqueFd();
-  return UniqueFd(::ioctl(kvm.get(), KVM_CREATE_VM, 0));
-}
+class GuestMemfdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto kvm = KvmSystem::Open();
+    if (!kvm.has_value()) GTEST_SKIP() << kvm.status().ToString();
+    auto vm = kvm->CreateVm();
+    ASSERT_TRUE(vm.has_value()) << vm.status().ToString();
+    vm_.emplace(std::move(*vm));
+  }
+  int vm_fd() const { return vm_->fd(); }
 
-#define SKIP_WITHOUT_VM(vm) \
-  if (!(vm).valid()) GTEST_SKIP() << "/dev/kvm is not available: " << std::strerror(errno)
+  std::optional<KvmVm> vm_;
+};
 
-TEST(GuestMemfdTest, SharedMappingsAndPunchHole) {
-  UniqueFd vm = OpenVm();
-  SKIP_WITHOUT_VM(vm);
-  EXPECT_EQ(SupportedGuestMemfdFlags(vm.get()) & kSharedMmap, kSharedMmap);
+TEST_F(GuestMemfdTest, SharedMappingsAndPunchHole) {
+  EXPECT_EQ(SupportedGuestMemfdFlags(vm_fd()) & kSharedMmap, kSharedMmap);
   const uint64_t size = 16 * kPageSize;
-  auto gmem = CreateGuestMemfd(vm.get(), size, kSharedMmap);
+  auto gmem = CreateGuestMemfd(vm_fd(), size, kSharedMmap);
   ASSERT_TRUE(gmem.has_value()) << gmem.status().ToString();
 
   auto a = Mapping::Map(size, PROT_READ | PROT_WRITE, MAP_SHARED, gmem->get(), 0, "gmem a");
@@ -53,22 +56,20 @@ TEST(GuestMemfdTest, SharedMappingsAndPunchHole) {
   EXPECT_EQ(b->data()[6 * kPageSize], 0x42);
 }
 
-TEST(GuestMemfdTest, UnsupportedFlagsNameTheCapability) {
-  UniqueFd vm = OpenVm();
-  SKIP_WITHOUT_VM(vm);
-  auto gmem = CreateGuestMemfd(vm.get(), kPageSize, 1ull << 62);
+TEST_F(GuestMemfdTest, UnsupportedFlagsNameTheCapability) {
+  auto gmem = CreateGuestMemfd(vm_fd(), kPageSize, 1ull << 62);
   ASSERT_FALSE(gmem.has_value());
   EXPECT_EQ(gmem.error().code(), EINVAL);
   EXPECT_THAT(gmem.error().message(), HasSubstr("KVM_CAP_GUEST_MEMFD_FLAGS"));
 }
 
-TEST(GuestMemfdTest, SizeMustBePageMultiple) {
+TEST(GuestMemfdArgsTest, SizeMustBePageMultiple) {
   auto gmem = CreateGuestMemfd(-1, kPageSize + 1, kSharedMmap);
   ASSERT_FALSE(gmem.has_value());
   EXPECT_THAT(gmem.error().message(), HasSubstr("multiple of 4096"));
 }
 
-TEST(GuestMemfdTest, NotAVmFd) {
+TEST(GuestMemfdArgsTest, NotAVmFd) {
   auto memfd = CreateMemfd("not-a-vm", kPageSize, 0);
   ASSERT_TRUE(memfd.has_value());
   auto gmem = CreateGuestMemfd(memfd->get(), kPageSize, 0);
@@ -79,10 +80,8 @@ TEST(GuestMemfdTest, NotAVmFd) {
 // A fact the paging design depends on (DESIGN.md): guest_memfd mappings
 // cannot be registered with userfaultfd, so they demand-page through memslot
 // holes instead. If a kernel lifts this, the test says so.
-TEST(GuestMemfdTest, UserfaultfdCannotRegisterMapping) {
-  UniqueFd vm = OpenVm();
-  SKIP_WITHOUT_VM(vm);
-  auto gmem = CreateGuestMemfd(vm.get(), kPageSize, kSharedMmap);
+TEST_F(GuestMemfdTest, UserfaultfdCannotRegisterMapping) {
+  auto gmem = CreateGuestMemfd(vm_fd(), kPageSize, kSharedMmap);
   ASSERT_TRUE(gmem.has_value()) << gmem.status().ToString();
   auto map = Mapping::Map(kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, gmem->get(), 0, "gmem");
   ASSERT_TRUE(map.has_value());

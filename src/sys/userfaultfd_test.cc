@@ -1,9 +1,14 @@
 #include "src/sys/userfaultfd.h"
 
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
@@ -14,6 +19,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "src/sys/linux_abi.h"
 #include "src/sys/mapping.h"
 #include "src/sys/memfd.h"
 
@@ -355,6 +361,60 @@ TEST(UserfaultfdTest, RemoveEvent) {
   ASSERT_EQ(msg.type(), UffdMessage::Type::kRemove);
   EXPECT_EQ(msg.range_start(), map.hva() + kPage);
   EXPECT_EQ(msg.range_end(), map.hva() + 3 * kPage);
+}
+
+// Runs Userfaultfd::Create in a child process in which the userfaultfd
+// syscall fails with EPERM (as for an unprivileged user with
+// vm.unprivileged_userfaultfd = 0) and, if `deny_device`, so does
+// USERFAULTFD_IOC_NEW on /dev/userfaultfd. Returns "OK" or the error.
+std::string CreateWithSyscallDenied(bool deny_device) {
+  int pipe_fds[2];
+  if (::pipe(pipe_fds) != 0) return "pipe failed";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(pipe_fds[0]);
+    // x86-64 only, like the rest of the project; the arch is not checked.
+    sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_userfaultfd, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_ioctl, 0, 3),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args[1])),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, deny_device ? USERFAULTFD_IOC_NEW : ~0u, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    sock_fprog prog = {static_cast<unsigned short>(std::size(filter)), filter};
+    std::string result = "seccomp setup failed";
+    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+        ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) == 0) {
+      auto uffd = Userfaultfd::Create(O_NONBLOCK, kUffdFeatureMove);
+      result = uffd.has_value() ? "OK" : uffd.error().ToString();
+    }
+    (void)!::write(pipe_fds[1], result.data(), result.size());
+    ::_exit(0);
+  }
+  ::close(pipe_fds[1]);
+  std::string out;
+  char buf[512];
+  ssize_t n;
+  while ((n = ::read(pipe_fds[0], buf, sizeof(buf))) > 0) out.append(buf, n);
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return out;
+}
+
+TEST(UserfaultfdTest, FallsBackToDevUserfaultfd) {
+  if (::access("/dev/userfaultfd", R_OK | W_OK) != 0) GTEST_SKIP() << "no /dev/userfaultfd";
+  EXPECT_EQ(CreateWithSyscallDenied(/*deny_device=*/false), "OK");
+}
+
+TEST(UserfaultfdTest, NotPermittedSaysWhatToDo) {
+  EXPECT_THAT(CreateWithSyscallDenied(/*deny_device=*/true),
+              HasSubstr("userfaultfd not permitted: run as root or set "
+                        "vm.unprivileged_userfaultfd=1 (sysctl), or grant access to "
+                        "/dev/userfaultfd"));
 }
 
 }  // namespace
