@@ -29,7 +29,6 @@
 #define PTE_PRESENT_RW_USER 0x7 /* the workload runs at CPL3 */
 #define PTE_LARGE 0x80
 #define GATE_INTERRUPT_DPL0 0x8e
-#define GATE_INTERRUPT_DPL3 0xee
 #define TSS_AVAILABLE_64 0x89
 #define RFLAGS_USER 0x3002 /* IOPL=3, IF=0, reserved bit 1 */
 
@@ -166,13 +165,14 @@ fl_entry64:
 	movl %eax, %fs
 	movl %eax, %gs
 
-	/* This vCPU's TSS: RSP0 for exceptions from CPL3, no I/O bitmap. */
-	movq %r13, %rbx
-	shlq $GUEST_TSS_SHIFT, %rbx
+	/* This vCPU's TSS: RSP0 for exceptions from CPL3, I/O bitmap (zero
+	 * in .bss: every port allowed) and its terminating byte. */
+	imulq $GUEST_TSS_SIZE, %r13, %rbx
 	leaq fl_tss(%rip), %rax
 	addq %rax, %rbx
 	movq %r15, 4(%rbx)
-	movw $(GUEST_TSS_LIMIT + 1), 102(%rbx)
+	movw $GUEST_TSS_IOMAP, 102(%rbx)
+	movb $0xff, GUEST_TSS_LIMIT(%rbx)
 
 	/* Its descriptor (16 bytes; the image lies below 4 GiB). */
 	movq %rbx, %rax
@@ -217,7 +217,6 @@ fl_entry64:
 	addq $16, %rdx
 	decl %ecx
 	jnz 2b
-	movb $GATE_INTERRUPT_DPL3, (GUEST_TRIPLE_FAULT_VECTOR * 16 + 5)(%rdi)
 	subq $16, %rsp
 	movw $(GUEST_IDT_VECTORS * 16 - 1), (%rsp)
 	movq %rdi, 2(%rsp)
@@ -263,14 +262,11 @@ fl_user_start:
 
 /* ---------------------------------------------------------------------------
  * Exception stubs, 16 bytes apart: push a zero error code where the CPU
- * pushes none, then the vector. Stub 32 is the DPL3 gate of the triplefault
- * phase: it loads an IDT with limit 0 and faults, so #UD cannot be
- * delivered, nor #GP, nor #DF, and the CPU shuts down.
+ * pushes none, then the vector.
  */
 .macro ISR_STUB n
 	.balign 16
-	.if (\n == 8) || (\n >= 10 && \n <= 14) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
-	.else
+	.if !((\n == 8) || (\n >= 10 && \n <= 14) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30))
 	pushq $0
 	.endif
 	pushq $\n
@@ -284,29 +280,41 @@ fl_isr_stubs:
 	ISR_STUB \n
 	.endr
 	.balign 16
-fl_isr_triple_fault:
-	lidt fl_null_idt_ptr(%rip)
-	ud2
-	.balign 16
 	.globl fl_isr_stubs_end
 fl_isr_stubs_end:
 
-/* Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. */
+/*
+ * Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. Reports through
+ * fl_panic(vector, error, rip, rsp, cr2, vcpu), unless this vCPU armed the
+ * triple fault: then load an IDT with limit 0 and fault, so that neither
+ * #UD nor #GP nor #DF can be delivered and the CPU shuts down. (An INT from
+ * CPL3 through a DPL3 gate would be simpler, but PVM does not emulate INT
+ * outside real mode; exceptions it does deliver.)
+ */
 fl_isr_common:
-	movq 0(%rsp), %rdi
-	movq 8(%rsp), %rsi
-	movq 16(%rsp), %rdx
-	movq 40(%rsp), %rcx
-	movq %cr2, %r8
 	xorl %eax, %eax
 	str %ax
 	subl $GUEST_TSS_SEL0, %eax
 	shrl $4, %eax
 	movl %eax, %r9d
+	cmpl $GUEST_MAX_VCPUS, %eax
+	jae 1f
+	leaq fl_triple_fault_armed(%rip), %rdx
+	cmpb $0, (%rdx, %rax)
+	jne fl_triple_fault
+1:	movq 0(%rsp), %rdi
+	movq 8(%rsp), %rsi
+	movq 16(%rsp), %rdx
+	movq 40(%rsp), %rcx
+	movq %cr2, %r8
 	andq $-16, %rsp
 	call fl_panic
-6:	hlt
-	jmp 6b
+2:	hlt
+	jmp 2b
+
+fl_triple_fault:
+	lidt fl_null_idt_ptr(%rip)
+	ud2
 
 /* ---------------------------------------------------------------------------
  * Descriptor tables. Data and code descriptors have the accessed bit set.
@@ -337,6 +345,10 @@ fl_null_idt_ptr:
 fl_boot_mbi:
 	.long 0
 
+	.globl fl_triple_fault_armed
+fl_triple_fault_armed:
+	.fill GUEST_MAX_VCPUS, 1, 0
+
 	.bss
 	.balign 4096
 fl_kernel_stacks:
@@ -345,7 +357,7 @@ fl_user_stacks:
 	.skip GUEST_MAX_VCPUS << GUEST_USTACK_SHIFT
 	.balign 128
 fl_tss:
-	.skip GUEST_MAX_VCPUS << GUEST_TSS_SHIFT
+	.skip GUEST_MAX_VCPUS * GUEST_TSS_SIZE
 	.balign 16
 fl_idt:
 	.skip GUEST_MAX_VCPUS * GUEST_IDT_VECTORS * 16

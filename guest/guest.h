@@ -33,10 +33,16 @@
 
 #define GUEST_KSTACK_SHIFT 13 /* 8 KiB kernel stack per vCPU (exceptions) */
 #define GUEST_USTACK_SHIFT 14 /* 16 KiB user stack per vCPU (the workload) */
-#define GUEST_TSS_SHIFT 7     /* a 104-byte TSS in a 128-byte slot */
-#define GUEST_TSS_LIMIT 103
-#define GUEST_IDT_VECTORS 33 /* exceptions 0-31, then the triple-fault gate */
-#define GUEST_TRIPLE_FAULT_VECTOR 32
+/*
+ * A vCPU's TSS: 104 bytes, then an I/O permission bitmap that allows every
+ * port, then the 0xff byte the CPU needs after it. IOPL=3 already allows
+ * port I/O at CPL3 on hardware; PVM does not keep IOPL for user mode and
+ * checks this bitmap instead when it emulates the trapped IN/OUT.
+ */
+#define GUEST_TSS_IOMAP 104
+#define GUEST_TSS_LIMIT (GUEST_TSS_IOMAP + 8192) /* the terminating 0xff byte */
+#define GUEST_TSS_SIZE 0x2080                    /* > GUEST_TSS_LIMIT, 16-byte multiple */
+#define GUEST_IDT_VECTORS 32                     /* the exceptions */
 
 #define MB_HEADER_MAGIC 0x1BADB002
 #define MB_HEADER_FLAGS 0x00010003 /* page-aligned modules, memory info, address fields */
@@ -160,6 +166,10 @@ bool guest_self_check(uint64_t gpa);
 
 /* main.c */
 void fl_main(uint64_t mbi, uint64_t index, uint64_t count) __attribute__((noreturn));
+
+/* boot.S: set by vCPU i at CPL3; its next exception then shuts the machine
+ * down instead of reporting (the triplefault phase). */
+extern volatile uint8_t fl_triple_fault_armed[GUEST_MAX_VCPUS];
 
 /* guest.ld */
 extern char fl_image_end[];

@@ -144,7 +144,8 @@ void fl_main(uint64_t mbi_gpa, uint64_t index, uint64_t count) {
   for (uint32_t i = 0; i < v->cfg.phase_count; ++i) {
     if (v->cfg.phases[i] == GUEST_PHASE_TRIPLEFAULT) {
       guest_print(v->index, "triplefault: shutting the machine down on purpose");
-      __asm__ volatile("int %0" : : "i"(GUEST_TRIPLE_FAULT_VECTOR) : "memory");
+      fl_triple_fault_armed[v->index] = 1;
+      __asm__ volatile("ud2" : : : "memory");
       finish(v, GUEST_EXIT_EXCEPTION); /* not reached */
     }
     guest_run_phase(v, v->cfg.phases[i]);
