@@ -205,19 +205,29 @@ class MemoryMap::Builder {
 
 // Holds the current MemoryMap and publishes new ones RCU-style: a reader
 // takes a snapshot and uses it for as long as it likes, unaffected by later
-// changes; a snapshot is freed when its last reader drops it.
+// changes; a snapshot is freed when its last holder drops it.
 //
-// Readers never take a mutex. std::atomic<std::shared_ptr> (libstdc++ 12 and
-// later) swaps the pointer under a spin bit held for a few instructions, so
-// a reader never waits for a writer's edit, only for the pointer swap itself.
+// Readers never block: Load() is lock-free (it retries only if a writer
+// flipped the live slot between two of its loads). Writers serialize on a
+// mutex and wait, after publishing, for readers still copying the previous
+// slot (a few nanoseconds each).
+//
+// Why not std::atomic<std::shared_ptr>: libstdc++ 12 implements it with a
+// spin bit in the control-block pointer, and load() releases that bit with a
+// relaxed store, so a reader's read of the stored pointer is not ordered
+// before the next writer's overwrite. That is a data race in the memory model
+// and ThreadSanitizer reports it (google/sanitizers#1558). The left-right
+// scheme below (Ramalhete and Correia) orders everything with atomics.
 class AtomicMemoryMap {
  public:
   using Edit = std::function<Result<std::shared_ptr<const MemoryMap>>(const MemoryMap&)>;
 
   explicit AtomicMemoryMap(std::shared_ptr<const MemoryMap> initial = MemoryMap::Empty());
+  AtomicMemoryMap(const AtomicMemoryMap&) = delete;
+  AtomicMemoryMap& operator=(const AtomicMemoryMap&) = delete;
 
   // The current snapshot. Never null.
-  std::shared_ptr<const MemoryMap> Load() const { return current_.load(std::memory_order_acquire); }
+  std::shared_ptr<const MemoryMap> Load() const;
 
   // Writers: runs `edit` on the current map while holding the writer lock and
   // publishes what it returns. Anything that must happen before readers can
@@ -229,8 +239,8 @@ class AtomicMemoryMap {
   uint64_t publications() const { return publications_.load(std::memory_order_acquire); }
 
   // A per-thread cached snapshot for hot paths (vCPU exits): Get() costs one
-  // atomic load of a counter and touches no shared reference count unless a
-  // new map was published since the last call.
+  // atomic load of a counter and touches no shared cache line for writing
+  // unless a new map was published since the last call.
   class Reader {
    public:
     explicit Reader(const AtomicMemoryMap& source) : source_(&source) {}
@@ -244,10 +254,23 @@ class AtomicMemoryMap {
   };
 
  private:
+  // Readers in a slot, on its own cache line so that readers of one slot do
+  // not slow the other's.
+  struct alignas(64) ReaderCount {
+    std::atomic<uint64_t> value{0};
+  };
+
   std::mutex writer_mu_;  // Serializes Update; readers never take it.
-  std::atomic<std::shared_ptr<const MemoryMap>> current_;
-  // Incremented after each store to current_ (release): a Reader that sees
-  // the new count and then loads current_ gets that map or a newer one.
+  // What must hold: a reader copies slots_[i] only after it has counted
+  // itself in readers_[i] and then seen live_ == i; a writer writes only the
+  // slot that is not live, and only once its count has drained to zero after
+  // live_ moved away from it. The slot that is not live is empty between
+  // updates, so the AtomicMemoryMap keeps nothing but the current map alive.
+  std::shared_ptr<const MemoryMap> slots_[2];
+  std::atomic<uint32_t> live_{0};
+  mutable ReaderCount readers_[2];
+  // Incremented after each flip of live_ (release): a Reader that sees the
+  // new count and then loads gets that map or a newer one.
   std::atomic<uint64_t> publications_{0};
 };
 

@@ -91,12 +91,26 @@ void DirtyBitmap::ForEachSet(Fn&& fn) const {
 
 template <typename Fn>
 void DirtyBitmap::ForEachRun(Fn&& fn) const {
-  uint64_t page = FindNextSet(0);
-  while (page < pages_) {
-    const uint64_t end = FindNextClear(page);
-    fn(page, end - page);
-    page = end < pages_ ? FindNextSet(end) : pages_;
+  // Scans words once, looking for the next 1 while no run is open and for
+  // the next 0 while one is; words without such a bit are skipped whole.
+  bool open = false;
+  uint64_t start = 0;
+  for (size_t w = 0; w < words_.size(); ++w) {
+    const uint64_t word = words_[w];
+    if (word == (open ? ~uint64_t{0} : 0)) continue;
+    uint64_t from = 0;  // bits below `from` in this word are done
+    while (true) {
+      const uint64_t look = (open ? ~word : word) & (~uint64_t{0} << from);
+      if (look == 0) break;
+      from = static_cast<uint64_t>(std::countr_zero(look));
+      const uint64_t page = w * kBitsPerWord + from;
+      if (open) fn(start, page - start);
+      start = page;
+      open = !open;
+    }
   }
+  // Bits past pages_ are zero, so only a run reaching the last page is open.
+  if (open) fn(start, pages_ - start);
 }
 
 }  // namespace faultline

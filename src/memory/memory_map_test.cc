@@ -315,6 +315,11 @@ TEST_F(MemoryMapTest, AtomicMapPublishesOnlySuccessfulEdits) {
   EXPECT_EQ(&reader.Get(), placed->get());
   auto holed = atomic.Update([](const MemoryMap& map) { return map.PunchHole(Gpa(0), kMiB); });
   EXPECT_EQ(&reader.Get(), holed->get());
+
+  // Once replaced, a map is kept alive only by those who hold it.
+  std::shared_ptr<const MemoryMap> old = *placed;
+  placed = Status();
+  EXPECT_EQ(old.use_count(), 1);
 }
 
 // Readers look up while a writer punches and fills a hole. Each snapshot a
