@@ -13,11 +13,16 @@
  *       CR0.PE|PG, CR4.PAE, EFER.LME|LMA, RFLAGS = 0x2 (interrupts off);
  *     - CR3 = FL_PAGE_TABLES_GPA, page tables identity-mapping all RAM with
  *       2 MiB pages: PML4 at +0, PDPT at +4 KiB, page directories from +8 KiB,
- *       one per GiB;
+ *       one per GiB; every entry present, writable and user (U/S=1: the
+ *       workload runs at CPL3 and uses these tables as they are);
  *     - RDI = GPA of a multiboot information structure (flags MEM, CMDLINE,
  *       MMAP), RSI = this vCPU's index, RDX = number of vCPUs.
  *   The stub at entry64 loads its own GDT, TSS and IDT and drops to CPL3 with
- *   IOPL=3 and interrupts off; the workload runs at CPL3.
+ *   IOPL=3 and interrupts off; the workload runs at CPL3. Each TSS also has an
+ *   I/O permission bitmap allowing every port, because PVM does not keep
+ *   IOPL for user mode. The guest never enables interrupts and programs no
+ *   interrupt controller; a stray interrupt (vectors >= 32 lie beyond its IDT)
+ *   ends in FL_REPORT_PANIC with vector 13.
  *
  * Reports
  *   The guest reports through port I/O: text on the serial port, structured
