@@ -83,11 +83,14 @@ enum class UffdSrcHoles { kError, kAllow };
 struct UffdFill {
   enum class Outcome {
     kDone,    // The whole range was installed.
-    kExists,  // EEXIST: a page in the range was already present (someone
-              // else resolved it). `bytes` were installed before it. Nobody
-              // was woken for the rest: Wake() if the faulter still waits.
-    kRetry,   // EAGAIN: the kernel stopped early (partial progress, or the
-              // address space was changing). Retry from dst + bytes.
+    kExists,  // EEXIST: the first page of the range was already present
+              // (another installer won the race). Nothing was installed and
+              // nobody woken; the winner normally woke the faulter, but
+              // Wake() if it installed with kDontWake.
+    kRetry,   // EAGAIN: the kernel stopped early, after installing (and
+              // waking, unless kDontWake) `bytes`: it met a present page, or
+              // the address space was changing. Retry from dst + bytes; a
+              // present page then shows as kExists.
   };
   Outcome outcome = Outcome::kDone;
   uint64_t bytes = 0;  // Installed from the start of the range.
