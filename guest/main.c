@@ -6,6 +6,12 @@
  * end of RAM). vCPU i gets an equal share, 2 MiB-aligned when shares are at
  * least 2 MiB, the last vCPU the remainder. A region starts with its ledger
  * (a uint32_t generation per workload page), then the workload pages.
+ *
+ * Under QEMU (multiboot, one vCPU) the same code runs, with two caveats:
+ * QEMU's firmware leaves data in some RAM it reports as available, so a
+ * verify before the first fill finds bad pages there; and ports 0x510 and
+ * 0x514 are QEMU's fw_cfg, so reports go nowhere (harmlessly) and
+ * until_command=1 never sees FL_CMD_STOP.
  */
 #include "guest.h"
 
