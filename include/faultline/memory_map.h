@@ -97,7 +97,8 @@ class MemoryMap {
 
   // Each operation returns a new map of generation() + 1, or an error naming
   // the block and addresses; this map never changes. See Builder for the
-  // rules each one checks.
+  // rules each one checks. Each rebuilds the map, O(n log n) in placements
+  // and holes; batch many changes with Edit().
   Result<std::shared_ptr<const MemoryMap>> Place(std::shared_ptr<RamBlock> block, Gpa base) const;
   Result<std::shared_ptr<const MemoryMap>> Place(std::shared_ptr<RamBlock> block, Gpa base,
                                                  uint64_t size_in_use) const;
