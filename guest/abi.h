@@ -37,7 +37,10 @@
  *
  * Page contents
  *   Every workload page holds generation g of its contents, computed by
- *   fl_page_word(); generation 0 means the page must read as zeros. Each vCPU
+ *   fl_page_word(); generation 0 means the page must read as zeros.
+ *   probe=GPA probe_gen=G makes random and hotset read word 1 of the page at
+ *   GPA every 16 ops, expecting generation G or all ones (see
+ *   fl_report_phase): for tests that punch and fill a hole there. Each vCPU
  *   keeps a ledger (one uint32_t generation per page of its region, inside
  *   its region) so that verify knows every page's expected generation.
  */
@@ -56,12 +59,12 @@
 
 /* Guest-physical layout (low memory is reserved for boot structures). */
 #define FL_BOOT_GDT_GPA 0x1000ull
-#define FL_BOOT_INFO_GPA 0x8000ull     /* multiboot info written by the VMM */
-#define FL_BOOT_MMAP_GPA 0x8800ull     /* its memory map */
-#define FL_CMDLINE_GPA 0x9000ull       /* its command line, NUL-terminated */
+#define FL_BOOT_INFO_GPA 0x8000ull /* multiboot info written by the VMM */
+#define FL_BOOT_MMAP_GPA 0x8800ull /* its memory map */
+#define FL_CMDLINE_GPA 0x9000ull   /* its command line, NUL-terminated */
 #define FL_CMDLINE_MAX 0x1000u
-#define FL_PAGE_TABLES_GPA 0x10000ull  /* 2 + FL_MAX_RAM_GIB pages */
-#define FL_IMAGE_BASE 0x100000ull      /* where the image is linked */
+#define FL_PAGE_TABLES_GPA 0x10000ull /* 2 + FL_MAX_RAM_GIB pages */
+#define FL_IMAGE_BASE 0x100000ull     /* where the image is linked */
 #define FL_MAX_RAM_GIB 64u
 #define FL_MAX_VCPUS 8u
 
@@ -128,6 +131,12 @@ struct fl_report_phase {
   uint64_t max_stall_cycles; /* longest gap between consecutive ops */
   uint64_t checksum;         /* sum of word 1 of every page verified */
   uint64_t hist[FL_HIST_BUCKETS];
+  /* With probe=GPA (random and hotset): reads of word 1 of the probe page,
+   * by what they returned: the page's content (generation probe_gen), all
+   * ones (a hole: the VMM's MMIO answer), or anything else (wrong). */
+  uint64_t probe_ram;
+  uint64_t probe_hole;
+  uint64_t probe_bad;
 };
 
 struct fl_report_bad_page {

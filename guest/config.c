@@ -95,7 +95,9 @@ enum option {
   OPT_UNTIL,
   OPT_HOT,
   OPT_TSC,
-  OPT_QUIET
+  OPT_QUIET,
+  OPT_PROBE,
+  OPT_PROBE_GEN
 };
 
 static const struct {
@@ -112,6 +114,8 @@ static const struct {
     {"hot_pages", OPT_HOT, UINT64_MAX},
     {"tsc_khz", OPT_TSC, UINT32_MAX},
     {"quiet", OPT_QUIET, 1},
+    {"probe", OPT_PROBE, UINT64_MAX},
+    {"probe_gen", OPT_PROBE_GEN, UINT32_MAX},
 };
 
 static void set_option(struct guest_config* cfg, enum option option, uint64_t v) {
@@ -144,6 +148,12 @@ static void set_option(struct guest_config* cfg, enum option option, uint64_t v)
       break;
     case OPT_QUIET:
       cfg->quiet = v != 0;
+      break;
+    case OPT_PROBE:
+      cfg->probe_gpa = v & ~(FL_PAGE_SIZE - 1);
+      break;
+    case OPT_PROBE_GEN:
+      cfg->probe_gen = (uint32_t)v;
       break;
   }
 }

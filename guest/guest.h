@@ -94,6 +94,8 @@ struct guest_config {
   uint64_t hot_pages;
   uint64_t tsc_khz;
   uint64_t skip_start, skip_end; /* GPA window excluded from every phase; empty if equal */
+  uint64_t probe_gpa;            /* 0: no probe */
+  uint32_t probe_gen;
   bool has_duration, has_ops, until_command, quiet;
 };
 

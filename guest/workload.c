@@ -12,6 +12,7 @@
 #define WORDS_PER_PAGE 512u
 #define WORD_STEP 0x9e3779b97f4a7c15ull /* fl_page_word: word i = mix + i * WORD_STEP */
 #define POLL_EVERY_OPS 64
+#define PROBE_EVERY_OPS 16
 
 struct meter {
   struct fl_report_phase* r;
@@ -194,6 +195,19 @@ static bool wait_turn(struct pace* pc, struct stop* s, struct meter* m, uint64_t
   return true;
 }
 
+/* Reads word 1 of the probe page (guest/abi.h: probe=). A hole reads as all
+ * ones through the VMM's MMIO exit; RAM must hold generation probe_gen. */
+static void probe(const struct guest_config* cfg, struct fl_report_phase* r) {
+  uint64_t word = *(volatile const uint64_t*)(uintptr_t)(cfg->probe_gpa + 8);
+  if (word == ~0ull) {
+    ++r->probe_hole;
+  } else if (word == fl_page_word(cfg->probe_gpa, cfg->probe_gen, 1)) {
+    ++r->probe_ram;
+  } else {
+    ++r->probe_bad;
+  }
+}
+
 /* random (hot == false): pseudo-random pages at cfg.rate; hotset: the first
  * cfg.hot_pages pages in turn. Each write stores ledger + 1. */
 static void phase_writes(struct guest_vcpu* v, struct meter* m, bool hot) {
@@ -233,6 +247,7 @@ static void phase_writes(struct guest_vcpu* v, struct meter* m, bool hot) {
       p = guest_next_included(v, p);
       if (p >= v->pages) p = hot_first;
     }
+    if (cfg->probe_gpa && ops % PROBE_EVERY_OPS == 0) probe(cfg, r);
     uint64_t gpa = page_gpa(v, p);
     uint32_t gen = v->ledger[p] + 1;
     uint64_t t0 = meter_now(m);
@@ -264,6 +279,10 @@ static void print_phase(const struct guest_vcpu* v, const struct fl_report_phase
   } else {
     guest_print(v->index, "%s: %lu pages, generation %u, %s, max stall %s", name, r->ops,
                 r->generation, took, stall);
+  }
+  if (r->probe_ram + r->probe_hole + r->probe_bad) {
+    guest_print(v->index, "%s: probe 0x%lx read RAM %lu, hole %lu, wrong %lu times", name,
+                v->cfg.probe_gpa, r->probe_ram, r->probe_hole, r->probe_bad);
   }
 }
 
@@ -303,6 +322,7 @@ void guest_run_phase(struct guest_vcpu* v, uint32_t phase) {
 
   guest_send_report(r);
   if (!v->cfg.quiet) print_phase(v, r);
+  if (r->probe_bad) ++v->bad_pages; /* a wrong probe is a wrong page */
   if (r->bad_pages > FL_MAX_BAD_PAGE_REPORTS) {
     guest_print(v->index, "%s: %lu more bad pages not reported one by one", guest_phase_name(phase),
                 r->bad_pages - FL_MAX_BAD_PAGE_REPORTS);

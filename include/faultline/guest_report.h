@@ -29,7 +29,9 @@ struct GuestPhase {
   uint64_t cycles = 0;  // TSC cycles the phase took
   uint64_t max_stall_cycles = 0;
   uint64_t checksum = 0;
-  std::array<uint64_t, 48> histogram{};  // bucket b: 2^b <= cycles per op < 2^(b+1)
+  std::array<uint64_t, 48> histogram{};
+  uint64_t probe_ram = 0, probe_hole = 0,
+           probe_bad = 0;  // see probe= in guest/abi.h  // bucket b: 2^b <= cycles per op < 2^(b+1)
 };
 
 struct GuestBadPage {

@@ -287,6 +287,11 @@ Result<kvm_mp_state> KvmVcpu::GetMpState() const {
 Status KvmVcpu::SetMpState(const kvm_mp_state& state) {
   return SetStruct(fd_.get(), KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE", id_);
 }
+Result<Mapping> KvmVcpu::MapDirtyRing(uint32_t bytes) const {
+  return Mapping::Map(bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(),
+                      KVM_DIRTY_LOG_PAGE_OFFSET * kPageSize, "KVM dirty ring");
+}
+
 Status KvmVcpu::X86SetMce(const kvm_x86_mce& mce) {
   return SetStruct(fd_.get(), KVM_X86_SET_MCE, mce, "KVM_X86_SET_MCE", id_);
 }

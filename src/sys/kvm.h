@@ -133,6 +133,9 @@ class KvmVcpu {
   Status SetCpuid(std::span<const kvm_cpuid_entry2> entries);
   Result<uint32_t> GetTscKhz() const;
   Status SetTscKhz(uint32_t khz);
+  // Maps this vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING enabled on the VM
+  // with `bytes` before the vCPU was created): an array of kvm_dirty_gfn.
+  Result<Mapping> MapDirtyRing(uint32_t bytes) const;
   Status X86SetMce(const kvm_x86_mce& mce);
   Status X86SetupMce(uint64_t mcg_cap);
 

@@ -93,6 +93,9 @@ Status TestPort::HandleReport(uint32_t vcpu, std::span<const uint8_t> bytes) {
         phase.max_stall_cycles = r.max_stall_cycles;
         phase.checksum = r.checksum;
         std::copy(std::begin(r.hist), std::end(r.hist), phase.histogram.begin());
+        phase.probe_ram = r.probe_ram;
+        phase.probe_hole = r.probe_hole;
+        phase.probe_bad = r.probe_bad;
         v.phases.push_back(phase);
         event.kind = GuestEvent::Kind::kPhase;
         event.phase = &phase;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "faultline/status.h"
+#include "src/memory/guest_memory.h"
 #include "src/sys/kvm.h"
 
 namespace faultline::vmm {
@@ -22,10 +23,10 @@ enum class ExitAction { kContinue, kFinish };
 // vCPU's thread.
 using ExitHandler = std::function<Result<ExitAction>(uint32_t index, sys::KvmVcpu& vcpu)>;
 
-class VcpuSet {
+class VcpuSet : public VcpuPauser {
  public:
   explicit VcpuSet(std::vector<sys::KvmVcpu> vcpus);
-  ~VcpuSet();  // stops and joins every thread
+  ~VcpuSet() override;  // stops and joins every thread
   VcpuSet(const VcpuSet&) = delete;
   VcpuSet& operator=(const VcpuSet&) = delete;
 
@@ -38,8 +39,8 @@ class VcpuSet {
   // Kick-and-hold: returns once no vCPU is inside KVM_RUN and none will enter
   // it until Release(). A held vCPU has completed any pending I/O, so its
   // registers are consistent. Holds nest (a counter).
-  void Hold();
-  void Release();
+  void Hold() override;
+  void Release() override;
 
   // Asks every thread to end (after its current exit) and wakes held ones.
   void Stop();

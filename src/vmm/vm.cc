@@ -58,23 +58,16 @@ Result<std::unique_ptr<Vm>> Vm::Create(VmConfig config) {
 }
 
 Status Vm::Init() {
+  GuestMemoryOptions memory_options;
+  memory_options.dirty_mode = config_.dirty_mode;
+  ASSIGN_OR_RETURN(memory_, GuestMemory::Create(&vm_, memory_options));
   RamBlockOptions options;
   options.name = "ram0";
   options.size = config_.mem_size;
   options.backing = config_.backing;
   options.vm_fd = vm_.fd();
   ASSIGN_OR_RETURN(ram_, RamBlock::Create(options));
-
-  sys::UserMemoryRegion region;
-  region.slot = 0;
-  region.gpa = Gpa(0);
-  region.size = ram_->size();
-  region.hva = Hva(ram_->host());
-  if (config_.backing == Backing::kGuestMemfd) {
-    region.flags = KVM_MEM_GUEST_MEMFD;
-    region.guest_memfd = ram_->fd();
-  }
-  RETURN_IF_ERROR(vm_.SetUserMemoryRegion(region));
+  RETURN_IF_ERROR(memory_->Place(ram_, Gpa(0)));
 
   // An in-kernel irqchip gives every vCPU a local APIC whose state is part
   // of the vCPU's. Not fatal where the host has none.
@@ -88,11 +81,13 @@ Status Vm::Init() {
   for (uint32_t i = 0; i < config_.vcpus; ++i) {
     ASSIGN_OR_RETURN(sys::KvmVcpu vcpu, vm_.CreateVcpu(i));
     RETURN_IF_ERROR(vcpu.SetCpuid(CpuidForVcpu(cpuid, i)));
+    RETURN_IF_ERROR(memory_->AddDirtyRing(vcpu));
     vcpus.push_back(std::move(vcpu));
   }
   ASSIGN_OR_RETURN(tsc_khz_, vcpus[0].GetTscKhz());
   FilterReadableMsrs(vcpus[0], state_support_);
   vcpus_ = std::make_unique<VcpuSet>(std::move(vcpus));
+  memory_->SetPauser(vcpus_.get());
 
   serial_ = std::make_unique<Serial>(config_.vcpus, config_.serial);
   test_port_ = std::make_unique<TestPort>(
@@ -166,22 +161,6 @@ Status Vm::LoadVcpus(const std::vector<VcpuState>& states) {
   return Status::Ok();
 }
 
-Status Vm::ReadGuest(Gpa gpa, std::span<uint8_t> out) const {
-  if (gpa.value > config_.mem_size || config_.mem_size - gpa.value < out.size()) {
-    return Error("guest read [{:#x}, +{:#x}) is outside RAM", gpa.value, out.size());
-  }
-  std::memcpy(out.data(), ram_->host() + gpa.value, out.size());
-  return Status::Ok();
-}
-
-Status Vm::WriteGuest(Gpa gpa, std::span<const uint8_t> data) {
-  if (gpa.value > config_.mem_size || config_.mem_size - gpa.value < data.size()) {
-    return Error("guest write [{:#x}, +{:#x}) is outside RAM", gpa.value, data.size());
-  }
-  std::memcpy(ram_->host() + gpa.value, data.data(), data.size());
-  return Status::Ok();
-}
-
 Status Vm::VcpuError(sys::KvmVcpu& vcpu, std::string what) const {
   return Error("vcpu {}: {}\n{}", vcpu.id(), what, FormatRegisters(vcpu));
 }
@@ -194,10 +173,10 @@ Result<ExitAction> Vm::HandleExit(uint32_t index, sys::KvmVcpu& vcpu) {
     case KVM_EXIT_SHUTDOWN:
       return VcpuError(vcpu, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)");
     case KVM_EXIT_MMIO:
-      return VcpuError(vcpu, fmt::format("{} of {} bytes at guest-physical {:#x}, where there is "
-                                         "no RAM (KVM_EXIT_MMIO)",
-                                         run->mmio.is_write ? "write" : "read", run->mmio.len,
-                                         run->mmio.phys_addr));
+      return HandleMmio(vcpu);
+    case KVM_EXIT_DIRTY_RING_FULL:
+      RETURN_IF_ERROR(memory_->DrainDirtyRings());
+      return ExitAction::kContinue;
     case KVM_EXIT_HLT:
       return VcpuError(vcpu, "the guest halted (KVM_EXIT_HLT)");
     case KVM_EXIT_FAIL_ENTRY:
@@ -242,6 +221,25 @@ Result<ExitAction> Vm::HandleIo(uint32_t index, sys::KvmVcpu& vcpu) {
     }
   }
   return action;
+}
+
+Result<ExitAction> Vm::HandleMmio(sys::KvmVcpu& vcpu) {
+  kvm_run* run = vcpu.run();
+  const Gpa gpa(run->mmio.phys_addr);
+  // A hole punched into RAM (an MMIO window) reads as all-ones and ignores
+  // writes, like a bus with nothing behind it. Anywhere else there is no RAM
+  // and no device: the guest is broken.
+  std::shared_ptr<const MemoryMap> map = memory_->map();
+  for (const GpaRange& hole : map->holes()) {
+    if (!hole.Contains(gpa)) continue;
+    if (!run->mmio.is_write) std::memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
+    hole_accesses_.fetch_add(1, std::memory_order_relaxed);
+    return ExitAction::kContinue;
+  }
+  return VcpuError(vcpu,
+                   fmt::format("{} of {} bytes at guest-physical {:#x}, where there is no "
+                               "RAM (KVM_EXIT_MMIO)",
+                               run->mmio.is_write ? "write" : "read", run->mmio.len, gpa.value));
 }
 
 std::string FormatRegisters(const sys::KvmVcpu& vcpu) {

@@ -3,6 +3,7 @@
 // kick-and-hold of every vCPU; vCPU state save and load.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -15,6 +16,7 @@
 #include "faultline/guest_report.h"
 #include "faultline/ram_block.h"
 #include "faultline/status.h"
+#include "src/memory/guest_memory.h"
 #include "src/sys/kvm.h"
 #include "src/vmm/serial.h"
 #include "src/vmm/test_port.h"
@@ -34,6 +36,7 @@ struct VmConfig {
   // The guest's command line without tsc_khz, which the VMM appends.
   std::string guest_args = "workload=fill,verify";
   Backing backing = Backing::kAnonymous;
+  DirtyLogMode dirty_mode = DirtyLogMode::kBitmap;
   // False: no guest is loaded and vCPUs are not initialised; memory and vCPU
   // state come from elsewhere (LoadVcpus, an incoming migration).
   bool boot = true;
@@ -68,11 +71,16 @@ class Vm {
   void SetGuestCommand(uint32_t command) { test_port_->SetCommand(command); }
   GuestReport report() const { return test_port_->Snapshot(); }
 
-  // Guest memory access for the VMM itself. Bounds-checked.
-  Status ReadGuest(Gpa gpa, std::span<uint8_t> out) const;
-  Status WriteGuest(Gpa gpa, std::span<const uint8_t> data);
+  // Guest memory access for the VMM itself (GuestMemory::Read/Write).
+  Status ReadGuest(Gpa gpa, std::span<uint8_t> out) const { return memory_->Read(gpa, out); }
+  Status WriteGuest(Gpa gpa, std::span<const uint8_t> data) { return memory_->Write(gpa, data); }
+  // The RAM block "ram0", placed at GPA 0, as host memory (no dirty
+  // tracking, no hole checks: for setting up and inspecting a stopped VM).
   std::span<uint8_t> ram() const { return {ram_->host(), config_.mem_size}; }
-  const RamBlock& ram_block() const { return *ram_; }
+  const std::shared_ptr<RamBlock>& ram_block() const { return ram_; }
+  GuestMemory& memory() { return *memory_; }
+  // Accesses vCPUs made to holes in RAM (MMIO exits answered with all-ones).
+  uint64_t hole_accesses() const { return hole_accesses_.load(std::memory_order_relaxed); }
 
   const VmConfig& config() const { return config_; }
   uint32_t tsc_khz() const { return tsc_khz_; }
@@ -85,12 +93,15 @@ class Vm {
   Status Boot();
   Result<ExitAction> HandleExit(uint32_t index, sys::KvmVcpu& vcpu);
   Result<ExitAction> HandleIo(uint32_t index, sys::KvmVcpu& vcpu);
+  Result<ExitAction> HandleMmio(sys::KvmVcpu& vcpu);
   Status VcpuError(sys::KvmVcpu& vcpu, std::string what) const;
 
   VmConfig config_;
   sys::KvmSystem kvm_;
   sys::KvmVm vm_;
+  std::unique_ptr<GuestMemory> memory_;
   std::shared_ptr<RamBlock> ram_;
+  std::atomic<uint64_t> hole_accesses_{0};
   std::unique_ptr<VcpuSet> vcpus_;
   std::unique_ptr<Serial> serial_;
   std::unique_ptr<TestPort> test_port_;

@@ -1,0 +1,393 @@
+#include "src/memory/guest_memory.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <unordered_map>
+
+namespace faultline {
+namespace {
+
+constexpr uint64_t kDirtyPage = 4096;  // KVM logs writes per 4 KiB page
+
+uint64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool IsGuestMemfd(const RamBlock& block) { return block.backing() == Backing::kGuestMemfd; }
+
+}  // namespace
+
+const char* DirtyLogModeName(DirtyLogMode mode) {
+  return mode == DirtyLogMode::kRing ? "ring" : "bitmap";
+}
+
+GuestMemory::GuestMemory(sys::KvmVm* vm, GuestMemoryOptions options) : vm_(vm), options_(options) {}
+
+GuestMemory::~GuestMemory() = default;
+
+Result<std::unique_ptr<GuestMemory>> GuestMemory::Create(sys::KvmVm* vm,
+                                                         GuestMemoryOptions options) {
+  std::unique_ptr<GuestMemory> memory(new GuestMemory(vm, options));
+  int max_slots = vm->CheckExtension(KVM_CAP_NR_MEMSLOTS);
+  if (max_slots > 0)
+    memory->planner_ = MemslotPlanner(std::min<uint32_t>(max_slots, kMaxMemslotIds));
+  if (options.dirty_mode == DirtyLogMode::kBitmap) {
+    // Manual protect: KVM_GET_DIRTY_LOG only reads the log and we re-protect
+    // exactly the pages we harvested, so a harvest costs no full-slot
+    // write-protect pass.
+    if (vm->CheckExtension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) &
+        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) {
+      RETURN_IF_ERROR(
+          vm->EnableCap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE));
+    } else {
+      return Error("KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 — use the dirty ring instead");
+    }
+  } else {
+    uint32_t entries = options.dirty_ring_entries;
+    if (entries == 0 || (entries & (entries - 1)) != 0) {
+      return Error("dirty ring of {} entries: must be a power of two", entries);
+    }
+    uint32_t cap = KVM_CAP_DIRTY_LOG_RING;
+    int max_bytes = vm->CheckExtension(cap);
+    if (max_bytes <= 0) {
+      cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL;
+      max_bytes = vm->CheckExtension(cap);
+    }
+    if (max_bytes <= 0)
+      return Error("KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING) — use the bitmap");
+    uint64_t bytes = uint64_t{entries} * sizeof(kvm_dirty_gfn);
+    if (bytes > static_cast<uint64_t>(max_bytes)) {
+      return Error("dirty ring of {} entries is {} bytes; KVM allows at most {}", entries, bytes,
+                   max_bytes);
+    }
+    RETURN_IF_ERROR(
+        vm->EnableCap(cap, bytes)
+            .WithContext("enabling the dirty ring (it must happen before vCPUs are created)"));
+  }
+  return memory;
+}
+
+uint32_t GuestMemory::dirty_ring_bytes() const {
+  return options_.dirty_ring_entries * sizeof(kvm_dirty_gfn);
+}
+
+void GuestMemory::SetPauser(VcpuPauser* pauser) {
+  std::lock_guard lock(mu_);
+  pauser_ = pauser;
+}
+
+Status GuestMemory::AddDirtyRing(sys::KvmVcpu& vcpu) {
+  if (options_.dirty_mode != DirtyLogMode::kRing) return Status::Ok();
+  ASSIGN_OR_RETURN(sys::Mapping mapping, vcpu.MapDirtyRing(dirty_ring_bytes()));
+  std::lock_guard lock(ring_mu_);
+  rings_.push_back(Ring{std::move(mapping), options_.dirty_ring_entries, 0});
+  return Status::Ok();
+}
+
+uint32_t GuestMemory::SlotFlags(const Memslot& slot) const {
+  // guest_memfd slots cannot log dirty pages on this kernel: KVM rejects the
+  // flag. Their blocks are reported all dirty instead (TakeDirty).
+  if (IsGuestMemfd(*slot.range.block)) return KVM_MEM_GUEST_MEMFD;
+  return tracking_ ? KVM_MEM_LOG_DIRTY_PAGES : 0;
+}
+
+Status GuestMemory::InstallSlot(const Memslot& slot, uint32_t flags) {
+  sys::UserMemoryRegion region;
+  region.slot = slot.id;
+  region.flags = flags;
+  region.gpa = slot.range.gpa;
+  region.size = slot.range.size;
+  region.hva = slot.range.hva;
+  if (flags & KVM_MEM_GUEST_MEMFD) {
+    region.guest_memfd = slot.range.block->fd();
+    region.guest_memfd_offset = slot.range.block_offset;
+  }
+  return vm_->SetUserMemoryRegion(region).WithContext(
+      fmt::format("memslot for block '{}'", slot.range.block->name()));
+}
+
+Status GuestMemory::DeleteSlot(const Memslot& slot) {
+  sys::UserMemoryRegion region;
+  region.slot = slot.id;
+  region.gpa = slot.range.gpa;
+  region.size = 0;
+  return vm_->SetUserMemoryRegion(region);
+}
+
+Result<std::shared_ptr<const MemoryMap>> GuestMemory::Update(const AtomicMemoryMap::Edit& edit) {
+  std::lock_guard lock(mu_);
+  // Every writer of map_ goes through here under mu_, so `current` stays the
+  // published map until we publish the next one.
+  std::shared_ptr<const MemoryMap> current = map_.Load();
+  ASSIGN_OR_RETURN(std::shared_ptr<const MemoryMap> next, edit(*current));
+  ASSIGN_OR_RETURN(MemslotPlan plan, planner_.Plan(slots_, next));
+
+  LayoutChangeStats stats;
+  stats.generation = next->generation();
+  stats.slots_kept = plan.kept;
+  // Ordering invariants, in this order:
+  //  1. every vCPU is out of KVM_RUN before the first slot changes, so none
+  //     runs against an intermediate layout;
+  //  2. a slot's dirty log is harvested before the slot is deleted (KVM
+  //     frees the log with the slot); rings are drained while the old slot
+  //     ids still mean what they meant;
+  //  3. deletes precede creates (the planner orders them), so a create never
+  //     overlaps a live slot and freed ids can be reused;
+  //  4. the new map is published before the vCPUs run again, so an exit
+  //     handler that looks up an address sees the layout KVM has.
+  const bool pause = pauser_ != nullptr && !plan.changes.empty();
+  uint64_t t0 = NowNs();
+  if (pause) pauser_->Hold();
+  uint64_t t1 = NowNs();
+  if (tracking_) TrackBlocksLocked(*next);
+  Status status = tracking_ ? HarvestLocked() : Status::Ok();
+  size_t applied = 0;  // changes that took effect
+  while (status.ok() && applied < plan.changes.size()) {
+    const MemslotChange& change = plan.changes[applied];
+    if (change.kind == MemslotChange::Kind::kDelete) {
+      status = DeleteSlot(change.slot);
+      stats.slots_deleted += status.ok();
+    } else {
+      status = InstallSlot(change.slot, SlotFlags(change.slot));
+      stats.slots_created += status.ok();
+    }
+    if (status.ok()) ++applied;
+  }
+  if (!status.ok()) {
+    // Undo what was applied, newest first, so KVM's slots match slots_
+    // again; the old map stays published.
+    for (size_t i = applied - 1; i < applied; --i) {
+      const MemslotChange& change = plan.changes[i];
+      if (change.kind == MemslotChange::Kind::kCreate) {
+        (void)DeleteSlot(change.slot);
+      } else {
+        (void)InstallSlot(change.slot, SlotFlags(change.slot));
+      }
+    }
+    if (pause) pauser_->Release();
+    return status.WithContext(fmt::format("layout change to generation {}", next->generation()));
+  }
+  slots_ = std::move(plan.next);
+  Result<std::shared_ptr<const MemoryMap>> published = map_.Update(
+      [&](const MemoryMap&) -> Result<std::shared_ptr<const MemoryMap>> { return next; });
+  uint64_t t2 = NowNs();
+  if (pause) pauser_->Release();
+  stats.hold_ns = t1 - t0;
+  stats.pause_ns = t2 - t1;
+  last_change_ = stats;
+  return published;
+}
+
+Status GuestMemory::Place(std::shared_ptr<RamBlock> block, Gpa base) {
+  return Update([&](const MemoryMap& m) { return m.Place(block, base); }).status();
+}
+
+Status GuestMemory::PunchHole(Gpa start, uint64_t length) {
+  return Update([&](const MemoryMap& m) { return m.PunchHole(start, length); }).status();
+}
+
+Status GuestMemory::FillHole(Gpa start, uint64_t length) {
+  return Update([&](const MemoryMap& m) { return m.FillHole(start, length); }).status();
+}
+
+LayoutChangeStats GuestMemory::last_change() const {
+  std::lock_guard lock(mu_);
+  return last_change_;
+}
+
+std::vector<Memslot> GuestMemory::memslots() const {
+  std::lock_guard lock(mu_);
+  return {slots_.slots().begin(), slots_.slots().end()};
+}
+
+void GuestMemory::TrackBlocksLocked(const MemoryMap& map) {
+  for (const Placement& p : map.placements()) {
+    auto [it, inserted] = dirty_.try_emplace(p.block.get());
+    if (inserted) {
+      it->second.block = p.block;
+      it->second.bits = DirtyBitmap(p.block->size() / kDirtyPage);
+    }
+  }
+}
+
+Status GuestMemory::StartDirtyTracking() {
+  std::lock_guard lock(mu_);
+  if (tracking_) return Status::Ok();
+  tracking_ = true;
+  dirty_.clear();
+  TrackBlocksLocked(*map_.Load());
+  {
+    std::lock_guard vmm_lock(vmm_dirty_mu_);
+    vmm_tracking_ = true;
+    vmm_dirty_.clear();
+  }
+  for (const Memslot& slot : slots_.slots()) {
+    Status s = InstallSlot(slot, SlotFlags(slot));
+    if (!s.ok()) {
+      tracking_ = false;
+      for (const Memslot& undo : slots_.slots()) (void)InstallSlot(undo, SlotFlags(undo));
+      std::lock_guard vmm_lock(vmm_dirty_mu_);
+      vmm_tracking_ = false;
+      return s.WithContext("starting dirty tracking");
+    }
+  }
+  return Status::Ok();
+}
+
+Status GuestMemory::StopDirtyTracking() {
+  std::lock_guard lock(mu_);
+  if (!tracking_) return Status::Ok();
+  tracking_ = false;
+  {
+    std::lock_guard vmm_lock(vmm_dirty_mu_);
+    vmm_tracking_ = false;
+    vmm_dirty_.clear();
+  }
+  dirty_.clear();
+  for (const Memslot& slot : slots_.slots()) RETURN_IF_ERROR(InstallSlot(slot, SlotFlags(slot)));
+  return Status::Ok();
+}
+
+bool GuestMemory::dirty_tracking() const {
+  std::lock_guard lock(mu_);
+  return tracking_;
+}
+
+Status GuestMemory::HarvestDirty() {
+  std::lock_guard lock(mu_);
+  if (!tracking_) return Error("dirty tracking is off — StartDirtyTracking() first");
+  return HarvestLocked();
+}
+
+Status GuestMemory::HarvestSlotLocked(const Memslot& slot) {
+  if (!(SlotFlags(slot) & KVM_MEM_LOG_DIRTY_PAGES)) return Status::Ok();
+  const uint64_t pages = slot.range.size / kDirtyPage;
+  log_buffer_.assign((pages + 63) / 64, 0);
+  RETURN_IF_ERROR(vm_->GetDirtyLog(slot.id, log_buffer_));
+  if (std::all_of(log_buffer_.begin(), log_buffer_.end(), [](uint64_t w) { return w == 0; })) {
+    return Status::Ok();
+  }
+  // Re-protect exactly what we harvested before anyone reads the pages: a
+  // write after this point dirties the page again.
+  RETURN_IF_ERROR(vm_->ClearDirtyLog(slot.id, 0, static_cast<uint32_t>(pages), log_buffer_));
+  auto it = dirty_.find(slot.range.block);
+  if (it != dirty_.end()) {
+    it->second.bits.MergeRaw(log_buffer_, pages, slot.range.block_offset / kDirtyPage);
+  }
+  return Status::Ok();
+}
+
+void GuestMemory::DrainRingsLocked() {
+  bool any = false;
+  for (Ring& ring : rings_) {
+    auto* gfns = reinterpret_cast<kvm_dirty_gfn*>(ring.mapping.data());
+    for (;;) {
+      kvm_dirty_gfn& entry = gfns[ring.next & (ring.entries - 1)];
+      uint32_t flags = __atomic_load_n(&entry.flags, __ATOMIC_ACQUIRE);
+      if (!(flags & KVM_DIRTY_GFN_F_DIRTY)) break;
+      pending_ring_.push_back(entry);
+      __atomic_store_n(&entry.flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+      ++ring.next;
+      any = true;
+    }
+  }
+  // Gives the collected entries back to KVM, which re-protects their pages.
+  if (any) (void)vm_->ResetDirtyRings();
+}
+
+Status GuestMemory::DrainDirtyRings() {
+  std::lock_guard lock(ring_mu_);
+  DrainRingsLocked();
+  return Status::Ok();
+}
+
+Status GuestMemory::HarvestLocked() {
+  if (options_.dirty_mode == DirtyLogMode::kBitmap) {
+    for (const Memslot& slot : slots_.slots()) RETURN_IF_ERROR(HarvestSlotLocked(slot));
+  } else {
+    std::lock_guard ring_lock(ring_mu_);
+    DrainRingsLocked();
+    std::unordered_map<uint32_t, const Memslot*> by_id;
+    for (const Memslot& slot : slots_.slots()) by_id[slot.id] = &slot;
+    for (const kvm_dirty_gfn& entry : pending_ring_) {
+      auto it = by_id.find(entry.slot & 0xffff);
+      if (it == by_id.end()) continue;
+      const Memslot& slot = *it->second;
+      if (entry.offset >= slot.range.size / kDirtyPage) continue;
+      auto block = dirty_.find(slot.range.block);
+      if (block != dirty_.end()) {
+        block->second.bits.Set(slot.range.block_offset / kDirtyPage + entry.offset);
+      }
+    }
+    pending_ring_.clear();
+  }
+  std::vector<VmmWrite> writes;
+  {
+    std::lock_guard vmm_lock(vmm_dirty_mu_);
+    writes.swap(vmm_dirty_);
+  }
+  for (const VmmWrite& w : writes) {
+    auto it = dirty_.find(w.block);
+    if (it == dirty_.end()) continue;
+    uint64_t first = w.offset / kDirtyPage;
+    uint64_t last = (w.offset + w.length + kDirtyPage - 1) / kDirtyPage;
+    it->second.bits.SetRange(first, last - first);
+  }
+  return Status::Ok();
+}
+
+Status GuestMemory::TakeDirty(std::string_view block_name, DirtyBitmap& out) {
+  std::lock_guard lock(mu_);
+  for (auto& [block, entry] : dirty_) {
+    if (block->name() != block_name) continue;
+    entry.bits.TakeInto(out);
+    // No dirty log for guest_memfd: every page may have changed.
+    if (IsGuestMemfd(*block)) out.SetAll();
+    return Status::Ok();
+  }
+  return Error("no dirty bits for block '{}' (not placed, or tracking is off)", block_name);
+}
+
+Status GuestMemory::Read(Gpa gpa, std::span<uint8_t> out) const {
+  std::shared_ptr<const MemoryMap> map = map_.Load();
+  size_t done = 0;
+  while (done < out.size()) {
+    std::optional<Translation> t = map->Lookup(gpa + done);
+    if (!t)
+      return Error("guest read at {:#x}: no RAM there (a hole, or unmapped)", (gpa + done).value);
+    size_t n = std::min<uint64_t>(out.size() - done, t->contiguous);
+    std::memcpy(out.data() + done, t->hva.ptr(), n);
+    done += n;
+  }
+  return Status::Ok();
+}
+
+Status GuestMemory::Write(Gpa gpa, std::span<const uint8_t> data) {
+  std::shared_ptr<const MemoryMap> map = map_.Load();
+  size_t done = 0;
+  while (done < data.size()) {
+    std::optional<Translation> t = map->Lookup(gpa + done);
+    if (!t) {
+      return Error("guest write at {:#x}: no RAM there (a hole, or unmapped)", (gpa + done).value);
+    }
+    size_t n = std::min<uint64_t>(data.size() - done, t->contiguous);
+    std::memcpy(t->hva.ptr(), data.data() + done, n);
+    {
+      std::lock_guard lock(vmm_dirty_mu_);
+      if (vmm_tracking_) vmm_dirty_.push_back({t->block, t->offset, n});
+    }
+    done += n;
+  }
+  return Status::Ok();
+}
+
+std::vector<std::shared_ptr<RamBlock>> GuestMemory::blocks() const {
+  std::vector<std::shared_ptr<RamBlock>> out;
+  for (const Placement& p : map_.Load()->placements()) out.push_back(p.block);
+  return out;
+}
+
+}  // namespace faultline

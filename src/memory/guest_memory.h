@@ -1,0 +1,168 @@
+// GuestMemory: a VM's RAM blocks, the guest-physical map they are placed in,
+// the KVM memslots derived from that map, and per-block dirty tracking.
+//
+// Layout changes (place, punch a hole, fill it, resize) are atomic for every
+// vCPU: Update() computes the new map and the fewest memslot changes, holds
+// every vCPU out of KVM_RUN, harvests the dirty bits of every slot about to
+// go, applies the changes, publishes the map and releases the vCPUs. A slot
+// whose range did not change keeps its id (and KVM's dirty log with it).
+//
+// Dirty bits live per RamBlock in 4 KiB pages, whatever the block's page size
+// (KVM logs writes per 4 KiB page), so they survive any layout change. They
+// come from KVM's dirty log (manual protect: harvest, then re-protect what was
+// harvested) or from the per-vCPU dirty rings, and from writes the VMM makes
+// through Write().
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "faultline/memory_map.h"
+#include "faultline/ram_block.h"
+#include "faultline/status.h"
+#include "src/memory/dirty_bitmap.h"
+#include "src/memory/memslot_plan.h"
+#include "src/sys/kvm.h"
+#include "src/sys/mapping.h"
+
+namespace faultline {
+
+// How GuestMemory keeps vCPUs out of the guest during a memslot change.
+class VcpuPauser {
+ public:
+  virtual ~VcpuPauser() = default;
+  // Returns once no vCPU is inside KVM_RUN; none enters until Release().
+  virtual void Hold() = 0;
+  virtual void Release() = 0;
+};
+
+enum class DirtyLogMode {
+  kBitmap,  // KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG (manual protect)
+  kRing,    // per-vCPU dirty rings + KVM_RESET_DIRTY_RINGS
+};
+const char* DirtyLogModeName(DirtyLogMode mode);
+
+struct GuestMemoryOptions {
+  DirtyLogMode dirty_mode = DirtyLogMode::kBitmap;
+  uint32_t dirty_ring_entries = 4096;  // per vCPU, a power of two (ring mode)
+};
+
+// What one layout change cost, for benchmarks and logs.
+struct LayoutChangeStats {
+  uint64_t generation = 0;
+  size_t slots_deleted = 0;
+  size_t slots_created = 0;
+  size_t slots_kept = 0;
+  uint64_t pause_ns = 0;  // from Hold() returning to Release()
+  uint64_t hold_ns = 0;   // how long Hold() took to stop every vCPU
+};
+
+class GuestMemory {
+ public:
+  // `vm` must outlive this object. In ring mode this enables the dirty ring
+  // on the VM, which KVM allows only before any vCPU exists.
+  static Result<std::unique_ptr<GuestMemory>> Create(sys::KvmVm* vm,
+                                                     GuestMemoryOptions options = {});
+  ~GuestMemory();
+
+  // Until a pauser is set (no vCPUs yet), changes apply without pausing.
+  void SetPauser(VcpuPauser* pauser);
+  // Ring mode: the ring of each vCPU, mapped with KvmVcpu::MapDirtyRing.
+  Status AddDirtyRing(sys::KvmVcpu& vcpu);
+  uint32_t dirty_ring_bytes() const;
+
+  // The current layout. Lock-free; valid for as long as the caller holds it.
+  std::shared_ptr<const MemoryMap> map() const { return map_.Load(); }
+  const AtomicMemoryMap& atomic_map() const { return map_; }
+
+  // Applies `edit` to the current map atomically for every vCPU (see top).
+  // On error nothing changed: neither the map nor any memslot.
+  Result<std::shared_ptr<const MemoryMap>> Update(const AtomicMemoryMap::Edit& edit);
+  Status Place(std::shared_ptr<RamBlock> block, Gpa base);
+  Status PunchHole(Gpa start, uint64_t length);
+  Status FillHole(Gpa start, uint64_t length);
+  LayoutChangeStats last_change() const;
+  std::vector<Memslot> memslots() const;
+
+  // Dirty tracking. Start turns on logging for every slot (present and
+  // future) with empty block bitmaps; writes from then on are recorded.
+  Status StartDirtyTracking();
+  Status StopDirtyTracking();
+  bool dirty_tracking() const;
+  // Pulls KVM's dirty log or rings into the block bitmaps and re-protects the
+  // harvested pages, so a later write dirties them again.
+  Status HarvestDirty();
+  // Moves the dirty bits accumulated for `block_name` into `out` (4 KiB
+  // pages of the block) and clears them. Call HarvestDirty() first.
+  Status TakeDirty(std::string_view block_name, DirtyBitmap& out);
+  // A vCPU thread whose ring filled up (KVM_EXIT_DIRTY_RING_FULL) empties
+  // every ring into a pending list. Never waits for vCPUs, so it is safe to
+  // call from a vCPU thread while a layout change is holding the others.
+  Status DrainDirtyRings();
+
+  // Accesses the VMM itself makes to guest memory. Bounds and holes are
+  // checked; writes are recorded as dirty while tracking is on.
+  Status Read(Gpa gpa, std::span<uint8_t> out) const;
+  Status Write(Gpa gpa, std::span<const uint8_t> data);
+
+  std::vector<std::shared_ptr<RamBlock>> blocks() const;
+
+ private:
+  GuestMemory(sys::KvmVm* vm, GuestMemoryOptions options);
+
+  struct Ring {
+    sys::Mapping mapping;
+    uint32_t entries = 0;
+    uint32_t next = 0;  // index of the next entry to harvest (mod entries)
+  };
+
+  uint32_t SlotFlags(const Memslot& slot) const;
+  Status InstallSlot(const Memslot& slot, uint32_t flags);
+  Status DeleteSlot(const Memslot& slot);
+  Status HarvestSlotLocked(const Memslot& slot);
+  Status HarvestLocked();
+  void DrainRingsLocked();                       // requires ring_mu_
+  void TrackBlocksLocked(const MemoryMap& map);  // requires mu_
+
+  struct BlockDirty {
+    std::shared_ptr<RamBlock> block;  // kept alive while its bits are
+    DirtyBitmap bits;                 // 4 KiB pages of the block
+  };
+  struct VmmWrite {
+    const RamBlock* block;
+    uint64_t offset, length;
+  };
+
+  sys::KvmVm* const vm_;
+  const GuestMemoryOptions options_;
+  AtomicMemoryMap map_;
+  MemslotPlanner planner_;
+  VcpuPauser* pauser_ = nullptr;
+
+  // Lock order: mu_, then map_'s writer lock (inside Update), then ring_mu_,
+  // then vmm_dirty_mu_. mu_ is held across holding the vCPUs, so nothing a
+  // vCPU thread does (exit handling: Write, DrainDirtyRings) may take it.
+  mutable std::mutex mu_;
+  MemslotTable slots_;                           // guarded by mu_; what KVM has
+  bool tracking_ = false;                        // guarded by mu_
+  std::map<const RamBlock*, BlockDirty> dirty_;  // guarded by mu_
+  LayoutChangeStats last_change_;                // guarded by mu_
+  std::vector<uint64_t> log_buffer_;             // guarded by mu_; KVM_GET_DIRTY_LOG scratch
+
+  mutable std::mutex ring_mu_;
+  std::vector<Ring> rings_;                  // guarded by ring_mu_
+  std::vector<kvm_dirty_gfn> pending_ring_;  // guarded by ring_mu_
+
+  // Writes by the VMM while tracking, merged at the next harvest. A leaf
+  // lock: taken by vCPU threads, never held while waiting for anything.
+  mutable std::mutex vmm_dirty_mu_;
+  bool vmm_tracking_ = false;        // guarded by vmm_dirty_mu_
+  std::vector<VmmWrite> vmm_dirty_;  // guarded by vmm_dirty_mu_
+};
+
+}  // namespace faultline
