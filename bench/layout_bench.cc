@@ -36,8 +36,10 @@ Stats Summarise(std::vector<uint64_t> ns) {
 }
 
 std::unique_ptr<vmm::Vm> StartVm(uint64_t mem, uint32_t vcpus, DirtyLogMode mode,
-                                 const std::string& args) {
+                                 const std::string& args,
+                                 uint64_t granule = kDefaultMemslotGranule) {
   vmm::VmConfig config;
+  config.memslot_granule = granule;
   config.mem_size = mem;
   config.vcpus = vcpus;
   config.dirty_mode = mode;
@@ -55,18 +57,21 @@ void Finish(vmm::Vm& vm) {
   auto report = vm.Wait(std::chrono::minutes(10));
   if (!report.has_value() || !report->success()) {
     fmt::print(stderr, "guest failed: {}\n",
-               report.has_value() ? "bad pages" : report.error().ToString());
+               report.has_value() ? fmt::format("{} bad pages, panic {}", report->bad_page_count(),
+                                                report->vcpus[0].panic.value_or("none"))
+                                  : report.error().ToString());
     std::exit(1);
   }
 }
 
-void LayoutPause(uint64_t mem, uint32_t vcpus, int changes) {
+void LayoutPause(uint64_t mem, uint32_t vcpus, int changes, uint64_t granule) {
   // The guest writes random pages everywhere but the window, so the vCPUs
   // are busy in the guest when the VMM stops them.
   const uint64_t window = mem / 2;
   auto vm = StartVm(
       mem, vcpus, DirtyLogMode::kBitmap,
-      fmt::format("workload=random until_command=1 skip={:#x}:{:#x}", window, kHugePageSize));
+      fmt::format("workload=random until_command=1 skip={:#x}:{:#x}", window, kHugePageSize),
+      granule);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   GuestMemory& memory = vm->memory();
   std::vector<uint64_t> pause, hold;
@@ -79,14 +84,16 @@ void LayoutPause(uint64_t mem, uint32_t vcpus, int changes) {
     pause.push_back(st.hold_ns + st.pause_ns);
     hold.push_back(st.hold_ns);
   }
-  // Baseline in the same run: one bare KVM delete and re-add of a slot of the
-  // same size, no vCPU pause (what a VMM without kick-and-hold does).
-  auto block = RamBlock::Create({.name = "scratch", .size = mem});
+  // Baseline in the same run: one bare KVM add and delete of a slot of the
+  // size the change replaced, no vCPU pause (what a VMM without kick-and-hold
+  // does).
+  const uint64_t slot_size = granule ? granule : mem;
+  auto block = RamBlock::Create({.name = "scratch", .size = slot_size});
   if (!block.has_value()) std::exit(1);
   std::vector<uint64_t> bare;
   for (int i = 0; i < changes; ++i) {
     sys::UserMemoryRegion r{
-        .slot = 1000, .gpa = Gpa(64ull << 30), .size = mem, .hva = Hva((*block)->host())};
+        .slot = 1000, .gpa = Gpa(64ull << 30), .size = slot_size, .hva = Hva((*block)->host())};
     auto t0 = Clock::now();
     if (!vm->kvm_vm().SetUserMemoryRegion(r).ok()) std::exit(1);
     r.size = 0;
@@ -96,10 +103,11 @@ void LayoutPause(uint64_t mem, uint32_t vcpus, int changes) {
   Finish(*vm);
   Stats p = Summarise(pause), h = Summarise(hold), b = Summarise(bare);
   fmt::print(
-      "{} GiB, {} vCPU{}: layout change pause p50 {:.1f} us p99 {:.1f} us max {:.1f} us "
-      "(of which stopping the vCPUs p50 {:.1f} us); bare delete+add p50 {:.1f} us; "
-      "ratio {:.2f}\n",
-      mem >> 30, vcpus, vcpus > 1 ? "s" : " ", p.p50, p.p99, p.max, h.p50, b.p50, p.p50 / b.p50);
+      "{} GiB, {} vCPU{}, slots of {:>4} MiB: layout change pause p50 {:.1f} us p99 "
+      "{:.1f} us max {:.1f} us (stopping vCPUs p50 {:.1f} us); bare delete+add of the same "
+      "slot p50 {:.1f} us; ratio {:.3f}\n",
+      mem >> 30, vcpus, vcpus > 1 ? "s" : " ", (granule ? granule : mem) >> 20, p.p50, p.p99, p.max,
+      h.p50, b.p50, p.p50 / b.p50);
 }
 
 void HarvestCost(uint64_t mem, DirtyLogMode mode) {
@@ -134,7 +142,11 @@ int main(int argc, char** argv) {
   using namespace faultline;
   uint64_t gib = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 4;
   int changes = argc > 2 ? std::atoi(argv[2]) : 400;
-  for (uint32_t vcpus : {1u, 2u}) LayoutPause(gib << 30, vcpus, changes);
+  for (uint32_t vcpus : {1u, 2u}) {
+    for (uint64_t granule : {uint64_t{0}, 256ull << 20, kDefaultMemslotGranule, 2ull << 20}) {
+      LayoutPause(gib << 30, vcpus, changes, granule);
+    }
+  }
   HarvestCost(gib << 30, DirtyLogMode::kBitmap);
   HarvestCost(gib << 30, DirtyLogMode::kRing);
   return 0;

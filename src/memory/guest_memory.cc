@@ -30,10 +30,14 @@ GuestMemory::~GuestMemory() = default;
 
 Result<std::unique_ptr<GuestMemory>> GuestMemory::Create(sys::KvmVm* vm,
                                                          GuestMemoryOptions options) {
+  const uint64_t granule = options.memslot_granule;
+  if (granule != 0 && (granule < kHugePageSize || (granule & (granule - 1)) != 0)) {
+    return Error("memslot granule {:#x}: must be 0 or a power of two of at least 2 MiB", granule);
+  }
   std::unique_ptr<GuestMemory> memory(new GuestMemory(vm, options));
   int max_slots = vm->CheckExtension(KVM_CAP_NR_MEMSLOTS);
-  if (max_slots > 0)
-    memory->planner_ = MemslotPlanner(std::min<uint32_t>(max_slots, kMaxMemslotIds));
+  memory->planner_ = MemslotPlanner(
+      max_slots > 0 ? std::min<uint32_t>(max_slots, kMaxMemslotIds) : kDefaultMaxMemslots, granule);
   if (options.dirty_mode == DirtyLogMode::kBitmap) {
     // Manual protect: KVM_GET_DIRTY_LOG only reads the log and we re-protect
     // exactly the pages we harvested, so a harvest costs no full-slot

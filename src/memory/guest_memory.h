@@ -41,6 +41,8 @@ class VcpuPauser {
   virtual void Release() = 0;
 };
 
+inline constexpr uint64_t kDefaultMemslotGranule = 16ull << 20;
+
 enum class DirtyLogMode {
   kBitmap,  // KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG (manual protect)
   kRing,    // per-vCPU dirty rings + KVM_RESET_DIRTY_RINGS
@@ -50,6 +52,10 @@ const char* DirtyLogModeName(DirtyLogMode mode);
 struct GuestMemoryOptions {
   DirtyLogMode dirty_mode = DirtyLogMode::kBitmap;
   uint32_t dirty_ring_entries = 4096;  // per vCPU, a power of two (ring mode)
+  // No memslot crosses a multiple of this (a power of two, 0 = no limit).
+  // KVM's cost to create or delete a slot grows with its size, so small
+  // granules keep layout changes short; more slots cost KVM little.
+  uint64_t memslot_granule = kDefaultMemslotGranule;
 };
 
 // What one layout change cost, for benchmarks and logs.

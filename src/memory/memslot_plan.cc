@@ -1,5 +1,6 @@
 #include "src/memory/memslot_plan.h"
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -13,11 +14,24 @@ Result<MemslotPlan> MemslotPlanner::Plan(const MemslotTable& current,
   }
   if (!next) return Error("memslot plan: no map given");
   const std::span<const Memslot> old_slots = current.slots();
-  const std::span<const MappedRange> ranges = next->ranges();
+  // Mapped ranges cut at every multiple of the granule: a layout change then
+  // replaces only the granule-sized slots it touches, and the cost of a KVM
+  // slot change grows with the slot's size (its rmap and dirty bitmap).
+  std::vector<MappedRange> pieces;
+  for (const MappedRange& r : next->ranges()) {
+    for (uint64_t start = r.gpa.value; start < r.end().value;) {
+      uint64_t end = r.end().value;
+      if (granule_ != 0) end = std::min(end, AlignDown(start, granule_) + granule_);
+      uint64_t skip = start - r.gpa.value;
+      pieces.push_back({Gpa(start), end - start, r.block, r.block_offset + skip, r.hva + skip});
+      start = end;
+    }
+  }
+  const std::span<const MappedRange> ranges = pieces;
   if (ranges.size() > max_slots_) {
     return Error(
         "memslot plan for map generation {}: {} mapped ranges need a slot each but KVM offers "
-        "{}; use fewer holes or blocks",
+        "{}; use fewer holes or blocks, or a larger memslot granule",
         next->generation(), ranges.size(), max_slots_);
   }
 

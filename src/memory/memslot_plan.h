@@ -73,7 +73,10 @@ class MemslotPlanner {
  public:
   // `max_slots`: how many slot ids KVM offers (KVM_CAP_NR_MEMSLOTS), at most
   // kMaxMemslotIds. Ids are 0 .. max_slots - 1.
-  explicit MemslotPlanner(uint32_t max_slots = kDefaultMaxMemslots) : max_slots_(max_slots) {}
+  // `granule`: if non-zero (a power of two), no slot crosses a multiple of
+  // it, so a change touches only the slots of the granules it changes.
+  explicit MemslotPlanner(uint32_t max_slots = kDefaultMaxMemslots, uint64_t granule = 0)
+      : max_slots_(max_slots), granule_(granule) {}
 
   // The changes that take `current` to slots for `next`. An error (too many
   // ranges for the slots available, a bad limit) leaves everything as it was:
@@ -82,9 +85,11 @@ class MemslotPlanner {
                            std::shared_ptr<const MemoryMap> next) const;
 
   uint32_t max_slots() const { return max_slots_; }
+  uint64_t granule() const { return granule_; }
 
  private:
   uint32_t max_slots_;
+  uint64_t granule_;
 };
 
 }  // namespace faultline

@@ -60,6 +60,7 @@ Result<std::unique_ptr<Vm>> Vm::Create(VmConfig config) {
 Status Vm::Init() {
   GuestMemoryOptions memory_options;
   memory_options.dirty_mode = config_.dirty_mode;
+  memory_options.memslot_granule = config_.memslot_granule;
   ASSIGN_OR_RETURN(memory_, GuestMemory::Create(&vm_, memory_options));
   RamBlockOptions options;
   options.name = "ram0";

@@ -37,6 +37,7 @@ struct VmConfig {
   std::string guest_args = "workload=fill,verify";
   Backing backing = Backing::kAnonymous;
   DirtyLogMode dirty_mode = DirtyLogMode::kBitmap;
+  uint64_t memslot_granule = kDefaultMemslotGranule;
   // False: no guest is loaded and vCPUs are not initialised; memory and vCPU
   // state come from elsewhere (LoadVcpus, an incoming migration).
   bool boot = true;

@@ -117,12 +117,13 @@ TEST(GuestMemoryTest, HoleRaceWithRunningVcpus) {
 
   GuestMemory& memory = vm->memory();
   const uint64_t generation = memory.map()->generation();
+  const size_t slots = memory.memslots().size();
   for (int i = 0; i < 10000; ++i) {
     ASSERT_TRUE(memory.PunchHole(Gpa(kWindow), kWindowSize).ok());
     ASSERT_TRUE(memory.FillHole(Gpa(kWindow), kWindowSize).ok());
   }
   EXPECT_EQ(memory.map()->generation(), generation + 20000);
-  EXPECT_EQ(memory.memslots().size(), 1u) << "the slots were not merged back";
+  EXPECT_EQ(memory.memslots().size(), slots) << "the slots were not merged back";
   vm->SetGuestCommand(FL_CMD_STOP);
   Result<GuestReport> report = vm->Wait(120s);
   ASSERT_TRUE(report.has_value()) << report.error().ToString();  // no unexpected exit
@@ -161,8 +162,9 @@ void DirtyBitsSurviveLayoutChange(DirtyLogMode mode) {
   GuestMemory& memory = vm->memory();
   ASSERT_TRUE(memory.StartDirtyTracking().ok());
   std::this_thread::sleep_for(100ms);
+  const size_t slots = memory.memslots().size();
   ASSERT_TRUE(memory.PunchHole(Gpa(kWindow), 2ull << 20).ok());
-  EXPECT_EQ(memory.memslots().size(), 2u);
+  EXPECT_EQ(memory.memslots().size(), slots + 1);
   std::this_thread::sleep_for(50ms);
   ASSERT_TRUE(memory.FillHole(Gpa(kWindow), 2ull << 20).ok());
   // The VMM's own write (same bytes back) counts as dirty too.
@@ -254,7 +256,7 @@ TEST(GuestMemoryTest, BadLayoutChangesLeaveEverythingUnchanged) {
   unchanged();
   // A second block placed properly becomes a second slot.
   ASSERT_TRUE(memory.Place(*block, Gpa(1ull << 30)).ok());
-  EXPECT_EQ(memory.memslots().size(), 2u);
+  EXPECT_EQ(memory.memslots().size(), slots_before.size() + 4);  // 64 MiB in 16 MiB granules
 
   if (HugePages::Free() == 0) {
     RamBlockOptions huge{.name = "huge", .size = 64ull << 20, .backing = Backing::kHugetlb};
