@@ -162,6 +162,9 @@ TEST(VmTest, VcpuStateRoundTripIntoFreshVm) {
     EXPECT_TRUE(report->vcpus[i].done);
     EXPECT_EQ(report->vcpus[i].bad_pages, 0u);
     EXPECT_EQ(report->vcpus[i].pages_verified, before.vcpus[i].pages);
+    // A TSC that went backwards across the restore would show as a stall of
+    // ~2^64 cycles; the pause itself lasted well under ten seconds.
+    EXPECT_LT(report->CyclesToUs(report->vcpus[i].max_stall_cycles), 10e6);
   }
 }
 
