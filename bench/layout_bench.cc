@@ -78,6 +78,9 @@ void LayoutPause(uint64_t mem, uint32_t vcpus, int changes, uint64_t granule) {
   GuestMemory& memory = vm->memory();
   std::vector<uint64_t> pause, hold;
   for (int i = 0; i < changes; ++i) {
+    // Let the vCPUs run between changes, so every hold has to kick a vCPU
+    // that is inside the guest (back to back, it would find them parked).
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
     bool punch = i % 2 == 0;
     Status s = punch ? memory.PunchHole(Gpa(window), kHugePageSize)
                      : memory.FillHole(Gpa(window), kHugePageSize);
