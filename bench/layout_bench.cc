@@ -148,8 +148,7 @@ int main(int argc, char** argv) {
   uint64_t gib = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 4;
   int changes = argc > 2 ? std::atoi(argv[2]) : 400;
   for (uint32_t vcpus : {1u, 2u}) {
-    for (uint64_t granule :
-         {uint64_t{0}, uint64_t{256} << 20, kDefaultMemslotGranule, uint64_t{2} << 20}) {
+    for (uint64_t granule : {uint64_t{0}, uint64_t{256} << 20, kDefaultMemslotGranule}) {
       LayoutPause(gib << 30, vcpus, changes, granule);
     }
   }
