@@ -38,6 +38,13 @@ Result<std::unique_ptr<GuestMemory>> GuestMemory::Create(sys::KvmVm* vm,
   int max_slots = vm->CheckExtension(KVM_CAP_NR_MEMSLOTS);
   memory->planner_ = MemslotPlanner(
       max_slots > 0 ? std::min<uint32_t>(max_slots, kMaxMemslotIds) : kDefaultMaxMemslots, granule);
+  // By default KVM drops every shadow page of the VM when any memslot is
+  // deleted, and the running vCPUs then rebuild them: on this host (shadow
+  // paging) that made one hole punch pause the VM for milliseconds. With the
+  // quirk off, only the deleted slot's mappings go.
+  if (vm->CheckExtension(KVM_CAP_DISABLE_QUIRKS2) & KVM_X86_QUIRK_SLOT_ZAP_ALL) {
+    RETURN_IF_ERROR(vm->EnableCap(KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL));
+  }
   if (options.dirty_mode == DirtyLogMode::kBitmap) {
     // Manual protect: KVM_GET_DIRTY_LOG only reads the log and we re-protect
     // exactly the pages we harvested, so a harvest costs no full-slot

@@ -245,6 +245,13 @@ static_assert(UFFD_FEATURE_MOVE == 0x10000);
 
 }  // namespace faultline::sys::abi_check
 
+// Linux 6.11: with this quirk disabled (KVM_CAP_DISABLE_QUIRKS2), deleting a
+// memslot zaps only that slot's SPTEs instead of the whole MMU.
+#ifndef KVM_X86_QUIRK_SLOT_ZAP_ALL
+#define KVM_X86_QUIRK_SLOT_ZAP_ALL (1 << 7)
+#endif
+static_assert(KVM_X86_QUIRK_SLOT_ZAP_ALL == 0x80);
+
 // The flexible-array fix above, checked where it matters.
 static_assert(sizeof(kvm_cpuid2) == 8 && sizeof(kvm_msrs) == 8 && sizeof(kvm_msr_list) == 4);
 static_assert(sizeof(kvm_xsave) == 4096);
