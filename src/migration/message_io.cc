@@ -1,0 +1,100 @@
+#include "src/migration/message_io.h"
+
+#include <cerrno>
+
+namespace faultline::migration {
+
+Status MessageWriter::Send(const Message& message) {
+  if (std::holds_alternative<PagesHeader>(message)) {
+    return Error("MessageWriter::Send: Pages messages go through SendPages");
+  }
+  const std::vector<uint8_t> frame = EncodeFrame(message, next_seq_);
+  RETURN_IF_ERROR(channel_.Send(frame));
+  ++next_seq_;
+  return Status::Ok();
+}
+
+Status MessageWriter::SendPages(const PagesHeader& header, uint64_t page_size,
+                                std::span<const ConstBuffer> data) {
+  if (data.size() != header.pages.size()) {
+    return Error("SendPages: {} page buffers for {} indices", data.size(), header.pages.size());
+  }
+  const std::vector<uint8_t> prefix = EncodePagesPrefix(header, page_size, next_seq_);
+  parts_.clear();
+  parts_.push_back(prefix);
+  for (const ConstBuffer& page : data) {
+    if (page.size() != page_size) {
+      return Error("SendPages: a {}-byte buffer for a {}-byte page", page.size(), page_size);
+    }
+    parts_.push_back(page);
+  }
+  RETURN_IF_ERROR(channel_.SendGather(parts_));
+  ++next_seq_;
+  return Status::Ok();
+}
+
+Result<Message> MessageReader::Read() {
+  if (pending_pages_ > 0) {
+    return Error("MessageReader::Read: the data of the previous Pages message was not consumed");
+  }
+  uint8_t raw[kFrameHeaderSize];
+  RETURN_IF_ERROR(channel_.Receive(raw));
+  ASSIGN_OR_RETURN(FrameHeader frame,
+                   DecodeFrameHeader(std::span<const uint8_t, kFrameHeaderSize>(raw)));
+  if (frame.seq != next_seq_) {
+    return Error("{}: frame sequence number {}, expected {} (frames lost, repeated or reordered)",
+                 MessageTypeName(frame.type), frame.seq, next_seq_);
+  }
+  ++next_seq_;
+  if (frame.type == MessageType::kPages) return ReadPagesHeader(frame);
+  // DecodeFrameHeader bounded frame.length by MaxPayload(type) (at most a
+  // few MiB), so this allocation is bounded too.
+  payload_.resize(frame.length);
+  RETURN_IF_ERROR(channel_.Receive(payload_));
+  return DecodePayload(frame.type, payload_, context_);
+}
+
+Result<Message> MessageReader::ReadPagesHeader(const FrameHeader& frame) {
+  uint8_t fixed[kPagesFixedSize];
+  RETURN_IF_ERROR(channel_.Receive(fixed));
+  ASSIGN_OR_RETURN(
+      PagesPrefix prefix,
+      DecodePagesFixed(std::span<const uint8_t, kPagesFixedSize>(fixed), frame.length, context_));
+  payload_.resize(prefix.index_bytes());  // at most 4 * kMaxPagesPerBatch
+  RETURN_IF_ERROR(channel_.Receive(payload_));
+  ASSIGN_OR_RETURN(PagesHeader header, DecodePagesIndices(prefix, payload_, context_));
+  pending_pages_ = prefix.count;
+  pending_page_size_ = prefix.page_size;
+  return header;
+}
+
+Status MessageReader::ReceivePageData(std::span<const MutableBuffer> destinations) {
+  if (destinations.size() != pending_pages_) {
+    return Error("ReceivePageData: {} destinations for {} pending pages", destinations.size(),
+                 pending_pages_);
+  }
+  for (const MutableBuffer& d : destinations) {
+    if (d.size() != pending_page_size_) {
+      return Error("ReceivePageData: a {}-byte destination for a {}-byte page", d.size(),
+                   pending_page_size_);
+    }
+  }
+  pending_pages_ = 0;  // whatever happens next, the frame is over for this reader
+  return channel_.ReceiveScatter(destinations);
+}
+
+Status MessageReader::DiscardPageData() {
+  scratch_.resize(pending_page_size_);
+  while (pending_pages_ > 0) {
+    --pending_pages_;
+    RETURN_IF_ERROR(channel_.Receive(scratch_));
+  }
+  return Status::Ok();
+}
+
+Status PeerError(const ErrorMessage& message) {
+  return Error("peer reported error (code {}): {}", static_cast<uint32_t>(message.code),
+               message.text);
+}
+
+}  // namespace faultline::migration

@@ -1,0 +1,186 @@
+#include "src/migration/tcp_transport.h"
+
+#include <cerrno>
+#include <numeric>
+#include <thread>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "src/migration/test_util.h"
+
+namespace faultline::migration {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::Loopback;
+using testing::MakeTcpPair;
+
+TEST(AddressTest, Parses) {
+  auto a = ParseAddress("tcp:127.0.0.1:4444");
+  ASSERT_TRUE(a.has_value()) << a.error().ToString();
+  EXPECT_EQ(a->host, "127.0.0.1");
+  EXPECT_EQ(a->port, 4444);
+  EXPECT_EQ(a->ToString(), "tcp:127.0.0.1:4444");
+  a = ParseAddress("tcp:[::1]:0");
+  ASSERT_TRUE(a.has_value()) << a.error().ToString();
+  EXPECT_EQ(a->host, "::1");
+  EXPECT_EQ(a->port, 0);
+  EXPECT_EQ(a->ToString(), "tcp:[::1]:0");
+  a = ParseAddress("tcp:localhost:65535");
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->host, "127.0.0.1");
+}
+
+TEST(AddressTest, Errors) {
+  auto error = [](std::string_view text) { return ParseAddress(text).error().message(); };
+  EXPECT_THAT(error("127.0.0.1:4444"), HasSubstr("unknown scheme '127.0.0.1'"));
+  EXPECT_THAT(error("tcp4444"), HasSubstr("no scheme; expected tcp:HOST:PORT"));
+  EXPECT_THAT(error("udp:127.0.0.1:1"), HasSubstr("unknown scheme 'udp' (only 'tcp'"));
+  EXPECT_THAT(error("tcp:127.0.0.1"), HasSubstr("no port"));
+  EXPECT_THAT(error("tcp:127.0.0.1:"), HasSubstr("port '' is not a number"));
+  EXPECT_EQ(error("tcp:127.0.0.1:70000"),
+            "address 'tcp:127.0.0.1:70000': port '70000' is not a number from 0 to 65535");
+  EXPECT_EQ(error("tcp:127.0.0.1:44x"),
+            "address 'tcp:127.0.0.1:44x': port '44x' is not a number from 0 to 65535");
+  EXPECT_EQ(error("tcp::1:4444"),
+            "address 'tcp::1:4444': put an IPv6 address in brackets, e.g. tcp:[::1]:4444");
+  EXPECT_EQ(error("tcp:[::1:4444"), "address 'tcp:[::1:4444': unclosed '['");
+  EXPECT_THAT(error("tcp::4444"), HasSubstr("empty host"));
+  EXPECT_EQ(error("tcp:example.com:4444"),
+            "address 'tcp:example.com:4444': host 'example.com' is not a numeric IPv4 or IPv6 "
+            "address (host names are not resolved)");
+}
+
+TEST(TcpTransportTest, ScatterGatherAcrossBoundaries) {
+  auto pair = MakeTcpPair();
+  ASSERT_TRUE(pair.client && pair.server);
+  std::vector<uint8_t> a(5), b(10000), c(1);
+  std::iota(a.begin(), a.end(), 0);
+  std::iota(b.begin(), b.end(), 7);
+  c[0] = 0xee;
+  const ConstBuffer parts[] = {a, {}, b, c};
+  ASSERT_TRUE(pair.client->SendGather(parts).ok());
+  // Received in pieces that straddle the sender's.
+  std::vector<uint8_t> x(3), y(10002), z(1);
+  const MutableBuffer out[] = {x, y, {}, z};
+  ASSERT_TRUE(pair.server->ReceiveScatter(out).ok());
+  std::vector<uint8_t> sent, got;
+  for (auto& v : {a, b, c}) sent.insert(sent.end(), v.begin(), v.end());
+  for (auto& v : {x, y, z}) got.insert(got.end(), v.begin(), v.end());
+  EXPECT_EQ(sent, got);
+  EXPECT_EQ(pair.client->stats().bytes_sent, 10006u);
+  EXPECT_EQ(pair.server->stats().bytes_received, 10006u);
+  EXPECT_THAT(pair.client->name(), HasSubstr("tcp 127.0.0.1:"));
+  EXPECT_TRUE(pair.client->SetLowLatency(true).ok());
+}
+
+TEST(TcpTransportTest, ManyPiecesBeyondIovMax) {
+  auto pair = MakeTcpPair();
+  ASSERT_TRUE(pair.client && pair.server);
+  std::vector<uint8_t> data(3000 * 7);
+  std::iota(data.begin(), data.end(), 0);
+  std::vector<ConstBuffer> parts;
+  for (size_t i = 0; i < 3000; ++i) parts.push_back(ConstBuffer(data).subspan(i * 7, 7));
+  std::thread sender([&] { EXPECT_TRUE(pair.client->SendGather(parts).ok()); });
+  std::vector<uint8_t> got(data.size());
+  std::vector<MutableBuffer> out;
+  for (size_t i = 0; i < 2100; ++i) out.push_back(MutableBuffer(got).subspan(i * 10, 10));
+  EXPECT_TRUE(pair.server->ReceiveScatter(out).ok());
+  sender.join();
+  EXPECT_EQ(got, data);
+}
+
+TEST(TcpTransportTest, PeerCloseIsAnError) {
+  auto pair = MakeTcpPair();
+  ASSERT_TRUE(pair.client && pair.server);
+  const uint8_t three[3] = {1, 2, 3};
+  ASSERT_TRUE(pair.client->Send(three).ok());
+  pair.client.reset();
+  uint8_t buf[10];
+  Status s = pair.server->Receive(buf);
+  EXPECT_EQ(s.code(), ECONNRESET);
+  EXPECT_THAT(s.message(), HasSubstr("connection closed by the peer after 3 of 10 bytes"));
+}
+
+TEST(TcpTransportTest, ShutdownUnblocksReceiverAndSender) {
+  auto pair = MakeTcpPair();
+  ASSERT_TRUE(pair.client && pair.server);
+  Status receive_status;
+  std::thread receiver([&] {
+    uint8_t buf[16];
+    receive_status = pair.server->Receive(buf);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  pair.server->Shutdown();
+  receiver.join();
+  EXPECT_EQ(receive_status.code(), ESHUTDOWN);
+  EXPECT_THAT(receive_status.message(), HasSubstr("channel shut down"));
+  const uint8_t one[1] = {1};
+  EXPECT_FALSE(pair.server->Send(one).ok());
+
+  // A sender blocked on a full socket buffer (nobody reads) is woken too.
+  Status send_status;
+  std::thread sender([&] {
+    std::vector<uint8_t> big(64 << 20);
+    send_status = pair.client->Send(big);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  pair.client->Shutdown();
+  sender.join();
+  EXPECT_FALSE(send_status.ok());
+}
+
+TEST(TcpTransportTest, IoTimeout) {
+  TransportOptions options;
+  options.io_timeout = std::chrono::milliseconds(100);
+  auto pair = MakeTcpPair(options);
+  ASSERT_TRUE(pair.client && pair.server);
+  uint8_t buf[4];
+  const auto start = std::chrono::steady_clock::now();
+  Status s = pair.server->Receive(buf);
+  EXPECT_EQ(s.code(), ETIMEDOUT);
+  EXPECT_THAT(s.message(), HasSubstr("made no progress within the I/O timeout (0 of 4 bytes"));
+  EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(90));
+}
+
+TEST(TcpTransportTest, ConnectAndAcceptErrors) {
+  uint16_t port;
+  {
+    auto listener = TcpListener::Listen(Loopback(), {});
+    ASSERT_TRUE(listener.has_value());
+    port = (*listener)->port();
+    auto none = (*listener)->Accept(std::chrono::milliseconds(20));
+    EXPECT_EQ(none.error().code(), ETIMEDOUT);
+    EXPECT_THAT(none.error().message(), HasSubstr("no connection within 20 ms"));
+  }
+  TcpConnector connector(Address{"tcp", "127.0.0.1", port}, {});
+  auto refused = connector.Connect();
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code(), ECONNREFUSED);
+  EXPECT_THAT(refused.error().message(),
+              HasSubstr(fmt::format("connect to tcp:127.0.0.1:{}", port)));
+  EXPECT_FALSE(MakeConnector(Address{"tcp", "127.0.0.1", 0}, {}).has_value());
+}
+
+TEST(TcpTransportTest, Ipv6Loopback) {
+  auto listener = TcpListener::Listen(Address{"tcp", "::1", 0}, {});
+  if (!listener) GTEST_SKIP() << "no IPv6 loopback: " << listener.error().ToString();
+  auto address = ParseAddress((*listener)->address());
+  ASSERT_TRUE(address.has_value()) << address.error().ToString();
+  auto connector = MakeConnector(*address, {});
+  ASSERT_TRUE(connector.has_value());
+  auto client = (*connector)->Connect();
+  ASSERT_TRUE(client.has_value()) << client.error().ToString();
+  auto server = (*listener)->Accept(std::chrono::seconds(5));
+  ASSERT_TRUE(server.has_value());
+  const uint8_t msg[2] = {4, 2};
+  ASSERT_TRUE((*client)->Send(msg).ok());
+  uint8_t got[2];
+  ASSERT_TRUE((*server)->Receive(got).ok());
+  EXPECT_EQ(got[1], 2);
+  EXPECT_THAT((*server)->name(), HasSubstr("[::1]:"));
+}
+
+}  // namespace
+}  // namespace faultline::migration
