@@ -12,5 +12,6 @@ namespace faultline::cli {
 using Action = std::function<int()>;
 
 void AddRunCommand(CLI::App& app, Action& action);
+void AddBenchCommand(CLI::App& app, Action& action);
 
 }  // namespace faultline::cli

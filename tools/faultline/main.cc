@@ -8,6 +8,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   faultline::cli::Action action;
   faultline::cli::AddRunCommand(app, action);
+  faultline::cli::AddBenchCommand(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,108 @@
+#include "src/paging/fault_queue.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <mutex>
+
+#include "src/paging/paged_block.h"
+
+namespace faultline::paging {
+
+Result<std::unique_ptr<FaultQueue>> FaultQueue::Create(PagedBlock& owner, uint32_t index,
+                                                       uint64_t offset, uint64_t length) {
+  std::unique_ptr<FaultQueue> q(new FaultQueue(owner, index, offset, length));
+  const UffdInstaller& installer = owner.installer();
+  ASSIGN_OR_RETURN(q->uffd_, sys::Userfaultfd::Create(O_NONBLOCK, installer.features()));
+  ASSIGN_OR_RETURN(q->registration_,
+                   q->uffd_.Register(installer.host(offset), length, installer.modes()));
+  q->stop_fd_ = sys::UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!q->stop_fd_.valid()) {
+    const int err = errno;
+    return ErrnoError(err, "fault queue {}: eventfd", index);
+  }
+  return q;
+}
+
+FaultQueue::~FaultQueue() { Stop(); }
+
+Status FaultQueue::Start(uint32_t threads) {
+  if (!threads_.empty()) return Error("fault queue {}: already started", index_);
+  for (uint32_t i = 0; i < threads; ++i) threads_.emplace_back([this] { HandlerLoop(); });
+  return Status::Ok();
+}
+
+void FaultQueue::Stop() {
+  if (threads_.empty()) return;
+  const uint64_t one = 1;
+  // An eventfd write of 1 cannot fail short of a bad fd; the threads poll it.
+  (void)!::write(stop_fd_.get(), &one, sizeof(one));
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
+}
+
+bool FaultQueue::SeenInBatch(std::span<const sys::UffdMessage> msgs, size_t i) const {
+  const uint64_t unit = owner_.unit();
+  const uint64_t page = msgs[i].fault_address().value / unit;
+  for (size_t j = 0; j < i; ++j) {
+    if (msgs[j].type() == sys::UffdMessage::Type::kPagefault &&
+        msgs[j].fault_address().value / unit == page) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void FaultQueue::HandlerLoop() {
+  std::array<sys::UffdMessage, 32> msgs;
+  while (true) {
+    std::array<pollfd, 2> fds = {{{uffd_.fd(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}}};
+    const int ready = ::poll(fds.data(), fds.size(), -1);
+    if (ready < 0) {
+      if (errno == EINTR) continue;
+      owner_.RecordError(ErrnoError(errno, "fault queue {}: poll", index_));
+      return;
+    }
+    if (fds[1].revents != 0) return;
+    if ((fds[0].revents & (POLLERR | POLLNVAL)) != 0) {
+      owner_.RecordError(
+          Error("fault queue {}: userfaultfd revents {:#x}", index_, fds[0].revents));
+      return;
+    }
+    size_t n = 0;
+    {
+      std::unique_lock lock(event_mu_);
+      auto read = uffd_.ReadEvents(msgs);
+      if (!read.has_value()) {
+        owner_.RecordError(read.error().WithContext(fmt::format("fault queue {}", index_)));
+        return;
+      }
+      n = *read;
+      // REMOVE first, still holding the lock: see event_mu().
+      for (size_t i = 0; i < n; ++i) {
+        if (msgs[i].type() == sys::UffdMessage::Type::kRemove) {
+          owner_.HandleRemove(*this, msgs[i].range_start(), msgs[i].range_end());
+        }
+      }
+    }
+    const auto read_at = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < n; ++i) {
+      if (msgs[i].type() != sys::UffdMessage::Type::kPagefault) continue;
+      // Threads whose faults were read together are all waiting already,
+      // so whatever resolves the first fault on a unit wakes the others:
+      // handle each unit once per batch.
+      if (SeenInBatch(msgs, i)) {
+        owner_.JoinedFault(*this, msgs[i]);
+      } else {
+        owner_.HandleFault(*this, msgs[i], read_at);
+      }
+    }
+  }
+}
+
+}  // namespace faultline::paging

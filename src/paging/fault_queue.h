@@ -1,0 +1,71 @@
+// FaultQueue: one userfaultfd over one part of a RAM block, with its own
+// handler threads. A block is split into several parts, each with its own
+// queue, so faults from different vCPUs (which mostly touch different
+// memory) are read and served in parallel instead of waiting in one queue.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <shared_mutex>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "faultline/status.h"
+#include "src/sys/unique_fd.h"
+#include "src/sys/userfaultfd.h"
+
+namespace faultline::paging {
+
+class PagedBlock;
+
+class FaultQueue {
+ public:
+  // Opens a userfaultfd with the block installer's features and registers
+  // block bytes [offset, offset + length) with its modes. `index` names the
+  // queue in metrics.
+  static Result<std::unique_ptr<FaultQueue>> Create(PagedBlock& owner, uint32_t index,
+                                                    uint64_t offset, uint64_t length);
+  ~FaultQueue();  // Stop()
+  FaultQueue(const FaultQueue&) = delete;
+  FaultQueue& operator=(const FaultQueue&) = delete;
+
+  Status Start(uint32_t threads);
+  // Ends the handler threads (after the message each is handling).
+  void Stop();
+  // Ends paging of this part: threads still blocked in a fault are woken
+  // and find whatever the memory holds.
+  Status Unregister() { return registration_.Unregister(); }
+
+  uint32_t index() const { return index_; }
+  uint64_t offset() const { return offset_; }
+  uint64_t length() const { return length_; }
+  const sys::Userfaultfd& uffd() const { return uffd_; }
+
+  // Serializes installs against reading events. An install holds it shared
+  // from its last look at the unit's state to the end of its ioctl; a
+  // handler holds it exclusively while it reads messages and records
+  // REMOVE events. Reading a REMOVE message is what lets the kernel go on
+  // to zap the range, so an install either ran before the zap (and is
+  // zapped) or sees the unit marked discarded (and installs nothing).
+  std::shared_mutex& event_mu() { return event_mu_; }
+
+ private:
+  FaultQueue(PagedBlock& owner, uint32_t index, uint64_t offset, uint64_t length)
+      : owner_(owner), index_(index), offset_(offset), length_(length) {}
+  void HandlerLoop();
+  // Whether message i faults on the same unit as an earlier one of msgs.
+  bool SeenInBatch(std::span<const sys::UffdMessage> msgs, size_t i) const;
+
+  PagedBlock& owner_;
+  const uint32_t index_;
+  const uint64_t offset_;
+  const uint64_t length_;
+  sys::Userfaultfd uffd_;
+  sys::UffdRegistration registration_;
+  sys::UniqueFd stop_fd_;  // an eventfd; readable once Stop() was called
+  std::vector<std::thread> threads_;
+  std::shared_mutex event_mu_;
+};
+
+}  // namespace faultline::paging

@@ -1,0 +1,103 @@
+// PagedBlock: demand paging of one RAM block through userfaultfd: the
+// block's install-unit states, its installer, and K fault queues over its
+// parts. Internal to DemandPager.
+//
+// Each unit is fetched at most once however many threads fault on it: the
+// thread that moves it from kMissing to kFetching (compare-and-swap) fetches
+// and installs; a fault on a unit being fetched only waits in the kernel,
+// and the install's wake (the ioctl wakes every thread waiting on the
+// range) releases them all.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "faultline/ram_block.h"
+#include "faultline/status.h"
+#include "src/paging/fault_queue.h"
+#include "src/paging/installer.h"
+#include "src/paging/page_state.h"
+#include "src/paging/pager_context.h"
+#include "src/paging/present_map.h"
+
+namespace faultline::paging {
+
+class PagedBlock {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // Registers the block's parts with K userfaultfds and marks `present`
+  // present. Faults wait (unread) until Start().
+  static Result<std::unique_ptr<PagedBlock>> Create(PagerContext& ctx,
+                                                    std::shared_ptr<RamBlock> block,
+                                                    InstallerKind kind, uint32_t source_block,
+                                                    const PresentMap& present);
+  PagedBlock(const PagedBlock&) = delete;
+  PagedBlock& operator=(const PagedBlock&) = delete;
+
+  Status Start();
+  void Stop();  // handler threads only
+  Status Unregister();
+
+  RamBlock& block() const { return *block_; }
+  const UffdInstaller& installer() const { return *installer_; }
+  uint64_t unit() const { return installer_->unit(); }
+  // Units not yet settled (neither present, poisoned nor known zero).
+  uint64_t missing_units() const;
+  double mark_present_seconds() const { return mark_present_seconds_; }
+
+  // From the fault queues' handler threads.
+  void HandleFault(FaultQueue& queue, const sys::UffdMessage& msg, Clock::time_point read_at);
+  // A fault on a unit another fault of the same batch is resolving.
+  void JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg);
+  void HandleRemove(FaultQueue& queue, Hva start, Hva end);  // holds queue.event_mu()
+  void RecordError(Status status) { ctx_.RecordError(std::move(status)); }
+
+  // Makes every unit overlapping [offset, offset + length) present, fetching
+  // what is missing, and waits. An error names a poisoned unit.
+  Status EnsurePresent(uint64_t offset, uint64_t length);
+  // Starts fetching the missing units of the range; does not wait.
+  void Push(uint64_t offset, uint64_t length);
+
+ private:
+  enum class Reason { kFault, kVmm, kPush };
+  enum class Placed { kInstalled, kExisted, kDiscarded };
+
+  PagedBlock(PagerContext& ctx, std::shared_ptr<RamBlock> block,
+             std::unique_ptr<UffdInstaller> installer, uint32_t source_block);
+  Status MarkPresent(const PresentMap& present);
+  FaultQueue& QueueFor(uint64_t unit) const;
+  uint64_t OffsetOf(uint64_t u) const { return u * unit(); }
+
+  // The caller has moved `unit` to kFetching; these settle it.
+  void StartFetch(uint64_t unit, Reason reason, Clock::time_point start, bool may_wait);
+  void IssueFetch(uint64_t unit, Destination dest, Reason reason, Clock::time_point start,
+                  uint32_t attempt);
+  void OnFetched(uint64_t unit, Destination dest, FetchResult result, Reason reason,
+                 Clock::time_point start, uint32_t attempt);
+  void ZeroFill(uint64_t unit, bool minor, Reason reason, Clock::time_point start);
+  void PoisonUnit(uint64_t unit, const Status& why);
+  // The unit was discarded while it was being fetched: drop what was
+  // fetched, let it read as zeros, and wake its faulters to fault again.
+  void DropDiscarded(uint64_t unit);
+  void Finish(uint64_t unit, Result<Placed> placed, uint64_t bytes_copied, bool zero, Reason reason,
+              Clock::time_point start);
+
+  // Runs one install `op(uffd) -> Result<InstallResult>` for `unit` under
+  // its queue's event lock, retrying EAGAIN, waking on EEXIST.
+  template <typename Op>
+  Result<Placed> Place(uint64_t unit, uint64_t* bytes_copied, Op&& op);
+
+  PagerContext& ctx_;
+  std::shared_ptr<RamBlock> block_;
+  std::unique_ptr<UffdInstaller> installer_;
+  const uint32_t source_block_;
+  PageStateTable states_;
+  std::vector<std::unique_ptr<FaultQueue>> queues_;
+  uint64_t part_units_ = 0;  // units per queue (the last may have fewer)
+  double mark_present_seconds_ = 0;
+};
+
+}  // namespace faultline::paging

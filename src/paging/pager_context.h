@@ -1,0 +1,98 @@
+// PagerContext: what every paged block of a DemandPager shares: the page
+// source, options, metrics, the errors and poisoned pages seen so far, and
+// the count of fetches in flight (which must reach zero before anything a
+// completion touches goes away).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "faultline/status.h"
+#include "faultline/types.h"
+#include "src/paging/fault_metrics.h"
+#include "src/paging/page_source.h"
+
+namespace faultline::paging {
+
+// A unit the source could not supply, installed as poison.
+struct PoisonedUnit {
+  std::string block;    // RAM block name
+  uint64_t offset = 0;  // in the block
+  uint64_t length = 0;  // the install unit
+  Hva hva;              // where a SIGBUS for it will point
+  std::string reason;
+};
+
+struct PagerOptions {
+  // K: userfaultfds per block, each registered over 1/K of it, so that
+  // faults on different parts are read and served independently.
+  uint32_t queues_per_block = 2;
+  uint32_t threads_per_queue = 1;
+  // Staging slots per block (copy, move); 0: the installer's default.
+  uint32_t staging_slots = 0;
+  // A unit whose fetch fails (kFailed) this many times is poisoned.
+  uint32_t fetch_attempts = 3;
+  // Called (on the installing thread) for each poisoned unit.
+  std::function<void(const PoisonedUnit&)> on_poison = nullptr;
+};
+
+class PagerContext {
+ public:
+  PagerContext(std::shared_ptr<PageSource> source, PagerOptions options)
+      : source_(std::move(source)), options_(std::move(options)), metrics_(&threads_) {}
+
+  PageSource& source() const { return *source_; }
+  const PagerOptions& options() const { return options_; }
+  FaultMetrics& metrics() { return metrics_; }
+  const FaultMetrics& metrics() const { return metrics_; }
+  ThreadRegistry& threads() { return threads_; }
+
+  void RecordError(Status status) {
+    metrics_.errors.Add();
+    std::lock_guard lock(mu_);
+    if (first_error_.ok()) first_error_ = std::move(status);
+  }
+  Status first_error() const {
+    std::lock_guard lock(mu_);
+    return first_error_;
+  }
+  void RecordPoison(PoisonedUnit unit) {
+    metrics_.poisoned.Add();
+    if (options_.on_poison) options_.on_poison(unit);
+    std::lock_guard lock(mu_);
+    poisoned_.push_back(std::move(unit));
+  }
+  std::vector<PoisonedUnit> poisoned() const {
+    std::lock_guard lock(mu_);
+    return poisoned_;
+  }
+
+  void FetchStarted() { inflight_.fetch_add(1, std::memory_order_relaxed); }
+  void FetchDone() {
+    if (inflight_.fetch_sub(1, std::memory_order_acq_rel) == 1) inflight_.notify_all();
+  }
+  // Waits until no fetch is in flight.
+  void WaitIdle() const {
+    for (uint64_t n = inflight_.load(std::memory_order_acquire); n != 0;
+         n = inflight_.load(std::memory_order_acquire)) {
+      inflight_.wait(n, std::memory_order_acquire);
+    }
+  }
+
+ private:
+  std::shared_ptr<PageSource> source_;
+  const PagerOptions options_;
+  ThreadRegistry threads_;
+  FaultMetrics metrics_;
+  std::atomic<uint64_t> inflight_{0};
+  mutable std::mutex mu_;
+  Status first_error_;                  // guarded by mu_
+  std::vector<PoisonedUnit> poisoned_;  // guarded by mu_
+};
+
+}  // namespace faultline::paging
