@@ -51,7 +51,11 @@ class FaultController::FaultyChannel final : public Channel {
   Status ReceiveScatter(std::span<const MutableBuffer> parts) override {
     const uint64_t total = TotalSize(parts);
     const uint64_t allowed = link_->ReserveReceive(total);
-    if (allowed == total && !link_->cut()) return Wrapped(inner_->ReceiveScatter(parts));
+    if (allowed == total && !link_->cut()) {
+      Status status = inner_->ReceiveScatter(parts);
+      if (status.code() == EAGAIN) link_->RefundReceive(total);  // nothing was consumed
+      return Wrapped(std::move(status));
+    }
     if (allowed > 0 && !link_->cut()) {
       const auto prefix = Prefix(parts, allowed);
       (void)inner_->ReceiveScatter(prefix);
@@ -162,6 +166,11 @@ uint64_t FaultController::ReserveSend(uint64_t bytes) {
     if (cut_cv_.wait_until(lock, link_free_at_, [&] { return cut_; })) return 0;
   }
   return allowed;
+}
+
+void FaultController::RefundReceive(uint64_t bytes) {
+  std::lock_guard lock(mu_);
+  received_ -= std::min(received_, bytes);
 }
 
 uint64_t FaultController::ReserveReceive(uint64_t bytes) {

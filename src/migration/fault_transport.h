@@ -64,6 +64,7 @@ class FaultController : public std::enable_shared_from_this<FaultController> {
   // cut (then or while waiting).
   uint64_t ReserveSend(uint64_t bytes);
   uint64_t ReserveReceive(uint64_t bytes);
+  void RefundReceive(uint64_t bytes);  // a receive that consumed nothing (EAGAIN)
   void Register(FaultyChannel* channel);
   void Unregister(FaultyChannel* channel);
   void CutLocked(std::unique_lock<std::mutex>& lock);

@@ -14,17 +14,16 @@ Status MessageWriter::Send(const Message& message) {
   return Status::Ok();
 }
 
-Status MessageWriter::SendPages(const PagesHeader& header, uint64_t page_size,
-                                std::span<const ConstBuffer> data) {
+Status MessageWriter::SendPages(const PagesHeader& header, std::span<const ConstBuffer> data) {
   if (data.size() != header.pages.size()) {
     return Error("SendPages: {} page buffers for {} indices", data.size(), header.pages.size());
   }
-  const std::vector<uint8_t> prefix = EncodePagesPrefix(header, page_size, next_seq_);
+  const std::vector<uint8_t> prefix = EncodePagesPrefix(header, next_seq_);
   parts_.clear();
   parts_.push_back(prefix);
   for (const ConstBuffer& page : data) {
-    if (page.size() != page_size) {
-      return Error("SendPages: a {}-byte buffer for a {}-byte page", page.size(), page_size);
+    if (page.size() != kWirePageSize) {
+      return Error("SendPages: a {}-byte buffer for a {}-byte page", page.size(), kWirePageSize);
     }
     parts_.push_back(page);
   }
@@ -64,7 +63,6 @@ Result<Message> MessageReader::ReadPagesHeader(const FrameHeader& frame) {
   RETURN_IF_ERROR(channel_.Receive(payload_));
   ASSIGN_OR_RETURN(PagesHeader header, DecodePagesIndices(prefix, payload_, context_));
   pending_pages_ = prefix.count;
-  pending_page_size_ = prefix.page_size;
   return header;
 }
 
@@ -74,9 +72,9 @@ Status MessageReader::ReceivePageData(std::span<const MutableBuffer> destination
                  pending_pages_);
   }
   for (const MutableBuffer& d : destinations) {
-    if (d.size() != pending_page_size_) {
+    if (d.size() != kWirePageSize) {
       return Error("ReceivePageData: a {}-byte destination for a {}-byte page", d.size(),
-                   pending_page_size_);
+                   kWirePageSize);
     }
   }
   pending_pages_ = 0;  // whatever happens next, the frame is over for this reader
@@ -84,11 +82,11 @@ Status MessageReader::ReceivePageData(std::span<const MutableBuffer> destination
 }
 
 Status MessageReader::DiscardPageData() {
-  scratch_.resize(pending_page_size_);
-  while (pending_pages_ > 0) {
-    --pending_pages_;
-    RETURN_IF_ERROR(channel_.Receive(scratch_));
-  }
+  // One scratch page reused for every page: a single scatter receive.
+  scratch_.resize(kWirePageSize);
+  std::vector<MutableBuffer> sink(pending_pages_, MutableBuffer(scratch_));
+  pending_pages_ = 0;
+  RETURN_IF_ERROR(channel_.ReceiveScatter(sink));
   return Status::Ok();
 }
 

@@ -29,11 +29,10 @@ class MessageWriter {
 
   // Any message but a PagesHeader.
   Status Send(const Message& message);
-  // One Pages message: `data[i]` is the page_size bytes of `header.pages[i]`.
+  // One Pages message: `data[i]` is the 4 KiB of `header.pages[i]`.
   // The header, index list and every page go out in one gather write; the
   // page data is not copied in user space.
-  Status SendPages(const PagesHeader& header, uint64_t page_size,
-                   std::span<const ConstBuffer> data);
+  Status SendPages(const PagesHeader& header, std::span<const ConstBuffer> data);
 
   uint64_t frames_sent() const { return next_seq_; }
 
@@ -56,17 +55,17 @@ class MessageReader {
   // sequence number) and its payload decoded and validated. For a Pages
   // message, returns its PagesHeader; the caller must then consume the data
   // with ReceivePageData or DiscardPageData before calling Read again.
+  // EAGAIN (nothing arrived within the channel's I/O timeout) leaves the
+  // reader intact; Read may be called again.
   Result<Message> Read();
 
   // Receives the pending Pages message's data: page i into destinations[i],
-  // each exactly page_size bytes, one per index of the header.
+  // each exactly kWirePageSize bytes, one per index of the header.
   Status ReceivePageData(std::span<const MutableBuffer> destinations);
   // Reads and drops the pending page data (a scratch page per page).
   Status DiscardPageData();
 
   bool page_data_pending() const { return pending_pages_ > 0; }
-  // Of the pending Pages message.
-  uint64_t pending_page_size() const { return pending_page_size_; }
   uint64_t frames_received() const { return next_seq_; }
 
  private:
@@ -76,7 +75,6 @@ class MessageReader {
   DecodeContext context_;
   uint64_t next_seq_ = 0;
   uint32_t pending_pages_ = 0;
-  uint64_t pending_page_size_ = 0;
   std::vector<uint8_t> payload_;  // reused; at most MaxPayload() of a non-page message
   std::vector<uint8_t> scratch_;  // one page, for DiscardPageData
 };

@@ -201,7 +201,7 @@ class Transfer {
     ZeroPages zeros{0, pass, {}};
     auto flush = [&]() -> Status {
       if (!header.pages.empty()) {
-        RETURN_IF_ERROR(link.writer().SendPages(header, kPage, buffers));
+        RETURN_IF_ERROR(link.writer().SendPages(header, buffers));
         header.pages.clear();
         buffers.clear();
       }

@@ -135,6 +135,12 @@ Result<std::unique_ptr<TcpChannel>> TcpChannel::Adopt(sys::UniqueFd fd,
   const int s = fd.get();
   RETURN_IF_ERROR(SetTimeout(s, SO_SNDTIMEO, options.io_timeout, "SO_SNDTIMEO"));
   RETURN_IF_ERROR(SetTimeout(s, SO_RCVTIMEO, options.io_timeout, "SO_RCVTIMEO"));
+  // Keepalive probes find a peer that vanished without closing (a host that
+  // died, a cut cable) while a side waits legitimately long for a message.
+  RETURN_IF_ERROR(SetIntOption(s, SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE"));
+  RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPIDLE, 10, "TCP_KEEPIDLE"));
+  RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPINTVL, 5, "TCP_KEEPINTVL"));
+  RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPCNT, 3, "TCP_KEEPCNT"));
   if (options.socket_buffer_bytes > 0) {
     RETURN_IF_ERROR(
         SetIntOption(s, SOL_SOCKET, SO_SNDBUF, options.socket_buffer_bytes, "SO_SNDBUF"));
@@ -204,6 +210,11 @@ Status TcpChannel::ReceiveScatter(std::span<const MutableBuffer> parts) {
     const ssize_t n = recvmsg(fd_.get(), &msg, MSG_WAITALL);
     if (n < 0) {
       if (errno == EINTR) continue;
+      if ((errno == EAGAIN || errno == EWOULDBLOCK) && cursor.done_bytes() == 0 &&
+          !shut_down_.load(std::memory_order_acquire)) {
+        // Nothing consumed: the stream position is intact (see Channel).
+        return Status(EAGAIN, fmt::format("{}: nothing received within the I/O timeout", name_));
+      }
       return IoError(errno, "receive", cursor.done_bytes(), cursor.total());
     }
     if (n == 0) return IoError(0, "receive", cursor.done_bytes(), cursor.total());

@@ -39,7 +39,10 @@ struct ChannelStats {
 // in the stream; the caller must not use that direction again (the protocol
 // has no resynchronisation inside a stream; recovery opens new channels).
 // End of stream from the peer is an error with code ECONNRESET that says how
-// many of the expected bytes arrived.
+// many of the expected bytes arrived. A Receive that gets no byte at all
+// within the I/O timeout returns EAGAIN and leaves the channel intact: the
+// caller may wait again (a destination waits on the main channel for as
+// long as pre-copy takes). Any other timeout (ETIMEDOUT) is final.
 class Channel {
  public:
   virtual ~Channel() = default;

@@ -120,13 +120,16 @@ Status ValidateBlocks(std::span<const BlockInfo> blocks) {
       return Error("RAM block '{}': size {} is not a non-zero multiple of its page size {}", b.name,
                    b.size, b.page_size);
     }
-    if (b.pages() > UINT32_MAX) {
+    if (b.pages() > UINT32_MAX) {  // 4 KiB pages: 16 TiB
       return Error("RAM block '{}': {} pages; at most {} per block", b.name, b.pages(), UINT32_MAX);
     }
   }
   return Status::Ok();
 }
 
+// Backing and page size may differ: wire pages are 4 KiB either way, and a
+// destination may well put the guest on hugetlbfs where the source had
+// anonymous memory.
 Status CheckBlocksMatch(std::span<const BlockInfo> source, std::span<const BlockInfo> local) {
   if (source.size() != local.size()) {
     return Error("RAM block list mismatch: the source has {} blocks, this destination {}",
@@ -142,10 +145,6 @@ Status CheckBlocksMatch(std::span<const BlockInfo> source, std::span<const Block
     if (s.size != l.size) {
       return Error("RAM block list mismatch: block '{}' is {} bytes in the source, {} here", l.name,
                    s.size, l.size);
-    }
-    if (s.page_size != l.page_size) {
-      return Error("RAM block list mismatch: block '{}' has {}-byte pages in the source, {} here",
-                   l.name, s.page_size, l.page_size);
     }
   }
   return Status::Ok();
@@ -335,12 +334,11 @@ std::vector<uint8_t> EncodeFrame(const Message& message, uint64_t seq) {
   return out;
 }
 
-std::vector<uint8_t> EncodePagesPrefix(const PagesHeader& header, uint64_t page_size,
-                                       uint64_t seq) {
+std::vector<uint8_t> EncodePagesPrefix(const PagesHeader& header, uint64_t seq) {
   std::vector<uint8_t> out(kFrameHeaderSize);
   out.reserve(kFrameHeaderSize + kPagesFixedSize + 4 * header.pages.size());
   EncodePayload(header, out);
-  const uint64_t length = out.size() - kFrameHeaderSize + header.pages.size() * page_size;
+  const uint64_t length = out.size() - kFrameHeaderSize + header.pages.size() * kWirePageSize;
   const FrameHeader frame{MessageType::kPages, 0, static_cast<uint32_t>(length), seq};
   EncodeFrameHeader(frame, std::span<uint8_t, kFrameHeaderSize>(out.data(), kFrameHeaderSize));
   return out;

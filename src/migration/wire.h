@@ -36,8 +36,13 @@ inline constexpr uint16_t kMaxVersion = 1;
 inline constexpr size_t kMaxBlocks = 64;
 inline constexpr size_t kMaxNameLength = 64;  // block and device names, bytes
 inline constexpr uint32_t kMaxPageChannels = 16;
-inline constexpr uint32_t kMaxPagesPerBatch = 512;    // also bounded by kMaxBatchBytes
-inline constexpr uint64_t kMaxBatchBytes = 16 << 20;  // page data in one Pages message
+// Every page on the wire is 4 KiB: page indices, zero runs and bitmaps count
+// 4 KiB pages of a block whatever the block's own page size. KVM logs dirty
+// memory per 4 KiB page, so pre-copy never resends 2 MiB for a 4 KiB write;
+// a 2 MiB huge page (a post-copy fault on hugetlbfs) is 512 wire pages,
+// exactly one full Pages message.
+inline constexpr uint64_t kWirePageSize = 4096;
+inline constexpr uint32_t kMaxPagesPerBatch = 512;
 inline constexpr uint32_t kMaxZeroRuns = 1024;
 inline constexpr uint32_t kMaxRequestPages = 512;
 inline constexpr uint32_t kMaxBitmapPages = 1 << 20;  // one PresentBitmap message
@@ -116,10 +121,10 @@ uint64_t MaxPayload(MessageType type);
 struct BlockInfo {
   std::string name;
   uint64_t size = 0;                      // bytes
-  uint64_t page_size = 4096;              // transfer unit: page indices count these
+  uint64_t page_size = 4096;              // the block's own: 4 KiB or 2 MiB
   Backing backing = Backing::kAnonymous;  // informational; may differ between ends
 
-  uint64_t pages() const { return size / page_size; }
+  uint64_t pages() const { return size / kWirePageSize; }  // wire (4 KiB) pages
   friend bool operator==(const BlockInfo&, const BlockInfo&) = default;
 };
 
@@ -128,7 +133,8 @@ BlockInfo DescribeBlock(const RamBlock& block);
 // non-zero multiple of it with at most 2^32 - 1 pages; 1..kMaxBlocks blocks.
 Status ValidateBlocks(std::span<const BlockInfo> blocks);
 // The destination's check of the source's list against its own: same
-// blocks in the same order with the same sizes and page sizes.
+// blocks in the same order with the same sizes (backing and page size may
+// differ).
 Status CheckBlocksMatch(std::span<const BlockInfo> source, std::span<const BlockInfo> local);
 
 // ---- Messages ---------------------------------------------------------------
@@ -294,8 +300,8 @@ void EncodePayload(const Message& message, std::vector<uint8_t>& out);
 // The whole frame (header + payload) of a message other than PagesHeader.
 std::vector<uint8_t> EncodeFrame(const Message& message, uint64_t seq);
 // The frame header, sub-header and index list of a Pages message whose
-// `pages.size() * page_size` data bytes follow.
-std::vector<uint8_t> EncodePagesPrefix(const PagesHeader& header, uint64_t page_size, uint64_t seq);
+// `pages.size() * kWirePageSize` data bytes follow.
+std::vector<uint8_t> EncodePagesPrefix(const PagesHeader& header, uint64_t seq);
 
 // Decodes and validates the payload of a message of type `type` (any type
 // but kPages). `payload` is exactly the frame's payload.
@@ -311,9 +317,8 @@ struct PagesPrefix {
   uint32_t count = 0;
   uint32_t pass = 0;
   uint32_t flags = 0;
-  uint64_t page_size = 0;
   uint64_t index_bytes() const { return uint64_t{count} * 4; }
-  uint64_t data_bytes() const { return uint64_t{count} * page_size; }
+  uint64_t data_bytes() const { return uint64_t{count} * kWirePageSize; }
 };
 Result<PagesPrefix> DecodePagesFixed(std::span<const uint8_t, kPagesFixedSize> fixed,
                                      uint32_t frame_length, const DecodeContext& context);

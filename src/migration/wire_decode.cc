@@ -429,18 +429,13 @@ Result<PagesPrefix> DecodePagesFixed(std::span<const uint8_t, kPagesFixedSize> f
   p.pass = r.U32();
   p.flags = r.U32();
   ASSIGN_OR_RETURN(const BlockInfo* block, FindBlock("Pages", p.block, context));
-  p.page_size = block->page_size;
   if (p.flags != 0) return Error("Pages: flags {:#x}; version 1 defines none", p.flags);
   if (p.count == 0 || p.count > kMaxPagesPerBatch) {
     return Error("Pages: {} pages in one batch (1 to {} allowed)", p.count, kMaxPagesPerBatch);
   }
-  if (p.data_bytes() > kMaxBatchBytes) {
-    return Error("Pages: {} pages of {} bytes exceed the {}-byte batch limit", p.count, p.page_size,
-                 kMaxBatchBytes);
-  }
-  RETURN_IF_ERROR(CheckLength(
-      "Pages", kPagesFixedSize + p.index_bytes() + p.data_bytes(), frame_length,
-      fmt::format("{} pages of {} bytes in block '{}'", p.count, p.page_size, block->name)));
+  RETURN_IF_ERROR(CheckLength("Pages", kPagesFixedSize + p.index_bytes() + p.data_bytes(),
+                              frame_length,
+                              fmt::format("{} pages in block '{}'", p.count, block->name)));
   return p;
 }
 

@@ -40,7 +40,7 @@ std::vector<uint8_t> ValidStream() {
   add(hello);
   add(ZeroPages{0, 0, {{0, 4}, {9, 1}}});
   PagesHeader pages{0, 0, 0, {4, 5, 8}};
-  auto prefix = EncodePagesPrefix(pages, 4096, seq++);
+  auto prefix = EncodePagesPrefix(pages, seq++);
   out.insert(out.end(), prefix.begin(), prefix.end());
   out.insert(out.end(), 3 * 4096, 0x77);
   add(PassEnd{0, 3, 5, 0});
@@ -57,13 +57,12 @@ int ReadAll(std::vector<uint8_t> stream, const std::vector<BlockInfo>& blocks) {
   MemoryChannel channel(std::move(stream));
   MessageReader reader(channel);
   reader.set_blocks(&blocks);
-  static std::vector<uint8_t> page(2u << 20);  // every page of a batch lands here
+  static std::vector<uint8_t> page(kWirePageSize);  // every page of a batch lands here
   for (int n = 0;; ++n) {
     Result<Message> m = reader.Read();
     if (!m) return n;
     if (auto* h = std::get_if<PagesHeader>(&*m)) {
-      std::vector<MutableBuffer> dest(h->pages.size(),
-                                      MutableBuffer(page.data(), reader.pending_page_size()));
+      std::vector<MutableBuffer> dest(h->pages.size(), MutableBuffer(page));
       if (!reader.ReceivePageData(dest).ok()) return n;
     }
   }

@@ -47,7 +47,8 @@ constexpr Bounds PayloadBounds(MessageType type) {
       return {kChannelAckSize, kChannelAckSize};
     case MessageType::kPages:
       // At least one 4 KiB page; at most the largest index list plus data.
-      return {kPagesFixedSize + 4 + 4096, kPagesFixedSize + 4 * kMaxPagesPerBatch + kMaxBatchBytes};
+      return {kPagesFixedSize + 4 + 4096,
+              (4 + kWirePageSize) * kMaxPagesPerBatch + kPagesFixedSize};
     case MessageType::kZeroPages:
       return {kZeroPagesFixed + 8, kZeroPagesFixed + 8 * kMaxZeroRuns};
     case MessageType::kPassEnd:

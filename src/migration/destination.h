@@ -1,0 +1,68 @@
+// MigrationDestination: the receiving side of a pre-copy live migration.
+//
+// Accepts one session (handshake.h), then runs one thread per page channel
+// and follows the main channel in the caller's thread:
+//   - page data is received straight into guest memory: after a Pages
+//     message's index list is validated, one scatter receive puts each page
+//     at its place in the block's host mapping (no intermediate buffer);
+//   - zero pages are written as zeros, except in pass 0 when the VM's memory
+//     is known to be zero already;
+//   - the pass barrier: a page channel that ended pass p waits until every
+//     page channel ended pass p before it writes anything of pass p + 1;
+//   - on Complete, every page channel must have ended, the page counts must
+//     match the source's, and the vCPU and device state must load; only then
+//     is CompleteAck sent and Run() returns success. The caller then starts
+//     the VM. On any failure the source is told with an Error message, and
+//     the VM must not be started.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+
+#include "faultline/status.h"
+#include "src/migration/auth.h"
+#include "src/migration/handshake.h"
+#include "src/migration/migratable.h"
+#include "src/migration/transport.h"
+
+namespace faultline::migration {
+
+struct DestinationOptions {
+  AuthKey key;  // non-empty: the source must authenticate with the same key
+  AcceptOptions accept;
+  uint16_t max_page_channels = kMaxPageChannels;
+};
+
+struct DestinationStats {
+  uint32_t passes = 0;
+  uint64_t data_pages = 0;
+  uint64_t zero_pages = 0;
+  uint64_t bytes_received = 0;         // everything, framing included
+  std::chrono::microseconds total{0};  // from the first connection to CompleteAck
+};
+
+class MigrationDestination {
+ public:
+  // `vm` must outlive this object.
+  MigrationDestination(DestinationVm& vm, DestinationOptions options);
+
+  // Accepts one migration from `acceptor` and receives it into the VM.
+  // Blocks until CompleteAck is sent (success: start the VM) or it fails.
+  Result<DestinationStats> Run(Acceptor& acceptor);
+
+  // From any thread: abandons the migration; Run() returns an error.
+  void Cancel();
+
+ private:
+  class Attempt;  // destination.cc
+
+  DestinationVm& vm_;
+  const DestinationOptions options_;
+  std::mutex mu_;
+  Attempt* active_ = nullptr;  // guarded by mu_
+  bool cancelled_ = false;     // guarded by mu_
+};
+
+}  // namespace faultline::migration
