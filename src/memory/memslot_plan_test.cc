@@ -132,11 +132,31 @@ TEST_F(MemslotPlanTest, TooManyRangesForTheSlotLimitIsAnError) {
   ASSERT_FALSE(plan.has_value());
   EXPECT_EQ(plan.error().ToString(),
             "memslot plan for map generation 3: 3 mapped ranges need a slot each but KVM offers "
-            "2; use fewer holes or blocks");
+            "2; use fewer holes or blocks, or a larger memslot granule");
   EXPECT_THAT(MemslotPlanner(0).Plan(MemslotTable(), map).error().ToString(),
               HasSubstr("not a valid limit"));
   EXPECT_FALSE(MemslotPlanner(kMaxMemslotIds + 1).Plan(MemslotTable(), map).has_value());
   EXPECT_TRUE(MemslotPlanner(3).Plan(MemslotTable(), map).has_value());
+}
+
+// With a granule, slots never cross its multiples, and a hole replaces only
+// the slot of the granule it falls in.
+TEST_F(MemslotPlanTest, GranuleCutsSlotsAndLimitsWhatAHoleTouches) {
+  MemslotPlanner planner(kDefaultMaxMemslots, 4 * kMiB);
+  auto first = planner.Plan(MemslotTable(), base_);
+  ASSERT_TRUE(first.has_value());
+  EXPECT_EQ(first->next.slots().size(), 4u + 2u);  // 16 MiB and 8 MiB in 4 MiB pieces
+  for (const Memslot& slot : first->next.slots()) {
+    EXPECT_EQ(slot.range.size, 4 * kMiB);
+    EXPECT_EQ(slot.range.gpa.value % (4 * kMiB), 0u);
+    EXPECT_EQ(slot.range.hva, Hva(slot.range.block->host() + slot.range.block_offset));
+  }
+  auto holed = planner.Plan(first->next, Must(base_->PunchHole(Gpa(5 * kMiB), kMiB)));
+  ASSERT_TRUE(holed.has_value());
+  EXPECT_THAT(Steps(*holed), ::testing::ElementsAre(Step{Kind::kDelete, 1, 4 * kMiB, 4 * kMiB},
+                                                    Step{Kind::kCreate, 1, 4 * kMiB, kMiB},
+                                                    Step{Kind::kCreate, 6, 6 * kMiB, 2 * kMiB}));
+  EXPECT_EQ(holed->kept, 5u);
 }
 
 TEST_F(MemslotPlanTest, SlotsBeyondALoweredLimitAreRecreated) {
