@@ -351,6 +351,9 @@ TEST_F(MemoryMapTest, ReadersSeeWholeSnapshotsWhileAWriterChangesTheMap) {
   };
   std::thread plain(read, false);
   std::thread cached(read, true);
+  // On a loaded machine the readers may not run at all during 2,000 quick
+  // updates: start writing once both are reading.
+  while (lookups.load() < 2) std::this_thread::yield();
   for (int i = 0; i < 2000; ++i) {
     auto next = atomic.Update([&](const MemoryMap& map) {
       return i % 2 == 0 ? map.PunchHole(Gpa(4 * kMiB), 2 * kMiB)
