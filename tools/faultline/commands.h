@@ -12,6 +12,8 @@ namespace faultline::cli {
 using Action = std::function<int()>;
 
 void AddRunCommand(CLI::App& app, Action& action);
+void AddMigrateCommand(CLI::App& app, Action& action);
+void AddQueryCommand(CLI::App& app, Action& action);
 void AddBenchCommand(CLI::App& app, Action& action);
 
 }  // namespace faultline::cli

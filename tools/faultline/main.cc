@@ -8,6 +8,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   faultline::cli::Action action;
   faultline::cli::AddRunCommand(app, action);
+  faultline::cli::AddMigrateCommand(app, action);
+  faultline::cli::AddQueryCommand(app, action);
   faultline::cli::AddBenchCommand(app, action);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,125 @@
+// ControlServer: the VMM's control socket. A unix stream socket on which
+// each request is one line of JSON and gets one line of JSON back, in the
+// manner of QMP (docs/control.md has the protocol and every command):
+//
+//   -> {"execute": "query-migrate", "arguments": {}, "id": 7}
+//   <- {"return": {"phase": "precopy", ...}, "id": 7}
+//   <- {"error": {"class": "CommandNotFound", "desc": "..."}, "id": 7}
+//
+// The server knows no commands except "query-commands"; the VMM plugs in
+// handlers by name (control_migration.h registers the migration commands).
+//
+// Threads: one accepts connections, one serves each connected client (at
+// most Options::max_clients). A client's requests are answered in order;
+// different clients' handlers run concurrently, so handlers must be
+// thread-safe. Stop() wakes every thread through an eventfd they all poll,
+// so it returns as soon as running handlers have returned, however many
+// clients are connected and idle.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "faultline/status.h"
+#include "src/sys/unique_fd.h"
+
+namespace faultline::vmm {
+
+class ControlServer {
+ public:
+  // Gets the request's "arguments" (an empty object when absent). An error
+  // Status becomes an error response; see control_args.h for its class.
+  using Handler = std::function<Result<nlohmann::json>(const nlohmann::json& args)>;
+
+  struct Options {
+    // A request line longer than this gets an InvalidRequest error, and the
+    // connection is closed (the rest of the line cannot be skipped safely).
+    size_t max_request_bytes = 64 << 10;
+    // Connections beyond this get an error response and are closed.
+    size_t max_clients = 16;
+    // A client that does not read its responses for this long is dropped.
+    std::chrono::milliseconds write_timeout{5000};
+  };
+
+  // Binds `path` (mode 0600) and listens; serves nothing until Start(). A
+  // socket file nobody listens on (left by a dead VMM) is replaced; a live
+  // one, or any other kind of file, is an error.
+  static Result<std::unique_ptr<ControlServer>> Create(std::string path, Options options);
+  static Result<std::unique_ptr<ControlServer>> Create(std::string path) {
+    return Create(std::move(path), Options());
+  }
+
+  // Stop(), then removes the socket file if it is still the one we bound.
+  ~ControlServer();
+  ControlServer(const ControlServer&) = delete;
+  ControlServer& operator=(const ControlServer&) = delete;
+
+  // Adds or replaces the handler of `command`. Thread-safe, at any time;
+  // register before Start() so that no client sees CommandNotFound.
+  void Register(std::string command, Handler handler);
+  // Registered command names, sorted.
+  std::vector<std::string> Commands() const;
+
+  // Starts the accepting thread. Once only.
+  Status Start();
+  // Closes every connection and joins every thread; idempotent. Waits for
+  // handlers that are running, so must not be called from a handler.
+  void Stop();
+
+  // One request line (without its newline) to one response line (without
+  // its newline). What each connection does; public for tests.
+  std::string HandleLine(std::string_view line) const;
+
+  const std::string& path() const { return path_; }
+
+ private:
+  struct Connection {
+    sys::UniqueFd fd;
+    std::thread thread;
+    std::atomic<bool> finished{false};
+  };
+
+  ControlServer(std::string path, Options options, sys::UniqueFd listen_fd, sys::UniqueFd stop_fd,
+                dev_t dev, ino_t ino);
+  nlohmann::json Dispatch(std::string_view line) const;
+  void AcceptLoop();
+  void Serve(Connection& connection);
+  // Writes all of `data`; false if the client is gone, too slow, or the
+  // server is stopping.
+  bool Send(int fd, std::string_view data);
+  // Waits for `events` on `fd` or for Stop(); true if `fd` is ready.
+  bool WaitFor(int fd, short events, int timeout_ms);
+
+  const std::string path_;
+  const Options options_;
+  sys::UniqueFd listen_fd_;
+  sys::UniqueFd stop_fd_;  // an eventfd, readable once Stop() is called
+  const dev_t dev_;        // identity of the socket file we bound
+  const ino_t ino_;
+
+  mutable std::mutex handlers_mu_;
+  std::map<std::string, Handler, std::less<>> handlers_;  // guarded by handlers_mu_
+
+  std::mutex lifecycle_mu_;  // serialises Start() and Stop()
+  bool started_ = false;     // guarded by lifecycle_mu_
+  bool stopped_ = false;     // guarded by lifecycle_mu_
+  std::thread accept_thread_;
+  // Owned by the accepting thread while it runs, then by Stop().
+  std::list<std::unique_ptr<Connection>> connections_;
+};
+
+}  // namespace faultline::vmm

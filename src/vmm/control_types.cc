@@ -1,0 +1,227 @@
+#include "src/vmm/control_types.h"
+
+#include <algorithm>
+#include <array>
+#include <charconv>
+#include <utility>
+
+#include "src/vmm/control_args.h"
+
+namespace faultline::vmm {
+namespace {
+
+constexpr std::array<std::pair<MigrationPhase, const char*>, 8> kPhaseNames = {{
+    {MigrationPhase::kNone, "none"},
+    {MigrationPhase::kSetup, "setup"},
+    {MigrationPhase::kPrecopy, "precopy"},
+    {MigrationPhase::kPostcopy, "postcopy"},
+    {MigrationPhase::kSwitchover, "switchover"},
+    {MigrationPhase::kCompleted, "completed"},
+    {MigrationPhase::kFailed, "failed"},
+    {MigrationPhase::kCancelled, "cancelled"},
+}};
+
+bool IsHostChar(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+         c == '-' || c == '_' || c == ':' || c == '%';
+}
+
+nlohmann::json OptionalToJson(const std::optional<uint64_t>& value) {
+  return value ? nlohmann::json(*value) : nlohmann::json(nullptr);
+}
+
+}  // namespace
+
+const char* MigrationPhaseName(MigrationPhase phase) {
+  for (const auto& [p, name] : kPhaseNames) {
+    if (p == phase) return name;
+  }
+  return "none";
+}
+
+Result<MigrationPhase> ParseMigrationPhase(std::string_view name) {
+  for (const auto& [p, n] : kPhaseNames) {
+    if (name == n) return p;
+  }
+  return Error("unknown migration phase '{}'", name);
+}
+
+bool IsTerminal(MigrationPhase phase) {
+  return phase == MigrationPhase::kCompleted || phase == MigrationPhase::kFailed ||
+         phase == MigrationPhase::kCancelled;
+}
+
+const char* MigrationModeName(MigrationMode mode) {
+  return mode == MigrationMode::kPostcopy ? "postcopy" : "precopy";
+}
+
+Result<MigrationMode> ParseMigrationMode(std::string_view name) {
+  if (name == "precopy") return MigrationMode::kPrecopy;
+  if (name == "postcopy") return MigrationMode::kPostcopy;
+  return InvalidArgument("unknown migration mode '{}': use precopy or postcopy", name);
+}
+
+std::string MigrationTarget::ToString() const {
+  if (host.find(':') != std::string::npos) return fmt::format("tcp:[{}]:{}", host, port);
+  return fmt::format("tcp:{}:{}", host, port);
+}
+
+Result<MigrationTarget> ParseMigrationTarget(std::string_view uri) {
+  auto bad = [&](std::string_view why) {
+    return InvalidArgument("'{}' is not a migration target ({}): use tcp:HOST:PORT", uri, why);
+  };
+  constexpr std::string_view kScheme = "tcp:";
+  if (!uri.starts_with(kScheme)) return bad("only tcp: is supported");
+  std::string_view rest = uri.substr(kScheme.size());
+  size_t colon = rest.rfind(':');
+  if (colon == std::string_view::npos) return bad("no port");
+  std::string_view host = rest.substr(0, colon);
+  std::string_view port_text = rest.substr(colon + 1);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+    if (host.find(':') == std::string_view::npos) return bad("brackets are for IPv6 addresses");
+  } else if (host.find(':') != std::string_view::npos) {
+    return bad("write an IPv6 address in brackets, tcp:[::1]:PORT");
+  }
+  if (host.empty()) return bad("no host");
+  if (host.size() > 253 || !std::all_of(host.begin(), host.end(), IsHostChar)) {
+    return bad("bad host name");
+  }
+  uint32_t port = 0;
+  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (ec != std::errc() || end != port_text.data() + port_text.size() || port == 0 ||
+      port > 65535) {
+    return bad("the port must be 1 to 65535");
+  }
+  return MigrationTarget{std::string(host), static_cast<uint16_t>(port)};
+}
+
+void to_json(nlohmann::json& j, const MigrateRequest& request) {
+  j = nlohmann::json{{"to", request.to.ToString()},
+                     {"mode", MigrationModeName(request.mode)},
+                     {"channels", request.channels},
+                     {"downtime_ms", request.downtime_ms},
+                     {"bandwidth_bytes_per_sec", request.bandwidth_bytes_per_sec}};
+}
+
+Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
+  JsonFields f(args);
+  RETURN_IF_ERROR(f.CheckObject());
+  RETURN_IF_ERROR(
+      f.RejectUnknown({"to", "mode", "channels", "downtime_ms", "bandwidth_bytes_per_sec"}));
+  MigrateRequest r;
+  ASSIGN_OR_RETURN(std::string to, f.String("to"));
+  ASSIGN_OR_RETURN(r.to, ParseMigrationTarget(to));
+  ASSIGN_OR_RETURN(std::optional<std::string> mode, f.OptionalString("mode"));
+  if (mode) {
+    ASSIGN_OR_RETURN(r.mode, ParseMigrationMode(*mode));
+  }
+  ASSIGN_OR_RETURN(std::optional<uint64_t> channels,
+                   f.OptionalUint("channels", 1, kMaxMigrationChannels));
+  r.channels = static_cast<uint32_t>(channels.value_or(1));
+  // An hour is far beyond any sensible downtime; the bound catches unit slips.
+  ASSIGN_OR_RETURN(std::optional<uint64_t> downtime, f.OptionalUint("downtime_ms", 1, 3'600'000));
+  r.downtime_ms = downtime.value_or(kDefaultDowntimeMs);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> bandwidth, f.OptionalUint("bandwidth_bytes_per_sec"));
+  r.bandwidth_bytes_per_sec = bandwidth.value_or(0);
+  return r;
+}
+
+double MigrationStatus::Percent() const {
+  if (phase == MigrationPhase::kCompleted) return 100.0;
+  if (bytes_total == 0) return 0.0;
+  uint64_t remaining = std::min(bytes_remaining, bytes_total);
+  return 100.0 * static_cast<double>(bytes_total - remaining) / static_cast<double>(bytes_total);
+}
+
+void to_json(nlohmann::json& j, const MigrationStatus& s) {
+  j = nlohmann::json{{"phase", MigrationPhaseName(s.phase)},
+                     {"mode", MigrationModeName(s.mode)},
+                     {"to", s.to},
+                     {"pass", s.pass},
+                     {"bytes_total", s.bytes_total},
+                     {"bytes_sent", s.bytes_sent},
+                     {"bytes_remaining", s.bytes_remaining},
+                     {"pages_sent", s.pages_sent},
+                     {"dirty_rate_bytes_per_sec", s.dirty_rate_bytes_per_sec},
+                     {"bandwidth_bytes_per_sec", s.bandwidth_bytes_per_sec},
+                     {"eta_ms", OptionalToJson(s.eta_ms)},
+                     {"downtime_ms", OptionalToJson(s.downtime_ms)},
+                     {"elapsed_ms", s.elapsed_ms}};
+  if (!s.error.empty()) j["error"] = s.error;
+}
+
+Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply) {
+  // Unknown fields are allowed: a newer VMM may report more.
+  JsonFields f(reply, "field");
+  if (!reply.is_object()) return Error("a query-migrate reply must be a JSON object");
+  MigrationStatus s;
+  ASSIGN_OR_RETURN(std::string phase, f.String("phase"));
+  ASSIGN_OR_RETURN(s.phase, ParseMigrationPhase(phase));
+  ASSIGN_OR_RETURN(std::optional<std::string> mode, f.OptionalString("mode"));
+  if (mode) {
+    ASSIGN_OR_RETURN(s.mode, ParseMigrationMode(*mode));
+  }
+  ASSIGN_OR_RETURN(std::optional<std::string> to, f.OptionalString("to"));
+  s.to = to.value_or("");
+  ASSIGN_OR_RETURN(uint64_t pass, f.Uint("pass", 0, UINT32_MAX));
+  s.pass = static_cast<uint32_t>(pass);
+  ASSIGN_OR_RETURN(s.bytes_total, f.Uint("bytes_total"));
+  ASSIGN_OR_RETURN(s.bytes_sent, f.Uint("bytes_sent"));
+  ASSIGN_OR_RETURN(std::optional<uint64_t> remaining, f.OptionalUint("bytes_remaining"));
+  s.bytes_remaining = remaining.value_or(0);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> pages, f.OptionalUint("pages_sent"));
+  s.pages_sent = pages.value_or(0);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> dirty, f.OptionalUint("dirty_rate_bytes_per_sec"));
+  s.dirty_rate_bytes_per_sec = dirty.value_or(0);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> bandwidth, f.OptionalUint("bandwidth_bytes_per_sec"));
+  s.bandwidth_bytes_per_sec = bandwidth.value_or(0);
+  ASSIGN_OR_RETURN(s.eta_ms, f.OptionalUint("eta_ms"));
+  ASSIGN_OR_RETURN(s.downtime_ms, f.OptionalUint("downtime_ms"));
+  ASSIGN_OR_RETURN(std::optional<uint64_t> elapsed, f.OptionalUint("elapsed_ms"));
+  s.elapsed_ms = elapsed.value_or(0);
+  ASSIGN_OR_RETURN(std::optional<std::string> error, f.OptionalString("error"));
+  s.error = error.value_or("");
+  return s;
+}
+
+const char* VmStateName(VmState state) {
+  switch (state) {
+    case VmState::kCreated:
+      return "created";
+    case VmState::kRunning:
+      return "running";
+    case VmState::kPaused:
+      return "paused";
+    case VmState::kFinished:
+      return "finished";
+    case VmState::kFailed:
+      return "failed";
+  }
+  return "created";
+}
+
+void to_json(nlohmann::json& j, const VmStatus& s) {
+  nlohmann::json guest = nlohmann::json::array();
+  for (size_t i = 0; i < s.guest.size(); ++i) {
+    const GuestVcpuProgress& g = s.guest[i];
+    guest.push_back({{"vcpu", i},
+                     {"booted", g.booted},
+                     {"phase", g.phase},
+                     {"generation", g.generation},
+                     {"ops", g.ops},
+                     {"done", g.done}});
+  }
+  j = nlohmann::json{{"state", VmStateName(s.state)},
+                     {"vcpus", s.vcpus},
+                     {"mem_bytes", s.mem_bytes},
+                     {"backing", s.backing},
+                     {"uptime_ms", s.uptime_ms},
+                     {"guest", std::move(guest)},
+                     {"pages_verified", s.pages_verified},
+                     {"bad_pages", s.bad_pages},
+                     {"migration", MigrationPhaseName(s.migration)}};
+  if (!s.error.empty()) j["error"] = s.error;
+}
+
+}  // namespace faultline::vmm

@@ -1,0 +1,124 @@
+// The typed payloads of the control socket (docs/control.md): the arguments
+// of "migrate", the reply of "query-migrate" (MigrationStatus, which the
+// migration engine fills) and the reply of "query-status" (VmStatus).
+//
+// to_json is found by nlohmann's ADL, so `nlohmann::json j = status;` works.
+// Parsing returns a Result instead of throwing: a reply or request from the
+// socket is untrusted input.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "faultline/status.h"
+
+namespace faultline::vmm {
+
+// The life of one migration, as query-migrate reports it. none -> setup ->
+// precopy -> [postcopy] -> switchover -> completed, or failed / cancelled
+// from any non-terminal phase. (In post-copy mode the switchover, which
+// stops the source's vCPUs, comes before the postcopy phase.)
+enum class MigrationPhase {
+  kNone,  // no migration has been started
+  kSetup,
+  kPrecopy,
+  kPostcopy,
+  kSwitchover,
+  kCompleted,
+  kFailed,
+  kCancelled,
+};
+const char* MigrationPhaseName(MigrationPhase phase);  // "none", "setup", ...
+Result<MigrationPhase> ParseMigrationPhase(std::string_view name);
+// Completed, failed and cancelled: nothing will change any more.
+bool IsTerminal(MigrationPhase phase);
+// Setup through switchover.
+inline bool IsActive(MigrationPhase phase) {
+  return phase != MigrationPhase::kNone && !IsTerminal(phase);
+}
+
+enum class MigrationMode { kPrecopy, kPostcopy };
+const char* MigrationModeName(MigrationMode mode);  // "precopy", "postcopy"
+Result<MigrationMode> ParseMigrationMode(std::string_view name);
+
+// Where the destination listens: "tcp:HOST:PORT" (HOST may be "[v6addr]").
+struct MigrationTarget {
+  std::string host;
+  uint16_t port = 0;
+  std::string ToString() const;  // the tcp:HOST:PORT form
+};
+Result<MigrationTarget> ParseMigrationTarget(std::string_view uri);
+
+inline constexpr uint32_t kMaxMigrationChannels = 64;
+inline constexpr uint64_t kDefaultDowntimeMs = 300;
+
+// The arguments of "migrate".
+struct MigrateRequest {
+  MigrationTarget to;
+  MigrationMode mode = MigrationMode::kPrecopy;
+  uint32_t channels = 1;  // TCP connections, 1..kMaxMigrationChannels
+  // The longest the guest may be stopped at the switchover; pre-copy keeps
+  // iterating until the remaining dirty memory fits in it.
+  uint64_t downtime_ms = kDefaultDowntimeMs;
+  uint64_t bandwidth_bytes_per_sec = 0;  // 0: unlimited
+};
+void to_json(nlohmann::json& j, const MigrateRequest& request);
+Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args);
+
+// The reply of "query-migrate". Byte counts are of guest memory payload.
+struct MigrationStatus {
+  MigrationPhase phase = MigrationPhase::kNone;
+  MigrationMode mode = MigrationMode::kPrecopy;
+  std::string to;                // tcp:HOST:PORT, empty for phase none
+  uint32_t pass = 0;             // pre-copy pass, 1 for the first full pass; 0 before
+  uint64_t bytes_total = 0;      // guest RAM being migrated
+  uint64_t bytes_sent = 0;       // over all passes, can exceed bytes_total
+  uint64_t bytes_remaining = 0;  // not yet sent in this pass, plus known dirty
+  uint64_t pages_sent = 0;
+  uint64_t dirty_rate_bytes_per_sec = 0;
+  uint64_t bandwidth_bytes_per_sec = 0;  // measured send rate
+  std::optional<uint64_t> eta_ms;        // null while it cannot be estimated
+  // Null until measured: the time the guest was stopped at the switchover.
+  std::optional<uint64_t> downtime_ms;
+  uint64_t elapsed_ms = 0;  // since "migrate" was accepted
+  std::string error;        // why, for phase failed (and cancelled, if known)
+
+  // How far along: 100 * (total - remaining) / total, 100 when completed.
+  double Percent() const;
+};
+void to_json(nlohmann::json& j, const MigrationStatus& status);
+Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply);
+
+enum class VmState { kCreated, kRunning, kPaused, kFinished, kFailed };
+const char* VmStateName(VmState state);  // "created", "running", ...
+
+// One vCPU's workload as the test guest last reported it.
+struct GuestVcpuProgress {
+  bool booted = false;
+  std::string phase;  // "fill", "verify", ...; empty before the first report
+  uint32_t generation = 0;
+  uint64_t ops = 0;  // pages written, verified or touched in that phase
+  bool done = false;
+};
+
+// The reply of "query-status".
+struct VmStatus {
+  VmState state = VmState::kCreated;
+  uint32_t vcpus = 0;
+  uint64_t mem_bytes = 0;
+  std::string backing;  // "anon", "memfd", "hugetlb", "gmem"
+  uint64_t uptime_ms = 0;
+  std::vector<GuestVcpuProgress> guest;  // one per vCPU
+  uint64_t pages_verified = 0;
+  uint64_t bad_pages = 0;
+  MigrationPhase migration = MigrationPhase::kNone;
+  std::string error;  // for state failed
+};
+void to_json(nlohmann::json& j, const VmStatus& status);
+
+}  // namespace faultline::vmm
