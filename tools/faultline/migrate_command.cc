@@ -63,14 +63,16 @@ std::string HumanBytes(double bytes) {
   return u == 0 ? fmt::format("{:.0f} B", bytes) : fmt::format("{:.1f} {}", bytes, units[u]);
 }
 
+// Most telling first: a terminal line is cut to fit 80 columns (a wrapped
+// line cannot be rewritten in place), which costs the byte counts at most.
 std::string FormatProgress(const MigrationStatus& s) {
   std::string eta = s.eta_ms ? fmt::format("{:.1f} s", *s.eta_ms / 1000.0) : "-";
-  return fmt::format("{:<10} pass {:>2} {:5.1f}%  {} of {} sent  {}/s  dirty {}/s  ETA {}",
-                     vmm::MigrationPhaseName(s.phase), s.pass, s.Percent(),
-                     HumanBytes(static_cast<double>(s.bytes_sent)),
-                     HumanBytes(static_cast<double>(s.bytes_total)),
+  return fmt::format("{:<10} pass {:>2} {:5.1f}%  ETA {}  {}/s  dirty {}/s  {} of {} sent",
+                     vmm::MigrationPhaseName(s.phase), s.pass, s.Percent(), eta,
                      HumanBytes(static_cast<double>(s.bandwidth_bytes_per_sec)),
-                     HumanBytes(static_cast<double>(s.dirty_rate_bytes_per_sec)), eta);
+                     HumanBytes(static_cast<double>(s.dirty_rate_bytes_per_sec)),
+                     HumanBytes(static_cast<double>(s.bytes_sent)),
+                     HumanBytes(static_cast<double>(s.bytes_total)));
 }
 
 // The live progress display: one line rewritten in place on a terminal;
@@ -86,6 +88,8 @@ class Progress {
     std::string line = FormatProgress(s);
     auto now = Clock::now();
     if (tty_) {
+      constexpr size_t kColumns = 79;
+      if (line.size() > kColumns) line.resize(kColumns);
       fmt::print("\r{}\x1b[K", line);  // erase what a longer line left
       std::fflush(stdout);
       open_line_ = true;
