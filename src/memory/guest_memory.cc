@@ -204,6 +204,62 @@ Status GuestMemory::FillHole(Gpa start, uint64_t length) {
   return Update([&](const MemoryMap& m) { return m.FillHole(start, length); }).status();
 }
 
+Result<bool> GuestMemory::TryFillHoleWithoutPause(Gpa start, uint64_t length) {
+  // Only tried: a writer holding mu_ may be waiting for this very vCPU to
+  // stop (Update holds the vCPUs under mu_).
+  std::unique_lock lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
+  std::shared_ptr<const MemoryMap> current = map_.Load();
+  ASSIGN_OR_RETURN(std::shared_ptr<const MemoryMap> next, current->FillHole(start, length));
+  ASSIGN_OR_RETURN(MemslotPlan plan, planner_.Plan(slots_, next));
+  for (const MemslotChange& change : plan.changes) {
+    if (change.kind == MemslotChange::Kind::kDelete) {
+      return Error(
+          "filling hole [{:#x}, +{:#x}) without a pause would change memslot {} (the memslot "
+          "granule {:#x} must divide the hole's bounds)",
+          start.value, length, change.slot.id, planner_.granule());
+    }
+  }
+  if (tracking_) TrackBlocksLocked(*next);
+  for (size_t i = 0; i < plan.changes.size(); ++i) {
+    Status status = InstallSlot(plan.changes[i].slot, SlotFlags(plan.changes[i].slot));
+    if (!status.ok()) {
+      for (size_t j = 0; j < i; ++j) (void)DeleteSlot(plan.changes[j].slot);
+      return status.WithContext(fmt::format("filling hole [{:#x}, +{:#x})", start.value, length));
+    }
+  }
+  slots_ = std::move(plan.next);
+  // The slots exist before the map says so: an exit handler that finds the
+  // range mapped can rely on KVM having it too.
+  RETURN_IF_ERROR(map_.Update([&](const MemoryMap&) -> Result<std::shared_ptr<const MemoryMap>> {
+                        return next;
+                      })
+                      .status());
+  return true;
+}
+
+Status GuestMemory::SetMemslotGranule(uint64_t granule) {
+  if (granule != 0 && (granule < kDirtyPage || (granule & (granule - 1)) != 0)) {
+    return Error("memslot granule {:#x}: must be 0 or a power of two of at least 4 KiB", granule);
+  }
+  {
+    std::lock_guard lock(mu_);
+    planner_ = MemslotPlanner(planner_.max_slots(), granule);
+  }
+  // The same map, planned again: slots cut differently are replaced.
+  return Update([](const MemoryMap& m) -> Result<std::shared_ptr<const MemoryMap>> {
+           return m.Edit().Build();
+         })
+      .status();
+}
+
+uint64_t GuestMemory::memslot_granule() const {
+  std::lock_guard lock(mu_);
+  return planner_.granule();
+}
+
+void GuestMemory::SetAccessHook(AccessHook hook) { access_hook_ = std::move(hook); }
+
 LayoutChangeStats GuestMemory::last_change() const {
   std::lock_guard lock(mu_);
   return last_change_;
@@ -363,6 +419,7 @@ Status GuestMemory::TakeDirty(std::string_view block_name, DirtyBitmap& out) {
 }
 
 Status GuestMemory::Read(Gpa gpa, std::span<uint8_t> out) const {
+  if (access_hook_) RETURN_IF_ERROR(access_hook_(gpa, out.size()));
   std::shared_ptr<const MemoryMap> map = map_.Load();
   size_t done = 0;
   while (done < out.size()) {
@@ -377,6 +434,7 @@ Status GuestMemory::Read(Gpa gpa, std::span<uint8_t> out) const {
 }
 
 Status GuestMemory::Write(Gpa gpa, std::span<const uint8_t> data) {
+  if (access_hook_) RETURN_IF_ERROR(access_hook_(gpa, data.size()));
   std::shared_ptr<const MemoryMap> map = map_.Load();
   size_t done = 0;
   while (done < data.size()) {

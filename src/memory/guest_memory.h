@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -95,6 +96,26 @@ class GuestMemory {
   LayoutChangeStats last_change() const;
   std::vector<Memslot> memslots() const;
 
+  // Demand paging through holes (src/paging/hole_pager.h). Maps the hole
+  // [start, start + length), exactly as punched, without pausing any vCPU:
+  // allowed only when that creates memslots and changes no existing one (the
+  // memslot granule divides the hole's bounds), since KVM switches to a
+  // memslot set with one more slot atomically for running vCPUs. Safe on a
+  // vCPU thread: it never waits for vCPUs, and never blocks on a writer that
+  // may be waiting for them (mu_ is only tried). Returns false, changing
+  // nothing, if a layout change is in progress; try again later.
+  Result<bool> TryFillHoleWithoutPause(Gpa start, uint64_t length);
+  // Re-plans every memslot with a new granule (a power of two, at least
+  // 4 KiB; 0: no limit), pausing the vCPUs once. The hole pager cuts slots
+  // at its chunk size while paging and merges them back afterwards.
+  Status SetMemslotGranule(uint64_t granule);
+  uint64_t memslot_granule() const;
+
+  // Called with the range before every Read and Write below, so that a
+  // demand pager can make the pages present (or report them lost) first.
+  using AccessHook = std::function<Status(Gpa gpa, uint64_t length)>;
+  void SetAccessHook(AccessHook hook);
+
   // Dirty tracking. Start turns on logging for every slot (present and
   // future) with empty block bitmaps; writes from then on are recorded.
   Status StartDirtyTracking();
@@ -147,8 +168,9 @@ class GuestMemory {
   sys::KvmVm* const vm_;
   const GuestMemoryOptions options_;
   AtomicMemoryMap map_;
-  MemslotPlanner planner_;
+  MemslotPlanner planner_;  // guarded by mu_ (SetMemslotGranule replaces it)
   VcpuPauser* pauser_ = nullptr;
+  AccessHook access_hook_;  // set before the VM runs; read without a lock
 
   // Lock order: mu_, then map_'s writer lock (inside Update), then ring_mu_,
   // then vmm_dirty_mu_. mu_ is held across holding the vCPUs, so nothing a

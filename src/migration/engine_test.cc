@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <random>
 #include <thread>
@@ -15,6 +16,7 @@
 
 #include "src/migration/destination.h"
 #include "src/migration/fault_transport.h"
+#include "src/migration/handshake.h"
 #include "src/migration/source.h"
 #include "src/migration/test_util.h"
 
@@ -315,6 +317,59 @@ TEST(EngineTest, CancelDuringPrecopy) {
   EXPECT_THAT(r.source.error().ToString(), HasSubstr("the VM kept running here"));
   EXPECT_FALSE(r.destination.has_value());
   EXPECT_EQ(from.pauses(), 0);
+}
+
+// A source that breaks the protocol after a valid handshake: the destination
+// stops with an error naming the violation and tells the source why.
+TEST(EngineTest, HostileSourceIsRefused) {
+  const std::vector<uint8_t> page(kWirePageSize, 0x42);
+  const ConstBuffer data[] = {page};
+  struct Case {
+    std::function<Status(Session&)> send;
+    std::string error;
+  };
+  const std::vector<Case> cases = {
+      {[&](Session& s) {
+         return s.pages[0]->writer().SendPages(PagesHeader{0, 1, 0, {0}}, data);
+       },
+       "page channel 0: Pages for pass 1 while in pass 0"},
+      {[&](Session& s) {
+         return s.pages[0]->writer().SendPages(PagesHeader{0, 0, 0, {4096}}, data);
+       },
+       "Pages: page index 4096 out of range for block 'ram0' (4096 pages)"},
+      {[](Session& s) {
+         return s.pages[0]->writer().Send(PassEnd{0, 5, 0, 0});
+       },
+       "PassEnd of pass 0 counts 5 data and 0 zero pages; 0 and 0 arrived"},
+      {[](Session& s) {
+         return s.main->writer().Send(Switchover{SwitchoverMode::kStopAndCopy, 3, 0, 1, 0});
+       },
+       "Switchover: final pass 3, but 0 pre-copy passes ended"},
+      {[](Session& s) {
+         return s.main->writer().Send(VcpuStateMessage{0, {1}});
+       },
+       "VcpuState not expected on the main channel in phase Precopy"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.error);
+    FakeVm to(16 << 20, 1);
+    auto listener = TcpListener::Listen(testing::Loopback(), {});
+    ASSERT_TRUE(listener.has_value());
+    TcpConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, {});
+    MigrationDestination destination(to, {});
+    Result<DestinationStats> received = Error("not run");
+    std::thread receiver([&] { received = destination.Run(**listener); });
+    auto session = ConnectSession(connector, {{BlockInfo{"ram0", 16 << 20}}, 1, {}, 0});
+    ASSERT_TRUE(session.has_value()) << session.error().ToString();
+    ASSERT_TRUE(c.send(*session).ok());
+    auto answer = Expect<CompleteAck>(session->main->reader(), "hostile source");
+    receiver.join();
+    ASSERT_FALSE(received.has_value());
+    EXPECT_THAT(received.error().ToString(), HasSubstr(c.error));
+    ASSERT_FALSE(answer.has_value());
+    EXPECT_THAT(answer.error().ToString(), HasSubstr("peer reported error (code 1)"));
+    EXPECT_THAT(answer.error().ToString(), HasSubstr(c.error));
+  }
 }
 
 }  // namespace

@@ -113,12 +113,7 @@ void FaultController::Unregister(FaultyChannel* channel) {
 }
 
 void FaultController::Cut() {
-  std::unique_lock lock(mu_);
-  CutLocked(lock);
-}
-
-void FaultController::CutLocked(std::unique_lock<std::mutex>& lock) {
-  (void)lock;
+  std::lock_guard lock(mu_);
   cut_ = true;
   // shutdown(2) does not block, so holding mu_ here is fine; it also keeps
   // every registered channel alive until it returns.

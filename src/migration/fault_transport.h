@@ -67,7 +67,6 @@ class FaultController : public std::enable_shared_from_this<FaultController> {
   void RefundReceive(uint64_t bytes);  // a receive that consumed nothing (EAGAIN)
   void Register(FaultyChannel* channel);
   void Unregister(FaultyChannel* channel);
-  void CutLocked(std::unique_lock<std::mutex>& lock);
 
   mutable std::mutex mu_;
   std::condition_variable cut_cv_;  // signalled by Cut(); wakes sleeping senders

@@ -52,6 +52,7 @@ Result<PagingBenchRun> RunHostPagingBench(const PagingBenchConfig& c) {
   run.pages = pages;
   run.thread_pages_per_sec.resize(c.threads);
   std::atomic<uint64_t> wrong{0};
+  LatencyHistogram observed;
   std::barrier start(c.threads + 1);
   std::vector<std::jthread> workers;
   const bool zero = c.installer == InstallerKind::kZero;
@@ -81,6 +82,7 @@ Result<PagingBenchRun> RunHostPagingBench(const PagingBenchConfig& c) {
   run.pages_per_sec = static_cast<double>(pages) / run.seconds;
   run.wrong_pages = wrong.load();
   run.stats = pager->stats();
+  run.observed = observed.Summarize();
   pager->Stop();
   RETURN_IF_ERROR(pager->first_error());
   return run;

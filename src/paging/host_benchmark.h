@@ -33,7 +33,8 @@ struct PagingBenchRun {
   double seconds = 0;
   uint64_t pages = 0;        // 4 KiB pages touched
   uint64_t wrong_pages = 0;  // pages whose content was not the source's
-  PagingStats stats;
+  PagingStats stats;         // stats.latency: the pager's service time per fault
+  LatencySummary observed;   // each access as the touching thread saw it
 };
 
 // One run. The zero installer gives the floor (no source work).

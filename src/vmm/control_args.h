@@ -54,7 +54,7 @@ Status WrongState(fmt::format_string<Args...> format, Args&&... args) {
 // Reads members of one JSON object. Every accessor fails with
 // InvalidArgument naming the member: "missing argument 'to' (a string)",
 // "argument 'channels' must be an unsigned integer, got string \"four\"",
-// "argument 'channels' is 0: must be 1 to 64". `object` must outlive this
+// "argument 'channels' is 0: must be 1 to 16". `object` must outlive this
 // and may be null (no arguments), which reads as an empty object.
 class JsonFields {
  public:

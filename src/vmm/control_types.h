@@ -54,7 +54,9 @@ struct MigrationTarget {
 };
 Result<MigrationTarget> ParseMigrationTarget(std::string_view uri);
 
-inline constexpr uint32_t kMaxMigrationChannels = 64;
+// The wire protocol's bound (migration::kMaxPageChannels; control_source.cc
+// checks that they agree).
+inline constexpr uint32_t kMaxMigrationChannels = 16;
 inline constexpr uint64_t kDefaultDowntimeMs = 300;
 
 // The arguments of "migrate".

@@ -62,7 +62,7 @@ TEST(ControlTypesTest, MigrateRequestDefaultsAndErrors) {
       {json::object(), "missing argument 'to' (a string)"},
       {{{"to", 5}}, "argument 'to' must be a string, got number 5"},
       {{{"to", "tcp:h:1"}, {"mode", "sideways"}}, "unknown migration mode 'sideways'"},
-      {{{"to", "tcp:h:1"}, {"channels", 0}}, "argument 'channels' is 0: must be 1 to 64"},
+      {{{"to", "tcp:h:1"}, {"channels", 0}}, "argument 'channels' is 0: must be 1 to 16"},
       {{{"to", "tcp:h:1"}, {"channels", -2}}, "must be an unsigned integer, got number -2"},
       {{{"to", "tcp:h:1"}, {"channels", 1.5}}, "must be an unsigned integer, got number 1.5"},
       {{{"to", "tcp:h:1"}, {"downtime_ms", "fast"}}, "argument 'downtime_ms' must be"},

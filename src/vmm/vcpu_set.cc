@@ -53,6 +53,11 @@ Status VcpuSet::Start(ExitHandler handler) {
   return Status::Ok();
 }
 
+void VcpuSet::SetThreadHooks(std::function<void(uint32_t)> started, ExitHandler interrupted) {
+  started_hook_ = std::move(started);
+  interrupted_hook_ = std::move(interrupted);
+}
+
 void VcpuSet::KickAllLocked() {
   for (uint32_t i = 0; i < threads_.size(); ++i) {
     if (ended_[i]) continue;
@@ -100,6 +105,7 @@ Status VcpuSet::first_error() const {
 void VcpuSet::ThreadMain(uint32_t index) {
   sys::KvmVcpu& vcpu = vcpus_[index];
   Status error;
+  if (started_hook_) started_hook_(index);
   for (;;) {
     {
       std::unique_lock lock(mu_);
@@ -118,12 +124,21 @@ void VcpuSet::ThreadMain(uint32_t index) {
       SetImmediateExit(vcpu, 0);
     }
     Status s = vcpu.Run();
+    const bool interrupted = s.ok() ? vcpu.run()->exit_reason == KVM_EXIT_INTR : s.code() == EINTR;
+    if (interrupted && interrupted_hook_) {
+      Result<ExitAction> action = interrupted_hook_(index, vcpu);
+      if (!action.has_value()) {
+        error = action.error();
+        break;
+      }
+      if (*action == ExitAction::kFinish) break;
+    }
     if (!s.ok()) {
       if (s.code() == EINTR || s.code() == EAGAIN) continue;
       error = s;
       break;
     }
-    if (vcpu.run()->exit_reason == KVM_EXIT_INTR) continue;
+    if (interrupted) continue;
     Result<ExitAction> action = handler_(index, vcpu);
     if (!action.has_value()) {
       error = action.error();

@@ -35,6 +35,11 @@ class VcpuSet : public VcpuPauser {
 
   // Starts the threads. If Hold() was called before, they start held.
   Status Start(ExitHandler handler);
+  // Optional, before Start(), each run on the vCPU's own thread: `started`
+  // before its first KVM_RUN; `interrupted` whenever KVM_RUN returned EINTR
+  // (a kick, or a signal such as the SIGBUS KVM sends for a poisoned page),
+  // before the thread parks or runs again. kvm_run's exit_reason is stale then.
+  void SetThreadHooks(std::function<void(uint32_t index)> started, ExitHandler interrupted);
 
   // Kick-and-hold: returns once no vCPU is inside KVM_RUN and none will enter
   // it until Release(). A held vCPU has completed any pending I/O, so its
@@ -59,6 +64,8 @@ class VcpuSet : public VcpuPauser {
   std::vector<sys::KvmVcpu> vcpus_;
   std::vector<std::thread> threads_;
   ExitHandler handler_;
+  std::function<void(uint32_t)> started_hook_;  // set before Start()
+  ExitHandler interrupted_hook_;                // set before Start()
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

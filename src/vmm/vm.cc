@@ -113,6 +113,7 @@ Status Vm::Boot() {
 }
 
 Status Vm::Start() {
+  vcpus_->SetThreadHooks(hooks_.started, hooks_.interrupted);
   return vcpus_->Start(
       [this](uint32_t index, sys::KvmVcpu& vcpu) { return HandleExit(index, vcpu); });
 }
@@ -174,6 +175,10 @@ Result<ExitAction> Vm::HandleExit(uint32_t index, sys::KvmVcpu& vcpu) {
     case KVM_EXIT_SHUTDOWN:
       return VcpuError(vcpu, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)");
     case KVM_EXIT_MMIO:
+      if (hooks_.mmio) {
+        ASSIGN_OR_RETURN(std::optional<ExitAction> action, hooks_.mmio(index, vcpu));
+        if (action) return *action;
+      }
       return HandleMmio(vcpu);
     case KVM_EXIT_DIRTY_RING_FULL:
       RETURN_IF_ERROR(memory_->DrainDirtyRings());

@@ -29,6 +29,18 @@ inline constexpr uint64_t kMinMemory = 64ull << 20;
 inline constexpr uint64_t kMaxMemory = 16ull << 30;
 inline constexpr uint32_t kMaxVcpus = 8;
 
+// What demand paging (src/paging/guest_pager.h) does on vCPU threads. Set
+// with Vm::SetVcpuHooks before Start(); every member is optional.
+struct VcpuHooks {
+  // On each vCPU thread before its first KVM_RUN.
+  std::function<void(uint32_t index)> started;
+  // A KVM_EXIT_MMIO, before the VMM's own handling: an action if the hook
+  // handled it (a missing chunk brought in), nullopt otherwise.
+  std::function<Result<std::optional<ExitAction>>(uint32_t index, sys::KvmVcpu& vcpu)> mmio;
+  // KVM_RUN returned EINTR (see VcpuSet::SetThreadHooks).
+  ExitHandler interrupted;
+};
+
 struct VmConfig {
   std::string guest_path = FAULTLINE_DEFAULT_GUEST;
   uint64_t mem_size = 1ull << 30;  // a multiple of 2 MiB in [64 MiB, 16 GiB]
@@ -53,6 +65,7 @@ class Vm {
   static Result<std::unique_ptr<Vm>> Create(VmConfig config);
   ~Vm();
 
+  void SetVcpuHooks(VcpuHooks hooks) { hooks_ = std::move(hooks); }
   Status Start();
   // Waits until every vCPU has finished, at most `timeout`. An error if a
   // vCPU hit an unexpected exit (with the exit and the registers), or on
@@ -103,6 +116,7 @@ class Vm {
   std::unique_ptr<GuestMemory> memory_;
   std::shared_ptr<RamBlock> ram_;
   std::atomic<uint64_t> hole_accesses_{0};
+  VcpuHooks hooks_;  // set before Start()
   std::unique_ptr<VcpuSet> vcpus_;
   std::unique_ptr<Serial> serial_;
   std::unique_ptr<TestPort> test_port_;

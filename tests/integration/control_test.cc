@@ -328,7 +328,7 @@ TEST_F(ControlCliTest, RefusedRequestsExplainThemselves) {
     std::vector<std::string> args;
     std::string message;
   } cases[] = {
-      {{"--to", "tcp:h:1", "--channels", "0"}, "argument 'channels' is 0: must be 1 to 64"},
+      {{"--to", "tcp:h:1", "--channels", "0"}, "argument 'channels' is 0: must be 1 to 16"},
       {{"--to", "h:1"}, "--to: 'h:1' is not a migration target"},
       {{"--to", "tcp:h:1", "--mode", "sideways"}, "--mode: unknown migration mode"},
       {{"--to", "tcp:h:1", "--bandwidth", "fast"}, "--bandwidth: 'fast' is not a size"},

@@ -301,7 +301,8 @@ void AddMigrateCommand(CLI::App& app, Action& action) {
       ->required();
   cmd->add_option("--to", o->to, "Destination, tcp:HOST:PORT (with --resume: a new one)");
   cmd->add_option("--mode", o->mode, "precopy or postcopy")->capture_default_str();
-  cmd->add_option("--channels", o->channels, "TCP connections, 1..64")->capture_default_str();
+  cmd->add_option("--channels", o->channels, "Page channels (TCP connections), 1..16")
+      ->capture_default_str();
   cmd->add_option("--downtime-ms", o->downtime_ms, "Longest acceptable guest stop")
       ->capture_default_str();
   cmd->add_option("--bandwidth", o->bandwidth, "Rate limit in bytes/s, e.g. 500M, 1G/s")

@@ -1,0 +1,83 @@
+// SourceMigrationControl: the control socket's MigrationControl on top of the
+// pre-copy engine (migration::MigrationSource). Each "migrate" runs one
+// MigrationSource on a thread of its own; query-migrate turns the engine's
+// live counters into a MigrationStatus, estimating the rates and the ETA
+// from successive samples.
+//
+// Estimates, and what they rest on: bytes count 4 KiB pages handled (a zero
+// page counts, though it travels as a marker); a pass after the first has
+// the work the engine harvested at its start (SourceProgress::dirty_pages);
+// the dirty rate is that work over the previous pass's duration, as seen by
+// the polls. Nothing here is needed for correctness, only for the display.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "faultline/status.h"
+#include "src/migration/auth.h"
+#include "src/migration/migratable.h"
+#include "src/migration/source.h"
+#include "src/migration/transport.h"
+#include "src/vmm/control_migration.h"
+
+namespace faultline::vmm {
+
+class SourceMigrationControl final : public MigrationControl {
+ public:
+  struct Options {
+    migration::AuthKey key;  // empty: no authentication
+    migration::TransportOptions transport;
+    uint32_t max_precopy_passes = 30;
+    // Called on the migration's thread when it has ended, with the engine's
+    // verdict on who runs the guest (completed: the destination does, and
+    // the VM here stays paused for the VMM to retire).
+    std::function<void(migration::SourceOutcome)> on_done;
+  };
+
+  // `vm` must outlive this object.
+  SourceMigrationControl(migration::SourceVm& vm, Options options);
+  // Cancels an active migration and waits for its thread.
+  ~SourceMigrationControl() override;
+
+  Status Start(const MigrateRequest& request) override;
+  MigrationStatus Query() override;
+  Status Cancel() override;
+
+ private:
+  void RunMigration(migration::Connector* connector);
+  // The phase of an active migration from the engine's counters.
+  MigrationStatus Estimate(const migration::SourceProgress& p);
+
+  migration::SourceVm& vm_;
+  const Options options_;
+  const uint64_t bytes_total_;
+
+  std::mutex mu_;
+  // All guarded by mu_. One migration at a time; the previous one's thread
+  // is joined when the next starts, or by the destructor.
+  std::thread thread_;
+  std::unique_ptr<migration::Connector> connector_;
+  std::unique_ptr<migration::MigrationSource> source_;
+  MigrateRequest request_;
+  bool running_ = false;
+  bool cancel_requested_ = false;
+  std::optional<MigrationStatus> final_;  // once the migration has ended
+  std::chrono::steady_clock::time_point started_;
+  // Samples for the estimates.
+  std::chrono::steady_clock::time_point sample_time_;
+  uint64_t sample_pages_ = 0;
+  uint64_t send_rate_ = 0;  // bytes/s
+  uint32_t pass_seen_ = 0;
+  uint64_t pass_start_pages_ = 0;
+  std::chrono::steady_clock::time_point pass_start_time_;
+  uint64_t dirty_rate_ = 0;  // bytes/s
+};
+
+}  // namespace faultline::vmm
