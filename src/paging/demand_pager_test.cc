@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <latch>
 #include <thread>
 #include <vector>
 
@@ -182,10 +183,12 @@ TEST_P(PagingTest, ConcurrentFaultsOnOnePageFetchItOnce) {
   constexpr uint64_t kPages = 256;
   std::atomic<uint64_t> wrong{0};
   {
+    std::latch ready(4);  // all start together, so that they meet on pages
     std::vector<std::jthread> workers;
     for (uint32_t t = 0; t < 4; ++t) {
       workers.emplace_back([&, t] {
         pager_->threads().Add(::gettid(), t);
+        ready.arrive_and_wait();
         // Everyone walks the same pages (two from each end of the block).
         for (uint64_t i = 0; i < kPages; ++i) {
           const uint64_t page = i % 2 == 0 ? i : kBlockSize / kPageSize - i;
@@ -199,8 +202,10 @@ TEST_P(PagingTest, ConcurrentFaultsOnOnePageFetchItOnce) {
   PagingStats stats = pager_->stats();
   SCOPED_TRACE(stats.ToString());
   EXPECT_EQ(wrong.load(), 0u);
-  EXPECT_GT(stats.faults_joined, 0u) << "threads never met on a page";
   if (!is_zero()) {
+    // The floor has no fetch to wait on: its faults are resolved at once,
+    // so whether two ever overlap is down to scheduling.
+    EXPECT_GT(stats.faults_joined, 0u) << "threads never met on a page";
     EXPECT_EQ(slow->refetched_pages(id_), 0u);
   }
   EXPECT_TRUE(pager_->first_error().ok()) << pager_->first_error().ToString();

@@ -73,6 +73,9 @@ struct PagingStats {
   uint64_t faults = 0;           // fault messages read (each blocked access)
   uint64_t faults_joined = 0;    // faults on a unit whose fetch was already under way
   uint64_t faults_spurious = 0;  // faults on a unit already installed (woken again)
+  // Faults on units the present map marked present: always 0 unless the
+  // marking failed (these are also counted in faults_spurious).
+  uint64_t faults_on_present = 0;
   uint64_t fetches = 0;          // fetches started (fault, VMM access or push)
   uint64_t fetch_retries = 0;    // fetches repeated after kFailed
   uint64_t pushes = 0;           // fetches started by Push
@@ -117,7 +120,7 @@ class FaultMetrics {
     void Add(uint64_t n = 1) { value.fetch_add(n, std::memory_order_relaxed); }
     uint64_t Get() const { return value.load(std::memory_order_relaxed); }
   };
-  Counter faults_joined, faults_spurious, fetches, fetch_retries, pushes, vmm_fetches,
+  Counter faults_joined, faults_spurious, faults_on_present, fetches, fetch_retries, pushes, vmm_fetches,
       bytes_fetched, already_present, install_retries, poisoned, remove_events, errors;
 
   PagingStats Snapshot() const;

@@ -108,6 +108,7 @@ Result<bool> GuestPager::OnMmio(uint32_t index, sys::KvmVcpu& vcpu) {
   const Gpa gpa(run->mmio.phys_addr);
   const uint32_t len = std::min<uint32_t>(run->mmio.len, sizeof(run->mmio.data));
   for (auto& hole : holes_) {
+    if (hole->WasPresent(gpa)) hole_ctx_->metrics().faults_on_present.Add();
     const HolePager::Outcome outcome = hole->Resolve(gpa, /*vcpu_thread=*/true);
     if (outcome == HolePager::Outcome::kNotOurs) continue;
     hole_ctx_->metrics().Fault(0, ::gettid());

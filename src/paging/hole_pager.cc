@@ -54,6 +54,7 @@ Result<std::unique_ptr<HolePager>> HolePager::Create(PagerContext& ctx, GuestMem
     }
     pager->present_.SetRange(run.first * small_per_page, run.count * small_per_page);
   }
+  pager->initial_present_ = present;
   // A chunk wholly present stays mapped; so does one overlapping a hole the
   // map had already (an MMIO window: not RAM, not ours). Every other chunk
   // becomes a hole of its own, in one layout change.
@@ -166,8 +167,9 @@ void HolePager::FetchChunk(uint64_t c) {
     lost.length = chunk_;
     lost.hva = Hva(block_->host() + lost.offset);
     lost.reason = error.ToString();
-    states_.Settle(c, PageState::kPoisoned);
+    // Recorded before the waiters see the state change.
     ctx_.RecordPoison(std::move(lost));
+    states_.Settle(c, PageState::kPoisoned);
     return;
   }
   ctx_.metrics().Installed(chunk_, 0, false);

@@ -71,6 +71,12 @@ class HolePager {
   // Where guest-physical `gpa` (Contains) lives in the block.
   uint8_t* HostFor(Gpa gpa) const { return block_->host() + (gpa - base_); }
   bool Contains(Gpa gpa) const { return gpa >= base_ && gpa - base_ < chunks_ * chunk_; }
+  // Whether the page holding `gpa` was in the present map at Create (a
+  // vCPU exit on it is a fault on a present page: for a chunk only partly
+  // present, the price of mapping whole chunks).
+  bool WasPresent(Gpa gpa) const {
+    return Contains(gpa) && initial_present_.Contains((gpa - base_) / block_->page_size());
+  }
   uint64_t chunk() const { return chunk_; }
   uint64_t missing_chunks() const;
   const RamBlock& block() const { return *block_; }
@@ -98,6 +104,7 @@ class HolePager {
   // 4 KiB pages of the block already present; bits of a chunk are written
   // only by the thread fetching it, before it settles the chunk.
   DirtyBitmap present_;
+  PresentMap initial_present_;  // fixed after Create
 
   std::vector<uint8_t> ours_;  // per chunk: punched by us (fixed after Create)
   std::mutex map_mu_;

@@ -121,8 +121,9 @@ Result<InstallResult> UffdInstaller::InstallZero(const sys::Userfaultfd& uffd, u
   return InstallResult{fill, 0};
 }
 
-Result<sys::UffdFill> UffdInstaller::Poison(const sys::Userfaultfd& uffd, uint64_t offset) const {
-  return uffd.Poison(host(offset), unit());
+Result<sys::UffdFill> UffdInstaller::Poison(const sys::Userfaultfd& uffd, uint64_t offset,
+                                            sys::UffdWake wake) const {
+  return uffd.Poison(host(offset), unit(), wake);
 }
 
 Status UffdInstaller::MarkPresent(const sys::Userfaultfd& uffd, uint64_t offset, uint64_t length) {

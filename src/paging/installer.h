@@ -96,7 +96,8 @@ class UffdInstaller {
   virtual Result<InstallResult> InstallZero(const sys::Userfaultfd& uffd, uint64_t offset,
                                             bool minor);
   // One attempt to install a poisoned unit: accesses raise SIGBUS.
-  Result<sys::UffdFill> Poison(const sys::Userfaultfd& uffd, uint64_t offset) const;
+  Result<sys::UffdFill> Poison(const sys::Userfaultfd& uffd, uint64_t offset,
+                               sys::UffdWake wake = sys::UffdWake::kWake) const;
   // Makes pages already present in [offset, offset + length) accessible
   // without faults, as few ioctls as possible (continue: one range
   // UFFDIO_CONTINUE; the others: nothing, the pages are mapped already).

@@ -69,6 +69,7 @@ Status PagedBlock::MarkPresent(const PresentMap& present) {
     }
   }
   mark_present_seconds_ = std::chrono::duration<double>(Clock::now() - start).count();
+  initial_present_ = present;
   return Status::Ok();
 }
 
@@ -129,6 +130,7 @@ void PagedBlock::HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
         // page was discarded without a REMOVE event (a hole punched in the
         // file) and reads as zeros like any discarded page.
         ctx_.metrics().faults_spurious.Add();
+        if (initial_present_.Contains(unit)) ctx_.metrics().faults_on_present.Add();
         [[fallthrough]];
       case PageState::kZero:
         if (!states_.CompareExchange(unit, s, PageState::kFetching)) continue;
@@ -284,15 +286,20 @@ void PagedBlock::ZeroFill(uint64_t unit, bool minor, Reason reason, Clock::time_
 }
 
 void PagedBlock::PoisonUnit(uint64_t unit, const Status& why) {
+  // Installed without waking: whoever waits on the unit (a faulting thread,
+  // which then gets SIGBUS, or EnsurePresent) must find it recorded as
+  // poisoned when it wakes, so the wake comes last.
   uint64_t copied = 0;
   auto placed = Place(unit, &copied, [&](const sys::Userfaultfd& uffd) -> Result<InstallResult> {
-    ASSIGN_OR_RETURN(sys::UffdFill fill, installer_->Poison(uffd, OffsetOf(unit)));
+    ASSIGN_OR_RETURN(sys::UffdFill fill,
+                     installer_->Poison(uffd, OffsetOf(unit), sys::UffdWake::kDontWake));
     return InstallResult{fill, 0};
   });
   if (!placed.has_value()) {
     RecordError(placed.error().WithContext(
         fmt::format("poisoning block '{}' offset {:#x}", block_->name(), OffsetOf(unit))));
     states_.Settle(unit, PageState::kPoisoned);
+    (void)QueueFor(unit).uffd().Wake(installer_->host(OffsetOf(unit)), this->unit());
     return;
   }
   if (*placed == Placed::kDiscarded) return DropDiscarded(unit);
@@ -303,8 +310,13 @@ void PagedBlock::PoisonUnit(uint64_t unit, const Status& why) {
   poisoned.length = this->unit();
   poisoned.hva = installer_->host(poisoned.offset);
   poisoned.reason = why.ToString();
-  states_.Settle(unit, PageState::kPoisoned);
   ctx_.RecordPoison(std::move(poisoned));
+  states_.Settle(unit, PageState::kPoisoned);
+  if (Status s = QueueFor(unit).uffd().Wake(installer_->host(OffsetOf(unit)), this->unit());
+      !s.ok()) {
+    RecordError(s.WithContext(fmt::format("waking the faults on poisoned block '{}' offset {:#x}",
+                                          block_->name(), OffsetOf(unit))));
+  }
 }
 
 void PagedBlock::DropDiscarded(uint64_t unit) {
