@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "src/paging/host_benchmark.h"
 #include "src/paging/snapshot_page_source.h"
 #include "src/paging/vm_paging.h"
+#include "src/sys/mapping.h"
 #include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
@@ -84,10 +86,24 @@ Result<PagingBenchRun> RunGuestPagingBench(const PagingBenchConfig& c, uint64_t 
   config.backing = c.backing;
   config.guest_args = "workload=touch quiet=1";
   ASSIGN_OR_RETURN(std::unique_ptr<vmm::Vm> vm, vmm::Vm::Create(config));
-  ASSIGN_OR_RETURN(paging::PresentMap present, paging::PresentMap::FromResidency(*vm->ram_block()));
+  const RamBlock& block = *vm->ram_block();
+  ASSIGN_OR_RETURN(paging::PresentMap present, paging::PresentMap::FromResidency(block));
+  // The source: the present pages as they are (the image and boot
+  // structures), a non-zero pattern on every other page. It must not be
+  // read from the VM's missing pages: reading them would map them (the
+  // zero page on anonymous memory, a fresh page on shmem) and they would
+  // never fault.
+  ASSIGN_OR_RETURN(sys::Mapping data, sys::Mapping::Anonymous(c.mem, "bench paging source"));
+  std::memset(data.data(), 0xa5, c.mem);
+  const uint8_t* resident = block.alias() != nullptr ? block.alias() : block.host();
+  for (const paging::PageRun& run : present.runs()) {
+    const uint64_t at = run.first * block.page_size();
+    std::memcpy(data.data() + at, resident + at, run.count * block.page_size());
+  }
+  auto bytes = std::make_shared<sys::Mapping>(std::move(data));
   auto source = std::make_shared<paging::SnapshotPageSource>(paging::SnapshotPageSource::Options{
       .delay = c.source_delay, .delay_threads = c.source_threads});
-  ASSIGN_OR_RETURN(uint32_t id, source->AddCopy("ram0", vm->ram()));
+  const uint32_t id = source->AddMemory("ram0", {bytes->data(), c.mem}, bytes);
   paging::GuestPagingOptions options;
   options.installer = c.installer;
   options.pager.queues_per_block = c.queues_per_block != 0 ? c.queues_per_block : c.threads;
@@ -111,6 +127,11 @@ Result<PagingBenchRun> RunGuestPagingBench(const PagingBenchConfig& c, uint64_t 
   if (!done->success()) return Error("the guest failed: {}", FormatReport(*done));
   PagingBenchRun run;
   run.stats = pager->stats();
+  if (run.stats.faults == 0) {
+    return Error(
+        "no page was demand-paged: the guest's memory was present before paging started, so "
+        "this run measured nothing");
+  }
   double slowest = 0;
   for (const GuestVcpuReport& v : done->vcpus) {
     for (const GuestPhase& p : v.phases) {
