@@ -50,10 +50,11 @@ class ScopedHugePages {
     uint64_t value = 0;
     if (!(in >> value)) return;
     original_ = value;
+    have_original_ = true;
     ok_ = Write(value + extra);
   }
   ~ScopedHugePages() {
-    if (original_) Write(*original_);
+    if (have_original_) Write(original_);
   }
   bool ok() const { return ok_; }
 
@@ -65,7 +66,9 @@ class ScopedHugePages {
     out.flush();
     return out.good();
   }
-  std::optional<uint64_t> original_;
+  // Not std::optional: GCC 12 -O2 warns (maybe-uninitialized) through it.
+  uint64_t original_ = 0;
+  bool have_original_ = false;
   bool ok_ = false;
 };
 

@@ -51,21 +51,28 @@ Result<PresentMap> PresentMap::FromRuns(std::vector<PageRun> runs) {
 
 Result<PresentMap> PresentMap::FromResidency(const RamBlock& block) {
   // mincore reports per 4 KiB page; a block page is present if its first
-  // 4 KiB page is (hugetlb pages are all or nothing).
-  const uint8_t* base = block.alias() != nullptr ? block.alias() : block.host();
+  // 4 KiB page is (hugetlb pages are all or nothing). On a shmem mapping it
+  // reports the page cache; on a hugetlb mapping only that mapping's own
+  // page table entries, so a huge page written through the other mapping
+  // would look missing there: ask both mappings.
+  std::vector<const uint8_t*> bases = {block.host()};
+  if (block.alias() != nullptr) bases.push_back(block.alias());
   const uint64_t small_pages = block.size() / kPageSize;
   const uint64_t step = block.page_size() / kPageSize;
   constexpr uint64_t kChunk = 1 << 16;  // small pages per mincore call
   std::vector<unsigned char> vec(kChunk);
   DirtyBitmap present(block.pages());
-  for (uint64_t first = 0; first < small_pages; first += kChunk) {
-    const uint64_t n = std::min(kChunk, small_pages - first);
-    if (::mincore(const_cast<uint8_t*>(base) + first * kPageSize, n * kPageSize, vec.data()) != 0) {
-      const int err = errno;
-      return ErrnoError(err, "present map: mincore on block '{}'", block.name());
-    }
-    for (uint64_t i = 0; i < n; i += step) {
-      if (vec[i] & 1) present.Set((first + i) / step);
+  for (const uint8_t* base : bases) {
+    for (uint64_t first = 0; first < small_pages; first += kChunk) {
+      const uint64_t n = std::min(kChunk, small_pages - first);
+      if (::mincore(const_cast<uint8_t*>(base) + first * kPageSize, n * kPageSize, vec.data()) !=
+          0) {
+        const int err = errno;
+        return ErrnoError(err, "present map: mincore on block '{}'", block.name());
+      }
+      for (uint64_t i = 0; i < n; i += step) {
+        if (vec[i] & 1) present.Set((first + i) / step);
+      }
     }
   }
   return FromBitmap(present);

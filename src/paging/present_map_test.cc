@@ -1,4 +1,5 @@
 #include "src/paging/present_map.h"
+#include "src/paging/paging_test_util.h"
 
 #include <cstring>
 
@@ -61,6 +62,20 @@ TEST(PresentMapTest, ResidencyOfAnonymousAndMemfdBlocks) {
     ASSERT_TRUE(map.has_value()) << map.error().ToString();
     EXPECT_THAT(map->runs(), ElementsAre(PageRun{3, 2}, PageRun{40, 1})) << BackingName(backing);
   }
+}
+
+// hugetlb: mincore sees only the mapping's own entries; a huge page written
+// through either mapping is present.
+TEST(PresentMapTest, ResidencyOfHugetlbThroughEitherMapping) {
+  testing::ScopedHugePages huge(8);
+  auto block = RamBlock::Create(
+      {.name = "h", .size = 8 * kHugePageSize, .backing = Backing::kHugetlb});
+  if (!block.has_value()) GTEST_SKIP() << block.error().ToString();
+  (*block)->host()[1 * kHugePageSize + 5] = 1;
+  (*block)->alias()[6 * kHugePageSize] = 1;
+  auto map = PresentMap::FromResidency(**block);
+  ASSERT_TRUE(map.has_value()) << map.error().ToString();
+  EXPECT_THAT(map->runs(), ElementsAre(PageRun{1, 1}, PageRun{6, 1}));
 }
 
 }  // namespace
