@@ -1,5 +1,6 @@
 #include "src/paging/hole_pager.h"
 
+#include <fcntl.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -73,6 +74,14 @@ Result<std::unique_ptr<HolePager>> HolePager::Create(PagerContext& ctx, GuestMem
       pager->mapped_[c] = 0;
       holes.push_back(c);
     }
+  }
+  if (block->backing() == Backing::kHugetlb &&
+      ::fallocate(block->fd(), 0, 0, static_cast<off_t>(block->size())) != 0) {
+    // As the continue installer does: a chunk's fetch then pays for its
+    // copy only, not for allocating and clearing huge pages (reserved at
+    // mmap already; present pages keep their contents).
+    const int err = errno;
+    return ErrnoError(err, "hole paging: allocating the huge pages of block '{}'", block->name());
   }
   // Slots cut at the chunk size first, so that mapping a chunk later only
   // adds a slot (GuestMemory::TryFillHoleWithoutPause).

@@ -85,6 +85,20 @@ class ContinueInstaller final : public UffdInstaller {
   explicit ContinueInstaller(RamBlock& block) : UffdInstaller(InstallerKind::kContinue, block) {}
 
   sys::UffdMode modes() const override { return sys::UffdMode::kMissing | sys::UffdMode::kMinor; }
+  Status Prepare() override {
+    if (block_.backing() != Backing::kHugetlb) return Status::Ok();
+    // Allocates every huge page of the file now (the kernel zeroes each,
+    // 2 MiB at a time), so that a fault pays for its one copy through the
+    // alias and not also for allocating and clearing the page. hugetlb
+    // pages are reserved when the block is mapped, so this takes no memory
+    // the block did not hold already; pages present keep their contents.
+    if (::fallocate(block_.fd(), 0, 0, static_cast<off_t>(block_.size())) != 0) {
+      const int err = errno;
+      return ErrnoError(err, "continue installer: allocating the huge pages of block '{}'",
+                        block_.name());
+    }
+    return Status::Ok();
+  }
   Destination Acquire(uint64_t offset, bool) override {
     return {{block_.alias() + offset, unit()}, -1, nullptr};
   }
