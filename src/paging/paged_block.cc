@@ -298,8 +298,9 @@ void PagedBlock::PoisonUnit(uint64_t unit, const Status& why) {
   if (!placed.has_value()) {
     RecordError(placed.error().WithContext(
         fmt::format("poisoning block '{}' offset {:#x}", block_->name(), OffsetOf(unit))));
+    // Not woken: with nothing installed, a woken thread would only fault
+    // again, forever. It waits until paging stops.
     states_.Settle(unit, PageState::kPoisoned);
-    (void)QueueFor(unit).uffd().Wake(installer_->host(OffsetOf(unit)), this->unit());
     return;
   }
   if (*placed == Placed::kDiscarded) return DropDiscarded(unit);
