@@ -279,6 +279,7 @@ int RunPaging(const BenchOptions& o) {
       j["floor_pages_per_sec"] = floor.pages_per_sec;
       j["floor_p50_us"] = floor.stats.latency.p50_us;
       j["floor_p99_us"] = floor.stats.latency.p99_us;
+      j["floor_vcpu_pages_per_sec"] = floor.thread_pages_per_sec;
       j["ratio_to_floor"] = ratio;
       results.push_back(std::move(j));
     } else {
