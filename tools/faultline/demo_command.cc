@@ -213,7 +213,7 @@ int Demo(const DemoOptions& o) {
     return Fail(s);
   }
   LiveVm::End end = (*live)->Wait(Clock::now() + std::chrono::minutes(10), "faultline demo");
-  const vmm::MigrationStatus m = (*live)->migration().Query();
+  const vmm::MigrationStatus m = (*live)->migration_status();
   const std::optional<Clock::time_point> paused_at = (*live)->paused_at();
   if (end != LiveVm::End::kMigrated) receiver.Cancel();
   dest_thread.join();

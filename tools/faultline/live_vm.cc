@@ -23,9 +23,11 @@ class LiveVm::TimedSource final : public migration::SourceVm {
   Status TakeDirty(const RamBlock& block, DirtyBitmap& out) override {
     return inner_->TakeDirty(block, out);
   }
+  // Stamped before the vCPUs are kicked: the pause counts from the moment
+  // the stop was asked for, however long the kick-and-hold takes.
   void Pause() override {
-    inner_->Pause();
     paused_at_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
+    inner_->Pause();
   }
   void Resume() override { inner_->Resume(); }
   Result<std::vector<std::vector<uint8_t>>> SaveVcpus() override { return inner_->SaveVcpus(); }
@@ -171,6 +173,8 @@ LiveVm::End LiveVm::Wait(Clock::time_point deadline, const char* who) {
 }
 
 vmm::MigrationControl& LiveVm::migration() { return *control_; }
+
+vmm::MigrationStatus LiveVm::migration_status() { return engine_->Query(); }
 
 std::optional<LiveVm::Clock::time_point> LiveVm::paused_at() const { return source_->paused_at(); }
 

@@ -34,6 +34,9 @@ class LiveVm {
   ~LiveVm();
 
   vmm::MigrationControl& migration();
+  // The current or last migration, for the VMM itself (not counted as a
+  // client having seen it, see WaitForCompletionSeen).
+  vmm::MigrationStatus migration_status();
 
   enum class End {
     kGuestFinished,  // every vCPU ended here: Vm::Wait has the report

@@ -129,7 +129,7 @@ int Run(const RunOptions& o) {
   auto deadline = start + std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
   LiveVm::End end = (*live)->Wait(deadline, "faultline run");
   if (end == LiveVm::End::kMigrated || end == LiveVm::End::kUnknown) {
-    vmm::MigrationStatus m = (*live)->migration().Query();
+    vmm::MigrationStatus m = (*live)->migration_status();
     if (end == LiveVm::End::kMigrated) {
       // Let `faultline migrate` see "completed" before the socket goes.
       (*live)->WaitForCompletionSeen(std::chrono::seconds(3));
