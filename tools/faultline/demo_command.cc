@@ -177,6 +177,13 @@ int Demo(const DemoOptions& o) {
   uint64_t workload_pages = 0;
   for (const GuestVcpuReport& v : before.vcpus) workload_pages += v.pages;
 
+  if (o.idle) {
+    // An idle guest: on a real host its vCPUs would sit in HLT, using no
+    // CPU and dirtying nothing. The test guest cannot halt at CPL3 (PVM), so
+    // its vCPUs are held instead (kick-and-hold, which the engine's own
+    // pause nests in); the destination runs them.
+    (*source)->Pause();
+  }
   std::optional<double> loopback_rate;
   if (o.tcp_baseline) {
     Result<double> r = MeasureLoopback(std::min<uint64_t>(*mem, 2ull << 30));
@@ -220,6 +227,7 @@ int Demo(const DemoOptions& o) {
   const auto migrated_at = Clock::now();
   if (end != LiveVm::End::kMigrated) {
     // Wait has said why; the guest ran on here: let it verify and show that.
+    if (o.idle) (*source)->Resume();
     (*source)->SetGuestCommand(FL_CMD_STOP);
     Result<GuestReport> r = (*source)->Wait(std::chrono::minutes(5));
     if (r.has_value()) {
@@ -338,7 +346,9 @@ void AddDemoCommand(CLI::App& app, Action& action) {
       ->capture_default_str();
   cmd->add_option("--rate", o->rate_mibps, "The guest's random writes, MiB/s (0: unthrottled)")
       ->capture_default_str();
-  cmd->add_flag("--idle", o->idle, "An (almost) idle guest: 1 MiB/s of writes after its fill");
+  cmd->add_flag("--idle", o->idle,
+                "An idle guest: after its fill the source's vCPUs are held (PVM cannot halt a "
+                "vCPU at CPL3); they run again on the destination");
   cmd->add_option("--downtime-ms", o->downtime_ms, "Downtime target of the pre-copy engine")
       ->capture_default_str();
   cmd->add_option("--after", o->after_s, "Seconds the guest keeps writing on the destination")
