@@ -12,6 +12,7 @@
 #include "src/migration/destination.h"
 #include "src/migration/tcp_transport.h"
 #include "src/migration/vm_adapter.h"
+#include "src/sys/mapping.h"
 #include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
@@ -32,6 +33,7 @@ struct RunOptions {
   bool quiet = false;
   std::string control;   // serve the control socket here
   std::string incoming;  // tcp:HOST:PORT: receive the guest by migration
+  bool prealloc = false;  // with --incoming: allocate all RAM before receiving
 };
 
 using Clock = std::chrono::steady_clock;
@@ -112,6 +114,12 @@ int Run(const RunOptions& o) {
     if (!address.has_value()) return Fail(address.error().WithContext("--incoming"));
     vm = vmm::Vm::Create(config);
     if (!vm.has_value()) return Fail(vm.error());
+    if (o.prealloc) {
+      std::span<uint8_t> ram = (*vm)->ram();
+      if (Status s = sys::PopulateWrite(ram.data(), ram.size()); !s.ok()) {
+        return Fail(s.WithContext("--prealloc"));
+      }
+    }
     Result<migration::DestinationStats> stats = ReceiveGuest(**vm, *address, o, incoming_json);
     if (!stats.has_value()) return Fail(stats.error());
     start = Clock::now();  // the guest's time here starts now
@@ -211,6 +219,9 @@ void AddRunCommand(CLI::App& app, Action& action) {
   run->add_option("--incoming", options->incoming,
                   "tcp:HOST:PORT: boot nothing, wait for a migration there, then run the guest "
                   "that arrived (--mem, --vcpus and --backing must match the source)");
+  run->add_flag("--prealloc", options->prealloc,
+               "With --incoming: allocate all guest RAM before the migration starts, so that "
+               "receiving takes no page faults");
   run->footer(
       "Exit status: 0 when the guest succeeded, or when it migrated away (with --control); "
       "1 on failure; 3 when the link broke after the final state was sent (the guest stays "
