@@ -228,7 +228,9 @@ void MigrateAndVerify(const std::string& mem, const std::string& backing, int ch
   Destination dest = StartDestination(mem, backing);
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, mem, backing, 5);
+  // 8 s of random writes: time for the migration even on a busy machine
+  // under sanitizers, so that the guest is still writing when it moves.
+  std::unique_ptr<Cli> source = StartSource(control, mem, backing, 8);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
 
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
