@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The main job: build Faultline (release) and run the test guest on /dev/kvm
-# with 2 vCPUs and 1 GiB: it fills its memory, writes random pages at
-# 64 MiB/s for 3 seconds while keeping a ledger, then verifies every page
-# and reports. Extra arguments go to `faultline run` (e.g. --json).
+# The main job: build Faultline (release) and live-migrate a running guest.
+# A source VM (2 vCPUs, 2 GiB) runs the test guest, which fills its memory
+# and writes random pages at 64 MiB/s with a ledger; a destination VM waits
+# on loopback TCP; pre-copy moves the guest while it writes; the guest keeps
+# running on the destination and verifies every page there. Prints total
+# time, switchover pause, bytes sent, passes, pages verified, wrong pages.
+# Extra arguments go to `faultline demo` (--json, --backing memfd, --mem 4G,
+# --vcpus N, --channels N, --mode precopy|postcopy, --tcp-baseline, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 build=${FAULTLINE_BUILD:-build/release}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" --target faultline_cli
-exec "$build/tools/faultline" run --mem 1G --vcpus 2 --workload random,rate=64 --duration 3 "$@"
+exec "$build/tools/faultline" demo "$@"

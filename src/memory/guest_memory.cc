@@ -292,10 +292,15 @@ Status GuestMemory::StartDirtyTracking() {
     vmm_dirty_.clear();
   }
   for (const Memslot& slot : slots_.slots()) {
+    // A guest_memfd slot's flags do not change with tracking, and KVM
+    // refuses to update such a slot in place (EINVAL): leave it alone.
+    if (IsGuestMemfd(*slot.range.block)) continue;
     Status s = InstallSlot(slot, SlotFlags(slot));
     if (!s.ok()) {
       tracking_ = false;
-      for (const Memslot& undo : slots_.slots()) (void)InstallSlot(undo, SlotFlags(undo));
+      for (const Memslot& undo : slots_.slots()) {
+        if (!IsGuestMemfd(*undo.range.block)) (void)InstallSlot(undo, SlotFlags(undo));
+      }
       std::lock_guard vmm_lock(vmm_dirty_mu_);
       vmm_tracking_ = false;
       return s.WithContext("starting dirty tracking");
@@ -314,7 +319,10 @@ Status GuestMemory::StopDirtyTracking() {
     vmm_dirty_.clear();
   }
   dirty_.clear();
-  for (const Memslot& slot : slots_.slots()) RETURN_IF_ERROR(InstallSlot(slot, SlotFlags(slot)));
+  for (const Memslot& slot : slots_.slots()) {
+    if (IsGuestMemfd(*slot.range.block)) continue;  // see StartDirtyTracking
+    RETURN_IF_ERROR(InstallSlot(slot, SlotFlags(slot)));
+  }
   return Status::Ok();
 }
 

@@ -91,6 +91,7 @@ class FakeVm final : public SourceVm, public DestinationVm {
   Status TakeDirty(const RamBlock&, DirtyBitmap& out) override {
     std::lock_guard lock(mu_);
     dirty_.TakeInto(out);
+    if (no_dirty_log_) out.SetAll();  // as a guest_memfd block reports itself
     return Status::Ok();
   }
   void Pause() override {
@@ -143,6 +144,7 @@ class FakeVm final : public SourceVm, public DestinationVm {
   }
 
   bool refuse_state_ = false;
+  bool no_dirty_log_ = false;
   std::vector<std::vector<uint8_t>> loaded_;
   size_t devices_loaded_ = 0;
 
@@ -243,6 +245,40 @@ TEST(EngineTest, DirtyingGuestConvergesAndArrivesExactly) {
   EXPECT_GT(from.writes(), 0u);
   EXPECT_GE(r.source->passes.size(), 3u);  // pass 0, at least one dirty pass, final
   EXPECT_TRUE(from.SameMemory(to));        // every write before the pause arrived
+}
+
+// Without a dirty log every pass is every page: pre-copy cannot converge,
+// so the engine stops iterating after pass 0 and copies the rest stopped.
+TEST(EngineTest, BlockWithoutDirtyLogSwitchesOverAfterOnePass) {
+  FakeVm from(32 << 20, 1), to(32 << 20, 1);
+  from.Fill(5);
+  from.no_dirty_log_ = true;
+  SourceOptions options = Channels(2);
+  options.downtime_target = std::chrono::milliseconds(1);
+  Outcome r = Migrate(from, to, options);
+  ASSERT_TRUE(r.source.has_value()) << r.source.error().ToString();
+  ASSERT_TRUE(r.destination.has_value()) << r.destination.error().ToString();
+  ASSERT_EQ(r.source->passes.size(), 2u);  // pass 0, then the final pass
+  EXPECT_EQ(r.source->passes[1].data_pages + r.source->passes[1].zero_pages,
+            (32u << 20) / kWirePageSize);
+  EXPECT_TRUE(from.SameMemory(to));
+}
+
+// A guest that dirties as fast as the link sends: the dirty set stops
+// shrinking, and the engine switches over instead of running 30 passes.
+TEST(EngineTest, DirtySetThatStopsShrinkingSwitchesOver) {
+  FakeVm from(32 << 20, 1), to(32 << 20, 1);
+  from.Fill(6);
+  from.StartGuest(1000, 7);  // far more pages/ms than a 1 ms target allows
+  SourceOptions options = Channels(1);
+  options.downtime_target = std::chrono::milliseconds(1);
+  options.bandwidth_limit = 64 << 20;
+  Outcome r = Migrate(from, to, options);
+  from.StopGuest();
+  ASSERT_TRUE(r.source.has_value()) << r.source.error().ToString();
+  ASSERT_TRUE(r.destination.has_value()) << r.destination.error().ToString();
+  EXPECT_LT(r.source->passes.size(), 30u);
+  EXPECT_TRUE(from.SameMemory(to));
 }
 
 TEST(EngineTest, AuthenticatedMigration) {

@@ -32,6 +32,17 @@ Status MessageWriter::SendPages(const PagesHeader& header, std::span<const Const
   return Status::Ok();
 }
 
+namespace {
+
+// The peer closed the stream inside a message (ECONNRESET after some of its
+// bytes): say that the message was truncated, and which.
+Status InsideMessage(Status status, MessageType type) {
+  if (status.ok() || status.code() != ECONNRESET) return status;
+  return status.WithContext(fmt::format("truncated {} message", MessageTypeName(type)));
+}
+
+}  // namespace
+
 Result<Message> MessageReader::Read() {
   if (pending_pages_ > 0) {
     return Error("MessageReader::Read: the data of the previous Pages message was not consumed");
@@ -49,18 +60,18 @@ Result<Message> MessageReader::Read() {
   // DecodeFrameHeader bounded frame.length by MaxPayload(type) (at most a
   // few MiB), so this allocation is bounded too.
   payload_.resize(frame.length);
-  RETURN_IF_ERROR(channel_.Receive(payload_));
+  RETURN_IF_ERROR(InsideMessage(channel_.Receive(payload_), frame.type));
   return DecodePayload(frame.type, payload_, context_);
 }
 
 Result<Message> MessageReader::ReadPagesHeader(const FrameHeader& frame) {
   uint8_t fixed[kPagesFixedSize];
-  RETURN_IF_ERROR(channel_.Receive(fixed));
+  RETURN_IF_ERROR(InsideMessage(channel_.Receive(fixed), MessageType::kPages));
   ASSIGN_OR_RETURN(
       PagesPrefix prefix,
       DecodePagesFixed(std::span<const uint8_t, kPagesFixedSize>(fixed), frame.length, context_));
   payload_.resize(prefix.index_bytes());  // at most 4 * kMaxPagesPerBatch
-  RETURN_IF_ERROR(channel_.Receive(payload_));
+  RETURN_IF_ERROR(InsideMessage(channel_.Receive(payload_), MessageType::kPages));
   ASSIGN_OR_RETURN(PagesHeader header, DecodePagesIndices(prefix, payload_, context_));
   pending_pages_ = prefix.count;
   return header;
@@ -78,7 +89,7 @@ Status MessageReader::ReceivePageData(std::span<const MutableBuffer> destination
     }
   }
   pending_pages_ = 0;  // whatever happens next, the frame is over for this reader
-  return channel_.ReceiveScatter(destinations);
+  return InsideMessage(channel_.ReceiveScatter(destinations), MessageType::kPages);
 }
 
 Status MessageReader::DiscardPageData() {
@@ -86,7 +97,7 @@ Status MessageReader::DiscardPageData() {
   scratch_.resize(kWirePageSize);
   std::vector<MutableBuffer> sink(pending_pages_, MutableBuffer(scratch_));
   pending_pages_ = 0;
-  RETURN_IF_ERROR(channel_.ReceiveScatter(sink));
+  RETURN_IF_ERROR(InsideMessage(channel_.ReceiveScatter(sink), MessageType::kPages));
   return Status::Ok();
 }
 

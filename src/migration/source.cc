@@ -137,6 +137,10 @@ Status MigrationSource::Attempt::Precopy() {
     dirty_.emplace_back(b->size() / kWirePageSize);
     dirty_.back().SetAll();  // pass 0: everything
   }
+  uint64_t total_pages = 0;
+  for (const auto& b : blocks_) total_pages += b->size() / kWirePageSize;
+  uint64_t previous_dirty = total_pages;
+  uint32_t stalled = 0;  // passes in a row that did not shrink the dirty set
   for (uint32_t pass = 0;; ++pass) {
     o_.pass_.store(pass, std::memory_order_relaxed);
     RETURN_IF_ERROR(SendPass(pass, false));
@@ -155,6 +159,14 @@ Status MigrationSource::Attempt::Precopy() {
     if (dirty == 0 || expected_s <= target_s || pass + 1 >= o_.options_.max_precopy_passes) {
       return Status::Ok();
     }
+    // Passes that cannot converge: every page dirty again (a block without
+    // a dirty log, guest_memfd here, reports all pages each time), or the
+    // dirty set has not shrunk for two passes (the guest dirties memory as
+    // fast as it goes). More passes would only resend; stop and copy.
+    if (dirty >= total_pages) return Status::Ok();
+    stalled = pass > 0 && dirty >= previous_dirty ? stalled + 1 : 0;
+    if (stalled >= 2) return Status::Ok();
+    previous_dirty = dirty;
   }
 }
 

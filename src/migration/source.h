@@ -6,7 +6,8 @@
 //      work (16 MiB regions handed out in order); zero pages go as markers.
 //   3. When the dirty pages left would take at most the downtime target to
 //      send at the rate measured in the last pass (or after
-//      max_precopy_passes), the VM is paused: Switchover, the final pass,
+//      max_precopy_passes, or once passes stop shrinking the dirty
+//      set), the VM is paused: Switchover, the final pass,
 //      vCPU and device state, Complete.
 //   4. The destination answers CompleteAck once it has everything and has
 //      loaded the state; only then does it run the guest.
@@ -36,7 +37,7 @@ struct SourceOptions {
   uint16_t page_channels = 4;
   AuthKey key;  // empty: no authentication
   // Switch over once the remaining dirty memory could be sent in this long.
-  std::chrono::milliseconds downtime_target{300};
+  std::chrono::milliseconds downtime_target{50};
   uint32_t max_precopy_passes = 30;  // then switch over whatever is left
   uint64_t bandwidth_limit = 0;      // bytes/s of page data over all channels, 0: none
   uint32_t batch_pages = 256;        // pages per Pages message, 1..kMaxPagesPerBatch

@@ -25,4 +25,11 @@ void Mapping::Reset() {
   size_ = 0;
 }
 
+Status PopulateWrite(void* addr, size_t size) {
+  if (madvise(addr, size, MADV_POPULATE_WRITE) != 0) {
+    return ErrnoError(errno, "madvise(MADV_POPULATE_WRITE) of {} bytes at {}", size, addr);
+  }
+  return Status::Ok();
+}
+
 }  // namespace faultline::sys

@@ -53,4 +53,9 @@ class Mapping {
   size_t size_ = 0;
 };
 
+// Allocates every page of [addr, addr + size) writable now
+// (MADV_POPULATE_WRITE), so that later writes take no page fault: for memory
+// that will certainly be written soon, e.g. a migration destination's RAM.
+Status PopulateWrite(void* addr, size_t size);
+
 }  // namespace faultline::sys

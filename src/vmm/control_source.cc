@@ -51,10 +51,19 @@ SourceMigrationControl::~SourceMigrationControl() {
   if (thread_.joinable()) thread_.join();
 }
 
-Status SourceMigrationControl::Start(const MigrateRequest& request) {
-  if (request.mode == MigrationMode::kPostcopy) {
-    return NotSupported("post-copy migration is not supported by this VMM yet: use precopy");
+Status SourceMigrationControl::CheckMode(MigrationMode mode) {
+  if (mode == MigrationMode::kPostcopy) {
+    // Post-copy plugs in here (and in Start); until the engine has it, never
+    // fall back to pre-copy silently.
+    return NotSupported(
+        "post-copy is not available in this build: this VMM migrates with pre-copy only (use "
+        "mode precopy)");
   }
+  return Status::Ok();
+}
+
+Status SourceMigrationControl::Start(const MigrateRequest& request) {
+  RETURN_IF_ERROR(CheckMode(request.mode));
   // The engine dials numeric addresses only, so that DNS never decides
   // where a guest's memory goes.
   Result<migration::Address> address = migration::ParseAddress(request.to.ToString());

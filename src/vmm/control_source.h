@@ -46,6 +46,9 @@ class SourceMigrationControl final : public MigrationControl {
   // Cancels an active migration and waits for its thread.
   ~SourceMigrationControl() override;
 
+  // OK if this build can migrate in `mode`; otherwise why not (NotSupported).
+  static Status CheckMode(MigrationMode mode);
+
   Status Start(const MigrateRequest& request) override;
   MigrationStatus Query() override;
   Status Cancel() override;

@@ -57,7 +57,7 @@ Result<MigrationTarget> ParseMigrationTarget(std::string_view uri);
 // The wire protocol's bound (migration::kMaxPageChannels; control_source.cc
 // checks that they agree).
 inline constexpr uint32_t kMaxMigrationChannels = 16;
-inline constexpr uint64_t kDefaultDowntimeMs = 300;
+inline constexpr uint64_t kDefaultDowntimeMs = 50;
 
 // The arguments of "migrate".
 struct MigrateRequest {

@@ -15,5 +15,6 @@ void AddRunCommand(CLI::App& app, Action& action);
 void AddMigrateCommand(CLI::App& app, Action& action);
 void AddQueryCommand(CLI::App& app, Action& action);
 void AddBenchCommand(CLI::App& app, Action& action);
+void AddDemoCommand(CLI::App& app, Action& action);
 
 }  // namespace faultline::cli

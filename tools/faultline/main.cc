@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   faultline::cli::AddMigrateCommand(app, action);
   faultline::cli::AddQueryCommand(app, action);
   faultline::cli::AddBenchCommand(app, action);
+  faultline::cli::AddDemoCommand(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

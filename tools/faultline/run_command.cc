@@ -1,13 +1,22 @@
 // faultline run: boot the test guest, run a workload, print its report.
+// With --control PATH the VMM serves its control socket, so that `faultline
+// migrate` can move the guest away; with --incoming tcp:HOST:PORT it boots
+// nothing and waits for a migration, then runs the guest it received.
 #include <chrono>
 #include <cstdio>
+#include <optional>
 #include <string>
 
 #include <fmt/format.h>
 
+#include "src/migration/destination.h"
+#include "src/migration/tcp_transport.h"
+#include "src/migration/vm_adapter.h"
+#include "src/sys/mapping.h"
 #include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
+#include "tools/faultline/live_vm.h"
 
 namespace faultline::cli {
 namespace {
@@ -22,11 +31,61 @@ struct RunOptions {
   std::string backing = "anon";
   bool json = false;
   bool quiet = false;
+  std::string control;    // serve the control socket here
+  std::string incoming;   // tcp:HOST:PORT: receive the guest by migration
+  bool prealloc = false;  // with --incoming: allocate all RAM before receiving
 };
+
+using Clock = std::chrono::steady_clock;
+
+// Exit codes besides 0 (the guest succeeded, or left by migration) and 1.
+constexpr int kExitMigrationUnknown = 3;
 
 int Fail(const Status& status) {
   fmt::print(stderr, "faultline run: error: {}\n", status.ToString());
   return 1;
+}
+
+// --incoming: waits for one migration and receives it into `vm` (created
+// with boot = false). Says where it listens on stderr, "waiting for a
+// migration on tcp:HOST:PORT", with the port chosen when PORT is 0.
+Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::Address& address,
+                                                 const RunOptions& o, nlohmann::json& out) {
+  Result<std::unique_ptr<migration::TcpListener>> listening =
+      migration::TcpListener::Listen(address, {});
+  if (!listening.has_value()) return listening.error().WithContext("--incoming");
+  std::unique_ptr<migration::TcpListener> listener = std::move(*listening);
+  migration::Address bound = address;
+  bound.port = listener->port();
+  fmt::print(stderr, "faultline run: waiting for a migration on {}\n", bound.ToString());
+  std::fflush(stderr);
+  std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(vm);
+  migration::DestinationOptions options;
+  // The source may be told to migrate long after this starts; page channels
+  // follow the main one at once.
+  options.accept.timeout = std::chrono::milliseconds(
+      static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
+  migration::MigrationDestination destination(*target, options);
+  Result<migration::DestinationStats> stats = destination.Run(*listener);
+  if (!stats.has_value()) {
+    return Error(
+        "incoming migration on {} refused: {}. The guest was not started here; the "
+        "source keeps running it",
+        bound.ToString(), stats.error().ToString());
+  }
+  out = {{"passes", stats->passes},
+         {"data_pages", stats->data_pages},
+         {"zero_pages", stats->zero_pages},
+         {"bytes_received", stats->bytes_received},
+         {"ms", stats->total.count() / 1000.0}};
+  if (!o.quiet) {
+    fmt::print(stderr,
+               "faultline run: received the guest: {} MiB in {} passes ({} data, {} zero "
+               "pages) in {:.0f} ms; running it\n",
+               stats->bytes_received >> 20, stats->passes, stats->data_pages, stats->zero_pages,
+               stats->total.count() / 1000.0);
+  }
+  return stats;
 }
 
 int Run(const RunOptions& o) {
@@ -46,28 +105,83 @@ int Run(const RunOptions& o) {
     config.serial = [](const std::string& line) { fmt::print(stderr, "guest| {}\n", line); };
   }
 
-  auto start = std::chrono::steady_clock::now();
-  Result<std::unique_ptr<vmm::Vm>> vm = vmm::Vm::Create(config);
-  if (!vm.has_value()) return Fail(vm.error());
+  auto start = Clock::now();
+  Result<std::unique_ptr<vmm::Vm>> vm = Error("not created");
+  nlohmann::json incoming_json;
+  if (!o.incoming.empty()) {
+    // The guest, its command line included, arrives with its memory.
+    config.boot = false;
+    Result<migration::Address> address = migration::ParseAddress(o.incoming);
+    if (!address.has_value()) return Fail(address.error().WithContext("--incoming"));
+    vm = vmm::Vm::Create(config);
+    if (!vm.has_value()) return Fail(vm.error());
+    if (o.prealloc) {
+      std::span<uint8_t> ram = (*vm)->ram();
+      if (Status s = sys::PopulateWrite(ram.data(), ram.size()); !s.ok()) {
+        return Fail(s.WithContext("--prealloc"));
+      }
+    }
+    Result<migration::DestinationStats> stats = ReceiveGuest(**vm, *address, o, incoming_json);
+    if (!stats.has_value()) return Fail(stats.error());
+    start = Clock::now();  // the guest's time here starts now
+  } else {
+    vm = vmm::Vm::Create(config);
+    if (!vm.has_value()) return Fail(vm.error());
+  }
   if (Status s = (*vm)->Start(); !s.ok()) return Fail(s);
+
+  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(**vm, o.control);
+  if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
   double timeout = o.timeout_s > 0 ? o.timeout_s : 300 + o.duration_s * 2;
+  auto deadline = start + std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
+  LiveVm::End end = (*live)->Wait(deadline, "faultline run");
+  if (end == LiveVm::End::kMigrated || end == LiveVm::End::kUnknown) {
+    vmm::MigrationStatus m = (*live)->migration_status();
+    if (end == LiveVm::End::kMigrated) {
+      // Let `faultline migrate` see "completed" before the socket goes.
+      (*live)->WaitForCompletionSeen(std::chrono::seconds(3));
+    }
+    const GuestReport report = (*vm)->report();
+    (*vm)->Stop();
+    if (end == LiveVm::End::kUnknown) return kExitMigrationUnknown;
+    uint64_t workload_pages = 0;
+    for (const GuestVcpuReport& v : report.vcpus) workload_pages += v.pages;
+    if (o.json) {
+      nlohmann::json j = {
+          {"migrated_to", m.to},
+          {"migration", m},
+          {"workload_pages", workload_pages},
+          {"elapsed_ms", std::chrono::duration<double, std::milli>(Clock::now() - start).count()}};
+      fmt::print("{}\n", j.dump());
+    } else {
+      std::string downtime = m.downtime_ms ? fmt::format(", downtime {} ms", *m.downtime_ms) : "";
+      fmt::print(
+          "the guest migrated to {} ({} MiB in {} passes{}); it runs there now, this VMM is "
+          "done\n",
+          m.to, m.bytes_sent >> 20, m.pass, downtime);
+    }
+    return 0;
+  }
+  // Finished here (or timed out: Wait stops the VM and says so).
   Result<GuestReport> report =
-      (*vm)->Wait(std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000)));
+      (*vm)->Wait(std::chrono::milliseconds(end == LiveVm::End::kTimeout ? 0 : 60'000));
+  live->reset();
   if (!report.has_value()) return Fail(report.error());
-  double elapsed_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  double elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   if (o.json) {
     nlohmann::json j = ReportToJson(*report);
     j["elapsed_ms"] = elapsed_ms;
     j["mem_bytes"] = config.mem_size;
     j["backing"] = BackingName(config.backing);
+    if (!incoming_json.is_null()) j["incoming"] = incoming_json;
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("{}", FormatReport(*report));
-    fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing)\n", elapsed_ms,
-               config.mem_size >> 20, config.vcpus, BackingName(config.backing));
+    fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing{})\n", elapsed_ms,
+               config.mem_size >> 20, config.vcpus, BackingName(config.backing),
+               o.incoming.empty() ? "" : ", received by migration");
   }
   if (report->success()) return 0;
   for (size_t i = 0; i < report->vcpus.size(); ++i) {
@@ -99,6 +213,19 @@ void AddRunCommand(CLI::App& app, Action& action) {
   run->add_option("--timeout", options->timeout_s, "Give up after this many seconds");
   run->add_flag("--json", options->json, "Print one JSON object on stdout");
   run->add_flag("--quiet", options->quiet, "Do not echo the guest console");
+  run->add_option("--control", options->control,
+                  "Serve the control socket (query-status, migrate, query-migrate, "
+                  "migrate-cancel) at this path; see `faultline migrate`");
+  run->add_option("--incoming", options->incoming,
+                  "tcp:HOST:PORT: boot nothing, wait for a migration there, then run the guest "
+                  "that arrived (--mem, --vcpus and --backing must match the source)");
+  run->add_flag("--prealloc", options->prealloc,
+                "With --incoming: allocate all guest RAM before the migration starts, so that "
+                "receiving takes no page faults");
+  run->footer(
+      "Exit status: 0 when the guest succeeded, or when it migrated away (with --control); "
+      "1 on failure; 3 when the link broke after the final state was sent (the guest stays "
+      "paused: the destination may be running it).");
   run->callback([options, &action] { action = [options] { return Run(*options); }; });
 }
 

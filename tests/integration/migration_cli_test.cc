@@ -1,0 +1,561 @@
+// Live migration as an operator runs it: real processes, real KVM, loopback
+// TCP. A source `faultline run --control SOCK` runs the test guest writing
+// random pages with its ledger; a destination `faultline run --incoming
+// tcp:127.0.0.1:0` waits; `faultline migrate` moves the guest; the
+// destination runs it to the end of its workload and verifies every page.
+// Also: every backing, cancel mid-migration, and a destination fed bad
+// input (through a tampering proxy, or a block list that does not match)
+// refusing it while the source's guest goes on.
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <list>
+#include <mutex>
+#include <optional>
+#include <ostream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+extern char** environ;
+
+namespace faultline {
+namespace {
+
+using ::testing::HasSubstr;
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// A faultline process in the background, its stdout and stderr in files.
+class Cli {
+ public:
+  explicit Cli(std::vector<std::string> args) {
+    static std::atomic<int> counter{0};
+    std::string base = fmt::format("{}mig_cli_{}_{}", testing::TempDir(), getpid(), counter++);
+    out_path_ = base + ".out";
+    err_path_ = base + ".err";
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, out_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_addopen(&actions, 2, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    args.insert(args.begin(), FAULTLINE_CLI_PATH);
+    command_ = fmt::format("{}", fmt::join(args, " "));
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, FAULTLINE_CLI_PATH, &actions, nullptr, argv.data(), environ) != 0) {
+      pid_ = -1;
+    }
+    posix_spawn_file_actions_destroy(&actions);
+  }
+  ~Cli() {
+    if (pid_ > 0 && !exit_code_) {
+      kill(pid_, SIGKILL);
+      int status;
+      waitpid(pid_, &status, 0);
+    }
+  }
+
+  // The exit code, or -1 if still running after `timeout` (then killed).
+  int Wait(std::chrono::seconds timeout = 120s) {
+    if (exit_code_) return *exit_code_;
+    if (pid_ <= 0) return -1;
+    auto deadline = Clock::now() + timeout;
+    int status = 0;
+    while (waitpid(pid_, &status, WNOHANG) == 0) {
+      if (Clock::now() > deadline) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, &status, 0);
+        exit_code_ = -1;
+        return -1;
+      }
+      std::this_thread::sleep_for(20ms);
+    }
+    exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return *exit_code_;
+  }
+  bool Running() {
+    if (exit_code_) return false;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == 0) return true;
+    exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return false;
+  }
+  // Waits until stderr contains `text`; the line that has it.
+  std::optional<std::string> AwaitStderr(const std::string& text, std::chrono::seconds timeout) {
+    auto deadline = Clock::now() + timeout;
+    for (;;) {
+      std::string err = Slurp(err_path_);
+      size_t at = err.find(text);
+      if (at != std::string::npos) {
+        size_t begin = err.rfind('\n', at);
+        begin = begin == std::string::npos ? 0 : begin + 1;
+        size_t end = err.find('\n', at);
+        if (end != std::string::npos) return err.substr(begin, end - begin);
+      }
+      if (!Running() || Clock::now() > deadline) return std::nullopt;
+      std::this_thread::sleep_for(20ms);
+    }
+  }
+  std::string out() const { return Slurp(out_path_); }
+  std::string err() const { return Slurp(err_path_); }
+  nlohmann::json Json() const {
+    std::string text = out();
+    // The last line: the report.
+    while (!text.empty() && text.back() == '\n') text.pop_back();
+    size_t nl = text.rfind('\n');
+    return nlohmann::json::parse(nl == std::string::npos ? text : text.substr(nl + 1), nullptr,
+                                 false);
+  }
+  std::string Describe() const {
+    return fmt::format("$ {}\n--- stdout\n{}\n--- stderr\n{}", command_, out(), err());
+  }
+
+ private:
+  pid_t pid_ = -1;
+  std::optional<int> exit_code_;
+  std::string out_path_, err_path_, command_;
+};
+
+// A destination waiting for a migration; its port once it listens.
+struct Destination {
+  std::unique_ptr<Cli> cli;
+  uint16_t port = 0;
+};
+
+Destination StartDestination(const std::string& mem, const std::string& backing) {
+  Destination d;
+  d.cli = std::make_unique<Cli>(
+      std::vector<std::string>{"run", "--incoming", "tcp:127.0.0.1:0", "--mem", mem, "--vcpus", "2",
+                               "--backing", backing, "--json", "--quiet", "--timeout", "120"});
+  std::optional<std::string> line = d.cli->AwaitStderr("waiting for a migration on", 60s);
+  if (line) d.port = static_cast<uint16_t>(std::stoul(line->substr(line->rfind(':') + 1)));
+  return d;
+}
+
+std::string ControlPath() {
+  static std::atomic<int> counter{0};
+  return fmt::format("{}mig_ctl_{}_{}.sock", testing::TempDir(), getpid(), counter++);
+}
+
+// The source: the guest fills its memory, then writes random pages at
+// 64 MiB/s for `seconds`, then verifies every page, wherever it runs then.
+std::unique_ptr<Cli> StartSource(const std::string& control, const std::string& mem,
+                                 const std::string& backing, int seconds) {
+  return std::make_unique<Cli>(
+      std::vector<std::string>{"run", "--control", control, "--mem", mem, "--vcpus", "2",
+                               "--backing", backing, "--workload", "random,rate=64", "--duration",
+                               std::to_string(seconds), "--json", "--quiet", "--timeout", "120"});
+}
+
+// One control command through `faultline query`.
+std::optional<nlohmann::json> Query(const std::string& control, const std::string& command) {
+  Cli q({"query", "--control", control, command});
+  if (q.Wait(30s) != 0) return std::nullopt;
+  nlohmann::json j = q.Json();
+  if (j.is_discarded()) return std::nullopt;
+  return j;
+}
+
+// Waits until every vCPU of the source's guest has filled its memory and
+// writes random pages (query-status), so that the migration meets a guest
+// that dirties memory.
+testing::AssertionResult AwaitRandomWrites(const std::string& control, Cli& source) {
+  auto deadline = Clock::now() + 60s;
+  while (Clock::now() < deadline) {
+    if (!source.Running()) return testing::AssertionFailure() << source.Describe();
+    std::optional<nlohmann::json> s = Query(control, "query-status");
+    // The guest reports a phase when it ends: fill ended, random under way.
+    if (s && (*s)["guest"].size() == 2 && (*s)["guest"][0]["phase"] == "fill" &&
+        (*s)["guest"][1]["phase"] == "fill" && !(*s)["guest"][0]["done"].get<bool>() &&
+        !(*s)["guest"][1]["done"].get<bool>()) {
+      return testing::AssertionSuccess();
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  return testing::AssertionFailure() << "the guest never got to its random writes\n"
+                                     << source.Describe();
+}
+
+// The source guest ran its workload to the end here and verified all of it.
+void ExpectVerifiedHere(Cli& source) {
+  ASSERT_EQ(source.Wait(), 0) << source.Describe();
+  nlohmann::json j = source.Json();
+  ASSERT_FALSE(j.is_discarded()) << source.Describe();
+  ASSERT_FALSE(j.contains("migrated_to")) << source.Describe();
+  EXPECT_TRUE(j["success"].get<bool>()) << source.Describe();
+  EXPECT_EQ(j["bad_pages"].get<uint64_t>(), 0u);
+  EXPECT_GT(j["pages_verified"].get<uint64_t>(), 0u);
+  for (const auto& v : j["vcpus"]) {
+    EXPECT_EQ(v["pages_verified"].get<uint64_t>(), v["pages"].get<uint64_t>()) << j.dump();
+  }
+}
+
+struct MigrationRun {
+  nlohmann::json migrate, source, destination;
+};
+
+// Source and destination processes of `mem`, a migration between them over
+// `channels` page channels; expects it to complete and the guest to verify
+// every page it wrote on the destination.
+void MigrateAndVerify(const std::string& mem, const std::string& backing, int channels,
+                      MigrationRun* out) {
+  Destination dest = StartDestination(mem, backing);
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  const std::string control = ControlPath();
+  // 8 s of random writes: time for the migration even on a busy machine
+  // under sanitizers, so that the guest is still writing when it moves.
+  std::unique_ptr<Cli> source = StartSource(control, mem, backing, 8);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--channels", std::to_string(channels), "--json"});
+  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n"
+                               << source->Describe() << "\n"
+                               << dest.cli->Describe();
+  out->migrate = migrate.Json();
+  EXPECT_EQ(out->migrate["result"], "completed");
+
+  // The source process ends at once, saying where the guest went.
+  ASSERT_EQ(source->Wait(), 0) << source->Describe();
+  out->source = source->Json();
+  ASSERT_FALSE(out->source.is_discarded()) << source->Describe();
+  EXPECT_EQ(out->source["migrated_to"], fmt::format("tcp:127.0.0.1:{}", dest.port));
+  const uint64_t written = out->source["workload_pages"].get<uint64_t>();
+  EXPECT_GT(written, 0u);
+
+  // The destination runs the rest of the workload, then verifies all of it.
+  ASSERT_EQ(dest.cli->Wait(), 0) << dest.cli->Describe();
+  out->destination = dest.cli->Json();
+  ASSERT_FALSE(out->destination.is_discarded()) << dest.cli->Describe();
+  const nlohmann::json& d = out->destination;
+  EXPECT_TRUE(d["success"].get<bool>()) << d.dump();
+  EXPECT_EQ(d["bad_pages"].get<uint64_t>(), 0u) << d.dump();
+  EXPECT_EQ(d["pages_verified"].get<uint64_t>(), written) << d.dump();
+  EXPECT_GE(d["incoming"]["passes"].get<uint32_t>(), 2u) << d.dump();
+  for (const auto& v : d["vcpus"]) {
+    // The random phase went on here before the final verify.
+    bool random_here = false;
+    for (const auto& p : v["phases"]) random_here |= p["phase"] == "random";
+    EXPECT_TRUE(random_here) << d.dump();
+  }
+}
+
+// Pre-copy of a guest writing random pages at 64 MiB/s, five times over.
+class RepeatedMigrationTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(RepeatedMigrationTest, RandomWritesAt64MiBpsVerifyOnTheDestination) {
+  MigrationRun run;
+  MigrateAndVerify("384M", "anon", 2, &run);
+  if (!HasFailure()) {
+    fmt::print("repetition {}: {} passes, downtime {} ms, {} pages verified\n", GetParam(),
+               run.destination["incoming"]["passes"].dump(),
+               run.migrate["migration"]["downtime_ms"].dump(),
+               run.destination["pages_verified"].dump());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(FiveTimes, RepeatedMigrationTest, ::testing::Range(0, 5));
+
+// Reserves 2 MiB huge pages for the test and gives them back afterwards.
+class HugePages {
+ public:
+  explicit HugePages(uint64_t extra) : before_(Read()) { Write(before_ + extra); }
+  ~HugePages() { Write(before_); }
+
+ private:
+  static uint64_t Read() {
+    std::ifstream in("/proc/sys/vm/nr_hugepages");
+    uint64_t n = 0;
+    in >> n;
+    return n;
+  }
+  static void Write(uint64_t n) { std::ofstream("/proc/sys/vm/nr_hugepages") << n; }
+  uint64_t before_;
+};
+
+class BackingMigrationTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(BackingMigrationTest, Migrates) {
+  // Source and destination: 2 x 256 MiB of 2 MiB pages.
+  std::optional<HugePages> huge;
+  if (GetParam() == "hugetlb") huge.emplace(256);
+  MigrationRun run;
+  MigrateAndVerify("256M", GetParam(), 2, &run);
+  if (GetParam() == "gmem" && !HasFailure()) {
+    // No dirty log for guest_memfd: every pass is every page, so pre-copy
+    // stops iterating and copies what is left with the guest stopped.
+    EXPECT_LE(run.destination["incoming"]["passes"].get<uint32_t>(), 3u);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(FourBackings, BackingMigrationTest,
+                         ::testing::Values("anon", "memfd", "hugetlb", "gmem"),
+                         [](const auto& info) { return info.param; });
+
+TEST(MigrationCliTest, CancelLeavesTheGuestRunningOnTheSource) {
+  Destination dest = StartDestination("256M", "anon");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 4);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  // Slow enough to be cancelled in the middle of the first pass.
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--bandwidth", "16M", "--json"});
+  auto deadline = Clock::now() + 30s;
+  for (;;) {
+    std::optional<nlohmann::json> m = Query(control, "query-migrate");
+    ASSERT_TRUE(m.has_value());
+    if ((*m)["phase"] == "precopy" && (*m)["bytes_sent"].get<uint64_t>() > (8u << 20)) break;
+    ASSERT_LT(Clock::now(), deadline) << m->dump();
+    std::this_thread::sleep_for(50ms);
+  }
+  Cli cancel({"migrate", "--control", control, "--cancel", "--json"});
+  ASSERT_EQ(cancel.Wait(), 0) << cancel.Describe();
+  EXPECT_EQ(cancel.Json()["result"], "cancelled") << cancel.Describe();
+  EXPECT_EQ(migrate.Wait(), 1) << migrate.Describe();
+  EXPECT_EQ(migrate.Json()["result"], "cancelled") << migrate.Describe();
+
+  // The destination gives up without running anything.
+  EXPECT_EQ(dest.cli->Wait(), 1) << dest.cli->Describe();
+  EXPECT_THAT(dest.cli->err(), HasSubstr("The guest was not started here"));
+  ExpectVerifiedHere(*source);
+  EXPECT_THAT(source->err(), HasSubstr("the guest keeps running here"));
+}
+
+// A TCP proxy between source and destination that rewrites the source's
+// frames (16-byte headers, length at offset 4; docs/protocol.md §2): a
+// deliberately malicious peer for the destination.
+class TamperingProxy {
+ public:
+  enum class Action { kForward, kTruncate };
+  // Sees each frame the source sends (its type and payload, any channel;
+  // called on several channels' threads at once) and may change it, or ask
+  // for it to be cut short and the link closed.
+  using Tamper = std::function<Action(uint8_t type, std::vector<uint8_t>& payload)>;
+
+  TamperingProxy(uint16_t destination_port, Tamper tamper)
+      : destination_port_(destination_port), tamper_(std::move(tamper)) {
+    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a = Loopback(0);
+    bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    listen(listen_fd_, 32);
+    socklen_t len = sizeof a;
+    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    accept_thread_ = std::thread([this] { AcceptLoop(); });
+  }
+  ~TamperingProxy() {
+    stopping_ = true;
+    shutdown(listen_fd_, SHUT_RDWR);
+    accept_thread_.join();
+    {
+      std::lock_guard lock(mu_);
+      for (int fd : fds_) shutdown(fd, SHUT_RDWR);
+    }
+    for (std::thread& t : threads_) t.join();
+    std::lock_guard lock(mu_);
+    for (int fd : fds_) close(fd);
+    close(listen_fd_);
+  }
+  uint16_t port() const { return port_; }
+
+ private:
+  static sockaddr_in Loopback(uint16_t port) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return a;
+  }
+  static bool ReadAll(int fd, uint8_t* p, size_t n) {
+    while (n > 0) {
+      ssize_t r = read(fd, p, n);
+      if (r <= 0) return false;
+      p += r;
+      n -= static_cast<size_t>(r);
+    }
+    return true;
+  }
+  static bool WriteAll(int fd, const uint8_t* p, size_t n) {
+    while (n > 0) {
+      ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
+      if (r <= 0) return false;
+      p += r;
+      n -= static_cast<size_t>(r);
+    }
+    return true;
+  }
+
+  void AcceptLoop() {
+    for (;;) {
+      int from = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (from < 0 || stopping_) {
+        if (from >= 0) close(from);
+        return;
+      }
+      int to = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_in a = Loopback(destination_port_);
+      if (connect(to, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+        close(from);
+        close(to);
+        continue;
+      }
+      std::lock_guard lock(mu_);
+      fds_.push_back(from);
+      fds_.push_back(to);
+      threads_.emplace_back([this, from, to] { SourceToDestination(from, to); });
+      threads_.emplace_back([from, to] {
+        std::vector<uint8_t> buffer(64 << 10);
+        for (;;) {
+          ssize_t n = read(to, buffer.data(), buffer.size());
+          if (n <= 0 || !WriteAll(from, buffer.data(), static_cast<size_t>(n))) break;
+        }
+        shutdown(from, SHUT_RDWR);
+        shutdown(to, SHUT_RDWR);
+      });
+    }
+  }
+
+  void SourceToDestination(int from, int to) {
+    std::vector<uint8_t> payload;
+    for (;;) {
+      uint8_t header[16];
+      if (!ReadAll(from, header, sizeof header)) break;
+      uint32_t length;
+      std::memcpy(&length, header + 4, 4);  // little-endian, as is this host
+      if (length > (4u << 20)) break;
+      payload.resize(length);
+      if (!ReadAll(from, payload.data(), length)) break;
+      const Action action = tamper_(header[2], payload);
+      if (action == Action::kTruncate) {
+        WriteAll(to, header, sizeof header);
+        WriteAll(to, payload.data(), payload.size() / 2);
+        break;
+      }
+      if (!WriteAll(to, header, sizeof header) || !WriteAll(to, payload.data(), payload.size())) {
+        break;
+      }
+    }
+    shutdown(from, SHUT_RDWR);
+    shutdown(to, SHUT_RDWR);
+  }
+
+ private:
+  const uint16_t destination_port_;
+  const Tamper tamper_;
+  int listen_fd_ = -1;
+  uint16_t port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::thread accept_thread_;
+  std::mutex mu_;
+  std::vector<int> fds_;
+  std::list<std::thread> threads_;
+};
+
+constexpr uint8_t kHello = 1;
+constexpr uint8_t kPages = 6;
+
+void PutU16(std::vector<uint8_t>& p, size_t at, uint16_t v) { std::memcpy(&p[at], &v, 2); }
+void PutU32(std::vector<uint8_t>& p, size_t at, uint32_t v) { std::memcpy(&p[at], &v, 4); }
+uint32_t GetU32(const std::vector<uint8_t>& p, size_t at) {
+  uint32_t v;
+  std::memcpy(&v, &p[at], 4);
+  return v;
+}
+
+struct BadInput {
+  std::string name;
+  std::string dest_mem = "256M";  // the source has 256M
+  TamperingProxy::Tamper tamper;  // null: connect directly
+  std::string expected;           // in the destination's error
+};
+
+// For gtest's messages and ctest's names: the case, not its bytes.
+void PrintTo(const BadInput& bad, std::ostream* os) { *os << bad.name; }
+
+class BadDestinationInputTest : public ::testing::TestWithParam<BadInput> {};
+
+TEST_P(BadDestinationInputTest, RefusedWhileTheSourceGoesOn) {
+  const BadInput& bad = GetParam();
+  Destination dest = StartDestination(bad.dest_mem, "anon");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  std::optional<TamperingProxy> proxy;
+  if (bad.tamper) proxy.emplace(dest.port, bad.tamper);
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 3);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  const uint16_t port = proxy ? proxy->port() : dest.port;
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", port),
+               "--channels", "2", "--json"});
+  EXPECT_EQ(migrate.Wait(), 1) << migrate.Describe();
+  EXPECT_EQ(migrate.Json()["result"], "failed") << migrate.Describe();
+
+  // The destination says what was wrong and runs nothing.
+  EXPECT_EQ(dest.cli->Wait(), 1) << dest.cli->Describe();
+  EXPECT_THAT(dest.cli->err(), HasSubstr(bad.expected)) << dest.cli->Describe();
+  EXPECT_THAT(dest.cli->err(), HasSubstr("The guest was not started here"));
+  // The source's guest never stopped and finishes correctly.
+  ExpectVerifiedHere(*source);
+  std::optional<std::string> said = dest.cli->AwaitStderr("error:", 1s);
+  fmt::print("{}: {}\n", bad.name, said.value_or("?"));
+}
+
+INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
+                         ::testing::Values(BadInput{"BadVersion", "256M",
+                                                    [](uint8_t type, std::vector<uint8_t>& p) {
+                                                      if (type == kHello) {
+                                                        PutU16(p, 8, 7);  // min_version
+                                                        PutU16(p, 10, 9);
+                                                      }
+                                                      return TamperingProxy::Action::kForward;
+                                                    },
+                                                    "version"},
+                                           BadInput{"PageIndexOutOfRange", "256M",
+                                                    [](uint8_t type, std::vector<uint8_t>& p) {
+                                                      if (type == kPages) {
+                                                        uint32_t count = GetU32(p, 4);
+                                                        PutU32(p, 16 + 4 * (count - 1),
+                                                               0xFFFFFFF0u);  // still increasing
+                                                      }
+                                                      return TamperingProxy::Action::kForward;
+                                                    },
+                                                    "out of range"},
+                                           BadInput{"TruncatedMessage", "256M",
+                                                    [](uint8_t type, std::vector<uint8_t>&) {
+                                                      return type == kPages
+                                                                 ? TamperingProxy::Action::kTruncate
+                                                                 : TamperingProxy::Action::kForward;
+                                                    },
+                                                    "truncated"},
+                                           BadInput{"BlockListMismatch", "512M", nullptr, "block"}),
+                         [](const auto& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace faultline

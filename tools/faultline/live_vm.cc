@@ -1,0 +1,189 @@
+#include "tools/faultline/live_vm.h"
+
+#include <cstdio>
+#include <thread>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "src/migration/vm_adapter.h"
+#include "src/vmm/control_migration.h"
+
+namespace faultline::cli {
+
+// The vm_adapter's SourceVm, noting when the engine pauses the VM: the
+// start of the switchover pause the demo reports.
+class LiveVm::TimedSource final : public migration::SourceVm {
+ public:
+  explicit TimedSource(vmm::Vm& vm) : inner_(migration::MakeSourceVm(vm)) {}
+
+  std::vector<std::shared_ptr<RamBlock>> blocks() override { return inner_->blocks(); }
+  Status StartDirtyTracking() override { return inner_->StartDirtyTracking(); }
+  Status StopDirtyTracking() override { return inner_->StopDirtyTracking(); }
+  Status TakeDirty(const RamBlock& block, DirtyBitmap& out) override {
+    return inner_->TakeDirty(block, out);
+  }
+  // Stamped before the vCPUs are kicked: the pause counts from the moment
+  // the stop was asked for, however long the kick-and-hold takes.
+  void Pause() override {
+    paused_at_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
+    inner_->Pause();
+  }
+  void Resume() override { inner_->Resume(); }
+  Result<std::vector<std::vector<uint8_t>>> SaveVcpus() override { return inner_->SaveVcpus(); }
+  uint32_t vcpu_count() const override { return inner_->vcpu_count(); }
+  Result<std::vector<migration::DeviceBlob>> SaveDevices() override {
+    return inner_->SaveDevices();
+  }
+
+  std::optional<Clock::time_point> paused_at() const {
+    auto ticks = paused_at_.load(std::memory_order_acquire);
+    if (ticks == 0) return std::nullopt;
+    return Clock::time_point(Clock::duration(ticks));
+  }
+
+ private:
+  std::unique_ptr<migration::SourceVm> inner_;
+  std::atomic<Clock::rep> paused_at_{0};
+};
+
+// Forwards to the engine; remembers whether a client has been told that the
+// migration ended, so that the VMM does not vanish before `faultline
+// migrate` has seen "completed".
+class LiveVm::SeenControl final : public vmm::MigrationControl {
+ public:
+  explicit SeenControl(std::shared_ptr<vmm::MigrationControl> inner) : inner_(std::move(inner)) {}
+
+  Status Start(const vmm::MigrateRequest& request) override {
+    seen_terminal_.store(false);
+    return inner_->Start(request);
+  }
+  vmm::MigrationStatus Query() override {
+    vmm::MigrationStatus s = inner_->Query();
+    if (vmm::IsTerminal(s.phase)) seen_terminal_.store(true);
+    return s;
+  }
+  Status Cancel() override { return inner_->Cancel(); }
+  Status Resume(const std::optional<vmm::MigrationTarget>& to) override {
+    return inner_->Resume(to);
+  }
+  Status StartPostcopy() override { return inner_->StartPostcopy(); }
+
+  bool seen_terminal() const { return seen_terminal_.load(); }
+
+ private:
+  std::shared_ptr<vmm::MigrationControl> inner_;
+  std::atomic<bool> seen_terminal_{false};
+};
+
+LiveVm::LiveVm(vmm::Vm& vm) : vm_(vm), started_(Clock::now()) {}
+
+LiveVm::~LiveVm() {
+  // The socket first: its handlers call into the engine.
+  if (server_) server_->Stop();
+}
+
+Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& control_path) {
+  std::unique_ptr<LiveVm> live(new LiveVm(vm));
+  live->source_ = std::make_unique<TimedSource>(vm);
+  vmm::SourceMigrationControl::Options options;
+  LiveVm* self = live.get();
+  options.on_done = [self](migration::SourceOutcome outcome) {
+    std::lock_guard lock(self->mu_);
+    self->outcome_ = outcome;
+    self->cv_.notify_all();
+  };
+  live->engine_ = std::make_shared<vmm::SourceMigrationControl>(*live->source_, std::move(options));
+  live->control_ = std::make_shared<SeenControl>(live->engine_);
+  if (control_path.empty()) return live;
+
+  ASSIGN_OR_RETURN(live->server_, vmm::ControlServer::Create(control_path));
+  vmm::RegisterMigrationCommands(*live->server_, live->control_);
+  vmm::RegisterStatusCommand(*live->server_, [self] {
+    vmm::VmStatus s;
+    const vmm::VmConfig& config = self->vm_.config();
+    s.vcpus = config.vcpus;
+    s.mem_bytes = config.mem_size;
+    s.backing = BackingName(config.backing);
+    s.uptime_ms = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - self->started_)
+            .count());
+    const GuestReport report = self->vm_.report();
+    bool all_done = !report.vcpus.empty();
+    for (const GuestVcpuReport& v : report.vcpus) {
+      vmm::GuestVcpuProgress p;
+      p.booted = v.booted;
+      p.done = v.done;
+      if (!v.phases.empty()) {
+        p.phase = GuestPhaseName(v.phases.back().phase);
+        p.generation = v.phases.back().generation;
+        p.ops = v.phases.back().ops;
+      }
+      all_done = all_done && v.done;
+      s.guest.push_back(std::move(p));
+    }
+    s.pages_verified = report.pages_verified();
+    s.bad_pages = report.bad_page_count();
+    vmm::MigrationStatus m = self->engine_->Query();
+    s.migration = m.phase;
+    if (m.phase == vmm::MigrationPhase::kCompleted) {
+      s.state = vmm::VmState::kPaused;  // for good: the destination runs the guest
+    } else if (m.phase == vmm::MigrationPhase::kSwitchover) {
+      s.state = vmm::VmState::kPaused;
+    } else if (all_done) {
+      s.state = report.success() ? vmm::VmState::kFinished : vmm::VmState::kFailed;
+    } else {
+      s.state = vmm::VmState::kRunning;
+    }
+    return s;
+  });
+  RETURN_IF_ERROR(live->server_->Start());
+  return live;
+}
+
+LiveVm::End LiveVm::Wait(Clock::time_point deadline, const char* who) {
+  constexpr auto kPoll = std::chrono::milliseconds(50);
+  for (;;) {
+    if (vm_.vcpus().WaitFinished(kPoll)) return End::kGuestFinished;
+    std::optional<migration::SourceOutcome> outcome;
+    {
+      std::lock_guard lock(mu_);
+      outcome.swap(outcome_);
+    }
+    if (outcome) {
+      vmm::MigrationStatus s = engine_->Query();
+      switch (*outcome) {
+        case migration::SourceOutcome::kCompleted:
+          return End::kMigrated;
+        case migration::SourceOutcome::kUnknownPaused:
+          fmt::print(stderr,
+                     "{}: error: the link to {} broke after the final state was sent: the "
+                     "destination may be running the guest, so it stays paused here ({})\n",
+                     who, s.to, s.error);
+          return End::kUnknown;
+        default:
+          fmt::print(stderr, "{}: migration to {} {}: {}; the guest keeps running here\n", who,
+                     s.to, vmm::MigrationPhaseName(s.phase),
+                     s.error.empty() ? "no reason given" : s.error);
+          break;
+      }
+    }
+    if (Clock::now() >= deadline) return End::kTimeout;
+  }
+}
+
+vmm::MigrationControl& LiveVm::migration() { return *control_; }
+
+vmm::MigrationStatus LiveVm::migration_status() { return engine_->Query(); }
+
+std::optional<LiveVm::Clock::time_point> LiveVm::paused_at() const { return source_->paused_at(); }
+
+void LiveVm::WaitForCompletionSeen(std::chrono::milliseconds grace) {
+  if (!server_) return;
+  auto deadline = Clock::now() + grace;
+  while (!control_->seen_terminal() && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+}  // namespace faultline::cli

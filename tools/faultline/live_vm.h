@@ -1,0 +1,77 @@
+// LiveVm: a running reference VM that can be migrated away. It owns the
+// pre-copy engine behind the control commands (vmm::SourceMigrationControl)
+// and, when asked, the control socket that serves them with query-status;
+// `faultline run` and `faultline demo` share it, so the demo drives the same
+// engine, transport and control code as `faultline migrate`.
+//
+// Post-copy plugs in at SourceMigrationControl::Start (request.mode); until
+// the engine has it, that refuses mode postcopy with a clear message.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "faultline/status.h"
+#include "src/migration/source.h"
+#include "src/vmm/control_server.h"
+#include "src/vmm/control_source.h"
+#include "src/vmm/vm.h"
+
+namespace faultline::cli {
+
+class LiveVm {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // `vm` has been started and must outlive this object. An empty
+  // `control_path` serves no socket (the demo drives migration() directly).
+  static Result<std::unique_ptr<LiveVm>> Create(vmm::Vm& vm, const std::string& control_path);
+  ~LiveVm();
+
+  vmm::MigrationControl& migration();
+  // The current or last migration, for the VMM itself (not counted as a
+  // client having seen it, see WaitForCompletionSeen).
+  vmm::MigrationStatus migration_status();
+
+  enum class End {
+    kGuestFinished,  // every vCPU ended here: Vm::Wait has the report
+    kMigrated,       // a migration completed: the destination runs the guest
+    kUnknown,        // link lost after Complete: the VM stays paused here
+    kTimeout,
+  };
+  // Waits for the guest to finish or a migration to complete. A migration
+  // that fails or is cancelled is reported on stderr (with `who`, e.g.
+  // "faultline run") and the wait goes on: the guest kept running here.
+  End Wait(Clock::time_point deadline, const char* who);
+
+  // When the engine last paused the VM (the switchover), if it did.
+  std::optional<Clock::time_point> paused_at() const;
+
+  // After End::kMigrated: gives control-socket clients up to `grace` to
+  // fetch the completed status before the VMM goes away.
+  void WaitForCompletionSeen(std::chrono::milliseconds grace);
+
+ private:
+  class TimedSource;  // records the switchover's pause
+  class SeenControl;  // notes when a client has seen a terminal phase
+
+  explicit LiveVm(vmm::Vm& vm);
+
+  vmm::Vm& vm_;
+  // Declared before the engine, which calls on_done until it is destroyed.
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<migration::SourceOutcome> outcome_;  // guarded by mu_; set by the engine
+  std::unique_ptr<TimedSource> source_;
+  std::shared_ptr<vmm::SourceMigrationControl> engine_;
+  std::shared_ptr<SeenControl> control_;
+  std::unique_ptr<vmm::ControlServer> server_;
+  Clock::time_point started_;
+};
+
+}  // namespace faultline::cli
