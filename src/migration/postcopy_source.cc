@@ -81,9 +81,11 @@ class PostcopySource::Attempt {
   }
   Status WaitPeer() {
     std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return peer_.has_value() || broken_; });
-    if (peer_.has_value() && peer_->ok()) return Status::Ok();
-    return peer_.has_value() ? *peer_ : error_;
+    // Break() shuts the main channel down, so the watcher always ends. Its
+    // word is final: a CompleteAck read before other channels closed wins.
+    cv_.wait(lock, [&] { return peer_.has_value(); });
+    if (peer_->ok()) return Status::Ok();
+    return error_.ok() ? *peer_ : error_;
   }
 
  private:
@@ -241,9 +243,10 @@ Status PostcopySource::Switchover() {
   ASSIGN_OR_RETURN(std::vector<DeviceBlob> devices, vm_.SaveDevices());
   const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
   pass_.store(final_pass, std::memory_order_relaxed);
-  RETURN_IF_ERROR(main.writer().Send(migration::Switchover{
-      SwitchoverMode::kPostcopy, final_pass, dirty, static_cast<uint32_t>(vcpus.size()),
-      static_cast<uint32_t>(devices.size())}));
+  switchover_ = migration::Switchover{SwitchoverMode::kPostcopy, final_pass, dirty,
+                                     static_cast<uint32_t>(vcpus.size()),
+                                     static_cast<uint32_t>(devices.size())};
+  RETURN_IF_ERROR(main.writer().Send(switchover_));
   // The dirty set, as bitmaps of at most kMaxBitmapPages pages; only the
   // stretches with a dirty page.
   if (precopied) {
@@ -285,6 +288,10 @@ Status PostcopySource::Postcopy() {
   Attempt& a = *active_;
   const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
   const auto started = Clock::now();
+  // A destination sends Error on the main channel only before it runs the
+  // guest (docs/protocol.md §7.5): then the guest may run here again.
+  std::atomic<bool> peer_refused{false};
+  std::atomic<bool> complete_sent{false};
 
   std::thread watcher([&] {
     MessageReader& reader = a.session.main->reader();
@@ -298,6 +305,7 @@ Status PostcopySource::Postcopy() {
         end = Status::Ok();
       } else if (const auto* e = std::get_if<ErrorMessage>(&*m)) {
         end = PeerError(*e).WithContext("the destination failed");
+        peer_refused.store(true);
       } else {
         end = Error("the destination sent {} on the main channel", MessageTypeName(TypeOf(*m)));
       }
@@ -321,6 +329,9 @@ Status PostcopySource::Postcopy() {
         Log(fmt::format("post-copy: rejected a page request: {}", m.error().ToString()));
         continue;
       }
+      // Once Complete is out, the destination closes its channels when it
+      // has every page; only the main channel's answer counts then.
+      if (!m && complete_sent.load()) return;
       if (!m) return a.Break(m.error().WithContext("priority channel"));
       const auto* request = std::get_if<PageRequest>(&*m);
       if (request == nullptr) {
@@ -331,6 +342,7 @@ Status PostcopySource::Postcopy() {
       data.clear();
       for (uint32_t p : request->pages) data.push_back(ConstBuffer(host + uint64_t{p} * kWirePageSize, kWirePageSize));
       Status sent = link.writer().SendPages(PagesHeader{request->block, final_pass, 0, request->pages}, data);
+      if (!sent.ok() && complete_sent.load()) return;
       if (!sent.ok()) return a.Break(sent.WithContext("priority channel"));
       served.fetch_add(1, std::memory_order_relaxed);
       pages_requested_.fetch_add(request->pages.size(), std::memory_order_relaxed);
@@ -343,7 +355,9 @@ Status PostcopySource::Postcopy() {
     pushers.emplace_back([&, c] {
       MessageWriter& writer = a.session.pages[c]->writer();
       uint64_t data_pages = 0, zero_pages = 0;
-      Status s = writer.Send(migration::Switchover{SwitchoverMode::kPostcopy, final_pass, 0, 0, 0});
+      // The push opens with a copy of the Switchover: the destination's
+      // channel thread learns that pre-copy ended on this channel.
+      Status s = writer.Send(switchover_);
       std::vector<ConstBuffer> data;
       while (s.ok() && !a.broken()) {
         std::optional<PushBatch> batch = scheduler_->Next(options_.push_batch_pages);
@@ -381,6 +395,7 @@ Status PostcopySource::Postcopy() {
   }
   for (std::thread& t : pushers) t.join();
   if (!a.broken()) {
+    complete_sent.store(true);
     Status s = a.session.main->writer().Send(Complete{final_pass + 1, 0, 0});
     if (!s.ok()) a.Break(s.WithContext("main channel"));
   }
@@ -396,6 +411,11 @@ Status PostcopySource::Postcopy() {
   if (end.ok()) {
     phase_.store(PostcopyPhase::kCompleted, std::memory_order_release);
     return Status::Ok();
+  }
+  if (peer_refused.load() && stats_.sessions == 1) {
+    vm_.Resume();
+    phase_.store(PostcopyPhase::kFailed, std::memory_order_release);
+    return end.WithContext("the destination refused the switchover; the VM was resumed here");
   }
   phase_.store(PostcopyPhase::kPaused, std::memory_order_release);
   return end.WithContext(PostcopyPhaseName(PostcopyPhase::kPaused));

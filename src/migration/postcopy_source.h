@@ -61,7 +61,7 @@ enum class PostcopyPhase {
   kPostcopy,
   kPaused,     // post-copy, link broken: Resume()
   kCompleted,  // the destination has every page
-  kFailed,     // before the switchover: the VM kept running here
+  kFailed,     // the VM runs here (kept running, or resumed after the destination refused)
 };
 const char* PostcopyPhaseName(PostcopyPhase phase);
 
@@ -140,6 +140,7 @@ class PostcopySource {
   std::unique_ptr<PushScheduler> scheduler_;  // guarded by scheduler_mu_ for replacement
   PostcopySourceStats stats_;
   uint64_t session_id_ = 0;  // the first session's: what Resume names
+  migration::Switchover switchover_;
   std::chrono::steady_clock::time_point start_;
 
   std::mutex mu_;

@@ -108,7 +108,15 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     (void)pager_->demand_pager()->Push(*blocks[block], offset, length);
   }
   Status FetchMissing() override { return pager_ ? pager_->PushAll() : Status::Ok(); }
-  Status FinishPaging() override { return pager_ ? pager_->Finish() : Status::Ok(); }
+  // Hole: the chunk memslots are merged back. Userfaultfd installers stay
+  // registered until the VM is gone: every page is present, so nothing
+  // faults, and a stopped DemandPager refuses the VMM's own accesses
+  // (EnsurePresent) instead of letting them through.
+  Status FinishPaging() override {
+    if (!pager_) return Status::Ok();
+    if (installer_ == paging::InstallerKind::kHole) return pager_->Finish();
+    return pager_->complete() ? pager_->first_error() : Error("post-copy: pages are still missing");
+  }
   bool paging_complete() override { return !pager_ || pager_->complete(); }
   paging::PagingStats paging_stats() override { return pager_ ? pager_->stats() : paging::PagingStats{}; }
   paging::InstallerKind installer() const override { return installer_; }
