@@ -172,7 +172,6 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
   Link& link = *a.session.pages[c];
   ChannelReceiver state(static_cast<uint16_t>(c));
   std::vector<MutableBuffer> dests;
-  const bool zero = vm_.memory_is_zero();
   while (true) {
     Result<Message> m = link.reader().Read();
     if (!m && m.error().code() == EAGAIN) continue;
@@ -198,9 +197,11 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
       RETURN_IF_ERROR(link.reader().ReceivePageData(dests));
     } else if (const auto* zeros = std::get_if<ZeroPages>(&*m)) {
       uint8_t* host = blocks_[zeros->block]->host();
+      // Zeros are written even in pass 0 into a VM's fresh memory: a page
+      // marked present must be in place (mapped, or in the page cache for
+      // the continue installer), not merely read as zero when untouched.
       for (const PageRun& run : zeros->runs) {
         a.received[c][zeros->block].SetRange(run.first, run.count);
-        if (zeros->pass == 0 && zero) continue;
         std::memset(host + uint64_t{run.first} * kWirePageSize, 0,
                     uint64_t{run.count} * kWirePageSize);
       }
@@ -363,6 +364,14 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
     for (size_t c = 0; c < n; ++c) p.Merge(a.received[c][b]);
     precopy_pages += p.Count();
     dirty[b].ForEachSet([&](uint64_t page) { p.Clear(page); });
+    // A huge page is installed whole: present only if all of it is; the
+    // source pushes every page of a huge page with a dirty one.
+    const uint64_t unit = blocks_[b]->page_size() / kWirePageSize;
+    if (unit > 1) {
+      for (uint64_t u = 0; u < p.pages(); u += unit) {
+        if (p.CountRange(u, unit) != unit) p.ClearRange(u, unit);
+      }
+    }
     present_pages += p.Count();
     present.push_back(std::move(p));
   }

@@ -173,7 +173,9 @@ Result<PostcopySourceStats> PostcopySource::Run(Connector& connector) {
   // leave (or put) the VM running here.
   Status status = [&]() -> Status {
     PageSender sender(attempt.session, blocks_, options_.base, pages_sent_);
-    RETURN_IF_ERROR(vm_.StartDirtyTracking());
+    // Without pre-copy passes no dirty log is needed (KVM refuses one on
+    // guest_memfd memslots: such a VM can still leave by post-copy alone).
+    if (options_.precopy_passes > 0) RETURN_IF_ERROR(vm_.StartDirtyTracking());
     for (const auto& b : blocks_) {
       dirty_.emplace_back(b->size() / kWirePageSize);
       dirty_.back().SetAll();
@@ -269,12 +271,21 @@ Status PostcopySource::Switchover() {
   }
   stats_.switchover_send = Since(stats_.paused_at);
   stats_.switchover_dirty_pages = dirty;
-  (void)vm_.StopDirtyTracking();  // paused for good: nothing changes any more
+  if (precopied) (void)vm_.StopDirtyTracking();  // paused for good: nothing changes any more
   std::vector<uint32_t> units;
   for (const auto& b : blocks_) units.push_back(static_cast<uint32_t>(b->page_size() / kWirePageSize));
   std::vector<DirtyBitmap> todo;
-  for (DirtyBitmap& d : dirty_) {
+  for (size_t b = 0; b < dirty_.size(); ++b) {
+    DirtyBitmap& d = dirty_[b];
     if (!precopied) d.SetAll();
+    // The destination installs a huge page whole and drops its copy of
+    // one with a dirty page: push all of it.
+    const uint64_t unit = units[b];
+    if (unit > 1) {
+      for (uint64_t u = 0; u < d.pages(); u += unit) {
+        if (d.AnyInRange(u, unit)) d.SetRange(u, unit);
+      }
+    }
     todo.push_back(std::move(d));
   }
   dirty_.clear();

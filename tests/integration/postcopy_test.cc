@@ -78,7 +78,14 @@ struct Plan {
 
 Outcome RunPostcopy(const Plan& plan) {
   Outcome out;
-  const vmm::VmConfig config = GuestConfig(plan.mem, plan.backing);
+  // KVM keeps no dirty log for guest_memfd memslots, so a guest_memfd
+  // source cannot run pre-copy passes: the source is anonymous memory then
+  // (block backings may differ between the ends), the destination keeps
+  // guest_memfd and its hole installer.
+  const vmm::VmConfig config =
+      GuestConfig(plan.mem, plan.backing == Backing::kGuestMemfd && plan.precopy_passes > 0
+                                ? Backing::kAnonymous
+                                : plan.backing);
   auto from = vmm::Vm::Create(config);
   if (!from) {
     out.source = from.error();
@@ -86,6 +93,7 @@ Outcome RunPostcopy(const Plan& plan) {
   }
   vmm::VmConfig incoming = config;
   incoming.boot = false;
+  incoming.backing = plan.backing;
   auto to = vmm::Vm::Create(incoming);
   if (!to) {
     out.destination = to.error();
