@@ -137,11 +137,12 @@ Outcome RunPostcopy(const Plan& plan) {
   size_t next_cut = 0;
   std::shared_ptr<FaultController> link;
   auto connector = [&]() -> std::unique_ptr<Connector> {
-    link = FaultController::Create();
+    std::atomic_store(&link, FaultController::Create());
     return std::make_unique<FaultyConnector>(
-        std::make_unique<TcpConnector>(address, TransportOptions{}), link);
+        std::make_unique<TcpConnector>(address, TransportOptions{}), std::atomic_load(&link));
   };
   std::atomic<bool> done{false};
+  std::atomic<uint32_t> resumes{0};
   std::thread cutter([&] {
     while (!done.load() && next_cut < plan.cuts.size()) {
       const PostcopyProgress p = source.progress();
@@ -149,11 +150,10 @@ Outcome RunPostcopy(const Plan& plan) {
       if (p.phase == PostcopyPhase::kPostcopy &&
           static_cast<double>(total - p.pages_remaining) >= plan.cuts[next_cut] * total) {
         ++next_cut;
-        link->Cut();
-        // Wait for the pause, so that the next cut hits the next session.
-        while (!done.load() && source.phase() == PostcopyPhase::kPostcopy) {
-          std::this_thread::sleep_for(1ms);
-        }
+        const uint32_t before = resumes.load();
+        std::atomic_load(&link)->Cut();
+        // The next cut is for the next session.
+        while (!done.load() && resumes.load() == before) std::this_thread::sleep_for(1ms);
       }
       std::this_thread::sleep_for(200us);
     }
@@ -164,6 +164,7 @@ Outcome RunPostcopy(const Plan& plan) {
     fmt::print(stderr, "source paused: {}\n", r.error().ToString());
     ++out.resumes;
     c = connector();
+    resumes.store(out.resumes);
     r = source.Resume(*c);
   }
   done.store(true);
