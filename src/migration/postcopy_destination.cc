@@ -30,6 +30,7 @@ class PostcopyDestination::Attempt {
   // Pre-copy: the pages each channel received (written only by its thread
   // until it reached the switchover).
   std::vector<std::vector<DirtyBitmap>> received;
+  std::vector<DirtyBitmap> dirty_set;  // written once before `dirty` points at it
 
   ~Attempt() { Join(); }
 
@@ -64,6 +65,9 @@ class PostcopyDestination::Attempt {
   bool broken = false;        // guarded by mu
   Status error;               // guarded by mu
   size_t at_switchover = 0;   // guarded by mu: page channels that reached it
+  // guarded by mu: the dirty set, once known (then read without the lock)
+  const std::vector<DirtyBitmap>* dirty = nullptr;
+  size_t dropped = 0;         // guarded by mu: page channels that dropped their stale pages
   bool postcopy_go = false;   // guarded by mu: the guest runs; pushes may be received
   size_t push_ended = 0;      // guarded by mu: page channels whose push ended
   std::vector<uint32_t> pass_arrivals;  // guarded by mu: the pre-copy pass barrier
@@ -183,6 +187,30 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
                      state.pass());
       }
       a.Notify([&] { ++a.at_switchover; });
+      // Every page this channel wrote is in place: drop the stale ones (the
+      // last channel to write a page drops it after its write).
+      if (!a.WaitFor([&] { return a.dirty != nullptr; })) return Status(ECANCELED, "abandoned");
+      for (size_t b = 0; b < blocks_.size(); ++b) {
+        if (blocks_[b]->page_size() != kWirePageSize) continue;
+        const DirtyBitmap& dirty = (*a.dirty)[b];
+        const DirtyBitmap& mine = a.received[c][b];
+        for (uint64_t p = dirty.FindNextSet(0); p < dirty.pages();) {
+          uint64_t end = p + 1;
+          while (end < dirty.pages() && dirty.Test(end)) ++end;
+          for (uint64_t q = p; q < end;) {  // the part of the run this channel wrote
+            if (!mine.Test(q)) {
+              ++q;
+              continue;
+            }
+            uint64_t e = q + 1;
+            while (e < end && mine.Test(e)) ++e;
+            RETURN_IF_ERROR(vm_.DropPages(static_cast<uint32_t>(b), q, e - q));
+            q = e;
+          }
+          p = end < dirty.pages() ? dirty.FindNextSet(end) : dirty.pages();
+        }
+      }
+      a.Notify([&] { ++a.dropped; });
       if (!a.WaitFor([&] { return a.postcopy_go; })) return Status(ECANCELED, "abandoned");
       return Status::Ok();
     }
@@ -351,10 +379,14 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
   // The reference VMM has no devices with state; a source that sends some
   // is refused by LoadDevices (no DeviceState is read here: device_count 0).
   const size_t n = a.session.pages.size();
-  if (!a.WaitFor([&] { return a.at_switchover == n; })) {
+  const auto state_in = Clock::now();
+  a.dirty_set = std::move(dirty);
+  a.Notify([&] { a.dirty = &a.dirty_set; });
+  if (!a.WaitFor([&] { return a.dropped == n; })) {
     std::lock_guard lock(a.mu);
     return a.error;
   }
+  const auto channels_in = Clock::now();
   // Present: arrived in pre-copy and clean.
   std::vector<DirtyBitmap> present;
   uint64_t present_pages = 0;
@@ -363,7 +395,7 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
     DirtyBitmap p(blocks_[b]->size() / kWirePageSize);
     for (size_t c = 0; c < n; ++c) p.Merge(a.received[c][b]);
     precopy_pages += p.Count();
-    dirty[b].ForEachSet([&](uint64_t page) { p.Clear(page); });
+    a.dirty_set[b].ForEachSet([&](uint64_t page) { p.Clear(page); });
     // A huge page is installed whole: present only if all of it is; the
     // source pushes every page of a huge page with a dirty one.
     const uint64_t unit = blocks_[b]->page_size() / kWirePageSize;
@@ -391,12 +423,18 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
     Status s = ReceiveReplies(a);
     if (!s.ok()) a.Break(s.WithContext("priority channel"));
   });
+  const auto paging_at = Clock::now();
   RETURN_IF_ERROR(vm_.StartPostcopy(network_, present, vcpus, devices));
   const auto started = Clock::now();
   phase_.store(PostcopyPhase::kPostcopy, std::memory_order_release);
   {
     std::lock_guard lock(mu_);
     stats_.start_vm = std::chrono::duration_cast<std::chrono::microseconds>(started - switched);
+    stats_.state_wait = std::chrono::duration_cast<std::chrono::microseconds>(state_in - switched);
+    stats_.channels_wait =
+        std::chrono::duration_cast<std::chrono::microseconds>(channels_in - state_in);
+    stats_.start_paging =
+        std::chrono::duration_cast<std::chrono::microseconds>(started - paging_at);
     stats_.vm_started_at = started;
     stats_.present_at_start = present_pages;
     stats_.precopy_pages = precopy_pages;

@@ -49,6 +49,12 @@ struct PostcopyDestinationStats {
   // from the source's stop, in one process).
   std::chrono::microseconds start_vm{0};
   std::chrono::steady_clock::time_point vm_started_at{};
+  // Its parts: receiving the dirty set and vCPU state, waiting for the page
+  // channels to reach the switchover, and StartPostcopy (dropping stale
+  // pages, marking present, loading state, starting the vCPUs).
+  std::chrono::microseconds state_wait{0};
+  std::chrono::microseconds channels_wait{0};
+  std::chrono::microseconds start_paging{0};
   double mark_present_seconds = 0;
   NetworkSourceStats network;  // fault latency, blocked time, demanded vs pushed
   paging::PagingStats paging;

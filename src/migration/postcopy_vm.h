@@ -29,10 +29,18 @@ class PostcopyDestinationVm : public DestinationVm {
   // from `source` (block b is the source's block b), with the pages set in
   // present[b] (4 KiB pages) holding their final contents already, and runs
   // the vCPUs. Pages not present fault until `source` delivers them.
+  // Stale pages of 4 KiB-page blocks must have been dropped (DropPages).
   virtual Status StartPostcopy(std::shared_ptr<paging::PageSource> source,
                                std::span<const DirtyBitmap> present,
                                std::span<const std::vector<uint8_t>> vcpus,
                                std::span<const DeviceBlob> devices) = 0;
+  // Drops block `block`'s wire pages [first, first + count) (stale copies
+  // written during pre-copy) so that they fault. For blocks of 4 KiB pages
+  // the engine drops every stale page it wrote before StartPostcopy, from
+  // the channel thread that wrote it (in parallel, while other channels
+  // still receive); blocks of huge pages are dropped by StartPostcopy, a
+  // whole huge page at a time.
+  virtual Status DropPages(uint32_t block, uint64_t first, uint64_t count) = 0;
   // Where pushed pages of block `b` that nobody waits for may be written
   // directly (its memory, when paged through memslot holes), or nullptr
   // when they go through Push. Known before StartPostcopy.

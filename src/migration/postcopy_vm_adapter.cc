@@ -47,6 +47,16 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     return Status::Ok();
   }
 
+  Status DropPages(uint32_t block, uint64_t first, uint64_t count) override {
+    auto blocks = vm_.memory().blocks();
+    if (block >= blocks.size()) return Error("post-copy: no block {}", block);
+    // Hole: missing pages are fetched into the block whatever it holds.
+    if (installer_ == paging::InstallerKind::kHole || blocks[block]->page_size() != kWirePageSize) {
+      return Status::Ok();
+    }
+    return blocks[block]->Discard(first * kWirePageSize, count * kWirePageSize);
+  }
+
   uint8_t* direct_push_target(uint32_t block) override {
     auto blocks = vm_.memory().blocks();
     if (installer_ != paging::InstallerKind::kHole || block >= blocks.size()) return nullptr;
@@ -72,7 +82,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
       }
       // Stale copies (dirtied at the source since they were sent) must fault:
       // drop them. Memory never written reads as zeros and is dropped cheaply.
-      if (installer_ != paging::InstallerKind::kHole) {
+      if (installer_ != paging::InstallerKind::kHole && per_unit > 1) {
         for (uint64_t u = units.FindNextClear(0); u < units.pages();) {
           const uint64_t end = std::min(units.FindNextSet(u), units.pages());
           RETURN_IF_ERROR(block.Discard(u * block.page_size(), (end - u) * block.page_size())

@@ -198,9 +198,10 @@ void ExpectVerified(const Outcome& o) {
   const PostcopyDestinationStats& d = o.destination_stats;
   fmt::print(
       "post-copy: {} pre-copy passes, {} pages present at the start, {} dirty; vCPUs ran {:.2f} ms "
-      "after the Switchover arrived; {} pages demanded, {} pushed, fault p50 {:.0f} us p99 {:.0f} "
+      "after the Switchover arrived (state {:.2f}, channels {:.2f}, paging {:.2f}); {} pages demanded, {} pushed, fault p50 {:.0f} us p99 {:.0f} "
       "us; {} sessions\n",
       d.passes, d.present_at_start, d.dirty_at_switchover, d.start_vm.count() / 1e3,
+      d.state_wait.count() / 1e3, d.channels_wait.count() / 1e3, d.start_paging.count() / 1e3,
       d.network.pages_demanded, d.network.pages_pushed, d.network.fault_latency.p50_us,
       d.network.fault_latency.p99_us, d.sessions);
 }
