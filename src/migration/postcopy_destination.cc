@@ -31,6 +31,9 @@ class PostcopyDestination::Attempt {
   // until it reached the switchover).
   std::vector<std::vector<DirtyBitmap>> received;
   std::vector<DirtyBitmap> dirty_set;  // written once before `dirty` points at it
+  // The early dirty set (dropped before the pause); main thread, before
+  // the Switchover, then only read.
+  std::vector<DirtyBitmap> early;
 
   ~Attempt() { Join(); }
 
@@ -194,16 +197,19 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
         if (blocks_[b]->page_size() != kWirePageSize) continue;
         const DirtyBitmap& dirty = (*a.dirty)[b];
         const DirtyBitmap& mine = a.received[c][b];
+        const DirtyBitmap* early = a.early.empty() ? nullptr : &a.early[b];
         for (uint64_t p = dirty.FindNextSet(0); p < dirty.pages();) {
           uint64_t end = p + 1;
           while (end < dirty.pages() && dirty.Test(end)) ++end;
           for (uint64_t q = p; q < end;) {  // the part of the run this channel wrote
-            if (!mine.Test(q)) {
+            // Written here and not dropped with the early dirty set.
+            auto stale = [&](uint64_t x) { return mine.Test(x) && !(early && early->Test(x)); };
+            if (!stale(q)) {
               ++q;
               continue;
             }
             uint64_t e = q + 1;
-            while (e < end && mine.Test(e)) ++e;
+            while (e < end && stale(e)) ++e;
             RETURN_IF_ERROR(vm_.DropPages(static_cast<uint32_t>(b), q, e - q));
             q = e;
           }
@@ -304,11 +310,30 @@ Status PostcopyDestination::FollowPrecopy(Attempt& a) {
     if (!m && m.error().code() == EAGAIN) continue;
     if (!m) return m.error();
     if (const auto* end = std::get_if<PassEnd>(&*m)) {
+      if (passes > 0 && end->pass == passes - 1 && !a.early.empty()) {
+        // The end of the early dirty set: its stale pages are dropped.
+        RETURN_IF_ERROR(a.session.main->writer().Send(PassEnd{end->pass, 0, 0, 0}));
+        continue;
+      }
       if (end->pass != passes) return Error("PassEnd for pass {}, expected {}", end->pass, passes);
       ++passes;
       continue;
     }
     if (const auto* e = std::get_if<ErrorMessage>(&*m)) return PeerError(*e);
+    if (const auto* d = std::get_if<DirtyPages>(&*m)) {
+      // The early dirty set: once every channel ended the last pass, drop
+      // the stale copies now, while the source's guest still runs; the
+      // PassEnd answer says so. DirtyPages of one block may come in parts.
+      if (passes == 0) return Error("DirtyPages before any pass ended");
+      if (a.early.empty()) {
+        for (const auto& b : blocks_) a.early.emplace_back(b->size() / kWirePageSize);
+      }
+      a.early[d->block].MergeRaw(d->words, d->page_count, d->first_page);
+      // The source sends the set and then waits: drop when the main channel
+      // has nothing more for now.
+      RETURN_IF_ERROR(DropEarly(a, passes, *d));
+      continue;
+    }
     const auto* s = std::get_if<migration::Switchover>(&*m);
     if (s == nullptr) {
       return Error("pre-copy: unexpected {} on the main channel", MessageTypeName(TypeOf(*m)));
@@ -330,6 +355,28 @@ Status PostcopyDestination::FollowPrecopy(Attempt& a) {
     stats_.dirty_at_switchover = s->dirty_pages;
     return Status::Ok();
   }
+}
+
+Status PostcopyDestination::DropEarly(Attempt& a, uint32_t passes, const DirtyPages& d) {
+  const size_t n = a.session.pages.size();
+  const uint32_t last = passes - 1;
+  if (!a.WaitFor([&] { return a.pass_arrivals.size() > last && a.pass_arrivals[last] == n; })) {
+    std::lock_guard lock(a.mu);
+    return a.error;
+  }
+  // Every channel ended the last pass and waits for the next message: the
+  // pages they wrote are in place and nobody writes them now.
+  if (blocks_[d.block]->page_size() != kWirePageSize) return Status::Ok();  // StartPostcopy's
+  const DirtyBitmap& early = a.early[d.block];
+  for (uint64_t p = early.FindNextSet(d.first_page); p < d.first_page + d.page_count;) {
+    uint64_t end = p + 1;
+    while (end < d.first_page + d.page_count && early.Test(end)) ++end;
+    bool written = false;
+    for (size_t c = 0; c < n && !written; ++c) written = a.received[c][d.block].AnyInRange(p, end - p);
+    if (written) RETURN_IF_ERROR(vm_.DropPages(d.block, p, end - p));
+    p = end < early.pages() ? early.FindNextSet(end) : early.pages();
+  }
+  return Status::Ok();
 }
 
 Status PostcopyDestination::StartGuest(Attempt& a) {

@@ -91,6 +91,8 @@ class PostcopyDestination {
   Status ReceiveReplies(Attempt& a);
   Status FollowPrecopy(Attempt& a);
   Status StartGuest(Attempt& a);
+  // Drops the stale pages of one early DirtyPages message.
+  Status DropEarly(Attempt& a, uint32_t passes, const DirtyPages& dirty);
   // Post-copy on `a`'s channels until Complete is handled (every page here).
   Status FollowPostcopy(Attempt& a);
   Result<PostcopyDestinationStats> Finish(Attempt& a, Status status);

@@ -231,9 +231,46 @@ Result<uint64_t> PostcopySource::Harvest() {
   return count;
 }
 
+// Sends the set of `dirty_` as DirtyPages messages (only ranges with a bit).
+static Status SendDirty(MessageWriter& writer, const std::vector<DirtyBitmap>& dirty) {
+  for (uint32_t b = 0; b < dirty.size(); ++b) {
+    const DirtyBitmap& d = dirty[b];
+    for (uint64_t first = 0; first < d.pages(); first += kMaxBitmapPages) {
+      const uint32_t count =
+          static_cast<uint32_t>(std::min<uint64_t>(kMaxBitmapPages, d.pages() - first));
+      if (!d.AnyInRange(first, count)) continue;
+      DirtyPages m{b, first, count,
+                   std::vector<uint64_t>(d.words().begin() + first / 64,
+                                         d.words().begin() + (first + count + 63) / 64)};
+      RETURN_IF_ERROR(writer.Send(m));
+    }
+  }
+  return Status::Ok();
+}
+
 Status PostcopySource::Switchover() {
   Attempt& a = *active_;  // set by Run, which is the only caller
   Link& main = *a.session.main;
+  if (!stats_.passes.empty()) {
+    // The early dirty set (§10): the pages dirtied during the last pass,
+    // while the guest still runs. The destination drops its stale copies
+    // and answers PassEnd; only what the guest dirties from now until the
+    // pause is left to drop inside the pause.
+    RETURN_IF_ERROR(SendDirty(main.writer(), dirty_));
+    const uint32_t last = static_cast<uint32_t>(stats_.passes.size() - 1);
+    RETURN_IF_ERROR(main.writer().Send(PassEnd{last, 0, 0, 0}));  // the end of the early set
+    while (true) {
+      Result<Message> m = main.reader().Read();
+      if (!m && m.error().code() == EAGAIN) continue;
+      if (!m) return m.error().WithContext("waiting for the early dirty set's PassEnd");
+      if (const auto* e = std::get_if<ErrorMessage>(&*m)) return PeerError(*e);
+      if (!std::holds_alternative<PassEnd>(*m)) {
+        return Error("expected PassEnd after the early dirty set, got {}",
+                     MessageTypeName(TypeOf(*m)));
+      }
+      break;
+    }
+  }
   stats_.paused_at = Clock::now();
   vm_.Pause();
   const bool precopied = !stats_.passes.empty();
@@ -249,20 +286,8 @@ Status PostcopySource::Switchover() {
                                      static_cast<uint32_t>(vcpus.size()),
                                      static_cast<uint32_t>(devices.size())};
   RETURN_IF_ERROR(main.writer().Send(switchover_));
-  // The dirty set, as bitmaps of at most kMaxBitmapPages pages; only the
-  // stretches with a dirty page.
-  if (precopied) {
-    for (uint32_t b = 0; b < blocks_.size(); ++b) {
-      const DirtyBitmap& d = dirty_[b];
-      for (uint64_t first = 0; first < d.pages(); first += kMaxBitmapPages) {
-        const uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(kMaxBitmapPages, d.pages() - first));
-        if (!d.AnyInRange(first, count)) continue;
-        DirtyPages m{b, first, count, std::vector<uint64_t>(d.words().begin() + first / 64,
-                                                            d.words().begin() + (first + count + 63) / 64)};
-        RETURN_IF_ERROR(main.writer().Send(m));
-      }
-    }
-  }
+  // The whole dirty set (the early set and what came since).
+  if (precopied) RETURN_IF_ERROR(SendDirty(main.writer(), dirty_));
   for (uint32_t i = 0; i < vcpus.size(); ++i) {
     RETURN_IF_ERROR(main.writer().Send(VcpuStateMessage{i, std::move(vcpus[i])}));
   }
