@@ -44,6 +44,7 @@ Status InsideMessage(Status status, MessageType type) {
 }  // namespace
 
 Result<Message> MessageReader::Read() {
+  last_error_left_stream_intact_ = false;
   if (pending_pages_ > 0) {
     return Error("MessageReader::Read: the data of the previous Pages message was not consumed");
   }
@@ -61,7 +62,10 @@ Result<Message> MessageReader::Read() {
   // few MiB), so this allocation is bounded too.
   payload_.resize(frame.length);
   RETURN_IF_ERROR(InsideMessage(channel_.Receive(payload_), frame.type));
-  return DecodePayload(frame.type, payload_, context_);
+  Result<Message> message = DecodePayload(frame.type, payload_, context_);
+  // The whole frame was read: the stream is still aligned on a frame boundary.
+  last_error_left_stream_intact_ = !message.has_value();
+  return message;
 }
 
 Result<Message> MessageReader::ReadPagesHeader(const FrameHeader& frame) {

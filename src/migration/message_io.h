@@ -66,6 +66,11 @@ class MessageReader {
   Status DiscardPageData();
 
   bool page_data_pending() const { return pending_pages_ > 0; }
+  // After Read() failed: true if the frame was received whole and only its
+  // payload was refused (a bad index, say), so the next Read() may go on
+  // with the next frame (a post-copy source rejects one bad page request
+  // and keeps serving).
+  bool last_error_left_stream_intact() const { return last_error_left_stream_intact_; }
   uint64_t frames_received() const { return next_seq_; }
 
  private:
@@ -75,6 +80,7 @@ class MessageReader {
   DecodeContext context_;
   uint64_t next_seq_ = 0;
   uint32_t pending_pages_ = 0;
+  bool last_error_left_stream_intact_ = false;
   std::vector<uint8_t> payload_;  // reused; at most MaxPayload() of a non-page message
   std::vector<uint8_t> scratch_;  // one page, for DiscardPageData
 };

@@ -49,7 +49,8 @@ const char* PhaseName(ReceiverPhase phase);
 struct ReceiverConfig {
   std::vector<BlockInfo> blocks;  // this destination's RAM blocks
   AuthKey key;                    // non-empty: authentication is required
-  uint64_t features_supported = kFeaturesImplemented;
+  // Pre-copy alone by default; the post-copy destination adds its features.
+  uint64_t features_supported = kFeatureAuth;
   uint16_t max_page_channels = kMaxPageChannels;
   uint32_t vcpus = 0;  // vCPUs the destination VM has; 0 accepts any count
 };

@@ -45,6 +45,10 @@ const char* MessageTypeName(MessageType type) {
       return "PageRequest";
     case MessageType::kPresentBitmap:
       return "PresentBitmap";
+    case MessageType::kDirtyPages:
+      return "DirtyPages";
+    case MessageType::kResume:
+      return "Resume";
   }
   return "unknown";
 }
@@ -288,13 +292,21 @@ struct PayloadEncoder {
     w.U64(m.request_id);
     for (uint32_t p : m.pages) w.U32(p);
   }
-  void operator()(const PresentBitmap& m) {
-    w.U32(m.block);
+  void operator()(const PresentBitmap& m) { Bitmap(m.block, m.first_page, m.page_count, m.words); }
+  void operator()(const DirtyPages& m) { Bitmap(m.block, m.first_page, m.page_count, m.words); }
+  void operator()(const Resume& m) {
+    w.U64(m.session_id);
+    w.U64(m.pages);
+    w.U64(0);
+  }
+
+  void Bitmap(uint32_t block, uint64_t first, uint32_t count, const std::vector<uint64_t>& words) {
+    w.U32(block);
     w.U32(0);
-    w.U64(m.first_page);
-    w.U32(m.page_count);
+    w.U64(first);
+    w.U32(count);
     w.U32(0);
-    for (uint64_t word : m.words) w.U64(word);
+    for (uint64_t word : words) w.U64(word);
   }
 
   void Totals(uint32_t passes, uint64_t data, uint64_t zero) {
@@ -314,7 +326,8 @@ MessageType TypeOf(const Message& message) {
       MessageType::kZeroPages,    MessageType::kPassEnd,       MessageType::kChannelEnd,
       MessageType::kSwitchover,   MessageType::kVcpuState,     MessageType::kDeviceState,
       MessageType::kComplete,     MessageType::kCompleteAck,   MessageType::kError,
-      MessageType::kPageRequest,  MessageType::kPresentBitmap,
+      MessageType::kPageRequest,  MessageType::kPresentBitmap, MessageType::kDirtyPages,
+      MessageType::kResume,
   };
   static_assert(std::size(kTypes) == std::variant_size_v<Message>);
   return kTypes[message.index()];

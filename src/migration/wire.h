@@ -55,10 +55,10 @@ inline constexpr size_t kMacSize = 32;  // HMAC-SHA256
 
 // Feature bits (Hello.features_offered / required, HelloAck.features).
 inline constexpr uint64_t kFeatureAuth = 1u << 0;      // HMAC-SHA256 handshake + channel binding
-inline constexpr uint64_t kFeaturePostcopy = 1u << 1;  // planned (#6)
-inline constexpr uint64_t kFeatureRecovery = 1u << 2;  // planned (#6)
+inline constexpr uint64_t kFeaturePostcopy = 1u << 1;  // post-copy (postcopy_source.h)
+inline constexpr uint64_t kFeatureRecovery = 1u << 2;  // Resume of a broken post-copy
 inline constexpr uint64_t kFeatureFrameMac = 1u << 3;  // planned: a MAC on every frame
-inline constexpr uint64_t kFeaturesImplemented = kFeatureAuth;
+inline constexpr uint64_t kFeaturesImplemented = kFeatureAuth | kFeaturePostcopy | kFeatureRecovery;
 
 using Nonce = std::array<uint8_t, kNonceSize>;
 using Mac = std::array<uint8_t, kMacSize>;
@@ -79,15 +79,17 @@ enum class MessageType : uint8_t {
   kComplete = 13,
   kCompleteAck = 14,
   kError = 15,
-  kPageRequest = 16,    // planned post-copy: destination asks for pages
-  kPresentBitmap = 17,  // planned recovery: pages the destination has
+  kPageRequest = 16,    // post-copy: the destination asks for pages (priority channel)
+  kPresentBitmap = 17,  // recovery: pages the destination has
+  kDirtyPages = 18,     // post-copy switchover: pages dirtied since they were last sent
+  kResume = 19,         // recovery: resume a broken post-copy on a new session
 };
-inline constexpr uint8_t kMaxMessageType = 17;
+inline constexpr uint8_t kMaxMessageType = 19;
 
 const char* MessageTypeName(MessageType type);  // "Hello", ... or "type 42"
 
-enum class ChannelKind : uint8_t { kPage = 1, kPriority = 2 /* planned */ };
-enum class SwitchoverMode : uint32_t { kStopAndCopy = 0, kPostcopy = 1 /* planned */ };
+enum class ChannelKind : uint8_t { kPage = 1, kPriority = 2 /* post-copy page requests */ };
+enum class SwitchoverMode : uint32_t { kStopAndCopy = 0, kPostcopy = 1 };
 
 enum class ErrorCode : uint32_t {
   kProtocol = 1,       // malformed or out-of-order message
@@ -279,10 +281,32 @@ struct PresentBitmap {
   friend bool operator==(const PresentBitmap&, const PresentBitmap&) = default;
 };
 
+// Same layout as PresentBitmap; the set bits are the pages the source's VM
+// dirtied since they were last sent (their copies at the destination, if
+// any, are stale). Sent at a post-copy switchover, before the vCPU state.
+struct DirtyPages {
+  uint32_t block = 0;
+  uint64_t first_page = 0;  // a multiple of 64
+  uint32_t page_count = 0;
+  std::vector<uint64_t> words;
+  friend bool operator==(const DirtyPages&, const DirtyPages&) = default;
+};
+
+// Recovery. The source opens a new session after a broken post-copy and
+// sends Resume{the broken session's id, 0}; the destination answers with
+// PresentBitmap messages (the pages it has) and then Resume{the same id,
+// the number of pages it has}; its outstanding page requests follow on the
+// new priority channel.
+struct Resume {
+  uint64_t session_id = 0;
+  uint64_t pages = 0;
+  friend bool operator==(const Resume&, const Resume&) = default;
+};
+
 using Message =
     std::variant<Hello, HelloAck, Auth, ChannelHello, ChannelAck, PagesHeader, ZeroPages, PassEnd,
                  ChannelEnd, Switchover, VcpuStateMessage, DeviceState, Complete, CompleteAck,
-                 ErrorMessage, PageRequest, PresentBitmap>;
+                 ErrorMessage, PageRequest, PresentBitmap, DirtyPages, Resume>;
 
 MessageType TypeOf(const Message& message);
 

@@ -288,33 +288,45 @@ Result<Message> DecodePageRequest(ByteReader& r, size_t length, const DecodeCont
   return m;
 }
 
-Result<Message> DecodePresentBitmap(ByteReader& r, size_t length, const DecodeContext& context) {
-  PresentBitmap m;
+// PresentBitmap and DirtyPages share a layout and its checks.
+template <typename T>
+Result<Message> DecodeBitmap(const char* name, ByteReader& r, size_t length,
+                             const DecodeContext& context) {
+  T m;
   m.block = r.U32();
-  RETURN_IF_ERROR(CheckZero("PresentBitmap", r.U32()));
+  RETURN_IF_ERROR(CheckZero(name, r.U32()));
   m.first_page = r.U64();
   m.page_count = r.U32();
-  RETURN_IF_ERROR(CheckZero("PresentBitmap", r.U32()));
-  ASSIGN_OR_RETURN(const BlockInfo* block, FindBlock("PresentBitmap", m.block, context));
+  RETURN_IF_ERROR(CheckZero(name, r.U32()));
+  ASSIGN_OR_RETURN(const BlockInfo* block, FindBlock(name, m.block, context));
   if (m.first_page % 64 != 0) {
-    return Error("PresentBitmap: first page {} is not a multiple of 64", m.first_page);
+    return Error("{}: first page {} is not a multiple of 64", name, m.first_page);
   }
   if (m.page_count == 0 || m.page_count > kMaxBitmapPages) {
-    return Error("PresentBitmap: {} pages (1 to {} allowed)", m.page_count, kMaxBitmapPages);
+    return Error("{}: {} pages (1 to {} allowed)", name, m.page_count, kMaxBitmapPages);
   }
   if (m.first_page > block->pages() || block->pages() - m.first_page < m.page_count) {
-    return Error("PresentBitmap: pages [{}, {}) out of range for block '{}' ({} pages)",
-                 m.first_page, m.first_page + m.page_count, block->name, block->pages());
+    return Error("{}: pages [{}, {}) out of range for block '{}' ({} pages)", name, m.first_page,
+                 m.first_page + m.page_count, block->name, block->pages());
   }
   const uint64_t words = (uint64_t{m.page_count} + 63) / 64;
-  RETURN_IF_ERROR(CheckLength("PresentBitmap", internal::kPresentBitmapFixed + 8 * words, length,
+  RETURN_IF_ERROR(CheckLength(name, internal::kPresentBitmapFixed + 8 * words, length,
                               fmt::format("{} pages", m.page_count)));
   m.words.resize(words);
   for (uint64_t& w : m.words) w = r.U64();
   const uint32_t tail = m.page_count % 64;
   if (tail != 0 && (m.words.back() >> tail) != 0) {
-    return Error("PresentBitmap: bits set past page count {}", m.page_count);
+    return Error("{}: bits set past page count {}", name, m.page_count);
   }
+  return m;
+}
+
+Result<Message> DecodeResume(ByteReader& r) {
+  Resume m;
+  m.session_id = r.U64();
+  m.pages = r.U64();
+  RETURN_IF_ERROR(CheckZero("Resume", r.U64()));
+  if (m.session_id == 0) return Error("Resume: session id 0");
   return m;
 }
 
@@ -405,7 +417,13 @@ Result<Message> DecodePayload(MessageType type, std::span<const uint8_t> payload
       result = DecodePageRequest(r, n, context);
       break;
     case MessageType::kPresentBitmap:
-      result = DecodePresentBitmap(r, n, context);
+      result = DecodeBitmap<PresentBitmap>("PresentBitmap", r, n, context);
+      break;
+    case MessageType::kDirtyPages:
+      result = DecodeBitmap<DirtyPages>("DirtyPages", r, n, context);
+      break;
+    case MessageType::kResume:
+      result = DecodeResume(r);
       break;
     default:
       return Error("unknown message type {}", static_cast<unsigned>(type));

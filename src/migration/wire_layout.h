@@ -24,7 +24,8 @@ inline constexpr uint32_t kStateFixed = 8;   // VcpuState and DeviceState
 inline constexpr uint32_t kTotalsSize = 24;  // Complete and CompleteAck
 inline constexpr uint32_t kErrorFixed = 8;
 inline constexpr uint32_t kPageRequestFixed = 16;
-inline constexpr uint32_t kPresentBitmapFixed = 24;
+inline constexpr uint32_t kPresentBitmapFixed = 24;  // and DirtyPages
+inline constexpr uint32_t kResumeSize = 24;
 
 struct Bounds {
   uint64_t min = 0;
@@ -69,7 +70,10 @@ constexpr Bounds PayloadBounds(MessageType type) {
     case MessageType::kPageRequest:
       return {kPageRequestFixed + 4, kPageRequestFixed + 4 * kMaxRequestPages};
     case MessageType::kPresentBitmap:
+    case MessageType::kDirtyPages:
       return {kPresentBitmapFixed + 8, kPresentBitmapFixed + kMaxBitmapPages / 8};
+    case MessageType::kResume:
+      return {kResumeSize, kResumeSize};
   }
   return {1, 0};  // unknown types: no length is valid
 }

@@ -1,0 +1,115 @@
+// PostcopyDestination: the receiving side of a post-copy live migration
+// (docs/protocol.md §7).
+//
+//   - pre-copy passes are received as MigrationDestination receives them
+//     (straight into guest memory, the pass barrier), remembering which
+//     pages arrived;
+//   - at Switchover{kPostcopy}: once each page channel has reached the
+//     switchover (every pre-copy page is in place) and the dirty set, vCPU
+//     and device state have arrived, the pages that arrived and are clean
+//     are marked present in bulk, demand paging starts from a
+//     NetworkPageSource and the vCPUs run at once;
+//   - then faults become requests on the priority channel and pushed pages
+//     are received into place (network_page_source.h); on Complete (every
+//     page pushed) whatever is still missing is fetched, paging ends and
+//     CompleteAck is sent.
+//
+// A broken link during post-copy pauses the migration: Run() (or Resume())
+// returns an error and phase() is kPaused; the guest keeps running on the
+// pages it has and its vCPUs wait for the others. Resume(acceptor) accepts
+// the source's new session, says which pages are here (PresentBitmap),
+// requests again what the vCPUs wait for, and finishes.
+//
+// Failures before the vCPUs run: the source is told (Error) and the VM must
+// not be started.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "faultline/status.h"
+#include "src/migration/destination.h"
+#include "src/migration/network_page_source.h"
+#include "src/migration/postcopy_source.h"
+#include "src/migration/postcopy_vm.h"
+
+namespace faultline::migration {
+
+struct PostcopyDestinationStats {
+  uint32_t passes = 0;             // pre-copy passes received
+  uint64_t precopy_pages = 0;      // data and zero pages received in them
+  uint64_t present_at_start = 0;   // 4 KiB pages marked present at the switchover
+  uint64_t dirty_at_switchover = 0;
+  uint32_t sessions = 0;  // 1 + resumes
+  // Switchover message received -> vCPUs running (the destination's part of
+  // the switchover pause), and the moment they ran (for the pause measured
+  // from the source's stop, in one process).
+  std::chrono::microseconds start_vm{0};
+  std::chrono::steady_clock::time_point vm_started_at{};
+  // Its parts: receiving the dirty set and vCPU state, waiting for the page
+  // channels to reach the switchover, and StartPostcopy (dropping stale
+  // pages, marking present, loading state, starting the vCPUs).
+  std::chrono::microseconds state_wait{0};
+  std::chrono::microseconds channels_wait{0};
+  std::chrono::microseconds start_paging{0};
+  double mark_present_seconds = 0;
+  NetworkSourceStats network;  // fault latency, blocked time, demanded vs pushed
+  paging::PagingStats paging;
+  uint64_t bytes_received = 0;
+  std::chrono::microseconds postcopy{0};  // vCPUs running -> every page present
+  std::chrono::microseconds total{0};
+};
+
+class PostcopyDestination {
+ public:
+  // `vm` must outlive this object.
+  PostcopyDestination(PostcopyDestinationVm& vm, DestinationOptions options);
+  ~PostcopyDestination();
+
+  // Accepts one migration and runs it to the end (CompleteAck sent), or
+  // fails. An error with phase() == kPaused: the guest runs and the link is
+  // gone; call Resume(). Any other error: the VM was not started.
+  Result<PostcopyDestinationStats> Run(Acceptor& acceptor);
+  Result<PostcopyDestinationStats> Resume(Acceptor& acceptor);
+
+  // Any thread: breaks the current session (pre-copy: the migration fails;
+  // post-copy: it pauses).
+  void Cancel();
+
+  PostcopyPhase phase() const { return phase_.load(std::memory_order_acquire); }
+  // A snapshot for status queries (any thread).
+  PostcopyDestinationStats stats() const;
+
+ private:
+  class Attempt;  // postcopy_destination.cc
+
+  Status ReceivePrecopyChannel(Attempt& a, size_t c);
+  Status ReceivePushChannel(Attempt& a, size_t c);
+  Status ReceiveReplies(Attempt& a);
+  Status FollowPrecopy(Attempt& a);
+  Status StartGuest(Attempt& a);
+  // Drops the stale pages of one early DirtyPages message.
+  Status DropEarly(Attempt& a, uint32_t passes, const DirtyPages& dirty);
+  // Post-copy on `a`'s channels until Complete is handled (every page here).
+  Status FollowPostcopy(Attempt& a);
+  Result<PostcopyDestinationStats> Finish(Attempt& a, Status status);
+
+  PostcopyDestinationVm& vm_;
+  const DestinationOptions options_;
+  std::atomic<PostcopyPhase> phase_{PostcopyPhase::kNotStarted};
+  std::vector<std::shared_ptr<RamBlock>> blocks_;
+  std::shared_ptr<NetworkPageSource> network_;
+  uint64_t session_id_ = 0;  // the first session's
+  uint32_t final_pass_ = 0;
+  std::chrono::steady_clock::time_point start_;
+
+  mutable std::mutex mu_;
+  Attempt* active_ = nullptr;  // guarded by mu_
+  bool cancelled_ = false;     // guarded by mu_
+  PostcopyDestinationStats stats_;  // guarded by mu_
+};
+
+}  // namespace faultline::migration

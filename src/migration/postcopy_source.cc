@@ -1,0 +1,530 @@
+#include "src/migration/postcopy_source.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <thread>
+
+#include "src/migration/handshake.h"
+#include "src/migration/page_sender.h"
+#include "src/migration/postcopy_session.h"
+
+namespace faultline::migration {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+bool IsZero(const uint8_t* page) {
+  uint64_t acc = 0;
+  for (size_t i = 0; i < kWirePageSize; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, page + i, 8);
+    acc |= word;
+  }
+  return acc == 0;
+}
+
+std::chrono::microseconds Since(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t);
+}
+
+}  // namespace
+
+const char* PostcopyPhaseName(PostcopyPhase phase) {
+  switch (phase) {
+    case PostcopyPhase::kNotStarted:
+      return "not started";
+    case PostcopyPhase::kPrecopy:
+      return "pre-copy";
+    case PostcopyPhase::kPostcopy:
+      return "post-copy";
+    case PostcopyPhase::kPaused:
+      return "post-copy paused (link lost; resume with a new connection)";
+    case PostcopyPhase::kCompleted:
+      return "completed";
+    case PostcopyPhase::kFailed:
+      return "failed; the VM kept running here";
+  }
+  return "?";
+}
+
+// One session: its links, and the first failure, which breaks every link so
+// that every thread using them stops.
+class PostcopySource::Attempt {
+ public:
+  Session session;
+  std::unique_ptr<Link> priority;
+
+  void Break(Status why) {
+    std::lock_guard lock(mu_);
+    if (error_.ok()) error_ = std::move(why);
+    broken_ = true;
+    session.Shutdown();
+    if (priority) priority->channel().Shutdown();
+    cv_.notify_all();
+  }
+  bool broken() const {
+    std::lock_guard lock(mu_);
+    return broken_;
+  }
+  Status error() const {
+    std::lock_guard lock(mu_);
+    return error_;
+  }
+  // The watcher's verdict on the main channel: OK once CompleteAck came.
+  void SetPeer(Status s) {
+    std::lock_guard lock(mu_);
+    peer_ = std::move(s);
+    cv_.notify_all();
+  }
+  Status WaitPeer() {
+    std::unique_lock lock(mu_);
+    // Break() shuts the main channel down, so the watcher always ends. Its
+    // word is final: a CompleteAck read before other channels closed wins.
+    cv_.wait(lock, [&] { return peer_.has_value(); });
+    if (peer_->ok()) return Status::Ok();
+    return error_.ok() ? *peer_ : error_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool broken_ = false;          // guarded by mu_
+  Status error_;                 // guarded by mu_
+  std::optional<Status> peer_;   // guarded by mu_
+};
+
+PostcopySource::PostcopySource(SourceVm& vm, PostcopySourceOptions options)
+    : vm_(vm), options_(std::move(options)) {}
+
+PostcopySource::~PostcopySource() = default;
+
+void PostcopySource::Log(std::string_view text) const {
+  if (options_.log) {
+    options_.log(text);
+  } else {
+    std::fprintf(stderr, "faultline: %.*s\n", static_cast<int>(text.size()), text.data());
+  }
+}
+
+void PostcopySource::Cancel() {
+  std::lock_guard lock(mu_);
+  cancelled_ = true;
+  if (active_ != nullptr) active_->Break(Status(ECANCELED, "migration cancelled"));
+}
+
+PostcopyProgress PostcopySource::progress() {
+  PostcopyProgress p;
+  p.phase = phase();
+  p.pass = pass_.load(std::memory_order_relaxed);
+  p.pages_sent = pages_sent_.load(std::memory_order_relaxed);
+  p.pages_pushed = pages_pushed_.load(std::memory_order_relaxed);
+  p.pages_requested = pages_requested_.load(std::memory_order_relaxed);
+  std::lock_guard lock(scheduler_mu_);
+  if (scheduler_) p.pages_remaining = scheduler_->remaining();
+  return p;
+}
+
+Result<PostcopySourceStats> PostcopySource::Run(Connector& connector) {
+  if (phase() != PostcopyPhase::kNotStarted) return Error("PostcopySource::Run called twice");
+  if (options_.base.batch_pages == 0 || options_.base.batch_pages > kMaxPagesPerBatch ||
+      options_.push_batch_pages == 0 || options_.push_batch_pages > kMaxPagesPerBatch) {
+    return Error("batch of {}/{} pages (1 to {} allowed)", options_.base.batch_pages,
+                 options_.push_batch_pages, kMaxPagesPerBatch);
+  }
+  start_ = Clock::now();
+  phase_.store(PostcopyPhase::kPrecopy, std::memory_order_release);
+  blocks_ = vm_.blocks();
+  std::vector<BlockInfo> infos;
+  for (const auto& b : blocks_) infos.push_back(DescribeBlock(*b));
+
+  Attempt attempt;
+  auto fail_running = [&](Status s) -> Status {
+    (void)vm_.StopDirtyTracking();
+    phase_.store(PostcopyPhase::kFailed, std::memory_order_release);
+    return s.WithContext(PostcopyPhaseName(PostcopyPhase::kFailed));
+  };
+  {
+    Result<Session> session = ConnectSession(
+        connector, {infos, options_.base.page_channels, options_.base.key,
+                    kFeaturePostcopy | kFeatureRecovery});
+    if (!session) return fail_running(session.error());
+    if (!(session->ack.features & kFeaturePostcopy)) {
+      (void)SendError(*session->main, ErrorCode::kFeatures, Status::Ok());
+      return fail_running(Error("the destination does not support post-copy"));
+    }
+    attempt.session = std::move(*session);
+  }
+  session_id_ = attempt.session.hello.session_id;
+  Result<std::unique_ptr<Link>> priority =
+      ConnectPriorityChannel(connector, attempt.session, options_.base.key);
+  if (!priority) return fail_running(priority.error());
+  attempt.priority = std::move(*priority);
+  {
+    std::lock_guard lock(mu_);
+    active_ = &attempt;
+    if (cancelled_) attempt.Break(Status(ECANCELED, "migration cancelled"));
+  }
+  stats_.sessions = 1;
+
+  // Pre-copy, then the switchover; failures up to the last state message
+  // leave (or put) the VM running here.
+  Status status = [&]() -> Status {
+    PageSender sender(attempt.session, blocks_, options_.base, pages_sent_);
+    // Without pre-copy passes no dirty log is needed (KVM refuses one on
+    // guest_memfd memslots: such a VM can still leave by post-copy alone).
+    if (options_.precopy_passes > 0) RETURN_IF_ERROR(vm_.StartDirtyTracking());
+    for (const auto& b : blocks_) {
+      dirty_.emplace_back(b->size() / kWirePageSize);
+      dirty_.back().SetAll();
+    }
+    Link& main = *attempt.session.main;
+    for (uint32_t pass = 0; pass < options_.precopy_passes; ++pass) {
+      if (options_.precopy_passes == kPostcopyOnCommand && pass > 0 &&
+          start_now_.load(std::memory_order_acquire)) {
+        break;
+      }
+      if (attempt.broken()) return attempt.error();
+      pass_.store(pass, std::memory_order_relaxed);
+      const auto t = Clock::now();
+      ASSIGN_OR_RETURN(PageSender::PassTotals totals, sender.SendPass(dirty_, pass, false));
+      for (DirtyBitmap& d : dirty_) d.ClearAll();
+      PassStats s{pass, totals.data_pages, totals.zero_pages,
+                  std::chrono::duration<double>(Clock::now() - t).count(), 0};
+      ASSIGN_OR_RETURN(s.dirty_after, Harvest());
+      stats_.passes.push_back(s);
+      RETURN_IF_ERROR(main.writer().Send(PassEnd{pass, s.data_pages, s.zero_pages, s.dirty_after}));
+    }
+    return Switchover();
+  }();
+  if (!status.ok()) {
+    status = attempt.error().ok() ? status : attempt.error();
+    attempt.Break(status);
+    if (stats_.paused_at != Clock::time_point{}) vm_.Resume();
+    std::lock_guard lock(mu_);
+    active_ = nullptr;
+    return fail_running(status);
+  }
+  phase_.store(PostcopyPhase::kPostcopy, std::memory_order_release);
+  status = Postcopy();
+  std::lock_guard lock(mu_);
+  active_ = nullptr;
+  stats_.bytes_sent += attempt.session.stats().bytes_sent + attempt.priority->channel().stats().bytes_sent;
+  stats_.total = Since(start_);
+  if (!status.ok()) return status;
+  return stats_;
+}
+
+Result<uint64_t> PostcopySource::Harvest() {
+  uint64_t count = 0;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    RETURN_IF_ERROR(vm_.TakeDirty(*blocks_[i], taken_));
+    if (taken_.pages() != dirty_[i].pages()) {
+      return Error("dirty bitmap of block '{}' has {} pages, expected {}", blocks_[i]->name(),
+                   taken_.pages(), dirty_[i].pages());
+    }
+    dirty_[i].Merge(taken_);
+    count += dirty_[i].Count();
+  }
+  return count;
+}
+
+// Sends the set of `dirty_` as DirtyPages messages (only ranges with a bit).
+static Status SendDirty(MessageWriter& writer, const std::vector<DirtyBitmap>& dirty) {
+  for (uint32_t b = 0; b < dirty.size(); ++b) {
+    const DirtyBitmap& d = dirty[b];
+    for (uint64_t first = 0; first < d.pages(); first += kMaxBitmapPages) {
+      const uint32_t count =
+          static_cast<uint32_t>(std::min<uint64_t>(kMaxBitmapPages, d.pages() - first));
+      if (!d.AnyInRange(first, count)) continue;
+      DirtyPages m{b, first, count,
+                   std::vector<uint64_t>(d.words().begin() + first / 64,
+                                         d.words().begin() + (first + count + 63) / 64)};
+      RETURN_IF_ERROR(writer.Send(m));
+    }
+  }
+  return Status::Ok();
+}
+
+Status PostcopySource::Switchover() {
+  Attempt& a = *active_;  // set by Run, which is the only caller
+  Link& main = *a.session.main;
+  if (!stats_.passes.empty()) {
+    // The early dirty set (§10): the pages dirtied during the last pass,
+    // while the guest still runs. The destination drops its stale copies
+    // and answers PassEnd; only what the guest dirties from now until the
+    // pause is left to drop inside the pause.
+    RETURN_IF_ERROR(SendDirty(main.writer(), dirty_));
+    const uint32_t last = static_cast<uint32_t>(stats_.passes.size() - 1);
+    RETURN_IF_ERROR(main.writer().Send(PassEnd{last, 0, 0, 0}));  // the end of the early set
+    while (true) {
+      Result<Message> m = main.reader().Read();
+      if (!m && m.error().code() == EAGAIN) continue;
+      if (!m) return m.error().WithContext("waiting for the early dirty set's PassEnd");
+      if (const auto* e = std::get_if<ErrorMessage>(&*m)) return PeerError(*e);
+      if (!std::holds_alternative<PassEnd>(*m)) {
+        return Error("expected PassEnd after the early dirty set, got {}",
+                     MessageTypeName(TypeOf(*m)));
+      }
+      break;
+    }
+  }
+  stats_.paused_at = Clock::now();
+  vm_.Pause();
+  const bool precopied = !stats_.passes.empty();
+  uint64_t dirty = 0;
+  if (precopied) {
+    ASSIGN_OR_RETURN(dirty, Harvest());
+  }
+  ASSIGN_OR_RETURN(std::vector<std::vector<uint8_t>> vcpus, vm_.SaveVcpus());
+  ASSIGN_OR_RETURN(std::vector<DeviceBlob> devices, vm_.SaveDevices());
+  const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
+  pass_.store(final_pass, std::memory_order_relaxed);
+  switchover_ = migration::Switchover{SwitchoverMode::kPostcopy, final_pass, dirty,
+                                     static_cast<uint32_t>(vcpus.size()),
+                                     static_cast<uint32_t>(devices.size())};
+  RETURN_IF_ERROR(main.writer().Send(switchover_));
+  // The whole dirty set (the early set and what came since).
+  if (precopied) RETURN_IF_ERROR(SendDirty(main.writer(), dirty_));
+  for (uint32_t i = 0; i < vcpus.size(); ++i) {
+    RETURN_IF_ERROR(main.writer().Send(VcpuStateMessage{i, std::move(vcpus[i])}));
+  }
+  for (DeviceBlob& d : devices) {
+    RETURN_IF_ERROR(main.writer().Send(DeviceState{d.name, std::move(d.state)}));
+  }
+  stats_.switchover_send = Since(stats_.paused_at);
+  stats_.switchover_dirty_pages = dirty;
+  if (precopied) (void)vm_.StopDirtyTracking();  // paused for good: nothing changes any more
+  std::vector<uint32_t> units;
+  for (const auto& b : blocks_) units.push_back(static_cast<uint32_t>(b->page_size() / kWirePageSize));
+  std::vector<DirtyBitmap> todo;
+  for (size_t b = 0; b < dirty_.size(); ++b) {
+    DirtyBitmap& d = dirty_[b];
+    if (!precopied) d.SetAll();
+    // The destination installs a huge page whole and drops its copy of
+    // one with a dirty page: push all of it.
+    const uint64_t unit = units[b];
+    if (unit > 1) {
+      for (uint64_t u = 0; u < d.pages(); u += unit) {
+        if (d.AnyInRange(u, unit)) d.SetRange(u, unit);
+      }
+    }
+    todo.push_back(std::move(d));
+  }
+  dirty_.clear();
+  std::lock_guard lock(scheduler_mu_);
+  scheduler_ = std::make_unique<PushScheduler>(std::move(todo), std::move(units), options_.push);
+  return Status::Ok();
+}
+
+// Serves one session of post-copy until CompleteAck or a break.
+Status PostcopySource::Postcopy() {
+  Attempt& a = *active_;
+  const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
+  const auto started = Clock::now();
+  // A destination sends Error on the main channel only before it runs the
+  // guest (docs/protocol.md §7.5): then the guest may run here again.
+  std::atomic<bool> peer_refused{false};
+  std::atomic<bool> complete_sent{false};
+
+  std::thread watcher([&] {
+    MessageReader& reader = a.session.main->reader();
+    while (true) {
+      Result<Message> m = reader.Read();
+      if (!m && m.error().code() == EAGAIN) continue;
+      Status end;
+      if (!m) {
+        end = m.error().WithContext("main channel");
+      } else if (std::holds_alternative<CompleteAck>(*m)) {
+        end = Status::Ok();
+      } else if (const auto* e = std::get_if<ErrorMessage>(&*m)) {
+        end = PeerError(*e).WithContext("the destination failed");
+        peer_refused.store(true);
+      } else {
+        end = Error("the destination sent {} on the main channel", MessageTypeName(TypeOf(*m)));
+      }
+      if (!end.ok()) a.Break(end);
+      a.SetPeer(end);
+      return;
+    }
+  });
+
+  std::atomic<uint64_t> served{0}, rejected{0};
+  std::thread responder([&] {
+    Link& link = *a.priority;
+    std::vector<ConstBuffer> data;
+    while (true) {
+      Result<Message> m = link.reader().Read();
+      if (!m && m.error().code() == EAGAIN) continue;
+      if (!m && link.reader().last_error_left_stream_intact()) {
+        // A request the decoder refused (an index outside the block, say):
+        // the frame was read whole, so the channel is still usable.
+        rejected.fetch_add(1, std::memory_order_relaxed);
+        Log(fmt::format("post-copy: rejected a page request: {}", m.error().ToString()));
+        continue;
+      }
+      // Once Complete is out, the destination closes its channels when it
+      // has every page; only the main channel's answer counts then.
+      if (!m && complete_sent.load()) return;
+      if (!m) return a.Break(m.error().WithContext("priority channel"));
+      const auto* request = std::get_if<PageRequest>(&*m);
+      if (request == nullptr) {
+        return a.Break(Error("priority channel: unexpected {}", MessageTypeName(TypeOf(*m))));
+      }
+      scheduler_->Requested(request->block, request->pages);
+      const uint8_t* host = blocks_[request->block]->host();
+      data.clear();
+      for (uint32_t p : request->pages) data.push_back(ConstBuffer(host + uint64_t{p} * kWirePageSize, kWirePageSize));
+      Status sent = link.writer().SendPages(PagesHeader{request->block, final_pass, 0, request->pages}, data);
+      if (!sent.ok() && complete_sent.load()) return;
+      if (!sent.ok()) return a.Break(sent.WithContext("priority channel"));
+      served.fetch_add(1, std::memory_order_relaxed);
+      pages_requested_.fetch_add(request->pages.size(), std::memory_order_relaxed);
+    }
+  });
+
+  const size_t n = a.session.pages.size();
+  std::vector<std::thread> pushers;
+  for (size_t c = 0; c < n; ++c) {
+    pushers.emplace_back([&, c] {
+      MessageWriter& writer = a.session.pages[c]->writer();
+      uint64_t data_pages = 0, zero_pages = 0;
+      // The push opens with a copy of the Switchover: the destination's
+      // channel thread learns that pre-copy ended on this channel.
+      Status s = writer.Send(switchover_);
+      std::vector<ConstBuffer> data;
+      while (s.ok() && !a.broken()) {
+        std::optional<PushBatch> batch = scheduler_->Next(options_.push_batch_pages);
+        if (!batch) break;
+        const uint8_t* host = blocks_[batch->block]->host();
+        PagesHeader pages{batch->block, final_pass, 0, {}};
+        ZeroPages zeros{batch->block, final_pass, {}};
+        data.clear();
+        for (uint32_t p : batch->pages) {
+          const uint8_t* page = host + uint64_t{p} * kWirePageSize;
+          if (IsZero(page)) {
+            if (!zeros.runs.empty() && zeros.runs.back().first + zeros.runs.back().count == p) {
+              ++zeros.runs.back().count;
+            } else {
+              zeros.runs.push_back({p, 1});
+            }
+          } else {
+            pages.pages.push_back(p);
+            data.push_back(ConstBuffer(page, kWirePageSize));
+          }
+        }
+        if (!pages.pages.empty()) s = writer.SendPages(pages, data);
+        if (s.ok() && !zeros.runs.empty()) s = writer.Send(zeros);
+        if (!s.ok()) {
+          scheduler_->Return(*batch);
+          break;
+        }
+        data_pages += pages.pages.size();
+        zero_pages += zeros.page_count();
+        pages_pushed_.fetch_add(batch->pages.size(), std::memory_order_relaxed);
+      }
+      if (s.ok() && !a.broken()) s = writer.Send(PassEnd{final_pass, data_pages, zero_pages, 0});
+      if (!s.ok()) a.Break(s.WithContext(fmt::format("page channel {}", c)));
+    });
+  }
+  for (std::thread& t : pushers) t.join();
+  if (!a.broken()) {
+    complete_sent.store(true);
+    Status s = a.session.main->writer().Send(Complete{final_pass + 1, 0, 0});
+    if (!s.ok()) a.Break(s.WithContext("main channel"));
+  }
+  Status end = a.WaitPeer();
+  a.Break(end.ok() ? Status(ECANCELED, "completed") : end);  // stops the responder
+  responder.join();
+  watcher.join();
+  stats_.requests_served += served.load();
+  stats_.requests_rejected += rejected.load();
+  stats_.pages_pushed = pages_pushed_.load();
+  stats_.pages_requested = pages_requested_.load();
+  stats_.postcopy += Since(started);
+  if (end.ok()) {
+    phase_.store(PostcopyPhase::kCompleted, std::memory_order_release);
+    return Status::Ok();
+  }
+  if (peer_refused.load() && stats_.sessions == 1) {
+    vm_.Resume();
+    phase_.store(PostcopyPhase::kFailed, std::memory_order_release);
+    return end.WithContext("the destination refused the switchover; the VM was resumed here");
+  }
+  phase_.store(PostcopyPhase::kPaused, std::memory_order_release);
+  return end.WithContext(PostcopyPhaseName(PostcopyPhase::kPaused));
+}
+
+Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
+  if (phase() != PostcopyPhase::kPaused) {
+    return Error("PostcopySource::Resume: the migration is {}, not paused", PostcopyPhaseName(phase()));
+  }
+  std::vector<BlockInfo> infos;
+  for (const auto& b : blocks_) infos.push_back(DescribeBlock(*b));
+  Attempt attempt;
+  ASSIGN_OR_RETURN(attempt.session,
+                   ConnectSession(connector, {infos, options_.base.page_channels, options_.base.key,
+                                              kFeaturePostcopy | kFeatureRecovery}));
+  if (!(attempt.session.ack.features & kFeatureRecovery)) {
+    return SendError(*attempt.session.main, ErrorCode::kFeatures,
+                     Error("the destination does not support post-copy recovery"));
+  }
+  ASSIGN_OR_RETURN(attempt.priority, ConnectPriorityChannel(connector, attempt.session, options_.base.key));
+  Link& main = *attempt.session.main;
+  RETURN_IF_ERROR(main.writer().Send(migration::Resume{session_id_, 0}));
+  // What the destination has: whatever it has needs no push.
+  std::vector<DirtyBitmap> todo;
+  for (const auto& b : blocks_) {
+    todo.emplace_back(b->size() / kWirePageSize);
+    todo.back().SetAll();
+  }
+  uint64_t have = 0;
+  while (true) {
+    Result<Message> m = main.reader().Read();
+    if (!m && m.error().code() == EAGAIN) continue;
+    if (!m) return m.error().WithContext("resume");
+    if (const auto* bits = std::get_if<PresentBitmap>(&*m)) {
+      for (uint32_t i = 0; i < bits->page_count; ++i) {
+        if ((bits->words[i / 64] >> (i % 64)) & 1) {
+          todo[bits->block].Clear(bits->first_page + i);
+          ++have;
+        }
+      }
+    } else if (const auto* r = std::get_if<migration::Resume>(&*m)) {
+      if (r->session_id != session_id_ || r->pages != have) {
+        return SendError(main, ErrorCode::kProtocol,
+                         Error("Resume answer for session {:#x} with {} pages; expected {:#x}, {} pages",
+                               r->session_id, r->pages, session_id_, have));
+      }
+      break;
+    } else if (const auto* e = std::get_if<ErrorMessage>(&*m)) {
+      return PeerError(*e).WithContext("resume");
+    } else {
+      return SendError(main, ErrorCode::kProtocol,
+                       Error("resume: unexpected {}", MessageTypeName(TypeOf(*m))));
+    }
+  }
+  std::vector<uint32_t> units;
+  for (const auto& b : blocks_) units.push_back(static_cast<uint32_t>(b->page_size() / kWirePageSize));
+  {
+    std::lock_guard lock(scheduler_mu_);
+    scheduler_ = std::make_unique<PushScheduler>(std::move(todo), std::move(units), options_.push);
+  }
+  {
+    std::lock_guard lock(mu_);
+    active_ = &attempt;
+  }
+  ++stats_.sessions;
+  phase_.store(PostcopyPhase::kPostcopy, std::memory_order_release);
+  Status status = Postcopy();
+  std::lock_guard lock(mu_);
+  active_ = nullptr;
+  stats_.bytes_sent += attempt.session.stats().bytes_sent + attempt.priority->channel().stats().bytes_sent;
+  stats_.total = Since(start_);
+  if (!status.ok()) return status;
+  return stats_;
+}
+
+}  // namespace faultline::migration

@@ -1,0 +1,151 @@
+// PostcopySource: the sending side of a post-copy live migration
+// (docs/protocol.md §7).
+//
+//   1. Handshake with kFeaturePostcopy (and kFeatureRecovery), page channels
+//      and the priority channel (postcopy_session.h).
+//   2. Pre-copy passes as MigrationSource runs them, until `precopy_passes`
+//      passes ended or StartPostcopy() was called (the pass under way ends
+//      first).
+//   3. Switchover: the VM is paused; Switchover{kPostcopy}, DirtyPages (the
+//      pages dirtied since they were last sent), vCPU and device state. The
+//      destination runs the guest at once; from here on the only complete
+//      copy of the memory is this one, and the VM here stays paused for good.
+//   4. Post-copy: a responder thread answers each PageRequest on the
+//      priority channel at once; one thread per page channel pushes the
+//      pages the destination does not have, neighbours of requested pages
+//      first (push_scheduler.h); then PassEnd on each page channel and
+//      Complete on the main channel; CompleteAck ends the migration.
+//
+// A request for a page outside the block is rejected (logged, counted in
+// requests_rejected) and the responder serves on.
+//
+// Recovery: if the link breaks during post-copy, Run() returns an error and
+// phase() is kPaused: nothing is lost, the guest at the destination waits
+// for missing pages. Resume(connector) opens a new session, learns which
+// pages the destination has (PresentBitmap) and finishes.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string_view>
+#include <vector>
+
+#include "faultline/status.h"
+#include "src/migration/migratable.h"
+#include "src/migration/push_scheduler.h"
+#include "src/migration/source.h"
+#include "src/migration/transport.h"
+
+namespace faultline::migration {
+
+inline constexpr uint32_t kPostcopyOnCommand = UINT32_MAX;
+
+struct PostcopySourceOptions {
+  SourceOptions base;  // channels, key, bandwidth limit (pre-copy passes), batch size
+  // Pre-copy passes before the switch to post-copy (0: straight away);
+  // kPostcopyOnCommand: pass after pass until StartPostcopy().
+  uint32_t precopy_passes = 1;
+  uint32_t push_batch_pages = 32;  // pages per pushed Pages message (a 2 MiB unit at least)
+  PushScheduler::Options push;
+  // Where rejected requests and other notes go (default: stderr).
+  std::function<void(std::string_view)> log;
+};
+
+enum class PostcopyPhase {
+  kNotStarted,
+  kPrecopy,
+  kPostcopy,
+  kPaused,     // post-copy, link broken: Resume()
+  kCompleted,  // the destination has every page
+  kFailed,     // the VM runs here (kept running, or resumed after the destination refused)
+};
+const char* PostcopyPhaseName(PostcopyPhase phase);
+
+struct PostcopySourceStats {
+  std::vector<PassStats> passes;  // pre-copy
+  uint64_t switchover_dirty_pages = 0;
+  uint64_t pages_pushed = 0;       // pushed (data and zero), all sessions
+  uint64_t pages_requested = 0;    // asked for by the destination
+  uint64_t requests_served = 0;
+  uint64_t requests_rejected = 0;  // out of range or malformed
+  uint32_t sessions = 0;           // 1 + resumes
+  uint64_t bytes_sent = 0;
+  // Pause until the last switchover message was handed to the transport.
+  std::chrono::microseconds switchover_send{0};
+  std::chrono::steady_clock::time_point paused_at{};  // the VM stopped here
+  std::chrono::microseconds postcopy{0};              // switchover to CompleteAck
+  std::chrono::microseconds total{0};
+};
+
+struct PostcopyProgress {
+  PostcopyPhase phase = PostcopyPhase::kNotStarted;
+  uint32_t pass = 0;
+  uint64_t pages_sent = 0;       // pre-copy, all passes
+  uint64_t pages_remaining = 0;  // post-copy: still to push
+  uint64_t pages_pushed = 0;
+  uint64_t pages_requested = 0;
+};
+
+class PostcopySource {
+ public:
+  // `vm` must outlive this object.
+  PostcopySource(SourceVm& vm, PostcopySourceOptions options);
+  ~PostcopySource();
+
+  // Runs the migration; blocks until it completed or failed. Call once.
+  // An error with phase() == kPaused: the link broke after the switchover;
+  // call Resume().
+  Result<PostcopySourceStats> Run(Connector& connector);
+  // Continues a paused migration over a new session.
+  Result<PostcopySourceStats> Resume(Connector& connector);
+
+  // Any thread: switch to post-copy once the current pre-copy pass ends.
+  void StartPostcopy() { start_now_.store(true, std::memory_order_release); }
+  // Any thread: breaks the current session. Before the switchover the
+  // migration fails and the VM keeps running; after it, the migration
+  // pauses (it cannot be cancelled: the guest runs at the destination).
+  void Cancel();
+
+  PostcopyPhase phase() const { return phase_.load(std::memory_order_acquire); }
+  PostcopyProgress progress();
+
+ private:
+  class Attempt;  // postcopy_source.cc
+
+  Status Precopy();
+  Status Switchover();
+  Status Postcopy();
+  Result<uint64_t> Harvest();
+  void Log(std::string_view text) const;
+
+  SourceVm& vm_;
+  const PostcopySourceOptions options_;
+  std::atomic<PostcopyPhase> phase_{PostcopyPhase::kNotStarted};
+  std::atomic<bool> start_now_{false};
+  std::atomic<uint32_t> pass_{0};
+  std::atomic<uint64_t> pages_sent_{0};
+  std::atomic<uint64_t> pages_pushed_{0};
+  std::atomic<uint64_t> pages_requested_{0};
+
+  std::vector<std::shared_ptr<RamBlock>> blocks_;
+  std::vector<DirtyBitmap> dirty_;
+  DirtyBitmap taken_;
+  // Replaced at the switchover and at each Resume (by the thread running
+  // the migration, the only user besides progress()).
+  std::mutex scheduler_mu_;
+  std::unique_ptr<PushScheduler> scheduler_;  // guarded by scheduler_mu_ for replacement
+  PostcopySourceStats stats_;
+  uint64_t session_id_ = 0;  // the first session's: what Resume names
+  migration::Switchover switchover_;
+  std::chrono::steady_clock::time_point start_;
+
+  std::mutex mu_;
+  Attempt* active_ = nullptr;  // guarded by mu_: the session in use
+  bool cancelled_ = false;     // guarded by mu_
+};
+
+}  // namespace faultline::migration

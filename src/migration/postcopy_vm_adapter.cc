@@ -1,0 +1,148 @@
+// The reference VMM (vmm::Vm) as a post-copy destination: a GuestPager over
+// its one RAM block, wired into its vCPU hooks (paging/vm_paging.h).
+#include <algorithm>
+
+#include "src/migration/postcopy_vm.h"
+#include "src/migration/wire.h"
+#include "src/paging/guest_pager.h"
+#include "src/paging/present_map.h"
+#include "src/paging/vm_paging.h"
+#include "src/vmm/vm.h"
+
+namespace faultline::migration {
+
+paging::InstallerKind DefaultPostcopyInstaller(Backing backing) {
+  return paging::BestInstaller(backing);
+}
+
+namespace {
+
+class VmPostcopyDestination final : public PostcopyDestinationVm {
+ public:
+  VmPostcopyDestination(vmm::Vm& vm, PostcopyVmOptions options)
+      : vm_(vm), options_(std::move(options)) {
+    installer_ = options_.installer.value_or(DefaultPostcopyInstaller(vm_.config().backing));
+  }
+  ~VmPostcopyDestination() override {
+    if (pager_) paging::DetachFromVm(vm_);
+  }
+
+  std::vector<std::shared_ptr<RamBlock>> blocks() override { return vm_.memory().blocks(); }
+  bool memory_is_zero() const override { return !vm_.config().boot; }
+  uint32_t vcpu_count() const override { return vm_.config().vcpus; }
+  Status LoadVcpus(std::span<const std::vector<uint8_t>> blobs) override {
+    std::vector<vmm::VcpuState> states;
+    for (size_t i = 0; i < blobs.size(); ++i) {
+      Result<vmm::VcpuState> s = vmm::VcpuState::Deserialize(blobs[i]);
+      if (!s) return s.error().WithContext(fmt::format("vCPU {}", i));
+      states.push_back(std::move(*s));
+    }
+    return vm_.LoadVcpus(states);
+  }
+  Status LoadDevices(std::span<const DeviceBlob> devices) override {
+    if (!devices.empty()) {
+      return Error("device state for '{}' arrived, but this VMM has no migratable devices",
+                   devices[0].name);
+    }
+    return Status::Ok();
+  }
+
+  Status DropPages(uint32_t block, uint64_t first, uint64_t count) override {
+    auto blocks = vm_.memory().blocks();
+    if (block >= blocks.size()) return Error("post-copy: no block {}", block);
+    // Hole: missing pages are fetched into the block whatever it holds.
+    if (installer_ == paging::InstallerKind::kHole || blocks[block]->page_size() != kWirePageSize) {
+      return Status::Ok();
+    }
+    return blocks[block]->Discard(first * kWirePageSize, count * kWirePageSize);
+  }
+
+  uint8_t* direct_push_target(uint32_t block) override {
+    auto blocks = vm_.memory().blocks();
+    if (installer_ != paging::InstallerKind::kHole || block >= blocks.size()) return nullptr;
+    return blocks[block]->host();
+  }
+
+  Status StartPostcopy(std::shared_ptr<paging::PageSource> source,
+                       std::span<const DirtyBitmap> present,
+                       std::span<const std::vector<uint8_t>> vcpus,
+                       std::span<const DeviceBlob> devices) override {
+    auto blocks = vm_.memory().blocks();
+    if (present.size() != blocks.size()) {
+      return Error("post-copy: {} present maps for {} blocks", present.size(), blocks.size());
+    }
+    std::vector<paging::BlockToPage> to_page;
+    for (uint32_t b = 0; b < blocks.size(); ++b) {
+      RamBlock& block = *blocks[b];
+      const uint64_t per_unit = block.page_size() / kWirePageSize;
+      // A block page (2 MiB on hugetlb) is present if all its wire pages are.
+      DirtyBitmap units(block.pages());
+      for (uint64_t u = 0; u < block.pages(); ++u) {
+        if (present[b].CountRange(u * per_unit, per_unit) == per_unit) units.Set(u);
+      }
+      // Stale copies (dirtied at the source since they were sent) must fault:
+      // drop them. Memory never written reads as zeros and is dropped cheaply.
+      if (installer_ != paging::InstallerKind::kHole && per_unit > 1) {
+        for (uint64_t u = units.FindNextClear(0); u < units.pages();) {
+          const uint64_t end = std::min(units.FindNextSet(u), units.pages());
+          RETURN_IF_ERROR(block.Discard(u * block.page_size(), (end - u) * block.page_size())
+                              .WithContext("dropping stale pages before post-copy"));
+          u = end < units.pages() ? units.FindNextClear(end) : units.pages();
+        }
+      }
+      to_page.push_back({blocks[b], b, paging::PresentMap::FromBitmap(units)});
+    }
+    paging::GuestPagingOptions options;
+    options.installer = installer_;
+    options.pager = options_.pager;
+    // Each page channel offers up to a batch of pushed pages to the pager at
+    // once and fills their staging pages itself: there must be slots for
+    // all of them and for the faults besides.
+    if (options.pager.staging_slots == 0) options.pager.staging_slots = 2048;
+    options.hole_chunk = options_.hole_chunk;
+    ASSIGN_OR_RETURN(pager_, paging::GuestPager::Create(vm_.memory(), std::move(source),
+                                                        std::move(to_page), options));
+    paging::AttachToVm(*pager_, vm_);
+    RETURN_IF_ERROR(LoadVcpus(vcpus));
+    RETURN_IF_ERROR(LoadDevices(devices));
+    for (uint32_t i = 0; i < vm_.config().vcpus; ++i) {
+      RETURN_IF_ERROR(pager_->PrepareVcpu(vm_.vcpus().vcpu(i)));
+    }
+    RETURN_IF_ERROR(pager_->Start());
+    return vm_.Start();
+  }
+
+  void Push(uint32_t block, uint64_t offset, uint64_t length) override {
+    auto blocks = vm_.memory().blocks();
+    if (!pager_ || pager_->demand_pager() == nullptr || block >= blocks.size()) return;
+    (void)pager_->demand_pager()->Push(*blocks[block], offset, length);
+  }
+  Status FetchMissing() override { return pager_ ? pager_->PushAll() : Status::Ok(); }
+  // Hole: the chunk memslots are merged back. Userfaultfd installers stay
+  // registered until the VM is gone: every page is present, so nothing
+  // faults, and a stopped DemandPager refuses the VMM's own accesses
+  // (EnsurePresent) instead of letting them through.
+  Status FinishPaging() override {
+    if (!pager_) return Status::Ok();
+    if (installer_ == paging::InstallerKind::kHole) return pager_->Finish();
+    return pager_->complete() ? pager_->first_error() : Error("post-copy: pages are still missing");
+  }
+  bool paging_complete() override { return !pager_ || pager_->complete(); }
+  paging::PagingStats paging_stats() override { return pager_ ? pager_->stats() : paging::PagingStats{}; }
+  paging::InstallerKind installer() const override { return installer_; }
+
+ private:
+  vmm::Vm& vm_;
+  const PostcopyVmOptions options_;
+  paging::InstallerKind installer_;
+  std::unique_ptr<paging::GuestPager> pager_;
+};
+
+}  // namespace
+
+std::unique_ptr<PostcopyDestinationVm> MakePostcopyDestinationVm(vmm::Vm& vm,
+                                                                 PostcopyVmOptions options) {
+  return std::make_unique<VmPostcopyDestination>(vm, std::move(options));
+}
+
+}  // namespace faultline::migration
