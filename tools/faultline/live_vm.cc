@@ -128,7 +128,9 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
     s.migration = m.phase;
     if (m.phase == vmm::MigrationPhase::kCompleted) {
       s.state = vmm::VmState::kPaused;  // for good: the destination runs the guest
-    } else if (m.phase == vmm::MigrationPhase::kSwitchover) {
+    } else if (m.phase == vmm::MigrationPhase::kSwitchover ||
+               m.phase == vmm::MigrationPhase::kPostcopy) {
+      // Post-copy: the guest runs at the destination from the switchover on.
       s.state = vmm::VmState::kPaused;
     } else if (all_done) {
       s.state = report.success() ? vmm::VmState::kFinished : vmm::VmState::kFailed;

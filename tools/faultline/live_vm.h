@@ -4,8 +4,8 @@
 // `faultline run` and `faultline demo` share it, so the demo drives the same
 // engine, transport and control code as `faultline migrate`.
 //
-// Post-copy plugs in at SourceMigrationControl::Start (request.mode); until
-// the engine has it, that refuses mode postcopy with a clear message.
+// Mode postcopy runs migration::PostcopySource behind the same commands
+// (SourceMigrationControl::Start picks the engine by request.mode).
 #pragma once
 
 #include <atomic>
