@@ -70,6 +70,10 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   Result<std::unique_ptr<migration::Connector>> connector =
       migration::MakeConnector(*address, options_.transport);
   if (!connector.has_value()) return connector.error();
+  if (options_.first_link_fault) {
+    *connector = std::make_unique<migration::FaultyConnector>(
+        std::move(*connector), migration::FaultController::Create(*options_.first_link_fault));
+  }
 
   migration::SourceOptions source_options;
   source_options.page_channels = static_cast<uint16_t>(request.channels);

@@ -31,6 +31,7 @@
 
 #include "faultline/status.h"
 #include "src/migration/auth.h"
+#include "src/migration/fault_transport.h"
 #include "src/migration/migratable.h"
 #include "src/migration/postcopy_source.h"
 #include "src/migration/source.h"
@@ -49,6 +50,10 @@ class SourceMigrationControl final : public MigrationControl {
     // verdict on who runs the guest (completed: the destination does, and
     // the VM here stays paused for the VMM to retire).
     std::function<void(migration::SourceOutcome)> on_done;
+    // A test hook: the first session of each migration goes through a
+    // simulated link (fault_transport.h) with this plan, e.g. one that
+    // breaks after so many bytes; sessions made by migrate-resume do not.
+    std::optional<migration::FaultPlan> first_link_fault;
   };
 
   // `vm` must outlive this object.

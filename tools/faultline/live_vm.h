@@ -30,7 +30,10 @@ class LiveVm {
 
   // `vm` has been started and must outlive this object. An empty
   // `control_path` serves no socket (the demo drives migration() directly).
-  static Result<std::unique_ptr<LiveVm>> Create(vmm::Vm& vm, const std::string& control_path);
+  // `first_link_fault`: a test hook, see SourceMigrationControl::Options.
+  static Result<std::unique_ptr<LiveVm>> Create(
+      vmm::Vm& vm, const std::string& control_path,
+      std::optional<migration::FaultPlan> first_link_fault = std::nullopt);
   ~LiveVm();
 
   vmm::MigrationControl& migration();

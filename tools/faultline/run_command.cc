@@ -43,6 +43,7 @@ struct RunOptions {
   bool prealloc = false;  // with --incoming: allocate all RAM before receiving
   bool postcopy = false;  // with --incoming: the migration is post-copy
   std::string installer;  // with --postcopy: override the default per backing
+  uint64_t test_cut_after = 0;  // test hook: break the first migration link after N bytes
 };
 
 using Clock = std::chrono::steady_clock;
@@ -242,7 +243,12 @@ int Run(const RunOptions& o) {
     if (Status s = (*vm)->Start(); !s.ok()) return Fail(s);
   }
 
-  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(**vm, o.control);
+  std::optional<migration::FaultPlan> link_fault;
+  if (o.test_cut_after > 0) {
+    link_fault.emplace();
+    link_fault->cut_after_bytes_sent = o.test_cut_after;
+  }
+  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(**vm, o.control, link_fault);
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
@@ -340,6 +346,11 @@ void AddRunCommand(CLI::App& app, Action& action) {
                   "With --postcopy: how fetched pages are installed: continue, move, copy or "
                   "hole (default per backing: continue for memfd and hugetlb, move for anon, "
                   "hole for gmem)");
+  // Hidden: for the tests of recovery (a link that breaks at a known point).
+  run->add_option("--test-cut-link-after", options->test_cut_after,
+                  "Test hook: the first session of each outgoing migration breaks after this "
+                  "many bytes sent")
+      ->group("");
   run->add_flag("--prealloc", options->prealloc,
                "With --incoming: allocate all guest RAM before the migration starts, so that "
                "receiving takes no page faults");
