@@ -222,7 +222,7 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
     }
     RETURN_IF_ERROR(state.OnMessage(*m));
     if (const auto* pages = std::get_if<PagesHeader>(&*m)) {
-      uint8_t* host = blocks_[pages->block]->host();
+      uint8_t* host = Target(pages->block);
       dests.clear();
       for (uint32_t p : pages->pages) {
         dests.push_back(MutableBuffer(host + uint64_t{p} * kWirePageSize, kWirePageSize));
@@ -230,7 +230,7 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
       }
       RETURN_IF_ERROR(link.reader().ReceivePageData(dests));
     } else if (const auto* zeros = std::get_if<ZeroPages>(&*m)) {
-      uint8_t* host = blocks_[zeros->block]->host();
+      uint8_t* host = Target(zeros->block);
       // Zeros are written even in pass 0 into a VM's fresh memory: a page
       // marked present must be in place (mapped, or in the page cache for
       // the continue installer), not merely read as zero when untouched.
@@ -253,6 +253,16 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
       RETURN_IF_ERROR(state.BeginNextPass());
     }
   }
+}
+
+// Pre-copy pages of a block with an alias mapping (memfd, hugetlb,
+// guest_memfd) are written through it: they land in the page cache without
+// being mapped where the guest runs, so the continue installer maps the
+// present ones in one UFFDIO_CONTINUE per run (no page is in the way), and
+// a stale one needs no drop: it is not marked present, so it faults.
+uint8_t* PostcopyDestination::Target(uint32_t block) const {
+  RamBlock& b = *blocks_[block];
+  return b.alias() != nullptr ? b.alias() : b.host();
 }
 
 Status PostcopyDestination::ReceivePushChannel(Attempt& a, size_t c) {

@@ -91,6 +91,7 @@ class PostcopyDestination {
   Status ReceiveReplies(Attempt& a);
   Status FollowPrecopy(Attempt& a);
   Status StartGuest(Attempt& a);
+  uint8_t* Target(uint32_t block) const;  // where pre-copy pages of `block` are written
   // Drops the stale pages of one early DirtyPages message.
   Status DropEarly(Attempt& a, uint32_t passes, const DirtyPages& dirty);
   // Post-copy on `a`'s channels until Complete is handled (every page here).

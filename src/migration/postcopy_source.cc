@@ -252,23 +252,37 @@ Status PostcopySource::Switchover() {
   Attempt& a = *active_;  // set by Run, which is the only caller
   Link& main = *a.session.main;
   if (!stats_.passes.empty()) {
-    // The early dirty set (§10): the pages dirtied during the last pass,
-    // while the guest still runs. The destination drops its stale copies
-    // and answers PassEnd; only what the guest dirties from now until the
-    // pause is left to drop inside the pause.
-    RETURN_IF_ERROR(SendDirty(main.writer(), dirty_));
+    // The early dirty set (§10): the pages dirtied since they were last
+    // sent, while the guest still runs. The destination drops its stale
+    // copies and answers PassEnd; meanwhile the guest dirties more, so this
+    // repeats with the pages new since the last round until few are left:
+    // only those are dropped inside the pause.
     const uint32_t last = static_cast<uint32_t>(stats_.passes.size() - 1);
-    RETURN_IF_ERROR(main.writer().Send(PassEnd{last, 0, 0, 0}));  // the end of the early set
-    while (true) {
-      Result<Message> m = main.reader().Read();
-      if (!m && m.error().code() == EAGAIN) continue;
-      if (!m) return m.error().WithContext("waiting for the early dirty set's PassEnd");
-      if (const auto* e = std::get_if<ErrorMessage>(&*m)) return PeerError(*e);
-      if (!std::holds_alternative<PassEnd>(*m)) {
-        return Error("expected PassEnd after the early dirty set, got {}",
-                     MessageTypeName(TypeOf(*m)));
+    std::vector<DirtyBitmap> sent;
+    for (const DirtyBitmap& d : dirty_) sent.emplace_back(d.pages());
+    for (int round = 0; round < 8; ++round) {
+      std::vector<DirtyBitmap> fresh = dirty_;
+      uint64_t count = 0;
+      for (size_t b = 0; b < fresh.size(); ++b) {
+        sent[b].ForEachSet([&](uint64_t p) { fresh[b].Clear(p); });
+        count += fresh[b].Count();
       }
-      break;
+      if (count == 0 || (round > 0 && count <= 1024)) break;
+      RETURN_IF_ERROR(SendDirty(main.writer(), fresh));
+      RETURN_IF_ERROR(main.writer().Send(PassEnd{last, 0, 0, 0}));  // the end of this set
+      while (true) {
+        Result<Message> m = main.reader().Read();
+        if (!m && m.error().code() == EAGAIN) continue;
+        if (!m) return m.error().WithContext("waiting for the early dirty set's PassEnd");
+        if (const auto* e = std::get_if<ErrorMessage>(&*m)) return PeerError(*e);
+        if (!std::holds_alternative<PassEnd>(*m)) {
+          return Error("expected PassEnd after the early dirty set, got {}",
+                       MessageTypeName(TypeOf(*m)));
+        }
+        break;
+      }
+      for (size_t b = 0; b < fresh.size(); ++b) sent[b].Merge(fresh[b]);
+      RETURN_IF_ERROR(Harvest().status());
     }
   }
   stats_.paused_at = Clock::now();
@@ -286,6 +300,10 @@ Status PostcopySource::Switchover() {
                                      static_cast<uint32_t>(vcpus.size()),
                                      static_cast<uint32_t>(devices.size())};
   RETURN_IF_ERROR(main.writer().Send(switchover_));
+  // Each page channel's copy right away: the destination's channel threads
+  // learn that pre-copy ended there while the state is still on its way.
+  for (auto& link : a.session.pages) RETURN_IF_ERROR(link->writer().Send(switchover_));
+  markers_sent_ = true;
   // The whole dirty set (the early set and what came since).
   if (precopied) RETURN_IF_ERROR(SendDirty(main.writer(), dirty_));
   for (uint32_t i = 0; i < vcpus.size(); ++i) {
@@ -386,6 +404,8 @@ Status PostcopySource::Postcopy() {
   });
 
   const size_t n = a.session.pages.size();
+  const bool markers_sent = markers_sent_;  // by Switchover(), in the first session only
+  markers_sent_ = false;
   std::vector<std::thread> pushers;
   for (size_t c = 0; c < n; ++c) {
     pushers.emplace_back([&, c] {
@@ -393,7 +413,7 @@ Status PostcopySource::Postcopy() {
       uint64_t data_pages = 0, zero_pages = 0;
       // The push opens with a copy of the Switchover: the destination's
       // channel thread learns that pre-copy ended on this channel.
-      Status s = writer.Send(switchover_);
+      Status s = markers_sent ? Status::Ok() : writer.Send(switchover_);
       std::vector<ConstBuffer> data;
       while (s.ok() && !a.broken()) {
         std::optional<PushBatch> batch = scheduler_->Next(options_.push_batch_pages);

@@ -141,6 +141,7 @@ class PostcopySource {
   PostcopySourceStats stats_;
   uint64_t session_id_ = 0;  // the first session's: what Resume names
   migration::Switchover switchover_;
+  bool markers_sent_ = false;  // Switchover() sent the page channels' copies
   std::chrono::steady_clock::time_point start_;
 
   std::mutex mu_;

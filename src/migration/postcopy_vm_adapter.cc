@@ -51,7 +51,12 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     auto blocks = vm_.memory().blocks();
     if (block >= blocks.size()) return Error("post-copy: no block {}", block);
     // Hole: missing pages are fetched into the block whatever it holds.
-    if (installer_ == paging::InstallerKind::kHole || blocks[block]->page_size() != kWirePageSize) {
+    // Continue: pre-copy wrote through the alias, so a stale page is in the
+    // page cache but not mapped: not marked present, it faults (MINOR) and
+    // is fetched over.
+    if (installer_ == paging::InstallerKind::kHole ||
+        (installer_ == paging::InstallerKind::kContinue && blocks[block]->alias() != nullptr) ||
+        blocks[block]->page_size() != kWirePageSize) {
       return Status::Ok();
     }
     return blocks[block]->Discard(first * kWirePageSize, count * kWirePageSize);

@@ -22,6 +22,7 @@
 #include <list>
 #include <mutex>
 #include <optional>
+#include <ostream>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -59,10 +60,10 @@ class Cli {
     err_path_ = base + ".err";
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, out_path_.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&actions, 2, err_path_.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&actions, 1, out_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_addopen(&actions, 2, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
     args.insert(args.begin(), FAULTLINE_CLI_PATH);
     command_ = fmt::format("{}", fmt::join(args, " "));
     std::vector<char*> argv;
@@ -150,9 +151,9 @@ struct Destination {
 
 Destination StartDestination(const std::string& mem, const std::string& backing) {
   Destination d;
-  d.cli = std::make_unique<Cli>(std::vector<std::string>{
-      "run", "--incoming", "tcp:127.0.0.1:0", "--mem", mem, "--vcpus", "2", "--backing", backing,
-      "--json", "--quiet", "--timeout", "120"});
+  d.cli = std::make_unique<Cli>(
+      std::vector<std::string>{"run", "--incoming", "tcp:127.0.0.1:0", "--mem", mem, "--vcpus", "2",
+                               "--backing", backing, "--json", "--quiet", "--timeout", "120"});
   std::optional<std::string> line = d.cli->AwaitStderr("waiting for a migration on", 60s);
   if (line) d.port = static_cast<uint16_t>(std::stoul(line->substr(line->rfind(':') + 1)));
   return d;
@@ -167,10 +168,10 @@ std::string ControlPath() {
 // 64 MiB/s for `seconds`, then verifies every page, wherever it runs then.
 std::unique_ptr<Cli> StartSource(const std::string& control, const std::string& mem,
                                  const std::string& backing, int seconds) {
-  return std::make_unique<Cli>(std::vector<std::string>{
-      "run", "--control", control, "--mem", mem, "--vcpus", "2", "--backing", backing,
-      "--workload", "random,rate=64", "--duration", std::to_string(seconds), "--json", "--quiet",
-      "--timeout", "120"});
+  return std::make_unique<Cli>(
+      std::vector<std::string>{"run", "--control", control, "--mem", mem, "--vcpus", "2",
+                               "--backing", backing, "--workload", "random,rate=64", "--duration",
+                               std::to_string(seconds), "--json", "--quiet", "--timeout", "120"});
 }
 
 // One control command through `faultline query`.
@@ -235,7 +236,8 @@ void MigrateAndVerify(const std::string& mem, const std::string& backing, int ch
 
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
                "--channels", std::to_string(channels), "--json"});
-  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n" << source->Describe() << "\n"
+  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n"
+                               << source->Describe() << "\n"
                                << dest.cli->Describe();
   out->migrate = migrate.Json();
   EXPECT_EQ(out->migrate["result"], "completed");
@@ -495,6 +497,9 @@ struct BadInput {
   std::string expected;           // in the destination's error
 };
 
+// For gtest's messages and ctest's names: the case, not its bytes.
+void PrintTo(const BadInput& bad, std::ostream* os) { *os << bad.name; }
+
 class BadDestinationInputTest : public ::testing::TestWithParam<BadInput> {};
 
 TEST_P(BadDestinationInputTest, RefusedWhileTheSourceGoesOn) {
@@ -522,35 +527,35 @@ TEST_P(BadDestinationInputTest, RefusedWhileTheSourceGoesOn) {
   fmt::print("{}: {}\n", bad.name, said.value_or("?"));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Refusals, BadDestinationInputTest,
-    ::testing::Values(
-        BadInput{"BadVersion", "256M",
-                 [](uint8_t type, std::vector<uint8_t>& p) {
-                   if (type == kHello) {
-                     PutU16(p, 8, 7);  // min_version
-                     PutU16(p, 10, 9);
-                   }
-                   return TamperingProxy::Action::kForward;
-                 },
-                 "version"},
-        BadInput{"PageIndexOutOfRange", "256M",
-                 [](uint8_t type, std::vector<uint8_t>& p) {
-                   if (type == kPages) {
-                     uint32_t count = GetU32(p, 4);
-                     PutU32(p, 16 + 4 * (count - 1), 0xFFFFFFF0u);  // still increasing
-                   }
-                   return TamperingProxy::Action::kForward;
-                 },
-                 "out of range"},
-        BadInput{"TruncatedMessage", "256M",
-                 [](uint8_t type, std::vector<uint8_t>&) {
-                   return type == kPages ? TamperingProxy::Action::kTruncate
-                                         : TamperingProxy::Action::kForward;
-                 },
-                 "truncated"},
-        BadInput{"BlockListMismatch", "512M", nullptr, "block"}),
-    [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
+                         ::testing::Values(BadInput{"BadVersion", "256M",
+                                                    [](uint8_t type, std::vector<uint8_t>& p) {
+                                                      if (type == kHello) {
+                                                        PutU16(p, 8, 7);  // min_version
+                                                        PutU16(p, 10, 9);
+                                                      }
+                                                      return TamperingProxy::Action::kForward;
+                                                    },
+                                                    "version"},
+                                           BadInput{"PageIndexOutOfRange", "256M",
+                                                    [](uint8_t type, std::vector<uint8_t>& p) {
+                                                      if (type == kPages) {
+                                                        uint32_t count = GetU32(p, 4);
+                                                        PutU32(p, 16 + 4 * (count - 1),
+                                                               0xFFFFFFF0u);  // still increasing
+                                                      }
+                                                      return TamperingProxy::Action::kForward;
+                                                    },
+                                                    "out of range"},
+                                           BadInput{"TruncatedMessage", "256M",
+                                                    [](uint8_t type, std::vector<uint8_t>&) {
+                                                      return type == kPages
+                                                                 ? TamperingProxy::Action::kTruncate
+                                                                 : TamperingProxy::Action::kForward;
+                                                    },
+                                                    "truncated"},
+                                           BadInput{"BlockListMismatch", "512M", nullptr, "block"}),
+                         [](const auto& info) { return info.param.name; });
 
 // Post-copy through the tools (issue 6): the demo, and `faultline migrate
 // --mode postcopy` between a source `faultline run --control` and a

@@ -77,8 +77,8 @@ double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(
 // whatever else the machine is running (the shared 2-core machines here
 // often have other jobs that take the CPU away from both measurements).
 double ProcessCpuMs() {
-  return std::chrono::duration<double, std::milli>(std::chrono::nanoseconds(
-                                                        std::clock() * (1'000'000'000 / CLOCKS_PER_SEC)))
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::nanoseconds(std::clock() * (1'000'000'000 / CLOCKS_PER_SEC)))
       .count();
 }
 
@@ -101,8 +101,8 @@ bool FillDone(const GuestReport& r, uint32_t vcpus) {
 }
 
 // Loopback TCP through the migration's own TcpChannel, one connection, no
-// protocol: 1 MiB sends into a 1 MiB receive buffer. The rate a migration's bytes are compared against. Measured in the
-// same run, with the source guest running, so both see the same machine.
+// protocol: 1 MiB sends into a 1 MiB receive buffer. The rate a migration's bytes are compared
+// against. Measured in the same run, with the source guest running, so both see the same machine.
 Result<LoopbackRate> MeasureLoopback(uint64_t bytes) {
   const migration::Address any_port{"tcp", "127.0.0.1", 0};
   ASSIGN_OR_RETURN(std::unique_ptr<migration::TcpListener> listener,
@@ -145,8 +145,8 @@ int Demo(const DemoOptions& o) {
     return Fail(Status(0, s.message()).WithContext("--mode"));
   }
   if (o.channels < 1 || o.channels > vmm::kMaxMigrationChannels) {
-    return Fail(Error("--channels: {} is out of range 1..{}", o.channels,
-                      vmm::kMaxMigrationChannels));
+    return Fail(
+        Error("--channels: {} is out of range 1..{}", o.channels, vmm::kMaxMigrationChannels));
   }
   vmm::VmConfig config;
   config.guest_path = o.guest;
@@ -325,7 +325,8 @@ int Demo(const DemoOptions& o) {
     (*source)->SetGuestCommand(FL_CMD_STOP);
     Result<GuestReport> r = (*source)->Wait(std::chrono::minutes(5));
     if (r.has_value()) {
-      fmt::print(stderr, "faultline demo: the guest stayed on the source: {} pages verified, {} bad\n",
+      fmt::print(stderr,
+                 "faultline demo: the guest stayed on the source: {} pages verified, {} bad\n",
                  r->pages_verified(), r->bad_page_count());
     }
     if (!received.has_value()) {
@@ -338,9 +339,9 @@ int Demo(const DemoOptions& o) {
   source->reset();  // the guest lives on the destination only now
   if (!received.has_value()) return Fail(received.error().WithContext("destination"));
   if (!dest_start.ok()) return Fail(dest_start.WithContext("destination VM"));
-  const double pause_ms =
-      paused_at && dest_running_at ? Ms(*dest_running_at - *paused_at) : -1;
-  say(fmt::format("migrated in {:.0f} ms; the guest runs on the destination, switchover pause "
+  const double pause_ms = paused_at && dest_running_at ? Ms(*dest_running_at - *paused_at) : -1;
+  say(
+      fmt::format("migrated in {:.0f} ms; the guest runs on the destination, switchover pause "
                   "{:.1f} ms",
                   Ms(migrated_at - migrate_start), pause_ms));
 
@@ -457,10 +458,11 @@ int Demo(const DemoOptions& o) {
                pages_verified, workload_pages);
     fmt::print("  wrong pages       {:9}\n", bad_pages);
     if (loopback) {
-      fmt::print("  loopback TCP      {:9.0f} MiB/s (mean of {:.0f} before and {:.0f} after): the "
-                 "bytes alone take {:.1f} ms, total is {:.2f}x that\n",
-                 loopback->bytes_per_sec / 1048576.0, baselines[0].bytes_per_sec / 1048576.0,
-                 baselines[1].bytes_per_sec / 1048576.0, wire_ms, total_ms / wire_ms);
+      fmt::print(
+          "  loopback TCP      {:9.0f} MiB/s (mean of {:.0f} before and {:.0f} after): the "
+          "bytes alone take {:.1f} ms, total is {:.2f}x that\n",
+          loopback->bytes_per_sec / 1048576.0, baselines[0].bytes_per_sec / 1048576.0,
+          baselines[1].bytes_per_sec / 1048576.0, wire_ms, total_ms / wire_ms);
       fmt::print("  CPU per GiB sent  {:9.0f} ms   (loopback TCP alone {:.0f} ms: {:.2f}x)\n",
                  migration_cpu_ms / sent_gib, loopback->cpu_ms_per_gib,
                  migration_cpu_ms / sent_gib / loopback->cpu_ms_per_gib);

@@ -60,8 +60,8 @@ class LiveVm {
   void WaitForCompletionSeen(std::chrono::milliseconds grace);
 
  private:
-  class TimedSource;   // records the switchover's pause
-  class SeenControl;   // notes when a client has seen a terminal phase
+  class TimedSource;  // records the switchover's pause
+  class SeenControl;  // notes when a client has seen a terminal phase
 
   explicit LiveVm(vmm::Vm& vm);
 
@@ -75,7 +75,6 @@ class LiveVm {
   std::shared_ptr<SeenControl> control_;
   std::unique_ptr<vmm::ControlServer> server_;
   Clock::time_point started_;
-
 };
 
 }  // namespace faultline::cli

@@ -38,8 +38,8 @@ struct RunOptions {
   std::string backing = "anon";
   bool json = false;
   bool quiet = false;
-  std::string control;   // serve the control socket here
-  std::string incoming;  // tcp:HOST:PORT: receive the guest by migration
+  std::string control;    // serve the control socket here
+  std::string incoming;   // tcp:HOST:PORT: receive the guest by migration
   bool prealloc = false;  // with --incoming: allocate all RAM before receiving
   bool postcopy = false;  // with --incoming: the migration is post-copy
   std::string installer;  // with --postcopy: override the default per backing
@@ -78,9 +78,10 @@ Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::A
   migration::MigrationDestination destination(*target, options);
   Result<migration::DestinationStats> stats = destination.Run(*listener);
   if (!stats.has_value()) {
-    return Error("incoming migration on {} refused: {}. The guest was not started here; the "
-                 "source keeps running it",
-                 bound.ToString(), stats.error().ToString());
+    return Error(
+        "incoming migration on {} refused: {}. The guest was not started here; the "
+        "source keeps running it",
+        bound.ToString(), stats.error().ToString());
   }
   out = {{"passes", stats->passes},
          {"data_pages", stats->data_pages},
@@ -267,12 +268,11 @@ int Run(const RunOptions& o) {
     uint64_t workload_pages = 0;
     for (const GuestVcpuReport& v : report.vcpus) workload_pages += v.pages;
     if (o.json) {
-      nlohmann::json j = {{"migrated_to", m.to},
-                          {"migration", m},
-                          {"workload_pages", workload_pages},
-                          {"elapsed_ms", std::chrono::duration<double, std::milli>(
-                                             Clock::now() - start)
-                                             .count()}};
+      nlohmann::json j = {
+          {"migrated_to", m.to},
+          {"migration", m},
+          {"workload_pages", workload_pages},
+          {"elapsed_ms", std::chrono::duration<double, std::milli>(Clock::now() - start).count()}};
       fmt::print("{}\n", j.dump());
     } else {
       std::string downtime = m.downtime_ms ? fmt::format(", downtime {} ms", *m.downtime_ms) : "";
@@ -284,8 +284,8 @@ int Run(const RunOptions& o) {
     return 0;
   }
   // Finished here (or timed out: Wait stops the VM and says so).
-  Result<GuestReport> report = (*vm)->Wait(std::chrono::milliseconds(
-      end == LiveVm::End::kTimeout ? 0 : 60'000));
+  Result<GuestReport> report =
+      (*vm)->Wait(std::chrono::milliseconds(end == LiveVm::End::kTimeout ? 0 : 60'000));
   live->reset();
   if (!report.has_value()) return Fail(report.error());
   double elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
@@ -352,8 +352,8 @@ void AddRunCommand(CLI::App& app, Action& action) {
                   "many bytes sent")
       ->group("");
   run->add_flag("--prealloc", options->prealloc,
-               "With --incoming: allocate all guest RAM before the migration starts, so that "
-               "receiving takes no page faults");
+                "With --incoming: allocate all guest RAM before the migration starts, so that "
+                "receiving takes no page faults");
   run->footer(
       "Exit status: 0 when the guest succeeded, or when it migrated away (with --control); "
       "1 on failure; 3 when the link broke after the final state was sent (the guest stays "
