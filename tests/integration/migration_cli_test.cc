@@ -579,7 +579,7 @@ Destination StartPostcopyDestination(const std::string& mem, const std::string& 
 // The destination ran the guest to the end and it verified every page the
 // source's guest had written.
 void ExpectPostcopyVerified(Cli& dest, uint64_t written, uint32_t sessions,
-                            const std::string& installer) {
+                            const std::string& installer, uint32_t min_passes = 0) {
   ASSERT_EQ(dest.Wait(), 0) << dest.Describe();
   nlohmann::json d = dest.Json();
   ASSERT_FALSE(d.is_discarded()) << dest.Describe();
@@ -590,8 +590,7 @@ void ExpectPostcopyVerified(Cli& dest, uint64_t written, uint32_t sessions,
   EXPECT_EQ(in["mode"], "postcopy") << d.dump();
   EXPECT_EQ(in["sessions"].get<uint32_t>(), sessions) << d.dump();
   EXPECT_EQ(in["installer"], installer) << d.dump();
-  EXPECT_GT(in["pages_demanded"].get<uint64_t>() + in["pages_pushed"].get<uint64_t>(), 0u)
-      << d.dump();
+  EXPECT_GE(in["passes"].get<uint32_t>(), min_passes) << d.dump();
   fmt::print("post-copy destination: {} sessions, {} pages demanded, {} pushed, fault p50 {} us "
              "p99 {} us, blocked {} ms\n",
              in["sessions"].dump(), in["pages_demanded"].dump(), in["pages_pushed"].dump(),
@@ -625,18 +624,34 @@ TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
   std::unique_ptr<Cli> source = StartSource(control, "256M", "memfd", 6);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   const std::string to = fmt::format("tcp:127.0.0.1:{}", dest.port);
+  // Pre-copy passes until told: the switch comes from `faultline migrate
+  // --start-postcopy` once a second pass is under way.
   Cli migrate({"migrate", "--control", control, "--to", to, "--mode", "postcopy", "--channels",
-               "2", "--json"});
+               "2", "--postcopy-on-command", "--json"});
+  bool switched = false;
+  for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
+    std::optional<nlohmann::json> q = Query(control, "query-migrate");
+    if (q && (*q)["phase"] == "precopy" && (*q)["pass"].get<uint32_t>() >= 2) {
+      Cli start({"migrate", "--control", control, "--start-postcopy"});
+      ASSERT_EQ(start.Wait(), 0) << start.Describe();
+      switched = true;
+      break;
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_TRUE(switched) << migrate.Describe() << "\n" << source->Describe();
   ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n" << source->Describe() << "\n"
                                << dest.cli->Describe();
   nlohmann::json m = migrate.Json();
   EXPECT_EQ(m["result"], "completed") << m.dump();
   EXPECT_EQ(m["migration"]["mode"], "postcopy") << m.dump();
   EXPECT_EQ(m["migration"]["sessions"].get<uint32_t>(), 1u) << m.dump();
+  EXPECT_GE(m["migration"]["pass"].get<uint32_t>(), 2u) << m.dump();
+
   ASSERT_EQ(source->Wait(), 0) << source->Describe();
   nlohmann::json s = source->Json();
   EXPECT_EQ(s["migrated_to"], to) << s.dump();
-  ExpectPostcopyVerified(*dest.cli, s["workload_pages"].get<uint64_t>(), 1, "continue");
+  ExpectPostcopyVerified(*dest.cli, s["workload_pages"].get<uint64_t>(), 1, "continue", 2);
 }
 
 TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
@@ -678,6 +693,11 @@ TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
   nlohmann::json m = migrate.Json();
   EXPECT_EQ(m["result"], "completed") << m.dump();
   EXPECT_EQ(m["migration"]["sessions"].get<uint32_t>(), 2u) << m.dump();
+  // No pre-copy pass: the pages came by push or by demand only.
+  EXPECT_GE(m["migration"]["pages_pushed"].get<uint64_t>() +
+                m["migration"]["pages_demanded"].get<uint64_t>(),
+            65536u)
+      << m.dump();
   ASSERT_EQ(source->Wait(), 0) << source->Describe();
   ExpectPostcopyVerified(*dest.cli, source->Json()["workload_pages"].get<uint64_t>(), 2, "move");
 }

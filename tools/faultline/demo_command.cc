@@ -403,9 +403,10 @@ int Demo(const DemoOptions& o) {
         {"switchover_pause_ms", pause_ms},
         {"engine_downtime_ms", m.downtime_ms ? nlohmann::json(*m.downtime_ms) : nlohmann::json()},
         {"bytes_sent", d.bytes_received},
-        {"page_bytes_sent", d.data_pages * 4096},
-        {"data_pages", d.data_pages},
-        {"zero_pages", d.zero_pages},
+        // Pre-copy only (post-copy counts pages by how they came, below).
+        {"page_bytes_sent", postcopy ? nlohmann::json() : nlohmann::json(d.data_pages * 4096)},
+        {"data_pages", postcopy ? nlohmann::json() : nlohmann::json(d.data_pages)},
+        {"zero_pages", postcopy ? nlohmann::json() : nlohmann::json(d.zero_pages)},
         {"precopy_pages", precopy_pages},
         {"passes", d.passes},
         {"installer", postcopy ? nlohmann::json(installer) : nlohmann::json()},
@@ -439,8 +440,13 @@ int Demo(const DemoOptions& o) {
     fmt::print("  total time        {:9.1f} ms\n", total_ms);
     fmt::print("  switchover pause  {:9.1f} ms   (source stopped -> destination running)\n",
                pause_ms);
-    fmt::print("  bytes sent        {:9.1f} MiB  ({} data pages, {} zero pages as markers)\n",
-               static_cast<double>(d.bytes_received) / 1048576.0, d.data_pages, d.zero_pages);
+    if (postcopy) {
+      fmt::print("  bytes sent        {:9.1f} MiB\n",
+                 static_cast<double>(d.bytes_received) / 1048576.0);
+    } else {
+      fmt::print("  bytes sent        {:9.1f} MiB  ({} data pages, {} zero pages as markers)\n",
+                 static_cast<double>(d.bytes_received) / 1048576.0, d.data_pages, d.zero_pages);
+    }
     fmt::print("  passes            {:9}\n", d.passes);
     if (postcopy) {
       fmt::print("  pre-copy pages    {:9}     (the rest came after the switchover)\n",
