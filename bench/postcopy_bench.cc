@@ -47,8 +47,8 @@ struct Args {
 };
 
 struct PostcopyRun {
-  double pause_ms = 0;     // source stop -> destination vCPUs running
-  double start_vm_ms = 0;  // Switchover received -> vCPUs running
+  double pause_ms = 0;             // source stop -> destination vCPUs running
+  double start_vm_ms = 0;          // Switchover received -> vCPUs running
   paging::LatencySummary service;  // the destination pager's per-fault time
   paging::LatencySummary network;  // request -> data in place
   uint64_t faults = 0;
@@ -72,14 +72,16 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
   RETURN_IF_ERROR(from->Start());
   std::this_thread::sleep_for(std::chrono::milliseconds(300 + args.mem / (1 << 20) * 3));
 
-  ASSIGN_OR_RETURN(auto listener, migration::TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {}));
+  ASSIGN_OR_RETURN(auto listener,
+                   migration::TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {}));
   const Address address{"tcp", "127.0.0.1", listener->port()};
   migration::FaultPlan plan;
   plan.delay_per_send = link_delay;
   auto source_link = migration::FaultController::Create(plan);
   auto destination_link = migration::FaultController::Create(plan);
   migration::FaultyConnector connector(
-      std::make_unique<migration::TcpConnector>(address, migration::TransportOptions{}), source_link);
+      std::make_unique<migration::TcpConnector>(address, migration::TransportOptions{}),
+      source_link);
   migration::FaultyAcceptor acceptor(std::move(listener), destination_link);
 
   auto source_vm = migration::MakeSourceVm(*from);
@@ -136,8 +138,9 @@ struct Floor {
 // 256 MiB of anonymous memory once, each fault resolved by UFFDIO_ZEROPAGE.
 Result<Floor> MeasureFloor() {
   constexpr uint64_t kMem = 256ull << 20, kPage = 4096;
-  ASSIGN_OR_RETURN(std::shared_ptr<RamBlock> block,
-                   RamBlock::Create({.name = "floor", .size = kMem, .backing = Backing::kAnonymous}));
+  ASSIGN_OR_RETURN(
+      std::shared_ptr<RamBlock> block,
+      RamBlock::Create({.name = "floor", .size = kMem, .backing = Backing::kAnonymous}));
   ASSIGN_OR_RETURN(auto pager, paging::DemandPager::Create(std::make_shared<NoSource>(), {}));
   RETURN_IF_ERROR(pager->AddBlock(block, paging::InstallerKind::kZero, 0));
   RETURN_IF_ERROR(pager->Start());
@@ -148,9 +151,9 @@ Result<Floor> MeasureFloor() {
       for (uint64_t p = t * kMem / kPage / 2; p < (t + 1) * kMem / kPage / 2; ++p) {
         const auto begin = std::chrono::steady_clock::now();
         (void)*reinterpret_cast<const volatile uint64_t*>(block->host() + p * kPage);
-        observed.Record(static_cast<uint64_t>(
-            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - begin)
-                .count()));
+        observed.Record(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                  std::chrono::steady_clock::now() - begin)
+                                                  .count()));
       }
     });
   }
@@ -214,11 +217,13 @@ int Main(int argc, char** argv) {
   auto row = [&](const char* name, PostcopyRun r) {
     r.service.p50_us += entry50;  // from here on: the estimated observed latency
     r.service.p99_us += entry99;
-    const double share =
-        r.demanded + r.pushed ? 100.0 * static_cast<double>(r.demanded) / static_cast<double>(r.demanded + r.pushed) : 0;
+    const double share = r.demanded + r.pushed ? 100.0 * static_cast<double>(r.demanded) /
+                                                     static_cast<double>(r.demanded + r.pushed)
+                                               : 0;
     if (args.json) {
       fmt::print(
-          "{{\"run\":\"{}\",\"fault_p50_us\":{:.1f},\"fault_p99_us\":{:.1f},\"p50_vs_floor\":{:.2f},"
+          "{{\"run\":\"{}\",\"fault_p50_us\":{:.1f},\"fault_p99_us\":{:.1f},\"p50_vs_floor\":{:.2f}"
+          ","
           "\"p99_vs_floor\":{:.2f},\"request_p50_us\":{:.1f},\"request_p99_us\":{:.1f},"
           "\"faults\":{},\"switchover_pause_ms\":{:.2f},\"start_vm_ms\":{:.2f},"
           "\"pages_demanded\":{},\"pages_pushed\":{},\"demanded_share_pct\":{:.2f},"
@@ -228,9 +233,11 @@ int Main(int argc, char** argv) {
           r.pushed, share, r.bad_pages, r.total_s);
     } else {
       fmt::print(
-          "{:9} fault (observed, est.) p50 {:6.1f} us ({:.2f}x floor)  p99 {:7.1f} us ({:.2f}x floor)  [request "
+          "{:9} fault (observed, est.) p50 {:6.1f} us ({:.2f}x floor)  p99 {:7.1f} us ({:.2f}x "
+          "floor)  [request "
           "p50 {:.1f} p99 {:.1f}]  {} faults\n"
-          "          switchover pause {:.2f} ms (destination part {:.2f} ms); demanded {} vs pushed "
+          "          switchover pause {:.2f} ms (destination part {:.2f} ms); demanded {} vs "
+          "pushed "
           "{} ({:.2f}% demanded); bad pages {}; total {:.2f} s\n",
           name, r.service.p50_us, r.service.p50_us / f50, r.service.p99_us, r.service.p99_us / f99,
           r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.start_vm_ms, r.demanded,
@@ -246,7 +253,8 @@ int Main(int argc, char** argv) {
     fmt::print(
         "post-copy, {} MiB {} guest, 2 vCPUs, {} pre-copy pass(es); floor = bare userfaultfd "
         "round trip (zero installer, host threads)\n"
-        "floor     observed p50 {:6.1f} us  p99 {:7.1f} us  (pager service p50 {:.1f} p99 {:.1f})\n",
+        "floor     observed p50 {:6.1f} us  p99 {:7.1f} us  (pager service p50 {:.1f} p99 "
+        "{:.1f})\n",
         args.mem >> 20, BackingName(args.backing), args.passes, f50, f99, floor->service.p50_us,
         floor->service.p99_us);
   }

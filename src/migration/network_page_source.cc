@@ -45,9 +45,10 @@ void NetworkPageSource::Fetch(const paging::FetchRequest& request, paging::Fetch
       request.offset % kWirePageSize != 0 || request.offset > blocks_[request.block_id].size ||
       blocks_[request.block_id].size - request.offset < size ||
       size / kWirePageSize > kMaxRequestPages) {
-    done(paging::FetchResult::Failed(Error("network page source: fetch of block {} [{:#x}, +{:#x}) "
-                                           "is outside the migrated memory",
-                                           request.block_id, request.offset, size)));
+    done(
+        paging::FetchResult::Failed(Error("network page source: fetch of block {} [{:#x}, +{:#x}) "
+                                          "is outside the migrated memory",
+                                          request.block_id, request.offset, size)));
     return;
   }
   auto p = std::make_unique<Pending>();
@@ -214,7 +215,8 @@ Status NetworkPageSource::ReceivePages(Link& link, const PagesHeader& header, bo
     for (size_t i = 0; i < n; ++i) {
       const uint64_t page = header.pages[i];
       if (have_[b].Test(page)) continue;
-      if (Pending* p = FindLocked(b, page); p != nullptr && p->claimed[page - p->first] == kWanted) {
+      if (Pending* p = FindLocked(b, page);
+          p != nullptr && p->claimed[page - p->first] == kWanted) {
         p->claimed[page - p->first] = kArriving;
         dests[i] = p->dest.subspan((page - p->first) * kWirePageSize, kWirePageSize);
         targets[i] = Target::kPending;
@@ -246,7 +248,8 @@ Status NetworkPageSource::ReceivePages(Link& link, const PagesHeader& header, bo
       if (!received.ok()) {
         // Not in place: the page must come again (a resend after Connect).
         Pending* p = FindLocked(b, page);
-        if (p != nullptr && targets[i] == Target::kPending && p->claimed[page - p->first] == kArriving) {
+        if (p != nullptr && targets[i] == Target::kPending &&
+            p->claimed[page - p->first] == kArriving) {
           p->claimed[page - p->first] = kWanted;
         }
         continue;

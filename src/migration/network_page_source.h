@@ -59,7 +59,7 @@ struct NetworkSourceStats {
   uint64_t pages_pushed = 0;    // pages that arrived by push and were used
   uint64_t pages_replied = 0;   // pages that arrived as replies and were used
   uint64_t pages_duplicate = 0;
-  uint64_t fetches_inline = 0;  // completed from pages already written (hole)
+  uint64_t fetches_inline = 0;           // completed from pages already written (hole)
   paging::LatencySummary fault_latency;  // kFault fetches: request to data in place
   double blocked_seconds = 0;            // summed over every kFault fetch
 };
@@ -128,7 +128,7 @@ class NetworkPageSource final : public paging::PageSource {
 
   mutable std::mutex mu_;
   std::map<std::pair<uint32_t, uint64_t>, std::unique_ptr<Pending>> pending_;  // by (block, first)
-  std::vector<DirtyBitmap> have_;      // guarded by mu_
+  std::vector<DirtyBitmap> have_;                                              // guarded by mu_
   std::vector<DirtyBitmap> arriving_;  // guarded by mu_: direct writes under way
   bool cancelled_ = false;             // guarded by mu_
   uint64_t next_request_id_ = 1;       // guarded by mu_

@@ -47,7 +47,8 @@ struct Peer {
     ASSERT_TRUE(network.ReceivePages(to, std::get<PagesHeader>(*m), reply).ok());
   }
 
-  std::vector<BlockInfo> blocks{BlockInfo{"ram0", kPages * kWirePageSize, 4096, Backing::kAnonymous}};
+  std::vector<BlockInfo> blocks{
+      BlockInfo{"ram0", kPages* kWirePageSize, 4096, Backing::kAnonymous}};
   std::unique_ptr<Link> source, destination;
 };
 
@@ -89,9 +90,10 @@ TEST(NetworkPageSourceTest, PushedPagesAreOfferedToThePagerAndFillItsFetch) {
   // The pager's push: a fetch for each offered page, into its own buffer.
   network.SetPushHook([&](uint32_t block, uint64_t offset, uint64_t length) {
     for (uint64_t o = offset; o < offset + length; o += kWirePageSize) {
-      network.Fetch({block, o, std::span(dest).subspan(o / kWirePageSize % 3 * kWirePageSize, kWirePageSize),
-                     paging::FetchPriority::kPush},
-                    [&](paging::FetchResult r) { filled += r.kind == paging::FetchResult::Kind::kFilled; });
+      network.Fetch(
+          {block, o, std::span(dest).subspan(o / kWirePageSize % 3 * kWirePageSize, kWirePageSize),
+           paging::FetchPriority::kPush},
+          [&](paging::FetchResult r) { filled += r.kind == paging::FetchResult::Kind::kFilled; });
     }
   });
   peer.Deliver(network, *peer.source, *peer.destination, {3, 4, 5}, false);
@@ -108,8 +110,9 @@ TEST(NetworkPageSourceTest, OutstandingRequestsAreSentAgainOnReconnect) {
   ASSERT_TRUE(network.Connect(first.destination.get()).ok());
   std::vector<uint8_t> dest(kWirePageSize);
   bool done = false;
-  network.Fetch({0, 7 * kWirePageSize, dest, paging::FetchPriority::kFault},
-                [&](paging::FetchResult r) { done = r.kind == paging::FetchResult::Kind::kFilled; });
+  network.Fetch(
+      {0, 7 * kWirePageSize, dest, paging::FetchPriority::kFault},
+      [&](paging::FetchResult r) { done = r.kind == paging::FetchResult::Kind::kFilled; });
   EXPECT_EQ(first.NextRequest().pages, std::vector<uint32_t>{7});
   // The link breaks: the fetch waits, it does not fail.
   network.Disconnect();
@@ -131,9 +134,10 @@ TEST(NetworkPageSourceTest, DirectBlocksTakePushesInPlaceAndCompleteLaterFetches
   peer.Deliver(network, *peer.source, *peer.destination, {20, 21}, false);
   EXPECT_EQ(memory[20 * kWirePageSize], 20);
   bool done = false;
-  network.Fetch({0, 20 * kWirePageSize, std::span(memory).subspan(20 * kWirePageSize, 2 * kWirePageSize),
-                 paging::FetchPriority::kFault},
-                [&](paging::FetchResult r) { done = r.kind == paging::FetchResult::Kind::kFilled; });
+  network.Fetch(
+      {0, 20 * kWirePageSize, std::span(memory).subspan(20 * kWirePageSize, 2 * kWirePageSize),
+       paging::FetchPriority::kFault},
+      [&](paging::FetchResult r) { done = r.kind == paging::FetchResult::Kind::kFilled; });
   EXPECT_TRUE(done);  // inline: the pages are in place already
   EXPECT_EQ(network.stats().fetches_inline, 1u);
   EXPECT_EQ(network.stats().requests_sent, 0u);
@@ -147,7 +151,8 @@ TEST(NetworkPageSourceTest, FetchOutsideTheBlockFailsAndCancelFailsWaiters) {
                 [&](paging::FetchResult r) { kind = r.kind; });
   EXPECT_EQ(kind, paging::FetchResult::Kind::kFailed);
   kind = paging::FetchResult::Kind::kFilled;
-  network.Fetch({0, 0, dest, paging::FetchPriority::kFault}, [&](paging::FetchResult r) { kind = r.kind; });
+  network.Fetch({0, 0, dest, paging::FetchPriority::kFault},
+                [&](paging::FetchResult r) { kind = r.kind; });
   EXPECT_EQ(kind, paging::FetchResult::Kind::kFilled);  // not yet: no link, waiting
   network.CancelAll();
   EXPECT_EQ(kind, paging::FetchResult::Kind::kFailed);

@@ -65,14 +65,14 @@ class PostcopyDestination::Attempt {
 
   std::mutex mu;
   std::condition_variable cv;
-  bool broken = false;        // guarded by mu
-  Status error;               // guarded by mu
-  size_t at_switchover = 0;   // guarded by mu: page channels that reached it
+  bool broken = false;       // guarded by mu
+  Status error;              // guarded by mu
+  size_t at_switchover = 0;  // guarded by mu: page channels that reached it
   // guarded by mu: the dirty set, once known (then read without the lock)
   const std::vector<DirtyBitmap>* dirty = nullptr;
-  size_t dropped = 0;         // guarded by mu: page channels that dropped their stale pages
-  bool postcopy_go = false;   // guarded by mu: the guest runs; pushes may be received
-  size_t push_ended = 0;      // guarded by mu: page channels whose push ended
+  size_t dropped = 0;        // guarded by mu: page channels that dropped their stale pages
+  bool postcopy_go = false;  // guarded by mu: the guest runs; pushes may be received
+  size_t push_ended = 0;     // guarded by mu: page channels whose push ended
   std::vector<uint32_t> pass_arrivals;  // guarded by mu: the pre-copy pass barrier
 };
 
@@ -382,7 +382,8 @@ Status PostcopyDestination::DropEarly(Attempt& a, uint32_t passes, const DirtyPa
     uint64_t end = p + 1;
     while (end < d.first_page + d.page_count && early.Test(end)) ++end;
     bool written = false;
-    for (size_t c = 0; c < n && !written; ++c) written = a.received[c][d.block].AnyInRange(p, end - p);
+    for (size_t c = 0; c < n && !written; ++c)
+      written = a.received[c][d.block].AnyInRange(p, end - p);
     if (written) RETURN_IF_ERROR(vm_.DropPages(d.block, p, end - p));
     p = end < early.pages() ? early.FindNextSet(end) : early.pages();
   }
@@ -521,8 +522,9 @@ Status PostcopyDestination::FollowPostcopy(Attempt& a) {
     }
     RETURN_IF_ERROR(vm_.FetchMissing());
     RETURN_IF_ERROR(vm_.FinishPaging());
-    RETURN_IF_ERROR(
-        a.session.main->writer().Send(CompleteAck{complete->passes, 0, 0}).WithContext("CompleteAck"));
+    RETURN_IF_ERROR(a.session.main->writer()
+                        .Send(CompleteAck{complete->passes, 0, 0})
+                        .WithContext("CompleteAck"));
     std::lock_guard lock(mu_);
     stats_.postcopy += Since(started);
     return Status::Ok();
@@ -616,9 +618,9 @@ Result<PostcopyDestinationStats> PostcopyDestination::Resume(Acceptor& acceptor)
       Result<Message> m = link.reader().Read();
       while (!m && m.error().code() == EAGAIN) m = link.reader().Read();
       Status s = !m ? m.error()
-                    : std::holds_alternative<migration::Switchover>(*m)
-                          ? Status::Ok()
-                          : Error("resumed page channel opened with {}", MessageTypeName(TypeOf(*m)));
+                 : std::holds_alternative<migration::Switchover>(*m)
+                     ? Status::Ok()
+                     : Error("resumed page channel opened with {}", MessageTypeName(TypeOf(*m)));
       if (s.ok()) s = ReceivePushChannel(a, c);
       if (!s.ok()) a.Break(s.WithContext(fmt::format("page channel {}", c)));
     });

@@ -39,9 +39,9 @@
 namespace faultline::migration {
 
 struct PostcopyDestinationStats {
-  uint32_t passes = 0;             // pre-copy passes received
-  uint64_t precopy_pages = 0;      // data and zero pages received in them
-  uint64_t present_at_start = 0;   // 4 KiB pages marked present at the switchover
+  uint32_t passes = 0;            // pre-copy passes received
+  uint64_t precopy_pages = 0;     // data and zero pages received in them
+  uint64_t present_at_start = 0;  // 4 KiB pages marked present at the switchover
   uint64_t dirty_at_switchover = 0;
   uint32_t sessions = 0;  // 1 + resumes
   // Switchover message received -> vCPUs running (the destination's part of
@@ -108,8 +108,8 @@ class PostcopyDestination {
   std::chrono::steady_clock::time_point start_;
 
   mutable std::mutex mu_;
-  Attempt* active_ = nullptr;  // guarded by mu_
-  bool cancelled_ = false;     // guarded by mu_
+  Attempt* active_ = nullptr;       // guarded by mu_
+  bool cancelled_ = false;          // guarded by mu_
   PostcopyDestinationStats stats_;  // guarded by mu_
 };
 

@@ -91,9 +91,9 @@ class PostcopySource::Attempt {
  private:
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  bool broken_ = false;          // guarded by mu_
-  Status error_;                 // guarded by mu_
-  std::optional<Status> peer_;   // guarded by mu_
+  bool broken_ = false;         // guarded by mu_
+  Status error_;                // guarded by mu_
+  std::optional<Status> peer_;  // guarded by mu_
 };
 
 PostcopySource::PostcopySource(SourceVm& vm, PostcopySourceOptions options)
@@ -147,9 +147,9 @@ Result<PostcopySourceStats> PostcopySource::Run(Connector& connector) {
     return s.WithContext(PostcopyPhaseName(PostcopyPhase::kFailed));
   };
   {
-    Result<Session> session = ConnectSession(
-        connector, {infos, options_.base.page_channels, options_.base.key,
-                    kFeaturePostcopy | kFeatureRecovery});
+    Result<Session> session =
+        ConnectSession(connector, {infos, options_.base.page_channels, options_.base.key,
+                                   kFeaturePostcopy | kFeatureRecovery});
     if (!session) return fail_running(session.error());
     if (!(session->ack.features & kFeaturePostcopy)) {
       (void)SendError(*session->main, ErrorCode::kFeatures, Status::Ok());
@@ -211,7 +211,8 @@ Result<PostcopySourceStats> PostcopySource::Run(Connector& connector) {
   status = Postcopy();
   std::lock_guard lock(mu_);
   active_ = nullptr;
-  stats_.bytes_sent += attempt.session.stats().bytes_sent + attempt.priority->channel().stats().bytes_sent;
+  stats_.bytes_sent +=
+      attempt.session.stats().bytes_sent + attempt.priority->channel().stats().bytes_sent;
   stats_.total = Since(start_);
   if (!status.ok()) return status;
   return stats_;
@@ -297,8 +298,8 @@ Status PostcopySource::Switchover() {
   const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
   pass_.store(final_pass, std::memory_order_relaxed);
   switchover_ = migration::Switchover{SwitchoverMode::kPostcopy, final_pass, dirty,
-                                     static_cast<uint32_t>(vcpus.size()),
-                                     static_cast<uint32_t>(devices.size())};
+                                      static_cast<uint32_t>(vcpus.size()),
+                                      static_cast<uint32_t>(devices.size())};
   RETURN_IF_ERROR(main.writer().Send(switchover_));
   // Each page channel's copy right away: the destination's channel threads
   // learn that pre-copy ended there while the state is still on its way.
@@ -316,7 +317,8 @@ Status PostcopySource::Switchover() {
   stats_.switchover_dirty_pages = dirty;
   if (precopied) (void)vm_.StopDirtyTracking();  // paused for good: nothing changes any more
   std::vector<uint32_t> units;
-  for (const auto& b : blocks_) units.push_back(static_cast<uint32_t>(b->page_size() / kWirePageSize));
+  for (const auto& b : blocks_)
+    units.push_back(static_cast<uint32_t>(b->page_size() / kWirePageSize));
   std::vector<DirtyBitmap> todo;
   for (size_t b = 0; b < dirty_.size(); ++b) {
     DirtyBitmap& d = dirty_[b];
@@ -394,8 +396,10 @@ Status PostcopySource::Postcopy() {
       scheduler_->Requested(request->block, request->pages);
       const uint8_t* host = blocks_[request->block]->host();
       data.clear();
-      for (uint32_t p : request->pages) data.push_back(ConstBuffer(host + uint64_t{p} * kWirePageSize, kWirePageSize));
-      Status sent = link.writer().SendPages(PagesHeader{request->block, final_pass, 0, request->pages}, data);
+      for (uint32_t p : request->pages)
+        data.push_back(ConstBuffer(host + uint64_t{p} * kWirePageSize, kWirePageSize));
+      Status sent =
+          link.writer().SendPages(PagesHeader{request->block, final_pass, 0, request->pages}, data);
       if (!sent.ok() && complete_sent.load()) return;
       if (!sent.ok()) return a.Break(sent.WithContext("priority channel"));
       served.fetch_add(1, std::memory_order_relaxed);
@@ -479,7 +483,8 @@ Status PostcopySource::Postcopy() {
 
 Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
   if (phase() != PostcopyPhase::kPaused) {
-    return Error("PostcopySource::Resume: the migration is {}, not paused", PostcopyPhaseName(phase()));
+    return Error("PostcopySource::Resume: the migration is {}, not paused",
+                 PostcopyPhaseName(phase()));
   }
   std::vector<BlockInfo> infos;
   for (const auto& b : blocks_) infos.push_back(DescribeBlock(*b));
@@ -491,7 +496,8 @@ Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
     return SendError(*attempt.session.main, ErrorCode::kFeatures,
                      Error("the destination does not support post-copy recovery"));
   }
-  ASSIGN_OR_RETURN(attempt.priority, ConnectPriorityChannel(connector, attempt.session, options_.base.key));
+  ASSIGN_OR_RETURN(attempt.priority,
+                   ConnectPriorityChannel(connector, attempt.session, options_.base.key));
   Link& main = *attempt.session.main;
   RETURN_IF_ERROR(main.writer().Send(migration::Resume{session_id_, 0}));
   // What the destination has: whatever it has needs no push.
@@ -514,9 +520,10 @@ Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
       }
     } else if (const auto* r = std::get_if<migration::Resume>(&*m)) {
       if (r->session_id != session_id_ || r->pages != have) {
-        return SendError(main, ErrorCode::kProtocol,
-                         Error("Resume answer for session {:#x} with {} pages; expected {:#x}, {} pages",
-                               r->session_id, r->pages, session_id_, have));
+        return SendError(
+            main, ErrorCode::kProtocol,
+            Error("Resume answer for session {:#x} with {} pages; expected {:#x}, {} pages",
+                  r->session_id, r->pages, session_id_, have));
       }
       break;
     } else if (const auto* e = std::get_if<ErrorMessage>(&*m)) {
@@ -527,7 +534,8 @@ Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
     }
   }
   std::vector<uint32_t> units;
-  for (const auto& b : blocks_) units.push_back(static_cast<uint32_t>(b->page_size() / kWirePageSize));
+  for (const auto& b : blocks_)
+    units.push_back(static_cast<uint32_t>(b->page_size() / kWirePageSize));
   {
     std::lock_guard lock(scheduler_mu_);
     scheduler_ = std::make_unique<PushScheduler>(std::move(todo), std::move(units), options_.push);
@@ -541,7 +549,8 @@ Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
   Status status = Postcopy();
   std::lock_guard lock(mu_);
   active_ = nullptr;
-  stats_.bytes_sent += attempt.session.stats().bytes_sent + attempt.priority->channel().stats().bytes_sent;
+  stats_.bytes_sent +=
+      attempt.session.stats().bytes_sent + attempt.priority->channel().stats().bytes_sent;
   stats_.total = Since(start_);
   if (!status.ok()) return status;
   return stats_;

@@ -68,8 +68,8 @@ const char* PostcopyPhaseName(PostcopyPhase phase);
 struct PostcopySourceStats {
   std::vector<PassStats> passes;  // pre-copy
   uint64_t switchover_dirty_pages = 0;
-  uint64_t pages_pushed = 0;       // pushed (data and zero), all sessions
-  uint64_t pages_requested = 0;    // asked for by the destination
+  uint64_t pages_pushed = 0;     // pushed (data and zero), all sessions
+  uint64_t pages_requested = 0;  // asked for by the destination
   uint64_t requests_served = 0;
   uint64_t requests_rejected = 0;  // out of range or malformed
   uint32_t sessions = 0;           // 1 + resumes

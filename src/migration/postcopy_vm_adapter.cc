@@ -133,7 +133,9 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     return pager_->complete() ? pager_->first_error() : Error("post-copy: pages are still missing");
   }
   bool paging_complete() override { return !pager_ || pager_->complete(); }
-  paging::PagingStats paging_stats() override { return pager_ ? pager_->stats() : paging::PagingStats{}; }
+  paging::PagingStats paging_stats() override {
+    return pager_ ? pager_->stats() : paging::PagingStats{};
+  }
   paging::InstallerKind installer() const override { return installer_; }
 
  private:

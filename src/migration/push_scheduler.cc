@@ -62,7 +62,8 @@ void PushScheduler::Requested(uint32_t block, const std::vector<uint32_t>& pages
     if (p < todo.pages() && todo.TestAndClear(p)) --remaining_;
   }
   const uint64_t first = pages.front() > options_.behind ? pages.front() - options_.behind : 0;
-  const uint64_t end = std::min<uint64_t>(uint64_t{pages.back()} + 1 + options_.ahead, todo.pages());
+  const uint64_t end =
+      std::min<uint64_t>(uint64_t{pages.back()} + 1 + options_.ahead, todo.pages());
   if (first < end) hints_.push_front(Hint{block, first, end});
   while (hints_.size() > options_.hints) hints_.pop_back();
 }

@@ -52,14 +52,13 @@ class PushScheduler {
  private:
   // Takes up to `max_pages` to-do pages of `block` from [first, end), whole
   // units, into `out`.
-  void TakeLocked(uint32_t block, uint64_t first, uint64_t end, uint32_t max_pages,
-                  PushBatch& out);
+  void TakeLocked(uint32_t block, uint64_t first, uint64_t end, uint32_t max_pages, PushBatch& out);
 
   const Options options_;
   const std::vector<uint32_t> unit_pages_;
   mutable std::mutex mu_;
-  std::vector<DirtyBitmap> todo_;   // guarded by mu_
-  std::vector<uint64_t> cursor_;    // guarded by mu_: the address-order sweep, per block
+  std::vector<DirtyBitmap> todo_;  // guarded by mu_
+  std::vector<uint64_t> cursor_;   // guarded by mu_: the address-order sweep, per block
   struct Hint {
     uint32_t block;
     uint64_t first;

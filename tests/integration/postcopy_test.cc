@@ -198,7 +198,8 @@ void ExpectVerified(const Outcome& o) {
   const PostcopyDestinationStats& d = o.destination_stats;
   fmt::print(
       "post-copy: {} pre-copy passes, {} pages present at the start, {} dirty; vCPUs ran {:.2f} ms "
-      "after the Switchover arrived (state {:.2f}, channels {:.2f}, paging {:.2f}); {} pages demanded, {} pushed, fault p50 {:.0f} us p99 {:.0f} "
+      "after the Switchover arrived (state {:.2f}, channels {:.2f}, paging {:.2f}); {} pages "
+      "demanded, {} pushed, fault p50 {:.0f} us p99 {:.0f} "
       "us; {} sessions\n",
       d.passes, d.present_at_start, d.dirty_at_switchover, d.start_vm.count() / 1e3,
       d.state_wait.count() / 1e3, d.channels_wait.count() / 1e3, d.start_paging.count() / 1e3,
@@ -216,7 +217,8 @@ TEST_P(PostcopyBackingTest, GuestVerifiesEveryPageOnTheDestination) {
     SCOPED_TRACE(fmt::format("run {}", run));
     // The second run switches over without any pre-copy: every page comes
     // by request or push.
-    Outcome o = RunPostcopy({.mem = kMem, .backing = GetParam(), .precopy_passes = 1u - run, .cuts = {}});
+    Outcome o =
+        RunPostcopy({.mem = kMem, .backing = GetParam(), .precopy_passes = 1u - run, .cuts = {}});
     ExpectVerified(o);
     EXPECT_EQ(o.destination_stats.sessions, 1u);
     EXPECT_EQ(o.source_stats.requests_rejected, 0u);
@@ -224,12 +226,13 @@ TEST_P(PostcopyBackingTest, GuestVerifiesEveryPageOnTheDestination) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Backings, PostcopyBackingTest,
-                         ::testing::Values(Backing::kAnonymous, Backing::kMemfd,
-                                           Backing::kHugetlb, Backing::kGuestMemfd),
+                         ::testing::Values(Backing::kAnonymous, Backing::kMemfd, Backing::kHugetlb,
+                                           Backing::kGuestMemfd),
                          [](const auto& info) { return std::string(BackingName(info.param)); });
 
 TEST(PostcopyTest, TwoGiBGuestVerifiesEveryPage) {
-  Outcome o = RunPostcopy({.mem = 2ull << 30, .backing = Backing::kAnonymous, .precopy_passes = 1, .cuts = {}});
+  Outcome o = RunPostcopy(
+      {.mem = 2ull << 30, .backing = Backing::kAnonymous, .precopy_passes = 1, .cuts = {}});
   ExpectVerified(o);
 }
 
@@ -296,8 +299,8 @@ TEST(PostcopySourceTest, OutOfRangePageRequestIsRejectedAndLogged) {
   ASSERT_NE(header, nullptr);
   EXPECT_EQ(header->pages, std::vector<uint32_t>{7});
   ASSERT_TRUE((*priority)->reader().ReceivePageData({{MutableBuffer(page)}}).ok());
-  EXPECT_EQ(0, std::memcmp(page.data(), (*from)->ram_block()->host() + 7 * kWirePageSize,
-                           kWirePageSize));
+  EXPECT_EQ(
+      0, std::memcmp(page.data(), (*from)->ram_block()->host() + 7 * kWirePageSize, kWirePageSize));
   // Hang up: the source pauses (it cannot know whether this destination runs the guest).
   session->Shutdown();
   (*priority)->channel().Shutdown();
