@@ -219,7 +219,8 @@ Status SourceMigrationControl::Resume(const std::optional<MigrationTarget>& to) 
         "no paused post-copy migration to resume: migrate-resume reconnects a post-copy "
         "migration whose link broke (query-migrate says phase postcopy, paused true)");
   }
-  if (resume_connector_) return WrongState("a resume to {} is already under way", resume_to_.ToString());
+  if (resume_connector_)
+    return WrongState("a resume to {} is already under way", resume_to_.ToString());
   const MigrationTarget target = to.value_or(request_.to);
   Result<migration::Address> address = migration::ParseAddress(target.ToString());
   if (!address.has_value()) return InvalidArgument("argument 'to': {}", address.error().message());

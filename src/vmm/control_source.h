@@ -86,8 +86,8 @@ class SourceMigrationControl final : public MigrationControl {
   // is joined when the next starts, or by the destructor.
   std::thread thread_;
   std::unique_ptr<migration::Connector> connector_;
-  std::unique_ptr<migration::MigrationSource> source_;     // mode precopy
-  std::unique_ptr<migration::PostcopySource> postcopy_;   // mode postcopy
+  std::unique_ptr<migration::MigrationSource> source_;   // mode precopy
+  std::unique_ptr<migration::PostcopySource> postcopy_;  // mode postcopy
   // Post-copy paused: the connector a migrate-resume has made, for the
   // migration's thread to take; stopping_ ends a paused migration's wait.
   std::condition_variable resume_cv_;

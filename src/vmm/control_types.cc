@@ -215,8 +215,8 @@ Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply) {
   s.pages_pushed = pushed.value_or(0);
   ASSIGN_OR_RETURN(std::optional<uint64_t> sessions, f.OptionalUint("sessions", 0, UINT32_MAX));
   s.sessions = static_cast<uint32_t>(sessions.value_or(0));
-  for (auto [name, out] : {std::pair{"fault_p50_us", &s.fault_p50_us},
-                           std::pair{"fault_p99_us", &s.fault_p99_us}}) {
+  for (auto [name, out] :
+       {std::pair{"fault_p50_us", &s.fault_p50_us}, std::pair{"fault_p99_us", &s.fault_p99_us}}) {
     auto it = reply.find(name);
     if (it == reply.end() || it->is_null()) continue;
     if (!it->is_number()) return Error("field '{}' must be a number or null", name);

@@ -591,10 +591,11 @@ void ExpectPostcopyVerified(Cli& dest, uint64_t written, uint32_t sessions,
   EXPECT_EQ(in["sessions"].get<uint32_t>(), sessions) << d.dump();
   EXPECT_EQ(in["installer"], installer) << d.dump();
   EXPECT_GE(in["passes"].get<uint32_t>(), min_passes) << d.dump();
-  fmt::print("post-copy destination: {} sessions, {} pages demanded, {} pushed, fault p50 {} us "
-             "p99 {} us, blocked {} ms\n",
-             in["sessions"].dump(), in["pages_demanded"].dump(), in["pages_pushed"].dump(),
-             in["fault_p50_us"].dump(), in["fault_p99_us"].dump(), in["blocked_ms"].dump());
+  fmt::print(
+      "post-copy destination: {} sessions, {} pages demanded, {} pushed, fault p50 {} us "
+      "p99 {} us, blocked {} ms\n",
+      in["sessions"].dump(), in["pages_demanded"].dump(), in["pages_pushed"].dump(),
+      in["fault_p50_us"].dump(), in["fault_p99_us"].dump(), in["blocked_ms"].dump());
 }
 
 TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
@@ -602,9 +603,9 @@ TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
   ASSERT_EQ(demo.Wait(), 0) << demo.Describe();
   nlohmann::json j = demo.Json();
   ASSERT_FALSE(j.is_discarded()) << demo.Describe();
-  for (const char* key : {"total_ms", "switchover_pause_ms", "bytes_sent", "pages_verified",
-                          "bad_pages", "fault_p50_us", "fault_p99_us", "pages_demanded",
-                          "pages_pushed", "blocked_ms"}) {
+  for (const char* key :
+       {"total_ms", "switchover_pause_ms", "bytes_sent", "pages_verified", "bad_pages",
+        "fault_p50_us", "fault_p99_us", "pages_demanded", "pages_pushed", "blocked_ms"}) {
     EXPECT_TRUE(j.contains(key)) << key << " " << j.dump();
   }
   EXPECT_EQ(j["mode"], "postcopy");
@@ -626,8 +627,8 @@ TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
   const std::string to = fmt::format("tcp:127.0.0.1:{}", dest.port);
   // Pre-copy passes until told: the switch comes from `faultline migrate
   // --start-postcopy` once a second pass is under way.
-  Cli migrate({"migrate", "--control", control, "--to", to, "--mode", "postcopy", "--channels",
-               "2", "--postcopy-on-command", "--json"});
+  Cli migrate({"migrate", "--control", control, "--to", to, "--mode", "postcopy", "--channels", "2",
+               "--postcopy-on-command", "--json"});
   bool switched = false;
   for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
     std::optional<nlohmann::json> q = Query(control, "query-migrate");
@@ -640,7 +641,8 @@ TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
     std::this_thread::sleep_for(50ms);
   }
   ASSERT_TRUE(switched) << migrate.Describe() << "\n" << source->Describe();
-  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n" << source->Describe() << "\n"
+  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n"
+                               << source->Describe() << "\n"
                                << dest.cli->Describe();
   nlohmann::json m = migrate.Json();
   EXPECT_EQ(m["result"], "completed") << m.dump();
@@ -662,13 +664,12 @@ TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
   // pass, that is inside post-copy: the guest filled all 256 MiB, and the
   // pushed pages alone are more than that.
   std::unique_ptr<Cli> source = std::make_unique<Cli>(std::vector<std::string>{
-      "run", "--control", control, "--mem", "256M", "--vcpus", "2", "--workload",
-      "random,rate=64", "--duration", "6", "--json", "--quiet", "--timeout", "120",
-      "--test-cut-link-after", std::to_string(64 << 20)});
+      "run", "--control", control, "--mem", "256M", "--vcpus", "2", "--workload", "random,rate=64",
+      "--duration", "6", "--json", "--quiet", "--timeout", "120", "--test-cut-link-after",
+      std::to_string(64 << 20)});
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
-  Cli migrate({"migrate", "--control", control, "--to",
-               fmt::format("tcp:127.0.0.1:{}", dest.port), "--mode", "postcopy",
-               "--precopy-passes", "0", "--json"});
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--mode", "postcopy", "--precopy-passes", "0", "--json"});
   std::optional<nlohmann::json> paused;
   for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
     std::optional<nlohmann::json> q = Query(control, "query-migrate");
@@ -710,8 +711,8 @@ TEST(PostcopyCliTest, ModeMismatchIsRefusedAndTheSourceGoesOn) {
   const std::string control = ControlPath();
   std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 2);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
-  Cli migrate({"migrate", "--control", control, "--to",
-               fmt::format("tcp:127.0.0.1:{}", dest.port), "--json"});
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--json"});
   EXPECT_EQ(migrate.Wait(), 1) << migrate.Describe();
   EXPECT_THAT(migrate.err(), HasSubstr("post-copy")) << migrate.Describe();
   EXPECT_EQ(dest.cli->Wait(), 1) << dest.cli->Describe();

@@ -50,7 +50,7 @@ using Clock = std::chrono::steady_clock;
 struct DemoOptions {
   std::string guest = FAULTLINE_DEFAULT_GUEST;
   std::string mode = "postcopy";
-  std::string installer;  // post-copy: the destination's, default per backing
+  std::string installer;        // post-copy: the destination's, default per backing
   uint32_t precopy_passes = 1;  // post-copy: pre-copy passes before the switch
   std::string backing = "anon";
   std::string mem = "2G";
@@ -254,8 +254,8 @@ int Demo(const DemoOptions& o) {
       vm_options.installer = *kind;
     }
     postcopy_target = migration::MakePostcopyDestinationVm(**destination, vm_options);
-    postcopy_receiver =
-        std::make_unique<migration::PostcopyDestination>(*postcopy_target, migration::DestinationOptions{});
+    postcopy_receiver = std::make_unique<migration::PostcopyDestination>(
+        *postcopy_target, migration::DestinationOptions{});
   } else {
     target = migration::MakeDestinationVm(**destination);
     precopy_receiver =
@@ -298,7 +298,8 @@ int Demo(const DemoOptions& o) {
   request.downtime_ms = o.downtime_ms;
   request.precopy_passes = o.precopy_passes;
   if (postcopy) {
-    say(fmt::format("migrating to {} over {} page channel(s) and a priority channel: {} "
+    say(
+        fmt::format("migrating to {} over {} page channel(s) and a priority channel: {} "
                     "pre-copy pass(es), then post-copy",
                     request.to.ToString(), o.channels, o.precopy_passes));
   } else {

@@ -84,8 +84,9 @@ LiveVm::~LiveVm() {
   if (server_) server_->Stop();
 }
 
-Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& control_path,
-                                               std::optional<migration::FaultPlan> first_link_fault) {
+Result<std::unique_ptr<LiveVm>> LiveVm::Create(
+    vmm::Vm& vm, const std::string& control_path,
+    std::optional<migration::FaultPlan> first_link_fault) {
   std::unique_ptr<LiveVm> live(new LiveVm(vm));
   live->source_ = std::make_unique<TimedSource>(vm);
   vmm::SourceMigrationControl::Options options;
@@ -193,9 +194,8 @@ void LiveVm::WaitForCompletionSeen(std::chrono::milliseconds grace) {
   // that started it and the one that resumed it): a little longer than two
   // of their polls (200 ms apart by default) for the others.
   if (control_->seen_terminal()) {
-    std::this_thread::sleep_for(
-        std::min<Clock::duration>(std::chrono::milliseconds(500),
-                                  std::max<Clock::duration>(deadline - Clock::now(), {})));
+    std::this_thread::sleep_for(std::min<Clock::duration>(
+        std::chrono::milliseconds(500), std::max<Clock::duration>(deadline - Clock::now(), {})));
   }
 }
 

@@ -105,8 +105,8 @@ class Progress {
       std::fflush(stdout);
       open_line_ = true;
     } else if (!printed_ || s.phase != last_phase_ || s.pass != last_pass_ ||
-               s.paused != last_paused_ ||
-               now - last_print_ >= std::chrono::seconds(1) || vmm::IsTerminal(s.phase)) {
+               s.paused != last_paused_ || now - last_print_ >= std::chrono::seconds(1) ||
+               vmm::IsTerminal(s.phase)) {
       fmt::print("{}\n", line);
       std::fflush(stdout);
       last_print_ = now;
@@ -229,10 +229,11 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
   }
   if (s.phase == MigrationPhase::kCompleted) {
     if (!o.json && s.mode == vmm::MigrationMode::kPostcopy) {
-      fmt::print("post-copy migration to {} completed in {:.1f} s: {} sent, {} pre-copy "
-                 "pass(es), then {} pages demanded and {} pushed over {} session(s)\n",
-                 s.to, s.elapsed_ms / 1000.0, HumanBytes(static_cast<double>(s.bytes_sent)),
-                 s.pass, s.pages_demanded, s.pages_pushed, s.sessions);
+      fmt::print(
+          "post-copy migration to {} completed in {:.1f} s: {} sent, {} pre-copy "
+          "pass(es), then {} pages demanded and {} pushed over {} session(s)\n",
+          s.to, s.elapsed_ms / 1000.0, HumanBytes(static_cast<double>(s.bytes_sent)), s.pass,
+          s.pages_demanded, s.pages_pushed, s.sessions);
     } else if (!o.json) {
       std::string downtime = s.downtime_ms ? fmt::format(", downtime {} ms", *s.downtime_ms) : "";
       fmt::print("migration to {} completed in {:.1f} s: {} sent in {} passes{}\n", s.to,
@@ -243,9 +244,10 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
   }
   if (o.cancel && s.paused) {
     if (!o.json) {
-      fmt::print("post-copy migration to {} paused (link broken); the guest waits at the "
-                 "destination: reconnect with `faultline migrate --resume`\n",
-                 s.to);
+      fmt::print(
+          "post-copy migration to {} paused (link broken); the guest waits at the "
+          "destination: reconnect with `faultline migrate --resume`\n",
+          s.to);
     }
     return 0;
   }
@@ -290,7 +292,8 @@ int Migrate(const MigrateOptions& o) {
     request.bandwidth_bytes_per_sec = *rate;
     request.channels = o.channels;
     request.downtime_ms = o.downtime_ms;
-    if ((o.precopy_passes || o.postcopy_on_command) && request.mode != vmm::MigrationMode::kPostcopy) {
+    if ((o.precopy_passes || o.postcopy_on_command) &&
+        request.mode != vmm::MigrationMode::kPostcopy) {
       return Fail(Error("--precopy-passes and --postcopy-on-command go with --mode postcopy"));
     }
     request.precopy_passes = o.precopy_passes.value_or(1);

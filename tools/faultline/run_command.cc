@@ -38,11 +38,11 @@ struct RunOptions {
   std::string backing = "anon";
   bool json = false;
   bool quiet = false;
-  std::string control;    // serve the control socket here
-  std::string incoming;   // tcp:HOST:PORT: receive the guest by migration
-  bool prealloc = false;  // with --incoming: allocate all RAM before receiving
-  bool postcopy = false;  // with --incoming: the migration is post-copy
-  std::string installer;  // with --postcopy: override the default per backing
+  std::string control;          // serve the control socket here
+  std::string incoming;         // tcp:HOST:PORT: receive the guest by migration
+  bool prealloc = false;        // with --incoming: allocate all RAM before receiving
+  bool postcopy = false;        // with --incoming: the migration is post-copy
+  std::string installer;        // with --postcopy: override the default per backing
   uint64_t test_cut_after = 0;  // test hook: break the first migration link after N bytes
 };
 
@@ -143,9 +143,10 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
       return Error("post-copy migration on {} broke after the guest started here: {}",
                    bound.ToString(), stats.error().ToString());
     }
-    return Error("incoming post-copy migration on {} refused: {}. The guest was not started "
-                 "here; the source keeps running it",
-                 bound.ToString(), stats.error().ToString());
+    return Error(
+        "incoming post-copy migration on {} refused: {}. The guest was not started "
+        "here; the source keeps running it",
+        bound.ToString(), stats.error().ToString());
   }
   const migration::NetworkSourceStats& n = stats->network;
   out = {{"mode", "postcopy"},
@@ -192,8 +193,9 @@ int Run(const RunOptions& o) {
   }
 
   if (o.postcopy && o.incoming.empty()) {
-    return Fail(Error("--postcopy goes with --incoming: it says the migration to receive is "
-                      "post-copy"));
+    return Fail(
+        Error("--postcopy goes with --incoming: it says the migration to receive is "
+              "post-copy"));
   }
   if (!o.installer.empty() && !o.postcopy) {
     return Fail(Error("--installer goes with --incoming and --postcopy"));
@@ -231,8 +233,7 @@ int Run(const RunOptions& o) {
       started = true;  // by the engine, at the switchover
       start = stats->vm_started_at;
     } else {
-      Result<migration::DestinationStats> stats =
-          ReceiveGuest(**vm, *address, o, incoming_json);
+      Result<migration::DestinationStats> stats = ReceiveGuest(**vm, *address, o, incoming_json);
       if (!stats.has_value()) return Fail(stats.error());
       start = Clock::now();  // the guest's time here starts now
     }
