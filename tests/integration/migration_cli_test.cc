@@ -719,5 +719,20 @@ TEST(PostcopyCliTest, ModeMismatchIsRefusedAndTheSourceGoesOn) {
   ExpectVerifiedHere(*source);
 }
 
+TEST(PostcopyCliTest, PostcopyToAPrecopyDestinationIsRefused) {
+  Destination dest = StartDestination("256M", "anon");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 2);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--mode", "postcopy", "--json"});
+  EXPECT_EQ(migrate.Wait(), 1) << migrate.Describe();
+  EXPECT_THAT(migrate.err(), HasSubstr("does not support post-copy")) << migrate.Describe();
+  EXPECT_EQ(dest.cli->Wait(), 1) << dest.cli->Describe();
+  EXPECT_THAT(dest.cli->err(), HasSubstr("--postcopy")) << dest.cli->Describe();
+  ExpectVerifiedHere(*source);
+}
+
 }  // namespace
 }  // namespace faultline
