@@ -2,11 +2,14 @@
 # The main job: build Faultline (release) and live-migrate a running guest.
 # A source VM (2 vCPUs, 2 GiB) runs the test guest, which fills its memory
 # and writes random pages at 64 MiB/s with a ledger; a destination VM waits
-# on loopback TCP; pre-copy moves the guest while it writes; the guest keeps
-# running on the destination and verifies every page there. Prints total
-# time, switchover pause, bytes sent, passes, pages verified, wrong pages.
+# on loopback TCP; post-copy (one pre-copy pass, then the guest runs on the
+# destination at once, its missing pages fetched on fault and pushed in the
+# background) moves the guest while it writes; the guest keeps running on
+# the destination and verifies every page there. Prints total time,
+# switchover pause, bytes sent, passes, pages demanded and pushed, fault
+# latency p50/p99, blocked time, pages verified, wrong pages.
 # Extra arguments go to `faultline demo` (--json, --backing memfd, --mem 4G,
-# --vcpus N, --channels N, --mode precopy|postcopy, --tcp-baseline, ...).
+# --vcpus N, --channels N, --mode postcopy|precopy, --tcp-baseline, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh

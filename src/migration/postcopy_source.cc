@@ -152,7 +152,9 @@ Result<PostcopySourceStats> PostcopySource::Run(Connector& connector) {
                                    kFeaturePostcopy | kFeatureRecovery});
     if (!session) return fail_running(session.error());
     if (!(session->ack.features & kFeaturePostcopy)) {
-      (void)SendError(*session->main, ErrorCode::kFeatures, Status::Ok());
+      (void)SendError(*session->main, ErrorCode::kFeatures,
+                      Error("the source asked for post-copy, which this destination does not "
+                            "offer: start it with `faultline run --incoming ... --postcopy`"));
       return fail_running(Error("the destination does not support post-copy"));
     }
     attempt.session = std::move(*session);

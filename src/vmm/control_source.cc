@@ -1,7 +1,10 @@
 #include "src/vmm/control_source.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <utility>
+
+#include <fmt/format.h>
 
 #include "src/migration/wire.h"
 #include "src/vmm/control_args.h"
@@ -44,22 +47,18 @@ SourceMigrationControl::~SourceMigrationControl() {
     std::lock_guard lock(mu_);
     if (running_) {
       cancel_requested_ = true;
-      source_->Cancel();
+      stopping_ = true;  // a paused post-copy waits no longer
+      if (source_) source_->Cancel();
+      if (postcopy_) postcopy_->Cancel();
+      resume_cv_.notify_all();
     }
   }
   // Not under mu_: the thread takes it to publish its result.
   if (thread_.joinable()) thread_.join();
 }
 
-Status SourceMigrationControl::CheckMode(MigrationMode mode) {
-  if (mode == MigrationMode::kPostcopy) {
-    // Post-copy plugs in here (and in Start); until the engine has it, never
-    // fall back to pre-copy silently.
-    return NotSupported(
-        "post-copy is not available in this build: this VMM migrates with pre-copy only (use "
-        "mode precopy)");
-  }
-  return Status::Ok();
+Status SourceMigrationControl::CheckMode(MigrationMode) {
+  return Status::Ok();  // both modes
 }
 
 Status SourceMigrationControl::Start(const MigrateRequest& request) {
@@ -71,6 +70,10 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   Result<std::unique_ptr<migration::Connector>> connector =
       migration::MakeConnector(*address, options_.transport);
   if (!connector.has_value()) return connector.error();
+  if (options_.first_link_fault) {
+    *connector = std::make_unique<migration::FaultyConnector>(
+        std::move(*connector), migration::FaultController::Create(*options_.first_link_fault));
+  }
 
   migration::SourceOptions source_options;
   source_options.page_channels = static_cast<uint16_t>(request.channels);
@@ -85,7 +88,20 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   // most in on_done, which must not call back into this object.
   if (thread_.joinable()) thread_.join();
   connector_ = std::move(*connector);
-  source_ = std::make_unique<migration::MigrationSource>(vm_, std::move(source_options));
+  source_.reset();
+  postcopy_.reset();
+  resume_connector_.reset();
+  postcopy_stats_.reset();
+  stopping_ = false;
+  if (request.mode == MigrationMode::kPostcopy) {
+    migration::PostcopySourceOptions options;
+    options.base = std::move(source_options);
+    options.precopy_passes =
+        request.postcopy_on_command ? migration::kPostcopyOnCommand : request.precopy_passes;
+    postcopy_ = std::make_unique<migration::PostcopySource>(vm_, std::move(options));
+  } else {
+    source_ = std::make_unique<migration::MigrationSource>(vm_, std::move(source_options));
+  }
   request_ = request;
   running_ = true;
   cancel_requested_ = false;
@@ -94,7 +110,143 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   sample_pages_ = pass_start_pages_ = 0;
   send_rate_ = dirty_rate_ = 0;
   pass_seen_ = 0;
-  thread_ = std::thread([this, c = connector_.get()] { RunMigration(c); });
+  if (postcopy_) {
+    thread_ = std::thread([this, c = connector_.get()] { RunPostcopy(c); });
+  } else {
+    thread_ = std::thread([this, c = connector_.get()] { RunMigration(c); });
+  }
+  return Status::Ok();
+}
+
+void SourceMigrationControl::RunPostcopy(migration::Connector* connector) {
+  using migration::PostcopyPhase;
+  // postcopy_ is not replaced while running_ is true, so it is safe unlocked.
+  Result<migration::PostcopySourceStats> result = postcopy_->Run(*connector);
+  while (!result.has_value() && postcopy_->phase() == PostcopyPhase::kPaused) {
+    fmt::print(stderr,
+               "faultline: post-copy migration to {} paused: {}. The guest waits at the "
+               "destination for its missing pages; reconnect with `faultline migrate --resume`\n",
+               request_.to.ToString(), result.error().ToString());
+    std::fflush(stderr);
+    {
+      std::unique_lock lock(mu_);
+      paused_error_ = result.error().ToString();
+      resume_cv_.wait(lock, [this] { return resume_connector_ != nullptr || stopping_; });
+      if (resume_connector_ == nullptr) break;
+      // The old connector may still be in use by nobody now: replace it.
+      connector_ = std::move(resume_connector_);
+      request_.to = resume_to_;
+      paused_error_.clear();
+      connector = connector_.get();
+    }
+    result = postcopy_->Resume(*connector);
+  }
+  const PostcopyPhase phase = postcopy_->phase();
+  migration::SourceOutcome outcome;
+  {
+    std::lock_guard lock(mu_);
+    if (result.has_value()) postcopy_stats_ = *result;
+    MigrationStatus s = PostcopyStatus();
+    s.eta_ms.reset();
+    if (result.has_value()) {
+      outcome = migration::SourceOutcome::kCompleted;
+      s.phase = MigrationPhase::kCompleted;
+      s.bytes_remaining = 0;
+      s.eta_ms = 0;
+      s.paused = false;
+      s.downtime_ms = Millis(result->switchover_send);
+      s.bandwidth_bytes_per_sec = PerSecond(s.bytes_sent, result->total);
+    } else if (phase == PostcopyPhase::kPaused) {
+      // Stopped while paused: the destination runs the guest, which waits for
+      // pages only this VM has; it stays paused here.
+      outcome = migration::SourceOutcome::kUnknownPaused;
+      s.phase = MigrationPhase::kFailed;
+      s.error = result.error().ToString();
+    } else {
+      outcome = migration::SourceOutcome::kFailedRunning;
+      s.phase = cancel_requested_ ? MigrationPhase::kCancelled : MigrationPhase::kFailed;
+      s.error = result.error().ToString();
+    }
+    final_ = std::move(s);
+    running_ = false;
+  }
+  if (options_.on_done) options_.on_done(outcome);
+}
+
+MigrationStatus SourceMigrationControl::PostcopyStatus() {
+  using migration::PostcopyPhase;
+  const migration::PostcopyProgress p = postcopy_->progress();
+  migration::SourceProgress as_precopy;
+  as_precopy.pass = p.pass;
+  as_precopy.pages_sent = p.pages_sent + p.pages_pushed + p.pages_requested;
+  MigrationStatus s = Estimate(as_precopy);
+  s.mode = MigrationMode::kPostcopy;
+  s.pages_demanded = p.pages_requested;
+  s.pages_pushed = p.pages_pushed;
+  s.sessions = postcopy_stats_ ? postcopy_stats_->sessions : 0;
+  switch (p.phase) {
+    case PostcopyPhase::kNotStarted:
+      s.phase = MigrationPhase::kSetup;
+      break;
+    case PostcopyPhase::kPrecopy:
+      s.phase = p.pages_sent == 0 ? MigrationPhase::kSetup : MigrationPhase::kPrecopy;
+      break;
+    case PostcopyPhase::kPostcopy:
+    case PostcopyPhase::kPaused:
+      s.phase = MigrationPhase::kPostcopy;
+      s.paused = p.phase == PostcopyPhase::kPaused;
+      s.bytes_remaining = p.pages_remaining * kPage;
+      s.eta_ms.reset();
+      if (s.bandwidth_bytes_per_sec > 0) {
+        s.eta_ms = s.bytes_remaining * 1000 / s.bandwidth_bytes_per_sec;
+      }
+      break;
+    case PostcopyPhase::kCompleted:
+      s.phase = MigrationPhase::kCompleted;
+      break;
+    case PostcopyPhase::kFailed:
+      s.phase = MigrationPhase::kFailed;
+      break;
+  }
+  if (s.paused) s.error = paused_error_;
+  return s;
+}
+
+Status SourceMigrationControl::Resume(const std::optional<MigrationTarget>& to) {
+  std::lock_guard lock(mu_);
+  if (!running_ || !postcopy_ || postcopy_->phase() != migration::PostcopyPhase::kPaused) {
+    return WrongState(
+        "no paused post-copy migration to resume: migrate-resume reconnects a post-copy "
+        "migration whose link broke (query-migrate says phase postcopy, paused true)");
+  }
+  if (resume_connector_)
+    return WrongState("a resume to {} is already under way", resume_to_.ToString());
+  const MigrationTarget target = to.value_or(request_.to);
+  Result<migration::Address> address = migration::ParseAddress(target.ToString());
+  if (!address.has_value()) return InvalidArgument("argument 'to': {}", address.error().message());
+  Result<std::unique_ptr<migration::Connector>> connector =
+      migration::MakeConnector(*address, options_.transport);
+  if (!connector.has_value()) return connector.error();
+  resume_connector_ = std::move(*connector);
+  resume_to_ = target;
+  resume_cv_.notify_all();
+  return Status::Ok();
+}
+
+Status SourceMigrationControl::StartPostcopy() {
+  std::lock_guard lock(mu_);
+  if (!running_ || !postcopy_) {
+    return WrongState(
+        "no post-copy migration is active: start one with mode postcopy (`faultline migrate "
+        "--mode postcopy --postcopy-on-command ...`), then switch it with this command");
+  }
+  const migration::PostcopyPhase phase = postcopy_->phase();
+  if (phase != migration::PostcopyPhase::kNotStarted &&
+      phase != migration::PostcopyPhase::kPrecopy) {
+    return WrongState("the migration is past pre-copy already ({})",
+                      migration::PostcopyPhaseName(phase));
+  }
+  postcopy_->StartPostcopy();
   return Status::Ok();
 }
 
@@ -133,12 +285,28 @@ MigrationStatus SourceMigrationControl::Query() {
   std::lock_guard lock(mu_);
   if (final_) return *final_;
   if (!running_) return MigrationStatus();
+  if (postcopy_) return PostcopyStatus();
   return Estimate(source_->progress());
 }
 
 Status SourceMigrationControl::Cancel() {
   std::lock_guard lock(mu_);
   if (!running_) return WrongState("no migration is active");
+  if (postcopy_) {
+    const migration::PostcopyPhase phase = postcopy_->phase();
+    if (phase == migration::PostcopyPhase::kPaused) {
+      return WrongState(
+          "the post-copy migration is paused already and cannot be cancelled: the guest runs "
+          "at the destination and needs this VM's pages; reconnect with `faultline migrate "
+          "--resume`");
+    }
+    // Before the switchover: the migration fails and the VM runs on. After
+    // it: the link breaks and the migration pauses (no cancel_requested_,
+    // it is not over).
+    if (phase != migration::PostcopyPhase::kPostcopy) cancel_requested_ = true;
+    postcopy_->Cancel();
+    return Status::Ok();
+  }
   cancel_requested_ = true;
   source_->Cancel();
   return Status::Ok();

@@ -1,6 +1,7 @@
 // SourceMigrationControl: the control socket's MigrationControl on top of the
-// pre-copy engine (migration::MigrationSource). Each "migrate" runs one
-// MigrationSource on a thread of its own; query-migrate turns the engine's
+// pre-copy engine (migration::MigrationSource) and the post-copy engine
+// (migration::PostcopySource, for mode postcopy). Each "migrate" runs one
+// engine on a thread of its own; query-migrate turns the engine's
 // live counters into a MigrationStatus, estimating the rates and the ETA
 // from successive samples.
 //
@@ -9,9 +10,17 @@
 // the work the engine harvested at its start (SourceProgress::dirty_pages);
 // the dirty rate is that work over the previous pass's duration, as seen by
 // the polls. Nothing here is needed for correctness, only for the display.
+//
+// Post-copy: migrate-start-postcopy switches after the pass under way;
+// migrate-cancel before the switchover fails the migration (the VM keeps
+// running here), after it breaks the link and pauses the migration, as a
+// broken link does (nothing is lost: the guest at the destination waits for
+// its missing pages); migrate-resume then reconnects, to the original
+// destination or a new address, and the migration completes.
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -22,7 +31,9 @@
 
 #include "faultline/status.h"
 #include "src/migration/auth.h"
+#include "src/migration/fault_transport.h"
 #include "src/migration/migratable.h"
+#include "src/migration/postcopy_source.h"
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
 #include "src/vmm/control_migration.h"
@@ -39,6 +50,10 @@ class SourceMigrationControl final : public MigrationControl {
     // verdict on who runs the guest (completed: the destination does, and
     // the VM here stays paused for the VMM to retire).
     std::function<void(migration::SourceOutcome)> on_done;
+    // A test hook: the first session of each migration goes through a
+    // simulated link (fault_transport.h) with this plan, e.g. one that
+    // breaks after so many bytes; sessions made by migrate-resume do not.
+    std::optional<migration::FaultPlan> first_link_fault;
   };
 
   // `vm` must outlive this object.
@@ -52,9 +67,13 @@ class SourceMigrationControl final : public MigrationControl {
   Status Start(const MigrateRequest& request) override;
   MigrationStatus Query() override;
   Status Cancel() override;
+  Status Resume(const std::optional<MigrationTarget>& to) override;
+  Status StartPostcopy() override;
 
  private:
   void RunMigration(migration::Connector* connector);
+  void RunPostcopy(migration::Connector* connector);
+  MigrationStatus PostcopyStatus();
   // The phase of an active migration from the engine's counters.
   MigrationStatus Estimate(const migration::SourceProgress& p);
 
@@ -67,7 +86,16 @@ class SourceMigrationControl final : public MigrationControl {
   // is joined when the next starts, or by the destructor.
   std::thread thread_;
   std::unique_ptr<migration::Connector> connector_;
-  std::unique_ptr<migration::MigrationSource> source_;
+  std::unique_ptr<migration::MigrationSource> source_;   // mode precopy
+  std::unique_ptr<migration::PostcopySource> postcopy_;  // mode postcopy
+  // Post-copy paused: the connector a migrate-resume has made, for the
+  // migration's thread to take; stopping_ ends a paused migration's wait.
+  std::condition_variable resume_cv_;
+  std::unique_ptr<migration::Connector> resume_connector_;
+  MigrationTarget resume_to_;
+  bool stopping_ = false;
+  std::string paused_error_;  // why the post-copy link broke
+  std::optional<migration::PostcopySourceStats> postcopy_stats_;
   MigrateRequest request_;
   bool running_ = false;
   bool cancel_requested_ = false;

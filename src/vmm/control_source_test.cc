@@ -188,10 +188,18 @@ TEST(SourceMigrationControlTest, RefusesWhatTheEngineCannotDo) {
   request.to = {"example.com", 4444};
   Status s = control.Start(request);
   EXPECT_EQ(ClassifyStatus(s), ControlErrorClass::kInvalidArgument) << s.ToString();
-  request.to = {"127.0.0.1", 4444};
-  request.mode = MigrationMode::kPostcopy;
-  EXPECT_EQ(ClassifyStatus(control.Start(request)), ControlErrorClass::kNotSupported);
   EXPECT_EQ(control.Query().phase, MigrationPhase::kNone);
+}
+
+TEST(SourceMigrationControlTest, PostcopyCommandsNeedAPostcopyMigration) {
+  StillVm from;
+  SourceMigrationControl control(from, {});
+  Status s = control.StartPostcopy();
+  EXPECT_EQ(ClassifyStatus(s), ControlErrorClass::kWrongState) << s.ToString();
+  EXPECT_THAT(s.message(), HasSubstr("no post-copy migration is active"));
+  s = control.Resume(std::nullopt);
+  EXPECT_EQ(ClassifyStatus(s), ControlErrorClass::kWrongState) << s.ToString();
+  EXPECT_THAT(s.message(), HasSubstr("no paused post-copy migration to resume"));
 }
 
 }  // namespace

@@ -102,13 +102,18 @@ void to_json(nlohmann::json& j, const MigrateRequest& request) {
                      {"channels", request.channels},
                      {"downtime_ms", request.downtime_ms},
                      {"bandwidth_bytes_per_sec", request.bandwidth_bytes_per_sec}};
+  if (request.mode == MigrationMode::kPostcopy) {
+    j["precopy_passes"] = request.precopy_passes;
+    j["postcopy_on_command"] = request.postcopy_on_command;
+  }
 }
 
 Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
   JsonFields f(args);
   RETURN_IF_ERROR(f.CheckObject());
   RETURN_IF_ERROR(
-      f.RejectUnknown({"to", "mode", "channels", "downtime_ms", "bandwidth_bytes_per_sec"}));
+      f.RejectUnknown({"to", "mode", "channels", "downtime_ms", "bandwidth_bytes_per_sec",
+                       "precopy_passes", "postcopy_on_command"}));
   MigrateRequest r;
   ASSIGN_OR_RETURN(std::string to, f.String("to"));
   ASSIGN_OR_RETURN(r.to, ParseMigrationTarget(to));
@@ -124,6 +129,15 @@ Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
   r.downtime_ms = downtime.value_or(kDefaultDowntimeMs);
   ASSIGN_OR_RETURN(std::optional<uint64_t> bandwidth, f.OptionalUint("bandwidth_bytes_per_sec"));
   r.bandwidth_bytes_per_sec = bandwidth.value_or(0);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> passes, f.OptionalUint("precopy_passes", 0, 1000));
+  ASSIGN_OR_RETURN(std::optional<bool> on_command, f.OptionalBool("postcopy_on_command"));
+  if ((passes || on_command) && r.mode != MigrationMode::kPostcopy) {
+    return InvalidArgument(
+        "precopy_passes and postcopy_on_command apply to mode postcopy only; add "
+        "\"mode\": \"postcopy\" or drop them");
+  }
+  r.precopy_passes = static_cast<uint32_t>(passes.value_or(1));
+  r.postcopy_on_command = on_command.value_or(false);
   return r;
 }
 
@@ -149,6 +163,17 @@ void to_json(nlohmann::json& j, const MigrationStatus& s) {
                      {"downtime_ms", OptionalToJson(s.downtime_ms)},
                      {"elapsed_ms", s.elapsed_ms}};
   if (!s.error.empty()) j["error"] = s.error;
+  if (s.mode == MigrationMode::kPostcopy) {
+    auto optional_us = [](const std::optional<double>& v) {
+      return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
+    };
+    j["paused"] = s.paused;
+    j["pages_demanded"] = s.pages_demanded;
+    j["pages_pushed"] = s.pages_pushed;
+    j["sessions"] = s.sessions;
+    j["fault_p50_us"] = optional_us(s.fault_p50_us);
+    j["fault_p99_us"] = optional_us(s.fault_p99_us);
+  }
 }
 
 Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply) {
@@ -182,6 +207,21 @@ Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply) {
   s.elapsed_ms = elapsed.value_or(0);
   ASSIGN_OR_RETURN(std::optional<std::string> error, f.OptionalString("error"));
   s.error = error.value_or("");
+  ASSIGN_OR_RETURN(std::optional<bool> paused, f.OptionalBool("paused"));
+  s.paused = paused.value_or(false);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> demanded, f.OptionalUint("pages_demanded"));
+  s.pages_demanded = demanded.value_or(0);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> pushed, f.OptionalUint("pages_pushed"));
+  s.pages_pushed = pushed.value_or(0);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> sessions, f.OptionalUint("sessions", 0, UINT32_MAX));
+  s.sessions = static_cast<uint32_t>(sessions.value_or(0));
+  for (auto [name, out] :
+       {std::pair{"fault_p50_us", &s.fault_p50_us}, std::pair{"fault_p99_us", &s.fault_p99_us}}) {
+    auto it = reply.find(name);
+    if (it == reply.end() || it->is_null()) continue;
+    if (!it->is_number()) return Error("field '{}' must be a number or null", name);
+    *out = it->get<double>();
+  }
   return s;
 }
 

@@ -68,6 +68,11 @@ struct MigrateRequest {
   // iterating until the remaining dirty memory fits in it.
   uint64_t downtime_ms = kDefaultDowntimeMs;
   uint64_t bandwidth_bytes_per_sec = 0;  // 0: unlimited
+  // Post-copy only: pre-copy passes before the switch to post-copy (0:
+  // straight away), or, with postcopy_on_command, pass after pass until
+  // migrate-start-postcopy.
+  uint32_t precopy_passes = 1;
+  bool postcopy_on_command = false;
 };
 void to_json(nlohmann::json& j, const MigrateRequest& request);
 Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args);
@@ -89,6 +94,18 @@ struct MigrationStatus {
   std::optional<uint64_t> downtime_ms;
   uint64_t elapsed_ms = 0;  // since "migrate" was accepted
   std::string error;        // why, for phase failed (and cancelled, if known)
+
+  // Post-copy (mode postcopy; in JSON only then). The source's view: pages
+  // the destination asked for (demanded by its faults) against pages pushed
+  // in the background; paused while the link is broken (migrate-resume).
+  // Fault latency is measured where the faults happen, at the destination:
+  // null here unless the reporter knows it.
+  bool paused = false;
+  uint64_t pages_demanded = 0;
+  uint64_t pages_pushed = 0;
+  uint32_t sessions = 0;  // 1 + resumes
+  std::optional<double> fault_p50_us;
+  std::optional<double> fault_p99_us;
 
   // How far along: 100 * (total - remaining) / total, 100 when completed.
   double Percent() const;

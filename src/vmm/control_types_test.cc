@@ -50,7 +50,9 @@ TEST(ControlTypesTest, MigrateRequestDefaultsAndErrors) {
                {"mode", "postcopy"},
                {"channels", 4},
                {"downtime_ms", 50},
-               {"bandwidth_bytes_per_sec", 1 << 30}};
+               {"bandwidth_bytes_per_sec", 1 << 30},
+               {"precopy_passes", 0},
+               {"postcopy_on_command", true}};
   r = ParseMigrateRequest(full);
   ASSERT_TRUE(r.has_value());
   EXPECT_EQ(json(*r), full);
@@ -67,6 +69,11 @@ TEST(ControlTypesTest, MigrateRequestDefaultsAndErrors) {
       {{{"to", "tcp:h:1"}, {"channels", 1.5}}, "must be an unsigned integer, got number 1.5"},
       {{{"to", "tcp:h:1"}, {"downtime_ms", "fast"}}, "argument 'downtime_ms' must be"},
       {{{"to", "tcp:h:1"}, {"speed", 1}}, "unexpected argument 'speed'"},
+      {{{"to", "tcp:h:1"}, {"precopy_passes", 2}}, "apply to mode postcopy only"},
+      {{{"to", "tcp:h:1"}, {"mode", "postcopy"}, {"precopy_passes", 1001}},
+       "argument 'precopy_passes' is 1001"},
+      {{{"to", "tcp:h:1"}, {"mode", "postcopy"}, {"postcopy_on_command", 1}},
+       "argument 'postcopy_on_command' must be true or false"},
       {json::array(), "arguments must be a JSON object"},
   };
   for (const Case& c : cases) {
@@ -91,7 +98,14 @@ TEST(ControlTypesTest, MigrationStatusRoundTrip) {
   s.bandwidth_bytes_per_sec = 12;
   s.eta_ms = 13;
   s.elapsed_ms = 14;
+  s.paused = true;
+  s.pages_demanded = 15;
+  s.pages_pushed = 16;
+  s.sessions = 2;
+  s.fault_p99_us = 17.5;
   json j = s;
+  EXPECT_TRUE(j["fault_p50_us"].is_null());
+  EXPECT_EQ(j["pages_demanded"], 15);
   EXPECT_TRUE(j["downtime_ms"].is_null());
   EXPECT_FALSE(j.contains("error"));
   EXPECT_DOUBLE_EQ(s.Percent(), 75.0);

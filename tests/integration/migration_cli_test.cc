@@ -557,5 +557,182 @@ INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
                                            BadInput{"BlockListMismatch", "512M", nullptr, "block"}),
                          [](const auto& info) { return info.param.name; });
 
+// Post-copy through the tools (issue 6): the demo, and `faultline migrate
+// --mode postcopy` between a source `faultline run --control` and a
+// destination `faultline run --incoming ... --postcopy`, including a broken
+// link resumed with `faultline migrate --resume`.
+
+Destination StartPostcopyDestination(const std::string& mem, const std::string& backing) {
+  Destination d;
+  d.cli = std::make_unique<Cli>(std::vector<std::string>{
+      "run", "--incoming", "tcp:127.0.0.1:0", "--postcopy", "--mem", mem, "--vcpus", "2",
+      "--backing", backing, "--json", "--quiet", "--timeout", "120"});
+  // "... waiting for a post-copy migration on tcp:127.0.0.1:PORT (move installer)"
+  std::optional<std::string> line = d.cli->AwaitStderr("waiting for a post-copy migration on", 60s);
+  const std::string prefix = "tcp:127.0.0.1:";
+  if (line && line->find(prefix) != std::string::npos) {
+    d.port = static_cast<uint16_t>(std::stoul(line->substr(line->find(prefix) + prefix.size())));
+  }
+  return d;
+}
+
+// The destination ran the guest to the end and it verified every page the
+// source's guest had written.
+void ExpectPostcopyVerified(Cli& dest, uint64_t written, uint32_t sessions,
+                            const std::string& installer, uint32_t min_passes = 0) {
+  ASSERT_EQ(dest.Wait(), 0) << dest.Describe();
+  nlohmann::json d = dest.Json();
+  ASSERT_FALSE(d.is_discarded()) << dest.Describe();
+  EXPECT_TRUE(d["success"].get<bool>()) << d.dump();
+  EXPECT_EQ(d["bad_pages"].get<uint64_t>(), 0u) << d.dump();
+  EXPECT_EQ(d["pages_verified"].get<uint64_t>(), written) << d.dump();
+  const nlohmann::json& in = d["incoming"];
+  EXPECT_EQ(in["mode"], "postcopy") << d.dump();
+  EXPECT_EQ(in["sessions"].get<uint32_t>(), sessions) << d.dump();
+  EXPECT_EQ(in["installer"], installer) << d.dump();
+  EXPECT_GE(in["passes"].get<uint32_t>(), min_passes) << d.dump();
+  fmt::print(
+      "post-copy destination: {} sessions, {} pages demanded, {} pushed, fault p50 {} us "
+      "p99 {} us, blocked {} ms\n",
+      in["sessions"].dump(), in["pages_demanded"].dump(), in["pages_pushed"].dump(),
+      in["fault_p50_us"].dump(), in["fault_p99_us"].dump(), in["blocked_ms"].dump());
+}
+
+TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
+  Cli demo({"demo", "--mode", "postcopy", "--mem", "256M", "--after", "0.3", "--json"});
+  ASSERT_EQ(demo.Wait(), 0) << demo.Describe();
+  nlohmann::json j = demo.Json();
+  ASSERT_FALSE(j.is_discarded()) << demo.Describe();
+  for (const char* key :
+       {"total_ms", "switchover_pause_ms", "bytes_sent", "pages_verified", "bad_pages",
+        "fault_p50_us", "fault_p99_us", "pages_demanded", "pages_pushed", "blocked_ms"}) {
+    EXPECT_TRUE(j.contains(key)) << key << " " << j.dump();
+  }
+  EXPECT_EQ(j["mode"], "postcopy");
+  EXPECT_EQ(j["installer"], "move");  // anonymous memory's default
+  EXPECT_TRUE(j["success"].get<bool>()) << j.dump();
+  EXPECT_EQ(j["bad_pages"].get<uint64_t>(), 0u) << j.dump();
+  EXPECT_GT(j["workload_pages"].get<uint64_t>(), 0u) << j.dump();
+  EXPECT_EQ(j["pages_verified"], j["workload_pages"]) << j.dump();
+  EXPECT_GT(j["pages_demanded"].get<uint64_t>() + j["pages_pushed"].get<uint64_t>(), 0u)
+      << j.dump();
+}
+
+TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
+  Destination dest = StartPostcopyDestination("256M", "memfd");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = StartSource(control, "256M", "memfd", 6);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  const std::string to = fmt::format("tcp:127.0.0.1:{}", dest.port);
+  // Pre-copy passes until told: the switch comes from `faultline migrate
+  // --start-postcopy` once a second pass is under way.
+  Cli migrate({"migrate", "--control", control, "--to", to, "--mode", "postcopy", "--channels", "2",
+               "--postcopy-on-command", "--json"});
+  bool switched = false;
+  for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
+    std::optional<nlohmann::json> q = Query(control, "query-migrate");
+    if (q && (*q)["phase"] == "precopy" && (*q)["pass"].get<uint32_t>() >= 2) {
+      Cli start({"migrate", "--control", control, "--start-postcopy"});
+      ASSERT_EQ(start.Wait(), 0) << start.Describe();
+      switched = true;
+      break;
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_TRUE(switched) << migrate.Describe() << "\n" << source->Describe();
+  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n"
+                               << source->Describe() << "\n"
+                               << dest.cli->Describe();
+  nlohmann::json m = migrate.Json();
+  EXPECT_EQ(m["result"], "completed") << m.dump();
+  EXPECT_EQ(m["migration"]["mode"], "postcopy") << m.dump();
+  EXPECT_EQ(m["migration"]["sessions"].get<uint32_t>(), 1u) << m.dump();
+  EXPECT_GE(m["migration"]["pass"].get<uint32_t>(), 2u) << m.dump();
+
+  ASSERT_EQ(source->Wait(), 0) << source->Describe();
+  nlohmann::json s = source->Json();
+  EXPECT_EQ(s["migrated_to"], to) << s.dump();
+  ExpectPostcopyVerified(*dest.cli, s["workload_pages"].get<uint64_t>(), 1, "continue", 2);
+}
+
+TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
+  Destination dest = StartPostcopyDestination("256M", "anon");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  const std::string control = ControlPath();
+  // The first session's link breaks after 64 MiB sent. With no pre-copy
+  // pass, that is inside post-copy: the guest filled all 256 MiB, and the
+  // pushed pages alone are more than that.
+  std::unique_ptr<Cli> source = std::make_unique<Cli>(std::vector<std::string>{
+      "run", "--control", control, "--mem", "256M", "--vcpus", "2", "--workload", "random,rate=64",
+      "--duration", "6", "--json", "--quiet", "--timeout", "120", "--test-cut-link-after",
+      std::to_string(64 << 20)});
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--mode", "postcopy", "--precopy-passes", "0", "--json"});
+  std::optional<nlohmann::json> paused;
+  for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
+    std::optional<nlohmann::json> q = Query(control, "query-migrate");
+    if (q && (*q)["paused"] == true) {
+      paused = q;
+      break;
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_TRUE(paused) << migrate.Describe() << "\n" << source->Describe();
+  EXPECT_EQ((*paused)["phase"], "postcopy") << paused->dump();
+  EXPECT_THAT((*paused)["error"].get<std::string>(), HasSubstr("link cut"));
+  // The destination survives and waits; so does the first `faultline
+  // migrate`, which follows the paused migration.
+  ASSERT_TRUE(dest.cli->AwaitStderr("waiting on", 30s)) << dest.cli->Describe();
+  EXPECT_TRUE(migrate.Running());
+
+  Cli resume({"migrate", "--control", control, "--resume", "--json"});
+  ASSERT_EQ(resume.Wait(), 0) << resume.Describe() << "\n" << source->Describe();
+  EXPECT_EQ(resume.Json()["result"], "completed") << resume.out();
+  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe();
+  nlohmann::json m = migrate.Json();
+  EXPECT_EQ(m["result"], "completed") << m.dump();
+  EXPECT_EQ(m["migration"]["sessions"].get<uint32_t>(), 2u) << m.dump();
+  // No pre-copy pass: the pages came by push or by demand only.
+  EXPECT_GE(m["migration"]["pages_pushed"].get<uint64_t>() +
+                m["migration"]["pages_demanded"].get<uint64_t>(),
+            65536u)
+      << m.dump();
+  ASSERT_EQ(source->Wait(), 0) << source->Describe();
+  ExpectPostcopyVerified(*dest.cli, source->Json()["workload_pages"].get<uint64_t>(), 2, "move");
+}
+
+TEST(PostcopyCliTest, ModeMismatchIsRefusedAndTheSourceGoesOn) {
+  // A pre-copy migration to a post-copy destination: refused in the
+  // handshake; the guest keeps running on the source to the end.
+  Destination dest = StartPostcopyDestination("256M", "anon");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 2);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--json"});
+  EXPECT_EQ(migrate.Wait(), 1) << migrate.Describe();
+  EXPECT_THAT(migrate.err(), HasSubstr("post-copy")) << migrate.Describe();
+  EXPECT_EQ(dest.cli->Wait(), 1) << dest.cli->Describe();
+  ExpectVerifiedHere(*source);
+}
+
+TEST(PostcopyCliTest, PostcopyToAPrecopyDestinationIsRefused) {
+  Destination dest = StartDestination("256M", "anon");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 2);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--mode", "postcopy", "--json"});
+  EXPECT_EQ(migrate.Wait(), 1) << migrate.Describe();
+  EXPECT_THAT(migrate.err(), HasSubstr("does not support post-copy")) << migrate.Describe();
+  EXPECT_EQ(dest.cli->Wait(), 1) << dest.cli->Describe();
+  EXPECT_THAT(dest.cli->err(), HasSubstr("--postcopy")) << dest.cli->Describe();
+  ExpectVerifiedHere(*source);
+}
+
 }  // namespace
 }  // namespace faultline

@@ -9,8 +9,15 @@
 // fails. The migration itself is the production path: LiveVm's
 // SourceMigrationControl (what `faultline run --control` serves to
 // `faultline migrate`) dials a real TcpListener, and MigrationDestination
-// receives into guest memory as `faultline run --incoming` does. The
-// acceptance tests run the same with separate processes.
+// (pre-copy) or PostcopyDestination (post-copy, the default) receives into
+// guest memory as `faultline run --incoming` does. The acceptance tests run
+// the same with separate processes.
+//
+// Post-copy: after one pre-copy pass the source stops, the destination runs
+// the guest at once and its missing pages fault and are fetched over the
+// network while the rest is pushed; the report adds the guest-observed
+// fault latency (p50/p99), the vCPUs' blocked time and pages demanded
+// against pages pushed.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,6 +31,8 @@
 
 #include "guest/abi.h"
 #include "src/migration/destination.h"
+#include "src/migration/postcopy_destination.h"
+#include "src/migration/postcopy_vm.h"
 #include "src/migration/tcp_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/sys/mapping.h"
@@ -40,7 +49,9 @@ using Clock = std::chrono::steady_clock;
 
 struct DemoOptions {
   std::string guest = FAULTLINE_DEFAULT_GUEST;
-  std::string mode = "precopy";
+  std::string mode = "postcopy";
+  std::string installer;        // post-copy: the destination's, default per backing
+  uint32_t precopy_passes = 1;  // post-copy: pre-copy passes before the switch
   std::string backing = "anon";
   std::string mem = "2G";
   uint32_t vcpus = 2;
@@ -224,14 +235,57 @@ int Demo(const DemoOptions& o) {
   }
 
   // The destination: receive, then run at once (as `faultline run
-  // --incoming` does), noting when its vCPUs were started.
-  std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(**destination);
-  migration::MigrationDestination receiver(*target, {});
+  // --incoming` does), noting when its vCPUs were started. Post-copy: the
+  // engine starts them at the switchover and Run returns once every page is
+  // here.
+  const bool postcopy = *mode == vmm::MigrationMode::kPostcopy;
+  std::unique_ptr<migration::DestinationVm> target;
+  std::unique_ptr<migration::PostcopyDestinationVm> postcopy_target;
+  std::unique_ptr<migration::MigrationDestination> precopy_receiver;
+  std::unique_ptr<migration::PostcopyDestination> postcopy_receiver;
+  if (postcopy) {
+    migration::PostcopyVmOptions vm_options;
+    if (!o.installer.empty()) {
+      Result<paging::InstallerKind> kind = paging::ParseInstaller(o.installer);
+      if (!kind.has_value()) return Fail(kind.error().WithContext("--installer"));
+      if (Status s = paging::CheckInstaller(*kind, config.backing); !s.ok()) {
+        return Fail(s.WithContext("--installer"));
+      }
+      vm_options.installer = *kind;
+    }
+    postcopy_target = migration::MakePostcopyDestinationVm(**destination, vm_options);
+    postcopy_receiver = std::make_unique<migration::PostcopyDestination>(
+        *postcopy_target, migration::DestinationOptions{});
+  } else {
+    target = migration::MakeDestinationVm(**destination);
+    precopy_receiver =
+        std::make_unique<migration::MigrationDestination>(*target, migration::DestinationOptions{});
+  }
+  auto cancel_receiver = [&] {
+    if (postcopy_receiver) postcopy_receiver->Cancel();
+    if (precopy_receiver) precopy_receiver->Cancel();
+  };
   Result<migration::DestinationStats> received = Error("not received");
+  Result<migration::PostcopyDestinationStats> postcopy_received = Error("not received");
   Status dest_start = Status::Ok();
   std::optional<Clock::time_point> dest_running_at;
   std::thread dest_thread([&] {
-    received = receiver.Run(**listener);
+    if (postcopy) {
+      postcopy_received = postcopy_receiver->Run(**listener);
+      if (!postcopy_received.has_value()) {
+        received = postcopy_received.error();
+        return;
+      }
+      const migration::PostcopyDestinationStats& p = *postcopy_received;
+      dest_running_at = p.vm_started_at;
+      migration::DestinationStats d;
+      d.passes = p.passes;
+      d.bytes_received = p.bytes_received;
+      d.total = std::chrono::duration_cast<std::chrono::microseconds>(p.total);
+      received = d;
+      return;
+    }
+    received = precopy_receiver->Run(**listener);
     if (!received.has_value()) return;
     dest_start = (*destination)->Start();
     if (dest_start.ok()) dest_running_at = Clock::now();
@@ -242,19 +296,27 @@ int Demo(const DemoOptions& o) {
   request.mode = *mode;
   request.channels = o.channels;
   request.downtime_ms = o.downtime_ms;
-  say(fmt::format("migrating to {} over {} page channel(s), downtime target {} ms",
-                  request.to.ToString(), o.channels, o.downtime_ms));
+  request.precopy_passes = o.precopy_passes;
+  if (postcopy) {
+    say(
+        fmt::format("migrating to {} over {} page channel(s) and a priority channel: {} "
+                    "pre-copy pass(es), then post-copy",
+                    request.to.ToString(), o.channels, o.precopy_passes));
+  } else {
+    say(fmt::format("migrating to {} over {} page channel(s), downtime target {} ms",
+                    request.to.ToString(), o.channels, o.downtime_ms));
+  }
   const auto migrate_start = Clock::now();
   const double cpu_start = ProcessCpuMs();
   if (Status s = (*live)->migration().Start(request); !s.ok()) {
-    receiver.Cancel();
+    cancel_receiver();
     dest_thread.join();
     return Fail(s);
   }
   LiveVm::End end = (*live)->Wait(Clock::now() + std::chrono::minutes(10), "faultline demo");
   const vmm::MigrationStatus m = (*live)->migration_status();
   const std::optional<Clock::time_point> paused_at = (*live)->paused_at();
-  if (end != LiveVm::End::kMigrated) receiver.Cancel();
+  if (end != LiveVm::End::kMigrated) cancel_receiver();
   dest_thread.join();
   const auto migrated_at = Clock::now();
   const double migration_cpu_ms = ProcessCpuMs() - cpu_start;
@@ -306,6 +368,18 @@ int Demo(const DemoOptions& o) {
   const auto verified_at = Clock::now();
 
   const migration::DestinationStats& d = *received;
+  // Post-copy figures (zero for pre-copy).
+  migration::NetworkSourceStats net;
+  uint64_t precopy_pages = d.data_pages + d.zero_pages;
+  std::string installer = "";
+  if (postcopy) {
+    net = postcopy_received->network;
+    precopy_pages = postcopy_received->precopy_pages;
+    installer = paging::InstallerName(postcopy_target->installer());
+  }
+  auto latency = [&](double us) {
+    return postcopy && net.fault_latency.count > 0 ? nlohmann::json(us) : nlohmann::json();
+  };
   const uint64_t pages_verified = report->pages_verified();
   const uint64_t bad_pages = report->bad_page_count();
   // Every page the guest wrote on the source must have been checked here.
@@ -330,10 +404,19 @@ int Demo(const DemoOptions& o) {
         {"switchover_pause_ms", pause_ms},
         {"engine_downtime_ms", m.downtime_ms ? nlohmann::json(*m.downtime_ms) : nlohmann::json()},
         {"bytes_sent", d.bytes_received},
-        {"page_bytes_sent", d.data_pages * 4096},
-        {"data_pages", d.data_pages},
-        {"zero_pages", d.zero_pages},
+        // Pre-copy only (post-copy counts pages by how they came, below).
+        {"page_bytes_sent", postcopy ? nlohmann::json() : nlohmann::json(d.data_pages * 4096)},
+        {"data_pages", postcopy ? nlohmann::json() : nlohmann::json(d.data_pages)},
+        {"zero_pages", postcopy ? nlohmann::json() : nlohmann::json(d.zero_pages)},
+        {"precopy_pages", precopy_pages},
         {"passes", d.passes},
+        {"installer", postcopy ? nlohmann::json(installer) : nlohmann::json()},
+        {"fault_p50_us", latency(net.fault_latency.p50_us)},
+        {"fault_p99_us", latency(net.fault_latency.p99_us)},
+        {"faults", net.fault_latency.count},
+        {"blocked_ms", net.blocked_seconds * 1000.0},
+        {"pages_demanded", net.pages_demanded},
+        {"pages_pushed", net.pages_pushed},
         {"workload_pages", workload_pages},
         {"pages_verified", pages_verified},
         {"bad_pages", bad_pages},
@@ -358,9 +441,26 @@ int Demo(const DemoOptions& o) {
     fmt::print("  total time        {:9.1f} ms\n", total_ms);
     fmt::print("  switchover pause  {:9.1f} ms   (source stopped -> destination running)\n",
                pause_ms);
-    fmt::print("  bytes sent        {:9.1f} MiB  ({} data pages, {} zero pages as markers)\n",
-               static_cast<double>(d.bytes_received) / 1048576.0, d.data_pages, d.zero_pages);
+    if (postcopy) {
+      fmt::print("  bytes sent        {:9.1f} MiB\n",
+                 static_cast<double>(d.bytes_received) / 1048576.0);
+    } else {
+      fmt::print("  bytes sent        {:9.1f} MiB  ({} data pages, {} zero pages as markers)\n",
+                 static_cast<double>(d.bytes_received) / 1048576.0, d.data_pages, d.zero_pages);
+    }
     fmt::print("  passes            {:9}\n", d.passes);
+    if (postcopy) {
+      fmt::print("  pre-copy pages    {:9}     (the rest came after the switchover)\n",
+                 precopy_pages);
+      fmt::print("  pages demanded    {:9}     (by the destination's faults)\n",
+                 net.pages_demanded);
+      fmt::print("  pages pushed      {:9}     (in the background)\n", net.pages_pushed);
+      fmt::print("  fault latency     {:9.0f} us p50, {:.0f} us p99 ({} faults, {} installer)\n",
+                 net.fault_latency.p50_us, net.fault_latency.p99_us, net.fault_latency.count,
+                 installer);
+      fmt::print("  vCPUs blocked     {:9.1f} ms   (summed over the faults)\n",
+                 net.blocked_seconds * 1000.0);
+    }
     fmt::print("  pages verified    {:9}     (of {} the guest wrote; on the destination)\n",
                pages_verified, workload_pages);
     fmt::print("  wrong pages       {:9}\n", bad_pages);
@@ -398,7 +498,14 @@ void AddDemoCommand(CLI::App& app, Action& action) {
       "Live-migrate a guest that writes random pages to a destination on loopback TCP, and have "
       "it verify all of its memory there");
   cmd->add_option("--guest", o->guest, "Guest ELF image (default: the one the build made)");
-  cmd->add_option("--mode", o->mode, "precopy or postcopy")->capture_default_str();
+  cmd->add_option("--mode", o->mode, "postcopy or precopy")->capture_default_str();
+  cmd->add_option("--precopy-passes", o->precopy_passes,
+                  "Post-copy: pre-copy passes before the switch (0: at once)")
+      ->capture_default_str();
+  cmd->add_option("--installer", o->installer,
+                  "Post-copy: how the destination installs fetched pages (continue, move, copy, "
+                  "hole); default per backing: continue for memfd and hugetlb, move for anon, "
+                  "hole for gmem");
   cmd->add_option("--backing", o->backing, "RAM backing: anon, memfd, hugetlb, gmem")
       ->capture_default_str();
   cmd->add_option("--mem", o->mem, "Guest RAM, e.g. 2G")->capture_default_str();

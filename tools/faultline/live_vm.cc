@@ -1,5 +1,6 @@
 #include "tools/faultline/live_vm.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <thread>
 #include <utility>
@@ -83,10 +84,13 @@ LiveVm::~LiveVm() {
   if (server_) server_->Stop();
 }
 
-Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& control_path) {
+Result<std::unique_ptr<LiveVm>> LiveVm::Create(
+    vmm::Vm& vm, const std::string& control_path,
+    std::optional<migration::FaultPlan> first_link_fault) {
   std::unique_ptr<LiveVm> live(new LiveVm(vm));
   live->source_ = std::make_unique<TimedSource>(vm);
   vmm::SourceMigrationControl::Options options;
+  options.first_link_fault = first_link_fault;
   LiveVm* self = live.get();
   options.on_done = [self](migration::SourceOutcome outcome) {
     std::lock_guard lock(self->mu_);
@@ -128,7 +132,9 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
     s.migration = m.phase;
     if (m.phase == vmm::MigrationPhase::kCompleted) {
       s.state = vmm::VmState::kPaused;  // for good: the destination runs the guest
-    } else if (m.phase == vmm::MigrationPhase::kSwitchover) {
+    } else if (m.phase == vmm::MigrationPhase::kSwitchover ||
+               m.phase == vmm::MigrationPhase::kPostcopy) {
+      // Post-copy: the guest runs at the destination from the switchover on.
       s.state = vmm::VmState::kPaused;
     } else if (all_done) {
       s.state = report.success() ? vmm::VmState::kFinished : vmm::VmState::kFailed;
@@ -183,6 +189,13 @@ void LiveVm::WaitForCompletionSeen(std::chrono::milliseconds grace) {
   auto deadline = Clock::now() + grace;
   while (!control_->seen_terminal() && Clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // More than one client may follow (post-copy: the `faultline migrate`
+  // that started it and the one that resumed it): a little longer than two
+  // of their polls (200 ms apart by default) for the others.
+  if (control_->seen_terminal()) {
+    std::this_thread::sleep_for(std::min<Clock::duration>(
+        std::chrono::milliseconds(500), std::max<Clock::duration>(deadline - Clock::now(), {})));
   }
 }
 

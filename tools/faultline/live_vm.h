@@ -4,8 +4,8 @@
 // `faultline run` and `faultline demo` share it, so the demo drives the same
 // engine, transport and control code as `faultline migrate`.
 //
-// Post-copy plugs in at SourceMigrationControl::Start (request.mode); until
-// the engine has it, that refuses mode postcopy with a clear message.
+// Mode postcopy runs migration::PostcopySource behind the same commands
+// (SourceMigrationControl::Start picks the engine by request.mode).
 #pragma once
 
 #include <atomic>
@@ -30,7 +30,10 @@ class LiveVm {
 
   // `vm` has been started and must outlive this object. An empty
   // `control_path` serves no socket (the demo drives migration() directly).
-  static Result<std::unique_ptr<LiveVm>> Create(vmm::Vm& vm, const std::string& control_path);
+  // `first_link_fault`: a test hook, see SourceMigrationControl::Options.
+  static Result<std::unique_ptr<LiveVm>> Create(
+      vmm::Vm& vm, const std::string& control_path,
+      std::optional<migration::FaultPlan> first_link_fault = std::nullopt);
   ~LiveVm();
 
   vmm::MigrationControl& migration();

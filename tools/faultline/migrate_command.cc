@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <fmt/format.h>
@@ -38,6 +39,8 @@ struct MigrateOptions {
   bool cancel = false;
   bool watch = false;
   bool start_postcopy = false;
+  std::optional<uint32_t> precopy_passes;  // mode postcopy
+  bool postcopy_on_command = false;
   uint32_t interval_ms = 200;
 };
 
@@ -66,6 +69,14 @@ std::string HumanBytes(double bytes) {
 // Most telling first: a terminal line is cut to fit 80 columns (a wrapped
 // line cannot be rewritten in place), which costs the byte counts at most.
 std::string FormatProgress(const MigrationStatus& s) {
+  if (s.phase == MigrationPhase::kPostcopy) {
+    return fmt::format("{:<10} {:5.1f}%  {} demanded, {} pushed  {}/s  {} of {} sent",
+                       s.paused ? "postcopy PAUSED (link broken: migrate --resume)" : "postcopy",
+                       s.Percent(), s.pages_demanded, s.pages_pushed,
+                       HumanBytes(static_cast<double>(s.bandwidth_bytes_per_sec)),
+                       HumanBytes(static_cast<double>(s.bytes_sent)),
+                       HumanBytes(static_cast<double>(s.bytes_total)));
+  }
   std::string eta = s.eta_ms ? fmt::format("{:.1f} s", *s.eta_ms / 1000.0) : "-";
   return fmt::format("{:<10} pass {:>2} {:5.1f}%  ETA {}  {}/s  dirty {}/s  {} of {} sent",
                      vmm::MigrationPhaseName(s.phase), s.pass, s.Percent(), eta,
@@ -94,7 +105,8 @@ class Progress {
       std::fflush(stdout);
       open_line_ = true;
     } else if (!printed_ || s.phase != last_phase_ || s.pass != last_pass_ ||
-               now - last_print_ >= std::chrono::seconds(1) || vmm::IsTerminal(s.phase)) {
+               s.paused != last_paused_ || now - last_print_ >= std::chrono::seconds(1) ||
+               vmm::IsTerminal(s.phase)) {
       fmt::print("{}\n", line);
       std::fflush(stdout);
       last_print_ = now;
@@ -102,6 +114,7 @@ class Progress {
     printed_ = true;
     last_phase_ = s.phase;
     last_pass_ = s.pass;
+    last_paused_ = s.paused;
   }
   // Ends an in-place line, so that what follows starts on its own.
   void Finish() {
@@ -117,6 +130,7 @@ class Progress {
   bool printed_ = false;
   MigrationPhase last_phase_ = MigrationPhase::kNone;
   uint32_t last_pass_ = 0;
+  bool last_paused_ = false;
   Clock::time_point last_print_;
 };
 
@@ -168,6 +182,7 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
     s = std::move(*parsed);
     progress.Update(s);
     if (vmm::IsTerminal(s.phase)) break;
+    if (o.cancel && s.paused) break;  // a cancel in post-copy pauses it
     if (s.phase == MigrationPhase::kNone) {
       progress.Finish();
       return Fail(Error("no migration is active on {}", client.path()));
@@ -179,6 +194,14 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
     }
     if (interrupts.Sleep(o.interval_ms)) {
       progress.Finish();
+      if (s.phase == MigrationPhase::kPostcopy) {
+        // Past the switchover nothing can be cancelled: the guest runs at the
+        // destination and needs the pages only the source has.
+        fmt::print(stderr,
+                   "faultline migrate: interrupted; the post-copy migration goes on (follow it "
+                   "with `faultline migrate --watch`)\n");
+        return kExitInterrupted;
+      }
       if (interrupted) {
         fmt::print(stderr, "faultline migrate: interrupted again; not waiting for the VMM\n");
         return kExitInterrupted;
@@ -205,11 +228,26 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
     fmt::print("{}\n", out.dump());
   }
   if (s.phase == MigrationPhase::kCompleted) {
-    if (!o.json) {
+    if (!o.json && s.mode == vmm::MigrationMode::kPostcopy) {
+      fmt::print(
+          "post-copy migration to {} completed in {:.1f} s: {} sent, {} pre-copy "
+          "pass(es), then {} pages demanded and {} pushed over {} session(s)\n",
+          s.to, s.elapsed_ms / 1000.0, HumanBytes(static_cast<double>(s.bytes_sent)), s.pass,
+          s.pages_demanded, s.pages_pushed, s.sessions);
+    } else if (!o.json) {
       std::string downtime = s.downtime_ms ? fmt::format(", downtime {} ms", *s.downtime_ms) : "";
       fmt::print("migration to {} completed in {:.1f} s: {} sent in {} passes{}\n", s.to,
                  s.elapsed_ms / 1000.0, HumanBytes(static_cast<double>(s.bytes_sent)), s.pass,
                  downtime);
+    }
+    return 0;
+  }
+  if (o.cancel && s.paused) {
+    if (!o.json) {
+      fmt::print(
+          "post-copy migration to {} paused (link broken); the guest waits at the "
+          "destination: reconnect with `faultline migrate --resume`\n",
+          s.to);
     }
     return 0;
   }
@@ -254,6 +292,12 @@ int Migrate(const MigrateOptions& o) {
     request.bandwidth_bytes_per_sec = *rate;
     request.channels = o.channels;
     request.downtime_ms = o.downtime_ms;
+    if ((o.precopy_passes || o.postcopy_on_command) &&
+        request.mode != vmm::MigrationMode::kPostcopy) {
+      return Fail(Error("--precopy-passes and --postcopy-on-command go with --mode postcopy"));
+    }
+    request.precopy_passes = o.precopy_passes.value_or(1);
+    request.postcopy_on_command = o.postcopy_on_command;
     // The VMM checks the ranges again; it has the last word.
     args = o.resume ? nlohmann::json{{"to", request.to.ToString()}} : nlohmann::json(request);
   }
@@ -303,13 +347,21 @@ void AddMigrateCommand(CLI::App& app, Action& action) {
   cmd->add_option("--mode", o->mode, "precopy or postcopy")->capture_default_str();
   cmd->add_option("--channels", o->channels, "Page channels (TCP connections), 1..16")
       ->capture_default_str();
+  cmd->add_option("--precopy-passes", o->precopy_passes,
+                  "With --mode postcopy: pre-copy passes before the switch (default 1; 0: at "
+                  "once)");
+  cmd->add_flag("--postcopy-on-command", o->postcopy_on_command,
+                "With --mode postcopy: run pre-copy passes until `faultline migrate "
+                "--start-postcopy`");
   cmd->add_option("--downtime-ms", o->downtime_ms, "Longest acceptable guest stop")
       ->capture_default_str();
   cmd->add_option("--bandwidth", o->bandwidth, "Rate limit in bytes/s, e.g. 500M, 1G/s")
       ->capture_default_str();
   cmd->add_flag("--json", o->json, "No progress; one JSON object on stdout at the end");
   cmd->add_flag("--resume", o->resume, "Reconnect a post-copy migration whose link broke");
-  cmd->add_flag("--cancel", o->cancel, "Cancel the active migration and wait until it stops");
+  cmd->add_flag("--cancel", o->cancel,
+                "Cancel the active migration and wait until it stops (in post-copy: break the "
+                "link and pause it, for --resume)");
   cmd->add_flag("--watch", o->watch, "Follow the active migration's progress");
   cmd->add_flag("--start-postcopy", o->start_postcopy,
                 "Switch the active pre-copy migration to post-copy now");

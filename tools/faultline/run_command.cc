@@ -1,7 +1,12 @@
 // faultline run: boot the test guest, run a workload, print its report.
 // With --control PATH the VMM serves its control socket, so that `faultline
 // migrate` can move the guest away; with --incoming tcp:HOST:PORT it boots
-// nothing and waits for a migration, then runs the guest it received.
+// nothing and waits for a migration, then runs the guest it received. With
+// --incoming and --postcopy it expects a post-copy migration (the source's
+// `faultline migrate --mode postcopy`): the guest runs here from the
+// switchover on, its missing pages fetched over the network; if the link
+// breaks, it waits (the vCPUs block on missing pages) for the source to
+// reconnect (`faultline migrate --resume`), and finishes the migration.
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -10,6 +15,8 @@
 #include <fmt/format.h>
 
 #include "src/migration/destination.h"
+#include "src/migration/postcopy_destination.h"
+#include "src/migration/postcopy_vm.h"
 #include "src/migration/tcp_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/sys/mapping.h"
@@ -31,9 +38,12 @@ struct RunOptions {
   std::string backing = "anon";
   bool json = false;
   bool quiet = false;
-  std::string control;    // serve the control socket here
-  std::string incoming;   // tcp:HOST:PORT: receive the guest by migration
-  bool prealloc = false;  // with --incoming: allocate all RAM before receiving
+  std::string control;          // serve the control socket here
+  std::string incoming;         // tcp:HOST:PORT: receive the guest by migration
+  bool prealloc = false;        // with --incoming: allocate all RAM before receiving
+  bool postcopy = false;        // with --incoming: the migration is post-copy
+  std::string installer;        // with --postcopy: override the default per backing
+  uint64_t test_cut_after = 0;  // test hook: break the first migration link after N bytes
 };
 
 using Clock = std::chrono::steady_clock;
@@ -88,6 +98,83 @@ Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::A
   return stats;
 }
 
+// --incoming --postcopy: waits for one post-copy migration into `vm`
+// (created with boot = false) and runs it to the end; the engine starts the
+// guest at the switchover. A broken link pauses it: the guest waits for its
+// missing pages and this waits for the source's resumed session on the same
+// listener. `target` keeps the pager, which must outlive the VM's run.
+Result<migration::PostcopyDestinationStats> ReceivePostcopy(
+    vmm::Vm& vm, const migration::Address& address, const RunOptions& o,
+    std::unique_ptr<migration::PostcopyDestinationVm>& target, nlohmann::json& out) {
+  migration::PostcopyVmOptions vm_options;
+  if (!o.installer.empty()) {
+    Result<paging::InstallerKind> kind = paging::ParseInstaller(o.installer);
+    if (!kind.has_value()) return kind.error().WithContext("--installer");
+    RETURN_IF_ERROR(paging::CheckInstaller(*kind, vm.config().backing).WithContext("--installer"));
+    vm_options.installer = *kind;
+  }
+  Result<std::unique_ptr<migration::TcpListener>> listening =
+      migration::TcpListener::Listen(address, {});
+  if (!listening.has_value()) return listening.error().WithContext("--incoming");
+  std::unique_ptr<migration::TcpListener> listener = std::move(*listening);
+  migration::Address bound = address;
+  bound.port = listener->port();
+  target = migration::MakePostcopyDestinationVm(vm, vm_options);
+  fmt::print(stderr, "faultline run: waiting for a post-copy migration on {} ({} installer)\n",
+             bound.ToString(), paging::InstallerName(target->installer()));
+  std::fflush(stderr);
+  migration::DestinationOptions options;
+  options.accept.timeout = std::chrono::milliseconds(
+      static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
+  migration::PostcopyDestination destination(*target, options);
+  Result<migration::PostcopyDestinationStats> stats = destination.Run(*listener);
+  while (!stats.has_value() && destination.phase() == migration::PostcopyPhase::kPaused) {
+    fmt::print(stderr,
+               "faultline run: post-copy link broken ({}); the guest runs here and waits for "
+               "its missing pages; waiting on {} for the source to resume (`faultline migrate "
+               "--resume`)\n",
+               stats.error().ToString(), bound.ToString());
+    std::fflush(stderr);
+    stats = destination.Resume(*listener);
+  }
+  if (!stats.has_value()) {
+    if (destination.phase() == migration::PostcopyPhase::kPaused ||
+        destination.phase() == migration::PostcopyPhase::kPostcopy) {
+      return Error("post-copy migration on {} broke after the guest started here: {}",
+                   bound.ToString(), stats.error().ToString());
+    }
+    return Error(
+        "incoming post-copy migration on {} refused: {}. The guest was not started "
+        "here; the source keeps running it",
+        bound.ToString(), stats.error().ToString());
+  }
+  const migration::NetworkSourceStats& n = stats->network;
+  out = {{"mode", "postcopy"},
+         {"passes", stats->passes},
+         {"precopy_pages", stats->precopy_pages},
+         {"bytes_received", stats->bytes_received},
+         {"sessions", stats->sessions},
+         {"installer", paging::InstallerName(target->installer())},
+         {"start_vm_ms", stats->start_vm.count() / 1000.0},
+         {"pages_demanded", n.pages_demanded},
+         {"pages_pushed", n.pages_pushed},
+         {"faults", n.fault_latency.count},
+         {"fault_p50_us", n.fault_latency.p50_us},
+         {"fault_p99_us", n.fault_latency.p99_us},
+         {"blocked_ms", n.blocked_seconds * 1000.0},
+         {"ms", stats->total.count() / 1000.0}};
+  if (!o.quiet) {
+    fmt::print(stderr,
+               "faultline run: post-copy complete: {} MiB in {} ms over {} session(s); {} pages "
+               "demanded, {} pushed; fault latency p50 {:.0f} us, p99 {:.0f} us; vCPUs blocked "
+               "{:.1f} ms\n",
+               stats->bytes_received >> 20, stats->total.count() / 1000, stats->sessions,
+               n.pages_demanded, n.pages_pushed, n.fault_latency.p50_us, n.fault_latency.p99_us,
+               n.blocked_seconds * 1000.0);
+  }
+  return stats;
+}
+
 int Run(const RunOptions& o) {
   vmm::VmConfig config;
   config.guest_path = o.guest;
@@ -105,8 +192,26 @@ int Run(const RunOptions& o) {
     config.serial = [](const std::string& line) { fmt::print(stderr, "guest| {}\n", line); };
   }
 
+  if (o.postcopy && o.incoming.empty()) {
+    return Fail(
+        Error("--postcopy goes with --incoming: it says the migration to receive is "
+              "post-copy"));
+  }
+  if (!o.installer.empty() && !o.postcopy) {
+    return Fail(Error("--installer goes with --incoming and --postcopy"));
+  }
   auto start = Clock::now();
   Result<std::unique_ptr<vmm::Vm>> vm = Error("not created");
+  // Post-copy: the pager behind the VM's memory; stopped (below) before it
+  // goes, as the VM's vCPUs may call it.
+  std::unique_ptr<migration::PostcopyDestinationVm> postcopy_target;
+  struct StopFirst {
+    Result<std::unique_ptr<vmm::Vm>>& vm;
+    ~StopFirst() {
+      if (vm.has_value() && *vm) (*vm)->Stop();
+    }
+  } stop_first{vm};
+  bool started = false;
   nlohmann::json incoming_json;
   if (!o.incoming.empty()) {
     // The guest, its command line included, arrives with its memory.
@@ -121,16 +226,31 @@ int Run(const RunOptions& o) {
         return Fail(s.WithContext("--prealloc"));
       }
     }
-    Result<migration::DestinationStats> stats = ReceiveGuest(**vm, *address, o, incoming_json);
-    if (!stats.has_value()) return Fail(stats.error());
-    start = Clock::now();  // the guest's time here starts now
+    if (o.postcopy) {
+      Result<migration::PostcopyDestinationStats> stats =
+          ReceivePostcopy(**vm, *address, o, postcopy_target, incoming_json);
+      if (!stats.has_value()) return Fail(stats.error());
+      started = true;  // by the engine, at the switchover
+      start = stats->vm_started_at;
+    } else {
+      Result<migration::DestinationStats> stats = ReceiveGuest(**vm, *address, o, incoming_json);
+      if (!stats.has_value()) return Fail(stats.error());
+      start = Clock::now();  // the guest's time here starts now
+    }
   } else {
     vm = vmm::Vm::Create(config);
     if (!vm.has_value()) return Fail(vm.error());
   }
-  if (Status s = (*vm)->Start(); !s.ok()) return Fail(s);
+  if (!started) {
+    if (Status s = (*vm)->Start(); !s.ok()) return Fail(s);
+  }
 
-  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(**vm, o.control);
+  std::optional<migration::FaultPlan> link_fault;
+  if (o.test_cut_after > 0) {
+    link_fault.emplace();
+    link_fault->cut_after_bytes_sent = o.test_cut_after;
+  }
+  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(**vm, o.control, link_fault);
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
@@ -219,6 +339,19 @@ void AddRunCommand(CLI::App& app, Action& action) {
   run->add_option("--incoming", options->incoming,
                   "tcp:HOST:PORT: boot nothing, wait for a migration there, then run the guest "
                   "that arrived (--mem, --vcpus and --backing must match the source)");
+  run->add_flag("--postcopy", options->postcopy,
+                "With --incoming: the migration is post-copy (the source runs `faultline migrate "
+                "--mode postcopy`); the guest runs here from the switchover on and a broken link "
+                "waits for `faultline migrate --resume`");
+  run->add_option("--installer", options->installer,
+                  "With --postcopy: how fetched pages are installed: continue, move, copy or "
+                  "hole (default per backing: continue for memfd and hugetlb, move for anon, "
+                  "hole for gmem)");
+  // Hidden: for the tests of recovery (a link that breaks at a known point).
+  run->add_option("--test-cut-link-after", options->test_cut_after,
+                  "Test hook: the first session of each outgoing migration breaks after this "
+                  "many bytes sent")
+      ->group("");
   run->add_flag("--prealloc", options->prealloc,
                 "With --incoming: allocate all guest RAM before the migration starts, so that "
                 "receiving takes no page faults");
