@@ -84,7 +84,13 @@ class MigrationDestination::Attempt {
 void MigrationDestination::Attempt::Fail(Status status, ErrorCode code, bool tell_source) {
   {
     std::lock_guard lock(mu_);
-    if (first_error_) return;
+    if (first_error_) {
+      // A stream closed between messages (ECONNRESET) is usually the
+      // consequence of what another channel saw first (the source gave up
+      // on a broken channel): report the more specific error.
+      if (first_error_->code() == ECONNRESET && status.code() != ECONNRESET) first_error_ = status;
+      return;
+    }
     first_error_ = status;
   }
   if (tell_source && session_.main) {

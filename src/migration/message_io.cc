@@ -35,10 +35,12 @@ Status MessageWriter::SendPages(const PagesHeader& header, std::span<const Const
 namespace {
 
 // The peer closed the stream inside a message (ECONNRESET after some of its
-// bytes): say that the message was truncated, and which.
+// bytes): a protocol error (EPROTO) saying that the message was truncated,
+// and which. ECONNRESET stays for a stream closed between messages.
 Status InsideMessage(Status status, MessageType type) {
   if (status.ok() || status.code() != ECONNRESET) return status;
-  return status.WithContext(fmt::format("truncated {} message", MessageTypeName(type)));
+  return Status(EPROTO,
+                fmt::format("truncated {} message ({})", MessageTypeName(type), status.message()));
 }
 
 }  // namespace
