@@ -81,14 +81,24 @@ class MigrationDestination::Attempt {
   std::mutex main_write_mu_;
 };
 
+namespace {
+
+// An error that follows from another one rather than explaining it: the
+// peer closing a stream between messages, or a channel shut down here.
+bool IsConsequence(const Status& status) {
+  return status.code() == ECONNRESET || status.code() == ESHUTDOWN;
+}
+
+}  // namespace
+
 void MigrationDestination::Attempt::Fail(Status status, ErrorCode code, bool tell_source) {
   {
     std::lock_guard lock(mu_);
     if (first_error_) {
-      // A stream closed between messages (ECONNRESET) is usually the
-      // consequence of what another channel saw first (the source gave up
-      // on a broken channel): report the more specific error.
-      if (first_error_->code() == ECONNRESET && status.code() != ECONNRESET) first_error_ = status;
+      // A consequence (see IsConsequence) recorded first, e.g. the source
+      // closing the main channel because a page channel broke: report the
+      // error that says what went wrong.
+      if (IsConsequence(*first_error_) && !IsConsequence(status)) first_error_ = status;
       return;
     }
     first_error_ = status;
@@ -137,7 +147,17 @@ Result<DestinationStats> MigrationDestination::Attempt::Run(Acceptor& acceptor) 
     });
   }
   Status status = FollowMain(receiver);
-  if (!status.ok()) Fail(status, receiver.error_code(), true);
+  if (!status.ok()) {
+    if (status.code() == ECONNRESET) {
+      // The source closed the main channel between messages: it gave up,
+      // most likely because of what a page channel saw. Give the page
+      // channels a moment to end on their own and say why, before shutting
+      // them down here turns their reason into "shut down".
+      std::unique_lock lock(mu_);
+      ended_cv_.wait_for(lock, std::chrono::seconds(1), [&] { return ended_ == threads_.size(); });
+    }
+    Fail(status, receiver.error_code(), true);
+  }
   JoinChannels();
   {
     std::lock_guard lock(mu_);
