@@ -59,14 +59,14 @@ double PerPageBaseline(uint64_t mem, const DirtyBitmap& present) {
     return -1;
   }
   present.ForEachSet([&](uint64_t p) { (*block)->alias()[p * kPageSize] = 1; });
-  auto uffd = sys::Userfaultfd::Create(
-      O_NONBLOCK, sys::kUffdFeatureMissingShmem | sys::kUffdFeatureMinorShmem);
+  auto uffd = sys::Userfaultfd::Create(O_NONBLOCK,
+                                       sys::kUffdFeatureMissingShmem | sys::kUffdFeatureMinorShmem);
   if (!uffd.has_value()) {
     fmt::print(stderr, "{}\n", uffd.error().ToString());
     return -1;
   }
-  auto registration = uffd->Register(Hva((*block)->host()), mem,
-                                     sys::UffdMode::kMissing | sys::UffdMode::kMinor);
+  auto registration =
+      uffd->Register(Hva((*block)->host()), mem, sys::UffdMode::kMissing | sys::UffdMode::kMinor);
   if (!registration.has_value()) {
     fmt::print(stderr, "{}\n", registration.error().ToString());
     return -1;
@@ -141,9 +141,10 @@ void Run(Backing backing, uint64_t mem, bool clustered) {
     block->reset();
     const double per_page = PerPageBaseline(mem, present);
     if (per_page > 0) {
-      fmt::print("{:<5} {:<9} baseline: one UFFDIO_CONTINUE per present page {:8.2f} ms; bulk "
-                 "marking takes {:.3f}x of it\n",
-                 "", "", per_page * 1e3, marking / per_page);
+      fmt::print(
+          "{:<5} {:<9} baseline: one UFFDIO_CONTINUE per present page {:8.2f} ms; bulk "
+          "marking takes {:.3f}x of it\n",
+          "", "", per_page * 1e3, marking / per_page);
     }
   }
 }

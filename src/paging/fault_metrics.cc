@@ -181,15 +181,16 @@ std::string PagingStats::ToString() const {
     queues += fmt::format("{}{}", i == 0 ? "" : "/", queue_faults[i]);
   }
   return fmt::format(
-      "faults {} ({}; other {}; per queue {}), joined {}, spurious {}, on present {}; fetches {} (retries {}, "
+      "faults {} ({}; other {}; per queue {}), joined {}, spurious {}, on present {}; fetches {} "
+      "(retries {}, "
       "pushes {}, vmm {}); installed {} units, {} MiB, {} zero, {} already present, {} EAGAIN; "
       "poisoned {}; remove events {}; errors {}; latency p50 {:.1f} us p90 {:.1f} p99 {:.1f} "
       "max {:.1f} ({} samples); {:.0f} 4K-pages/s; {:.0f} bytes copied per page",
       faults, vcpus.empty() ? "no vCPU" : vcpus, other_faults, queues.empty() ? "-" : queues,
-      faults_joined, faults_spurious, faults_on_present, fetches, fetch_retries, pushes, vmm_fetches, units_installed,
-      bytes_installed >> 20, zero_installs, already_present, install_retries, poisoned,
-      remove_events, errors, latency.p50_us, latency.p90_us, latency.p99_us, latency.max_us,
-      latency.count, pages_per_sec(4096), bytes_copied_per_page());
+      faults_joined, faults_spurious, faults_on_present, fetches, fetch_retries, pushes,
+      vmm_fetches, units_installed, bytes_installed >> 20, zero_installs, already_present,
+      install_retries, poisoned, remove_events, errors, latency.p50_us, latency.p90_us,
+      latency.p99_us, latency.max_us, latency.count, pages_per_sec(4096), bytes_copied_per_page());
 }
 
 }  // namespace faultline::paging

@@ -120,8 +120,8 @@ class FaultMetrics {
     void Add(uint64_t n = 1) { value.fetch_add(n, std::memory_order_relaxed); }
     uint64_t Get() const { return value.load(std::memory_order_relaxed); }
   };
-  Counter faults_joined, faults_spurious, faults_on_present, fetches, fetch_retries, pushes, vmm_fetches,
-      bytes_fetched, already_present, install_retries, poisoned, remove_events, errors;
+  Counter faults_joined, faults_spurious, faults_on_present, fetches, fetch_retries, pushes,
+      vmm_fetches, bytes_fetched, already_present, install_retries, poisoned, remove_events, errors;
 
   PagingStats Snapshot() const;
 

@@ -96,7 +96,7 @@ class PagedBlock {
   const uint32_t source_block_;
   PageStateTable states_;
   std::vector<std::unique_ptr<FaultQueue>> queues_;
-  uint64_t part_units_ = 0;  // units per queue (the last may have fewer)
+  uint64_t part_units_ = 0;     // units per queue (the last may have fewer)
   PresentMap initial_present_;  // fixed after Create
   double mark_present_seconds_ = 0;
 };

@@ -68,8 +68,8 @@ TEST(PresentMapTest, ResidencyOfAnonymousAndMemfdBlocks) {
 // through either mapping is present.
 TEST(PresentMapTest, ResidencyOfHugetlbThroughEitherMapping) {
   testing::ScopedHugePages huge(8);
-  auto block = RamBlock::Create(
-      {.name = "h", .size = 8 * kHugePageSize, .backing = Backing::kHugetlb});
+  auto block =
+      RamBlock::Create({.name = "h", .size = 8 * kHugePageSize, .backing = Backing::kHugetlb});
   if (!block.has_value()) GTEST_SKIP() << block.error().ToString();
   (*block)->host()[1 * kHugePageSize + 5] = 1;
   (*block)->alias()[6 * kHugePageSize] = 1;

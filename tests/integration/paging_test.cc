@@ -359,9 +359,8 @@ TEST_P(PresentMapVmTest, PresentPagesNeverFault) {
       c.installer == InstallerKind::kHole ? GuestPagingOptions{}.hole_chunk : block_page;
   const uint64_t max_run = run_unit == kPageSize ? 64 : 4;
   RunOptions options;
-  options.present =
-      HalfPresent(snapshot_->mem / run_unit, max_run, run_unit / block_page,
-                  42 + static_cast<uint32_t>(c.backing));
+  options.present = HalfPresent(snapshot_->mem / run_unit, max_run, run_unit / block_page,
+                                42 + static_cast<uint32_t>(c.backing));
   const uint64_t pages = snapshot_->mem / block_page;
   ASSERT_GT(options.present.present_pages(), pages * 2 / 5);
   ASSERT_LT(options.present.present_pages(), pages * 3 / 5);
