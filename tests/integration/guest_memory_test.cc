@@ -16,6 +16,7 @@
 
 #include "guest/abi.h"
 #include "src/vmm/vm.h"
+#include "tests/integration/huge_pages.h"
 
 namespace faultline {
 namespace {
@@ -23,30 +24,7 @@ namespace {
 using ::testing::HasSubstr;
 using namespace std::chrono_literals;
 
-// Reserves 2 MiB huge pages for the test and gives them back afterwards.
-class HugePages {
- public:
-  explicit HugePages(uint64_t extra) : before_(Read()) { Write(before_ + extra); }
-  ~HugePages() { Write(before_); }
-  static uint64_t Read() {
-    std::ifstream in("/proc/sys/vm/nr_hugepages");
-    uint64_t n = 0;
-    in >> n;
-    return n;
-  }
-  static uint64_t Free() {
-    std::ifstream in("/proc/meminfo");
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line.rfind("HugePages_Free:", 0) == 0) return std::stoull(line.substr(15));
-    }
-    return 0;
-  }
-
- private:
-  static void Write(uint64_t n) { std::ofstream("/proc/sys/vm/nr_hugepages") << n; }
-  uint64_t before_;
-};
+using ::faultline::integration::HugePages;
 
 vmm::VmConfig Config(uint64_t mem, uint32_t vcpus, std::string args) {
   vmm::VmConfig c;

@@ -34,10 +34,14 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "tests/integration/huge_pages.h"
+
 extern char** environ;
 
 namespace faultline {
 namespace {
+
+using ::faultline::integration::HugePages;
 
 using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
@@ -282,23 +286,6 @@ TEST_P(RepeatedMigrationTest, RandomWritesAt64MiBpsVerifyOnTheDestination) {
 }
 
 INSTANTIATE_TEST_SUITE_P(FiveTimes, RepeatedMigrationTest, ::testing::Range(0, 5));
-
-// Reserves 2 MiB huge pages for the test and gives them back afterwards.
-class HugePages {
- public:
-  explicit HugePages(uint64_t extra) : before_(Read()) { Write(before_ + extra); }
-  ~HugePages() { Write(before_); }
-
- private:
-  static uint64_t Read() {
-    std::ifstream in("/proc/sys/vm/nr_hugepages");
-    uint64_t n = 0;
-    in >> n;
-    return n;
-  }
-  static void Write(uint64_t n) { std::ofstream("/proc/sys/vm/nr_hugepages") << n; }
-  uint64_t before_;
-};
 
 class BackingMigrationTest : public ::testing::TestWithParam<std::string> {};
 

@@ -24,6 +24,7 @@
 #include "src/paging/vm_paging.h"
 #include "src/sys/mapping.h"
 #include "src/vmm/vm.h"
+#include "tests/integration/huge_pages.h"
 
 namespace faultline::paging {
 namespace {
@@ -40,31 +41,7 @@ constexpr uint64_t kSmallMem = 256ull << 20;
 constexpr Gpa kProbe{64ull << 20};
 constexpr Gpa kUntouched{kProbe.value + kPageSize};
 
-// Reserves 2 MiB huge pages for the scope and gives them back afterwards,
-// as tests/integration/guest_memory_test.cc does.
-class HugePages {
- public:
-  explicit HugePages(uint64_t extra) : before_(Read()) { Write(before_ + extra); }
-  ~HugePages() { Write(before_); }
-  static uint64_t Read() {
-    std::ifstream in("/proc/sys/vm/nr_hugepages");
-    uint64_t n = 0;
-    in >> n;
-    return n;
-  }
-  static uint64_t Free() {
-    std::ifstream in("/proc/meminfo");
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line.rfind("HugePages_Free:", 0) == 0) return std::stoull(line.substr(15));
-    }
-    return 0;
-  }
-
- private:
-  static void Write(uint64_t n) { std::ofstream("/proc/sys/vm/nr_hugepages") << n; }
-  uint64_t before_;
-};
+using ::faultline::integration::HugePages;
 
 // Reserves the huge pages a hugetlb VM of `mem` needs; nullopt and a reason
 // if the machine cannot give them.

@@ -25,6 +25,7 @@
 #include "src/migration/tcp_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/vmm/vm.h"
+#include "tests/integration/huge_pages.h"
 
 namespace faultline::migration {
 namespace {
@@ -32,21 +33,7 @@ namespace {
 using ::testing::HasSubstr;
 using namespace std::chrono_literals;
 
-class HugePages {
- public:
-  explicit HugePages(uint64_t extra) : before_(Read()) { Write(before_ + extra); }
-  ~HugePages() { Write(before_); }
-  static uint64_t Read() {
-    std::ifstream in("/proc/sys/vm/nr_hugepages");
-    uint64_t n = 0;
-    in >> n;
-    return n;
-  }
-
- private:
-  static void Write(uint64_t n) { std::ofstream("/proc/sys/vm/nr_hugepages") << n; }
-  uint64_t before_;
-};
+using ::faultline::integration::HugePages;
 
 vmm::VmConfig GuestConfig(uint64_t mem, Backing backing) {
   vmm::VmConfig c;
