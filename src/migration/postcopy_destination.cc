@@ -103,19 +103,23 @@ PostcopyDestinationStats PostcopyDestination::stats() const {
   return s;
 }
 
-Result<PostcopyDestinationStats> PostcopyDestination::Run(Acceptor& acceptor) {
-  if (phase() != PostcopyPhase::kNotStarted) return Error("PostcopyDestination::Run called twice");
-  start_ = Clock::now();
-  phase_.store(PostcopyPhase::kPrecopy, std::memory_order_release);
-  blocks_ = vm_.blocks();
+ReceiverConfig PostcopyDestination::MakeReceiverConfig() const {
   ReceiverConfig config;
   for (const auto& b : blocks_) config.blocks.push_back(DescribeBlock(*b));
   config.key = options_.key;
   config.max_page_channels = options_.max_page_channels;
   config.vcpus = vm_.vcpu_count();
   config.features_supported = kFeatureAuth | kFeaturePostcopy | kFeatureRecovery;
+  return config;
+}
+
+Result<PostcopyDestinationStats> PostcopyDestination::Run(Acceptor& acceptor) {
+  if (phase() != PostcopyPhase::kNotStarted) return Error("PostcopyDestination::Run called twice");
+  start_ = Clock::now();
+  phase_.store(PostcopyPhase::kPrecopy, std::memory_order_release);
+  blocks_ = vm_.blocks();
   ASSIGN_OR_RETURN(Nonce nonce, RandomNonce());
-  SessionReceiver receiver(std::move(config), nonce);
+  SessionReceiver receiver(MakeReceiverConfig(), nonce);
 
   Attempt a;
   Status status = [&]() -> Status {
@@ -558,14 +562,8 @@ Result<PostcopyDestinationStats> PostcopyDestination::Resume(Acceptor& acceptor)
     return Error("PostcopyDestination::Resume: the migration is {}, not paused",
                  PostcopyPhaseName(phase()));
   }
-  ReceiverConfig config;
-  for (const auto& b : blocks_) config.blocks.push_back(DescribeBlock(*b));
-  config.key = options_.key;
-  config.max_page_channels = options_.max_page_channels;
-  config.vcpus = vm_.vcpu_count();
-  config.features_supported = kFeatureAuth | kFeaturePostcopy | kFeatureRecovery;
   ASSIGN_OR_RETURN(Nonce nonce, RandomNonce());
-  SessionReceiver receiver(std::move(config), nonce);
+  SessionReceiver receiver(MakeReceiverConfig(), nonce);
   Attempt a;
   ASSIGN_OR_RETURN(a.session, AcceptSession(acceptor, receiver, options_.accept));
   ASSIGN_OR_RETURN(a.priority, AcceptPriorityChannel(acceptor, a.session, options_.key,

@@ -35,6 +35,7 @@
 #include "src/migration/network_page_source.h"
 #include "src/migration/postcopy_source.h"
 #include "src/migration/postcopy_vm.h"
+#include "src/migration/receiver_state.h"
 
 namespace faultline::migration {
 
@@ -84,6 +85,8 @@ class PostcopyDestination {
   PostcopyDestinationStats stats() const;
 
  private:
+  // What this destination accepts in a handshake (blocks_ set).
+  ReceiverConfig MakeReceiverConfig() const;
   class Attempt;  // postcopy_destination.cc
 
   Status ReceivePrecopyChannel(Attempt& a, size_t c);
