@@ -110,6 +110,7 @@ ReceiverConfig PostcopyDestination::MakeReceiverConfig() const {
   config.max_page_channels = options_.max_page_channels;
   config.vcpus = vm_.vcpu_count();
   config.features_supported = kFeatureAuth | kFeaturePostcopy | kFeatureRecovery;
+  config.refusal = vm_.CheckPaging();
   return config;
 }
 

@@ -55,6 +55,10 @@ class PostcopyDestinationVm : public DestinationVm {
   virtual bool paging_complete() = 0;
   virtual paging::PagingStats paging_stats() = 0;
   virtual paging::InstallerKind installer() const = 0;
+  // OK if installer() can demand-page every block over the network; else
+  // why not (the installer, the backing) and what to choose instead. The
+  // destination refuses a source with it before any page moves.
+  virtual Status CheckPaging() = 0;
 };
 
 struct PostcopyVmOptions {

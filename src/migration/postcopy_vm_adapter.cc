@@ -137,6 +137,24 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     return pager_ ? pager_->stats() : paging::PagingStats{};
   }
   paging::InstallerKind installer() const override { return installer_; }
+  Status CheckPaging() override {
+    for (const auto& block : vm_.memory().blocks()) {
+      const Backing backing = block->backing();
+      // The zero installer answers every fault with zeros and never asks
+      // the source: a floor for benchmarks, wrong for a migration.
+      if (installer_ == paging::InstallerKind::kZero) {
+        return Error(
+            "installer 'zero' installs zero pages without asking the source (a benchmark floor) "
+            "and cannot receive a migration of {} memory — use {} (the default for {})",
+            BackingName(backing), paging::InstallerName(DefaultPostcopyInstaller(backing)),
+            BackingName(backing));
+      }
+      RETURN_IF_ERROR(paging::CheckInstaller(installer_, backing)
+                          .WithContext(fmt::format("post-copy destination, block '{}'",
+                                                   block->name())));
+    }
+    return Status::Ok();
+  }
 
  private:
   vmm::Vm& vm_;

@@ -124,6 +124,10 @@ Status SessionReceiver::OnHello(const Hello& hello) {
     error_code_ = ErrorCode::kBlockMismatch;
     return match;
   }
+  if (!config_.refusal.ok()) {
+    error_code_ = ErrorCode::kFeatures;
+    return config_.refusal;
+  }
   hello_ = hello;
   ack_.version = high;
   ack_.page_channels = hello.page_channels;

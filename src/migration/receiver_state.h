@@ -53,6 +53,11 @@ struct ReceiverConfig {
   uint64_t features_supported = kFeatureAuth;
   uint16_t max_page_channels = kMaxPageChannels;
   uint32_t vcpus = 0;  // vCPUs the destination VM has; 0 accepts any count
+  // Not OK: this destination cannot take a migration as it is set up (say,
+  // an installer its memory backing does not support). A source that is
+  // otherwise accepted is refused at its Hello with this error (kFeatures),
+  // before any page moves, so its guest keeps running there.
+  Status refusal = Status::Ok();
 };
 
 // Page counts of one channel at its ChannelEnd.

@@ -216,6 +216,16 @@ TEST(ReceiverStateTest, NegotiationErrors) {
     EXPECT_EQ(r.OnMessage(MakeHello(2)).message(),
               "the source wants 2 page channels; this destination allows 1");
   }
+  {
+    // A destination that cannot take any migration as it is set up (a
+    // post-copy installer its backing does not support) says why at Hello.
+    ReceiverConfig c = Config();
+    c.refusal = Error("installer 'move' needs anonymous memory");
+    SessionReceiver r(c, DestinationNonce());
+    EXPECT_EQ(r.OnMessage(MakeHello()).message(), "installer 'move' needs anonymous memory");
+    EXPECT_EQ(r.error_code(), ErrorCode::kFeatures);
+    EXPECT_EQ(r.phase(), ReceiverPhase::kFailed);
+  }
 }
 
 TEST(ReceiverStateTest, Authentication) {
