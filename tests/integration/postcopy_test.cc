@@ -280,6 +280,18 @@ void ExpectVerified(const Outcome& o) {
       p.units_installed, p.bytes_installed, p.bytes_copied, p.pushes, o.total_ms, o.create_ms,
       o.fill_ms, o.migrate_ms, o.verify_ms, o.report->pages_verified(),
       o.report->bad_page_count());
+  const PostcopySourceStats& s = o.source_stats;
+  std::string passes;
+  for (const PassStats& pass : s.passes) {
+    passes += fmt::format(" [{} data + {} zero pages in {:.0f} ms, {} dirty after]",
+                          pass.data_pages, pass.zero_pages, pass.seconds * 1e3, pass.dirty_after);
+  }
+  fmt::print(
+      "  source: passes{}; switchover sent in {:.2f} ms; post-copy {:.0f} ms ({} pushed, {} "
+      "requested); total {:.0f} ms; destination post-copy {:.0f} ms, {} fetches inline\n",
+      passes, s.switchover_send.count() / 1e3, s.postcopy.count() / 1e3, s.pages_pushed,
+      s.pages_requested, s.total.count() / 1e3, d.postcopy.count() / 1e3,
+      d.network.fetches_inline);
 }
 
 // Huge pages for two VMs of `mem` (source and destination), or why not.
