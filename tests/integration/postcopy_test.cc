@@ -8,7 +8,7 @@
 // Tests:
 //   PostcopyInstallerTest/<installer>_<backing>_<passes>pass: every installer
 //     on every backing it supports (paging_test.cc's PagedVmTest pairs),
-//     chosen explicitly on the destination, 256 MiB, with one pre-copy pass
+//     chosen explicitly on the destination, 128 MiB, with one pre-copy pass
 //     and without: the guest verifies every page, the installer asked for is
 //     the one that paged, and pages were both demanded and pushed.
 //   PostcopyRefusalTest: every other installer-backing pair is refused at the
@@ -338,7 +338,7 @@ std::vector<Combo> SupportedCombos() {
 class PostcopyInstallerTest : public ::testing::TestWithParam<Combo> {};
 
 TEST_P(PostcopyInstallerTest, GuestVerifiesEveryPageOnTheDestination) {
-  constexpr uint64_t kMem = 256ull << 20;
+  constexpr uint64_t kMem = 128ull << 20;
   const Combo c = GetParam();
   std::optional<HugePages> huge;
   if (c.backing == Backing::kHugetlb) {
@@ -367,6 +367,11 @@ TEST_P(PostcopyInstallerTest, GuestVerifiesEveryPageOnTheDestination) {
   EXPECT_EQ(p.bytes_installed, p.units_installed * unit);
   // copy: UFFDIO_COPY copies each page again; the others receive in place.
   EXPECT_EQ(p.bytes_copied_per_page(), c.installer == InstallerKind::kCopy ? 4096.0 : 0.0);
+  // Faults arrive on the userfaultfd installers' fault queues (one
+  // userfaultfd each), or, with holes, only as the vCPUs' own exits.
+  EXPECT_EQ(p.queue_faults.size(), c.installer == InstallerKind::kHole
+                                       ? 1u
+                                       : PostcopyVmOptions{}.pager.queues_per_block);
   // It really paged: the guest's accesses demanded pages (its stacks and
   // ledgers are dirty at the switchover at least), and the rest was pushed.
   EXPECT_GT(d.network.pages_demanded, 0u);
