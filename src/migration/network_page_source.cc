@@ -76,6 +76,13 @@ void NetworkPageSource::Fetch(const paging::FetchRequest& request, paging::Fetch
         if (have_[p->block].Test(p->first + i)) {
           p->claimed[i] = kFilled;
           ++p->filled;
+        } else if (arriving_[p->block].Test(p->first + i)) {
+          // A push is being received into this very page now: it settles
+          // the page. Requesting it too would let the reply be received
+          // into the page after the push settled it, and so after the
+          // fetch completed and the guest wrote there (the guest's write
+          // lost under an older copy).
+          p->claimed[i] = kArriving;
         }
       }
       if (p->filled == p->count) {
@@ -181,9 +188,10 @@ std::unique_ptr<NetworkPageSource::Pending> NetworkPageSource::SettleLocked(uint
   ++(pushed ? stats_.pages_pushed : stats_.pages_replied);
   Pending* p = FindLocked(block, page);
   if (p == nullptr) return nullptr;
-  // kWanted here: written straight into the block's memory while this fetch
-  // waited for it there (hole blocks), so it is in place already. kFilled:
-  // a reply and a push of the same page crossed; count it once.
+  // kArriving here from a direct push: the fetch was made while the push
+  // was received into the block's memory, where the fetch wants it (hole
+  // blocks), so it is in place now. kFilled: a reply and a push of the same
+  // page crossed; count it once.
   uint8_t& state = p->claimed[page - p->first];
   if (state == kFilled) return nullptr;
   state = kFilled;
@@ -247,9 +255,9 @@ Status NetworkPageSource::ReceivePages(Link& link, const PagesHeader& header, bo
       if (targets[i] == Target::kScratch) continue;
       if (!received.ok()) {
         // Not in place: the page must come again (a resend after Connect).
+        // A fetch made while a direct push arrived left the page to it.
         Pending* p = FindLocked(b, page);
-        if (p != nullptr && targets[i] == Target::kPending &&
-            p->claimed[page - p->first] == kArriving) {
+        if (p != nullptr && p->claimed[page - p->first] == kArriving) {
           p->claimed[page - p->first] = kWanted;
         }
         continue;

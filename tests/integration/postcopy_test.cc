@@ -258,6 +258,13 @@ void ExpectVerified(const Outcome& o) {
   ASSERT_TRUE(o.report.has_value()) << o.report.error().ToString();
   EXPECT_TRUE(o.report->success());
   EXPECT_EQ(o.report->bad_page_count(), 0u);
+  for (const GuestBadPage& b : o.report->bad_pages) {
+    ADD_FAILURE() << fmt::format(
+        "vCPU {}: page {:#x} (huge page {:#x}) generation {} expected, word {} is {:#x}, not "
+        "{:#x}",
+        b.vcpu, b.gpa.value, b.gpa.value & ~(kHugePageSize - 1), b.expected_generation,
+        b.word_index, b.found_word, b.expected_word);
+  }
   for (uint32_t i = 0; i < kVcpus; ++i) {
     EXPECT_TRUE(o.before.vcpus[i].booted);
     EXPECT_TRUE(o.report->vcpus[i].done);
