@@ -163,9 +163,9 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
             BackingName(backing), paging::InstallerName(DefaultPostcopyInstaller(backing)),
             BackingName(backing));
       }
-      RETURN_IF_ERROR(paging::CheckInstaller(installer_, backing)
-                          .WithContext(fmt::format("post-copy destination, block '{}'",
-                                                   block->name())));
+      RETURN_IF_ERROR(
+          paging::CheckInstaller(installer_, backing)
+              .WithContext(fmt::format("post-copy destination, block '{}'", block->name())));
     }
     return Status::Ok();
   }

@@ -136,12 +136,11 @@ Outcome RunPostcopy(const Plan& plan) {
   // (block backings may differ between the ends), the destination keeps
   // guest_memfd and its hole installer.
   FillSignal fill;
-  const vmm::VmConfig config =
-      GuestConfig(plan.mem,
-                  plan.backing == Backing::kGuestMemfd && plan.precopy_passes > 0
-                      ? Backing::kAnonymous
-                      : plan.backing,
-                  &fill);
+  const vmm::VmConfig config = GuestConfig(
+      plan.mem,
+      plan.backing == Backing::kGuestMemfd && plan.precopy_passes > 0 ? Backing::kAnonymous
+                                                                      : plan.backing,
+      &fill);
   auto from = vmm::Vm::Create(config);
   if (!from) {
     out.source = from.error();
@@ -285,8 +284,7 @@ void ExpectVerified(const Outcome& o) {
       d.start_paging.count() / 1e3, d.network.pages_demanded, d.network.pages_pushed,
       d.network.fault_latency.p50_us, d.network.fault_latency.p99_us, d.sessions, p.faults,
       p.units_installed, p.bytes_installed, p.bytes_copied, p.pushes, o.total_ms, o.create_ms,
-      o.fill_ms, o.migrate_ms, o.verify_ms, o.report->pages_verified(),
-      o.report->bad_page_count());
+      o.fill_ms, o.migrate_ms, o.verify_ms, o.report->pages_verified(), o.report->bad_page_count());
   const PostcopySourceStats& s = o.source_stats;
   std::string passes;
   for (const PassStats& pass : s.passes) {
@@ -297,8 +295,7 @@ void ExpectVerified(const Outcome& o) {
       "  source: passes{}; switchover sent in {:.2f} ms; post-copy {:.0f} ms ({} pushed, {} "
       "requested); total {:.0f} ms; destination post-copy {:.0f} ms, {} fetches inline\n",
       passes, s.switchover_send.count() / 1e3, s.postcopy.count() / 1e3, s.pages_pushed,
-      s.pages_requested, s.total.count() / 1e3, d.postcopy.count() / 1e3,
-      d.network.fetches_inline);
+      s.pages_requested, s.total.count() / 1e3, d.postcopy.count() / 1e3, d.network.fetches_inline);
 }
 
 // Huge pages for two VMs of `mem` (source and destination), or why not.
@@ -322,8 +319,8 @@ struct Combo {
   uint32_t precopy_passes;
 };
 void PrintTo(const Combo& c, std::ostream* os) {
-  *os << InstallerName(c.installer) << " on " << BackingName(c.backing) << ", "
-      << c.precopy_passes << " pre-copy passes";
+  *os << InstallerName(c.installer) << " on " << BackingName(c.backing) << ", " << c.precopy_passes
+      << " pre-copy passes";
 }
 
 // Every installer on every backing it supports (as paging_test.cc's
@@ -369,16 +366,15 @@ TEST_P(PostcopyInstallerTest, GuestVerifiesEveryPageOnTheDestination) {
   EXPECT_EQ(p.poisoned, 0u);
   EXPECT_GT(p.units_installed, 0u);
   const uint64_t unit = c.installer == InstallerKind::kHole ? PostcopyVmOptions{}.hole_chunk
-                        : c.backing == Backing::kHugetlb   ? kHugePageSize
-                                                           : kPageSize;
+                        : c.backing == Backing::kHugetlb    ? kHugePageSize
+                                                            : kPageSize;
   EXPECT_EQ(p.bytes_installed, p.units_installed * unit);
   // copy: UFFDIO_COPY copies each page again; the others receive in place.
   EXPECT_EQ(p.bytes_copied_per_page(), c.installer == InstallerKind::kCopy ? 4096.0 : 0.0);
   // Faults arrive on the userfaultfd installers' fault queues (one
   // userfaultfd each), or, with holes, only as the vCPUs' own exits.
-  EXPECT_EQ(p.queue_faults.size(), c.installer == InstallerKind::kHole
-                                       ? 1u
-                                       : PostcopyVmOptions{}.pager.queues_per_block);
+  EXPECT_EQ(p.queue_faults.size(),
+            c.installer == InstallerKind::kHole ? 1u : PostcopyVmOptions{}.pager.queues_per_block);
   // It really paged: the guest's accesses demanded pages (its stacks and
   // ledgers are dirty at the switchover at least), and the rest was pushed.
   EXPECT_GT(d.network.pages_demanded, 0u);
@@ -387,8 +383,8 @@ TEST_P(PostcopyInstallerTest, GuestVerifiesEveryPageOnTheDestination) {
   EXPECT_GT(o.source_stats.pages_pushed, 0u);
 }
 
-INSTANTIATE_TEST_SUITE_P(Installers, PostcopyInstallerTest,
-                         ::testing::ValuesIn(SupportedCombos()), [](const auto& info) {
+INSTANTIATE_TEST_SUITE_P(Installers, PostcopyInstallerTest, ::testing::ValuesIn(SupportedCombos()),
+                         [](const auto& info) {
                            return fmt::format("{}_{}_{}pass", InstallerName(info.param.installer),
                                               BackingName(info.param.backing),
                                               info.param.precopy_passes);
@@ -407,9 +403,9 @@ TEST(PostcopyRefusalTest, UnsupportedInstallerIsRefusedAndTheSourceRunsOn) {
   ASSERT_TRUE(WaitForFill(fill, 120s).ok());
   const std::vector<Combo> supported = SupportedCombos();
   uint32_t refused = 0;
-  for (InstallerKind installer : {InstallerKind::kCopy, InstallerKind::kMove,
-                                  InstallerKind::kContinue, InstallerKind::kZero,
-                                  InstallerKind::kHole}) {
+  for (InstallerKind installer :
+       {InstallerKind::kCopy, InstallerKind::kMove, InstallerKind::kContinue, InstallerKind::kZero,
+        InstallerKind::kHole}) {
     for (Backing backing :
          {Backing::kAnonymous, Backing::kMemfd, Backing::kHugetlb, Backing::kGuestMemfd}) {
       if (std::ranges::any_of(supported, [&](const Combo& c) {
