@@ -8,6 +8,7 @@
 #include "src/migration/handshake.h"
 #include "src/migration/postcopy_session.h"
 #include "src/migration/receiver_state.h"
+#include "src/sys/sched.h"
 
 namespace faultline::migration {
 namespace {
@@ -194,6 +195,8 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
                      state.pass());
       }
       a.Notify([&] { ++a.at_switchover; });
+      // The guest waits for this channel's drop: nothing else goes first.
+      sys::ScopedRealtime realtime(options_.realtime_priority);
       // Every page this channel wrote is in place: drop the stale ones (the
       // last channel to write a page drops it after its write).
       if (!a.WaitFor([&] { return a.dirty != nullptr; })) return Status(ECANCELED, "abandoned");
@@ -300,6 +303,10 @@ Status PostcopyDestination::ReceivePushChannel(Attempt& a, size_t c) {
 }
 
 Status PostcopyDestination::ReceiveReplies(Attempt& a) {
+  if (options_.realtime_priority != 0 && sys::SetRealtime(options_.realtime_priority).ok()) {
+    std::lock_guard lock(mu_);
+    stats_.realtime = true;
+  }
   Link& link = *a.priority;
   while (true) {
     Result<Message> m = link.reader().Read();
@@ -396,6 +403,8 @@ Status PostcopyDestination::DropEarly(Attempt& a, uint32_t passes, const DirtyPa
 
 Status PostcopyDestination::StartGuest(Attempt& a) {
   const auto switched = Clock::now();
+  // The pause: nothing else should delay it.
+  sys::ScopedRealtime realtime(options_.realtime_priority);
   MessageReader& reader = a.session.main->reader();
   uint64_t dirty_count;
   uint32_t device_count;
