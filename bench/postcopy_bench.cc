@@ -58,6 +58,7 @@ struct PostcopyRun {
   // Its parts: dirty set and vCPU state in, page channels at the
   // switchover, paging started (stale pages dropped, pager made) and vCPUs.
   double state_ms = 0, channels_ms = 0, paging_ms = 0;
+  double source_send_ms = 0;  // the source's part: VM stopped -> state handed to TCP
   paging::LatencySummary service;  // the destination pager's per-fault time
   paging::LatencySummary network;  // request -> data in place
   uint64_t faults = 0;
@@ -122,6 +123,7 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
   r.pause_ms = std::chrono::duration<double, std::milli>(d->vm_started_at - s->paused_at).count();
   r.start_vm_ms = d->start_vm.count() / 1e3;
   r.state_ms = d->state_wait.count() / 1e3;
+  r.source_send_ms = s->switchover_send.count() / 1e3;
   r.channels_ms = d->channels_wait.count() / 1e3;
   r.paging_ms = d->start_paging.count() / 1e3;
   r.service = d->paging.latency;
@@ -251,20 +253,22 @@ int Main(int argc, char** argv) {
           "\"faults\":{},\"switchover_pause_ms\":{:.2f},\"start_vm_ms\":{:.2f},"
           "\"pages_demanded\":{},\"pages_pushed\":{},\"demanded_share_pct\":{:.2f},"
           "\"bad_pages\":{},\"total_s\":{:.2f},\"state_ms\":{:.2f},\"channels_ms\":{:.2f},"
-          "\"paging_ms\":{:.2f}}}\n",
+          "\"paging_ms\":{:.2f},\"source_send_ms\":{:.2f}}}\n",
           name, r.service.p50_us, r.service.p99_us, r.service.p50_us / f50, r.service.p99_us / f99,
           r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.start_vm_ms, r.demanded,
-          r.pushed, share, r.bad_pages, r.total_s, r.state_ms, r.channels_ms, r.paging_ms);
+          r.pushed, share, r.bad_pages, r.total_s, r.state_ms, r.channels_ms, r.paging_ms,
+          r.source_send_ms);
     } else {
       fmt::print(
           "{:9} fault (observed, est.) p50 {:6.1f} us ({:.2f}x floor)  p99 {:7.1f} us ({:.2f}x "
           "floor)  [request "
           "p50 {:.1f} p99 {:.1f}]  {} faults\n"
-          "          switchover pause {:.2f} ms (destination part {:.2f} ms: state {:.2f}, "
-          "channels {:.2f}, paging {:.2f}); demanded {} vs pushed {} ({:.2f}% demanded); bad "
-          "pages {}; total {:.2f} s\n",
+          "          switchover pause {:.2f} ms (source sent state after {:.2f}; destination part "
+          "{:.2f} ms: state {:.2f}, channels {:.2f}, paging {:.2f}); demanded {} vs pushed {} "
+          "({:.2f}% demanded); bad pages {}; total {:.2f} s\n",
           name, r.service.p50_us, r.service.p50_us / f50, r.service.p99_us, r.service.p99_us / f99,
-          r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.start_vm_ms, r.state_ms,
+          r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.source_send_ms,
+          r.start_vm_ms, r.state_ms,
           r.channels_ms, r.paging_ms, r.demanded, r.pushed, share, r.bad_pages, r.total_s);
     }
   };

@@ -157,8 +157,11 @@ Result<PostcopyDestinationStats> PostcopyDestination::Run(Acceptor& acceptor) {
     });
   }
 
-  // Pre-copy and the switchover, until the guest runs.
+  // Pre-copy and the switchover, until the guest runs. SCHED_FIFO: the
+  // Switchover is read as soon as it arrives (the pause has begun), and
+  // starting the guest waits for nothing else.
   status = [&]() -> Status {
+    sys::ScopedRealtime realtime(options_.realtime_priority);
     RETURN_IF_ERROR(FollowPrecopy(a));
     return StartGuest(a);
   }();
@@ -403,8 +406,6 @@ Status PostcopyDestination::DropEarly(Attempt& a, uint32_t passes, const DirtyPa
 
 Status PostcopyDestination::StartGuest(Attempt& a) {
   const auto switched = Clock::now();
-  // The pause: nothing else should delay it.
-  sys::ScopedRealtime realtime(options_.realtime_priority);
   MessageReader& reader = a.session.main->reader();
   uint64_t dirty_count;
   uint32_t device_count;
