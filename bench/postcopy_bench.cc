@@ -11,8 +11,9 @@
 //              pushed; the fault path's threads and the switchover run
 //              SCHED_FIFO (the library's default, src/sys/sched.h);
 //   no-fifo    the same without SCHED_FIFO, for comparison;
-//   link30     the same as loopback with every message delayed 30 us in both directions
-//              (the fault-injecting transport on both ends).
+//   link30     the same as loopback over a link 30 us long each way (the
+//              fault-injecting transport's delay line on both ends: every
+//              send arrives 30 us later, messages in flight overlap).
 // Figures only; nothing passes or fails on time.
 //
 //   faultline_bench_postcopy [--mem MIB] [--backing anon|memfd|hugetlb|gmem]
@@ -87,7 +88,7 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
                    migration::TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {}));
   const Address address{"tcp", "127.0.0.1", listener->port()};
   migration::FaultPlan plan;
-  plan.delay_per_send = link_delay;
+  plan.one_way_delay = link_delay;
   auto source_link = migration::FaultController::Create(plan);
   auto destination_link = migration::FaultController::Create(plan);
   migration::FaultyConnector connector(
