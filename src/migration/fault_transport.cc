@@ -88,6 +88,15 @@ class FaultController::FaultyChannel final : public Channel {
   }
 
   void Shutdown() override {
+    if (delay_.count() > 0) {
+      // What was sent before still arrives, as the data in a socket's send
+      // buffer does after shutdown(2); a cut (ShutdownInner) loses it.
+      std::unique_lock lock(line_mu_);
+      closing_ = true;
+      room_cv_.notify_all();
+      room_cv_.wait_for(lock, delay_ + std::chrono::milliseconds(100),
+                        [&] { return in_flight_ == 0 || stop_ || !line_error_.ok(); });
+    }
     StopLine();
     inner_->Shutdown();
   }
@@ -123,10 +132,11 @@ class FaultController::FaultyChannel final : public Channel {
     }
     std::unique_lock lock(line_mu_);
     room_cv_.wait(lock, [&] {
-      return stop_ || !line_error_.ok() || in_flight_ + total <= kMaxInFlight || line_.empty();
+      return stop_ || closing_ || !line_error_.ok() || in_flight_ + total <= kMaxInFlight ||
+             line_.empty();
     });
     if (!line_error_.ok()) return line_error_;
-    if (stop_) {
+    if (stop_ || closing_) {
       lock.unlock();  // Wrapped takes the controller's mutex, which Cut() holds before line_mu_
       return Wrapped(Status(ESHUTDOWN, fmt::format("{}: channel shut down", name())));
     }
@@ -207,6 +217,7 @@ class FaultController::FaultyChannel final : public Channel {
   std::deque<InFlight> line_;        // guarded by line_mu_
   uint64_t in_flight_ = 0;           // guarded by line_mu_: bytes in line_ and being handed on
   bool stop_ = false;                // guarded by line_mu_
+  bool closing_ = false;             // guarded by line_mu_: Shutdown() under way
   Status line_error_;                // guarded by line_mu_: the wrapped channel's send failed
   std::thread forwarder_;
 };

@@ -114,6 +114,21 @@ TEST(FaultTransportTest, OneWayDelayStillDeliversWhatWasSentBeforeTheChannelWent
   reader.join();
 }
 
+TEST(FaultTransportTest, OneWayDelayDeliversWhatWasSentBeforeAShutdown) {
+  FaultPlan plan;
+  plan.one_way_delay = std::chrono::milliseconds(20);
+  auto pair = MakeFaultyPair(plan);
+  const uint8_t bytes[3] = {1, 2, 3};
+  ASSERT_TRUE(pair.client->Send(bytes).ok());
+  pair.client->Shutdown();
+  uint8_t got[3] = {};
+  ASSERT_TRUE(pair.server->Receive(got).ok());
+  EXPECT_EQ(got[2], 3);
+  uint8_t more[1];
+  EXPECT_FALSE(pair.server->Receive(more).ok());  // then end of stream
+  EXPECT_FALSE(pair.client->Send(bytes).ok());
+}
+
 TEST(FaultTransportTest, OneWayDelayLosesWhatIsInTheLineWhenTheLinkIsCut) {
   FaultPlan plan;
   plan.one_way_delay = std::chrono::seconds(30);  // nothing arrives before the cut
