@@ -8,9 +8,12 @@
 //              fault service time (fault read -> page installed, waiters
 //              woken) on the destination, the switchover pause (source VM
 //              stopped -> destination vCPUs running), pages demanded vs
-//              pushed;
-//   link30     the same with every message delayed 30 us in both directions
-//              (the fault-injecting transport on both ends).
+//              pushed; the fault path's threads and the switchover run
+//              SCHED_FIFO (the library's default, src/sys/sched.h);
+//   no-fifo    the same without SCHED_FIFO, for comparison;
+//   link30     the same as loopback over a link 30 us long each way (the
+//              fault-injecting transport's delay line on both ends: every
+//              send arrives 30 us later, messages in flight overlap).
 // Figures only; nothing passes or fails on time.
 //
 //   faultline_bench_postcopy [--mem MIB] [--backing anon|memfd|hugetlb|gmem]
@@ -46,9 +49,17 @@ struct Args {
   bool json = false;
 };
 
+// The fault path's threads run SCHED_FIFO at this priority (the library's
+// default) but in the "no-fifo" run, which shows what that is worth.
+constexpr int kRealtime = 1;
+
 struct PostcopyRun {
   double pause_ms = 0;             // source stop -> destination vCPUs running
   double start_vm_ms = 0;          // Switchover received -> vCPUs running
+  // Its parts: dirty set and vCPU state in, page channels at the
+  // switchover, paging started (stale pages dropped, pager made) and vCPUs.
+  double state_ms = 0, channels_ms = 0, paging_ms = 0;
+  double source_send_ms = 0;  // the source's part: VM stopped -> state handed to TCP
   paging::LatencySummary service;  // the destination pager's per-fault time
   paging::LatencySummary network;  // request -> data in place
   uint64_t faults = 0;
@@ -59,7 +70,8 @@ struct PostcopyRun {
   double total_s = 0;
 };
 
-Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link_delay) {
+Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link_delay,
+                                int realtime_priority) {
   vmm::VmConfig config;
   config.mem_size = args.mem;
   config.vcpus = 2;
@@ -76,7 +88,7 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
                    migration::TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {}));
   const Address address{"tcp", "127.0.0.1", listener->port()};
   migration::FaultPlan plan;
-  plan.delay_per_send = link_delay;
+  plan.one_way_delay = link_delay;
   auto source_link = migration::FaultController::Create(plan);
   auto destination_link = migration::FaultController::Create(plan);
   migration::FaultyConnector connector(
@@ -85,12 +97,17 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
   migration::FaultyAcceptor acceptor(std::move(listener), destination_link);
 
   auto source_vm = migration::MakeSourceVm(*from);
-  auto destination_vm = migration::MakePostcopyDestinationVm(*to);
+  migration::PostcopyVmOptions vm_options;
+  vm_options.realtime_priority = realtime_priority;
+  auto destination_vm = migration::MakePostcopyDestinationVm(*to, vm_options);
   migration::PostcopySourceOptions options;
   options.base.page_channels = 2;
   options.precopy_passes = args.passes;
+  options.realtime_priority = realtime_priority;
   migration::PostcopySource source(*source_vm, options);
-  migration::PostcopyDestination destination(*destination_vm, {});
+  migration::DestinationOptions destination_options;
+  destination_options.realtime_priority = realtime_priority;
+  migration::PostcopyDestination destination(*destination_vm, destination_options);
   Result<migration::PostcopyDestinationStats> d = Error("not run");
   std::thread receiver([&] { d = destination.Run(acceptor); });
   Result<migration::PostcopySourceStats> s = source.Run(connector);
@@ -106,6 +123,10 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
   PostcopyRun r;
   r.pause_ms = std::chrono::duration<double, std::milli>(d->vm_started_at - s->paused_at).count();
   r.start_vm_ms = d->start_vm.count() / 1e3;
+  r.state_ms = d->state_wait.count() / 1e3;
+  r.source_send_ms = s->switchover_send.count() / 1e3;
+  r.channels_ms = d->channels_wait.count() / 1e3;
+  r.paging_ms = d->start_paging.count() / 1e3;
   r.service = d->paging.latency;
   r.network = d->network.fault_latency;
   r.faults = d->paging.faults;
@@ -196,12 +217,17 @@ int Main(int argc, char** argv) {
     fmt::print(stderr, "floor: {}\n", floor.error().ToString());
     return 1;
   }
-  Result<PostcopyRun> loop = RunPostcopy(args, {});
+  Result<PostcopyRun> loop = RunPostcopy(args, {}, kRealtime);
   if (!loop) {
     fmt::print(stderr, "loopback: {}\n", loop.error().ToString());
     return 1;
   }
-  Result<PostcopyRun> link = RunPostcopy(args, std::chrono::microseconds(args.link_us));
+  Result<PostcopyRun> plain = RunPostcopy(args, {}, 0);
+  if (!plain) {
+    fmt::print(stderr, "loopback without SCHED_FIFO: {}\n", plain.error().ToString());
+    return 1;
+  }
+  Result<PostcopyRun> link = RunPostcopy(args, std::chrono::microseconds(args.link_us), kRealtime);
   if (!link) {
     fmt::print(stderr, "link: {}\n", link.error().ToString());
     return 1;
@@ -227,21 +253,24 @@ int Main(int argc, char** argv) {
           "\"p99_vs_floor\":{:.2f},\"request_p50_us\":{:.1f},\"request_p99_us\":{:.1f},"
           "\"faults\":{},\"switchover_pause_ms\":{:.2f},\"start_vm_ms\":{:.2f},"
           "\"pages_demanded\":{},\"pages_pushed\":{},\"demanded_share_pct\":{:.2f},"
-          "\"bad_pages\":{},\"total_s\":{:.2f}}}\n",
+          "\"bad_pages\":{},\"total_s\":{:.2f},\"state_ms\":{:.2f},\"channels_ms\":{:.2f},"
+          "\"paging_ms\":{:.2f},\"source_send_ms\":{:.2f}}}\n",
           name, r.service.p50_us, r.service.p99_us, r.service.p50_us / f50, r.service.p99_us / f99,
           r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.start_vm_ms, r.demanded,
-          r.pushed, share, r.bad_pages, r.total_s);
+          r.pushed, share, r.bad_pages, r.total_s, r.state_ms, r.channels_ms, r.paging_ms,
+          r.source_send_ms);
     } else {
       fmt::print(
           "{:9} fault (observed, est.) p50 {:6.1f} us ({:.2f}x floor)  p99 {:7.1f} us ({:.2f}x "
           "floor)  [request "
           "p50 {:.1f} p99 {:.1f}]  {} faults\n"
-          "          switchover pause {:.2f} ms (destination part {:.2f} ms); demanded {} vs "
-          "pushed "
-          "{} ({:.2f}% demanded); bad pages {}; total {:.2f} s\n",
+          "          switchover pause {:.2f} ms (source sent state after {:.2f}; destination part "
+          "{:.2f} ms: state {:.2f}, channels {:.2f}, paging {:.2f}); demanded {} vs pushed {} "
+          "({:.2f}% demanded); bad pages {}; total {:.2f} s\n",
           name, r.service.p50_us, r.service.p50_us / f50, r.service.p99_us, r.service.p99_us / f99,
-          r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.start_vm_ms, r.demanded,
-          r.pushed, share, r.bad_pages, r.total_s);
+          r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.source_send_ms,
+          r.start_vm_ms, r.state_ms,
+          r.channels_ms, r.paging_ms, r.demanded, r.pushed, share, r.bad_pages, r.total_s);
     }
   };
   if (args.json) {
@@ -259,6 +288,7 @@ int Main(int argc, char** argv) {
         floor->service.p99_us);
   }
   row("loopback", *loop);
+  row("no-fifo", *plain);
   row(fmt::format("link{}us", args.link_us).c_str(), *link);
   return 0;
 }

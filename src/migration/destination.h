@@ -33,6 +33,11 @@ struct DestinationOptions {
   AuthKey key;  // non-empty: the source must authenticate with the same key
   AcceptOptions accept;
   uint16_t max_page_channels = kMaxPageChannels;
+  // Post-copy: non-zero runs the priority channel's reply reader, and the
+  // threads starting the guest at the switchover, SCHED_FIFO at this
+  // priority (src/sys/sched.h; the pager's fault handlers take theirs from
+  // PostcopyVmOptions). Without permission they run as before.
+  int realtime_priority = 1;
 };
 
 struct DestinationStats {

@@ -1,7 +1,15 @@
 #include "src/migration/fault_transport.h"
 
+#include <sys/prctl.h>
+
 #include <algorithm>
+#include <array>
 #include <cerrno>
+#include <cstring>
+#include <deque>
+#include <thread>
+
+#include "src/sys/sched.h"
 
 namespace faultline::migration {
 namespace {
@@ -31,15 +39,30 @@ uint64_t TotalSize(std::span<const Buffer> parts) {
 class FaultController::FaultyChannel final : public Channel {
  public:
   FaultyChannel(std::unique_ptr<Channel> inner, std::shared_ptr<FaultController> link)
-      : inner_(std::move(inner)), link_(std::move(link)) {
+      : inner_(std::move(inner)), link_(std::move(link)), delay_(link_->one_way_delay()) {
     link_->Register(this);
+    if (delay_.count() > 0) forwarder_ = std::thread([this] { Forward(); });
   }
-  ~FaultyChannel() override { link_->Unregister(this); }
+  ~FaultyChannel() override {
+    if (forwarder_.joinable()) {
+      {
+        // What was sent still arrives (unless the link is cut or shut down).
+        std::unique_lock lock(line_mu_);
+        room_cv_.wait(lock, [&] { return line_.empty() || stop_ || !line_error_.ok(); });
+        stop_ = true;
+      }
+      due_cv_.notify_all();
+      forwarder_.join();
+    }
+    link_->Unregister(this);
+  }
 
   Status SendGather(std::span<const ConstBuffer> parts) override {
     const uint64_t total = TotalSize(parts);
     const uint64_t allowed = link_->ReserveSend(total);
-    if (allowed == total && !link_->cut()) return Wrapped(inner_->SendGather(parts));
+    if (allowed == total && !link_->cut()) {
+      return delay_.count() > 0 ? Delay(parts, total) : Wrapped(inner_->SendGather(parts));
+    }
     if (allowed > 0 && !link_->cut()) {
       const auto prefix = Prefix(parts, allowed);
       (void)inner_->SendGather(prefix);  // the link breaks after these bytes either way
@@ -64,15 +87,109 @@ class FaultController::FaultyChannel final : public Channel {
     return CutError("receive", allowed, total);
   }
 
-  void Shutdown() override { inner_->Shutdown(); }
-  Status SetLowLatency(bool low_latency) override { return inner_->SetLowLatency(low_latency); }
+  void Shutdown() override {
+    if (delay_.count() > 0) {
+      // What was sent before still arrives, as the data in a socket's send
+      // buffer does after shutdown(2); a cut (ShutdownInner) loses it.
+      std::unique_lock lock(line_mu_);
+      closing_ = true;
+      room_cv_.notify_all();
+      room_cv_.wait_for(lock, delay_ + std::chrono::milliseconds(100),
+                        [&] { return in_flight_ == 0 || stop_ || !line_error_.ok(); });
+    }
+    StopLine();
+    inner_->Shutdown();
+  }
+  Status SetLowLatency(bool low_latency) override {
+    low_latency_.store(low_latency, std::memory_order_relaxed);
+    if (low_latency) due_cv_.notify_all();
+    return inner_->SetLowLatency(low_latency);
+  }
   ChannelStats stats() const override { return inner_->stats(); }
   std::string name() const override { return "faulty " + inner_->name(); }
 
   // Called by the controller with its mutex held.
-  void ShutdownInner() { inner_->Shutdown(); }
+  void ShutdownInner() {
+    StopLine();
+    inner_->Shutdown();
+  }
 
  private:
+  using Clock = std::chrono::steady_clock;
+  static constexpr uint64_t kMaxInFlight = 8ull << 20;  // bytes waiting per channel
+  struct InFlight {
+    Clock::time_point due;
+    std::vector<uint8_t> bytes;
+  };
+
+  // Queues a copy of `parts`, due after the delay.
+  Status Delay(std::span<const ConstBuffer> parts, uint64_t total) {
+    InFlight f{Clock::now() + delay_, std::vector<uint8_t>(total)};
+    uint64_t at = 0;
+    for (const ConstBuffer& p : parts) {
+      if (!p.empty()) std::memcpy(f.bytes.data() + at, p.data(), p.size());
+      at += p.size();
+    }
+    std::unique_lock lock(line_mu_);
+    room_cv_.wait(lock, [&] {
+      return stop_ || closing_ || !line_error_.ok() || in_flight_ + total <= kMaxInFlight ||
+             line_.empty();
+    });
+    if (!line_error_.ok()) return line_error_;
+    if (stop_ || closing_) {
+      lock.unlock();  // Wrapped takes the controller's mutex, which Cut() holds before line_mu_
+      return Wrapped(Status(ESHUTDOWN, fmt::format("{}: channel shut down", name())));
+    }
+    in_flight_ += total;
+    line_.push_back(std::move(f));
+    lock.unlock();
+    due_cv_.notify_one();
+    return Status::Ok();
+  }
+
+  // The delay line's thread: hands each send on when it is due.
+  void Forward() {
+    // Wake-ups within a microsecond or so of the due time, not the default
+    // 50 us slack, which is longer than the delays this emulates.
+    (void)prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+    bool realtime = false;
+    std::unique_lock lock(line_mu_);
+    while (true) {
+      due_cv_.wait(lock, [&] { return stop_ || !line_.empty(); });
+      if (!realtime && low_latency_.load(std::memory_order_relaxed)) {
+        // The wire of a request channel: its small messages should arrive
+        // after the emulated latency, not after the host's scheduling delay
+        // too (src/sys/sched.h; without permission, as before).
+        realtime = true;
+        (void)sys::SetRealtime(1);
+      }
+      if (stop_) return;
+      const Clock::time_point due = line_.front().due;
+      if (due_cv_.wait_until(lock, due, [&] { return stop_; })) return;
+      InFlight f = std::move(line_.front());
+      line_.pop_front();
+      lock.unlock();
+      Status sent = Wrapped(inner_->SendGather(std::span<const ConstBuffer>(
+          std::array<ConstBuffer, 1>{ConstBuffer(f.bytes.data(), f.bytes.size())})));
+      lock.lock();
+      in_flight_ -= f.bytes.size();
+      if (!sent.ok() && line_error_.ok()) line_error_ = std::move(sent);
+      room_cv_.notify_all();
+      if (!line_error_.ok()) return;
+    }
+  }
+
+  // Bytes still in the line are lost, as on a cut link.
+  void StopLine() {
+    if (delay_.count() == 0) return;
+    {
+      std::lock_guard lock(line_mu_);
+      stop_ = true;
+    }
+    due_cv_.notify_all();
+    room_cv_.notify_all();
+  }
+
   // An error of the wrapped channel that the cut caused is reported as the cut.
   Status Wrapped(Status status) const {
     if (!status.ok() && link_->cut()) {
@@ -91,6 +208,18 @@ class FaultController::FaultyChannel final : public Channel {
 
   std::unique_ptr<Channel> inner_;
   std::shared_ptr<FaultController> link_;
+  const std::chrono::microseconds delay_;
+  std::atomic<bool> low_latency_{false};
+
+  std::mutex line_mu_;
+  std::condition_variable due_cv_;   // the forwarder waits for sends and due times
+  std::condition_variable room_cv_;  // senders wait for room, the destructor for an empty line
+  std::deque<InFlight> line_;        // guarded by line_mu_
+  uint64_t in_flight_ = 0;           // guarded by line_mu_: bytes in line_ and being handed on
+  bool stop_ = false;                // guarded by line_mu_
+  bool closing_ = false;             // guarded by line_mu_: Shutdown() under way
+  Status line_error_;                // guarded by line_mu_: the wrapped channel's send failed
+  std::thread forwarder_;
 };
 
 std::shared_ptr<FaultController> FaultController::Create(FaultPlan plan) {
@@ -139,6 +268,11 @@ uint64_t FaultController::bytes_sent() const {
 uint64_t FaultController::bytes_received() const {
   std::lock_guard lock(mu_);
   return received_;
+}
+
+std::chrono::microseconds FaultController::one_way_delay() const {
+  std::lock_guard lock(mu_);
+  return plan_.one_way_delay;
 }
 
 uint64_t FaultController::ReserveSend(uint64_t bytes) {

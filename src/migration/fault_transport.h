@@ -8,7 +8,10 @@
 // all connections of a session, and leaves later Wrap()ed channels cut too.
 //
 // Delays and throttling happen in the sending thread before the bytes are
-// handed to the wrapped channel; a Cut() wakes such a sleeping thread.
+// handed to the wrapped channel; a Cut() wakes such a sleeping thread. The
+// one-way latency is a delay line instead: the sender goes on at once and a
+// thread of the channel hands each send's bytes on when they are due, so
+// messages in flight overlap the way they do on a real link.
 #pragma once
 
 #include <chrono>
@@ -25,8 +28,14 @@ namespace faultline::migration {
 
 struct FaultPlan {
   // Each SendGather/Send call waits this long first (per message, since the
-  // protocol sends one message per call).
+  // protocol sends one message per call), holding up every other sender on
+  // the link meanwhile: a slow link, not a long one.
   std::chrono::microseconds delay_per_send{0};
+  // Link latency: the bytes of each send reach the wrapped channel this long
+  // after the send, which returns at once (order kept; at most a few MiB
+  // wait per channel, beyond that the sender waits for room). Taken when a
+  // channel is wrapped; SetPlan does not change channels already wrapped.
+  std::chrono::microseconds one_way_delay{0};
   // Aggregate send bandwidth of the link, 0 for unlimited.
   uint64_t bytes_per_second = 0;
   // The link breaks once this many bytes were sent over all its channels:
@@ -51,6 +60,7 @@ class FaultController : public std::enable_shared_from_this<FaultController> {
 
   uint64_t bytes_sent() const;
   uint64_t bytes_received() const;
+  std::chrono::microseconds one_way_delay() const;
 
   // Used by the wrapped channels (fault_transport.cc).
   class FaultyChannel;

@@ -1,6 +1,7 @@
 #include "src/migration/fault_transport.h"
 
 #include <cerrno>
+#include <cstring>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -52,6 +53,93 @@ TEST(FaultTransportTest, DelayPerSend) {
   EXPECT_GE(Clock::now() - start, std::chrono::milliseconds(100));
   uint8_t got[10];
   ASSERT_TRUE(pair.server->Receive(got).ok());
+}
+
+// Each message: its send time (ns since the clock's epoch) and a body whose
+// bytes follow from its index.
+std::vector<uint8_t> StampedMessage(uint32_t index, size_t body) {
+  std::vector<uint8_t> m(sizeof(int64_t) + sizeof(index) + body);
+  const int64_t now = Clock::now().time_since_epoch().count();
+  std::memcpy(m.data(), &now, sizeof(now));
+  std::memcpy(m.data() + sizeof(now), &index, sizeof(index));
+  for (size_t i = 0; i < body; ++i) m[sizeof(now) + sizeof(index) + i] = uint8_t(index * 31 + i);
+  return m;
+}
+
+TEST(FaultTransportTest, OneWayDelayDeliversEverySendInOrderNoEarlierThanTheDelay) {
+  FaultPlan plan;
+  plan.one_way_delay = std::chrono::milliseconds(20);
+  auto pair = MakeFaultyPair(plan);
+  constexpr uint32_t kMessages = 50;
+  auto body = [](uint32_t i) -> size_t { return (i * 7919) % 70000; };
+  std::thread sender([&] {
+    for (uint32_t i = 0; i < kMessages; ++i) {
+      ASSERT_TRUE(pair.client->Send(StampedMessage(i, body(i))).ok());
+    }
+  });
+  for (uint32_t i = 0; i < kMessages; ++i) {
+    int64_t sent_ns = 0;
+    uint32_t index = 0;
+    ASSERT_TRUE(pair.server->Receive(MutableBuffer(reinterpret_cast<uint8_t*>(&sent_ns),
+                                                   sizeof(sent_ns)))
+                    .ok());
+    const auto arrived = Clock::now();
+    ASSERT_TRUE(
+        pair.server->Receive(MutableBuffer(reinterpret_cast<uint8_t*>(&index), sizeof(index)))
+            .ok());
+    ASSERT_EQ(index, i);  // in order, nothing lost or repeated
+    std::vector<uint8_t> got(body(i));
+    ASSERT_TRUE(pair.server->Receive(got).ok());
+    for (size_t k = 0; k < got.size(); ++k) ASSERT_EQ(got[k], uint8_t(i * 31 + k)) << k;
+    EXPECT_GE(arrived - Clock::time_point(Clock::duration(sent_ns)), plan.one_way_delay) << i;
+  }
+  sender.join();
+}
+
+TEST(FaultTransportTest, OneWayDelayStillDeliversWhatWasSentBeforeTheChannelWent) {
+  FaultPlan plan;
+  plan.one_way_delay = std::chrono::milliseconds(30);
+  auto pair = MakeFaultyPair(plan);
+  std::vector<uint8_t> data(1 << 20);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(i * 13);
+  std::thread reader([&] {
+    std::vector<uint8_t> got(data.size());
+    EXPECT_TRUE(pair.server->Receive(got).ok());
+    EXPECT_EQ(got, data);
+  });
+  for (size_t at = 0; at < data.size(); at += 4096) {
+    ASSERT_TRUE(pair.client->Send(ConstBuffer(data.data() + at, 4096)).ok());
+  }
+  pair.client.reset();  // the line drains first
+  reader.join();
+}
+
+TEST(FaultTransportTest, OneWayDelayDeliversWhatWasSentBeforeAShutdown) {
+  FaultPlan plan;
+  plan.one_way_delay = std::chrono::milliseconds(20);
+  auto pair = MakeFaultyPair(plan);
+  const uint8_t bytes[3] = {1, 2, 3};
+  ASSERT_TRUE(pair.client->Send(bytes).ok());
+  pair.client->Shutdown();
+  uint8_t got[3] = {};
+  ASSERT_TRUE(pair.server->Receive(got).ok());
+  EXPECT_EQ(got[2], 3);
+  uint8_t more[1];
+  EXPECT_FALSE(pair.server->Receive(more).ok());  // then end of stream
+  EXPECT_FALSE(pair.client->Send(bytes).ok());
+}
+
+TEST(FaultTransportTest, OneWayDelayLosesWhatIsInTheLineWhenTheLinkIsCut) {
+  FaultPlan plan;
+  plan.one_way_delay = std::chrono::seconds(30);  // nothing arrives before the cut
+  auto pair = MakeFaultyPair(plan);
+  const uint8_t byte[1] = {7};
+  ASSERT_TRUE(pair.client->Send(byte).ok());
+  pair.link->Cut();
+  uint8_t got[1];
+  EXPECT_FALSE(pair.server->Receive(got).ok());  // end of stream, not the byte
+  Status again = pair.client->Send(byte);
+  EXPECT_EQ(again.code(), ECONNABORTED) << again.ToString();
 }
 
 TEST(FaultTransportTest, ThrottleLimitsAggregateBandwidth) {

@@ -8,6 +8,7 @@
 #include "src/migration/handshake.h"
 #include "src/migration/postcopy_session.h"
 #include "src/migration/receiver_state.h"
+#include "src/sys/sched.h"
 
 namespace faultline::migration {
 namespace {
@@ -30,7 +31,7 @@ class PostcopyDestination::Attempt {
   // Pre-copy: the pages each channel received (written only by its thread
   // until it reached the switchover).
   std::vector<std::vector<DirtyBitmap>> received;
-  std::vector<DirtyBitmap> dirty_set;  // written once before `dirty` points at it
+  std::vector<DirtyBitmap> dirty_set;  // the main thread's, from the Switchover on
   // The early dirty set (dropped before the pause); main thread, before
   // the Switchover, then only read.
   std::vector<DirtyBitmap> early;
@@ -68,9 +69,6 @@ class PostcopyDestination::Attempt {
   bool broken = false;       // guarded by mu
   Status error;              // guarded by mu
   size_t at_switchover = 0;  // guarded by mu: page channels that reached it
-  // guarded by mu: the dirty set, once known (then read without the lock)
-  const std::vector<DirtyBitmap>* dirty = nullptr;
-  size_t dropped = 0;        // guarded by mu: page channels that dropped their stale pages
   bool postcopy_go = false;  // guarded by mu: the guest runs; pushes may be received
   size_t push_ended = 0;     // guarded by mu: page channels whose push ended
   std::vector<uint32_t> pass_arrivals;  // guarded by mu: the pre-copy pass barrier
@@ -157,8 +155,11 @@ Result<PostcopyDestinationStats> PostcopyDestination::Run(Acceptor& acceptor) {
     });
   }
 
-  // Pre-copy and the switchover, until the guest runs.
+  // Pre-copy and the switchover, until the guest runs. SCHED_FIFO: the
+  // Switchover is read as soon as it arrives (the pause has begun), and
+  // starting the guest waits for nothing else.
   status = [&]() -> Status {
+    sys::ScopedRealtime realtime(options_.realtime_priority);
     RETURN_IF_ERROR(FollowPrecopy(a));
     return StartGuest(a);
   }();
@@ -194,34 +195,9 @@ Status PostcopyDestination::ReceivePrecopyChannel(Attempt& a, size_t c) {
         return Error("Switchover on a page channel in pass {}: not at a pass boundary",
                      state.pass());
       }
+      // Every page this channel wrote is in place (it ended the last pass);
+      // the main thread drops the stale ones and starts the guest.
       a.Notify([&] { ++a.at_switchover; });
-      // Every page this channel wrote is in place: drop the stale ones (the
-      // last channel to write a page drops it after its write).
-      if (!a.WaitFor([&] { return a.dirty != nullptr; })) return Status(ECANCELED, "abandoned");
-      for (size_t b = 0; b < blocks_.size(); ++b) {
-        if (blocks_[b]->page_size() != kWirePageSize) continue;
-        const DirtyBitmap& dirty = (*a.dirty)[b];
-        const DirtyBitmap& mine = a.received[c][b];
-        const DirtyBitmap* early = a.early.empty() ? nullptr : &a.early[b];
-        for (uint64_t p = dirty.FindNextSet(0); p < dirty.pages();) {
-          uint64_t end = p + 1;
-          while (end < dirty.pages() && dirty.Test(end)) ++end;
-          for (uint64_t q = p; q < end;) {  // the part of the run this channel wrote
-            // Written here and not dropped with the early dirty set.
-            auto stale = [&](uint64_t x) { return mine.Test(x) && !(early && early->Test(x)); };
-            if (!stale(q)) {
-              ++q;
-              continue;
-            }
-            uint64_t e = q + 1;
-            while (e < end && stale(e)) ++e;
-            RETURN_IF_ERROR(vm_.DropPages(static_cast<uint32_t>(b), q, e - q));
-            q = e;
-          }
-          p = end < dirty.pages() ? dirty.FindNextSet(end) : dirty.pages();
-        }
-      }
-      a.Notify([&] { ++a.dropped; });
       if (!a.WaitFor([&] { return a.postcopy_go; })) return Status(ECANCELED, "abandoned");
       return Status::Ok();
     }
@@ -301,6 +277,10 @@ Status PostcopyDestination::ReceivePushChannel(Attempt& a, size_t c) {
 }
 
 Status PostcopyDestination::ReceiveReplies(Attempt& a) {
+  if (options_.realtime_priority != 0 && sys::SetRealtime(options_.realtime_priority).ok()) {
+    std::lock_guard lock(mu_);
+    stats_.realtime = true;
+  }
   Link& link = *a.priority;
   while (true) {
     Result<Message> m = link.reader().Read();
@@ -395,6 +375,37 @@ Status PostcopyDestination::DropEarly(Attempt& a, uint32_t passes, const DirtyPa
   return Status::Ok();
 }
 
+Status PostcopyDestination::DropStale(Attempt& a) {
+  const size_t n = a.session.pages.size();
+  for (uint32_t b = 0; b < blocks_.size(); ++b) {
+    if (blocks_[b]->page_size() != kWirePageSize) continue;  // StartPostcopy's
+    const DirtyBitmap* early = a.early.empty() ? nullptr : &a.early[b];
+    // Written in pre-copy, dirty since, and not dropped with the early set.
+    auto stale = [&](uint64_t page) {
+      if (early != nullptr && early->Test(page)) return false;
+      for (size_t c = 0; c < n; ++c) {
+        if (a.received[c][b].Test(page)) return true;
+      }
+      return false;
+    };
+    uint64_t run = 0, count = 0;
+    Status status;
+    a.dirty_set[b].ForEachSet([&](uint64_t page) {
+      if (!status.ok() || !stale(page)) return;
+      if (count > 0 && run + count == page) {
+        ++count;
+        return;
+      }
+      if (count > 0) status = vm_.DropPages(b, run, count);
+      run = page;
+      count = 1;
+    });
+    if (status.ok() && count > 0) status = vm_.DropPages(b, run, count);
+    RETURN_IF_ERROR(status);
+  }
+  return Status::Ok();
+}
+
 Status PostcopyDestination::StartGuest(Attempt& a) {
   const auto switched = Clock::now();
   MessageReader& reader = a.session.main->reader();
@@ -444,11 +455,18 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
   const size_t n = a.session.pages.size();
   const auto state_in = Clock::now();
   a.dirty_set = std::move(dirty);
-  a.Notify([&] { a.dirty = &a.dirty_set; });
-  if (!a.WaitFor([&] { return a.dropped == n; })) {
+  // Every page channel ends the last pre-copy pass before its Switchover (a
+  // marker: nothing follows until the push), so once they all did, every
+  // page they wrote is in place and none is written: drop the stale ones
+  // here rather than wait for each channel's thread to be scheduled.
+  if (!a.WaitFor([&] {
+        return final_pass_ == 0 ||
+               (a.pass_arrivals.size() >= final_pass_ && a.pass_arrivals[final_pass_ - 1] == n);
+      })) {
     std::lock_guard lock(a.mu);
     return a.error;
   }
+  RETURN_IF_ERROR(DropStale(a));
   const auto channels_in = Clock::now();
   // Present: arrived in pre-copy and clean.
   std::vector<DirtyBitmap> present;

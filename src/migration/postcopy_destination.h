@@ -45,14 +45,15 @@ struct PostcopyDestinationStats {
   uint64_t present_at_start = 0;  // 4 KiB pages marked present at the switchover
   uint64_t dirty_at_switchover = 0;
   uint32_t sessions = 0;  // 1 + resumes
+  bool realtime = false;  // the reply reader ran SCHED_FIFO (pager handlers: paging.realtime_threads)
   // Switchover message received -> vCPUs running (the destination's part of
   // the switchover pause), and the moment they ran (for the pause measured
   // from the source's stop, in one process).
   std::chrono::microseconds start_vm{0};
   std::chrono::steady_clock::time_point vm_started_at{};
   // Its parts: receiving the dirty set and vCPU state, waiting for the page
-  // channels to reach the switchover, and StartPostcopy (dropping stale
-  // pages, marking present, loading state, starting the vCPUs).
+  // channels to end the last pre-copy pass and dropping the stale pages,
+  // and StartPostcopy (marking present, loading state, starting the vCPUs).
   std::chrono::microseconds state_wait{0};
   std::chrono::microseconds channels_wait{0};
   std::chrono::microseconds start_paging{0};
@@ -94,6 +95,9 @@ class PostcopyDestination {
   Status ReceiveReplies(Attempt& a);
   Status FollowPrecopy(Attempt& a);
   Status StartGuest(Attempt& a);
+  // Drops the pages written in pre-copy and dirty at the switchover (but
+  // those the early dirty set dropped already).
+  Status DropStale(Attempt& a);
   uint8_t* Target(uint32_t block) const;  // where pre-copy pages of `block` are written
   // Drops the stale pages of one early DirtyPages message.
   Status DropEarly(Attempt& a, uint32_t passes, const DirtyPages& dirty);

@@ -10,6 +10,7 @@
 #include "src/migration/handshake.h"
 #include "src/migration/page_sender.h"
 #include "src/migration/postcopy_session.h"
+#include "src/sys/sched.h"
 
 namespace faultline::migration {
 namespace {
@@ -288,6 +289,8 @@ Status PostcopySource::Switchover() {
       RETURN_IF_ERROR(Harvest().status());
     }
   }
+  // Nothing else should delay the pause.
+  sys::ScopedRealtime realtime(options_.realtime_priority);
   stats_.paused_at = Clock::now();
   vm_.Pause();
   const bool precopied = !stats_.passes.empty();
@@ -374,7 +377,11 @@ Status PostcopySource::Postcopy() {
   });
 
   std::atomic<uint64_t> served{0}, rejected{0};
+  std::atomic<bool> realtime{false};
   std::thread responder([&] {
+    if (options_.realtime_priority != 0 && sys::SetRealtime(options_.realtime_priority).ok()) {
+      realtime.store(true);
+    }
     Link& link = *a.priority;
     std::vector<ConstBuffer> data;
     while (true) {
@@ -465,6 +472,7 @@ Status PostcopySource::Postcopy() {
   a.Break(end.ok() ? Status(ECANCELED, "completed") : end);  // stops the responder
   responder.join();
   watcher.join();
+  stats_.realtime = realtime.load();
   stats_.requests_served += served.load();
   stats_.requests_rejected += rejected.load();
   stats_.pages_pushed = pages_pushed_.load();

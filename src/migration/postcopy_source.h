@@ -51,6 +51,11 @@ struct PostcopySourceOptions {
   uint32_t precopy_passes = 1;
   uint32_t push_batch_pages = 32;  // pages per pushed Pages message (a 2 MiB unit at least)
   PushScheduler::Options push;
+  // Non-zero: the thread answering page requests, and the calling thread
+  // during the switchover pause, run SCHED_FIFO at this priority
+  // (src/sys/sched.h), so that neither waits for a CPU behind the push or
+  // other work. Without permission they run as before (stats: realtime).
+  int realtime_priority = 1;
   // Where rejected requests and other notes go (default: stderr).
   std::function<void(std::string_view)> log;
 };
@@ -73,6 +78,7 @@ struct PostcopySourceStats {
   uint64_t requests_served = 0;
   uint64_t requests_rejected = 0;  // out of range or malformed
   uint32_t sessions = 0;           // 1 + resumes
+  bool realtime = false;           // the request responder ran SCHED_FIFO
   uint64_t bytes_sent = 0;
   // Pause until the last switchover message was handed to the transport.
   std::chrono::microseconds switchover_send{0};

@@ -66,6 +66,9 @@ struct PostcopyVmOptions {
   // anonymous memory, hole for guest_memfd.
   std::optional<paging::InstallerKind> installer;
   paging::PagerOptions pager;
+  // The fault handler threads' SCHED_FIFO priority (overrides
+  // pager.realtime_priority; 0: the default policy). See src/sys/sched.h.
+  int realtime_priority = 1;
   uint64_t hole_chunk = 2ull << 20;
 };
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "src/migration/postcopy_vm.h"
+#include "src/migration/vm_adapter.h"
 #include "src/migration/wire.h"
 #include "src/paging/guest_pager.h"
 #include "src/paging/present_map.h"
@@ -20,7 +21,7 @@ namespace {
 class VmPostcopyDestination final : public PostcopyDestinationVm {
  public:
   VmPostcopyDestination(vmm::Vm& vm, PostcopyVmOptions options)
-      : vm_(vm), options_(std::move(options)) {
+      : vm_(vm), options_(std::move(options)), precopy_(MakeDestinationVm(vm)) {
     installer_ = options_.installer.value_or(DefaultPostcopyInstaller(vm_.config().backing));
     // Hole: the memslots are cut at the chunk size now, while the VM here
     // does not run yet, not inside the switchover pause: a layout change of
@@ -37,24 +38,15 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     if (pager_) paging::DetachFromVm(vm_);
   }
 
-  std::vector<std::shared_ptr<RamBlock>> blocks() override { return vm_.memory().blocks(); }
-  bool memory_is_zero() const override { return !vm_.config().boot; }
-  uint32_t vcpu_count() const override { return vm_.config().vcpus; }
+  // What pre-copy needs of the VM is the pre-copy destination's.
+  std::vector<std::shared_ptr<RamBlock>> blocks() override { return precopy_->blocks(); }
+  bool memory_is_zero() const override { return precopy_->memory_is_zero(); }
+  uint32_t vcpu_count() const override { return precopy_->vcpu_count(); }
   Status LoadVcpus(std::span<const std::vector<uint8_t>> blobs) override {
-    std::vector<vmm::VcpuState> states;
-    for (size_t i = 0; i < blobs.size(); ++i) {
-      Result<vmm::VcpuState> s = vmm::VcpuState::Deserialize(blobs[i]);
-      if (!s) return s.error().WithContext(fmt::format("vCPU {}", i));
-      states.push_back(std::move(*s));
-    }
-    return vm_.LoadVcpus(states);
+    return precopy_->LoadVcpus(blobs);
   }
   Status LoadDevices(std::span<const DeviceBlob> devices) override {
-    if (!devices.empty()) {
-      return Error("device state for '{}' arrived, but this VMM has no migratable devices",
-                   devices[0].name);
-    }
-    return Status::Ok();
+    return precopy_->LoadDevices(devices);
   }
 
   Status DropPages(uint32_t block, uint64_t first, uint64_t count) override {
@@ -91,10 +83,13 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
       RamBlock& block = *blocks[b];
       const uint64_t per_unit = block.page_size() / kWirePageSize;
       // A block page (2 MiB on hugetlb) is present if all its wire pages are.
+      // Run by run: a bit at a time costs milliseconds of the pause at 2 GiB.
       DirtyBitmap units(block.pages());
-      for (uint64_t u = 0; u < block.pages(); ++u) {
-        if (present[b].CountRange(u * per_unit, per_unit) == per_unit) units.Set(u);
-      }
+      present[b].ForEachRun([&](uint64_t first, uint64_t count) {
+        const uint64_t from = (first + per_unit - 1) / per_unit;
+        const uint64_t to = (first + count) / per_unit;
+        if (to > from) units.SetRange(from, to - from);
+      });
       // Stale copies (dirtied at the source since they were sent) must fault:
       // drop them. Memory never written reads as zeros and is dropped cheaply.
       if (installer_ != paging::InstallerKind::kHole && per_unit > 1) {
@@ -110,6 +105,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     paging::GuestPagingOptions options;
     options.installer = installer_;
     options.pager = options_.pager;
+    options.pager.realtime_priority = options_.realtime_priority;
     // Each page channel offers up to a batch of pushed pages to the pager at
     // once and fills their staging pages itself: there must be slots for
     // all of them and for the faults besides.
@@ -173,6 +169,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
  private:
   vmm::Vm& vm_;
   const PostcopyVmOptions options_;
+  const std::unique_ptr<DestinationVm> precopy_;
   paging::InstallerKind installer_;
   uint64_t original_granule_ = 0;
   Status prepared_;  // the hole installer's memslot cut

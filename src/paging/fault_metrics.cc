@@ -137,6 +137,7 @@ PagingStats FaultMetrics::Snapshot() const {
   s.already_present = already_present.Get();
   s.install_retries = install_retries.Get();
   s.poisoned = poisoned.Get();
+  s.realtime_threads = realtime_threads.Get();
   s.remove_events = remove_events.Get();
   s.errors = errors.Get();
   s.units_installed = units_.Get();

@@ -90,6 +90,7 @@ struct PagingStats {
   uint64_t poisoned = 0;
   uint64_t remove_events = 0;
   uint64_t errors = 0;
+  uint64_t realtime_threads = 0;  // handler threads running SCHED_FIFO
   std::vector<uint64_t> vcpu_faults;   // by vCPU index
   uint64_t other_faults = 0;           // threads not in the registry
   std::vector<uint64_t> queue_faults;  // by fault queue (userfaultfd)
@@ -121,7 +122,8 @@ class FaultMetrics {
     uint64_t Get() const { return value.load(std::memory_order_relaxed); }
   };
   Counter faults_joined, faults_spurious, faults_on_present, fetches, fetch_retries, pushes,
-      vmm_fetches, bytes_fetched, already_present, install_retries, poisoned, remove_events, errors;
+      vmm_fetches, bytes_fetched, already_present, install_retries, poisoned, remove_events, errors,
+      realtime_threads;
 
   PagingStats Snapshot() const;
 

@@ -11,6 +11,7 @@
 #include <mutex>
 
 #include "src/paging/paged_block.h"
+#include "src/sys/sched.h"
 
 namespace faultline::paging {
 
@@ -31,9 +32,16 @@ Result<std::unique_ptr<FaultQueue>> FaultQueue::Create(PagedBlock& owner, uint32
 
 FaultQueue::~FaultQueue() { Stop(); }
 
-Status FaultQueue::Start(uint32_t threads) {
+Status FaultQueue::Start(uint32_t threads, int realtime_priority) {
   if (!threads_.empty()) return Error("fault queue {}: already started", index_);
-  for (uint32_t i = 0; i < threads; ++i) threads_.emplace_back([this] { HandlerLoop(); });
+  for (uint32_t i = 0; i < threads; ++i) {
+    threads_.emplace_back([this, realtime_priority] {
+      if (realtime_priority != 0 && sys::SetRealtime(realtime_priority).ok()) {
+        owner_.ctx().metrics().realtime_threads.Add();
+      }
+      HandlerLoop();
+    });
+  }
   return Status::Ok();
 }
 

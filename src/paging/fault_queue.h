@@ -30,7 +30,9 @@ class FaultQueue {
   FaultQueue(const FaultQueue&) = delete;
   FaultQueue& operator=(const FaultQueue&) = delete;
 
-  Status Start(uint32_t threads);
+  // `realtime_priority` non-zero: the threads run SCHED_FIFO at it if they
+  // may (each one that does is counted in FaultMetrics::realtime_threads).
+  Status Start(uint32_t threads, int realtime_priority);
   // Ends the handler threads (after the message each is handling).
   void Stop();
   // Ends paging of this part: threads still blocked in a fault are woken

@@ -74,7 +74,9 @@ Status PagedBlock::MarkPresent(const PresentMap& present) {
 }
 
 Status PagedBlock::Start() {
-  for (auto& q : queues_) RETURN_IF_ERROR(q->Start(ctx_.options().threads_per_queue));
+  for (auto& q : queues_) {
+    RETURN_IF_ERROR(q->Start(ctx_.options().threads_per_queue, ctx_.options().realtime_priority));
+  }
   return Status::Ok();
 }
 

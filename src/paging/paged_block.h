@@ -42,6 +42,7 @@ class PagedBlock {
   Status Unregister();
 
   RamBlock& block() const { return *block_; }
+  PagerContext& ctx() const { return ctx_; }
   const UffdInstaller& installer() const { return *installer_; }
   uint64_t unit() const { return installer_->unit(); }
   // Units not yet settled (neither present, poisoned nor known zero).

@@ -35,6 +35,11 @@ struct PagerOptions {
   uint32_t threads_per_queue = 1;
   // Staging slots per block (copy, move); 0: the installer's default.
   uint32_t staging_slots = 0;
+  // Non-zero: the fault handler threads run SCHED_FIFO at this priority
+  // (src/sys/sched.h), so that a fault is read at once however busy the
+  // CPUs are. Without permission they run as before (see
+  // PagingStats::realtime_threads).
+  int realtime_priority = 0;
   // A unit whose fetch fails (kFailed) this many times is poisoned.
   uint32_t fetch_attempts = 3;
   // Called (on the installing thread) for each poisoned unit.
