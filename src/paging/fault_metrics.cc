@@ -245,8 +245,8 @@ std::string PagingStats::ToString() const {
   std::string per_vcpu;
   auto add_latency = [&](std::string_view who, const LatencySummary& l) {
     if (l.count == 0) return;
-    per_vcpu += fmt::format("; {} p50 {:.1f} us p99 {:.1f} max {:.1f} ({} samples, {:.1f} ms)",
-                            who, l.p50_us, l.p99_us, l.max_us, l.count, l.total_us / 1e3);
+    per_vcpu += fmt::format("; {} p50 {:.1f} us p99 {:.1f} max {:.1f} ({} samples, {:.1f} ms)", who,
+                            l.p50_us, l.p99_us, l.max_us, l.count, l.total_us / 1e3);
   };
   for (size_t i = 0; i < vcpu_latency.size(); ++i) {
     add_latency(fmt::format("vcpu{}", i), vcpu_latency[i]);

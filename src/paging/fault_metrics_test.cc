@@ -185,7 +185,8 @@ TEST(FaultMetricsTest, ConcurrentJoinsAndSettlesRecordEachFaultOnce) {
       for (int i = 0; i < kRounds; ++i) {
         const uint64_t u = static_cast<uint64_t>(i + t) % settled.size();
         const uint32_t ticket = m.Join(0x1000 * (u + 1), m.Fault(q, 1), FaultMetrics::NowNs());
-        if (settled[u].load(std::memory_order_acquire) != 0) m.JoinSettled(ticket, 0x1000 * (u + 1));
+        if (settled[u].load(std::memory_order_acquire) != 0)
+          m.JoinSettled(ticket, 0x1000 * (u + 1));
       }
     });
   }
