@@ -767,6 +767,7 @@ TEST(PostcopyCliTest, DestinationQueryMigrateShowsFaultLatencyPerVcpu) {
   {
     Cli pretty({"query", "--control", dest_control, "--pretty", "query-migrate"});
     ASSERT_EQ(pretty.Wait(30s), 0) << pretty.Describe();
+    fmt::print("faultline query --pretty query-migrate on the destination:\n{}", pretty.out());
     EXPECT_THAT(pretty.out(), HasSubstr("incoming postcopy migration: postcopy (paused"));
     EXPECT_THAT(pretty.out(), HasSubstr("vcpu 0: "));
     EXPECT_THAT(pretty.out(), HasSubstr("demanded"));
