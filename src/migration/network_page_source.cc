@@ -94,7 +94,8 @@ void NetworkPageSource::Fetch(const paging::FetchRequest& request, paging::Fetch
     }
     if (!t_offering) {
       requests = RequestsFor(*p);
-      for (const PageRequest& r : requests) stats_.pages_demanded += r.pages.size();
+      p->requested = !requests.empty();
+      for (const PageRequest& r : requests) stats_.pages_requested += r.pages.size();
     }
     const auto key = std::make_pair(p->block, p->first);
     pending_.emplace(key, std::move(p));
@@ -148,7 +149,10 @@ Status NetworkPageSource::Connect(Link* link) {
   {
     std::lock_guard lock(mu_);
     for (auto& [key, p] : pending_) {
-      for (PageRequest& r : RequestsFor(*p)) requests.push_back(std::move(r));
+      for (PageRequest& r : RequestsFor(*p)) {
+        p->requested = true;
+        requests.push_back(std::move(r));
+      }
     }
   }
   SendRequests(std::move(requests));
@@ -183,10 +187,15 @@ void NetworkPageSource::Offer(uint32_t block, std::span<const uint32_t> pages) {
 
 std::unique_ptr<NetworkPageSource::Pending> NetworkPageSource::SettleLocked(uint32_t block,
                                                                             uint64_t page,
-                                                                            bool pushed) {
-  have_[block].Set(page);
-  ++(pushed ? stats_.pages_pushed : stats_.pages_replied);
+                                                                            bool reply) {
   Pending* p = FindLocked(block, page);
+  // Counted once, on its first arrival (a direct write and a reply of the
+  // same hole page can both land).
+  if (!have_[block].Test(page)) {
+    have_[block].Set(page);
+    ++(p != nullptr && p->requested ? stats_.pages_demanded : stats_.pages_pushed);
+    if (reply) ++stats_.pages_replied;
+  }
   if (p == nullptr) return nullptr;
   // kArriving here from a direct push: the fetch was made while the push
   // was received into the block's memory, where the fetch wants it (hole
@@ -262,7 +271,7 @@ Status NetworkPageSource::ReceivePages(Link& link, const PagesHeader& header, bo
         }
         continue;
       }
-      if (auto done = SettleLocked(b, page, !reply)) completed.push_back(std::move(done));
+      if (auto done = SettleLocked(b, page, reply)) completed.push_back(std::move(done));
     }
   }
   for (auto& p : completed) Complete(std::move(p));
@@ -288,7 +297,7 @@ void NetworkPageSource::ApplyZeroPages(const ZeroPages& zeros) {
     } else {
       continue;
     }
-    if (auto done = SettleLocked(b, page, true)) completed.push_back(std::move(done));
+    if (auto done = SettleLocked(b, page, false)) completed.push_back(std::move(done));
   }
   // Callbacks without the lock: they install pages and may fetch again.
   lock.unlock();

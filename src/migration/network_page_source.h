@@ -53,11 +53,19 @@ struct NetworkBlock {
   uint8_t* direct = nullptr;
 };
 
+// Every page that arrives (into place, the first time) counts once, as
+// demanded or pushed, whichever channel brought it; with the pages held at
+// the start they add up to every page of the guest.
 struct NetworkSourceStats {
-  uint64_t requests_sent = 0;   // PageRequest messages, resends included
-  uint64_t pages_demanded = 0;  // pages asked for by fetches (first request)
-  uint64_t pages_pushed = 0;    // pages that arrived by push and were used
-  uint64_t pages_replied = 0;   // pages that arrived as replies and were used
+  uint64_t requests_sent = 0;    // PageRequest messages, resends included
+  uint64_t pages_requested = 0;  // pages asked for by fetches (first request)
+  // Pages that arrived for a fetch that had asked for them (by reply, or by
+  // a push that crossed the request).
+  uint64_t pages_demanded = 0;
+  // Pages that arrived unasked for: pushed into a fetch the push itself
+  // started (DemandPager::Push), or straight into a hole block's memory.
+  uint64_t pages_pushed = 0;
+  uint64_t pages_replied = 0;  // of those, pages that came on the priority channel
   uint64_t pages_duplicate = 0;
   uint64_t fetches_inline = 0;           // completed from pages already written (hole)
   paging::LatencySummary fault_latency;  // kFault fetches: request to data in place
@@ -107,6 +115,7 @@ class NetworkPageSource final : public paging::PageSource {
     Clock::time_point start;
     std::vector<uint8_t> claimed;  // per page: kWanted, kArriving, kFilled
     uint32_t filled = 0;           // pages kFilled
+    bool requested = false;        // PageRequests went out for it
   };
   enum class Target : uint8_t { kScratch, kPending, kDirect };
   static constexpr uint8_t kWanted = 0, kArriving = 1, kFilled = 2;
@@ -116,9 +125,10 @@ class NetworkPageSource final : public paging::PageSource {
   // kMaxRequestPages.
   std::vector<PageRequest> RequestsFor(const Pending& p);
   void SendRequests(std::vector<PageRequest> requests);
-  // Under mu_: page `page` of `block` is in place; returns the fetch it
-  // completed, if any (to be called back without the lock).
-  std::unique_ptr<Pending> SettleLocked(uint32_t block, uint64_t page, bool pushed);
+  // Under mu_: page `page` of `block` is in place (`reply`: it came on the
+  // priority channel); returns the fetch it completed, if any (to be called
+  // back without the lock).
+  std::unique_ptr<Pending> SettleLocked(uint32_t block, uint64_t page, bool reply);
   void Complete(std::unique_ptr<Pending> p);
   // Offers the runs of `pages` nobody waits for to the pager (push hook).
   void Offer(uint32_t block, std::span<const uint32_t> pages);

@@ -1,5 +1,6 @@
 #include "src/migration/network_page_source.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -102,6 +103,66 @@ TEST(NetworkPageSourceTest, PushedPagesAreOfferedToThePagerAndFillItsFetch) {
   EXPECT_EQ(dest[kWirePageSize], 4);
   EXPECT_EQ(network.stats().requests_sent, 0u);  // pushed data needs no request
   EXPECT_EQ(network.stats().pages_pushed, 3u);
+}
+
+// Every page that arrives counts once, as demanded (a fetch asked for it,
+// whichever channel brought it) or pushed (nobody asked), so that with the
+// pages held at the start they cover the whole block: for a block whose
+// pushes go through the pager and for one whose pushes land in its memory.
+TEST(NetworkPageSourceTest, EveryPageCountsOnceAsHeldDemandedOrPushed) {
+  for (bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "direct (hole) block" : "pager block");
+    Peer peer;
+    std::vector<uint8_t> memory(kPages * kWirePageSize);
+    NetworkPageSource network(
+        {NetworkBlock{kPages * kWirePageSize, direct ? memory.data() : nullptr}});
+    ASSERT_TRUE(network.Connect(peer.destination.get()).ok());
+    DirtyBitmap held(kPages);
+    held.SetRange(0, 8);
+    network.MarkHave(0, held);
+    int completed = 0;
+    auto count = [&](paging::FetchResult r) {
+      completed += r.kind == paging::FetchResult::Kind::kFilled;
+    };
+    if (!direct) {
+      // The pager's push: a fetch into the page's place in `memory`.
+      network.SetPushHook([&](uint32_t block, uint64_t offset, uint64_t length) {
+        network.Fetch({block, offset, std::span(memory).subspan(offset, length),
+                       paging::FetchPriority::kPush},
+                      count);
+      });
+    }
+    // A fault on pages 10 and 11: 10 comes by a push that crosses the
+    // request, 11 by the reply; then the push of everything else, 10 and
+    // 11 again among it, and a held page pushed needlessly.
+    network.Fetch(
+        {0, 10 * kWirePageSize, std::span(memory).subspan(10 * kWirePageSize, 2 * kWirePageSize),
+         paging::FetchPriority::kFault},
+        count);
+    EXPECT_EQ(peer.NextRequest().pages, (std::vector<uint32_t>{10, 11}));
+    peer.Deliver(network, *peer.source, *peer.destination, {10}, false);
+    peer.Deliver(network, *peer.source, *peer.destination, {11}, true);
+    std::vector<uint32_t> rest;
+    for (uint32_t p = 7; p < kPages; ++p) rest.push_back(p);
+    for (size_t i = 0; i < rest.size(); i += 16) {
+      peer.Deliver(
+          network, *peer.source, *peer.destination,
+          std::vector<uint32_t>(rest.begin() + static_cast<long>(i),
+                                rest.begin() + static_cast<long>(std::min(i + 16, rest.size()))),
+          false);
+    }
+    const NetworkSourceStats s = network.stats();
+    EXPECT_EQ(s.pages_demanded, 2u);
+    EXPECT_EQ(s.pages_replied, 1u);
+    EXPECT_EQ(s.pages_requested, 2u);
+    EXPECT_EQ(8 + s.pages_demanded + s.pages_pushed, kPages);
+    EXPECT_EQ(s.pages_duplicate, 3u);  // 7 (held), 10 and 11
+    EXPECT_EQ(network.have()[0].Count(), kPages);
+    EXPECT_EQ(memory[40 * kWirePageSize], 40);
+    // The fault's fetch, and (pager block) one per run of offered pages.
+    EXPECT_EQ(completed, direct ? 1 : 6);
+    EXPECT_EQ(network.outstanding_fetches(), 0u);
+  }
 }
 
 TEST(NetworkPageSourceTest, OutstandingRequestsAreSentAgainOnReconnect) {

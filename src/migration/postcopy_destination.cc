@@ -93,9 +93,12 @@ PostcopyDestinationStats PostcopyDestination::stats() const {
     std::lock_guard lock(mu_);
     s = stats_;
   }
-  if (network_) s.network = network_->stats();
-  if (phase() == PostcopyPhase::kPostcopy || phase() == PostcopyPhase::kPaused ||
-      phase() == PostcopyPhase::kCompleted) {
+  // network_ and the pager are set before the phase becomes kPostcopy
+  // (release) and never again: read them only once it has (acquire).
+  const PostcopyPhase phase = this->phase();
+  if (phase == PostcopyPhase::kPostcopy || phase == PostcopyPhase::kPaused ||
+      phase == PostcopyPhase::kCompleted) {
+    if (network_) s.network = network_->stats();
     s.paging = vm_.paging_stats();
   }
   return s;

@@ -98,6 +98,17 @@ class PagingTest : public ::testing::TestWithParam<Combo> {
   void WaitSettled() {
     for (int i = 0; i < 5000 && !pager_->complete(); ++i) std::this_thread::sleep_for(1ms);
   }
+  // A fault is timed once its unit is settled, just after (by the settling
+  // thread, or the handler of a joined fault). Waits until every fault
+  // read so far is timed.
+  PagingStats WaitTimed() {
+    PagingStats s = pager_->stats();
+    for (int i = 0; i < 5000 && s.latency.count + s.faults_unmeasured < s.faults; ++i) {
+      std::this_thread::sleep_for(1ms);
+      s = pager_->stats();
+    }
+    return s;
+  }
 
   bool is_zero() const { return GetParam().kind == InstallerKind::kZero; }
 
@@ -114,7 +125,7 @@ TEST_P(PagingTest, EveryPageComesFromTheSourceExactlyOnce) {
   const uint64_t pages = kBlockSize / kPageSize;
   const uint64_t wrong = TouchInParallel(2);
   WaitSettled();
-  PagingStats stats = pager_->stats();
+  PagingStats stats = WaitTimed();
   SCOPED_TRACE(stats.ToString());
   EXPECT_TRUE(pager_->first_error().ok()) << pager_->first_error().ToString();
   EXPECT_TRUE(pager_->complete());
@@ -127,8 +138,18 @@ TEST_P(PagingTest, EveryPageComesFromTheSourceExactlyOnce) {
   ASSERT_EQ(stats.queue_faults.size(), 2u);
   EXPECT_GT(stats.queue_faults[0], 0u);
   EXPECT_GT(stats.queue_faults[1], 0u);
-  EXPECT_EQ(stats.latency.count, units);
+  // Every fault is timed, by the vCPU that took it.
+  EXPECT_GE(stats.faults, units);
+  EXPECT_EQ(stats.faults_unmeasured, 0u);
+  EXPECT_EQ(stats.latency.count, stats.faults);
   EXPECT_GT(stats.latency.p50_us, 0);
+  ASSERT_EQ(stats.vcpu_latency.size(), 2u);
+  EXPECT_EQ(stats.vcpu_latency[0].count, stats.vcpu_faults[0]);
+  EXPECT_EQ(stats.vcpu_latency[1].count, stats.vcpu_faults[1]);
+  EXPECT_GT(stats.vcpu_latency[0].p50_us, 0);
+  EXPECT_GT(stats.vcpu_latency[1].p50_us, 0);
+  EXPECT_EQ(stats.other_latency.count, 0u);
+  EXPECT_GT(stats.blocked_seconds(), 0);
   if (is_zero()) {
     EXPECT_EQ(wrong, pages) << "the floor installs zeros";
     EXPECT_EQ(snapshot_->fetches(), 0u);
@@ -207,6 +228,14 @@ TEST_P(PagingTest, ConcurrentFaultsOnOnePageFetchItOnce) {
     // so whether two ever overlap is down to scheduling.
     EXPECT_GT(stats.faults_joined, 0u) << "threads never met on a page";
     EXPECT_EQ(slow->refetched_pages(id_), 0u);
+  }
+  // Joined faults are timed too, each by its own vCPU.
+  stats = WaitTimed();
+  EXPECT_EQ(stats.faults_unmeasured, 0u);
+  EXPECT_EQ(stats.latency.count, stats.faults);
+  ASSERT_EQ(stats.vcpu_latency.size(), 4u);
+  for (uint32_t t = 0; t < 4; ++t) {
+    EXPECT_EQ(stats.vcpu_latency[t].count, stats.vcpu_faults[t]) << "vcpu " << t;
   }
   EXPECT_TRUE(pager_->first_error().ok()) << pager_->first_error().ToString();
 }

@@ -105,7 +105,7 @@ void FaultQueue::HandlerLoop() {
       // so whatever resolves the first fault on a unit wakes the others:
       // handle each unit once per batch.
       if (SeenInBatch(msgs, i)) {
-        owner_.JoinedFault(*this, msgs[i]);
+        owner_.JoinedFault(*this, msgs[i], read_at);
       } else {
         owner_.HandleFault(*this, msgs[i], read_at);
       }

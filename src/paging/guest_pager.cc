@@ -107,12 +107,20 @@ Result<bool> GuestPager::OnMmio(uint32_t index, sys::KvmVcpu& vcpu) {
   kvm_run* run = vcpu.run();
   const Gpa gpa(run->mmio.phys_addr);
   const uint32_t len = std::min<uint32_t>(run->mmio.len, sizeof(run->mmio.data));
+  auto elapsed_ns = [&] {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                     std::chrono::steady_clock::now() - start)
+                                     .count());
+  };
   for (auto& hole : holes_) {
     if (hole->WasPresent(gpa)) hole_ctx_->metrics().faults_on_present.Add();
     const HolePager::Outcome outcome = hole->Resolve(gpa, /*vcpu_thread=*/true);
     if (outcome == HolePager::Outcome::kNotOurs) continue;
-    hole_ctx_->metrics().Fault(0, ::gettid());
+    // This thread's own exit, timed to the completed access (joins
+    // included: Resolve waited for whoever fetched the chunk).
+    const uint32_t slot = hole_ctx_->metrics().Fault(0, ::gettid());
     if (outcome == HolePager::Outcome::kPoisoned) {
+      hole_ctx_->metrics().Latency(slot, elapsed_ns());
       // The access reads all-ones (a bus with nothing behind it) whatever
       // the policy decides.
       if (!run->mmio.is_write) std::memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
@@ -127,10 +135,7 @@ Result<bool> GuestPager::OnMmio(uint32_t index, sys::KvmVcpu& vcpu) {
     } else {
       std::memcpy(run->mmio.data, host, len);
     }
-    hole_ctx_->metrics().Latency(
-        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                  std::chrono::steady_clock::now() - start)
-                                  .count()));
+    hole_ctx_->metrics().Latency(slot, elapsed_ns());
     return true;
   }
   return false;

@@ -112,7 +112,8 @@ void PagedBlock::HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
     return;
   }
   const uint64_t unit = offset / this->unit();
-  ctx_.metrics().Fault(queue.index(), static_cast<pid_t>(msg.thread_id()));
+  const uint32_t slot = ctx_.metrics().Fault(queue.index(), static_cast<pid_t>(msg.thread_id()));
+  const Origin origin{Reason::kFault, read_at, slot};
   PageState s = states_.Load(unit);
   while (true) {
     switch (s) {
@@ -121,9 +122,9 @@ void PagedBlock::HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
         if (installer_->uses_source()) {
           // A handler must not wait for a staging slot: it would stop
           // reading the very events that let fetches finish.
-          StartFetch(unit, Reason::kFault, read_at, /*may_wait=*/false);
+          StartFetch(unit, origin, /*may_wait=*/false);
         } else {
-          ZeroFill(unit, msg.is_minor(), Reason::kFault, read_at);
+          ZeroFill(unit, msg.is_minor(), origin);
         }
         return;
       case PageState::kPresent:
@@ -136,24 +137,45 @@ void PagedBlock::HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
         [[fallthrough]];
       case PageState::kZero:
         if (!states_.CompareExchange(unit, s, PageState::kFetching)) continue;
-        ZeroFill(unit, msg.is_minor(), Reason::kFault, read_at);
+        ZeroFill(unit, msg.is_minor(), origin);
         return;
       case PageState::kPoisoned:
         // Poison raises SIGBUS without a message; this one predates it.
         (void)queue.uffd().Wake(installer_->host(OffsetOf(unit)), this->unit());
+        ctx_.metrics().Latency(slot, NsSince(read_at));
         return;
       case PageState::kFetching:
       case PageState::kFetchingDiscarded:
         // The fetching thread's install wakes this thread too.
         ctx_.metrics().faults_joined.Add();
+        Join(unit, slot, read_at);
         return;
     }
   }
 }
 
-void PagedBlock::JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg) {
-  ctx_.metrics().Fault(queue.index(), static_cast<pid_t>(msg.thread_id()));
+void PagedBlock::JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg,
+                             Clock::time_point read_at) {
+  const uint32_t slot = ctx_.metrics().Fault(queue.index(), static_cast<pid_t>(msg.thread_id()));
   ctx_.metrics().faults_joined.Add();
+  const uint64_t offset = msg.fault_address().value - Hva(block_->host()).value;
+  if (msg.fault_address().value < Hva(block_->host()).value || offset >= block_->size()) return;
+  Join(offset / unit(), slot, read_at);
+}
+
+void PagedBlock::Join(uint64_t unit, uint32_t slot, Clock::time_point read_at) {
+  const uint64_t key = KeyOf(unit);
+  const uint32_t ticket = ctx_.metrics().Join(key, slot, FaultMetrics::Ns(read_at));
+  if (ticket == FaultMetrics::kNoTicket) return;
+  // Settled before the entry was visible to the settling thread (or since):
+  // whichever of the two takes the entry first records it.
+  if (IsSettled(states_.Load(unit))) ctx_.metrics().JoinSettled(ticket, key);
+}
+
+void PagedBlock::Settle(uint64_t unit, PageState state, const Origin& origin) {
+  if (origin.reason == Reason::kFault) ctx_.metrics().Latency(origin.slot, NsSince(origin.start));
+  states_.Settle(unit, state);
+  ctx_.metrics().Settled(KeyOf(unit));
 }
 
 void PagedBlock::HandleRemove(FaultQueue& queue, Hva start, Hva end) {
@@ -173,24 +195,23 @@ void PagedBlock::HandleRemove(FaultQueue& queue, Hva start, Hva end) {
   }
 }
 
-void PagedBlock::StartFetch(uint64_t unit, Reason reason, Clock::time_point start, bool may_wait) {
+void PagedBlock::StartFetch(uint64_t unit, Origin origin, bool may_wait) {
   ctx_.FetchStarted();
   ctx_.metrics().Activity();
   ctx_.metrics().fetches.Add();
-  if (reason == Reason::kPush) ctx_.metrics().pushes.Add();
-  if (reason == Reason::kVmm) ctx_.metrics().vmm_fetches.Add();
-  IssueFetch(unit, installer_->Acquire(OffsetOf(unit), may_wait), reason, start, 0);
+  if (origin.reason == Reason::kPush) ctx_.metrics().pushes.Add();
+  if (origin.reason == Reason::kVmm) ctx_.metrics().vmm_fetches.Add();
+  IssueFetch(unit, installer_->Acquire(OffsetOf(unit), may_wait), origin, 0);
 }
 
-void PagedBlock::IssueFetch(uint64_t unit, Destination dest, Reason reason, Clock::time_point start,
-                            uint32_t attempt) {
+void PagedBlock::IssueFetch(uint64_t unit, Destination dest, Origin origin, uint32_t attempt) {
   FetchRequest request;
   request.block_id = source_block_;
   request.offset = OffsetOf(unit);
   request.dest = dest.data;
-  request.priority = reason == Reason::kPush ? FetchPriority::kPush : FetchPriority::kFault;
-  ctx_.source().Fetch(request, [this, unit, dest, reason, start, attempt](FetchResult result) {
-    OnFetched(unit, dest, std::move(result), reason, start, attempt);
+  request.priority = origin.reason == Reason::kPush ? FetchPriority::kPush : FetchPriority::kFault;
+  ctx_.source().Fetch(request, [this, unit, dest, origin, attempt](FetchResult result) {
+    OnFetched(unit, dest, std::move(result), origin, attempt);
   });
 }
 
@@ -220,8 +241,8 @@ Result<PagedBlock::Placed> PagedBlock::Place(uint64_t unit, uint64_t* bytes_copi
   }
 }
 
-void PagedBlock::OnFetched(uint64_t unit, Destination dest, FetchResult result, Reason reason,
-                           Clock::time_point start, uint32_t attempt) {
+void PagedBlock::OnFetched(uint64_t unit, Destination dest, FetchResult result, Origin origin,
+                           uint32_t attempt) {
   switch (result.kind) {
     case FetchResult::Kind::kFilled: {
       ctx_.metrics().bytes_fetched.Add(this->unit());
@@ -230,64 +251,63 @@ void PagedBlock::OnFetched(uint64_t unit, Destination dest, FetchResult result, 
         return installer_->Install(uffd, OffsetOf(unit), dest);
       });
       installer_->Release(dest);
-      Finish(unit, std::move(placed), copied, /*zero=*/false, reason, start);
+      Finish(unit, std::move(placed), copied, /*zero=*/false, origin);
       break;
     }
     case FetchResult::Kind::kFailed:
       if (attempt + 1 < std::max<uint32_t>(ctx_.options().fetch_attempts, 1)) {
         ctx_.metrics().fetch_retries.Add();
-        IssueFetch(unit, std::move(dest), reason, start, attempt + 1);
+        IssueFetch(unit, std::move(dest), origin, attempt + 1);
         return;  // still in flight
       }
       RecordError(
           result.error.WithContext(fmt::format("block '{}' offset {:#x}: fetch failed {} times",
                                                block_->name(), OffsetOf(unit), attempt + 1)));
       installer_->Release(dest);
-      PoisonUnit(unit, result.error);
+      PoisonUnit(unit, result.error, origin);
       break;
     case FetchResult::Kind::kUnavailable:
       installer_->Release(dest);
-      PoisonUnit(unit, result.error);
+      PoisonUnit(unit, result.error, origin);
       break;
   }
   ctx_.FetchDone();
 }
 
 void PagedBlock::Finish(uint64_t unit, Result<Placed> placed, uint64_t bytes_copied, bool zero,
-                        Reason reason, Clock::time_point start) {
+                        const Origin& origin) {
   if (!placed.has_value()) {
     // The kernel refused the install itself. Poisoning is the one way left
     // not to leave the faulting threads blocked forever.
     RecordError(placed.error().WithContext(
         fmt::format("installing block '{}' offset {:#x}", block_->name(), OffsetOf(unit))));
-    PoisonUnit(unit, placed.error());
+    PoisonUnit(unit, placed.error(), origin);
     return;
   }
   switch (*placed) {
     case Placed::kInstalled:
       ctx_.metrics().Installed(this->unit(), bytes_copied, zero);
-      if (reason == Reason::kFault) ctx_.metrics().Latency(NsSince(start));
-      states_.Settle(unit, PageState::kPresent);
+      Settle(unit, PageState::kPresent, origin);
       break;
     case Placed::kExisted:
       ctx_.metrics().already_present.Add();
-      states_.Settle(unit, PageState::kPresent);
+      Settle(unit, PageState::kPresent, origin);
       break;
     case Placed::kDiscarded:
-      DropDiscarded(unit);
+      DropDiscarded(unit, origin);
       break;
   }
 }
 
-void PagedBlock::ZeroFill(uint64_t unit, bool minor, Reason reason, Clock::time_point start) {
+void PagedBlock::ZeroFill(uint64_t unit, bool minor, Origin origin) {
   uint64_t copied = 0;
   auto placed = Place(unit, &copied, [&](const sys::Userfaultfd& uffd) {
     return installer_->InstallZero(uffd, OffsetOf(unit), minor);
   });
-  Finish(unit, std::move(placed), copied, /*zero=*/true, reason, start);
+  Finish(unit, std::move(placed), copied, /*zero=*/true, origin);
 }
 
-void PagedBlock::PoisonUnit(uint64_t unit, const Status& why) {
+void PagedBlock::PoisonUnit(uint64_t unit, const Status& why, const Origin& origin) {
   // Installed without waking: whoever waits on the unit (a faulting thread,
   // which then gets SIGBUS, or EnsurePresent) must find it recorded as
   // poisoned when it wakes, so the wake comes last.
@@ -302,11 +322,11 @@ void PagedBlock::PoisonUnit(uint64_t unit, const Status& why) {
         fmt::format("poisoning block '{}' offset {:#x}", block_->name(), OffsetOf(unit))));
     // Not woken: with nothing installed, a woken thread would only fault
     // again, forever. It waits until paging stops.
-    states_.Settle(unit, PageState::kPoisoned);
+    Settle(unit, PageState::kPoisoned, origin);
     return;
   }
-  if (*placed == Placed::kDiscarded) return DropDiscarded(unit);
-  if (*placed == Placed::kExisted) return states_.Settle(unit, PageState::kPresent);
+  if (*placed == Placed::kDiscarded) return DropDiscarded(unit, origin);
+  if (*placed == Placed::kExisted) return Settle(unit, PageState::kPresent, origin);
   PoisonedUnit poisoned;
   poisoned.block = block_->name();
   poisoned.offset = OffsetOf(unit);
@@ -320,9 +340,12 @@ void PagedBlock::PoisonUnit(uint64_t unit, const Status& why) {
     RecordError(s.WithContext(fmt::format("waking the faults on poisoned block '{}' offset {:#x}",
                                           block_->name(), OffsetOf(unit))));
   }
+  // Timed once woken (the state was settled before the wake, see above).
+  if (origin.reason == Reason::kFault) ctx_.metrics().Latency(origin.slot, NsSince(origin.start));
+  ctx_.metrics().Settled(KeyOf(unit));
 }
 
-void PagedBlock::DropDiscarded(uint64_t unit) {
+void PagedBlock::DropDiscarded(uint64_t unit, const Origin& origin) {
   if (installer_->kind() == InstallerKind::kContinue) {
     // The fetch wrote the page cache through the alias, possibly after the
     // discard freed it: free it again, without a REMOVE event.
@@ -330,6 +353,8 @@ void PagedBlock::DropDiscarded(uint64_t unit) {
   }
   states_.Settle(unit, PageState::kZero);
   (void)QueueFor(unit).uffd().Wake(installer_->host(OffsetOf(unit)), this->unit());
+  if (origin.reason == Reason::kFault) ctx_.metrics().Latency(origin.slot, NsSince(origin.start));
+  ctx_.metrics().Settled(KeyOf(unit));
 }
 
 Status PagedBlock::EnsurePresent(uint64_t offset, uint64_t length) {
@@ -354,10 +379,11 @@ Status PagedBlock::EnsurePresent(uint64_t offset, uint64_t length) {
         if (s == PageState::kMissing || s == PageState::kZero) {
           const PageState was = s;
           if (!states_.CompareExchange(u, s, PageState::kFetching)) continue;
+          const Origin vmm{Reason::kVmm, Clock::now()};
           if (was == PageState::kMissing) {
-            StartFetch(u, Reason::kVmm, Clock::now(), /*may_wait=*/true);
+            StartFetch(u, vmm, /*may_wait=*/true);
           } else {
-            ZeroFill(u, /*minor=*/false, Reason::kVmm, Clock::now());
+            ZeroFill(u, /*minor=*/false, vmm);
           }
         }
         if (pass == 0) break;
@@ -378,7 +404,7 @@ void PagedBlock::Push(uint64_t offset, uint64_t length) {
   for (uint64_t u = offset / unit(); u < (offset + length - 1) / unit() + 1; ++u) {
     PageState s = PageState::kMissing;
     if (states_.CompareExchange(u, s, PageState::kFetching)) {
-      StartFetch(u, Reason::kPush, Clock::now(), /*may_wait=*/true);
+      StartFetch(u, Origin{Reason::kPush, Clock::now()}, /*may_wait=*/true);
     }
   }
 }

@@ -7,6 +7,12 @@
 // and installs; a fault on a unit being fetched only waits in the kernel,
 // and the install's wake (the ioctl wakes every thread waiting on the
 // range) releases them all.
+//
+// Fault latency (fault_metrics.h): the fault that started a fetch carries
+// its read time and its thread's vCPU slot through the fetch (Origin) to
+// the unit's settling; a fault that joins a fetch under way leaves an entry
+// in FaultMetrics' join table, which the settling takes. So every fault is
+// timed, by its own vCPU, joined or not.
 #pragma once
 
 #include <chrono>
@@ -52,7 +58,7 @@ class PagedBlock {
   // From the fault queues' handler threads.
   void HandleFault(FaultQueue& queue, const sys::UffdMessage& msg, Clock::time_point read_at);
   // A fault on a unit another fault of the same batch is resolving.
-  void JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg);
+  void JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg, Clock::time_point read_at);
   void HandleRemove(FaultQueue& queue, Hva start, Hva end);  // holds queue.event_mu()
   void RecordError(Status status) { ctx_.RecordError(std::move(status)); }
 
@@ -65,6 +71,13 @@ class PagedBlock {
  private:
   enum class Reason { kFault, kVmm, kPush };
   enum class Placed { kInstalled, kExisted, kDiscarded };
+  // Why a unit is fetched and, for a fault, since when and by whom (the
+  // faulting thread's FaultMetrics slot).
+  struct Origin {
+    Reason reason = Reason::kPush;
+    Clock::time_point start;
+    uint32_t slot = FaultMetrics::kOtherSlot;
+  };
 
   PagedBlock(PagerContext& ctx, std::shared_ptr<RamBlock> block,
              std::unique_ptr<UffdInstaller> installer, uint32_t source_block);
@@ -73,18 +86,24 @@ class PagedBlock {
   uint64_t OffsetOf(uint64_t u) const { return u * unit(); }
 
   // The caller has moved `unit` to kFetching; these settle it.
-  void StartFetch(uint64_t unit, Reason reason, Clock::time_point start, bool may_wait);
-  void IssueFetch(uint64_t unit, Destination dest, Reason reason, Clock::time_point start,
-                  uint32_t attempt);
-  void OnFetched(uint64_t unit, Destination dest, FetchResult result, Reason reason,
-                 Clock::time_point start, uint32_t attempt);
-  void ZeroFill(uint64_t unit, bool minor, Reason reason, Clock::time_point start);
-  void PoisonUnit(uint64_t unit, const Status& why);
+  void StartFetch(uint64_t unit, Origin origin, bool may_wait);
+  void IssueFetch(uint64_t unit, Destination dest, Origin origin, uint32_t attempt);
+  void OnFetched(uint64_t unit, Destination dest, FetchResult result, Origin origin,
+                 uint32_t attempt);
+  void ZeroFill(uint64_t unit, bool minor, Origin origin);
+  void PoisonUnit(uint64_t unit, const Status& why, const Origin& origin);
   // The unit was discarded while it was being fetched: drop what was
   // fetched, let it read as zeros, and wake its faulters to fault again.
-  void DropDiscarded(uint64_t unit);
-  void Finish(uint64_t unit, Result<Placed> placed, uint64_t bytes_copied, bool zero, Reason reason,
-              Clock::time_point start);
+  void DropDiscarded(uint64_t unit, const Origin& origin);
+  void Finish(uint64_t unit, Result<Placed> placed, uint64_t bytes_copied, bool zero,
+              const Origin& origin);
+  // Settles a unit this thread fetched (its faulters are woken already):
+  // records the latency of the fault that started it and of those that
+  // joined it.
+  void Settle(uint64_t unit, PageState state, const Origin& origin);
+  // A fault on `unit` while someone else fetches it: timed until it settles.
+  void Join(uint64_t unit, uint32_t slot, Clock::time_point read_at);
+  uint64_t KeyOf(uint64_t u) const { return installer_->host(OffsetOf(u)).value; }
 
   // Runs one install `op(uffd) -> Result<InstallResult>` for `unit` under
   // its queue's event lock, retrying EAGAIN, waking on EEXIST.

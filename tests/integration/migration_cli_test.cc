@@ -549,11 +549,14 @@ INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
 // destination `faultline run --incoming ... --postcopy`, including a broken
 // link resumed with `faultline migrate --resume`.
 
-Destination StartPostcopyDestination(const std::string& mem, const std::string& backing) {
+Destination StartPostcopyDestination(const std::string& mem, const std::string& backing,
+                                     const std::string& control = "") {
   Destination d;
-  d.cli = std::make_unique<Cli>(std::vector<std::string>{
-      "run", "--incoming", "tcp:127.0.0.1:0", "--postcopy", "--mem", mem, "--vcpus", "2",
-      "--backing", backing, "--json", "--quiet", "--timeout", "120"});
+  std::vector<std::string> args{
+      "run", "--incoming", "tcp:127.0.0.1:0", "--postcopy", "--mem",   mem,         "--vcpus",
+      "2",   "--backing",  backing,           "--json",     "--quiet", "--timeout", "120"};
+  if (!control.empty()) args.insert(args.end(), {"--control", control});
+  d.cli = std::make_unique<Cli>(std::move(args));
   // "... waiting for a post-copy migration on tcp:127.0.0.1:PORT (move installer)"
   std::optional<std::string> line = d.cli->AwaitStderr("waiting for a post-copy migration on", 60s);
   const std::string prefix = "tcp:127.0.0.1:";
@@ -688,6 +691,110 @@ TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
       << m.dump();
   ASSERT_EQ(source->Wait(), 0) << source->Describe();
   ExpectPostcopyVerified(*dest.cli, source->Json()["workload_pages"].get<uint64_t>(), 2, "move");
+}
+
+// The destination's post-copy figures, as query-migrate on its control
+// socket and its end-of-migration JSON give them: the per-vCPU fault counts
+// add up to the total, and every page is counted once, as held at the
+// switchover, demanded or pushed.
+void ExpectConsistentFigures(const nlohmann::json& j, uint64_t guest_pages, bool final) {
+  ASSERT_TRUE(j.contains("vcpus")) << j.dump();
+  uint64_t faults = j["other_faults"].get<uint64_t>();
+  for (const nlohmann::json& v : j["vcpus"]) {
+    faults += v["faults"].get<uint64_t>();
+    if (final && v["faults"].get<uint64_t>() > 0) {
+      EXPECT_TRUE(v["fault_p50_us"].is_number()) << v.dump();
+      EXPECT_GE(v["max_us"].get<double>(), v["fault_p50_us"].get<double>()) << v.dump();
+    }
+  }
+  EXPECT_EQ(faults, j["faults"].get<uint64_t>()) << j.dump();
+  const uint64_t here = j["present_at_start"].get<uint64_t>() +
+                        j["pages_demanded"].get<uint64_t>() + j["pages_pushed"].get<uint64_t>();
+  if (final) {
+    EXPECT_EQ(here, guest_pages) << j.dump();
+  } else {
+    EXPECT_LE(here, guest_pages) << j.dump();
+  }
+}
+
+TEST(PostcopyCliTest, DestinationQueryMigrateShowsFaultLatencyPerVcpu) {
+  const std::string dest_control = ControlPath();
+  Destination dest = StartPostcopyDestination("256M", "anon", dest_control);
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  constexpr uint64_t kGuestPages = (256ull << 20) / 4096;
+  // Served while it waits for the migration.
+  std::optional<nlohmann::json> waiting = Query(dest_control, "query-migrate");
+  ASSERT_TRUE(waiting) << dest.cli->Describe();
+  // (The engine says pre-copy from the moment it waits for the source.)
+  EXPECT_TRUE((*waiting)["phase"] == "setup" || (*waiting)["phase"] == "precopy")
+      << waiting->dump();
+  EXPECT_EQ((*waiting)["direction"], "incoming") << waiting->dump();
+  EXPECT_EQ((*waiting)["mode"], "postcopy") << waiting->dump();
+
+  // Pure post-copy whose link breaks after 64 MiB: the migration pauses
+  // inside post-copy, with the guest running (and faulting) here, which
+  // leaves a window as long as the test wants to look.
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = std::make_unique<Cli>(std::vector<std::string>{
+      "run", "--control", control, "--mem", "256M", "--vcpus", "2", "--workload", "random,rate=64",
+      "--duration", "6", "--json", "--quiet", "--timeout", "120", "--test-cut-link-after",
+      std::to_string(64 << 20)});
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--mode", "postcopy", "--precopy-passes", "0", "--json"});
+  std::optional<nlohmann::json> live;
+  for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
+    std::optional<nlohmann::json> q = Query(dest_control, "query-migrate");
+    if (q && (*q)["phase"] == "postcopy" && (*q)["paused"] == true) {
+      live = q;
+      break;
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_TRUE(live) << migrate.Describe() << "\n" << dest.cli->Describe();
+  EXPECT_EQ((*live)["direction"], "incoming") << live->dump();
+  // The guest ran here before the link broke: its vCPUs faulted.
+  EXPECT_GT((*live)["faults"].get<uint64_t>(), 0u) << live->dump();
+  EXPECT_GE((*live)["vcpus"].size(), 1u) << live->dump();
+  EXPECT_GT((*live)["present_at_start"].get<uint64_t>() + (*live)["pages_pushed"].get<uint64_t>(),
+            0u)
+      << live->dump();
+  ExpectConsistentFigures(*live, kGuestPages, /*final=*/false);
+  std::optional<nlohmann::json> status = Query(dest_control, "query-status");
+  ASSERT_TRUE(status);
+  EXPECT_EQ((*status)["migration"], "postcopy") << status->dump();
+  EXPECT_EQ((*status)["state"], "running") << status->dump();
+  {
+    Cli pretty({"query", "--control", dest_control, "--pretty", "query-migrate"});
+    ASSERT_EQ(pretty.Wait(30s), 0) << pretty.Describe();
+    fmt::print("faultline query --pretty query-migrate on the destination:\n{}", pretty.out());
+    EXPECT_THAT(pretty.out(), HasSubstr("incoming postcopy migration: postcopy (paused"));
+    EXPECT_THAT(pretty.out(), HasSubstr("vcpu 0: "));
+    EXPECT_THAT(pretty.out(), HasSubstr("demanded"));
+  }
+
+  Cli resume({"migrate", "--control", control, "--resume", "--json"});
+  ASSERT_EQ(resume.Wait(), 0) << resume.Describe() << "\n" << source->Describe();
+  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe();
+  // After the end, until the guest leaves again: the final figures.
+  std::optional<nlohmann::json> done;
+  for (auto deadline = Clock::now() + 30s; Clock::now() < deadline && dest.cli->Running();) {
+    done = Query(dest_control, "query-migrate");
+    if (done && (*done)["phase"] == "completed") break;
+    std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_TRUE(done) << dest.cli->Describe();
+  EXPECT_EQ((*done)["phase"], "completed") << done->dump();
+  EXPECT_EQ((*done)["sessions"].get<uint32_t>(), 2u) << done->dump();
+  ExpectConsistentFigures(*done, kGuestPages, /*final=*/true);
+
+  ASSERT_EQ(source->Wait(), 0) << source->Describe();
+  ExpectPostcopyVerified(*dest.cli, source->Json()["workload_pages"].get<uint64_t>(), 2, "move");
+  const nlohmann::json in = dest.cli->Json()["incoming"];
+  ExpectConsistentFigures(in, kGuestPages, /*final=*/true);
+  EXPECT_TRUE(in["fault_p50_us"].is_number()) << in.dump();
+  EXPECT_TRUE(in["request_p50_us"].is_number()) << in.dump();
+  EXPECT_GT(in["blocked_ms"].get<double>(), 0) << in.dump();
 }
 
 TEST(PostcopyCliTest, ModeMismatchIsRefusedAndTheSourceGoesOn) {

@@ -84,9 +84,10 @@ LiveVm::~LiveVm() {
   if (server_) server_->Stop();
 }
 
-Result<std::unique_ptr<LiveVm>> LiveVm::Create(
-    vmm::Vm& vm, const std::string& control_path,
-    std::optional<migration::FaultPlan> first_link_fault) {
+Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& control_path,
+                                               std::optional<migration::FaultPlan> first_link_fault,
+                                               std::unique_ptr<vmm::ControlServer> server,
+                                               std::shared_ptr<IncomingMigration> incoming) {
   std::unique_ptr<LiveVm> live(new LiveVm(vm));
   live->source_ = std::make_unique<TimedSource>(vm);
   vmm::SourceMigrationControl::Options options;
@@ -99,10 +100,25 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(
   };
   live->engine_ = std::make_shared<vmm::SourceMigrationControl>(*live->source_, std::move(options));
   live->control_ = std::make_shared<SeenControl>(live->engine_);
-  if (control_path.empty()) return live;
+  if (control_path.empty() && server == nullptr) return live;
 
-  ASSIGN_OR_RETURN(live->server_, vmm::ControlServer::Create(control_path));
+  const bool serving = server != nullptr;
+  if (serving) {
+    live->server_ = std::move(server);
+  } else {
+    ASSIGN_OR_RETURN(live->server_, vmm::ControlServer::Create(control_path));
+  }
   vmm::RegisterMigrationCommands(*live->server_, live->control_);
+  if (incoming != nullptr) {
+    // The migration that brought the guest here, until one takes it away.
+    live->server_->Register("query-migrate",
+                            [self, incoming](const nlohmann::json&) -> Result<nlohmann::json> {
+                              vmm::MigrationStatus out = self->control_->Query();
+                              if (out.phase == vmm::MigrationPhase::kNone)
+                                return incoming->Status();
+                              return nlohmann::json(out);
+                            });
+  }
   vmm::RegisterStatusCommand(*live->server_, [self] {
     vmm::VmStatus s;
     const vmm::VmConfig& config = self->vm_.config();
@@ -143,7 +159,7 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(
     }
     return s;
   });
-  RETURN_IF_ERROR(live->server_->Start());
+  if (!serving) RETURN_IF_ERROR(live->server_->Start());
   return live;
 }
 

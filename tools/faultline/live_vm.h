@@ -6,6 +6,11 @@
 //
 // Mode postcopy runs migration::PostcopySource behind the same commands
 // (SourceMigrationControl::Start picks the engine by request.mode).
+//
+// A VM that arrived by migration (`faultline run --incoming --control`)
+// hands over the control socket that served the incoming migration, and
+// its IncomingMigration: query-migrate shows that migration's end until
+// this VM is migrated away in turn.
 #pragma once
 
 #include <atomic>
@@ -21,6 +26,7 @@
 #include "src/vmm/control_server.h"
 #include "src/vmm/control_source.h"
 #include "src/vmm/vm.h"
+#include "tools/faultline/incoming_status.h"
 
 namespace faultline::cli {
 
@@ -31,9 +37,13 @@ class LiveVm {
   // `vm` has been started and must outlive this object. An empty
   // `control_path` serves no socket (the demo drives migration() directly).
   // `first_link_fault`: a test hook, see SourceMigrationControl::Options.
+  // `server`: a control socket already serving (at `control_path`), whose
+  // commands are replaced by this object's; `incoming`: see the top.
   static Result<std::unique_ptr<LiveVm>> Create(
       vmm::Vm& vm, const std::string& control_path,
-      std::optional<migration::FaultPlan> first_link_fault = std::nullopt);
+      std::optional<migration::FaultPlan> first_link_fault = std::nullopt,
+      std::unique_ptr<vmm::ControlServer> server = nullptr,
+      std::shared_ptr<IncomingMigration> incoming = nullptr);
   ~LiveVm();
 
   vmm::MigrationControl& migration();

@@ -15,6 +15,7 @@
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
 #include "tools/faultline/control_client.h"
+#include "tools/faultline/incoming_status.h"
 
 namespace faultline::cli {
 namespace {
@@ -318,7 +319,8 @@ int Migrate(const MigrateOptions& o) {
   return Follow(*client, o, /*show_progress=*/true);
 }
 
-int Query(const std::string& control, const std::string& command, const std::string& args_text) {
+int Query(const std::string& control, const std::string& command, const std::string& args_text,
+          bool pretty) {
   auto fail = [](const Status& s) {
     fmt::print(stderr, "faultline query: error: {}\n", s.ToString());
     return 1;
@@ -331,7 +333,13 @@ int Query(const std::string& control, const std::string& command, const std::str
   if (!client.has_value()) return fail(client.error());
   Result<nlohmann::json> reply = client->Execute(command, args);
   if (!reply.has_value()) return fail(reply.error());
-  fmt::print("{}\n", reply->dump());
+  if (!pretty) {
+    fmt::print("{}\n", reply->dump());
+  } else if (command == "query-migrate") {
+    fmt::print("{}", FormatMigrationStatus(*reply));
+  } else {
+    fmt::print("{}\n", reply->dump(2));
+  }
   return 0;
 }
 
@@ -376,6 +384,7 @@ void AddMigrateCommand(CLI::App& app, Action& action) {
 void AddQueryCommand(CLI::App& app, Action& action) {
   struct QueryOptions {
     std::string control, command = "query-status", args = "{}";
+    bool pretty = false;
   };
   auto o = std::make_shared<QueryOptions>();
   CLI::App* cmd =
@@ -384,7 +393,12 @@ void AddQueryCommand(CLI::App& app, Action& action) {
   cmd->add_option("command", o->command, "query-status, query-migrate, query-commands, ...")
       ->capture_default_str();
   cmd->add_option("--args", o->args, "Arguments as a JSON object")->capture_default_str();
-  cmd->callback([o, &action] { action = [o] { return Query(o->control, o->command, o->args); }; });
+  cmd->add_flag("--pretty", o->pretty,
+                "For people: query-migrate as a summary (on a post-copy destination: pages "
+                "demanded and pushed, fault latency per vCPU, blocked time), other replies as "
+                "indented JSON");
+  cmd->callback(
+      [o, &action] { action = [o] { return Query(o->control, o->command, o->args, o->pretty); }; });
 }
 
 }  // namespace faultline::cli

@@ -7,6 +7,10 @@
 // switchover on, its missing pages fetched over the network; if the link
 // breaks, it waits (the vCPUs block on missing pages) for the source to
 // reconnect (`faultline migrate --resume`), and finishes the migration.
+// With --incoming and --control, the control socket is served from the
+// start: query-migrate shows the incoming migration as it runs (post-copy:
+// pages demanded and pushed, fault latency per vCPU, blocked time) and,
+// once it ended, until the guest is migrated away again.
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -20,9 +24,12 @@
 #include "src/migration/tcp_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/sys/mapping.h"
+#include "src/vmm/control_migration.h"
+#include "src/vmm/control_server.h"
 #include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
+#include "tools/faultline/incoming_status.h"
 #include "tools/faultline/live_vm.h"
 
 namespace faultline::cli {
@@ -60,7 +67,8 @@ int Fail(const Status& status) {
 // with boot = false). Says where it listens on stderr, "waiting for a
 // migration on tcp:HOST:PORT", with the port chosen when PORT is 0.
 Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::Address& address,
-                                                 const RunOptions& o, nlohmann::json& out) {
+                                                 const RunOptions& o, IncomingMigration& status,
+                                                 nlohmann::json& out) {
   Result<std::unique_ptr<migration::TcpListener>> listening =
       migration::TcpListener::Listen(address, {});
   if (!listening.has_value()) return listening.error().WithContext("--incoming");
@@ -76,7 +84,12 @@ Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::A
   options.accept.timeout = std::chrono::milliseconds(
       static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
   migration::MigrationDestination destination(*target, options);
+  // The pre-copy receiver keeps no live counters: query-migrate says
+  // precopy (waiting or receiving) until it ends.
+  status.SetPhase(vmm::MigrationPhase::kPrecopy);
   Result<migration::DestinationStats> stats = destination.Run(*listener);
+  status.Finish(stats.has_value() ? vmm::MigrationPhase::kCompleted : vmm::MigrationPhase::kFailed,
+                stats.has_value() ? "" : stats.error().ToString());
   if (!stats.has_value()) {
     return Error(
         "incoming migration on {} refused: {}. The guest was not started here; the "
@@ -105,7 +118,8 @@ Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::A
 // listener. `target` keeps the pager, which must outlive the VM's run.
 Result<migration::PostcopyDestinationStats> ReceivePostcopy(
     vmm::Vm& vm, const migration::Address& address, const RunOptions& o,
-    std::unique_ptr<migration::PostcopyDestinationVm>& target, nlohmann::json& out) {
+    std::unique_ptr<migration::PostcopyDestinationVm>& target, IncomingMigration& status,
+    nlohmann::json& out) {
   migration::PostcopyVmOptions vm_options;
   if (!o.installer.empty()) {
     Result<paging::InstallerKind> kind = paging::ParseInstaller(o.installer);
@@ -127,6 +141,11 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   options.accept.timeout = std::chrono::milliseconds(
       static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
   migration::PostcopyDestination destination(*target, options);
+  status.Attach(&destination);
+  struct Detach {
+    IncomingMigration& status;
+    ~Detach() { status.Detach(); }  // before `destination` goes
+  } detach{status};
   Result<migration::PostcopyDestinationStats> stats = destination.Run(*listener);
   while (!stats.has_value() && destination.phase() == migration::PostcopyPhase::kPaused) {
     fmt::print(stderr,
@@ -138,6 +157,8 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
     stats = destination.Resume(*listener);
   }
   if (!stats.has_value()) {
+    const migration::PostcopyDestinationStats last = destination.stats();
+    status.Finish(vmm::MigrationPhase::kFailed, stats.error().ToString(), &last);
     if (destination.phase() == migration::PostcopyPhase::kPaused ||
         destination.phase() == migration::PostcopyPhase::kPostcopy) {
       return Error("post-copy migration on {} broke after the guest started here: {}",
@@ -148,7 +169,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
         "here; the source keeps running it",
         bound.ToString(), stats.error().ToString());
   }
-  const migration::NetworkSourceStats& n = stats->network;
+  status.Finish(vmm::MigrationPhase::kCompleted, "", &*stats);
   out = {{"mode", "postcopy"},
          {"passes", stats->passes},
          {"precopy_pages", stats->precopy_pages},
@@ -156,23 +177,43 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
          {"sessions", stats->sessions},
          {"installer", paging::InstallerName(target->installer())},
          {"start_vm_ms", stats->start_vm.count() / 1000.0},
-         {"pages_demanded", n.pages_demanded},
-         {"pages_pushed", n.pages_pushed},
-         {"faults", n.fault_latency.count},
-         {"fault_p50_us", n.fault_latency.p50_us},
-         {"fault_p99_us", n.fault_latency.p99_us},
-         {"blocked_ms", n.blocked_seconds * 1000.0},
          {"ms", stats->total.count() / 1000.0}};
+  out.update(PostcopyFiguresJson(*stats));
   if (!o.quiet) {
     fmt::print(stderr,
-               "faultline run: post-copy complete: {} MiB in {} ms over {} session(s); {} pages "
-               "demanded, {} pushed; fault latency p50 {:.0f} us, p99 {:.0f} us; vCPUs blocked "
-               "{:.1f} ms\n",
+               "faultline run: post-copy complete: {} MiB in {} ms over {} session(s); {}\n",
                stats->bytes_received >> 20, stats->total.count() / 1000, stats->sessions,
-               n.pages_demanded, n.pages_pushed, n.fault_latency.p50_us, n.fault_latency.p99_us,
-               n.blocked_seconds * 1000.0);
+               PostcopyFiguresLine(*stats));
   }
   return stats;
+}
+
+// The control socket of a VM waiting for (then receiving) a migration:
+// query-status and query-migrate, the latter from `incoming`.
+Result<std::unique_ptr<vmm::ControlServer>> ServeIncoming(
+    const std::string& path, vmm::Vm& vm, std::shared_ptr<IncomingMigration> incoming) {
+  ASSIGN_OR_RETURN(std::unique_ptr<vmm::ControlServer> server, vmm::ControlServer::Create(path));
+  const auto created = Clock::now();
+  server->Register("query-migrate", [incoming](const nlohmann::json&) -> Result<nlohmann::json> {
+    return incoming->Status();
+  });
+  vmm::RegisterStatusCommand(*server, [&vm, incoming, created] {
+    vmm::VmStatus s;
+    const vmm::VmConfig& config = vm.config();
+    s.vcpus = config.vcpus;
+    s.mem_bytes = config.mem_size;
+    s.backing = BackingName(config.backing);
+    s.migration = incoming->phase();
+    // Post-copy runs the guest from the switchover on.
+    const bool running = s.migration == vmm::MigrationPhase::kPostcopy ||
+                         s.migration == vmm::MigrationPhase::kCompleted;
+    s.state = running ? vmm::VmState::kRunning : vmm::VmState::kCreated;
+    s.uptime_ms = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - created).count());
+    return s;
+  });
+  RETURN_IF_ERROR(server->Start());
+  return server;
 }
 
 int Run(const RunOptions& o) {
@@ -213,6 +254,10 @@ int Run(const RunOptions& o) {
   } stop_first{vm};
   bool started = false;
   nlohmann::json incoming_json;
+  // --incoming with --control: the socket serves the incoming migration
+  // from now on; LiveVm takes it over once the guest runs here.
+  std::shared_ptr<IncomingMigration> incoming_status;
+  std::unique_ptr<vmm::ControlServer> early_server;
   if (!o.incoming.empty()) {
     // The guest, its command line included, arrives with its memory.
     config.boot = false;
@@ -220,6 +265,14 @@ int Run(const RunOptions& o) {
     if (!address.has_value()) return Fail(address.error().WithContext("--incoming"));
     vm = vmm::Vm::Create(config);
     if (!vm.has_value()) return Fail(vm.error());
+    incoming_status = std::make_shared<IncomingMigration>(
+        o.postcopy ? vmm::MigrationMode::kPostcopy : vmm::MigrationMode::kPrecopy, config.mem_size);
+    if (!o.control.empty()) {
+      Result<std::unique_ptr<vmm::ControlServer>> server =
+          ServeIncoming(o.control, **vm, incoming_status);
+      if (!server.has_value()) return Fail(server.error().WithContext("--control"));
+      early_server = std::move(*server);
+    }
     if (o.prealloc) {
       std::span<uint8_t> ram = (*vm)->ram();
       if (Status s = sys::PopulateWrite(ram.data(), ram.size()); !s.ok()) {
@@ -228,12 +281,13 @@ int Run(const RunOptions& o) {
     }
     if (o.postcopy) {
       Result<migration::PostcopyDestinationStats> stats =
-          ReceivePostcopy(**vm, *address, o, postcopy_target, incoming_json);
+          ReceivePostcopy(**vm, *address, o, postcopy_target, *incoming_status, incoming_json);
       if (!stats.has_value()) return Fail(stats.error());
       started = true;  // by the engine, at the switchover
       start = stats->vm_started_at;
     } else {
-      Result<migration::DestinationStats> stats = ReceiveGuest(**vm, *address, o, incoming_json);
+      Result<migration::DestinationStats> stats =
+          ReceiveGuest(**vm, *address, o, *incoming_status, incoming_json);
       if (!stats.has_value()) return Fail(stats.error());
       start = Clock::now();  // the guest's time here starts now
     }
@@ -250,7 +304,8 @@ int Run(const RunOptions& o) {
     link_fault.emplace();
     link_fault->cut_after_bytes_sent = o.test_cut_after;
   }
-  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(**vm, o.control, link_fault);
+  Result<std::unique_ptr<LiveVm>> live =
+      LiveVm::Create(**vm, o.control, link_fault, std::move(early_server), incoming_status);
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
