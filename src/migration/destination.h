@@ -26,6 +26,7 @@
 #include "src/migration/handshake.h"
 #include "src/migration/migratable.h"
 #include "src/migration/transport.h"
+#include "src/sys/sched.h"
 
 namespace faultline::migration {
 
@@ -37,7 +38,7 @@ struct DestinationOptions {
   // threads starting the guest at the switchover, SCHED_FIFO at this
   // priority (src/sys/sched.h; the pager's fault handlers take theirs from
   // PostcopyVmOptions). Without permission they run as before.
-  int realtime_priority = 1;
+  int realtime_priority = sys::kDefaultRealtimePriority;
 };
 
 struct DestinationStats {

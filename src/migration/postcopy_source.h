@@ -39,6 +39,7 @@
 #include "src/migration/push_scheduler.h"
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
+#include "src/sys/sched.h"
 
 namespace faultline::migration {
 
@@ -55,7 +56,7 @@ struct PostcopySourceOptions {
   // during the switchover pause, run SCHED_FIFO at this priority
   // (src/sys/sched.h), so that neither waits for a CPU behind the push or
   // other work. Without permission they run as before (stats: realtime).
-  int realtime_priority = 1;
+  int realtime_priority = sys::kDefaultRealtimePriority;
   // Where rejected requests and other notes go (default: stderr).
   std::function<void(std::string_view)> log;
 };

@@ -16,6 +16,7 @@
 #include "src/paging/installer.h"
 #include "src/paging/page_source.h"
 #include "src/paging/pager_context.h"
+#include "src/sys/sched.h"
 
 namespace faultline::vmm {
 class Vm;
@@ -68,7 +69,7 @@ struct PostcopyVmOptions {
   paging::PagerOptions pager;
   // The fault handler threads' SCHED_FIFO priority (overrides
   // pager.realtime_priority; 0: the default policy). See src/sys/sched.h.
-  int realtime_priority = 1;
+  int realtime_priority = sys::kDefaultRealtimePriority;
   uint64_t hole_chunk = 2ull << 20;
 };
 

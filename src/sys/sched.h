@@ -20,6 +20,11 @@
 
 namespace faultline::sys {
 
+// The SCHED_FIFO priority Faultline gives its fault-path threads by default:
+// the lowest, above every normal thread and below any real-time work the
+// host runs on purpose.
+inline constexpr int kDefaultRealtimePriority = 1;
+
 // The calling thread runs SCHED_FIFO at `priority` (1..99) from now on.
 // Threads it starts afterwards do not inherit the policy
 // (SCHED_RESET_ON_FORK): they run the default one.

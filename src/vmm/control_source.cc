@@ -96,6 +96,7 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   if (request.mode == MigrationMode::kPostcopy) {
     migration::PostcopySourceOptions options;
     options.base = std::move(source_options);
+    options.realtime_priority = options_.realtime_priority;
     options.precopy_passes =
         request.postcopy_on_command ? migration::kPostcopyOnCommand : request.precopy_passes;
     postcopy_ = std::make_unique<migration::PostcopySource>(vm_, std::move(options));

@@ -37,6 +37,7 @@
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
 #include "src/vmm/control_migration.h"
+#include "src/sys/sched.h"
 
 namespace faultline::vmm {
 
@@ -46,6 +47,9 @@ class SourceMigrationControl final : public MigrationControl {
     migration::AuthKey key;  // empty: no authentication
     migration::TransportOptions transport;
     uint32_t max_precopy_passes = 30;
+    // Post-copy: the SCHED_FIFO priority of the request responder and the
+    // switchover (PostcopySourceOptions::realtime_priority; 0: none).
+    int realtime_priority = sys::kDefaultRealtimePriority;
     // Called on the migration's thread when it has ended, with the engine's
     // verdict on who runs the guest (completed: the destination does, and
     // the VM here stays paused for the VMM to retire).

@@ -56,6 +56,7 @@ struct DemoOptions {
   std::string mode = "postcopy";
   std::string installer;        // post-copy: the destination's, default per backing
   uint32_t precopy_passes = 1;  // post-copy: pre-copy passes before the switch
+  int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both ends
   std::string backing = "anon";
   std::string mem = "2G";
   uint32_t vcpus = 2;
@@ -192,7 +193,8 @@ int Demo(const DemoOptions& o) {
   const uint16_t port = (*listener)->port();
 
   if (Status s = (*source)->Start(); !s.ok()) return Fail(s.WithContext("source VM"));
-  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(**source, "");
+  Result<std::unique_ptr<LiveVm>> live =
+      LiveVm::Create(**source, "", std::nullopt, nullptr, nullptr, o.realtime_priority);
   if (!live.has_value()) return Fail(live.error());
   say(fmt::format("source VM: {} MiB, {} vCPUs, {} backing; the guest fills its memory", *mem >> 20,
                   o.vcpus, BackingName(config.backing)));
@@ -249,6 +251,7 @@ int Demo(const DemoOptions& o) {
   std::unique_ptr<migration::PostcopyDestination> postcopy_receiver;
   if (postcopy) {
     migration::PostcopyVmOptions vm_options;
+    vm_options.realtime_priority = o.realtime_priority;
     if (!o.installer.empty()) {
       Result<paging::InstallerKind> kind = paging::ParseInstaller(o.installer);
       if (!kind.has_value()) return Fail(kind.error().WithContext("--installer"));
@@ -258,8 +261,10 @@ int Demo(const DemoOptions& o) {
       vm_options.installer = *kind;
     }
     postcopy_target = migration::MakePostcopyDestinationVm(**destination, vm_options);
-    postcopy_receiver = std::make_unique<migration::PostcopyDestination>(
-        *postcopy_target, migration::DestinationOptions{});
+    migration::DestinationOptions receiver_options;
+    receiver_options.realtime_priority = o.realtime_priority;
+    postcopy_receiver =
+        std::make_unique<migration::PostcopyDestination>(*postcopy_target, receiver_options);
   } else {
     target = migration::MakeDestinationVm(**destination);
     precopy_receiver =
@@ -511,6 +516,11 @@ void AddDemoCommand(CLI::App& app, Action& action) {
   cmd->add_option("--mode", o->mode, "postcopy or precopy")->capture_default_str();
   cmd->add_option("--precopy-passes", o->precopy_passes,
                   "Post-copy: pre-copy passes before the switch (0: at once)")
+      ->capture_default_str();
+  cmd->add_option("--realtime-priority", o->realtime_priority,
+                  "Post-copy: the SCHED_FIFO priority of the threads a guest page fault waits on "
+                  "and of the switchover, at both ends; 0 leaves them to the default scheduler")
+      ->check(CLI::Range(0, 99))
       ->capture_default_str();
   cmd->add_option("--installer", o->installer,
                   "Post-copy: how the destination installs fetched pages (continue, move, copy, "

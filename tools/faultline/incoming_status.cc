@@ -53,6 +53,9 @@ nlohmann::json PostcopyFiguresJson(const migration::PostcopyDestinationStats& s)
       {"pages_demanded", n.pages_demanded},
       {"pages_pushed", n.pages_pushed},
       {"present_at_start", s.present_at_start},
+      // Fault-path threads here running SCHED_FIFO: the reply reader and the
+      // userfaultfd handlers (0: not permitted, or --realtime-priority 0).
+      {"realtime_threads", p.realtime_threads + (s.realtime ? 1 : 0)},
   };
 }
 

@@ -87,11 +87,13 @@ LiveVm::~LiveVm() {
 Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& control_path,
                                                std::optional<migration::FaultPlan> first_link_fault,
                                                std::unique_ptr<vmm::ControlServer> server,
-                                               std::shared_ptr<IncomingMigration> incoming) {
+                                               std::shared_ptr<IncomingMigration> incoming,
+                                               int realtime_priority) {
   std::unique_ptr<LiveVm> live(new LiveVm(vm));
   live->source_ = std::make_unique<TimedSource>(vm);
   vmm::SourceMigrationControl::Options options;
   options.first_link_fault = first_link_fault;
+  options.realtime_priority = realtime_priority;
   LiveVm* self = live.get();
   options.on_done = [self](migration::SourceOutcome outcome) {
     std::lock_guard lock(self->mu_);

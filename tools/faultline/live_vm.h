@@ -43,7 +43,8 @@ class LiveVm {
       vmm::Vm& vm, const std::string& control_path,
       std::optional<migration::FaultPlan> first_link_fault = std::nullopt,
       std::unique_ptr<vmm::ControlServer> server = nullptr,
-      std::shared_ptr<IncomingMigration> incoming = nullptr);
+      std::shared_ptr<IncomingMigration> incoming = nullptr,
+      int realtime_priority = sys::kDefaultRealtimePriority);
   ~LiveVm();
 
   vmm::MigrationControl& migration();

@@ -50,6 +50,7 @@ struct RunOptions {
   bool prealloc = false;        // with --incoming: allocate all RAM before receiving
   bool postcopy = false;        // with --incoming: the migration is post-copy
   std::string installer;        // with --postcopy: override the default per backing
+  int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both roles
   uint64_t test_cut_after = 0;  // test hook: break the first migration link after N bytes
 };
 
@@ -121,6 +122,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
     std::unique_ptr<migration::PostcopyDestinationVm>& target, IncomingMigration& status,
     nlohmann::json& out) {
   migration::PostcopyVmOptions vm_options;
+  vm_options.realtime_priority = o.realtime_priority;
   if (!o.installer.empty()) {
     Result<paging::InstallerKind> kind = paging::ParseInstaller(o.installer);
     if (!kind.has_value()) return kind.error().WithContext("--installer");
@@ -140,6 +142,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   migration::DestinationOptions options;
   options.accept.timeout = std::chrono::milliseconds(
       static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
+  options.realtime_priority = o.realtime_priority;
   migration::PostcopyDestination destination(*target, options);
   status.Attach(&destination);
   struct Detach {
@@ -305,7 +308,8 @@ int Run(const RunOptions& o) {
     link_fault->cut_after_bytes_sent = o.test_cut_after;
   }
   Result<std::unique_ptr<LiveVm>> live =
-      LiveVm::Create(**vm, o.control, link_fault, std::move(early_server), incoming_status);
+      LiveVm::Create(**vm, o.control, link_fault, std::move(early_server), incoming_status,
+                     o.realtime_priority);
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
@@ -398,6 +402,11 @@ void AddRunCommand(CLI::App& app, Action& action) {
                 "With --incoming: the migration is post-copy (the source runs `faultline migrate "
                 "--mode postcopy`); the guest runs here from the switchover on and a broken link "
                 "waits for `faultline migrate --resume`");
+  run->add_option("--realtime-priority", options->realtime_priority,
+                  "Post-copy (either end): the SCHED_FIFO priority of the threads a guest page "
+                  "fault waits on and of the switchover; 0 leaves them to the default scheduler "
+                  "(needs CAP_SYS_NICE; without it they run as before)")
+      ->check(CLI::Range(0, 99));
   run->add_option("--installer", options->installer,
                   "With --postcopy: how fetched pages are installed: continue, move, copy or "
                   "hole (default per backing: continue for memfd and hugetlb, move for anon, "
