@@ -54,12 +54,12 @@ struct Args {
 constexpr int kRealtime = 1;
 
 struct PostcopyRun {
-  double pause_ms = 0;             // source stop -> destination vCPUs running
-  double start_vm_ms = 0;          // Switchover received -> vCPUs running
+  double pause_ms = 0;     // source stop -> destination vCPUs running
+  double start_vm_ms = 0;  // Switchover received -> vCPUs running
   // Its parts: dirty set and vCPU state in, page channels at the
   // switchover, paging started (stale pages dropped, pager made) and vCPUs.
   double state_ms = 0, channels_ms = 0, paging_ms = 0;
-  double source_send_ms = 0;  // the source's part: VM stopped -> state handed to TCP
+  double source_send_ms = 0;       // the source's part: VM stopped -> state handed to TCP
   paging::LatencySummary service;  // the destination pager's per-fault time
   paging::LatencySummary network;  // request -> data in place
   uint64_t faults = 0;
@@ -268,9 +268,9 @@ int Main(int argc, char** argv) {
           "{:.2f} ms: state {:.2f}, channels {:.2f}, paging {:.2f}); demanded {} vs pushed {} "
           "({:.2f}% demanded); bad pages {}; total {:.2f} s\n",
           name, r.service.p50_us, r.service.p50_us / f50, r.service.p99_us, r.service.p99_us / f99,
-          r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.source_send_ms,
-          r.start_vm_ms, r.state_ms,
-          r.channels_ms, r.paging_ms, r.demanded, r.pushed, share, r.bad_pages, r.total_s);
+          r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.source_send_ms, r.start_vm_ms,
+          r.state_ms, r.channels_ms, r.paging_ms, r.demanded, r.pushed, share, r.bad_pages,
+          r.total_s);
     }
   };
   if (args.json) {

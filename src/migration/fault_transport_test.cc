@@ -80,9 +80,9 @@ TEST(FaultTransportTest, OneWayDelayDeliversEverySendInOrderNoEarlierThanTheDela
   for (uint32_t i = 0; i < kMessages; ++i) {
     int64_t sent_ns = 0;
     uint32_t index = 0;
-    ASSERT_TRUE(pair.server->Receive(MutableBuffer(reinterpret_cast<uint8_t*>(&sent_ns),
-                                                   sizeof(sent_ns)))
-                    .ok());
+    ASSERT_TRUE(
+        pair.server->Receive(MutableBuffer(reinterpret_cast<uint8_t*>(&sent_ns), sizeof(sent_ns)))
+            .ok());
     const auto arrived = Clock::now();
     ASSERT_TRUE(
         pair.server->Receive(MutableBuffer(reinterpret_cast<uint8_t*>(&index), sizeof(index)))

@@ -66,11 +66,11 @@ class PostcopyDestination::Attempt {
 
   std::mutex mu;
   std::condition_variable cv;
-  bool broken = false;       // guarded by mu
-  Status error;              // guarded by mu
-  size_t at_switchover = 0;  // guarded by mu: page channels that reached it
-  bool postcopy_go = false;  // guarded by mu: the guest runs; pushes may be received
-  size_t push_ended = 0;     // guarded by mu: page channels whose push ended
+  bool broken = false;                  // guarded by mu
+  Status error;                         // guarded by mu
+  size_t at_switchover = 0;             // guarded by mu: page channels that reached it
+  bool postcopy_go = false;             // guarded by mu: the guest runs; pushes may be received
+  size_t push_ended = 0;                // guarded by mu: page channels whose push ended
   std::vector<uint32_t> pass_arrivals;  // guarded by mu: the pre-copy pass barrier
 };
 

@@ -45,7 +45,8 @@ struct PostcopyDestinationStats {
   uint64_t present_at_start = 0;  // 4 KiB pages marked present at the switchover
   uint64_t dirty_at_switchover = 0;
   uint32_t sessions = 0;  // 1 + resumes
-  bool realtime = false;  // the reply reader ran SCHED_FIFO (pager handlers: paging.realtime_threads)
+  bool realtime =
+      false;  // the reply reader ran SCHED_FIFO (pager handlers: paging.realtime_threads)
   // Switchover message received -> vCPUs running (the destination's part of
   // the switchover pause), and the moment they ran (for the pause measured
   // from the source's stop, in one process).

@@ -119,7 +119,7 @@ struct PagingStats {
   uint64_t poisoned = 0;
   uint64_t remove_events = 0;
   uint64_t errors = 0;
-  uint64_t realtime_threads = 0;  // handler threads running SCHED_FIFO
+  uint64_t realtime_threads = 0;       // handler threads running SCHED_FIFO
   std::vector<uint64_t> vcpu_faults;   // by vCPU index
   uint64_t other_faults = 0;           // threads not in the registry
   std::vector<uint64_t> queue_faults;  // by fault queue (userfaultfd)

@@ -30,7 +30,8 @@ Status SetRealtime(int priority) {
 
 bool IsRealtime() {
   const int policy = ::sched_getscheduler(0);
-  return policy >= 0 && ((policy & kPolicyMask) == SCHED_FIFO || (policy & kPolicyMask) == SCHED_RR);
+  return policy >= 0 &&
+         ((policy & kPolicyMask) == SCHED_FIFO || (policy & kPolicyMask) == SCHED_RR);
 }
 
 ScopedRealtime::ScopedRealtime(int priority) {

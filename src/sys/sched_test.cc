@@ -15,7 +15,8 @@ TEST(SchedTest, ScopedRealtimeRaisesAndRestores) {
     ASSERT_EQ(PolicyOfThisThread(), SCHED_OTHER);
     {
       ScopedRealtime rt(1);
-      if (!rt.active()) GTEST_SKIP() << "SCHED_FIFO not permitted here: " << SetRealtime(1).ToString();
+      if (!rt.active())
+        GTEST_SKIP() << "SCHED_FIFO not permitted here: " << SetRealtime(1).ToString();
       EXPECT_EQ(PolicyOfThisThread(), SCHED_FIFO);
       EXPECT_TRUE(IsRealtime());
     }

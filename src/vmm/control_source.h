@@ -36,8 +36,8 @@
 #include "src/migration/postcopy_source.h"
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
-#include "src/vmm/control_migration.h"
 #include "src/sys/sched.h"
+#include "src/vmm/control_migration.h"
 
 namespace faultline::vmm {
 

@@ -45,11 +45,11 @@ struct RunOptions {
   std::string backing = "anon";
   bool json = false;
   bool quiet = false;
-  std::string control;          // serve the control socket here
-  std::string incoming;         // tcp:HOST:PORT: receive the guest by migration
-  bool prealloc = false;        // with --incoming: allocate all RAM before receiving
-  bool postcopy = false;        // with --incoming: the migration is post-copy
-  std::string installer;        // with --postcopy: override the default per backing
+  std::string control;    // serve the control socket here
+  std::string incoming;   // tcp:HOST:PORT: receive the guest by migration
+  bool prealloc = false;  // with --incoming: allocate all RAM before receiving
+  bool postcopy = false;  // with --incoming: the migration is post-copy
+  std::string installer;  // with --postcopy: override the default per backing
   int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both roles
   uint64_t test_cut_after = 0;  // test hook: break the first migration link after N bytes
 };
@@ -307,9 +307,8 @@ int Run(const RunOptions& o) {
     link_fault.emplace();
     link_fault->cut_after_bytes_sent = o.test_cut_after;
   }
-  Result<std::unique_ptr<LiveVm>> live =
-      LiveVm::Create(**vm, o.control, link_fault, std::move(early_server), incoming_status,
-                     o.realtime_priority);
+  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(
+      **vm, o.control, link_fault, std::move(early_server), incoming_status, o.realtime_priority);
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
