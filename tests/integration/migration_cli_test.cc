@@ -646,20 +646,41 @@ TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
   ExpectPostcopyVerified(*dest.cli, s["workload_pages"].get<uint64_t>(), 1, "continue", 2);
 }
 
+// A 256 MiB source guest writing at random whose link breaks after 64 MiB
+// sent, and a pure post-copy of it (no pre-copy pass) to `port`: that is
+// inside post-copy (the pushed pages alone are more), so the migration
+// pauses there with the guest running (and faulting) on the destination.
+struct BreakingPostcopy {
+  std::string control;  // the source's
+  std::unique_ptr<Cli> source;
+  std::unique_ptr<Cli> migrate;  // null if the source never wrote
+};
+
+BreakingPostcopy StartBreakingPostcopy(uint16_t port) {
+  BreakingPostcopy b;
+  b.control = ControlPath();
+  b.source = std::make_unique<Cli>(std::vector<std::string>{
+      "run", "--control", b.control, "--mem", "256M", "--vcpus", "2", "--workload",
+      "random,rate=64", "--duration", "6", "--json", "--quiet", "--timeout", "120",
+      "--test-cut-link-after", std::to_string(64 << 20)});
+  testing::AssertionResult writing = AwaitRandomWrites(b.control, *b.source);
+  EXPECT_TRUE(writing);
+  if (!writing) return b;
+  b.migrate = std::make_unique<Cli>(
+      std::vector<std::string>{"migrate", "--control", b.control, "--to",
+                               fmt::format("tcp:127.0.0.1:{}", port), "--mode", "postcopy",
+                               "--precopy-passes", "0", "--json"});
+  return b;
+}
+
 TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
   Destination dest = StartPostcopyDestination("256M", "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
-  const std::string control = ControlPath();
-  // The first session's link breaks after 64 MiB sent. With no pre-copy
-  // pass, that is inside post-copy: the guest filled all 256 MiB, and the
-  // pushed pages alone are more than that.
-  std::unique_ptr<Cli> source = std::make_unique<Cli>(std::vector<std::string>{
-      "run", "--control", control, "--mem", "256M", "--vcpus", "2", "--workload", "random,rate=64",
-      "--duration", "6", "--json", "--quiet", "--timeout", "120", "--test-cut-link-after",
-      std::to_string(64 << 20)});
-  ASSERT_TRUE(AwaitRandomWrites(control, *source));
-  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
-               "--mode", "postcopy", "--precopy-passes", "0", "--json"});
+  BreakingPostcopy run = StartBreakingPostcopy(dest.port);
+  ASSERT_TRUE(run.migrate);
+  const std::string& control = run.control;
+  std::unique_ptr<Cli>& source = run.source;
+  Cli& migrate = *run.migrate;
   std::optional<nlohmann::json> paused;
   for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
     std::optional<nlohmann::json> q = Query(control, "query-migrate");
@@ -731,17 +752,13 @@ TEST(PostcopyCliTest, DestinationQueryMigrateShowsFaultLatencyPerVcpu) {
   EXPECT_EQ((*waiting)["direction"], "incoming") << waiting->dump();
   EXPECT_EQ((*waiting)["mode"], "postcopy") << waiting->dump();
 
-  // Pure post-copy whose link breaks after 64 MiB: the migration pauses
-  // inside post-copy, with the guest running (and faulting) here, which
-  // leaves a window as long as the test wants to look.
-  const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = std::make_unique<Cli>(std::vector<std::string>{
-      "run", "--control", control, "--mem", "256M", "--vcpus", "2", "--workload", "random,rate=64",
-      "--duration", "6", "--json", "--quiet", "--timeout", "120", "--test-cut-link-after",
-      std::to_string(64 << 20)});
-  ASSERT_TRUE(AwaitRandomWrites(control, *source));
-  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
-               "--mode", "postcopy", "--precopy-passes", "0", "--json"});
+  // The migration pauses inside post-copy, with the guest running (and
+  // faulting) here, which leaves a window as long as the test wants to look.
+  BreakingPostcopy run = StartBreakingPostcopy(dest.port);
+  ASSERT_TRUE(run.migrate);
+  const std::string& control = run.control;
+  std::unique_ptr<Cli>& source = run.source;
+  Cli& migrate = *run.migrate;
   std::optional<nlohmann::json> live;
   for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
     std::optional<nlohmann::json> q = Query(dest_control, "query-migrate");
