@@ -73,6 +73,7 @@ class MigrationDestination::Attempt {
   std::mutex mu_;
   std::condition_variable ended_cv_;      // a channel thread ended
   size_t ended_ = 0;                      // guarded by mu_
+  bool main_ended_ = false;               // guarded by mu_: FollowMain returned
   Session session_;                       // Shutdown() under mu_; used without it
   std::unique_ptr<PassBarrier> barrier_;  // guarded by mu_; set before the threads start
   std::optional<Status> first_error_;     // guarded by mu_
@@ -137,6 +138,13 @@ Result<DestinationStats> MigrationDestination::Attempt::Run(Acceptor& acceptor) 
   for (size_t c = 0; c < n; ++c) {
     threads_.emplace_back([this, c] {
       results_[c] = ReceiveChannel(c);
+      if (!results_[c].ok() && IsConsequence(results_[c])) {
+        // The source went away: it most likely said why on the main
+        // channel. Let the main channel read that before this failure
+        // shuts it down (and the reason with it).
+        std::unique_lock lock(mu_);
+        ended_cv_.wait_for(lock, std::chrono::seconds(1), [&] { return main_ended_; });
+      }
       if (!results_[c].ok()) {
         Fail(results_[c].WithContext(fmt::format("page channel {}", c)), ErrorCode::kProtocol,
              true);
@@ -147,6 +155,11 @@ Result<DestinationStats> MigrationDestination::Attempt::Run(Acceptor& acceptor) 
     });
   }
   Status status = FollowMain(receiver);
+  {
+    std::lock_guard lock(mu_);
+    main_ended_ = true;
+    ended_cv_.notify_all();
+  }
   if (!status.ok()) {
     if (status.code() == ECONNRESET) {
       // The source closed the main channel between messages: it gave up,

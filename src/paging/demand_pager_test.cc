@@ -233,8 +233,11 @@ TEST_P(PagingTest, ConcurrentFaultsOnOnePageFetchItOnce) {
   stats = WaitTimed();
   EXPECT_EQ(stats.faults_unmeasured, 0u);
   EXPECT_EQ(stats.latency.count, stats.faults);
-  ASSERT_EQ(stats.vcpu_latency.size(), 4u);
-  for (uint32_t t = 0; t < 4; ++t) {
+  // One entry per vCPU up to the last that faulted (on the floor with huge
+  // pages, the first thread may take every fault: 2 units, resolved at once).
+  ASSERT_LE(stats.vcpu_latency.size(), 4u);
+  ASSERT_EQ(stats.vcpu_latency.size(), stats.vcpu_faults.size());
+  for (uint32_t t = 0; t < stats.vcpu_latency.size(); ++t) {
     EXPECT_EQ(stats.vcpu_latency[t].count, stats.vcpu_faults[t]) << "vcpu " << t;
   }
   EXPECT_TRUE(pager_->first_error().ok()) << pager_->first_error().ToString();
