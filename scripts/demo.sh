@@ -12,8 +12,9 @@
 # --vcpus N, --channels N, --mode postcopy|precopy, --tcp-baseline, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh >&2
 build=${FAULTLINE_BUILD:-build/release}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$build" --target faultline_cli
+# Build progress to stderr: stdout is the demo's (JSON with --json).
+cmake --build "$build" --target faultline_cli >&2
 exec "$build/tools/faultline" demo "$@"
