@@ -44,6 +44,7 @@ namespace {
 using ::faultline::integration::HugePages;
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
@@ -666,10 +667,9 @@ BreakingPostcopy StartBreakingPostcopy(uint16_t port) {
   testing::AssertionResult writing = AwaitRandomWrites(b.control, *b.source);
   EXPECT_TRUE(writing);
   if (!writing) return b;
-  b.migrate = std::make_unique<Cli>(
-      std::vector<std::string>{"migrate", "--control", b.control, "--to",
-                               fmt::format("tcp:127.0.0.1:{}", port), "--mode", "postcopy",
-                               "--precopy-passes", "0", "--json"});
+  b.migrate = std::make_unique<Cli>(std::vector<std::string>{
+      "migrate", "--control", b.control, "--to", fmt::format("tcp:127.0.0.1:{}", port), "--mode",
+      "postcopy", "--precopy-passes", "0", "--json"});
   return b;
 }
 
@@ -828,6 +828,17 @@ TEST(PostcopyCliTest, ModeMismatchIsRefusedAndTheSourceGoesOn) {
   EXPECT_THAT(migrate.err(), HasSubstr("post-copy")) << migrate.Describe();
   EXPECT_EQ(dest.cli->Wait(), 1) << dest.cli->Describe();
   ExpectVerifiedHere(*source);
+}
+
+TEST(PostcopyCliTest, AnInstallerThatCannotMigrateIsRefusedBeforeListening) {
+  // The zero installer (a benchmark floor) answers faults with zeros and
+  // never asks the source: no destination may wait for a migration with it.
+  Cli dest({"run", "--incoming", "tcp:127.0.0.1:0", "--postcopy", "--installer", "zero", "--mem",
+            "64M", "--vcpus", "1", "--quiet"});
+  EXPECT_EQ(dest.Wait(), 1) << dest.Describe();
+  EXPECT_THAT(dest.err(), HasSubstr("--installer")) << dest.Describe();
+  EXPECT_THAT(dest.err(), HasSubstr("zero")) << dest.Describe();
+  EXPECT_THAT(dest.err(), Not(HasSubstr("waiting for"))) << dest.Describe();
 }
 
 TEST(PostcopyCliTest, PostcopyToAPrecopyDestinationIsRefused) {

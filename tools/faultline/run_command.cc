@@ -129,13 +129,16 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
     RETURN_IF_ERROR(paging::CheckInstaller(*kind, vm.config().backing).WithContext("--installer"));
     vm_options.installer = *kind;
   }
+  // Refused here, before anyone waits on this destination, rather than when
+  // a source connects (e.g. the zero installer, which never asks the source).
+  target = migration::MakePostcopyDestinationVm(vm, vm_options);
+  RETURN_IF_ERROR(target->CheckPaging().WithContext("--installer"));
   Result<std::unique_ptr<migration::TcpListener>> listening =
       migration::TcpListener::Listen(address, {});
   if (!listening.has_value()) return listening.error().WithContext("--incoming");
   std::unique_ptr<migration::TcpListener> listener = std::move(*listening);
   migration::Address bound = address;
   bound.port = listener->port();
-  target = migration::MakePostcopyDestinationVm(vm, vm_options);
   fmt::print(stderr, "faultline run: waiting for a post-copy migration on {} ({} installer)\n",
              bound.ToString(), paging::InstallerName(target->installer()));
   std::fflush(stderr);
