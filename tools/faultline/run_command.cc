@@ -64,18 +64,27 @@ int Fail(const Status& status) {
   return 1;
 }
 
+// Listens on `address` for an incoming migration; `bound` gets the address
+// with the port chosen when the requested one is 0.
+Result<std::unique_ptr<migration::TcpListener>> ListenForMigration(
+    const migration::Address& address, migration::Address& bound) {
+  Result<std::unique_ptr<migration::TcpListener>> listening =
+      migration::TcpListener::Listen(address, {});
+  if (!listening.has_value()) return listening.error().WithContext("--incoming");
+  bound = address;
+  bound.port = (*listening)->port();
+  return listening;
+}
+
 // --incoming: waits for one migration and receives it into `vm` (created
 // with boot = false). Says where it listens on stderr, "waiting for a
 // migration on tcp:HOST:PORT", with the port chosen when PORT is 0.
 Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::Address& address,
                                                  const RunOptions& o, IncomingMigration& status,
                                                  nlohmann::json& out) {
-  Result<std::unique_ptr<migration::TcpListener>> listening =
-      migration::TcpListener::Listen(address, {});
-  if (!listening.has_value()) return listening.error().WithContext("--incoming");
-  std::unique_ptr<migration::TcpListener> listener = std::move(*listening);
-  migration::Address bound = address;
-  bound.port = listener->port();
+  migration::Address bound;
+  ASSIGN_OR_RETURN(std::unique_ptr<migration::TcpListener> listener,
+                   ListenForMigration(address, bound));
   fmt::print(stderr, "faultline run: waiting for a migration on {}\n", bound.ToString());
   std::fflush(stderr);
   std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(vm);
@@ -133,12 +142,9 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   // a source connects (e.g. the zero installer, which never asks the source).
   target = migration::MakePostcopyDestinationVm(vm, vm_options);
   RETURN_IF_ERROR(target->CheckPaging().WithContext("--installer"));
-  Result<std::unique_ptr<migration::TcpListener>> listening =
-      migration::TcpListener::Listen(address, {});
-  if (!listening.has_value()) return listening.error().WithContext("--incoming");
-  std::unique_ptr<migration::TcpListener> listener = std::move(*listening);
-  migration::Address bound = address;
-  bound.port = listener->port();
+  migration::Address bound;
+  ASSIGN_OR_RETURN(std::unique_ptr<migration::TcpListener> listener,
+                   ListenForMigration(address, bound));
   fmt::print(stderr, "faultline run: waiting for a post-copy migration on {} ({} installer)\n",
              bound.ToString(), paging::InstallerName(target->installer()));
   std::fflush(stderr);
