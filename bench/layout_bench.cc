@@ -100,9 +100,9 @@ void LayoutPause(uint64_t mem, uint32_t vcpus, int changes, uint64_t granule) {
     sys::UserMemoryRegion r{
         .slot = 1000, .gpa = Gpa(64ull << 30), .size = slot_size, .hva = Hva((*block)->host())};
     auto t0 = Clock::now();
-    if (!vm->kvm_vm().SetUserMemoryRegion(r).ok()) std::exit(1);
+    if (!vm->machine().SetMemslot(r).ok()) std::exit(1);
     r.size = 0;
-    if (!vm->kvm_vm().SetUserMemoryRegion(r).ok()) std::exit(1);
+    if (!vm->machine().SetMemslot(r).ok()) std::exit(1);
     bare.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
   }
   Finish(*vm);

@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ binutils
   libgtest-dev libgmock-dev libbenchmark-dev
-  libfmt-dev libcli11-dev nlohmann-json3-dev libssl-dev
+  libfmt-dev libcli11-dev nlohmann-json3-dev libssl-dev libunicorn-dev pkg-config
   qemu-system-x86 valgrind clang-format
 )
 

@@ -5,6 +5,20 @@
 #include <cstring>
 #include <unordered_map>
 
+#if __has_include("src/memory/uffd_wp_tracker.h")  // TEMP until the tracker lands
+#include "src/memory/uffd_wp_tracker.h"
+#else
+namespace faultline {
+class UffdWpTracker {
+ public:
+  static Result<std::unique_ptr<UffdWpTracker>> Create() { return Error("uffd-wp: not built"); }
+  Status Track(std::shared_ptr<RamBlock>) { return Status::Ok(); }
+  bool tracking(const RamBlock&) const { return false; }
+  Status Harvest(const RamBlock&, DirtyBitmap&) { return Status::Ok(); }
+};
+}  // namespace faultline
+#endif
+
 namespace faultline {
 namespace {
 
@@ -21,29 +35,48 @@ bool IsGuestMemfd(const RamBlock& block) { return block.backing() == Backing::kG
 }  // namespace
 
 const char* DirtyLogModeName(DirtyLogMode mode) {
-  return mode == DirtyLogMode::kRing ? "ring" : "bitmap";
+  switch (mode) {
+    case DirtyLogMode::kRing:
+      return "ring";
+    case DirtyLogMode::kUffdWp:
+      return "uffd-wp";
+    case DirtyLogMode::kBitmap:
+      break;
+  }
+  return "bitmap";
 }
 
-GuestMemory::GuestMemory(sys::KvmVm* vm, GuestMemoryOptions options) : vm_(vm), options_(options) {}
+Result<DirtyLogMode> ParseDirtyLogMode(std::string_view text) {
+  if (text == "bitmap") return DirtyLogMode::kBitmap;
+  if (text == "ring") return DirtyLogMode::kRing;
+  if (text == "uffd-wp") return DirtyLogMode::kUffdWp;
+  return Error(
+      "unknown dirty tracking '{}' — use bitmap or ring (KVM's dirty log) or uffd-wp "
+      "(userfaultfd write-protect, any accelerator)",
+      text);
+}
+
+GuestMemory::GuestMemory(MemslotBackend* backend, GuestMemoryOptions options)
+    : backend_(backend), kvm_(backend->kvm_dirty_log()), options_(options) {}
 
 GuestMemory::~GuestMemory() = default;
 
-Result<std::unique_ptr<GuestMemory>> GuestMemory::Create(sys::KvmVm* vm,
+Result<std::unique_ptr<GuestMemory>> GuestMemory::Create(MemslotBackend* backend,
                                                          GuestMemoryOptions options) {
   const uint64_t granule = options.memslot_granule;
   if (granule != 0 && (granule < kHugePageSize || (granule & (granule - 1)) != 0)) {
     return Error("memslot granule {:#x}: must be 0 or a power of two of at least 2 MiB", granule);
   }
-  std::unique_ptr<GuestMemory> memory(new GuestMemory(vm, options));
-  int max_slots = vm->CheckExtension(KVM_CAP_NR_MEMSLOTS);
+  std::unique_ptr<GuestMemory> memory(new GuestMemory(backend, options));
+  const uint32_t max_slots = backend->max_memslots();
   memory->planner_ = MemslotPlanner(
       max_slots > 0 ? std::min<uint32_t>(max_slots, kMaxMemslotIds) : kDefaultMaxMemslots, granule);
-  // By default KVM drops every shadow page of the VM when any memslot is
-  // deleted, and the running vCPUs then rebuild them: on this host (shadow
-  // paging) that made one hole punch pause the VM for milliseconds. With the
-  // quirk off, only the deleted slot's mappings go.
-  if (vm->CheckExtension(KVM_CAP_DISABLE_QUIRKS2) & KVM_X86_QUIRK_SLOT_ZAP_ALL) {
-    RETURN_IF_ERROR(vm->EnableCap(KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL));
+  sys::KvmVm* vm = memory->kvm_;
+  if (options.dirty_mode == DirtyLogMode::kUffdWp) return memory;
+  if (vm == nullptr) {
+    return Error(
+        "dirty tracking '{}' is KVM's dirty log, and this VM has no KVM — use --dirty uffd-wp",
+        DirtyLogModeName(options.dirty_mode));
   }
   if (options.dirty_mode == DirtyLogMode::kBitmap) {
     // Manual protect: KVM_GET_DIRTY_LOG only reads the log and we re-protect
@@ -90,11 +123,10 @@ void GuestMemory::SetPauser(VcpuPauser* pauser) {
   pauser_ = pauser;
 }
 
-Status GuestMemory::AddDirtyRing(sys::KvmVcpu& vcpu) {
+Status GuestMemory::AddDirtyRing(sys::Mapping ring) {
   if (options_.dirty_mode != DirtyLogMode::kRing) return Status::Ok();
-  ASSIGN_OR_RETURN(sys::Mapping mapping, vcpu.MapDirtyRing(dirty_ring_bytes()));
   std::lock_guard lock(ring_mu_);
-  rings_.push_back(Ring{std::move(mapping), options_.dirty_ring_entries, 0});
+  rings_.push_back(Ring{std::move(ring), options_.dirty_ring_entries, 0});
   return Status::Ok();
 }
 
@@ -102,7 +134,10 @@ uint32_t GuestMemory::SlotFlags(const Memslot& slot) const {
   // guest_memfd slots cannot log dirty pages on this kernel: KVM rejects the
   // flag. Their blocks are reported all dirty instead (TakeDirty).
   if (IsGuestMemfd(*slot.range.block)) return KVM_MEM_GUEST_MEMFD;
-  return tracking_ ? KVM_MEM_LOG_DIRTY_PAGES : 0;
+  // userfaultfd write-protect tracks the blocks' host memory, not slots.
+  return tracking_ && kvm_ != nullptr && options_.dirty_mode != DirtyLogMode::kUffdWp
+             ? KVM_MEM_LOG_DIRTY_PAGES
+             : 0;
 }
 
 Status GuestMemory::InstallSlot(const Memslot& slot, uint32_t flags) {
@@ -116,7 +151,7 @@ Status GuestMemory::InstallSlot(const Memslot& slot, uint32_t flags) {
     region.guest_memfd = slot.range.block->fd();
     region.guest_memfd_offset = slot.range.block_offset;
   }
-  return vm_->SetUserMemoryRegion(region).WithContext(
+  return backend_->SetMemslot(region).WithContext(
       fmt::format("memslot for block '{}'", slot.range.block->name()));
 }
 
@@ -125,7 +160,7 @@ Status GuestMemory::DeleteSlot(const Memslot& slot) {
   region.slot = slot.id;
   region.gpa = slot.range.gpa;
   region.size = 0;
-  return vm_->SetUserMemoryRegion(region);
+  return backend_->SetMemslot(region);
 }
 
 Result<std::shared_ptr<const MemoryMap>> GuestMemory::Update(const AtomicMemoryMap::Edit& edit) {
@@ -153,8 +188,8 @@ Result<std::shared_ptr<const MemoryMap>> GuestMemory::Update(const AtomicMemoryM
   uint64_t t0 = NowNs();
   if (pause) pauser_->Hold();
   uint64_t t1 = NowNs();
-  if (tracking_) TrackBlocksLocked(*next);
-  Status status = tracking_ ? HarvestLocked() : Status::Ok();
+  Status status = tracking_ ? TrackBlocksLocked(*next) : Status::Ok();
+  if (status.ok() && tracking_) status = HarvestLocked();
   size_t applied = 0;  // changes that took effect
   while (status.ok() && applied < plan.changes.size()) {
     const MemslotChange& change = plan.changes[applied];
@@ -220,7 +255,7 @@ Result<bool> GuestMemory::TryFillHoleWithoutPause(Gpa start, uint64_t length) {
           start.value, length, change.slot.id, planner_.granule());
     }
   }
-  if (tracking_) TrackBlocksLocked(*next);
+  if (tracking_) RETURN_IF_ERROR(TrackBlocksLocked(*next));
   for (size_t i = 0; i < plan.changes.size(); ++i) {
     Status status = InstallSlot(plan.changes[i].slot, SlotFlags(plan.changes[i].slot));
     if (!status.ok()) {
@@ -270,22 +305,35 @@ std::vector<Memslot> GuestMemory::memslots() const {
   return {slots_.slots().begin(), slots_.slots().end()};
 }
 
-void GuestMemory::TrackBlocksLocked(const MemoryMap& map) {
+Status GuestMemory::TrackBlocksLocked(const MemoryMap& map) {
   for (const Placement& p : map.placements()) {
     auto [it, inserted] = dirty_.try_emplace(p.block.get());
     if (inserted) {
       it->second.block = p.block;
       it->second.bits = DirtyBitmap(p.block->size() / kDirtyPage);
+      // guest_memfd has no host mapping to protect: TakeDirty reports it all.
+      if (wp_ && !IsGuestMemfd(*p.block)) RETURN_IF_ERROR(wp_->Track(p.block));
     }
   }
+  return Status::Ok();
 }
 
 Status GuestMemory::StartDirtyTracking() {
   std::lock_guard lock(mu_);
   if (tracking_) return Status::Ok();
-  tracking_ = true;
   dirty_.clear();
-  TrackBlocksLocked(*map_.Load());
+  if (options_.dirty_mode == DirtyLogMode::kUffdWp) {
+    ASSIGN_OR_RETURN(wp_, UffdWpTracker::Create());
+    Status s = TrackBlocksLocked(*map_.Load());
+    if (!s.ok()) {
+      wp_.reset();
+      dirty_.clear();
+      return s.WithContext("starting dirty tracking (uffd-wp)");
+    }
+  } else {
+    (void)TrackBlocksLocked(*map_.Load());
+  }
+  tracking_ = true;
   {
     std::lock_guard vmm_lock(vmm_dirty_mu_);
     vmm_tracking_ = true;
@@ -319,6 +367,7 @@ Status GuestMemory::StopDirtyTracking() {
     vmm_dirty_.clear();
   }
   dirty_.clear();
+  wp_.reset();  // unregisters every block
   for (const Memslot& slot : slots_.slots()) {
     if (IsGuestMemfd(*slot.range.block)) continue;  // see StartDirtyTracking
     RETURN_IF_ERROR(InstallSlot(slot, SlotFlags(slot)));
@@ -341,13 +390,13 @@ Status GuestMemory::HarvestSlotLocked(const Memslot& slot) {
   if (!(SlotFlags(slot) & KVM_MEM_LOG_DIRTY_PAGES)) return Status::Ok();
   const uint64_t pages = slot.range.size / kDirtyPage;
   log_buffer_.assign((pages + 63) / 64, 0);
-  RETURN_IF_ERROR(vm_->GetDirtyLog(slot.id, log_buffer_));
+  RETURN_IF_ERROR(kvm_->GetDirtyLog(slot.id, log_buffer_));
   if (std::all_of(log_buffer_.begin(), log_buffer_.end(), [](uint64_t w) { return w == 0; })) {
     return Status::Ok();
   }
   // Re-protect exactly what we harvested before anyone reads the pages: a
   // write after this point dirties the page again.
-  RETURN_IF_ERROR(vm_->ClearDirtyLog(slot.id, 0, static_cast<uint32_t>(pages), log_buffer_));
+  RETURN_IF_ERROR(kvm_->ClearDirtyLog(slot.id, 0, static_cast<uint32_t>(pages), log_buffer_));
   auto it = dirty_.find(slot.range.block);
   if (it != dirty_.end()) {
     it->second.bits.MergeRaw(log_buffer_, pages, slot.range.block_offset / kDirtyPage);
@@ -370,7 +419,7 @@ void GuestMemory::DrainRingsLocked() {
     }
   }
   // Gives the collected entries back to KVM, which re-protects their pages.
-  if (any) (void)vm_->ResetDirtyRings();
+  if (any) (void)kvm_->ResetDirtyRings();
 }
 
 Status GuestMemory::DrainDirtyRings() {
@@ -380,7 +429,11 @@ Status GuestMemory::DrainDirtyRings() {
 }
 
 Status GuestMemory::HarvestLocked() {
-  if (options_.dirty_mode == DirtyLogMode::kBitmap) {
+  if (options_.dirty_mode == DirtyLogMode::kUffdWp) {
+    for (auto& [block, entry] : dirty_) {
+      if (wp_->tracking(*block)) RETURN_IF_ERROR(wp_->Harvest(*block, entry.bits));
+    }
+  } else if (options_.dirty_mode == DirtyLogMode::kBitmap) {
     for (const Memslot& slot : slots_.slots()) RETURN_IF_ERROR(HarvestSlotLocked(slot));
   } else {
     std::lock_guard ring_lock(ring_mu_);

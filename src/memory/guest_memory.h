@@ -1,5 +1,6 @@
 // GuestMemory: a VM's RAM blocks, the guest-physical map they are placed in,
-// the KVM memslots derived from that map, and per-block dirty tracking.
+// the memslots derived from that map (applied through the accelerator's
+// MemslotBackend), and per-block dirty tracking.
 //
 // Layout changes (place, punch a hole, fill it, resize) are atomic for every
 // vCPU: Update() computes the new map and the fewest memslot changes, holds
@@ -10,8 +11,9 @@
 // Dirty bits live per RamBlock in 4 KiB pages, whatever the block's page size
 // (KVM logs writes per 4 KiB page), so they survive any layout change. They
 // come from KVM's dirty log (manual protect: harvest, then re-protect what was
-// harvested) or from the per-vCPU dirty rings, and from writes the VMM makes
-// through Write().
+// harvested), from the per-vCPU dirty rings, or from userfaultfd
+// write-protect on the blocks' host memory (any accelerator; it also sees the
+// VMM's own writes), and from writes the VMM makes through Write().
 #pragma once
 
 #include <cstdint>
@@ -27,6 +29,7 @@
 #include "faultline/ram_block.h"
 #include "faultline/status.h"
 #include "src/memory/dirty_bitmap.h"
+#include "src/memory/memslot_backend.h"
 #include "src/memory/memslot_plan.h"
 #include "src/sys/kvm.h"
 #include "src/sys/mapping.h"
@@ -47,8 +50,13 @@ inline constexpr uint64_t kDefaultMemslotGranule = 16ull << 20;
 enum class DirtyLogMode {
   kBitmap,  // KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG (manual protect)
   kRing,    // per-vCPU dirty rings + KVM_RESET_DIRTY_RINGS
+  kUffdWp,  // userfaultfd write-protect (async) harvested with PAGEMAP_SCAN
 };
-const char* DirtyLogModeName(DirtyLogMode mode);
+const char* DirtyLogModeName(DirtyLogMode mode);  // "bitmap", "ring", "uffd-wp"
+// "bitmap", "ring", "uffd-wp"; the error lists them.
+Result<DirtyLogMode> ParseDirtyLogMode(std::string_view text);
+
+class UffdWpTracker;
 
 struct GuestMemoryOptions {
   DirtyLogMode dirty_mode = DirtyLogMode::kBitmap;
@@ -71,16 +79,18 @@ struct LayoutChangeStats {
 
 class GuestMemory {
  public:
-  // `vm` must outlive this object. In ring mode this enables the dirty ring
-  // on the VM, which KVM allows only before any vCPU exists.
-  static Result<std::unique_ptr<GuestMemory>> Create(sys::KvmVm* vm,
+  // `backend` must outlive this object. The KVM modes need its KVM dirty
+  // log; in ring mode this enables the dirty ring on the VM, which KVM
+  // allows only before any vCPU exists.
+  static Result<std::unique_ptr<GuestMemory>> Create(MemslotBackend* backend,
                                                      GuestMemoryOptions options = {});
   ~GuestMemory();
 
   // Until a pauser is set (no vCPUs yet), changes apply without pausing.
   void SetPauser(VcpuPauser* pauser);
-  // Ring mode: the ring of each vCPU, mapped with KvmVcpu::MapDirtyRing.
-  Status AddDirtyRing(sys::KvmVcpu& vcpu);
+  DirtyLogMode dirty_mode() const { return options_.dirty_mode; }
+  // Ring mode: the ring of each vCPU (hv::Vcpu::MapDirtyRing).
+  Status AddDirtyRing(sys::Mapping ring);
   uint32_t dirty_ring_bytes() const;
 
   // The current layout. Lock-free; valid for as long as the caller holds it.
@@ -140,7 +150,7 @@ class GuestMemory {
   std::vector<std::shared_ptr<RamBlock>> blocks() const;
 
  private:
-  GuestMemory(sys::KvmVm* vm, GuestMemoryOptions options);
+  GuestMemory(MemslotBackend* backend, GuestMemoryOptions options);
 
   struct Ring {
     sys::Mapping mapping;
@@ -154,7 +164,7 @@ class GuestMemory {
   Status HarvestSlotLocked(const Memslot& slot);
   Status HarvestLocked();
   void DrainRingsLocked();                       // requires ring_mu_
-  void TrackBlocksLocked(const MemoryMap& map);  // requires mu_
+  Status TrackBlocksLocked(const MemoryMap& map);  // requires mu_
 
   struct BlockDirty {
     std::shared_ptr<RamBlock> block;  // kept alive while its bits are
@@ -165,7 +175,8 @@ class GuestMemory {
     uint64_t offset, length;
   };
 
-  sys::KvmVm* const vm_;
+  MemslotBackend* const backend_;
+  sys::KvmVm* const kvm_;  // KVM's dirty log, or nullptr
   const GuestMemoryOptions options_;
   AtomicMemoryMap map_;
   MemslotPlanner planner_;  // guarded by mu_ (SetMemslotGranule replaces it)
@@ -181,6 +192,7 @@ class GuestMemory {
   std::map<const RamBlock*, BlockDirty> dirty_;  // guarded by mu_
   LayoutChangeStats last_change_;                // guarded by mu_
   std::vector<uint64_t> log_buffer_;             // guarded by mu_; KVM_GET_DIRTY_LOG scratch
+  std::unique_ptr<UffdWpTracker> wp_;            // guarded by mu_; uffd-wp while tracking
 
   mutable std::mutex ring_mu_;
   std::vector<Ring> rings_;                  // guarded by ring_mu_

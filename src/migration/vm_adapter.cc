@@ -17,9 +17,9 @@ class VmSource final : public SourceVm {
   void Pause() override { vm_.Pause(); }
   void Resume() override { vm_.Resume(); }
   Result<std::vector<std::vector<uint8_t>>> SaveVcpus() override {
-    ASSIGN_OR_RETURN(std::vector<vmm::VcpuState> states, vm_.SaveVcpus());
+    ASSIGN_OR_RETURN(std::vector<hv::VcpuState> states, vm_.SaveVcpus());
     std::vector<std::vector<uint8_t>> out;
-    for (const vmm::VcpuState& s : states) out.push_back(s.Serialize());
+    for (const hv::VcpuState& s : states) out.push_back(s.Serialize());
     return out;
   }
   uint32_t vcpu_count() const override { return vm_.config().vcpus; }
@@ -40,9 +40,9 @@ class VmDestination final : public DestinationVm {
   bool memory_is_zero() const override { return !vm_.config().boot; }
   uint32_t vcpu_count() const override { return vm_.config().vcpus; }
   Status LoadVcpus(std::span<const std::vector<uint8_t>> blobs) override {
-    std::vector<vmm::VcpuState> states;
+    std::vector<hv::VcpuState> states;
     for (size_t i = 0; i < blobs.size(); ++i) {
-      Result<vmm::VcpuState> s = vmm::VcpuState::Deserialize(blobs[i]);
+      Result<hv::VcpuState> s = hv::VcpuState::Deserialize(blobs[i]);
       if (!s) return s.error().WithContext(fmt::format("vCPU {}", i));
       states.push_back(std::move(*s));
     }

@@ -14,43 +14,9 @@ namespace {
 
 // The vCPU index of the calling thread, or -1: not a vCPU thread.
 thread_local int t_vcpu = -1;
-// Whether KVM_X86_SETUP_MCE was done for this thread's vCPU.
-thread_local bool t_mce_ready = false;
-
 constexpr uint64_t kCr0Pg = 1ull << 31;
-constexpr uint64_t kCr4Mce = 1ull << 6;
 constexpr uint64_t kEferLma = 1ull << 10;
 constexpr uint64_t kPteAddress = 0x000ffffffffff000ull;
-
-// Machine-check architecture values (Intel SDM vol. 3B, ch. 16): 10 banks,
-// software error recovery; an uncorrected, action-required data load error
-// (SRAR, MCACOD 0x134) with a valid physical address, as QEMU injects it.
-constexpr uint64_t kMcgCtlP = 1ull << 8;
-constexpr uint64_t kMcgSerP = 1ull << 24;
-constexpr uint64_t kMcgCap = 10 | kMcgCtlP | kMcgSerP;
-constexpr uint8_t kMceBank = 9;
-constexpr uint64_t kMciStatusSrar = (1ull << 63) | (1ull << 61) | (1ull << 60) | (1ull << 59) |
-                                    (1ull << 58) | (1ull << 56) | (1ull << 55) | 0x134;
-constexpr uint64_t kMcgStatusMcipEipv = (1ull << 2) | (1ull << 1);
-constexpr uint64_t kMciMiscPhysPage = (2ull << 6) | 12;  // physical address, 4 KiB granule
-
-Status InjectMce(sys::KvmVcpu& vcpu, Gpa gpa) {
-  ASSIGN_OR_RETURN(kvm_sregs sregs, vcpu.GetSregs());
-  if ((sregs.cr4 & kCr4Mce) == 0) {
-    return Error("the guest has not enabled machine checks (CR4.MCE), so none can be injected");
-  }
-  if (!t_mce_ready) {
-    RETURN_IF_ERROR(vcpu.X86SetupMce(kMcgCap));
-    t_mce_ready = true;
-  }
-  kvm_x86_mce mce = {};
-  mce.bank = kMceBank;
-  mce.status = kMciStatusSrar;
-  mce.addr = AlignDown(gpa.value, kPageSize);
-  mce.misc = kMciMiscPhysPage;
-  mce.mcg_status = kMcgStatusMcipEipv;
-  return vcpu.X86SetMce(mce);
-}
 
 }  // namespace
 
@@ -95,18 +61,16 @@ Result<std::unique_ptr<GuestPager>> GuestPager::Create(GuestMemory& memory,
 
 void GuestPager::OnVcpuThreadStarted(uint32_t index) {
   t_vcpu = static_cast<int>(index);
-  t_mce_ready = false;
   MemoryErrorTrap::ArmThisThread();
   ThreadRegistry& threads = uffd_ ? uffd_->threads() : hole_ctx_->threads();
   threads.Add(::gettid(), index);
 }
 
-Result<bool> GuestPager::OnMmio(uint32_t index, sys::KvmVcpu& vcpu) {
+Result<bool> GuestPager::OnMmio(hv::Vcpu& vcpu, hv::MmioExit& mmio) {
   if (holes_.empty()) return false;
   const auto start = std::chrono::steady_clock::now();
-  kvm_run* run = vcpu.run();
-  const Gpa gpa(run->mmio.phys_addr);
-  const uint32_t len = std::min<uint32_t>(run->mmio.len, sizeof(run->mmio.data));
+  const Gpa gpa = mmio.gpa;
+  const uint32_t len = std::min<uint32_t>(mmio.len, sizeof(mmio.data));
   auto elapsed_ns = [&] {
     return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                      std::chrono::steady_clock::now() - start)
@@ -123,17 +87,17 @@ Result<bool> GuestPager::OnMmio(uint32_t index, sys::KvmVcpu& vcpu) {
       hole_ctx_->metrics().Latency(slot, elapsed_ns());
       // The access reads all-ones (a bus with nothing behind it) whatever
       // the policy decides.
-      if (!run->mmio.is_write) std::memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
-      RETURN_IF_ERROR(MemoryLost(index, vcpu, gpa, Hva(hole->HostFor(gpa))));
+      if (!mmio.is_write) std::memset(mmio.data, 0xff, sizeof(mmio.data));
+      RETURN_IF_ERROR(MemoryLost(vcpu, gpa, Hva(hole->HostFor(gpa))));
       return true;
     }
-    // Complete the access that exited against the chunk's memory; KVM
-    // finishes the instruction on the next KVM_RUN.
+    // Complete the access that exited against the chunk's memory; the vCPU
+    // finishes the instruction with it.
     uint8_t* host = hole->HostFor(gpa);
-    if (run->mmio.is_write) {
-      std::memcpy(host, run->mmio.data, len);
+    if (mmio.is_write) {
+      std::memcpy(host, mmio.data, len);
     } else {
-      std::memcpy(run->mmio.data, host, len);
+      std::memcpy(mmio.data, host, len);
     }
     hole_ctx_->metrics().Latency(slot, elapsed_ns());
     return true;
@@ -141,17 +105,18 @@ Result<bool> GuestPager::OnMmio(uint32_t index, sys::KvmVcpu& vcpu) {
   return false;
 }
 
-Status GuestPager::OnInterrupted(uint32_t index, sys::KvmVcpu& vcpu) {
+Status GuestPager::OnInterrupted(hv::Vcpu& vcpu) {
   std::optional<MemoryErrorEvent> event = MemoryErrorTrap::Take();
   if (!event) return Status::Ok();  // a kick
   const std::optional<Gpa> gpa = HvaToGpa(event->hva);
-  return MemoryLost(index, vcpu, gpa.value_or(Gpa(~uint64_t{0})), event->hva);
+  return MemoryLost(vcpu, gpa.value_or(Gpa(~uint64_t{0})), event->hva);
 }
 
-Status GuestPager::MemoryLost(uint32_t index, sys::KvmVcpu& vcpu, Gpa gpa, Hva hva) {
+Status GuestPager::MemoryLost(hv::Vcpu& vcpu, Gpa gpa, Hva hva) {
+  const uint32_t index = vcpu.index();
   GuestMemoryError error{index, gpa, hva, false};
-  Status injected =
-      options_.inject_mce ? InjectMce(vcpu, gpa) : Error("machine-check injection is turned off");
+  Status injected = options_.inject_mce ? vcpu.InjectMachineCheck(gpa)
+                                        : Error("machine-check injection is turned off");
   error.mce_injected = injected.ok();
   {
     std::lock_guard lock(mu_);
@@ -187,7 +152,7 @@ Status GuestPager::EnsurePresent(Gpa gpa, uint64_t length) {
   return Status::Ok();
 }
 
-Result<Gpa> GuestPager::Translate(const kvm_sregs& sregs, uint64_t va) {
+Result<Gpa> GuestPager::Translate(const hv::VcpuState& sregs, uint64_t va) {
   if ((sregs.cr0 & kCr0Pg) == 0) return Gpa(va);
   if ((sregs.efer & kEferLma) == 0) {
     return Error("guest paging: only 4-level long-mode page tables are walked");
@@ -208,10 +173,12 @@ Result<Gpa> GuestPager::Translate(const kvm_sregs& sregs, uint64_t va) {
   return Error("guest paging: {:#x}: page walk ended without a page", va);
 }
 
-Status GuestPager::PrepareVcpu(sys::KvmVcpu& vcpu) {
+Status GuestPager::PrepareVcpu(hv::Vcpu& vcpu) {
   if (holes_.empty()) return Status::Ok();  // userfaultfd serves KVM's reads too
-  ASSIGN_OR_RETURN(kvm_sregs sregs, vcpu.GetSregs());
-  ASSIGN_OR_RETURN(kvm_regs regs, vcpu.GetRegs());
+  ASSIGN_OR_RETURN(hv::VcpuState sregs, vcpu.GetState());
+  struct {
+    uint64_t rip, rsp;
+  } regs{sregs.rip, sregs.gpr[hv::kRsp]};
   // Translating reads the page tables through memory_.Read, whose access
   // hook brings in every table page on the way.
   auto present = [&](uint64_t va, uint64_t length) -> Status {

@@ -7,13 +7,14 @@
 // Wiring (src/paging/vm_paging.h does it for vmm::Vm):
 //   started      -> OnVcpuThreadStarted   (fault attribution, SIGBUS trap)
 //   MMIO exit    -> OnMmio                (hole installer: bring the chunk in)
-//   KVM_RUN EINTR-> OnInterrupted         (a poisoned page was touched)
+//   interrupted  -> OnInterrupted         (a poisoned page was touched)
 //   GuestMemory::SetAccessHook -> EnsurePresent
 //
 // Memory errors: a vCPU touching a poisoned page gets a machine check
-// injected (KVM_X86_SET_MCE) when the guest has enabled them (CR4.MCE) and
-// KVM accepts it; otherwise the VM stops with an error naming the
-// guest-physical address. The process never dies of it.
+// injected (hv::Vcpu::InjectMachineCheck) when the guest has enabled them
+// (CR4.MCE) and the accelerator can (KVM); otherwise (the software CPU, for
+// one) the VM stops with an error naming the guest-physical address. The
+// process never dies of it.
 #pragma once
 
 #include <atomic>
@@ -27,8 +28,8 @@
 #include "faultline/status.h"
 #include "src/memory/guest_memory.h"
 #include "src/paging/demand_pager.h"
+#include "src/hypervisor/hypervisor.h"
 #include "src/paging/hole_pager.h"
-#include "src/sys/kvm.h"
 
 namespace faultline::paging {
 
@@ -68,16 +69,16 @@ class GuestPager {
   void OnVcpuThreadStarted(uint32_t index);
   // True if the exit was a missing chunk, now brought in and the access
   // completed; false if it is not demand paging's (the VMM handles it).
-  Result<bool> OnMmio(uint32_t index, sys::KvmVcpu& vcpu);
+  Result<bool> OnMmio(hv::Vcpu& vcpu, hv::MmioExit& mmio);
   // An error stops the VM (the memory-error policy); OK otherwise.
-  Status OnInterrupted(uint32_t index, sys::KvmVcpu& vcpu);
+  Status OnInterrupted(hv::Vcpu& vcpu);
   // The VMM's own accesses (GuestMemory's access hook): pages present first.
   Status EnsurePresent(Gpa gpa, uint64_t length);
 
   // Hole installer, before the vCPUs run: makes present what KVM reads by
   // itself for `vcpu` (the page tables from CR3 down to RIP, RSP, GDT, IDT
   // and TSS and its kernel stack, and those chunks).
-  Status PrepareVcpu(sys::KvmVcpu& vcpu);
+  Status PrepareVcpu(hv::Vcpu& vcpu);
 
   Status Start();
   // Fetches every page still missing (from the caller's thread).
@@ -98,8 +99,8 @@ class GuestPager {
   GuestPager(GuestMemory& memory, std::shared_ptr<PageSource> source, GuestPagingOptions options);
   std::optional<Gpa> HvaToGpa(Hva hva) const;
   // The policy for vCPU `index` touching lost page `gpa`.
-  Status MemoryLost(uint32_t index, sys::KvmVcpu& vcpu, Gpa gpa, Hva hva);
-  Result<Gpa> Translate(const kvm_sregs& sregs, uint64_t va);
+  Status MemoryLost(hv::Vcpu& vcpu, Gpa gpa, Hva hva);
+  Result<Gpa> Translate(const hv::VcpuState& state, uint64_t va);
 
   GuestMemory& memory_;
   GuestPagingOptions options_;

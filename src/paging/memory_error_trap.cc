@@ -4,6 +4,8 @@
 
 #include <mutex>
 
+#include "src/hypervisor/tcg_machine.h"
+
 namespace faultline::paging {
 namespace {
 
@@ -43,6 +45,10 @@ void Handler(int sig, siginfo_t* info, void* context) {
   t_address = address;
   t_code = info->si_code;
   t_pending = true;
+  // On the software CPU the access was the engine's own load or store,
+  // which would fault again on return: leave the engine instead (KVM
+  // returns from KVM_RUN with EINTR by itself).
+  hv::LeaveSoftwareCpuAfterSignal();
 }
 
 }  // namespace

@@ -13,14 +13,9 @@ namespace faultline::paging {
 inline void AttachToVm(GuestPager& pager, vmm::Vm& vm) {
   vmm::VcpuHooks hooks;
   hooks.started = [&pager](uint32_t index) { pager.OnVcpuThreadStarted(index); };
-  hooks.mmio = [&pager](uint32_t index,
-                        sys::KvmVcpu& vcpu) -> Result<std::optional<vmm::ExitAction>> {
-    ASSIGN_OR_RETURN(bool handled, pager.OnMmio(index, vcpu));
-    if (handled) return vmm::ExitAction::kContinue;
-    return std::nullopt;
-  };
-  hooks.interrupted = [&pager](uint32_t index, sys::KvmVcpu& vcpu) -> Result<vmm::ExitAction> {
-    RETURN_IF_ERROR(pager.OnInterrupted(index, vcpu));
+  hooks.mmio = [&pager](hv::Vcpu& vcpu, hv::MmioExit& mmio) { return pager.OnMmio(vcpu, mmio); };
+  hooks.interrupted = [&pager](hv::Vcpu& vcpu) -> Result<vmm::ExitAction> {
+    RETURN_IF_ERROR(pager.OnInterrupted(vcpu));
     return vmm::ExitAction::kContinue;
   };
   vm.SetVcpuHooks(std::move(hooks));

@@ -9,8 +9,9 @@
 namespace faultline::vmm {
 namespace {
 
-// The signal that kicks a vCPU thread out of KVM_RUN. Its handler does
-// nothing; its only effect is that KVM_RUN returns EINTR.
+// The signal that kicks a vCPU thread out of KVM_RUN (or out of a blocking
+// wait in the kernel). Its handler does nothing; its only effect is that
+// KVM_RUN returns EINTR.
 int KickSignal() { return SIGRTMIN + 6; }
 
 void InstallKickHandler() {
@@ -24,14 +25,10 @@ void InstallKickHandler() {
   });
 }
 
-void SetImmediateExit(sys::KvmVcpu& vcpu, uint8_t value) {
-  __atomic_store_n(&vcpu.run()->immediate_exit, value, __ATOMIC_SEQ_CST);
-}
-
 }  // namespace
 
-VcpuSet::VcpuSet(std::vector<sys::KvmVcpu> vcpus)
-    : vcpus_(std::move(vcpus)), ended_(vcpus_.size(), false) {
+VcpuSet::VcpuSet(std::vector<std::unique_ptr<hv::Vcpu>> vcpus)
+    : vcpus_(std::move(vcpus)), ended_(vcpus_.size(), false), parked_flags_(vcpus_.size(), false) {
   InstallKickHandler();
 }
 
@@ -53,25 +50,34 @@ Status VcpuSet::Start(ExitHandler handler) {
   return Status::Ok();
 }
 
-void VcpuSet::SetThreadHooks(std::function<void(uint32_t)> started, ExitHandler interrupted) {
+void VcpuSet::SetThreadHooks(std::function<void(uint32_t)> started, InterruptHandler interrupted) {
   started_hook_ = std::move(started);
   interrupted_hook_ = std::move(interrupted);
 }
 
 void VcpuSet::KickAllLocked() {
   for (uint32_t i = 0; i < threads_.size(); ++i) {
-    if (ended_[i]) continue;
-    SetImmediateExit(vcpus_[i], 1);
+    if (ended_[i] || parked_flags_[i]) continue;
+    vcpus_[i]->RequestExit();
     pthread_kill(threads_[i].native_handle(), KickSignal());
   }
+}
+
+template <typename Pred>
+void VcpuSet::WaitKicking(std::unique_lock<std::mutex>& lock, Pred done) {
+  while (!cv_.wait_for(lock, std::chrono::milliseconds(1), done)) KickAllLocked();
 }
 
 void VcpuSet::Hold() {
   std::unique_lock lock(mu_);
   if (holds_++ > 0) return;
+  if (threads_.empty()) {
+    // Not started: threads will start parked.
+    for (auto& vcpu : vcpus_) vcpu->RequestExit();
+    return;
+  }
   KickAllLocked();
-  if (threads_.empty()) return;  // not started: threads will start parked
-  cv_.wait(lock, [&] { return parked_ + finished_ == size() || stop_; });
+  WaitKicking(lock, [&] { return parked_ + finished_ == size() || stop_; });
 }
 
 void VcpuSet::Release() {
@@ -92,6 +98,10 @@ bool VcpuSet::WaitFinished(std::chrono::milliseconds timeout) {
 }
 
 void VcpuSet::Join() {
+  {
+    std::unique_lock lock(mu_);
+    if (stop_) WaitKicking(lock, [&] { return finished_ == threads_.size(); });
+  }
   for (std::thread& t : threads_) {
     if (t.joinable()) t.join();
   }
@@ -103,7 +113,7 @@ Status VcpuSet::first_error() const {
 }
 
 void VcpuSet::ThreadMain(uint32_t index) {
-  sys::KvmVcpu& vcpu = vcpus_[index];
+  hv::Vcpu& vcpu = *vcpus_[index];
   Status error;
   if (started_hook_) started_hook_(index);
   for (;;) {
@@ -111,40 +121,32 @@ void VcpuSet::ThreadMain(uint32_t index) {
       std::unique_lock lock(mu_);
       if (holds_ > 0 && !stop_) {
         // Complete a pending IN or MMIO read before parking, so that the
-        // registers a holder captures are consistent (KVM_RUN with
-        // immediate_exit set finishes the instruction and returns EINTR).
-        SetImmediateExit(vcpu, 1);
-        (void)vcpu.Run();
+        // registers a holder captures are consistent.
+        vcpu.CompletePendingExit();
         ++parked_;
+        parked_flags_[index] = true;
         cv_.notify_all();
         cv_.wait(lock, [&] { return holds_ == 0 || stop_; });
+        parked_flags_[index] = false;
         --parked_;
       }
       if (stop_) break;
-      SetImmediateExit(vcpu, 0);
+      vcpu.ClearExitRequest();
     }
-    Status s = vcpu.Run();
-    const bool interrupted = s.ok() ? vcpu.run()->exit_reason == KVM_EXIT_INTR : s.code() == EINTR;
-    if (interrupted && interrupted_hook_) {
-      Result<ExitAction> action = interrupted_hook_(index, vcpu);
+    Result<hv::RunOutcome> outcome = vcpu.Run(handler_);
+    if (!outcome.has_value()) {
+      error = outcome.error();
+      break;
+    }
+    if (*outcome == hv::RunOutcome::kFinished) break;
+    if (*outcome == hv::RunOutcome::kInterrupted && interrupted_hook_) {
+      Result<ExitAction> action = interrupted_hook_(vcpu);
       if (!action.has_value()) {
         error = action.error();
         break;
       }
       if (*action == ExitAction::kFinish) break;
     }
-    if (!s.ok()) {
-      if (s.code() == EINTR || s.code() == EAGAIN) continue;
-      error = s;
-      break;
-    }
-    if (interrupted) continue;
-    Result<ExitAction> action = handler_(index, vcpu);
-    if (!action.has_value()) {
-      error = action.error();
-      break;
-    }
-    if (*action == ExitAction::kFinish) break;
   }
   std::lock_guard lock(mu_);
   ended_[index] = true;

@@ -25,14 +25,30 @@ Status ValidateConfig(const VmConfig& c) {
   return Status::Ok();
 }
 
-Vm::Vm(VmConfig config, sys::KvmSystem kvm, sys::KvmVm vm)
-    : config_(std::move(config)), kvm_(std::move(kvm)), vm_(std::move(vm)) {}
+Status CheckAccelFeatures(const VmConfig& c, hv::Accel accel) {
+  if (accel == hv::Accel::kKvm) return Status::Ok();
+  if (c.backing == Backing::kGuestMemfd) {
+    return Error(
+        "--backing gmem needs KVM: guest_memfd is a KVM object, and this VM runs on the software "
+        "CPU (tcg) — use --backing memfd or anon, or --accel kvm on a host with /dev/kvm");
+  }
+  if (c.dirty_mode && *c.dirty_mode != DirtyLogMode::kUffdWp) {
+    return Error(
+        "--dirty {} is KVM's dirty log, and this VM runs on the software CPU (tcg) — use --dirty "
+        "uffd-wp (the default there)",
+        DirtyLogModeName(*c.dirty_mode));
+  }
+  return Status::Ok();
+}
+
+Vm::Vm(VmConfig config, std::unique_ptr<hv::Vm> machine)
+    : config_(std::move(config)), machine_(std::move(machine)) {}
 
 Vm::~Vm() { Stop(); }
 
 Result<std::unique_ptr<Vm>> Vm::Create(VmConfig config) {
   RETURN_IF_ERROR(ValidateConfig(config));
-  // Parse the guest before touching KVM: a bad file is the likeliest error.
+  // Parse the guest before creating the VM: a bad file is the likeliest error.
   std::optional<GuestImage> image;
   if (config.boot) {
     ASSIGN_OR_RETURN(image, GuestImage::Load(config.guest_path));
@@ -41,73 +57,65 @@ Result<std::unique_ptr<Vm>> Vm::Create(VmConfig config) {
                    image->image_end().value, config.mem_size >> 20);
     }
   }
-  ASSIGN_OR_RETURN(sys::KvmSystem kvm, sys::KvmSystem::Open());
-  ASSIGN_OR_RETURN(sys::KvmVm kvm_vm, kvm.CreateVm());
-  std::unique_ptr<Vm> vm(new Vm(std::move(config), std::move(kvm), std::move(kvm_vm)));
+  if (config.accel == hv::AccelChoice::kTcg) {
+    RETURN_IF_ERROR(CheckAccelFeatures(config, hv::Accel::kTcg));
+  }
+  hv::VmOptions options;
+  options.accel = config.accel;
+  options.vcpus = config.vcpus;
+  options.on_fallback = config.on_accel_fallback;
+  ASSIGN_OR_RETURN(std::unique_ptr<hv::Vm> machine, hv::CreateVm(options));
+  RETURN_IF_ERROR(CheckAccelFeatures(config, machine->accel()));
+  std::unique_ptr<Vm> vm(new Vm(std::move(config), std::move(machine)));
   RETURN_IF_ERROR(vm->Init());
   if (image) {
     RETURN_IF_ERROR(image->CopyInto(vm->ram()));
-    RETURN_IF_ERROR(vm->Boot());
-    // Boot() left the registers at 0; now point them at the entry.
-    for (uint32_t i = 0; i < vm->config_.vcpus; ++i) {
-      RETURN_IF_ERROR(vm->vcpus_->vcpu(i).SetRegs(
-          LongModeEntryRegs(image->entry64().value, i, vm->config_.vcpus)));
-    }
+    RETURN_IF_ERROR(vm->Boot(image->entry64().value));
   }
   return vm;
 }
 
 Status Vm::Init() {
   GuestMemoryOptions memory_options;
-  memory_options.dirty_mode = config_.dirty_mode;
+  memory_options.dirty_mode = config_.dirty_mode.value_or(
+      machine_->capabilities().kvm_dirty_log ? DirtyLogMode::kBitmap : DirtyLogMode::kUffdWp);
   memory_options.memslot_granule = config_.memslot_granule;
-  ASSIGN_OR_RETURN(memory_, GuestMemory::Create(&vm_, memory_options));
+  ASSIGN_OR_RETURN(memory_, GuestMemory::Create(machine_.get(), memory_options));
   RamBlockOptions options;
   options.name = "ram0";
   options.size = config_.mem_size;
   options.backing = config_.backing;
-  options.vm_fd = vm_.fd();
+  if (sys::KvmVm* kvm = machine_->kvm_dirty_log()) options.vm_fd = kvm->fd();
   ASSIGN_OR_RETURN(ram_, RamBlock::Create(options));
   RETURN_IF_ERROR(memory_->Place(ram_, Gpa(0)));
 
-  // An in-kernel irqchip gives every vCPU a local APIC whose state is part
-  // of the vCPU's. Not fatal where the host has none.
-  state_support_.lapic = vm_.CreateIrqchip().ok();
-  state_support_.xsave2_size = kvm_.CheckExtension(KVM_CAP_XSAVE2);
-  state_support_.xcrs = kvm_.CheckExtension(KVM_CAP_XCRS) > 0;
-  ASSIGN_OR_RETURN(state_support_.msr_indices, kvm_.MsrIndexList());
-  ASSIGN_OR_RETURN(std::vector<kvm_cpuid_entry2> cpuid, kvm_.SupportedCpuid());
-
-  std::vector<sys::KvmVcpu> vcpus;
+  std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
   for (uint32_t i = 0; i < config_.vcpus; ++i) {
-    ASSIGN_OR_RETURN(sys::KvmVcpu vcpu, vm_.CreateVcpu(i));
-    RETURN_IF_ERROR(vcpu.SetCpuid(CpuidForVcpu(cpuid, i)));
-    RETURN_IF_ERROR(memory_->AddDirtyRing(vcpu));
+    ASSIGN_OR_RETURN(std::unique_ptr<hv::Vcpu> vcpu, machine_->CreateVcpu(i));
+    if (memory_->dirty_mode() == DirtyLogMode::kRing) {
+      ASSIGN_OR_RETURN(sys::Mapping ring, vcpu->MapDirtyRing(memory_->dirty_ring_bytes()));
+      RETURN_IF_ERROR(memory_->AddDirtyRing(std::move(ring)));
+    }
     vcpus.push_back(std::move(vcpu));
   }
-  ASSIGN_OR_RETURN(tsc_khz_, vcpus[0].GetTscKhz());
-  FilterReadableMsrs(vcpus[0], state_support_);
   vcpus_ = std::make_unique<VcpuSet>(std::move(vcpus));
   memory_->SetPauser(vcpus_.get());
 
   serial_ = std::make_unique<Serial>(config_.vcpus, config_.serial);
   test_port_ = std::make_unique<TestPort>(
-      config_.vcpus, tsc_khz_,
+      config_.vcpus, tsc_khz(),
       [this](Gpa gpa, std::span<uint8_t> out) { return ReadGuest(gpa, out); }, config_.on_event);
   return Status::Ok();
 }
 
-Status Vm::Boot() {
-  std::string cmdline = fmt::format("{} tsc_khz={}", config_.guest_args, tsc_khz_);
+Status Vm::Boot(uint64_t entry64) {
+  std::string cmdline = fmt::format("{} tsc_khz={}", config_.guest_args, tsc_khz());
   RETURN_IF_ERROR(WriteBootStructures(ram(), config_.mem_size, cmdline));
   for (uint32_t i = 0; i < config_.vcpus; ++i) {
-    sys::KvmVcpu& vcpu = vcpus_->vcpu(i);
-    ASSIGN_OR_RETURN(kvm_sregs sregs, vcpu.GetSregs());
-    SetupLongModeSregs(sregs);
-    RETURN_IF_ERROR(vcpu.SetSregs(sregs));
-    // With an in-kernel APIC, vCPUs other than 0 would wait for INIT/SIPI:
-    // every vCPU starts at the entry point instead.
-    RETURN_IF_ERROR(vcpu.SetMpState({KVM_MP_STATE_RUNNABLE}));
+    hv::Vcpu& vcpu = vcpus_->vcpu(i);
+    ASSIGN_OR_RETURN(hv::VcpuState state, machine_->ResetState(vcpu));
+    SetupLongModeEntry(state, entry64, i, config_.vcpus);
+    RETURN_IF_ERROR(vcpu.SetState(state));
   }
   return Status::Ok();
 }
@@ -115,7 +123,7 @@ Status Vm::Boot() {
 Status Vm::Start() {
   vcpus_->SetThreadHooks(hooks_.started, hooks_.interrupted);
   return vcpus_->Start(
-      [this](uint32_t index, sys::KvmVcpu& vcpu) { return HandleExit(index, vcpu); });
+      [this](hv::Vcpu& vcpu, hv::VcpuExit& exit) { return HandleExit(vcpu, exit); });
 }
 
 Result<GuestReport> Vm::Wait(std::chrono::milliseconds timeout) {
@@ -143,124 +151,110 @@ void Vm::Stop() {
   vcpus_->Join();
 }
 
-Result<std::vector<VcpuState>> Vm::SaveVcpus() {
-  std::vector<VcpuState> states;
+Result<std::vector<hv::VcpuState>> Vm::SaveVcpus() {
+  std::vector<hv::VcpuState> states;
   for (uint32_t i = 0; i < vcpus_->size(); ++i) {
-    ASSIGN_OR_RETURN(VcpuState s, CaptureVcpuState(vcpus_->vcpu(i), state_support_));
+    ASSIGN_OR_RETURN(hv::VcpuState s, vcpus_->vcpu(i).GetState());
     states.push_back(std::move(s));
   }
   return states;
 }
 
-Status Vm::LoadVcpus(const std::vector<VcpuState>& states) {
+Status Vm::LoadVcpus(const std::vector<hv::VcpuState>& states) {
   if (vcpus_->started()) return Error("LoadVcpus: the VM is already running");
   if (states.size() != vcpus_->size()) {
     return Error("LoadVcpus: {} vCPU states for a VM with {} vCPUs", states.size(), vcpus_->size());
   }
   for (uint32_t i = 0; i < states.size(); ++i) {
-    RETURN_IF_ERROR(RestoreVcpuState(vcpus_->vcpu(i), states[i]));
+    RETURN_IF_ERROR(vcpus_->vcpu(i).SetState(states[i]));
   }
   return Status::Ok();
 }
 
-Status Vm::VcpuError(sys::KvmVcpu& vcpu, std::string what) const {
-  return Error("vcpu {}: {}\n{}", vcpu.id(), what, FormatRegisters(vcpu));
+Status Vm::VcpuError(hv::Vcpu& vcpu, std::string what) const {
+  return Error("vcpu {}: {}\n{}", vcpu.index(), what, FormatRegisters(vcpu));
 }
 
-Result<ExitAction> Vm::HandleExit(uint32_t index, sys::KvmVcpu& vcpu) {
-  kvm_run* run = vcpu.run();
-  switch (run->exit_reason) {
-    case KVM_EXIT_IO:
-      return HandleIo(index, vcpu);
-    case KVM_EXIT_SHUTDOWN:
-      return VcpuError(vcpu, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)");
-    case KVM_EXIT_MMIO:
+Result<ExitAction> Vm::HandleExit(hv::Vcpu& vcpu, hv::VcpuExit& exit) {
+  using Kind = hv::VcpuExit::Kind;
+  switch (exit.kind) {
+    case Kind::kIo:
+      return HandleIo(vcpu, exit.io);
+    case Kind::kShutdown:
+      return VcpuError(vcpu, fmt::format("the guest triple-faulted ({})", exit.detail));
+    case Kind::kException:
+      // The software CPU does not deliver exceptions through the guest's
+      // IDT: one that reaches the VMM ends the guest, as a triple fault would.
+      return VcpuError(vcpu, fmt::format("the guest took CPU exception {} (vector {}), which the "
+                                         "software CPU reports instead of delivering; the guest "
+                                         "would have panicked or triple-faulted",
+                                         ExceptionName(exit.vector), exit.vector));
+    case Kind::kMmio:
       if (hooks_.mmio) {
-        ASSIGN_OR_RETURN(std::optional<ExitAction> action, hooks_.mmio(index, vcpu));
-        if (action) return *action;
+        ASSIGN_OR_RETURN(bool handled, hooks_.mmio(vcpu, exit.mmio));
+        if (handled) return ExitAction::kContinue;
       }
-      return HandleMmio(vcpu);
-    case KVM_EXIT_DIRTY_RING_FULL:
+      return HandleMmio(vcpu, exit.mmio);
+    case Kind::kDirtyRingFull:
       RETURN_IF_ERROR(memory_->DrainDirtyRings());
       return ExitAction::kContinue;
-    case KVM_EXIT_HLT:
-      return VcpuError(vcpu, "the guest halted (KVM_EXIT_HLT)");
-    case KVM_EXIT_FAIL_ENTRY:
-      return VcpuError(vcpu, fmt::format("KVM_EXIT_FAIL_ENTRY, hardware reason {:#x}",
-                                         run->fail_entry.hardware_entry_failure_reason));
-    case KVM_EXIT_INTERNAL_ERROR:
-      return VcpuError(vcpu,
-                       fmt::format("KVM_EXIT_INTERNAL_ERROR, suberror {}", run->internal.suberror));
-    default:
-      return VcpuError(vcpu, fmt::format("unexpected exit {} ({})",
-                                         sys::KvmExitName(run->exit_reason), run->exit_reason));
+    case Kind::kHalt:
+      return VcpuError(vcpu, fmt::format("the guest halted ({})", exit.detail));
+    case Kind::kFailed:
+      break;
   }
+  return VcpuError(vcpu, exit.detail);
 }
 
-Result<ExitAction> Vm::HandleIo(uint32_t index, sys::KvmVcpu& vcpu) {
-  kvm_run* run = vcpu.run();
-  const auto& io = run->io;
-  uint8_t* data = reinterpret_cast<uint8_t*>(run) + io.data_offset;
-  const bool out = io.direction == KVM_EXIT_IO_OUT;
+Result<ExitAction> Vm::HandleIo(hv::Vcpu& vcpu, hv::IoExit& io) {
+  const uint32_t index = vcpu.index();
+  uint8_t* data = io.data;
   ExitAction action = ExitAction::kContinue;
   for (uint32_t n = 0; n < io.count; ++n, data += io.size) {
     uint32_t value = 0;
-    if (out) std::memcpy(&value, data, io.size);
+    if (io.out) std::memcpy(&value, data, io.size);
     if (Serial::Handles(io.port)) {
-      if (out) {
+      if (io.out) {
         serial_->Out(index, io.port, static_cast<uint8_t>(value));
       } else {
         *data = serial_->In(io.port);
       }
-    } else if (io.port == FL_PORT_REPORT && out && io.size == 4) {
+    } else if (io.port == FL_PORT_REPORT && io.out && io.size == 4) {
       RETURN_IF_ERROR(test_port_->Report(index, value));
-    } else if (io.port == FL_PORT_COMMAND && !out && io.size == 4) {
+    } else if (io.port == FL_PORT_COMMAND && !io.out && io.size == 4) {
       uint32_t command = test_port_->Command();
       std::memcpy(data, &command, 4);
-    } else if (io.port == FL_PORT_EXIT && out) {
+    } else if (io.port == FL_PORT_EXIT && io.out) {
       test_port_->Exit(index, static_cast<uint8_t>(value));
       action = ExitAction::kFinish;
     } else {
       return VcpuError(vcpu, fmt::format("unexpected port I/O: {} port {:#x}, {} bytes{}",
-                                         out ? "OUT to" : "IN from", io.port, io.size,
-                                         out ? fmt::format(", value {:#x}", value) : ""));
+                                         io.out ? "OUT to" : "IN from", io.port, io.size,
+                                         io.out ? fmt::format(", value {:#x}", value) : ""));
     }
   }
   return action;
 }
 
-Result<ExitAction> Vm::HandleMmio(sys::KvmVcpu& vcpu) {
-  kvm_run* run = vcpu.run();
-  const Gpa gpa(run->mmio.phys_addr);
+Result<ExitAction> Vm::HandleMmio(hv::Vcpu& vcpu, hv::MmioExit& mmio) {
   // A hole punched into RAM (an MMIO window) reads as all-ones and ignores
   // writes, like a bus with nothing behind it. Anywhere else there is no RAM
   // and no device: the guest is broken.
   std::shared_ptr<const MemoryMap> map = memory_->map();
   for (const GpaRange& hole : map->holes()) {
-    if (!hole.Contains(gpa)) continue;
-    if (!run->mmio.is_write) std::memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
+    if (!hole.Contains(mmio.gpa)) continue;
+    if (!mmio.is_write) std::memset(mmio.data, 0xff, sizeof(mmio.data));
     hole_accesses_.fetch_add(1, std::memory_order_relaxed);
     return ExitAction::kContinue;
   }
-  return VcpuError(vcpu,
-                   fmt::format("{} of {} bytes at guest-physical {:#x}, where there is no "
-                               "RAM (KVM_EXIT_MMIO)",
-                               run->mmio.is_write ? "write" : "read", run->mmio.len, gpa.value));
+  return VcpuError(vcpu, fmt::format("{} of {} bytes at guest-physical {:#x}, where there is no RAM",
+                                     mmio.is_write ? "write" : "read", mmio.len, mmio.gpa.value));
 }
 
-std::string FormatRegisters(const sys::KvmVcpu& vcpu) {
-  Result<kvm_regs> regs = vcpu.GetRegs();
-  Result<kvm_sregs> sregs = vcpu.GetSregs();
-  if (!regs.has_value() || !sregs.has_value()) return "  (registers unavailable)";
-  const kvm_regs& r = *regs;
-  const kvm_sregs& s = *sregs;
-  return fmt::format(
-      "  rip={:#018x} rsp={:#018x} rflags={:#x} cs={:#x} (dpl {}) ss={:#x}\n"
-      "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n"
-      "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8={:#018x}\n"
-      "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-      r.rip, r.rsp, r.rflags, s.cs.selector, s.cs.dpl, s.ss.selector, r.rax, r.rbx, r.rcx, r.rdx,
-      r.rsi, r.rdi, r.rbp, r.r8, s.cr0, s.cr2, s.cr3, s.cr4, s.efer);
+std::string FormatRegisters(const hv::Vcpu& vcpu) {
+  Result<hv::VcpuState> state = vcpu.GetState();
+  if (!state.has_value()) return "  (registers unavailable)";
+  return hv::FormatRegisters(*state);
 }
 
 }  // namespace faultline::vmm

@@ -1,6 +1,7 @@
-// Vm: the reference VMM. A KVM VM with 1..8 vCPUs and one RAM block,
-// running the Faultline test guest; serial console and test port devices;
-// kick-and-hold of every vCPU; vCPU state save and load.
+// Vm: the reference VMM. A VM with 1..8 vCPUs and one RAM block, on KVM or
+// the software CPU (src/hypervisor/), running the Faultline test guest;
+// serial console and test port devices; kick-and-hold of every vCPU; vCPU
+// state save and load.
 #pragma once
 
 #include <atomic>
@@ -16,12 +17,12 @@
 #include "faultline/guest_report.h"
 #include "faultline/ram_block.h"
 #include "faultline/status.h"
+#include "src/hypervisor/hypervisor.h"
+#include "src/hypervisor/vcpu_state.h"
 #include "src/memory/guest_memory.h"
-#include "src/sys/kvm.h"
 #include "src/vmm/serial.h"
 #include "src/vmm/test_port.h"
 #include "src/vmm/vcpu_set.h"
-#include "src/vmm/vcpu_state.h"
 
 namespace faultline::vmm {
 
@@ -32,13 +33,13 @@ inline constexpr uint32_t kMaxVcpus = 8;
 // What demand paging (src/paging/guest_pager.h) does on vCPU threads. Set
 // with Vm::SetVcpuHooks before Start(); every member is optional.
 struct VcpuHooks {
-  // On each vCPU thread before its first KVM_RUN.
+  // On each vCPU thread before it first runs.
   std::function<void(uint32_t index)> started;
-  // A KVM_EXIT_MMIO, before the VMM's own handling: an action if the hook
-  // handled it (a missing chunk brought in), nullopt otherwise.
-  std::function<Result<std::optional<ExitAction>>(uint32_t index, sys::KvmVcpu& vcpu)> mmio;
-  // KVM_RUN returned EINTR (see VcpuSet::SetThreadHooks).
-  ExitHandler interrupted;
+  // An access to a guest-physical address without RAM, before the VMM's own
+  // handling: true if the hook completed it (a missing chunk brought in).
+  std::function<Result<bool>(hv::Vcpu& vcpu, hv::MmioExit& mmio)> mmio;
+  // A run was interrupted (see VcpuSet::SetThreadHooks).
+  InterruptHandler interrupted;
 };
 
 struct VmConfig {
@@ -48,13 +49,18 @@ struct VmConfig {
   // The guest's command line without tsc_khz, which the VMM appends.
   std::string guest_args = "workload=fill,verify";
   Backing backing = Backing::kAnonymous;
-  DirtyLogMode dirty_mode = DirtyLogMode::kBitmap;
+  // auto: KVM when /dev/kvm opens, the software CPU otherwise.
+  hv::AccelChoice accel = hv::AccelChoice::kAuto;
+  // Unset: the accelerator's own (KVM: bitmap; software CPU: uffd-wp).
+  std::optional<DirtyLogMode> dirty_mode;
   uint64_t memslot_granule = kDefaultMemslotGranule;
   // False: no guest is loaded and vCPUs are not initialised; memory and vCPU
   // state come from elsewhere (LoadVcpus, an incoming migration).
   bool boot = true;
   Serial::Sink serial;  // guest console lines; nullptr discards them
   std::function<void(const GuestEvent&)> on_event;
+  // Called once if `auto` chose the software CPU, with the reason.
+  std::function<void(std::string_view why)> on_accel_fallback;
 };
 
 // Checks a configuration without creating anything.
@@ -78,9 +84,9 @@ class Vm {
   void Resume() { vcpus_->Release(); }
 
   // Requires Pause() (or a VM not started).
-  Result<std::vector<VcpuState>> SaveVcpus();
+  Result<std::vector<hv::VcpuState>> SaveVcpus();
   // Before Start().
-  Status LoadVcpus(const std::vector<VcpuState>& states);
+  Status LoadVcpus(const std::vector<hv::VcpuState>& states);
 
   void SetGuestCommand(uint32_t command) { test_port_->SetCommand(command); }
   GuestReport report() const { return test_port_->Snapshot(); }
@@ -97,22 +103,23 @@ class Vm {
   uint64_t hole_accesses() const { return hole_accesses_.load(std::memory_order_relaxed); }
 
   const VmConfig& config() const { return config_; }
-  uint32_t tsc_khz() const { return tsc_khz_; }
-  sys::KvmVm& kvm_vm() { return vm_; }
+  uint32_t tsc_khz() const { return machine_->tsc_khz(); }
+  hv::Accel accel() const { return machine_->accel(); }
+  DirtyLogMode dirty_mode() const { return memory_->dirty_mode(); }
+  hv::Vm& machine() { return *machine_; }
   VcpuSet& vcpus() { return *vcpus_; }
 
  private:
-  Vm(VmConfig config, sys::KvmSystem kvm, sys::KvmVm vm);
+  Vm(VmConfig config, std::unique_ptr<hv::Vm> machine);
   Status Init();
-  Status Boot();
-  Result<ExitAction> HandleExit(uint32_t index, sys::KvmVcpu& vcpu);
-  Result<ExitAction> HandleIo(uint32_t index, sys::KvmVcpu& vcpu);
-  Result<ExitAction> HandleMmio(sys::KvmVcpu& vcpu);
-  Status VcpuError(sys::KvmVcpu& vcpu, std::string what) const;
+  Status Boot(uint64_t entry64);
+  Result<ExitAction> HandleExit(hv::Vcpu& vcpu, hv::VcpuExit& exit);
+  Result<ExitAction> HandleIo(hv::Vcpu& vcpu, hv::IoExit& io);
+  Result<ExitAction> HandleMmio(hv::Vcpu& vcpu, hv::MmioExit& mmio);
+  Status VcpuError(hv::Vcpu& vcpu, std::string what) const;
 
   VmConfig config_;
-  sys::KvmSystem kvm_;
-  sys::KvmVm vm_;
+  std::unique_ptr<hv::Vm> machine_;
   std::unique_ptr<GuestMemory> memory_;
   std::shared_ptr<RamBlock> ram_;
   std::atomic<uint64_t> hole_accesses_{0};
@@ -120,11 +127,13 @@ class Vm {
   std::unique_ptr<VcpuSet> vcpus_;
   std::unique_ptr<Serial> serial_;
   std::unique_ptr<TestPort> test_port_;
-  VcpuStateSupport state_support_;
-  uint32_t tsc_khz_ = 0;
 };
 
-// The registers of a vCPU that is out of KVM_RUN, for error messages.
-std::string FormatRegisters(const sys::KvmVcpu& vcpu);
+// The registers of a vCPU that is not running, for error messages.
+std::string FormatRegisters(const hv::Vcpu& vcpu);
+
+// Checks that `config` asks for nothing the accelerator `accel` lacks
+// (guest_memfd, KVM's dirty log); the error says what to use instead.
+Status CheckAccelFeatures(const VmConfig& config, hv::Accel accel);
 
 }  // namespace faultline::vmm

@@ -86,8 +86,8 @@ Status WriteBootStructures(std::span<uint8_t> ram, uint64_t ram_end, std::string
   return Status::Ok();
 }
 
-void SetupLongModeSregs(kvm_sregs& sregs) {
-  kvm_segment code{};
+void SetupLongModeEntry(hv::VcpuState& s, uint64_t entry64, uint32_t index, uint32_t count) {
+  hv::Segment code;
   code.base = 0;
   code.limit = 0xffffffff;
   code.selector = kCodeSelector;
@@ -96,54 +96,45 @@ void SetupLongModeSregs(kvm_sregs& sregs) {
   code.s = 1;
   code.l = 1;
   code.g = 1;
-  kvm_segment data = code;
+  hv::Segment data = code;
   data.selector = kDataSelector;
   data.type = 0x3;  // read/write, accessed
   data.l = 0;
   data.db = 1;
-  sregs.cs = code;
-  sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
+  s.cs = code;
+  s.ds = s.es = s.fs = s.gs = s.ss = data;
 
-  kvm_segment tr{};
+  hv::Segment tr;
   tr.limit = 0x67;
   tr.type = 0xb;  // busy 64-bit TSS
   tr.present = 1;
-  sregs.tr = tr;
-  kvm_segment ldt{};
+  s.tr = tr;
+  hv::Segment ldt;
   ldt.unusable = 1;
-  sregs.ldt = ldt;
+  s.ldt = ldt;
 
-  sregs.gdt.base = FL_BOOT_GDT_GPA;
-  sregs.gdt.limit = 3 * 8 - 1;
-  sregs.idt.base = 0;
-  sregs.idt.limit = 0;
-  sregs.cr0 = kCr0Pe | kCr0Mp | kCr0Et | kCr0Ne | kCr0Wp | kCr0Pg;
-  sregs.cr3 = FL_PAGE_TABLES_GPA;
-  sregs.cr4 = kCr4Pae | kCr4Osfxsr | kCr4Osxmmexcpt;
-  sregs.efer = kEferLme | kEferLma;
+  s.gdt = {FL_BOOT_GDT_GPA, 3 * 8 - 1};
+  s.idt = {0, 0};
+  s.cr0 = kCr0Pe | kCr0Mp | kCr0Et | kCr0Ne | kCr0Wp | kCr0Pg;
+  s.cr3 = FL_PAGE_TABLES_GPA;
+  s.cr4 = kCr4Pae | kCr4Osfxsr | kCr4Osxmmexcpt;
+  s.efer = kEferLme | kEferLma;
+
+  s.gpr = {};
+  s.rip = entry64;
+  s.rflags = 0x2;
+  s.gpr[hv::kRdi] = FL_BOOT_INFO_GPA;
+  s.gpr[hv::kRsi] = index;
+  s.gpr[hv::kRdx] = count;
 }
 
-kvm_regs LongModeEntryRegs(uint64_t entry64, uint32_t index, uint32_t count) {
-  kvm_regs regs{};
-  regs.rip = entry64;
-  regs.rflags = 0x2;
-  regs.rdi = FL_BOOT_INFO_GPA;
-  regs.rsi = index;
-  regs.rdx = count;
-  return regs;
-}
-
-std::vector<kvm_cpuid_entry2> CpuidForVcpu(std::span<const kvm_cpuid_entry2> supported,
-                                           uint32_t index) {
-  std::vector<kvm_cpuid_entry2> out(supported.begin(), supported.end());
-  for (kvm_cpuid_entry2& e : out) {
-    if (e.function == 1) {
-      e.ebx = (e.ebx & 0x00ffffff) | (index << 24);  // initial APIC ID
-    } else if (e.function == 0xb || e.function == 0x1f) {
-      e.edx = index;  // x2APIC ID
-    }
-  }
-  return out;
+std::string ExceptionName(uint8_t vector) {
+  static constexpr const char* kNames[] = {
+      "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "coprocessor overrun",
+      "#TS", "#NP", "#SS", "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM",
+      "#VE", "#CP"};
+  if (vector < std::size(kNames)) return kNames[vector];
+  return fmt::format("vector {}", vector);
 }
 
 }  // namespace faultline::vmm

@@ -4,15 +4,15 @@
 // layout is the contract in guest/abi.h.
 #pragma once
 
-#include "src/sys/kvm.h"
-
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
 #include "faultline/status.h"
 #include "faultline/types.h"
+#include "src/hypervisor/vcpu_state.h"
 
 namespace faultline::vmm {
 
@@ -20,13 +20,12 @@ namespace faultline::vmm {
 // memory from GPA 0). `ram_end` is the first GPA after RAM.
 Status WriteBootStructures(std::span<uint8_t> ram, uint64_t ram_end, std::string_view cmdline);
 
-// Special and general registers for vCPU `index` of `count` starting at
-// `entry64` in long mode. `sregs` comes in with KVM's defaults.
-void SetupLongModeSregs(kvm_sregs& sregs);
-kvm_regs LongModeEntryRegs(uint64_t entry64, uint32_t index, uint32_t count);
+// Sets `state` (an accelerator's reset state) for vCPU `index` of `count`
+// to start at `entry64` in long mode: flat boot GDT segments, paging on the
+// identity page tables, and the entry's arguments in RDI, RSI, RDX.
+void SetupLongModeEntry(hv::VcpuState& state, uint64_t entry64, uint32_t index, uint32_t count);
 
-// Supported CPUID adjusted for vCPU `index` (APIC IDs).
-std::vector<kvm_cpuid_entry2> CpuidForVcpu(std::span<const kvm_cpuid_entry2> supported,
-                                           uint32_t index);
+// "#GP", "#PF", ... for an exception vector; "vector N" otherwise.
+std::string ExceptionName(uint8_t vector);
 
 }  // namespace faultline::vmm

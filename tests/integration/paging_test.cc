@@ -62,7 +62,7 @@ std::optional<std::string> ReserveHugePages(std::optional<HugePages>& huge, uint
 struct Snapshot {
   uint64_t mem = 0;
   uint32_t vcpus = 0;
-  std::vector<vmm::VcpuState> states;
+  std::vector<hv::VcpuState> states;
   std::shared_ptr<sys::Mapping> ram;  // VM A's RAM at the pause
   GuestReport report;                 // VM A's, at the pause
 
@@ -182,9 +182,13 @@ RunResult RunPaged(const Snapshot& snap, Backing backing, InstallerKind installe
   for (uint32_t i = 0; s.ok() && i < snap.vcpus; ++i) {
     s = (*pager)->PrepareVcpu((*vm)->vcpus().vcpu(i));
     if (s.ok() && options.enable_mce) {
-      auto sregs = (*vm)->vcpus().vcpu(i).GetSregs();
-      sregs->cr4 |= 1u << 6;  // as a guest OS that handles machine checks would
-      s = (*vm)->vcpus().vcpu(i).SetSregs(*sregs);
+      auto state = (*vm)->vcpus().vcpu(i).GetState();
+      if (!state.has_value()) {
+        s = state.error();
+        break;
+      }
+      state->cr4 |= 1u << 6;  // as a guest OS that handles machine checks would
+      s = (*vm)->vcpus().vcpu(i).SetState(*state);
     }
   }
   if (s.ok()) s = (*pager)->Start();

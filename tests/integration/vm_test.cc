@@ -131,11 +131,11 @@ TEST(VmTest, VcpuStateRoundTripIntoFreshVm) {
   ASSERT_TRUE(source->Start().ok());
   std::this_thread::sleep_for(500ms);
   source->Pause();
-  Result<std::vector<VcpuState>> states = source->SaveVcpus();
+  Result<std::vector<hv::VcpuState>> states = source->SaveVcpus();
   ASSERT_TRUE(states.has_value()) << states.error().ToString();
-  std::vector<VcpuState> restored;
-  for (const VcpuState& s : *states) {
-    Result<VcpuState> r = VcpuState::Deserialize(s.Serialize());
+  std::vector<hv::VcpuState> restored;
+  for (const hv::VcpuState& s : *states) {
+    Result<hv::VcpuState> r = hv::VcpuState::Deserialize(s.Serialize());
     ASSERT_TRUE(r.has_value()) << r.error().ToString();
     restored.push_back(*r);
   }

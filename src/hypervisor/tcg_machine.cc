@@ -1,0 +1,661 @@
+#include "src/hypervisor/tcg_machine.h"
+
+#include <setjmp.h>
+#include <time.h>
+#include <unicorn/unicorn.h>
+#include <x86intrin.h>
+
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "src/sys/linux_abi.h"
+
+namespace faultline::hv {
+namespace {
+
+// An address the guest never executes: uc_emu_start runs until a stop.
+constexpr uint64_t kNoUntil = 0xffff'ffff'ffff'f000ull;
+constexpr uint64_t kCr4Mce = 1ull << 6;
+
+// The MSRs a software vCPU's state carries (those libunicorn emulates and
+// a 64-bit guest sets up).
+constexpr uint32_t kStateMsrs[] = {
+    kMsrTsc,    0x174 /* SYSENTER_CS */, 0x175 /* SYSENTER_ESP */, 0x176 /* SYSENTER_EIP */,
+    0x277 /* PAT */, 0xc0000081 /* STAR */, 0xc0000082 /* LSTAR */, 0xc0000083 /* CSTAR */,
+    0xc0000084 /* SFMASK */, kMsrKernelGsBase,
+};
+
+Status UcError(uc_err err, std::string_view what) {
+  return Error("{}: {} (libunicorn)", what, uc_strerror(err));
+}
+
+// The calling thread's escape from a software CPU engine (SIGBUS on a
+// poisoned page: the access would fault forever if the handler returned).
+thread_local sigjmp_buf* t_escape = nullptr;
+
+struct Region {
+  uint64_t gpa = 0, size = 0, hva = 0;
+  friend bool operator==(const Region&, const Region&) = default;
+};
+
+uint64_t Monotonic() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_RAW, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+class TcgVmImpl;
+
+class TcgVcpuImpl final : public Vcpu {
+ public:
+  TcgVcpuImpl(TcgVmImpl& vm, uint32_t index) : vm_(vm), index_(index) {}
+  ~TcgVcpuImpl() override {
+    if (uc_ != nullptr) uc_close(uc_);
+  }
+
+  Status Init();
+  uint32_t index() const override { return index_; }
+  Result<RunOutcome> Run(const ExitHandler& handler) override;
+  void RequestExit() override {
+    exit_requested_.store(true, std::memory_order_seq_cst);
+    uc_emu_stop(uc_);
+  }
+  void ClearExitRequest() override { exit_requested_.store(false, std::memory_order_seq_cst); }
+  void CompletePendingExit() override {}  // exits complete inside the instruction
+  Result<VcpuState> GetState() const override;
+  Status SetState(const VcpuState& state) override;
+  Status InjectMachineCheck(Gpa gpa) override;
+  Result<sys::Mapping> MapDirtyRing(uint32_t) const override {
+    return Error("the software CPU has no KVM dirty ring — use --dirty uffd-wp");
+  }
+
+ private:
+  struct MmioPage {
+    TcgVcpuImpl* vcpu;
+    uint64_t gpa;
+  };
+
+  static uint32_t HookIn(uc_engine* uc, uint32_t port, int size, void* user);
+  static void HookOut(uc_engine* uc, uint32_t port, int size, uint32_t value, void* user);
+  static bool HookUnmapped(uc_engine* uc, uc_mem_type type, uint64_t address, int size,
+                           int64_t value, void* user);
+  static void HookIntr(uc_engine* uc, uint32_t intno, void* user);
+  static uint64_t MmioRead(uc_engine* uc, uint64_t offset, unsigned size, void* user);
+  static void MmioWrite(uc_engine* uc, uint64_t offset, unsigned size, uint64_t value,
+                        void* user);
+
+  // Calls the handler from inside a hook; an error or kFinish stops the
+  // engine after the current instruction.
+  void Deliver(VcpuExit& exit);
+  void Stop() { uc_emu_stop(uc_); }
+  // Maps the VM's current memslots into this engine (outside uc_emu_start).
+  Status Sync();
+  // Maps the slot covering `gpa` if the VM has one now (inside a hook).
+  bool MapCovering(uint64_t gpa);
+  Status MapRam(const Region& r);
+  void UnmapMmioIn(uint64_t gpa, uint64_t size);
+  // An access through an MMIO page that RAM covers now: done on the host.
+  bool AccessRamDirect(uint64_t gpa, unsigned size, bool write, uint64_t* value);
+
+  TcgVmImpl& vm_;
+  const uint32_t index_;
+  uc_engine* uc_ = nullptr;
+  std::atomic<bool> exit_requested_{false};
+
+  // Touched only by the vCPU's thread (and by GetState/SetState while the
+  // vCPU is not running).
+  uint64_t synced_generation_ = ~0ull;
+  std::map<uint64_t, Region> ram_;                        // by GPA: RAM this engine maps
+  std::map<uint64_t, std::unique_ptr<MmioPage>> mmio_;    // by GPA: MMIO pages it maps
+  const ExitHandler* handler_ = nullptr;                  // during Run
+  Status error_;
+  bool finished_ = false;
+  bool resync_ = false;
+  int exception_ = -1;
+  bool dead_ = false;  // left through a signal: the engine's state is gone
+};
+
+class TcgVmImpl final : public Vm {
+ public:
+  explicit TcgVmImpl(uint32_t tsc_khz) : tsc_khz_(tsc_khz) {
+    capabilities_.kvm_dirty_log = false;
+    capabilities_.guest_memfd = false;
+    capabilities_.machine_checks = false;
+  }
+
+  Accel accel() const override { return Accel::kTcg; }
+  const VmCapabilities& capabilities() const override { return capabilities_; }
+  uint32_t tsc_khz() const override { return tsc_khz_; }
+  uint32_t max_memslots() const override { return 4096; }
+  sys::KvmVm* kvm_dirty_log() override { return nullptr; }
+
+  Status SetMemslot(const sys::UserMemoryRegion& region) override {
+    if (region.flags & KVM_MEM_GUEST_MEMFD) {
+      return Error(
+          "memslot {}: guest_memfd memory is a KVM object; the software CPU cannot map it — use "
+          "--backing memfd or anon",
+          region.slot);
+    }
+    std::lock_guard lock(mu_);
+    if (region.size == 0) {
+      slots_.erase(region.slot);
+    } else {
+      slots_[region.slot] = Region{region.gpa.value, region.size, region.hva.value};
+    }
+    generation_.fetch_add(1, std::memory_order_release);
+    return Status::Ok();
+  }
+
+  Result<std::unique_ptr<Vcpu>> CreateVcpu(uint32_t index) override {
+    auto vcpu = std::make_unique<TcgVcpuImpl>(*this, index);
+    RETURN_IF_ERROR(vcpu->Init());
+    return std::unique_ptr<Vcpu>(std::move(vcpu));
+  }
+
+  Result<VcpuState> ResetState(Vcpu& vcpu) override {
+    VcpuState s;
+    s.index = vcpu.index();
+    s.cs.selector = 0xf000;
+    s.cs.base = 0xffff0000;
+    s.rip = 0xfff0;
+    s.cr0 = 0x60000010;
+    s.apic_base = 0xfee00000 | (vcpu.index() == 0 ? 0x100 : 0) | 0x800;
+    return s;
+  }
+
+  uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
+  std::vector<Region> Regions(uint64_t* generation) const {
+    std::lock_guard lock(mu_);
+    *generation = generation_.load(std::memory_order_relaxed);
+    std::vector<Region> out;
+    out.reserve(slots_.size());
+    for (const auto& [id, r] : slots_) out.push_back(r);
+    return out;
+  }
+  std::optional<Region> Covering(uint64_t gpa) const {
+    std::lock_guard lock(mu_);
+    for (const auto& [id, r] : slots_) {
+      if (gpa >= r.gpa && gpa - r.gpa < r.size) return r;
+    }
+    return std::nullopt;
+  }
+
+ private:
+  const uint32_t tsc_khz_;
+  VmCapabilities capabilities_;
+  mutable std::mutex mu_;
+  std::map<uint32_t, Region> slots_;  // guarded by mu_
+  std::atomic<uint64_t> generation_{0};
+};
+
+Status TcgVcpuImpl::Init() {
+  uc_err err = uc_open(UC_ARCH_X86, UC_MODE_64, &uc_);
+  if (err != UC_ERR_OK) {
+    uc_ = nullptr;
+    return UcError(err, "creating a software CPU engine");
+  }
+  uc_hook hook;
+  if ((err = uc_hook_add(uc_, &hook, UC_HOOK_INSN, reinterpret_cast<void*>(&HookIn), this, 1, 0,
+                         UC_X86_INS_IN)) != UC_ERR_OK ||
+      (err = uc_hook_add(uc_, &hook, UC_HOOK_INSN, reinterpret_cast<void*>(&HookOut), this, 1, 0,
+                         UC_X86_INS_OUT)) != UC_ERR_OK ||
+      (err = uc_hook_add(uc_, &hook, UC_HOOK_MEM_UNMAPPED,
+                         reinterpret_cast<void*>(&HookUnmapped), this, 1, 0)) != UC_ERR_OK ||
+      (err = uc_hook_add(uc_, &hook, UC_HOOK_INTR, reinterpret_cast<void*>(&HookIntr), this, 1,
+                         0)) != UC_ERR_OK) {
+    return UcError(err, "adding the software CPU's hooks");
+  }
+  return Status::Ok();
+}
+
+void TcgVcpuImpl::Deliver(VcpuExit& exit) {
+  if (!error_.ok() || finished_) return;  // the engine is stopping already
+  Result<ExitAction> action = (*handler_)(*this, exit);
+  if (!action.has_value()) {
+    error_ = action.error();
+    Stop();
+  } else if (*action == ExitAction::kFinish) {
+    finished_ = true;
+    Stop();
+  }
+}
+
+uint32_t TcgVcpuImpl::HookIn(uc_engine*, uint32_t port, int size, void* user) {
+  auto* self = static_cast<TcgVcpuImpl*>(user);
+  uint32_t value = 0;
+  VcpuExit exit;
+  exit.kind = VcpuExit::Kind::kIo;
+  exit.io.port = static_cast<uint16_t>(port);
+  exit.io.size = static_cast<uint8_t>(size);
+  exit.io.out = false;
+  exit.io.data = reinterpret_cast<uint8_t*>(&value);
+  self->Deliver(exit);
+  return value;
+}
+
+void TcgVcpuImpl::HookOut(uc_engine*, uint32_t port, int size, uint32_t value, void* user) {
+  auto* self = static_cast<TcgVcpuImpl*>(user);
+  VcpuExit exit;
+  exit.kind = VcpuExit::Kind::kIo;
+  exit.io.port = static_cast<uint16_t>(port);
+  exit.io.size = static_cast<uint8_t>(size);
+  exit.io.out = true;
+  exit.io.data = reinterpret_cast<uint8_t*>(&value);
+  self->Deliver(exit);
+}
+
+void TcgVcpuImpl::HookIntr(uc_engine*, uint32_t intno, void* user) {
+  auto* self = static_cast<TcgVcpuImpl*>(user);
+  self->exception_ = static_cast<int>(intno);
+  self->Stop();
+}
+
+bool TcgVcpuImpl::MapCovering(uint64_t gpa) {
+  std::optional<Region> r = vm_.Covering(gpa);
+  if (!r) return false;
+  UnmapMmioIn(r->gpa, r->size);
+  return MapRam(*r).ok();
+}
+
+Status TcgVcpuImpl::MapRam(const Region& r) {
+  uc_err err = uc_mem_map_ptr(uc_, r.gpa, r.size, UC_PROT_ALL, reinterpret_cast<void*>(r.hva));
+  if (err != UC_ERR_OK) {
+    return UcError(err, fmt::format("vcpu {}: mapping guest-physical [{:#x}, {:#x})", index_,
+                                    r.gpa, r.gpa + r.size));
+  }
+  ram_[r.gpa] = r;
+  return Status::Ok();
+}
+
+void TcgVcpuImpl::UnmapMmioIn(uint64_t gpa, uint64_t size) {
+  for (auto it = mmio_.lower_bound(gpa); it != mmio_.end() && it->first < gpa + size;) {
+    (void)uc_mem_unmap(uc_, it->first, kPageSize);
+    it = mmio_.erase(it);
+  }
+}
+
+bool TcgVcpuImpl::HookUnmapped(uc_engine*, uc_mem_type type, uint64_t address, int size, int64_t,
+                               void* user) {
+  auto* self = static_cast<TcgVcpuImpl*>(user);
+  if (self->MapCovering(address)) return true;  // a slot added since the last sync
+  if (type == UC_MEM_FETCH_UNMAPPED) {
+    // Code must come from RAM: let the handler bring it in (the hole
+    // installer), as KVM would report a fetch from a missing slot.
+    VcpuExit exit;
+    exit.kind = VcpuExit::Kind::kMmio;
+    exit.mmio.gpa = Gpa(address);
+    exit.mmio.len = 1;
+    self->Deliver(exit);
+    if (self->error_.ok() && self->MapCovering(address)) return true;
+    if (self->error_.ok()) {
+      self->error_ = Error("vcpu {}: instruction fetch from guest-physical {:#x}, where there is "
+                           "no RAM",
+                           self->index_, address);
+    }
+    return false;
+  }
+  // Data: an MMIO page whose accesses reach the exit handler.
+  const uint64_t page = AlignDown(address, kPageSize);
+  auto mmio = std::make_unique<MmioPage>(MmioPage{self, page});
+  uc_err err = uc_mmio_map(self->uc_, page, kPageSize, &MmioRead, mmio.get(), &MmioWrite,
+                           mmio.get());
+  if (err != UC_ERR_OK) {
+    self->error_ = UcError(err, fmt::format("vcpu {}: {} of {} bytes at guest-physical {:#x}",
+                                            self->index_,
+                                            type == UC_MEM_WRITE_UNMAPPED ? "write" : "read",
+                                            size, address));
+    return false;
+  }
+  self->mmio_[page] = std::move(mmio);
+  return true;
+}
+
+bool TcgVcpuImpl::AccessRamDirect(uint64_t gpa, unsigned size, bool write, uint64_t* value) {
+  std::optional<Region> r = vm_.Covering(gpa);
+  if (!r || gpa + size > r->gpa + r->size) return false;
+  auto* host = reinterpret_cast<uint8_t*>(r->hva + (gpa - r->gpa));
+  if (write) {
+    std::memcpy(host, value, size);
+  } else {
+    *value = 0;
+    std::memcpy(value, host, size);
+  }
+  // Map the RAM in place of the MMIO page before the next instruction.
+  resync_ = true;
+  Stop();
+  return true;
+}
+
+uint64_t TcgVcpuImpl::MmioRead(uc_engine*, uint64_t offset, unsigned size, void* user) {
+  auto* page = static_cast<MmioPage*>(user);
+  TcgVcpuImpl* self = page->vcpu;
+  const uint64_t gpa = page->gpa + offset;
+  uint64_t value = 0;
+  if (self->AccessRamDirect(gpa, size, false, &value)) return value;
+  VcpuExit exit;
+  exit.kind = VcpuExit::Kind::kMmio;
+  exit.mmio.gpa = Gpa(gpa);
+  exit.mmio.len = std::min<unsigned>(size, 8);
+  exit.mmio.is_write = false;
+  self->Deliver(exit);
+  std::memcpy(&value, exit.mmio.data, exit.mmio.len);
+  if (self->vm_.Covering(gpa)) {
+    self->resync_ = true;  // the handler brought RAM in
+    self->Stop();
+  }
+  return value;
+}
+
+void TcgVcpuImpl::MmioWrite(uc_engine*, uint64_t offset, unsigned size, uint64_t value,
+                            void* user) {
+  auto* page = static_cast<MmioPage*>(user);
+  TcgVcpuImpl* self = page->vcpu;
+  const uint64_t gpa = page->gpa + offset;
+  if (self->AccessRamDirect(gpa, size, true, &value)) return;
+  VcpuExit exit;
+  exit.kind = VcpuExit::Kind::kMmio;
+  exit.mmio.gpa = Gpa(gpa);
+  exit.mmio.len = std::min<unsigned>(size, 8);
+  exit.mmio.is_write = true;
+  std::memcpy(exit.mmio.data, &value, exit.mmio.len);
+  self->Deliver(exit);
+  if (self->vm_.Covering(gpa)) {
+    self->resync_ = true;
+    self->Stop();
+  }
+}
+
+Status TcgVcpuImpl::Sync() {
+  if (vm_.generation() == synced_generation_ && !resync_) return Status::Ok();
+  resync_ = false;
+  uint64_t generation = 0;
+  std::vector<Region> regions = vm_.Regions(&generation);
+  // MMIO pages are made again on demand; RAM that moved or went is unmapped.
+  for (auto& [gpa, page] : mmio_) (void)uc_mem_unmap(uc_, gpa, kPageSize);
+  mmio_.clear();
+  std::map<uint64_t, Region> wanted;
+  for (const Region& r : regions) wanted[r.gpa] = r;
+  for (auto it = ram_.begin(); it != ram_.end();) {
+    auto w = wanted.find(it->first);
+    if (w != wanted.end() && w->second == it->second) {
+      wanted.erase(w);
+      ++it;
+      continue;
+    }
+    uc_err err = uc_mem_unmap(uc_, it->second.gpa, it->second.size);
+    if (err != UC_ERR_OK) {
+      return UcError(err, fmt::format("vcpu {}: unmapping guest-physical [{:#x}, {:#x})", index_,
+                                      it->second.gpa, it->second.gpa + it->second.size));
+    }
+    it = ram_.erase(it);
+  }
+  for (const auto& [gpa, r] : wanted) RETURN_IF_ERROR(MapRam(r));
+  synced_generation_ = generation;
+  return Status::Ok();
+}
+
+Result<RunOutcome> TcgVcpuImpl::Run(const ExitHandler& handler) {
+  if (dead_) {
+    return Error("vcpu {}: the software CPU left the guest on a memory error and cannot resume",
+                 index_);
+  }
+  if (exit_requested_.load(std::memory_order_seq_cst)) return RunOutcome::kInterrupted;
+  RETURN_IF_ERROR(Sync());
+  uint64_t rip = 0;
+  uc_reg_read(uc_, UC_X86_REG_RIP, &rip);
+  handler_ = &handler;
+  error_ = Status::Ok();
+  finished_ = false;
+  exception_ = -1;
+  sigjmp_buf escape;
+  if (sigsetjmp(escape, 1) != 0) {
+    // A SIGBUS handler left the engine (LeaveSoftwareCpuAfterSignal).
+    t_escape = nullptr;
+    handler_ = nullptr;
+    dead_ = true;
+    return RunOutcome::kInterrupted;
+  }
+  t_escape = &escape;
+  uc_err err = uc_emu_start(uc_, rip, kNoUntil, 0, 0);
+  t_escape = nullptr;
+  handler_ = nullptr;
+  if (!error_.ok()) return error_;
+  if (finished_) return RunOutcome::kFinished;
+  if (exception_ >= 0 || err != UC_ERR_OK) {
+    VcpuExit exit;
+    if (exception_ >= 0) {
+      exit.kind = VcpuExit::Kind::kException;
+      exit.vector = static_cast<uint8_t>(exception_);
+      exit.detail = fmt::format("CPU exception {}", exception_);
+    } else {
+      exit.kind = VcpuExit::Kind::kFailed;
+      exit.detail = fmt::format("the software CPU stopped: {}", uc_strerror(err));
+    }
+    ASSIGN_OR_RETURN(ExitAction action, handler(*this, exit));
+    return action == ExitAction::kFinish ? RunOutcome::kFinished : RunOutcome::kHandled;
+  }
+  if (exit_requested_.load(std::memory_order_seq_cst)) return RunOutcome::kInterrupted;
+  if (resync_) return RunOutcome::kHandled;
+  // Nothing asked the engine to stop: the guest halted (HLT ends a run).
+  VcpuExit exit;
+  exit.kind = VcpuExit::Kind::kHalt;
+  exit.detail = "HLT";
+  ASSIGN_OR_RETURN(ExitAction action, handler(*this, exit));
+  return action == ExitAction::kFinish ? RunOutcome::kFinished : RunOutcome::kHandled;
+}
+
+// Segment hidden parts: libunicorn gives only selectors (and the FS/GS
+// bases), so they are decoded from the descriptor table in guest memory,
+// which is where the CPU loaded them from.
+Segment DecodeDescriptor(uint16_t selector, uint64_t low, uint64_t high, bool system) {
+  Segment s;
+  s.selector = selector;
+  s.limit = static_cast<uint32_t>((low & 0xffff) | ((low >> 32) & 0xf0000));
+  s.base = ((low >> 16) & 0xffffff) | (((low >> 56) & 0xff) << 24);
+  if (system) s.base |= (high & 0xffffffff) << 32;
+  s.type = (low >> 40) & 0xf;
+  s.s = (low >> 44) & 1;
+  s.dpl = (low >> 45) & 3;
+  s.present = (low >> 47) & 1;
+  s.avl = (low >> 52) & 1;
+  s.l = (low >> 53) & 1;
+  s.db = (low >> 54) & 1;
+  s.g = (low >> 55) & 1;
+  if (s.g) s.limit = (s.limit << 12) | 0xfff;
+  return s;
+}
+
+Result<VcpuState> TcgVcpuImpl::GetState() const {
+  VcpuState s;
+  s.index = index_;
+  static constexpr int kGprRegs[kGprCount] = {
+      UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
+      UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
+      UC_X86_REG_R8,  UC_X86_REG_R9,  UC_X86_REG_R10, UC_X86_REG_R11,
+      UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15};
+  for (int i = 0; i < kGprCount; ++i) uc_reg_read(uc_, kGprRegs[i], &s.gpr[i]);
+  uc_reg_read(uc_, UC_X86_REG_RIP, &s.rip);
+  uc_reg_read(uc_, UC_X86_REG_RFLAGS, &s.rflags);
+  uc_reg_read(uc_, UC_X86_REG_CR0, &s.cr0);
+  uc_reg_read(uc_, UC_X86_REG_CR2, &s.cr2);
+  uc_reg_read(uc_, UC_X86_REG_CR3, &s.cr3);
+  uc_reg_read(uc_, UC_X86_REG_CR4, &s.cr4);
+  uc_reg_read(uc_, UC_X86_REG_CR8, &s.cr8);
+  uc_x86_msr efer{kMsrEfer, 0};
+  uc_reg_read(uc_, UC_X86_REG_MSR, &efer);
+  s.efer = efer.value;
+  uc_x86_mmr gdtr{}, idtr{}, tr{}, ldtr{};
+  uc_reg_read(uc_, UC_X86_REG_GDTR, &gdtr);
+  uc_reg_read(uc_, UC_X86_REG_IDTR, &idtr);
+  uc_reg_read(uc_, UC_X86_REG_TR, &tr);
+  uc_reg_read(uc_, UC_X86_REG_LDTR, &ldtr);
+  s.gdt = {gdtr.base, static_cast<uint16_t>(gdtr.limit)};
+  s.idt = {idtr.base, static_cast<uint16_t>(idtr.limit)};
+  auto descriptor = [&](uint16_t selector, bool system) -> Segment {
+    const uint64_t at = s.gdt.base + (selector & ~7u);
+    uint64_t words[2] = {0, 0};
+    if ((selector & ~3u) != 0 && (selector | 7u) <= s.gdt.limit) {
+      if (std::optional<Region> r = vm_.Covering(at)) {
+        if (at + 16 <= r->gpa + r->size) {
+          std::memcpy(words, reinterpret_cast<const void*>(r->hva + (at - r->gpa)), 16);
+        }
+      }
+    }
+    Segment seg = DecodeDescriptor(selector, words[0], words[1], system);
+    if ((selector & ~3u) == 0) seg.unusable = 1;
+    return seg;
+  };
+  const std::pair<Segment*, int> segs[] = {{&s.cs, UC_X86_REG_CS}, {&s.ds, UC_X86_REG_DS},
+                                           {&s.es, UC_X86_REG_ES}, {&s.fs, UC_X86_REG_FS},
+                                           {&s.gs, UC_X86_REG_GS}, {&s.ss, UC_X86_REG_SS}};
+  for (const auto& [seg, reg] : segs) {
+    uint64_t selector = 0;
+    uc_reg_read(uc_, reg, &selector);
+    *seg = descriptor(static_cast<uint16_t>(selector), false);
+  }
+  uc_reg_read(uc_, UC_X86_REG_FS_BASE, &s.fs.base);
+  uc_reg_read(uc_, UC_X86_REG_GS_BASE, &s.gs.base);
+  s.tr = descriptor(tr.selector, true);
+  s.tr.base = tr.base;
+  s.tr.limit = tr.limit;
+  s.ldt = descriptor(ldtr.selector, true);
+  s.ldt.base = ldtr.base;
+  s.ldt.limit = ldtr.limit;
+  // x87 and SSE.
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) uc_reg_read(uc_, UC_X86_REG_ST0 + i, s.fpu.st[i].data());
+  uc_reg_read(uc_, UC_X86_REG_FPCW, &v);
+  s.fpu.fcw = static_cast<uint16_t>(v);
+  uc_reg_read(uc_, UC_X86_REG_FPSW, &v);
+  s.fpu.fsw = static_cast<uint16_t>(v);
+  uc_reg_read(uc_, UC_X86_REG_FPTAG, &v);
+  s.fpu.ftw = static_cast<uint8_t>(v);
+  uint32_t mxcsr = 0;
+  uc_reg_read(uc_, UC_X86_REG_MXCSR, &mxcsr);
+  s.fpu.mxcsr = mxcsr;
+  for (int i = 0; i < 16; ++i) uc_reg_read(uc_, UC_X86_REG_XMM0 + i, s.fpu.xmm[i].data());
+  for (uint32_t index : kStateMsrs) {
+    uc_x86_msr msr{index, 0};
+    if (uc_reg_read(uc_, UC_X86_REG_MSR, &msr) == UC_ERR_OK) s.msrs.push_back({index, msr.value});
+  }
+  return s;
+}
+
+Status TcgVcpuImpl::SetState(const VcpuState& s) {
+  // Memory first: loading a segment selector reads its descriptor from the
+  // GDT in guest memory.
+  RETURN_IF_ERROR(Sync());
+  auto write = [&](int reg, const void* value, const char* name) -> Status {
+    uc_err err = uc_reg_write(uc_, reg, value);
+    return err == UC_ERR_OK ? Status::Ok()
+                            : UcError(err, fmt::format("vcpu {}: setting {}", index_, name));
+  };
+  // Modes before what depends on them: CR0/CR4/EFER, then the tables, then
+  // the segments (CS first: its DPL is the privilege level the others are
+  // loaded at), then the rest.
+  uc_x86_msr efer{kMsrEfer, s.efer};
+  RETURN_IF_ERROR(write(UC_X86_REG_CR4, &s.cr4, "CR4"));
+  RETURN_IF_ERROR(write(UC_X86_REG_MSR, &efer, "EFER"));
+  RETURN_IF_ERROR(write(UC_X86_REG_CR3, &s.cr3, "CR3"));
+  RETURN_IF_ERROR(write(UC_X86_REG_CR0, &s.cr0, "CR0"));
+  RETURN_IF_ERROR(write(UC_X86_REG_CR2, &s.cr2, "CR2"));
+  uc_x86_mmr gdtr{0, s.gdt.base, s.gdt.limit, 0};
+  uc_x86_mmr idtr{0, s.idt.base, s.idt.limit, 0};
+  RETURN_IF_ERROR(write(UC_X86_REG_GDTR, &gdtr, "GDTR"));
+  RETURN_IF_ERROR(write(UC_X86_REG_IDTR, &idtr, "IDTR"));
+  const std::pair<const Segment*, int> segs[] = {{&s.cs, UC_X86_REG_CS}, {&s.ss, UC_X86_REG_SS},
+                                                 {&s.ds, UC_X86_REG_DS}, {&s.es, UC_X86_REG_ES},
+                                                 {&s.fs, UC_X86_REG_FS}, {&s.gs, UC_X86_REG_GS}};
+  const bool protected_mode = (s.cr0 & 1) != 0;
+  for (const auto& [seg, reg] : segs) {
+    uint64_t selector = seg->selector;
+    if (!protected_mode || (selector & ~3u) != 0 || reg != UC_X86_REG_CS) {
+      RETURN_IF_ERROR(write(reg, &selector, "a segment register"));
+    }
+  }
+  RETURN_IF_ERROR(write(UC_X86_REG_FS_BASE, &s.fs.base, "FS base"));
+  RETURN_IF_ERROR(write(UC_X86_REG_GS_BASE, &s.gs.base, "GS base"));
+  const uint32_t tr_flags = (uint32_t{s.tr.type} << 8) | (uint32_t{s.tr.present} << 15);
+  uc_x86_mmr tr{s.tr.selector, s.tr.base, s.tr.limit, tr_flags};
+  RETURN_IF_ERROR(write(UC_X86_REG_TR, &tr, "TR"));
+  if (!s.ldt.unusable) {
+    const uint32_t ldt_flags = (uint32_t{s.ldt.type} << 8) | (uint32_t{s.ldt.present} << 15);
+    uc_x86_mmr ldtr{s.ldt.selector, s.ldt.base, s.ldt.limit, ldt_flags};
+    RETURN_IF_ERROR(write(UC_X86_REG_LDTR, &ldtr, "LDTR"));
+  }
+  static constexpr int kGprRegs[kGprCount] = {
+      UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
+      UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
+      UC_X86_REG_R8,  UC_X86_REG_R9,  UC_X86_REG_R10, UC_X86_REG_R11,
+      UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15};
+  for (int i = 0; i < kGprCount; ++i) RETURN_IF_ERROR(write(kGprRegs[i], &s.gpr[i], "a GPR"));
+  RETURN_IF_ERROR(write(UC_X86_REG_RFLAGS, &s.rflags, "RFLAGS"));
+  RETURN_IF_ERROR(write(UC_X86_REG_RIP, &s.rip, "RIP"));
+  uint64_t v = s.fpu.fcw;
+  RETURN_IF_ERROR(write(UC_X86_REG_FPCW, &v, "FPCW"));
+  v = s.fpu.fsw;
+  RETURN_IF_ERROR(write(UC_X86_REG_FPSW, &v, "FPSW"));
+  v = s.fpu.ftw;
+  RETURN_IF_ERROR(write(UC_X86_REG_FPTAG, &v, "FPTAG"));
+  for (int i = 0; i < 8; ++i) RETURN_IF_ERROR(write(UC_X86_REG_ST0 + i, s.fpu.st[i].data(), "ST"));
+  uint32_t mxcsr = s.fpu.mxcsr;
+  RETURN_IF_ERROR(write(UC_X86_REG_MXCSR, &mxcsr, "MXCSR"));
+  for (int i = 0; i < 16; ++i) {
+    RETURN_IF_ERROR(write(UC_X86_REG_XMM0 + i, s.fpu.xmm[i].data(), "XMM"));
+  }
+  for (const Msr& m : s.msrs) {
+    // RDTSC reads the host TSC on this engine: the TSC is not written.
+    if (m.index == kMsrTsc) continue;
+    uc_x86_msr msr{m.index, m.value};
+    RETURN_IF_ERROR(write(UC_X86_REG_MSR, &msr, fmt::format("MSR {:#x}", m.index).c_str()));
+  }
+  return Status::Ok();
+}
+
+Status TcgVcpuImpl::InjectMachineCheck(Gpa gpa) {
+  uint64_t cr4 = 0;
+  uc_reg_read(uc_, UC_X86_REG_CR4, &cr4);
+  return Error(
+      "the software CPU cannot deliver a machine check for guest-physical {:#x} (the guest {} "
+      "enabled them); run on KVM for #MC injection",
+      gpa.value, (cr4 & kCr4Mce) != 0 ? "has" : "has not");
+}
+
+uint32_t CalibrateTscKhz() {
+  // Two 10 ms samples; the second (warm) one counts.
+  uint32_t khz = 0;
+  for (int i = 0; i < 2; ++i) {
+    const uint64_t t0 = Monotonic();
+    const uint64_t c0 = __rdtsc();
+    timespec pause{0, 10'000'000};
+    nanosleep(&pause, nullptr);
+    const uint64_t t1 = Monotonic();
+    const uint64_t c1 = __rdtsc();
+    khz = static_cast<uint32_t>((c1 - c0) * 1'000'000ull / (t1 - t0));
+  }
+  return khz;
+}
+
+}  // namespace
+
+uint32_t HostTscKhz() {
+  static const uint32_t khz = CalibrateTscKhz();
+  return khz;
+}
+
+void LeaveSoftwareCpuAfterSignal() {
+  if (sigjmp_buf* escape = t_escape) {
+    t_escape = nullptr;
+    siglongjmp(*escape, 1);
+  }
+}
+
+Result<std::unique_ptr<Vm>> CreateTcgVm(const VmOptions&) {
+  return std::unique_ptr<Vm>(new TcgVmImpl(HostTscKhz()));
+}
+
+}  // namespace faultline::hv
