@@ -60,10 +60,11 @@ class TcgVcpuImpl final : public Vcpu {
   Status Init();
   uint32_t index() const override { return index_; }
   Result<RunOutcome> Run(const ExitHandler& handler) override;
-  void RequestExit() override {
-    exit_requested_.store(true, std::memory_order_seq_cst);
-    uc_emu_stop(uc_);
-  }
+  // The block hook stops the engine at the next block boundary. A stop
+  // from another thread (uc_emu_stop) is not precise in libunicorn 2.0.1:
+  // measured here, the engine resumed mid-instruction and re-executed
+  // stores, so a kick is a flag the engine polls.
+  void RequestExit() override { exit_requested_.store(true, std::memory_order_release); }
   void ClearExitRequest() override { exit_requested_.store(false, std::memory_order_seq_cst); }
   void CompletePendingExit() override {}  // exits complete inside the instruction
   Result<VcpuState> GetState() const override;
@@ -84,6 +85,7 @@ class TcgVcpuImpl final : public Vcpu {
   static bool HookUnmapped(uc_engine* uc, uc_mem_type type, uint64_t address, int size,
                            int64_t value, void* user);
   static void HookIntr(uc_engine* uc, uint32_t intno, void* user);
+  static void HookBlock(uc_engine* uc, uint64_t address, uint32_t size, void* user);
   static uint64_t MmioRead(uc_engine* uc, uint64_t offset, unsigned size, void* user);
   static void MmioWrite(uc_engine* uc, uint64_t offset, unsigned size, uint64_t value,
                         void* user);
@@ -98,6 +100,7 @@ class TcgVcpuImpl final : public Vcpu {
   bool MapCovering(uint64_t gpa);
   Status MapRam(const Region& r);
   void UnmapMmioIn(uint64_t gpa, uint64_t size);
+  bool Halted() const;
   // An access through an MMIO page that RAM covers now: done on the host.
   bool AccessRamDirect(uint64_t gpa, unsigned size, bool write, uint64_t* value);
 
@@ -206,6 +209,8 @@ Status TcgVcpuImpl::Init() {
       (err = uc_hook_add(uc_, &hook, UC_HOOK_MEM_UNMAPPED,
                          reinterpret_cast<void*>(&HookUnmapped), this, 1, 0)) != UC_ERR_OK ||
       (err = uc_hook_add(uc_, &hook, UC_HOOK_INTR, reinterpret_cast<void*>(&HookIntr), this, 1,
+                         0)) != UC_ERR_OK ||
+      (err = uc_hook_add(uc_, &hook, UC_HOOK_BLOCK, reinterpret_cast<void*>(&HookBlock), this, 1,
                          0)) != UC_ERR_OK) {
     return UcError(err, "adding the software CPU's hooks");
   }
@@ -252,6 +257,13 @@ void TcgVcpuImpl::HookIntr(uc_engine*, uint32_t intno, void* user) {
   auto* self = static_cast<TcgVcpuImpl*>(user);
   self->exception_ = static_cast<int>(intno);
   self->Stop();
+}
+
+void TcgVcpuImpl::HookBlock(uc_engine*, uint64_t, uint32_t, void* user) {
+  auto* self = static_cast<TcgVcpuImpl*>(user);
+  // Where the engine stops precisely (before the block): for a kick, and
+  // to re-map memory after an MMIO access found RAM.
+  if (self->resync_ || self->exit_requested_.load(std::memory_order_acquire)) self->Stop();
 }
 
 bool TcgVcpuImpl::MapCovering(uint64_t gpa) {
@@ -324,9 +336,8 @@ bool TcgVcpuImpl::AccessRamDirect(uint64_t gpa, unsigned size, bool write, uint6
     *value = 0;
     std::memcpy(value, host, size);
   }
-  // Map the RAM in place of the MMIO page before the next instruction.
+  // Map the RAM in place of the MMIO page before the next block.
   resync_ = true;
-  Stop();
   return true;
 }
 
@@ -343,10 +354,7 @@ uint64_t TcgVcpuImpl::MmioRead(uc_engine*, uint64_t offset, unsigned size, void*
   exit.mmio.is_write = false;
   self->Deliver(exit);
   std::memcpy(&value, exit.mmio.data, exit.mmio.len);
-  if (self->vm_.Covering(gpa)) {
-    self->resync_ = true;  // the handler brought RAM in
-    self->Stop();
-  }
+  if (self->vm_.Covering(gpa)) self->resync_ = true;  // the handler brought RAM in
   return value;
 }
 
@@ -363,10 +371,7 @@ void TcgVcpuImpl::MmioWrite(uc_engine*, uint64_t offset, unsigned size, uint64_t
   exit.mmio.is_write = true;
   std::memcpy(exit.mmio.data, &value, exit.mmio.len);
   self->Deliver(exit);
-  if (self->vm_.Covering(gpa)) {
-    self->resync_ = true;
-    self->Stop();
-  }
+  if (self->vm_.Covering(gpa)) self->resync_ = true;
 }
 
 Status TcgVcpuImpl::Sync() {
@@ -425,27 +430,51 @@ Result<RunOutcome> TcgVcpuImpl::Run(const ExitHandler& handler) {
   handler_ = nullptr;
   if (!error_.ok()) return error_;
   if (finished_) return RunOutcome::kFinished;
-  if (exception_ >= 0 || err != UC_ERR_OK) {
+  if (err == UC_ERR_INSN_INVALID) exception_ = 6;  // #UD
+  if (exception_ >= 0) {
     VcpuExit exit;
-    if (exception_ >= 0) {
-      exit.kind = VcpuExit::Kind::kException;
-      exit.vector = static_cast<uint8_t>(exception_);
-      exit.detail = fmt::format("CPU exception {}", exception_);
-    } else {
-      exit.kind = VcpuExit::Kind::kFailed;
-      exit.detail = fmt::format("the software CPU stopped: {}", uc_strerror(err));
+    exit.vector = static_cast<uint8_t>(exception_);
+    exit.kind = VcpuExit::Kind::kException;
+    exit.detail = fmt::format("CPU exception {}", exception_);
+    // The engine does not deliver exceptions through the IDT; where the
+    // guest's IDT has no gate for the vector either, the CPU would have
+    // shut down (a triple fault), and that is what is reported.
+    uc_x86_mmr idtr{};
+    uc_reg_read(uc_, UC_X86_REG_IDTR, &idtr);
+    if (idtr.limit < static_cast<uint32_t>(exception_) * 16 + 15) {
+      exit.kind = VcpuExit::Kind::kShutdown;
+      exit.detail = fmt::format("CPU exception {} with no IDT gate for it: a triple fault",
+                                exception_);
     }
     ASSIGN_OR_RETURN(ExitAction action, handler(*this, exit));
     return action == ExitAction::kFinish ? RunOutcome::kFinished : RunOutcome::kHandled;
   }
+  if (err != UC_ERR_OK) {
+    VcpuExit exit;
+    exit.kind = VcpuExit::Kind::kFailed;
+    exit.detail = fmt::format("the software CPU stopped: {}", uc_strerror(err));
+    ASSIGN_OR_RETURN(ExitAction action, handler(*this, exit));
+    return action == ExitAction::kFinish ? RunOutcome::kFinished : RunOutcome::kHandled;
+  }
   if (exit_requested_.load(std::memory_order_seq_cst)) return RunOutcome::kInterrupted;
-  if (resync_) return RunOutcome::kHandled;
-  // Nothing asked the engine to stop: the guest halted (HLT ends a run).
+  if (resync_ || !Halted()) return RunOutcome::kHandled;  // the engine stopped by itself
   VcpuExit exit;
   exit.kind = VcpuExit::Kind::kHalt;
   exit.detail = "HLT";
   ASSIGN_OR_RETURN(ExitAction action, handler(*this, exit));
   return action == ExitAction::kFinish ? RunOutcome::kFinished : RunOutcome::kHandled;
+}
+
+bool TcgVcpuImpl::Halted() const {
+  // libunicorn ends a run at HLT without saying so, and also ends runs for
+  // its own reasons (a memory map changed inside a hook). HLT is privileged:
+  // it is a halt only at CPL0, right after an 0xF4 byte (identity-mapped).
+  uint64_t rip = 0, cs = 0;
+  uc_reg_read(uc_, UC_X86_REG_RIP, &rip);
+  uc_reg_read(uc_, UC_X86_REG_CS, &cs);
+  if ((cs & 3) != 0 || rip == 0) return false;
+  std::optional<Region> r = vm_.Covering(rip - 1);
+  return r && *reinterpret_cast<const uint8_t*>(r->hva + (rip - 1 - r->gpa)) == 0xf4;
 }
 
 // Segment hidden parts: libunicorn gives only selectors (and the FS/GS

@@ -15,7 +15,9 @@
 //   changed. Slots are only removed or moved while every vCPU is held
 //   (GuestMemory::Update), so no engine runs on a stale layout; added slots
 //   are mapped lazily as above.
-// - A kick is uc_emu_stop from another thread.
+// - A kick is a flag that a block hook polls, stopping the engine at the
+//   next block boundary (uc_emu_stop from another thread is not precise in
+//   libunicorn 2.0.1: the engine resumed mid-instruction).
 // - RDTSC reads the host TSC (libunicorn 2.0.1 cannot hook it), so the VM's
 //   tsc_khz is the host TSC's frequency, calibrated once per process.
 // - A CPU exception (the engine does not deliver them through the IDT)

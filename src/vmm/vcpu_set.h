@@ -61,8 +61,8 @@ class VcpuSet : public VcpuPauser {
   void ThreadMain(uint32_t index);
   void KickAllLocked();
   // Waits on cv_ until `done`, kicking again every millisecond the vCPUs
-  // that have not parked or ended: the software CPU can miss a stop that
-  // arrives just before its engine starts.
+  // that have not parked or ended (a signal can arrive before a thread
+  // blocks in the kernel; a repeat costs nothing).
   template <typename Pred>
   void WaitKicking(std::unique_lock<std::mutex>& lock, Pred done);
 
