@@ -5,19 +5,7 @@
 #include <cstring>
 #include <unordered_map>
 
-#if __has_include("src/memory/uffd_wp_tracker.h")  // TEMP until the tracker lands
 #include "src/memory/uffd_wp_tracker.h"
-#else
-namespace faultline {
-class UffdWpTracker {
- public:
-  static Result<std::unique_ptr<UffdWpTracker>> Create() { return Error("uffd-wp: not built"); }
-  Status Track(std::shared_ptr<RamBlock>) { return Status::Ok(); }
-  bool tracking(const RamBlock&) const { return false; }
-  Status Harvest(const RamBlock&, DirtyBitmap&) { return Status::Ok(); }
-};
-}  // namespace faultline
-#endif
 
 namespace faultline {
 namespace {

@@ -15,6 +15,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include "tests/integration/test_accel.h"
 
 extern char** environ;
 
@@ -44,6 +45,7 @@ Outcome RunCli(std::vector<std::string> args, int timeout_s = 120) {
                                    0644);
   posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
                                    0644);
+  itest::AddAccelArgs(args);
   args.insert(args.begin(), FAULTLINE_CLI_PATH);
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());

@@ -24,6 +24,7 @@
 #include "src/vmm/control_args.h"
 #include "src/vmm/control_migration.h"
 #include "src/vmm/control_server.h"
+#include "tests/integration/test_accel.h"
 
 extern char** environ;
 
@@ -148,6 +149,7 @@ class Cli {
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_addopen(&actions, 1, out_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_addopen(&actions, 2, err_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    itest::AddAccelArgs(args);
     args.insert(args.begin(), FAULTLINE_CLI_PATH);
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());

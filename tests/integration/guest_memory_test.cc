@@ -17,6 +17,7 @@
 #include "guest/abi.h"
 #include "src/vmm/vm.h"
 #include "tests/integration/huge_pages.h"
+#include "tests/integration/test_accel.h"
 
 namespace faultline {
 namespace {
@@ -28,6 +29,7 @@ using ::faultline::integration::HugePages;
 
 vmm::VmConfig Config(uint64_t mem, uint32_t vcpus, std::string args) {
   vmm::VmConfig c;
+  c.accel = itest::TestAccelChoice();
   c.mem_size = mem;
   c.vcpus = vcpus;
   c.guest_args = std::move(args) + " quiet=1";
@@ -43,6 +45,7 @@ std::unique_ptr<vmm::Vm> MustCreate(vmm::VmConfig config) {
 class BackingTest : public ::testing::TestWithParam<Backing> {};
 
 TEST_P(BackingTest, FillsAndVerifiesAllMemory) {
+  if (GetParam() == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
   constexpr uint64_t kMem = 512ull << 20;
   std::optional<HugePages> huge;
   if (GetParam() == Backing::kHugetlb) huge.emplace(kMem / kHugePageSize);
@@ -176,15 +179,23 @@ void DirtyBitsSurviveLayoutChange(DirtyLogMode mode) {
 }
 
 TEST(GuestMemoryTest, DirtyBitmapSurvivesLayoutChange) {
+  FAULTLINE_SKIP_UNLESS_KVM("KVM's dirty log");
   DirtyBitsSurviveLayoutChange(DirtyLogMode::kBitmap);
 }
 
 TEST(GuestMemoryTest, DirtyRingSurvivesLayoutChange) {
+  FAULTLINE_SKIP_UNLESS_KVM("KVM's dirty ring");
   DirtyBitsSurviveLayoutChange(DirtyLogMode::kRing);
+}
+
+// Any accelerator: userfaultfd write-protect on the block's host memory.
+TEST(GuestMemoryTest, DirtyUffdWpSurvivesLayoutChange) {
+  DirtyBitsSurviveLayoutChange(DirtyLogMode::kUffdWp);
 }
 
 // Discarding guest_memfd pages makes the guest read zeros there.
 TEST(GuestMemoryTest, GuestMemfdDiscardReadsZeros) {
+  FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
   vmm::Vm* vm_ptr = nullptr;
   Gpa discarded;
   vmm::VmConfig config = Config(128ull << 20, 1, "workload=fill,verify");

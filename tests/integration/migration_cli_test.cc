@@ -35,6 +35,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/integration/huge_pages.h"
+#include "tests/integration/test_accel.h"
 
 extern char** environ;
 
@@ -69,6 +70,7 @@ class Cli {
                                      0644);
     posix_spawn_file_actions_addopen(&actions, 2, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
                                      0644);
+    itest::AddAccelArgs(args);
     args.insert(args.begin(), FAULTLINE_CLI_PATH);
     command_ = fmt::format("{}", fmt::join(args, " "));
     std::vector<char*> argv;
@@ -291,6 +293,7 @@ INSTANTIATE_TEST_SUITE_P(FiveTimes, RepeatedMigrationTest, ::testing::Range(0, 5
 class BackingMigrationTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(BackingMigrationTest, Migrates) {
+  if (GetParam() == "gmem") FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
   // Source and destination: 2 x 256 MiB of 2 MiB pages.
   std::optional<HugePages> huge;
   if (GetParam() == "hugetlb") huge.emplace(256);

@@ -3,6 +3,7 @@
 // pre-copy runs, is paused for the final pass, continues on the destination
 // and verifies every page there. And: a link cut before the switchover
 // leaves the source running its guest to a correct end.
+#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -16,6 +17,7 @@
 #include "src/migration/tcp_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/vmm/vm.h"
+#include "tests/integration/test_accel.h"
 
 namespace faultline::migration {
 namespace {
@@ -23,8 +25,9 @@ namespace {
 using ::testing::HasSubstr;
 using namespace std::chrono_literals;
 
-vmm::VmConfig GuestConfig(DirtyLogMode mode) {
+vmm::VmConfig GuestConfig(std::optional<DirtyLogMode> mode) {
   vmm::VmConfig c;
+  c.accel = itest::TestAccelChoice();
   c.mem_size = 256ull << 20;
   c.vcpus = 2;
   c.guest_args = "workload=fill,random,verify until_command=1 rate=64 quiet=1";
@@ -58,6 +61,7 @@ Result2 Migrate(vmm::Vm& from, vmm::Vm& to, SourceOptions options,
 class MigrationTest : public ::testing::TestWithParam<DirtyLogMode> {};
 
 TEST_P(MigrationTest, RunningGuestContinuesOnTheDestination) {
+  if (GetParam() != DirtyLogMode::kUffdWp) FAULTLINE_SKIP_UNLESS_KVM("KVM's dirty log");
   const vmm::VmConfig config = GuestConfig(GetParam());
   auto from = vmm::Vm::Create(config);
   ASSERT_TRUE(from.has_value()) << from.error().ToString();
@@ -106,13 +110,16 @@ TEST_P(MigrationTest, RunningGuestContinuesOnTheDestination) {
 }
 
 INSTANTIATE_TEST_SUITE_P(DirtyLog, MigrationTest,
-                         ::testing::Values(DirtyLogMode::kBitmap, DirtyLogMode::kRing),
+                         ::testing::Values(DirtyLogMode::kBitmap, DirtyLogMode::kRing,
+                                           DirtyLogMode::kUffdWp),
                          [](const auto& info) {
-                           return std::string(DirtyLogModeName(info.param));
+                           std::string name = DirtyLogModeName(info.param);
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
                          });
 
 TEST(MigrationFailureTest, CutBeforeSwitchoverSourceGuestFinishes) {
-  const vmm::VmConfig config = GuestConfig(DirtyLogMode::kBitmap);
+  const vmm::VmConfig config = GuestConfig(std::nullopt);
   auto from = vmm::Vm::Create(config);
   ASSERT_TRUE(from.has_value()) << from.error().ToString();
   vmm::VmConfig incoming = config;

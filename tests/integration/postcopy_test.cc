@@ -47,6 +47,7 @@
 #include "src/migration/vm_adapter.h"
 #include "src/vmm/vm.h"
 #include "tests/integration/huge_pages.h"
+#include "tests/integration/test_accel.h"
 
 namespace faultline::migration {
 namespace {
@@ -73,6 +74,7 @@ struct FillSignal {
 
 vmm::VmConfig GuestConfig(uint64_t mem, Backing backing, FillSignal* fill = nullptr) {
   vmm::VmConfig c;
+  c.accel = itest::TestAccelChoice();
   c.mem_size = mem;
   c.vcpus = kVcpus;
   c.backing = backing;
@@ -344,6 +346,7 @@ class PostcopyInstallerTest : public ::testing::TestWithParam<Combo> {};
 TEST_P(PostcopyInstallerTest, GuestVerifiesEveryPageOnTheDestination) {
   constexpr uint64_t kMem = 128ull << 20;
   const Combo c = GetParam();
+  if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
   std::optional<HugePages> huge;
   if (c.backing == Backing::kHugetlb) {
     if (auto why = ReserveHugePages(huge, kMem)) GTEST_SKIP() << *why;
@@ -413,6 +416,7 @@ TEST(PostcopyRefusalTest, UnsupportedInstallerIsRefusedAndTheSourceRunsOn) {
           })) {
         continue;
       }
+      if (backing == Backing::kGuestMemfd && !itest::OnKvm()) continue;  // needs /dev/kvm
       SCOPED_TRACE(fmt::format("{} on {}", InstallerName(installer), BackingName(backing)));
       std::optional<HugePages> huge;
       if (backing == Backing::kHugetlb) huge.emplace(kMem / kHugePageSize);
@@ -504,6 +508,7 @@ class PostcopyTwoGiBTest : public ::testing::TestWithParam<TwoGiBRun> {};
 TEST_P(PostcopyTwoGiBTest, GuestVerifiesEveryPage) {
   constexpr uint64_t kMem = 2ull << 30;
   const Backing backing = GetParam().backing;
+  if (backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
   std::optional<HugePages> huge;
   if (backing == Backing::kHugetlb) {
     if (auto why = ReserveHugePages(huge, kMem)) GTEST_SKIP() << *why;

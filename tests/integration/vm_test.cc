@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "guest/abi.h"
+#include "tests/integration/test_accel.h"
 
 namespace faultline::vmm {
 namespace {
@@ -19,6 +20,7 @@ using namespace std::chrono_literals;
 
 VmConfig Config(uint64_t mem, uint32_t vcpus, std::string args) {
   VmConfig c;
+  c.accel = itest::TestAccelChoice();
   c.mem_size = mem;
   c.vcpus = vcpus;
   c.guest_args = std::move(args) + " quiet=1";

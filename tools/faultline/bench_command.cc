@@ -31,6 +31,7 @@ using paging::PagingBenchConfig;
 using paging::PagingBenchRun;
 
 struct BenchOptions {
+  AccelOptions accel;
   std::string installer = "best";
   std::string backing = "anon";
   uint32_t vcpus = 2;
@@ -78,8 +79,10 @@ double HistogramPercentileUs(const GuestReport& report, uint32_t phase, double f
 // vCPUs touch every page of their regions once. Rates are the guest's own
 // (its touch phase, timed with RDTSC).
 Result<PagingBenchRun> RunGuestPagingBench(const PagingBenchConfig& c, uint64_t chunk,
-                                           const std::string& guest_path) {
+                                           const std::string& guest_path,
+                                           const AccelOptions& accel) {
   vmm::VmConfig config;
+  RETURN_IF_ERROR(ApplyAccelOptions(accel, config));
   config.guest_path = guest_path;
   config.mem_size = c.mem;
   config.vcpus = c.threads;
@@ -237,7 +240,7 @@ int RunPaging(const BenchOptions& o) {
   std::vector<std::vector<PagingBenchRun>> runs(installers->size());
   auto run_one = [&](const PagingBenchConfig& c) {
     return o.driver == "host" ? paging::RunHostPagingBench(c)
-                              : RunGuestPagingBench(c, *chunk, o.guest);
+                              : RunGuestPagingBench(c, *chunk, o.guest, o.accel);
   };
   // The floor on the same backing; guest_memfd has no userfaultfd, so its
   // floor is measured on anonymous memory.
@@ -319,6 +322,7 @@ void AddBenchCommand(CLI::App& app, Action& action) {
       "fault latency against the UFFDIO_ZEROPAGE floor of the same run");
   paging->add_option("--installer", o->installer, "copy, move, continue, hole, best or all")
       ->capture_default_str();
+  AddAccelOptions(paging, &o->accel);
   paging->add_option("--backing", o->backing, "RAM backing: anon, memfd, hugetlb, gmem")
       ->capture_default_str();
   paging->add_option("--vcpus", o->vcpus, "vCPUs (threads touching memory)")->capture_default_str();

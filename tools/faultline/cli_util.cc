@@ -1,5 +1,9 @@
 #include "tools/faultline/cli_util.h"
 
+#include <CLI/CLI.hpp>
+#include <memory>
+#include <mutex>
+
 #include <charconv>
 #include <cmath>
 #include <map>
@@ -7,6 +11,40 @@
 #include <fmt/format.h>
 
 namespace faultline::cli {
+
+void AddAccelOptions(CLI::App* command, AccelOptions* options) {
+  command
+      ->add_option("--accel", options->accel,
+                   "Accelerator: auto (KVM when /dev/kvm opens, else the software CPU), kvm, tcg "
+                   "(the software CPU, libunicorn)")
+      ->capture_default_str();
+  command->add_option("--dirty", options->dirty,
+                      "Dirty tracking: bitmap or ring (KVM's dirty log), uffd-wp (userfaultfd "
+                      "write-protect, any accelerator; default on tcg)");
+}
+
+Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config) {
+  Result<hv::AccelChoice> accel = hv::ParseAccel(options.accel);
+  if (!accel.has_value()) return accel.error().WithContext("--accel");
+  config.accel = *accel;
+  if (!options.dirty.empty()) {
+    Result<DirtyLogMode> dirty = ParseDirtyLogMode(options.dirty);
+    if (!dirty.has_value()) return dirty.error().WithContext("--dirty");
+    config.dirty_mode = *dirty;
+  }
+  // Copies of the config (a demo's two VMs) share the flag: said once.
+  auto said = std::make_shared<std::once_flag>();
+  config.on_accel_fallback = [said](std::string_view why) {
+    std::call_once(*said, [&] {
+      fmt::print(stderr,
+                 "faultline: no KVM ({}): running on the software CPU (tcg); --accel kvm "
+                 "makes this an error\n",
+                 why);
+    });
+  };
+  return Status::Ok();
+}
+
 
 Result<uint64_t> ParseSize(std::string_view text) {
   uint64_t value = 0;

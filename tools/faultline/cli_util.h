@@ -10,8 +10,23 @@
 
 #include "faultline/guest_report.h"
 #include "faultline/status.h"
+#include "src/vmm/vm.h"
+
+namespace CLI {
+class App;
+}
 
 namespace faultline::cli {
+
+// --accel and --dirty, for the commands that create VMs (run, demo, bench).
+struct AccelOptions {
+  std::string accel = "auto";
+  std::string dirty;  // empty: the accelerator's own
+};
+void AddAccelOptions(CLI::App* command, AccelOptions* options);
+// Parses them into `config` (errors name the option and list the choices),
+// and has the VM say once on stderr when `auto` chose the software CPU.
+Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config);
 
 // "1G", "512M", "64MiB", "2g", "4096": a byte count. Errors say the syntax.
 Result<uint64_t> ParseSize(std::string_view text);

@@ -52,6 +52,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct DemoOptions {
+  AccelOptions accel;
   std::string guest = FAULTLINE_DEFAULT_GUEST;
   std::string mode = "postcopy";
   std::string installer;        // post-copy: the destination's, default per backing
@@ -162,6 +163,7 @@ int Demo(const DemoOptions& o) {
   Result<Backing> backing = ParseBacking(o.backing);
   if (!backing.has_value()) return Fail(backing.error().WithContext("--backing"));
   config.backing = *backing;
+  if (Status s = ApplyAccelOptions(o.accel, config); !s.ok()) return Fail(s);
   const uint32_t rate = o.idle ? 1 : o.rate_mibps;
   // The guest writes until the VMM says stop (on the destination), then
   // verifies every page against its ledger.
@@ -185,6 +187,8 @@ int Demo(const DemoOptions& o) {
   const auto demo_start = Clock::now();
   Result<std::unique_ptr<vmm::Vm>> source = vmm::Vm::Create(config);
   if (!source.has_value()) return Fail(source.error().WithContext("source VM"));
+  const char* accel = hv::AccelName((*source)->accel());
+  const char* dirty = DirtyLogModeName((*source)->dirty_mode());
   Result<std::unique_ptr<vmm::Vm>> destination = vmm::Vm::Create(incoming);
   if (!destination.has_value()) return Fail(destination.error().WithContext("destination VM"));
   Result<std::unique_ptr<migration::TcpListener>> listener =
@@ -401,6 +405,8 @@ int Demo(const DemoOptions& o) {
     nlohmann::json j = {
         {"mode", o.mode},
         {"backing", BackingName(config.backing)},
+        {"accel", accel},
+        {"dirty", dirty},
         {"mem_bytes", *mem},
         {"vcpus", o.vcpus},
         {"channels", o.channels},
@@ -442,8 +448,9 @@ int Demo(const DemoOptions& o) {
     }
     fmt::print("{}\n", j.dump());
   } else {
-    fmt::print("live migration ({}), {} MiB guest, {} vCPUs, {} backing, {} channel(s)\n", o.mode,
-               *mem >> 20, o.vcpus, BackingName(config.backing), o.channels);
+    fmt::print("live migration ({}), {} MiB guest, {} vCPUs, {} backing, {} channel(s), {}\n",
+               o.mode, *mem >> 20, o.vcpus, BackingName(config.backing), o.channels,
+               accel);
     fmt::print("  total time        {:9.1f} ms\n", total_ms);
     fmt::print("  switchover pause  {:9.1f} ms   (source stopped -> destination running)\n",
                pause_ms);
@@ -526,6 +533,7 @@ void AddDemoCommand(CLI::App& app, Action& action) {
                   "Post-copy: how the destination installs fetched pages (continue, move, copy, "
                   "hole); default per backing: continue for memfd and hugetlb, move for anon, "
                   "hole for gmem");
+  AddAccelOptions(cmd, &o->accel);
   cmd->add_option("--backing", o->backing, "RAM backing: anon, memfd, hugetlb, gmem")
       ->capture_default_str();
   cmd->add_option("--mem", o->mem, "Guest RAM, e.g. 2G")->capture_default_str();

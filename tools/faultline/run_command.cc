@@ -36,6 +36,7 @@ namespace faultline::cli {
 namespace {
 
 struct RunOptions {
+  AccelOptions accel;
   std::string guest = FAULTLINE_DEFAULT_GUEST;
   std::string mem = "1G";
   uint32_t vcpus = 1;
@@ -238,6 +239,7 @@ int Run(const RunOptions& o) {
   Result<Backing> backing = ParseBacking(o.backing);
   if (!backing.has_value()) return Fail(backing.error().WithContext("--backing"));
   config.backing = *backing;
+  if (Status s = ApplyAccelOptions(o.accel, config); !s.ok()) return Fail(s);
   Result<std::string> args = WorkloadToGuestArgs(o.workload, o.duration_s);
   if (!args.has_value()) return Fail(args.error().WithContext("--workload"));
   config.guest_args = *args;
@@ -362,12 +364,15 @@ int Run(const RunOptions& o) {
     j["elapsed_ms"] = elapsed_ms;
     j["mem_bytes"] = config.mem_size;
     j["backing"] = BackingName(config.backing);
+    j["accel"] = hv::AccelName((*vm)->accel());
+    j["dirty"] = DirtyLogModeName((*vm)->dirty_mode());
     if (!incoming_json.is_null()) j["incoming"] = incoming_json;
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("{}", FormatReport(*report));
-    fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing{})\n", elapsed_ms,
+    fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing, {}{})\n", elapsed_ms,
                config.mem_size >> 20, config.vcpus, BackingName(config.backing),
+               hv::AccelName((*vm)->accel()),
                o.incoming.empty() ? "" : ", received by migration");
   }
   if (report->success()) return 0;
@@ -395,6 +400,7 @@ void AddRunCommand(CLI::App& app, Action& action) {
                   "options go to the guest (rate=MiBps, ops=N, hot_pages=N, seed=N)")
       ->capture_default_str();
   run->add_option("--duration", options->duration_s, "Seconds for random/hotset phases");
+  AddAccelOptions(run, &options->accel);
   run->add_option("--backing", options->backing, "RAM backing: anon, memfd, hugetlb, gmem")
       ->capture_default_str();
   run->add_option("--timeout", options->timeout_s, "Give up after this many seconds");
