@@ -5,6 +5,7 @@
 #include <unicorn/unicorn.h>
 #include <x86intrin.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <map>
@@ -120,6 +121,11 @@ class TcgVcpuImpl final : public Vcpu {
   bool resync_ = false;
   int exception_ = -1;
   bool dead_ = false;  // left through a signal: the engine's state is gone
+  // Segments as last set or decoded (CS, SS, DS, ES, FS, GS): GetState
+  // decodes a descriptor from guest memory only for a selector the guest
+  // changed since, so that it never touches a page that may still be
+  // missing (post-copy, before the pager runs).
+  mutable std::array<Segment, 6> known_segments_{};
 };
 
 class TcgVmImpl final : public Vm {
@@ -538,13 +544,18 @@ Result<VcpuState> TcgVcpuImpl::GetState() const {
     if ((selector & ~3u) == 0) seg.unusable = 1;
     return seg;
   };
-  const std::pair<Segment*, int> segs[] = {{&s.cs, UC_X86_REG_CS}, {&s.ds, UC_X86_REG_DS},
-                                           {&s.es, UC_X86_REG_ES}, {&s.fs, UC_X86_REG_FS},
-                                           {&s.gs, UC_X86_REG_GS}, {&s.ss, UC_X86_REG_SS}};
-  for (const auto& [seg, reg] : segs) {
+  const std::pair<Segment*, int> segs[] = {{&s.cs, UC_X86_REG_CS}, {&s.ss, UC_X86_REG_SS},
+                                           {&s.ds, UC_X86_REG_DS}, {&s.es, UC_X86_REG_ES},
+                                           {&s.fs, UC_X86_REG_FS}, {&s.gs, UC_X86_REG_GS}};
+  for (size_t i = 0; i < std::size(segs); ++i) {
+    const auto& [seg, reg] = segs[i];
     uint64_t selector = 0;
     uc_reg_read(uc_, reg, &selector);
-    *seg = descriptor(static_cast<uint16_t>(selector), false);
+    Segment& known = known_segments_[i];
+    if (known.selector != selector || known.present == 0) {
+      known = descriptor(static_cast<uint16_t>(selector), false);
+    }
+    *seg = known;
   }
   uc_reg_read(uc_, UC_X86_REG_FS_BASE, &s.fs.base);
   uc_reg_read(uc_, UC_X86_REG_GS_BASE, &s.gs.base);
@@ -600,6 +611,7 @@ Status TcgVcpuImpl::SetState(const VcpuState& s) {
                                                  {&s.ds, UC_X86_REG_DS}, {&s.es, UC_X86_REG_ES},
                                                  {&s.fs, UC_X86_REG_FS}, {&s.gs, UC_X86_REG_GS}};
   const bool protected_mode = (s.cr0 & 1) != 0;
+  known_segments_ = {s.cs, s.ss, s.ds, s.es, s.fs, s.gs};
   for (const auto& [seg, reg] : segs) {
     uint64_t selector = seg->selector;
     if (!protected_mode || (selector & ~3u) != 0 || reg != UC_X86_REG_CS) {
@@ -675,6 +687,8 @@ uint32_t HostTscKhz() {
   static const uint32_t khz = CalibrateTscKhz();
   return khz;
 }
+
+bool InSoftwareCpu() { return t_escape != nullptr; }
 
 void LeaveSoftwareCpuAfterSignal() {
   if (sigjmp_buf* escape = t_escape) {

@@ -42,5 +42,7 @@ uint32_t HostTscKhz();
 // CPU engine, leaves the engine (never returns) and its Run() returns
 // kInterrupted; the engine cannot run again. Returns if it is not.
 void LeaveSoftwareCpuAfterSignal();
+// Whether the calling thread is inside a software CPU engine's run.
+bool InSoftwareCpu();
 
 }  // namespace faultline::hv

@@ -35,10 +35,13 @@ void Chain(int sig, siginfo_t* info, void* context) {
 void Handler(int sig, siginfo_t* info, void* context) {
   const auto address = reinterpret_cast<uintptr_t>(info->si_addr);
   const bool from_kvm = info->si_code == BUS_MCEERR_AR || info->si_code == BUS_MCEERR_AO;
+  // The software CPU's own access to a page poisoned with UFFDIO_POISON
+  // (this kernel reports those as BUS_ADRERR to user space).
+  const bool from_tcg = hv::InSoftwareCpu() && info->si_code == BUS_ADRERR;
   // A repeat at the same address before the record was taken is not KVM
   // (which reports once per KVM_RUN): it is an access from this thread's
   // own code that would fault forever if we returned.
-  if (!t_armed || !from_kvm || (t_pending && t_address == address)) {
+  if (!t_armed || !(from_kvm || from_tcg) || (t_pending && t_address == address)) {
     Chain(sig, info, context);
     return;
   }

@@ -1,7 +1,9 @@
 // MemoryErrorTrap: turns the SIGBUS that KVM sends a vCPU thread touching a
 // poisoned page (BUS_MCEERR_AR, si_addr = the host address) into a record
 // the thread picks up once KVM_RUN has returned EINTR, instead of killing
-// the process.
+// the process. On the software CPU the SIGBUS (BUS_ADRERR) comes from the
+// engine's own access, and the handler leaves the engine (its run returns
+// interrupted) instead of returning into the faulting access.
 //
 // Only armed threads (vCPU threads) are handled; any other SIGBUS, and a
 // second SIGBUS at the same address before the first was taken (a plain

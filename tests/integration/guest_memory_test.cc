@@ -120,7 +120,9 @@ TEST(GuestMemoryTest, HoleRaceWithRunningVcpus) {
   EXPECT_EQ(bad, 0u);
   EXPECT_GT(hole, 0u) << "no vCPU touched the window while it was a hole";
   EXPECT_GT(ram, 0u) << "no vCPU read the window's original data";
-  EXPECT_EQ(vm->hole_accesses(), hole);
+  // libunicorn splits an 8-byte access to MMIO into two 4-byte ones, each
+  // an exit of its own; KVM exits once.
+  EXPECT_EQ(vm->hole_accesses(), itest::OnKvm() ? hole : 2 * hole);
 }
 
 // The guest rewrites a known set of pages; a layout change elsewhere in the
