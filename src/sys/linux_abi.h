@@ -261,3 +261,72 @@ static_assert(KVM_GET_MSR_INDEX_LIST == 0xc004ae02u);
 static_assert(KVM_GET_MSRS == 0xc008ae88u && KVM_SET_MSRS == 0x4008ae89u);
 static_assert(KVM_GET_XSAVE == 0x9000aea4u && KVM_SET_XSAVE == 0x5000aea5u);
 static_assert(KVM_GET_XSAVE2 == 0x9000aecfu);
+
+// ---------------------------------------------------------------------------
+// PAGEMAP_SCAN (include/uapi/linux/fs.h; Documentation/admin-guide/mm/pagemap.rst)
+// ---------------------------------------------------------------------------
+
+// Linux 6.7: an ioctl on /proc/<pid>/pagemap that reports page table state
+// as ranges (struct page_region) and, with PM_SCAN_WP_MATCHING, write-protects
+// the matching pages in the same walk (userfaultfd WP_ASYNC ranges only).
+// <linux/fs.h> is deliberately not included here (it brings <linux/mount.h>,
+// which clashes with glibc's <sys/mount.h>): a file using a newer
+// <linux/fs.h> must include it before this header, and then its definitions win.
+#ifndef PAGEMAP_SCAN
+#define PAGE_IS_WPALLOWED (1 << 0)   // async write-protect enabled on the page
+#define PAGE_IS_WRITTEN (1 << 1)     // written since it was write-protected
+#define PAGE_IS_FILE (1 << 2)        // file-backed (or shmem)
+#define PAGE_IS_PRESENT (1 << 3)     // present in memory
+#define PAGE_IS_SWAPPED (1 << 4)     // swapped out
+#define PAGE_IS_PFNZERO (1 << 5)     // maps the zero page
+#define PAGE_IS_HUGE (1 << 6)        // THP or hugetlb
+#define PAGE_IS_SOFT_DIRTY (1 << 7)  // soft-dirty
+
+struct page_region {
+  __u64 start;
+  __u64 end;  // exclusive
+  __u64 categories;
+};
+
+#define PM_SCAN_WP_MATCHING (1 << 0)    // write-protect the pages matched
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)  // fail (EPERM) on a range without async WP
+
+struct pm_scan_arg {
+  __u64 size;  // sizeof(struct pm_scan_arg)
+  __u64 flags;
+  __u64 start;
+  __u64 end;
+  __u64 walk_end;  // written by the kernel: where the walk stopped (== end: all of it)
+  __u64 vec;       // struct page_region[vec_len]
+  __u64 vec_len;
+  __u64 max_pages;  // 0: no limit
+  __u64 category_inverted;
+  __u64 category_mask;
+  __u64 category_anyof_mask;
+  __u64 return_mask;
+};
+
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+
+// Linux 6.15: guard regions (MADV_GUARD_INSTALL) as a category.
+#ifndef PAGE_IS_GUARD
+#define PAGE_IS_GUARD (1 << 8)
+#endif
+
+namespace faultline::sys::abi_check {
+
+static_assert(sizeof(page_region) == 24);
+static_assert(offsetof(page_region, categories) == 16);
+static_assert(sizeof(pm_scan_arg) == 96);
+static_assert(offsetof(pm_scan_arg, walk_end) == 32);
+static_assert(offsetof(pm_scan_arg, vec) == 40);
+static_assert(offsetof(pm_scan_arg, max_pages) == 56);
+static_assert(offsetof(pm_scan_arg, return_mask) == 88);
+static_assert(PAGEMAP_SCAN == 0xc0606610UL);  // _IOWR('f' = 0x66, 16, 96)
+static_assert(PM_SCAN_WP_MATCHING == 1 && PM_SCAN_CHECK_WPASYNC == 2);
+static_assert(PAGE_IS_WPALLOWED == 0x01 && PAGE_IS_WRITTEN == 0x02 && PAGE_IS_FILE == 0x04);
+static_assert(PAGE_IS_PRESENT == 0x08 && PAGE_IS_SWAPPED == 0x10 && PAGE_IS_PFNZERO == 0x20);
+static_assert(PAGE_IS_HUGE == 0x40 && PAGE_IS_SOFT_DIRTY == 0x80 && PAGE_IS_GUARD == 0x100);
+
+}  // namespace faultline::sys::abi_check
