@@ -559,12 +559,16 @@ Result<VcpuState> TcgVcpuImpl::GetState() const {
   }
   uc_reg_read(uc_, UC_X86_REG_FS_BASE, &s.fs.base);
   uc_reg_read(uc_, UC_X86_REG_GS_BASE, &s.gs.base);
-  s.tr = descriptor(tr.selector, true);
-  s.tr.base = tr.base;
-  s.tr.limit = tr.limit;
-  s.ldt = descriptor(ldtr.selector, true);
-  s.ldt.base = ldtr.base;
-  s.ldt.limit = ldtr.limit;
+  // TR and LDTR come with their hidden parts (flags in descriptor layout).
+  auto system_segment = [](const uc_x86_mmr& m) {
+    Segment seg = DecodeDescriptor(m.selector, uint64_t{m.flags} << 32, 0, true);
+    seg.base = m.base;
+    seg.limit = m.limit;
+    if ((m.selector & ~3u) == 0 && seg.present == 0) seg.unusable = 1;
+    return seg;
+  };
+  s.tr = system_segment(tr);
+  s.ldt = system_segment(ldtr);
   // x87 and SSE.
   uint64_t v = 0;
   for (int i = 0; i < 8; ++i) uc_reg_read(uc_, UC_X86_REG_ST0 + i, s.fpu.st[i].data());
