@@ -102,6 +102,7 @@ class TcgVcpuImpl final : public Vcpu {
   Status MapRam(const Region& r);
   void UnmapMmioIn(uint64_t gpa, uint64_t size);
   bool Halted() const;
+  bool EmulateGuarded(uint64_t rip, uc_err* err);
   // An access through an MMIO page that RAM covers now: done on the host.
   bool AccessRamDirect(uint64_t gpa, unsigned size, bool write, uint64_t* value);
 
@@ -409,6 +410,20 @@ Status TcgVcpuImpl::Sync() {
   return Status::Ok();
 }
 
+// Apart from Run(), with no locals a longjmp could clobber: runs the engine
+// with the calling thread's escape set. True if a signal left it.
+__attribute__((noinline)) bool TcgVcpuImpl::EmulateGuarded(uint64_t rip, uc_err* err) {
+  sigjmp_buf escape;
+  if (sigsetjmp(escape, 1) != 0) {
+    t_escape = nullptr;
+    return true;
+  }
+  t_escape = &escape;
+  *err = uc_emu_start(uc_, rip, kNoUntil, 0, 0);
+  t_escape = nullptr;
+  return false;
+}
+
 Result<RunOutcome> TcgVcpuImpl::Run(const ExitHandler& handler) {
   if (dead_) {
     return Error("vcpu {}: the software CPU left the guest on a memory error and cannot resume",
@@ -422,17 +437,13 @@ Result<RunOutcome> TcgVcpuImpl::Run(const ExitHandler& handler) {
   error_ = Status::Ok();
   finished_ = false;
   exception_ = -1;
-  sigjmp_buf escape;
-  if (sigsetjmp(escape, 1) != 0) {
+  uc_err err = UC_ERR_OK;
+  if (EmulateGuarded(rip, &err)) {
     // A SIGBUS handler left the engine (LeaveSoftwareCpuAfterSignal).
-    t_escape = nullptr;
     handler_ = nullptr;
     dead_ = true;
     return RunOutcome::kInterrupted;
   }
-  t_escape = &escape;
-  uc_err err = uc_emu_start(uc_, rip, kNoUntil, 0, 0);
-  t_escape = nullptr;
   handler_ = nullptr;
   if (!error_.ok()) return error_;
   if (finished_) return RunOutcome::kFinished;
