@@ -20,6 +20,7 @@ enum Tag : uint32_t {
   kLapic,
   kEvents,
   kMpState,
+  kEnd = 31,  // last, empty: a state cut at a section boundary is still an error
 };
 
 class Writer {
@@ -150,6 +151,7 @@ std::vector<uint8_t> VcpuState::Serialize() const {
   if (!lapic.empty()) w.Section(kLapic, [&] { w.Raw(lapic.data(), lapic.size()); });
   if (!events.empty()) w.Section(kEvents, [&] { w.Raw(events.data(), events.size()); });
   if (!mp_state.empty()) w.Section(kMpState, [&] { w.Raw(mp_state.data(), mp_state.size()); });
+  w.Section(kEnd, [] {});
   return w.Take();
 }
 
@@ -165,9 +167,14 @@ Result<VcpuState> VcpuState::Deserialize(std::span<const uint8_t> bytes) {
     return Error("vCPU state: version {}, this build reads version {}", version, kVersion);
   }
   uint32_t seen = 0;
-  while (!r.done()) {
+  for (;;) {
     uint32_t tag, len;
+    if (r.done()) return Error("vCPU state: truncated ({} bytes, no end section)", bytes.size());
     if (!r.U32(&tag) || !r.U32(&len)) return Error("vCPU state: truncated section header");
+    if (tag == kEnd) {
+      if (len != 0 || !r.done()) return Error("vCPU state: bytes after the end section");
+      break;
+    }
     if (tag >= 32 || (seen & (1u << tag))) {
       return Error("vCPU state: bad or repeated section {}", tag);
     }

@@ -122,6 +122,7 @@ Result<DestinationStats> MigrationDestination::Attempt::Run(Acceptor& acceptor) 
   config.key = o_.options_.key;
   config.max_page_channels = o_.options_.max_page_channels;
   config.vcpus = o_.vm_.vcpu_count();
+  config.accel = o_.vm_.accelerator();
   ASSIGN_OR_RETURN(Nonce nonce, RandomNonce());
   SessionReceiver receiver(std::move(config), nonce);
   ASSIGN_OR_RETURN(Session session, AcceptSession(acceptor, receiver, o_.options_.accept));

@@ -74,6 +74,7 @@ Result<Session> ConnectSession(Connector& connector, const SourceSessionOptions&
   hello.page_channels = options.page_channels;
   hello.blocks = options.blocks;
   hello.features_offered = options.extra_features;
+  hello.hello_flags = static_cast<uint32_t>(options.accel);
   if (!options.key.empty()) {
     RETURN_IF_ERROR(ValidateKey(options.key));
     hello.features_offered |= kFeatureAuth;

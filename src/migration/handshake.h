@@ -39,6 +39,7 @@ struct SourceSessionOptions {
   uint16_t page_channels = 4;
   AuthKey key;                  // non-empty: authentication offered and required
   uint64_t extra_features = 0;  // offered besides kFeatureAuth (none implemented yet)
+  HelloAccel accel = HelloAccel::kUnspecified;  // whose vCPU state this source sends
 };
 
 // The source side. On a failure after the main channel is up, the source

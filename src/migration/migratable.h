@@ -14,6 +14,7 @@
 #include "faultline/ram_block.h"
 #include "faultline/status.h"
 #include "src/memory/dirty_bitmap.h"
+#include "src/migration/wire.h"
 
 namespace faultline::migration {
 
@@ -26,6 +27,9 @@ struct DeviceBlob {
 class SourceVm {
  public:
   virtual ~SourceVm() = default;
+
+  // Whose vCPU state SaveVcpus produces (said in the Hello).
+  virtual HelloAccel accelerator() const { return HelloAccel::kUnspecified; }
 
   // The RAM blocks to migrate, in a stable order. Their host() mappings are
   // read while the guest runs; dirty tracking makes that safe.
@@ -53,6 +57,9 @@ class SourceVm {
 class DestinationVm {
  public:
   virtual ~DestinationVm() = default;
+
+  // Whose vCPU state LoadVcpus takes (a Hello of another is refused).
+  virtual HelloAccel accelerator() const { return HelloAccel::kUnspecified; }
 
   // The blocks incoming pages are written to, through host(). The VM must
   // not run until LoadVcpus succeeded.

@@ -112,6 +112,7 @@ ReceiverConfig PostcopyDestination::MakeReceiverConfig() const {
   config.vcpus = vm_.vcpu_count();
   config.features_supported = kFeatureAuth | kFeaturePostcopy | kFeatureRecovery;
   config.refusal = vm_.CheckPaging();
+  config.accel = vm_.accelerator();
   return config;
 }
 

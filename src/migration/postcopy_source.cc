@@ -150,7 +150,7 @@ Result<PostcopySourceStats> PostcopySource::Run(Connector& connector) {
   {
     Result<Session> session =
         ConnectSession(connector, {infos, options_.base.page_channels, options_.base.key,
-                                   kFeaturePostcopy | kFeatureRecovery});
+                                   kFeaturePostcopy | kFeatureRecovery, vm_.accelerator()});
     if (!session) return fail_running(session.error());
     if (!(session->ack.features & kFeaturePostcopy)) {
       (void)SendError(*session->main, ErrorCode::kFeatures,
@@ -501,7 +501,8 @@ Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
   Attempt attempt;
   ASSIGN_OR_RETURN(attempt.session,
                    ConnectSession(connector, {infos, options_.base.page_channels, options_.base.key,
-                                              kFeaturePostcopy | kFeatureRecovery}));
+                                              kFeaturePostcopy | kFeatureRecovery,
+                                              vm_.accelerator()}));
   if (!(attempt.session.ack.features & kFeatureRecovery)) {
     return SendError(*attempt.session.main, ErrorCode::kFeatures,
                      Error("the destination does not support post-copy recovery"));

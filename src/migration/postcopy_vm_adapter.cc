@@ -58,6 +58,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
 
   // What pre-copy needs of the VM is the pre-copy destination's.
   std::vector<std::shared_ptr<RamBlock>> blocks() override { return precopy_->blocks(); }
+  HelloAccel accelerator() const override { return precopy_->accelerator(); }
   bool memory_is_zero() const override { return precopy_->memory_is_zero(); }
   uint32_t vcpu_count() const override { return precopy_->vcpu_count(); }
   Status LoadVcpus(std::span<const std::vector<uint8_t>> blobs) override {

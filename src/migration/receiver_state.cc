@@ -120,6 +120,15 @@ Status SessionReceiver::OnHello(const Hello& hello) {
     return Error("the source wants {} page channels; this destination allows {}",
                  hello.page_channels, config_.max_page_channels);
   }
+  const auto source_accel = static_cast<HelloAccel>(hello.hello_flags & kHelloAccelMask);
+  if (source_accel != HelloAccel::kUnspecified && config_.accel != HelloAccel::kUnspecified &&
+      source_accel != config_.accel) {
+    error_code_ = ErrorCode::kFeatures;
+    return Error(
+        "the source VM runs on {} and this destination on {}: vCPU state does not move between "
+        "accelerators — start both ends with the same --accel",
+        HelloAccelName(source_accel), HelloAccelName(config_.accel));
+  }
   if (Status match = CheckBlocksMatch(hello.blocks, config_.blocks); !match.ok()) {
     error_code_ = ErrorCode::kBlockMismatch;
     return match;

@@ -53,6 +53,9 @@ struct ReceiverConfig {
   uint64_t features_supported = kFeatureAuth;
   uint16_t max_page_channels = kMaxPageChannels;
   uint32_t vcpus = 0;  // vCPUs the destination VM has; 0 accepts any count
+  // The destination VM's accelerator: a source of another one is refused at
+  // its Hello (kUnspecified on either side accepts).
+  HelloAccel accel = HelloAccel::kUnspecified;
   // Not OK: this destination cannot take a migration as it is set up (say,
   // an installer its memory backing does not support). A source that is
   // otherwise accepted is refused at its Hello with this error (kFeatures),

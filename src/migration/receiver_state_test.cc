@@ -228,6 +228,36 @@ TEST(ReceiverStateTest, NegotiationErrors) {
   }
 }
 
+// vCPU state does not move between KVM and the software CPU: refused at the
+// Hello, before any page; an end that does not say accepts.
+TEST(ReceiverStateTest, AcceleratorMismatchIsRefusedAtHello) {
+  {
+    ReceiverConfig config = Config();
+    config.accel = HelloAccel::kTcg;
+    SessionReceiver r(config, DestinationNonce());
+    Hello h = MakeHello();
+    h.hello_flags = static_cast<uint32_t>(HelloAccel::kKvm);
+    Status s = r.OnMessage(h);
+    EXPECT_EQ(s.message(),
+              "the source VM runs on kvm and this destination on tcg (the software CPU): vCPU "
+              "state does not move between accelerators — start both ends with the same --accel");
+    EXPECT_EQ(r.error_code(), ErrorCode::kFeatures);
+    EXPECT_EQ(r.phase(), ReceiverPhase::kFailed);
+  }
+  for (auto [source, destination] :
+       {std::pair{HelloAccel::kTcg, HelloAccel::kTcg}, std::pair{HelloAccel::kKvm, HelloAccel::kKvm},
+        std::pair{HelloAccel::kUnspecified, HelloAccel::kTcg},
+        std::pair{HelloAccel::kKvm, HelloAccel::kUnspecified}}) {
+    ReceiverConfig config = Config();
+    config.accel = destination;
+    SessionReceiver r(config, DestinationNonce());
+    Hello h = MakeHello();
+    h.hello_flags = static_cast<uint32_t>(source);
+    EXPECT_TRUE(r.OnMessage(h).ok()) << HelloAccelName(source) << " -> "
+                                     << HelloAccelName(destination);
+  }
+}
+
 TEST(ReceiverStateTest, Authentication) {
   const AuthKey key(32, 0x42);
   const AuthKey wrong(32, 0x43);

@@ -83,8 +83,9 @@ Result<SourceStats> MigrationSource::Attempt::Run(Connector& connector) {
   blocks_ = o_.vm_.blocks();
   std::vector<BlockInfo> infos;
   for (const auto& b : blocks_) infos.push_back(DescribeBlock(*b));
-  ASSIGN_OR_RETURN(Session session, ConnectSession(connector, {infos, o_.options_.page_channels,
-                                                               o_.options_.key, 0}));
+  ASSIGN_OR_RETURN(Session session,
+                   ConnectSession(connector, {infos, o_.options_.page_channels, o_.options_.key, 0,
+                                              o_.vm_.accelerator()}));
   {
     std::lock_guard lock(mu_);
     session_ = std::move(session);

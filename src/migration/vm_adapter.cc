@@ -3,10 +3,15 @@
 namespace faultline::migration {
 namespace {
 
+HelloAccel WireAccel(const vmm::Vm& vm) {
+  return vm.accel() == hv::Accel::kKvm ? HelloAccel::kKvm : HelloAccel::kTcg;
+}
+
 class VmSource final : public SourceVm {
  public:
   explicit VmSource(vmm::Vm& vm) : vm_(vm) {}
 
+  HelloAccel accelerator() const override { return WireAccel(vm_); }
   std::vector<std::shared_ptr<RamBlock>> blocks() override { return vm_.memory().blocks(); }
   Status StartDirtyTracking() override { return vm_.memory().StartDirtyTracking(); }
   Status StopDirtyTracking() override { return vm_.memory().StopDirtyTracking(); }
@@ -36,6 +41,7 @@ class VmDestination final : public DestinationVm {
  public:
   explicit VmDestination(vmm::Vm& vm) : vm_(vm) {}
 
+  HelloAccel accelerator() const override { return WireAccel(vm_); }
   std::vector<std::shared_ptr<RamBlock>> blocks() override { return vm_.memory().blocks(); }
   bool memory_is_zero() const override { return !vm_.config().boot; }
   uint32_t vcpu_count() const override { return vm_.config().vcpus; }

@@ -9,6 +9,18 @@
 
 namespace faultline::migration {
 
+const char* HelloAccelName(HelloAccel accel) {
+  switch (accel) {
+    case HelloAccel::kKvm:
+      return "kvm";
+    case HelloAccel::kTcg:
+      return "tcg (the software CPU)";
+    case HelloAccel::kUnspecified:
+      break;
+  }
+  return "unspecified";
+}
+
 const char* MessageTypeName(MessageType type) {
   switch (type) {
     case MessageType::kHello:

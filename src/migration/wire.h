@@ -141,6 +141,12 @@ Status CheckBlocksMatch(std::span<const BlockInfo> source, std::span<const Block
 
 // ---- Messages ---------------------------------------------------------------
 
+// The accelerator in Hello.hello_flags: vCPU state from one does not load
+// on the other, so a destination refuses a source of another accelerator.
+enum class HelloAccel : uint8_t { kUnspecified = 0, kKvm = 1, kTcg = 2 };
+inline constexpr uint32_t kHelloAccelMask = 0xff;
+const char* HelloAccelName(HelloAccel accel);  // "kvm", "tcg (the software CPU)", "unspecified"
+
 struct Hello {
   uint16_t min_version = kMinVersion;
   uint16_t max_version = kMaxVersion;
@@ -148,7 +154,9 @@ struct Hello {
   uint64_t features_offered = 0;
   uint64_t features_required = 0;
   uint64_t session_id = 0;   // non-zero, chosen at random by the source
-  uint32_t hello_flags = 0;  // none defined in version 1
+  // Bits 0..7: the accelerator whose vCPU state the source sends
+  // (HelloAccel); 0 = not said. No other bits are defined.
+  uint32_t hello_flags = 0;
   Nonce nonce{};
   std::vector<BlockInfo> blocks;
   friend bool operator==(const Hello&, const Hello&) = default;

@@ -108,7 +108,11 @@ Result<Message> DecodeHello(ByteReader& r, size_t length) {
     return Error("Hello: {} page channels (1 to {} allowed)", m.page_channels, kMaxPageChannels);
   }
   if (m.session_id == 0) return Error("Hello: session id 0 is not allowed");
-  if (m.hello_flags != 0) return Error("Hello: flags {:#x}; version 1 defines none", m.hello_flags);
+  if ((m.hello_flags & ~kHelloAccelMask) != 0 ||
+      (m.hello_flags & kHelloAccelMask) > static_cast<uint32_t>(HelloAccel::kTcg)) {
+    return Error("Hello: flags {:#x}; version 1 defines only an accelerator (1 kvm, 2 tcg) in bits 0..7",
+                 m.hello_flags);
+  }
   if (block_count == 0 || block_count > kMaxBlocks) {
     return Error("Hello: {} RAM blocks (1 to {} allowed)", block_count, kMaxBlocks);
   }

@@ -33,6 +33,7 @@ Hello SampleHello() {
   h.features_offered = kFeatureAuth | kFeaturePostcopy;
   h.features_required = kFeatureAuth;
   h.session_id = 0x1122334455667788;
+  h.hello_flags = static_cast<uint32_t>(HelloAccel::kTcg);
   h.nonce.fill(0xab);
   h.blocks = TestBlocks();
   return h;
@@ -159,6 +160,12 @@ TEST(WireTest, HelloErrors) {
             "Hello: 65 RAM blocks (1 to 64 allowed)");
   EXPECT_EQ(PayloadError(hello, [](auto& p) { StoreLe<uint64_t>(&p[32], 0); }).message(),
             "Hello: session id 0 is not allowed");
+  for (uint32_t flags : {3u, 0x100u, 0x80000002u}) {
+    EXPECT_EQ(PayloadError(hello, [&](auto& p) { StoreLe<uint32_t>(&p[40], flags); }).message(),
+              fmt::format("Hello: flags {:#x}; version 1 defines only an accelerator (1 kvm, 2 "
+                          "tcg) in bits 0..7",
+                          flags));
+  }
   // Block entries start at 80: size, page size, backing, name length, name.
   EXPECT_EQ(PayloadError(hello, [](auto& p) { StoreLe<uint32_t>(&p[88], 8192); }).message(),
             "Hello: RAM block 'ram0': page size 8192 (4096 or 2097152 supported)");

@@ -19,6 +19,7 @@ class LiveVm::TimedSource final : public migration::SourceVm {
   explicit TimedSource(vmm::Vm& vm) : inner_(migration::MakeSourceVm(vm)) {}
 
   std::vector<std::shared_ptr<RamBlock>> blocks() override { return inner_->blocks(); }
+  migration::HelloAccel accelerator() const override { return inner_->accelerator(); }
   Status StartDirtyTracking() override { return inner_->StartDirtyTracking(); }
   Status StopDirtyTracking() override { return inner_->StopDirtyTracking(); }
   Status TakeDirty(const RamBlock& block, DirtyBitmap& out) override {
