@@ -28,7 +28,7 @@ void InstallKickHandler() {
 }  // namespace
 
 VcpuSet::VcpuSet(std::vector<std::unique_ptr<hv::Vcpu>> vcpus)
-    : vcpus_(std::move(vcpus)), ended_(vcpus_.size(), false), parked_flags_(vcpus_.size(), false) {
+    : vcpus_(std::move(vcpus)), parked_flags_(vcpus_.size(), false), ended_(vcpus_.size(), false) {
   InstallKickHandler();
 }
 
