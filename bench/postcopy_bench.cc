@@ -10,6 +10,11 @@
 //              stopped -> destination vCPUs running), pages demanded vs
 //              pushed; the fault path's threads and the switchover run
 //              SCHED_FIFO (the library's default, src/sys/sched.h);
+//   network    the bare network fault: one host thread touches pages of
+//              anonymous memory registered with a userfaultfd; a handler
+//              thread reads each fault, sends its offset over loopback TCP
+//              to a server thread that answers with the 4 KiB page, and
+//              installs it with UFFDIO_COPY (no pager, no protocol);
 //   no-fifo    the same without SCHED_FIFO, for comparison;
 //   link30     the same as loopback over a link 30 us long each way (the
 //              fault-injecting transport's delay line on both ends: every
@@ -17,10 +22,19 @@
 // Figures only; nothing passes or fails on time.
 //
 //   faultline_bench_postcopy [--mem MIB] [--backing anon|memfd|hugetlb|gmem]
-//                            [--passes N] [--link-us N] [--json]
+//                            [--accel auto|kvm|tcg] [--passes N] [--link-us N]
+//                            [--json]
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <thread>
 
@@ -33,6 +47,7 @@
 #include "src/migration/tcp_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/paging/demand_pager.h"
+#include "src/sys/userfaultfd.h"
 #include "src/vmm/vm.h"
 
 namespace faultline {
@@ -44,6 +59,7 @@ using migration::Address;
 struct Args {
   uint64_t mem = 2ull << 30;
   Backing backing = Backing::kAnonymous;
+  hv::AccelChoice accel = hv::AccelChoice::kAuto;
   uint32_t passes = 1;
   uint32_t link_us = 30;
   bool json = false;
@@ -76,6 +92,7 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
   config.mem_size = args.mem;
   config.vcpus = 2;
   config.backing = args.backing;
+  config.accel = args.accel;
   config.guest_args = "workload=fill,random,verify until_command=1 rate=64 quiet=1";
   ASSIGN_OR_RETURN(auto from, vmm::Vm::Create(config));
   vmm::VmConfig incoming = config;
@@ -184,6 +201,122 @@ Result<Floor> MeasureFloor() {
   return f;
 }
 
+// Reads or writes exactly `length` bytes; false on EOF or error.
+bool FullIo(int fd, void* data, size_t length, bool write_side) {
+  auto* p = static_cast<char*>(data);
+  while (length > 0) {
+    ssize_t n = write_side ? ::send(fd, p, length, MSG_NOSIGNAL) : ::recv(fd, p, length, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    p += n;
+    length -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// The bare network fault: a userfaultfd fault, its offset sent over
+// loopback TCP, a 4 KiB reply, UFFDIO_COPY. One touching thread (each
+// fault alone, no queueing), one handler, one server; 64 MiB.
+Result<Floor> MeasureNetworkFloor() {
+  constexpr uint64_t kMem = 64ull << 20, kPage = 4096;
+  void* area = mmap(nullptr, kMem, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (area == MAP_FAILED) return ErrnoError(errno, "mmap 64 MiB");
+  auto* base = static_cast<uint8_t*>(area);
+  struct Unmap {
+    void* p;
+    ~Unmap() { munmap(p, kMem); }
+  } unmap{area};
+  ASSIGN_OR_RETURN(sys::Userfaultfd uffd, sys::Userfaultfd::Create(0, 0));
+  ASSIGN_OR_RETURN(sys::UffdRegistration registration,
+                   uffd.Register(Hva(base), kMem, sys::UffdMode::kMissing));
+
+  int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listener < 0) return ErrnoError(errno, "socket");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t addr_len = sizeof(addr);
+  if (::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::listen(listener, 1) != 0 ||
+      ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &addr_len) != 0) {
+    int e = errno;
+    ::close(listener);
+    return ErrnoError(e, "loopback listener");
+  }
+  int client = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (client < 0 || ::connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    int e = errno;
+    ::close(listener);
+    if (client >= 0) ::close(client);
+    return ErrnoError(e, "connect to the loopback listener");
+  }
+  int server = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+  ::close(listener);
+  if (server < 0) {
+    int e = errno;
+    ::close(client);
+    return ErrnoError(e, "accept");
+  }
+  const int one = 1;
+  ::setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  ::setsockopt(server, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+
+  // The "source": answers each offset with its page (a pattern).
+  std::thread server_thread([server] {
+    std::vector<uint8_t> page(kPage);
+    uint64_t offset = 0;
+    while (FullIo(server, &offset, sizeof(offset), false)) {
+      std::memset(page.data(), static_cast<int>(offset / kPage) | 1, kPage);
+      if (!FullIo(server, page.data(), kPage, true)) break;
+    }
+  });
+  paging::LatencyHistogram service;
+  std::atomic<bool> failed{false};
+  std::thread handler([&] {
+    std::vector<uint8_t> page(kPage);
+    sys::UffdMessage messages[1];
+    for (uint64_t served = 0; served < kMem / kPage;) {
+      Result<size_t> n = uffd.ReadEvents(messages);
+      if (!n) {
+        failed = true;
+        return;
+      }
+      if (*n == 0) continue;
+      const auto begin = std::chrono::steady_clock::now();
+      const uint64_t at = messages[0].fault_address().value & ~(kPage - 1);
+      uint64_t offset = at - reinterpret_cast<uint64_t>(base);
+      if (!FullIo(client, &offset, sizeof(offset), true) ||
+          !FullIo(client, page.data(), kPage, false) ||
+          !uffd.Copy(Hva(at), page.data(), kPage).has_value()) {
+        failed = true;
+        return;
+      }
+      service.Record(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                               std::chrono::steady_clock::now() - begin)
+                                               .count()));
+      ++served;
+    }
+  });
+  paging::LatencyHistogram observed;
+  uint64_t wrong = 0;
+  for (uint64_t p = 0; p < kMem / kPage && !failed; ++p) {
+    const auto begin = std::chrono::steady_clock::now();
+    uint8_t v = *reinterpret_cast<const volatile uint8_t*>(base + p * kPage);
+    observed.Record(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                              std::chrono::steady_clock::now() - begin)
+                                              .count()));
+    if (v != (static_cast<uint8_t>(p) | 1)) ++wrong;
+  }
+  handler.join();
+  ::shutdown(client, SHUT_RDWR);
+  server_thread.join();
+  ::close(client);
+  ::close(server);
+  if (failed) return Error("the bare network fault's handler failed");
+  if (wrong != 0) return Error("the bare network fault read {} wrong pages", wrong);
+  return Floor{observed.Summarize(), service.Summarize()};
+}
+
 int Main(int argc, char** argv) {
   Args args;
   for (int i = 1; i < argc; ++i) {
@@ -198,6 +331,13 @@ int Main(int argc, char** argv) {
         return 2;
       }
       args.backing = *b;
+    } else if (a == "--accel") {
+      Result<hv::AccelChoice> c = hv::ParseAccel(next());
+      if (!c) {
+        fmt::print(stderr, "{}\n", c.error().ToString());
+        return 2;
+      }
+      args.accel = *c;
     } else if (a == "--passes") {
       args.passes = static_cast<uint32_t>(std::stoul(next()));
     } else if (a == "--link-us") {
@@ -205,9 +345,10 @@ int Main(int argc, char** argv) {
     } else if (a == "--json") {
       args.json = true;
     } else {
-      fmt::print(stderr,
-                 "usage: faultline_bench_postcopy [--mem MIB] [--backing B] [--passes N] "
-                 "[--link-us N] [--json]\n");
+      fmt::print(
+          stderr,
+          "usage: faultline_bench_postcopy [--mem MIB] [--backing B] [--accel A] [--passes N] "
+          "[--link-us N] [--json]\n");
       return 2;
     }
   }
@@ -215,6 +356,11 @@ int Main(int argc, char** argv) {
   Result<Floor> floor = MeasureFloor();
   if (!floor) {
     fmt::print(stderr, "floor: {}\n", floor.error().ToString());
+    return 1;
+  }
+  Result<Floor> network = MeasureNetworkFloor();
+  if (!network) {
+    fmt::print(stderr, "bare network fault: {}\n", network.error().ToString());
     return 1;
   }
   Result<PostcopyRun> loop = RunPostcopy(args, {}, kRealtime);
@@ -234,6 +380,7 @@ int Main(int argc, char** argv) {
   }
 
   const double f50 = floor->observed.p50_us, f99 = floor->observed.p99_us;
+  const double n50 = network->observed.p50_us, n99 = network->observed.p99_us;
   // What a faulting thread sees of a post-copy fault, estimated as the
   // floor's observed round trip with the floor's service time replaced by
   // post-copy's (request, network, install): the fault entry and wake-up
@@ -249,28 +396,28 @@ int Main(int argc, char** argv) {
     if (args.json) {
       fmt::print(
           "{{\"run\":\"{}\",\"fault_p50_us\":{:.1f},\"fault_p99_us\":{:.1f},\"p50_vs_floor\":{:.2f}"
-          ","
-          "\"p99_vs_floor\":{:.2f},\"request_p50_us\":{:.1f},\"request_p99_us\":{:.1f},"
+          ",\"p99_vs_floor\":{:.2f},\"p50_vs_network\":{:.2f},\"p99_vs_network\":{:.2f},"
+          "\"request_p50_us\":{:.1f},\"request_p99_us\":{:.1f},"
           "\"faults\":{},\"switchover_pause_ms\":{:.2f},\"start_vm_ms\":{:.2f},"
           "\"pages_demanded\":{},\"pages_pushed\":{},\"demanded_share_pct\":{:.2f},"
           "\"bad_pages\":{},\"total_s\":{:.2f},\"state_ms\":{:.2f},\"channels_ms\":{:.2f},"
           "\"paging_ms\":{:.2f},\"source_send_ms\":{:.2f}}}\n",
           name, r.service.p50_us, r.service.p99_us, r.service.p50_us / f50, r.service.p99_us / f99,
-          r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.start_vm_ms, r.demanded,
-          r.pushed, share, r.bad_pages, r.total_s, r.state_ms, r.channels_ms, r.paging_ms,
-          r.source_send_ms);
+          r.service.p50_us / n50, r.service.p99_us / n99, r.network.p50_us, r.network.p99_us,
+          r.faults, r.pause_ms, r.start_vm_ms, r.demanded, r.pushed, share, r.bad_pages, r.total_s,
+          r.state_ms, r.channels_ms, r.paging_ms, r.source_send_ms);
     } else {
       fmt::print(
-          "{:9} fault (observed, est.) p50 {:6.1f} us ({:.2f}x floor)  p99 {:7.1f} us ({:.2f}x "
-          "floor)  [request "
+          "{:9} fault (observed, est.) p50 {:6.1f} us ({:.2f}x floor, {:.2f}x network)  p99 "
+          "{:7.1f} us ({:.2f}x floor, {:.2f}x network)  [request "
           "p50 {:.1f} p99 {:.1f}]  {} faults\n"
           "          switchover pause {:.2f} ms (source sent state after {:.2f}; destination part "
           "{:.2f} ms: state {:.2f}, channels {:.2f}, paging {:.2f}); demanded {} vs pushed {} "
           "({:.2f}% demanded); bad pages {}; total {:.2f} s\n",
-          name, r.service.p50_us, r.service.p50_us / f50, r.service.p99_us, r.service.p99_us / f99,
-          r.network.p50_us, r.network.p99_us, r.faults, r.pause_ms, r.source_send_ms, r.start_vm_ms,
-          r.state_ms, r.channels_ms, r.paging_ms, r.demanded, r.pushed, share, r.bad_pages,
-          r.total_s);
+          name, r.service.p50_us, r.service.p50_us / f50, r.service.p50_us / n50, r.service.p99_us,
+          r.service.p99_us / f99, r.service.p99_us / n99, r.network.p50_us, r.network.p99_us,
+          r.faults, r.pause_ms, r.source_send_ms, r.start_vm_ms, r.state_ms, r.channels_ms,
+          r.paging_ms, r.demanded, r.pushed, share, r.bad_pages, r.total_s);
     }
   };
   if (args.json) {
@@ -278,6 +425,10 @@ int Main(int argc, char** argv) {
         "{{\"run\":\"floor\",\"observed_p50_us\":{:.1f},\"observed_p99_us\":{:.1f},"
         "\"service_p50_us\":{:.1f},\"service_p99_us\":{:.1f}}}\n",
         f50, f99, floor->service.p50_us, floor->service.p99_us);
+    fmt::print(
+        "{{\"run\":\"network\",\"observed_p50_us\":{:.1f},\"observed_p99_us\":{:.1f},"
+        "\"service_p50_us\":{:.1f},\"service_p99_us\":{:.1f}}}\n",
+        n50, n99, network->service.p50_us, network->service.p99_us);
   } else {
     fmt::print(
         "post-copy, {} MiB {} guest, 2 vCPUs, {} pre-copy pass(es); floor = bare userfaultfd "
@@ -286,6 +437,11 @@ int Main(int argc, char** argv) {
         "{:.1f})\n",
         args.mem >> 20, BackingName(args.backing), args.passes, f50, f99, floor->service.p50_us,
         floor->service.p99_us);
+    fmt::print(
+        "network   observed p50 {:6.1f} us  p99 {:7.1f} us  (handler service p50 {:.1f} p99 "
+        "{:.1f}): bare network fault = fault, request over loopback TCP, 4 KiB reply, "
+        "UFFDIO_COPY\n",
+        n50, n99, network->service.p50_us, network->service.p99_us);
   }
   row("loopback", *loop);
   row("no-fifo", *plain);

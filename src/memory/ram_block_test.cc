@@ -13,6 +13,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "src/sys/guest_memfd.h"
 #include "src/sys/kvm.h"
 #include "src/sys/memfd.h"
 #include "src/sys/userfaultfd.h"
@@ -235,8 +236,11 @@ TEST(RamBlockTest, HugetlbShortageSaysHowToReserve) {
 }
 
 TEST(RamBlockTest, GuestMemfd) {
+  if (Status probe = sys::ProbeGuestMemfd(); !probe.ok()) {
+    GTEST_SKIP() << "needs guest_memfd: " << probe.ToString();
+  }
   auto kvm = sys::KvmSystem::Open();
-  if (!kvm.has_value()) GTEST_SKIP() << kvm.status().ToString();
+  ASSERT_TRUE(kvm.has_value()) << kvm.status().ToString();
   auto vm = kvm->CreateVm();
   ASSERT_TRUE(vm.has_value()) << vm.status().ToString();
   auto block = MustCreate(

@@ -5,6 +5,7 @@
 #include <cerrno>
 
 #include "faultline/types.h"
+#include "src/sys/kvm.h"
 #include "src/sys/linux_abi.h"
 
 namespace faultline::sys {
@@ -19,6 +20,10 @@ int CheckVmExtension(int vm_fd, long capability) {
   const int ret = ::ioctl(vm_fd, KVM_CHECK_EXTENSION, capability);
   return ret < 0 ? -1 : ret;
 }
+
+constexpr const char* kNoGuestMemfd =
+    "guest_memfd is not supported by this kernel or VM type (KVM_CAP_GUEST_MEMFD is 0; needs "
+    "Linux 6.8+)";
 
 }  // namespace
 
@@ -43,9 +48,7 @@ Result<UniqueFd> CreateGuestMemfd(int vm_fd, uint64_t size, uint64_t flags) {
     return ErrnoError(err, "KVM_CREATE_GUEST_MEMFD: fd {} is not a KVM VM fd", vm_fd);
   }
   if (has_gmem == 0) {
-    return ErrnoError(err,
-                      "KVM_CREATE_GUEST_MEMFD: guest_memfd is not supported by this kernel or "
-                      "VM type (KVM_CAP_GUEST_MEMFD is 0; needs Linux 6.8+)");
+    return ErrnoError(err, "KVM_CREATE_GUEST_MEMFD: {}", kNoGuestMemfd);
   }
   const uint64_t supported = SupportedGuestMemfdFlags(vm_fd);
   if (err == EINVAL && (flags & ~supported) != 0) {
@@ -55,6 +58,23 @@ Result<UniqueFd> CreateGuestMemfd(int vm_fd, uint64_t size, uint64_t flags) {
                       flags, supported);
   }
   return ErrnoError(err, "KVM_CREATE_GUEST_MEMFD size {} flags 0x{:x}", size, flags);
+}
+
+Status ProbeGuestMemfd() {
+  ASSIGN_OR_RETURN(KvmSystem kvm, KvmSystem::Open());
+  ASSIGN_OR_RETURN(KvmVm vm, kvm.CreateVm());
+  if (vm.CheckExtension(KVM_CAP_GUEST_MEMFD) <= 0) {
+    return Error("{}", kNoGuestMemfd);
+  }
+  constexpr uint64_t kNeeded = kGuestMemfdFlagMmap | kGuestMemfdFlagInitShared;
+  const uint64_t supported = SupportedGuestMemfdFlags(vm.fd());
+  if ((supported & kNeeded) != kNeeded) {
+    return Error(
+        "this KVM's guest_memfd supports flags 0x{:x}, not MMAP and INIT_SHARED "
+        "(KVM_CAP_GUEST_MEMFD_FLAGS; needs Linux 6.18+)",
+        supported);
+  }
+  return Status::Ok();
 }
 
 }  // namespace faultline::sys

@@ -24,4 +24,10 @@ Result<UniqueFd> CreateGuestMemfd(int vm_fd, uint64_t size, uint64_t flags);
 // CreateGuestMemfd accepts for it (0 before Linux 6.18 or without support).
 uint64_t SupportedGuestMemfdFlags(int vm_fd);
 
+// Whether this host can back guest RAM with a guest_memfd the way Faultline
+// uses it (a KVM VM whose guest_memfd takes MMAP and INIT_SHARED): Ok, or
+// an error that says what is missing (no /dev/kvm, KVM_CAP_GUEST_MEMFD 0,
+// flags before Linux 6.18). Opens /dev/kvm and creates a VM on each call.
+Status ProbeGuestMemfd();
+
 }  // namespace faultline::sys

@@ -22,13 +22,16 @@ using ::testing::HasSubstr;
 
 constexpr uint64_t kSharedMmap = kGuestMemfdFlagMmap | kGuestMemfdFlagInitShared;
 
-// Each test gets a VM for its guest_memfds to bind to, or skips without
-// /dev/kvm.
+// Each test gets a VM for its guest_memfds to bind to, or skips, saying
+// why, without /dev/kvm or on a KVM without guest_memfd (MMAP, INIT_SHARED).
 class GuestMemfdTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    if (Status probe = ProbeGuestMemfd(); !probe.ok()) {
+      GTEST_SKIP() << "needs guest_memfd: " << probe.ToString();
+    }
     auto kvm = KvmSystem::Open();
-    if (!kvm.has_value()) GTEST_SKIP() << kvm.status().ToString();
+    ASSERT_TRUE(kvm.has_value()) << kvm.status().ToString();
     auto vm = kvm->CreateVm();
     ASSERT_TRUE(vm.has_value()) << vm.status().ToString();
     vm_.emplace(std::move(*vm));
@@ -80,6 +83,24 @@ TEST(GuestMemfdArgsTest, NotAVmFd) {
 // A fact the paging design depends on (DESIGN.md): guest_memfd mappings
 // cannot be registered with userfaultfd, so they demand-page through memslot
 // holes instead. If a kernel lifts this, the test says so.
+// On a KVM without guest_memfd (a nested or older kernel), the error names
+// the capability that is missing.
+TEST(GuestMemfdArgsTest, KvmWithoutGuestMemfdNamesTheCapability) {
+  auto kvm = KvmSystem::Open();
+  if (!kvm.has_value()) GTEST_SKIP() << "needs /dev/kvm: " << kvm.status().ToString();
+  auto vm = kvm->CreateVm();
+  ASSERT_TRUE(vm.has_value()) << vm.status().ToString();
+  if (vm->CheckExtension(KVM_CAP_GUEST_MEMFD) > 0) {
+    GTEST_SKIP() << "this KVM has guest_memfd (the tests above cover it)";
+  }
+  auto gmem = CreateGuestMemfd(vm->fd(), kPageSize, kSharedMmap);
+  ASSERT_FALSE(gmem.has_value());
+  EXPECT_THAT(gmem.error().message(), HasSubstr("KVM_CAP_GUEST_MEMFD is 0"));
+  Status probe = ProbeGuestMemfd();
+  ASSERT_FALSE(probe.ok());
+  EXPECT_THAT(probe.ToString(), HasSubstr("KVM_CAP_GUEST_MEMFD is 0"));
+}
+
 TEST_F(GuestMemfdTest, UserfaultfdCannotRegisterMapping) {
   auto gmem = CreateGuestMemfd(vm_fd(), kPageSize, kSharedMmap);
   ASSERT_TRUE(gmem.has_value()) << gmem.status().ToString();

@@ -45,8 +45,8 @@ std::unique_ptr<vmm::Vm> MustCreate(vmm::VmConfig config) {
 class BackingTest : public ::testing::TestWithParam<Backing> {};
 
 TEST_P(BackingTest, FillsAndVerifiesAllMemory) {
-  if (GetParam() == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
-  constexpr uint64_t kMem = 512ull << 20;
+  if (GetParam() == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
+  const uint64_t kMem = itest::Mem(512ull << 20, 128ull << 20);
   std::optional<HugePages> huge;
   if (GetParam() == Backing::kHugetlb) huge.emplace(kMem / kHugePageSize);
   uint64_t free_before = HugePages::Free();
@@ -197,7 +197,7 @@ TEST(GuestMemoryTest, DirtyUffdWpSurvivesLayoutChange) {
 
 // Discarding guest_memfd pages makes the guest read zeros there.
 TEST(GuestMemoryTest, GuestMemfdDiscardReadsZeros) {
-  FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
+  FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
   vmm::Vm* vm_ptr = nullptr;
   Gpa discarded;
   vmm::VmConfig config = Config(128ull << 20, 1, "workload=fill,verify");

@@ -175,6 +175,9 @@ std::string ControlPath() {
 // 64 MiB/s for `seconds`, then verifies every page, wherever it runs then.
 std::unique_ptr<Cli> StartSource(const std::string& control, const std::string& mem,
                                  const std::string& backing, int seconds) {
+  // On the software CPU the two vCPUs' fills can end seconds apart: random
+  // writes long enough that both are writing at once (AwaitRandomWrites).
+  if (!itest::OnKvm()) seconds = std::max(seconds, 6);
   return std::make_unique<Cli>(
       std::vector<std::string>{"run", "--control", control, "--mem", mem, "--vcpus", "2",
                                "--backing", backing, "--workload", "random,rate=64", "--duration",
@@ -279,7 +282,7 @@ class RepeatedMigrationTest : public ::testing::TestWithParam<int> {};
 
 TEST_P(RepeatedMigrationTest, RandomWritesAt64MiBpsVerifyOnTheDestination) {
   MigrationRun run;
-  MigrateAndVerify("384M", "anon", 2, &run);
+  MigrateAndVerify(itest::MemArg("384M", "128M"), "anon", 2, &run);
   if (!HasFailure()) {
     fmt::print("repetition {}: {} passes, downtime {} ms, {} pages verified\n", GetParam(),
                run.destination["incoming"]["passes"].dump(),
@@ -293,12 +296,12 @@ INSTANTIATE_TEST_SUITE_P(FiveTimes, RepeatedMigrationTest, ::testing::Range(0, 5
 class BackingMigrationTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(BackingMigrationTest, Migrates) {
-  if (GetParam() == "gmem") FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
+  if (GetParam() == "gmem") FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
   // Source and destination: 2 x 256 MiB of 2 MiB pages.
   std::optional<HugePages> huge;
   if (GetParam() == "hugetlb") huge.emplace(256);
   MigrationRun run;
-  MigrateAndVerify("256M", GetParam(), 2, &run);
+  MigrateAndVerify(itest::MemArg("256M", "128M"), GetParam(), 2, &run);
   if (GetParam() == "gmem" && !HasFailure()) {
     // No dirty log for guest_memfd: every pass is every page, so pre-copy
     // stops iterating and copies what is left with the guest stopped.
@@ -311,10 +314,10 @@ INSTANTIATE_TEST_SUITE_P(FourBackings, BackingMigrationTest,
                          [](const auto& info) { return info.param; });
 
 TEST(MigrationCliTest, CancelLeavesTheGuestRunningOnTheSource) {
-  Destination dest = StartDestination("256M", "anon");
+  Destination dest = StartDestination(itest::MemArg("256M", "128M"), "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 4);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "anon", 4);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   // Slow enough to be cancelled in the middle of the first pass.
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
@@ -483,7 +486,7 @@ uint32_t GetU32(const std::vector<uint8_t>& p, size_t at) {
 
 struct BadInput {
   std::string name;
-  std::string dest_mem = "256M";  // the source has 256M
+  bool dest_bigger = false;  // the destination has twice the source's memory
   TamperingProxy::Tamper tamper;  // null: connect directly
   std::string expected;           // in the destination's error
 };
@@ -495,12 +498,14 @@ class BadDestinationInputTest : public ::testing::TestWithParam<BadInput> {};
 
 TEST_P(BadDestinationInputTest, RefusedWhileTheSourceGoesOn) {
   const BadInput& bad = GetParam();
-  Destination dest = StartDestination(bad.dest_mem, "anon");
+  const std::string dest_mem =
+      bad.dest_bigger ? itest::MemArg("512M", "256M") : itest::MemArg("256M", "128M");
+  Destination dest = StartDestination(dest_mem, "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   std::optional<TamperingProxy> proxy;
   if (bad.tamper) proxy.emplace(dest.port, bad.tamper);
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 3);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "anon", 3);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   const uint16_t port = proxy ? proxy->port() : dest.port;
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", port),
@@ -519,7 +524,7 @@ TEST_P(BadDestinationInputTest, RefusedWhileTheSourceGoesOn) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
-                         ::testing::Values(BadInput{"BadVersion", "256M",
+                         ::testing::Values(BadInput{"BadVersion", false,
                                                     [](uint8_t type, std::vector<uint8_t>& p) {
                                                       if (type == kHello) {
                                                         PutU16(p, 8, 7);  // min_version
@@ -528,7 +533,7 @@ INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
                                                       return TamperingProxy::Action::kForward;
                                                     },
                                                     "version"},
-                                           BadInput{"PageIndexOutOfRange", "256M",
+                                           BadInput{"PageIndexOutOfRange", false,
                                                     [](uint8_t type, std::vector<uint8_t>& p) {
                                                       if (type == kPages) {
                                                         uint32_t count = GetU32(p, 4);
@@ -538,14 +543,14 @@ INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
                                                       return TamperingProxy::Action::kForward;
                                                     },
                                                     "out of range"},
-                                           BadInput{"TruncatedMessage", "256M",
+                                           BadInput{"TruncatedMessage", false,
                                                     [](uint8_t type, std::vector<uint8_t>&) {
                                                       return type == kPages
                                                                  ? TamperingProxy::Action::kTruncate
                                                                  : TamperingProxy::Action::kForward;
                                                     },
                                                     "truncated"},
-                                           BadInput{"BlockListMismatch", "512M", nullptr, "block"}),
+                                           BadInput{"BlockListMismatch", true, nullptr, "block"}),
                          [](const auto& info) { return info.param.name; });
 
 // Post-copy through the tools (issue 6): the demo, and `faultline migrate
@@ -597,7 +602,7 @@ void ExpectPostcopyVerified(Cli& dest, uint64_t written, uint32_t sessions,
 }
 
 TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
-  Cli demo({"demo", "--mode", "postcopy", "--mem", "256M", "--after", "0.3", "--json"});
+  Cli demo({"demo", "--mode", "postcopy", "--mem", itest::MemArg("256M", "128M"), "--after", "0.3", "--json"});
   ASSERT_EQ(demo.Wait(), 0) << demo.Describe();
   nlohmann::json j = demo.Json();
   ASSERT_FALSE(j.is_discarded()) << demo.Describe();
@@ -621,10 +626,10 @@ TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
 }
 
 TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
-  Destination dest = StartPostcopyDestination("256M", "memfd");
+  Destination dest = StartPostcopyDestination(itest::MemArg("256M", "128M"), "memfd");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, "256M", "memfd", 6);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "memfd", 6);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   const std::string to = fmt::format("tcp:127.0.0.1:{}", dest.port);
   // Pre-copy passes until told: the switch comes from `faultline migrate
@@ -672,7 +677,7 @@ BreakingPostcopy StartBreakingPostcopy(uint16_t port) {
   BreakingPostcopy b;
   b.control = ControlPath();
   b.source = std::make_unique<Cli>(std::vector<std::string>{
-      "run", "--control", b.control, "--mem", "256M", "--vcpus", "2", "--workload",
+      "run", "--control", b.control, "--mem", itest::MemArg("256M", "128M"), "--vcpus", "2", "--workload",
       "random,rate=64", "--duration", "6", "--json", "--quiet", "--timeout", "120",
       "--test-cut-link-after", std::to_string(64 << 20)});
   testing::AssertionResult writing = AwaitRandomWrites(b.control, *b.source);
@@ -685,7 +690,7 @@ BreakingPostcopy StartBreakingPostcopy(uint16_t port) {
 }
 
 TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
-  Destination dest = StartPostcopyDestination("256M", "anon");
+  Destination dest = StartPostcopyDestination(itest::MemArg("256M", "128M"), "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   BreakingPostcopy run = StartBreakingPostcopy(dest.port);
   ASSERT_TRUE(run.migrate);
@@ -752,7 +757,7 @@ void ExpectConsistentFigures(const nlohmann::json& j, uint64_t guest_pages, bool
 
 TEST(PostcopyCliTest, DestinationQueryMigrateShowsFaultLatencyPerVcpu) {
   const std::string dest_control = ControlPath();
-  Destination dest = StartPostcopyDestination("256M", "anon", dest_control);
+  Destination dest = StartPostcopyDestination(itest::MemArg("256M", "128M"), "anon", dest_control);
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   constexpr uint64_t kGuestPages = (256ull << 20) / 4096;
   // Served while it waits for the migration.
@@ -830,10 +835,10 @@ TEST(PostcopyCliTest, DestinationQueryMigrateShowsFaultLatencyPerVcpu) {
 TEST(PostcopyCliTest, ModeMismatchIsRefusedAndTheSourceGoesOn) {
   // A pre-copy migration to a post-copy destination: refused in the
   // handshake; the guest keeps running on the source to the end.
-  Destination dest = StartPostcopyDestination("256M", "anon");
+  Destination dest = StartPostcopyDestination(itest::MemArg("256M", "128M"), "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 2);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "anon", 2);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
                "--json"});
@@ -855,10 +860,10 @@ TEST(PostcopyCliTest, AnInstallerThatCannotMigrateIsRefusedBeforeListening) {
 }
 
 TEST(PostcopyCliTest, PostcopyToAPrecopyDestinationIsRefused) {
-  Destination dest = StartDestination("256M", "anon");
+  Destination dest = StartDestination(itest::MemArg("256M", "128M"), "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, "256M", "anon", 2);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "anon", 2);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
                "--mode", "postcopy", "--json"});

@@ -35,6 +35,26 @@ vmm::VmConfig GuestConfig(std::optional<DirtyLogMode> mode) {
   return c;
 }
 
+// Waits until every vCPU has reported the end of its fill phase: from then
+// on pass 0 carries the guest's data, not zero pages. A fixed sleep is not
+// enough on a software CPU under the sanitizers.
+void WaitForFill(const vmm::Vm& vm) {
+  const auto deadline = std::chrono::steady_clock::now() + 120s;
+  for (;;) {
+    const GuestReport report = vm.report();
+    const bool filled =
+        report.vcpus.size() == 2 &&
+        std::all_of(report.vcpus.begin(), report.vcpus.end(), [](const GuestVcpuReport& v) {
+          return std::any_of(v.phases.begin(), v.phases.end(), [](const GuestPhase& p) {
+            return p.phase == static_cast<uint32_t>(GuestPhaseKind::kFill);
+          });
+        });
+    if (filled) return;
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "the guest did not fill its memory";
+    std::this_thread::sleep_for(20ms);
+  }
+}
+
 struct Result2 {
   Result<SourceStats> source = Error("not run");
   Result<DestinationStats> destination = Error("not run");
@@ -71,7 +91,8 @@ TEST_P(MigrationTest, RunningGuestContinuesOnTheDestination) {
   ASSERT_TRUE(to.has_value()) << to.error().ToString();
 
   ASSERT_TRUE((*from)->Start().ok());
-  std::this_thread::sleep_for(700ms);  // fill done, random writes under way
+  ASSERT_NO_FATAL_FAILURE(WaitForFill(**from));
+  std::this_thread::sleep_for(100ms);  // random writes under way
   const GuestReport before = (*from)->report();
 
   SourceOptions options;
@@ -127,10 +148,10 @@ TEST(MigrationFailureTest, CutBeforeSwitchoverSourceGuestFinishes) {
   auto to = vmm::Vm::Create(incoming);
   ASSERT_TRUE(to.has_value()) << to.error().ToString();
   ASSERT_TRUE((*from)->Start().ok());
-  std::this_thread::sleep_for(700ms);
+  ASSERT_NO_FATAL_FAILURE(WaitForFill(**from));
 
   FaultPlan plan;
-  plan.cut_after_bytes_sent = 32 << 20;  // well inside pass 0 (256 MiB, mostly data)
+  plan.cut_after_bytes_sent = 8 << 20;  // well inside pass 0 (256 MiB of data)
   SourceOptions options;
   options.page_channels = 2;
   Result2 r = Migrate(**from, **to, options, FaultController::Create(plan));

@@ -38,7 +38,9 @@ constexpr char kWorkload[] = "workload=fill,random,verify until_command=1 quiet=
 // The small snapshot's guest skips two pages of vCPU 0's region: both vCPUs
 // read the first (probe=, zeros) in their random phase, so that both fault
 // on it; nobody touches the second (the lost page of the poison tests).
-constexpr uint64_t kSmallMem = 256ull << 20;
+// The small snapshot's size (192 MiB on the software CPU: kProbe must stay
+// in vCPU 0's half).
+uint64_t SmallMem() { return itest::Mem(256ull << 20, 192ull << 20); }
 constexpr Gpa kProbe{64ull << 20};
 constexpr Gpa kUntouched{kProbe.value + kPageSize};
 
@@ -123,7 +125,7 @@ Snapshot TakeSnapshot(uint64_t mem, uint32_t vcpus, std::string extra_args = "")
 }
 
 Snapshot TakeSmallSnapshot() {
-  return TakeSnapshot(kSmallMem, 2,
+  return TakeSnapshot(SmallMem(), 2,
                       fmt::format(" skip={:#x}:{:#x} probe={:#x} probe_gen=0", kProbe.value,
                                   2 * kPageSize, kProbe.value));
 }
@@ -245,7 +247,9 @@ std::string ComboName(const ::testing::TestParamInfo<Combo>& info) {
 
 class PagedVmTest : public ::testing::TestWithParam<Combo> {
  protected:
-  static void SetUpTestSuite() { snapshot_ = new Snapshot(TakeSnapshot(1ull << 30, 2)); }
+  static void SetUpTestSuite() {
+    snapshot_ = new Snapshot(TakeSnapshot(itest::Mem(1ull << 30, 128ull << 20), 2));
+  }
   static void TearDownTestSuite() {
     delete snapshot_;
     snapshot_ = nullptr;
@@ -254,11 +258,11 @@ class PagedVmTest : public ::testing::TestWithParam<Combo> {
 };
 Snapshot* PagedVmTest::snapshot_ = nullptr;
 
-// Acceptance: 2 vCPUs, 1 GiB, nothing present; every page from the source,
+// Acceptance: 2 vCPUs, 1 GiB (128 MiB on the software CPU), nothing present; every page from the source,
 // once, through the installer; the guest verifies every page.
 TEST_P(PagedVmTest, GuestVerifiesEveryPageFromTheSource) {
   const Combo c = GetParam();
-  if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
+  if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
   std::optional<HugePages> huge;
   if (c.backing == Backing::kHugetlb) {
     if (auto why = ReserveHugePages(huge, snapshot_->mem)) GTEST_SKIP() << *why;
@@ -294,7 +298,7 @@ TEST_P(PagedVmTest, GuestVerifiesEveryPageFromTheSource) {
 
 INSTANTIATE_TEST_SUITE_P(Installers, PagedVmTest, ::testing::ValuesIn(Combos()), ComboName);
 
-// Tests on the 256 MiB snapshot (see kProbe).
+// Tests on the small snapshot (see kProbe).
 class SmallPagedVmTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { snapshot_ = new Snapshot(TakeSmallSnapshot()); }
@@ -333,7 +337,7 @@ PresentMap HalfPresent(uint64_t units, uint64_t max_run, uint64_t scale, uint32_
 // those pages cause no fault and no fetch; the rest come from the source.
 TEST_P(PresentMapVmTest, PresentPagesNeverFault) {
   const Combo c = GetParam();
-  if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
+  if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
   std::optional<HugePages> huge;
   if (c.backing == Backing::kHugetlb) {
     if (auto why = ReserveHugePages(huge, snapshot_->mem)) GTEST_SKIP() << *why;
@@ -393,7 +397,7 @@ TEST_F(SmallPagedVmTest, SharedPagesAreFetchedOnce) {
     options.present =
         *PresentMap::FromRuns({{low, probe_first - low},
                                {probe_first + probe_unit / kPageSize,
-                                kSmallMem / kPageSize - probe_first - probe_unit / kPageSize}});
+                                snapshot_->mem / kPageSize - probe_first - probe_unit / kPageSize}});
     // The hole route has one page both vCPUs fault on, after starting: a
     // longer window, so that a late thread start still meets the fetch.
     auto source = snapshot_->Source(installer == InstallerKind::kHole ? 100ms : 20ms, 4);
@@ -450,10 +454,21 @@ TEST_F(SmallPagedVmTest, TouchedLostPageStopsTheVmWithItsGpa) {
 
 // The same with machine checks enabled in the guest: KVM injects a #MC,
 // which the test guest reports as a CPU exception (vector 18).
-TEST_F(SmallPagedVmTest, LostPageBecomesAMachineCheckWhenTheGuestTakesThem) {
-  // On the software CPU the policy stops the VM naming the page instead
-  // (TouchedLostPageStopsTheVmWithItsGpa).
-  FAULTLINE_SKIP_UNLESS_KVM("#MC injection");
+// Its own suite, so that a run that skips it takes no snapshot.
+class SmallPagedMceTest : public SmallPagedVmTest {
+ protected:
+  static void SetUpTestSuite() {
+    if (itest::OnKvm()) SmallPagedVmTest::SetUpTestSuite();
+  }
+  void SetUp() override {
+    // On the software CPU the policy stops the VM naming the page instead
+    // (SmallPagedVmTest.TouchedLostPageStopsTheVmWithItsGpa).
+    FAULTLINE_SKIP_UNLESS_KVM("#MC injection");
+    SmallPagedVmTest::SetUp();
+  }
+};
+
+TEST_F(SmallPagedMceTest, LostPageBecomesAMachineCheckWhenTheGuestTakesThem) {
   const Gpa lost = snapshot_->report.vcpus[1].first_page + 7 * kPageSize;
   auto faulty = std::make_shared<FaultInjectingPageSource>(snapshot_->Source());
   faulty->MakeUnavailable(0, lost.value, kPageSize);
@@ -508,8 +523,8 @@ TEST(PagedVmErrorsTest, UnsupportedCombinationsAreRefused) {
                  Case{InstallerKind::kContinue, Backing::kGuestMemfd, "--installer hole"},
                  Case{InstallerKind::kZero, Backing::kGuestMemfd, "--installer hole"}}) {
     SCOPED_TRACE(fmt::format("{} on {}", InstallerName(c.installer), BackingName(c.backing)));
-    if (c.backing == Backing::kGuestMemfd && !itest::OnKvm()) {
-      std::cout << "skipped: gmem needs /dev/kvm\n";
+    if (c.backing == Backing::kGuestMemfd && !itest::GuestMemfdUsable()) {
+      std::cout << "skipped: " << *itest::NoGuestMemfdReason() << "\n";
       continue;
     }
     std::optional<HugePages> huge;

@@ -346,7 +346,7 @@ class PostcopyInstallerTest : public ::testing::TestWithParam<Combo> {};
 TEST_P(PostcopyInstallerTest, GuestVerifiesEveryPageOnTheDestination) {
   constexpr uint64_t kMem = 128ull << 20;
   const Combo c = GetParam();
-  if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
+  if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
   std::optional<HugePages> huge;
   if (c.backing == Backing::kHugetlb) {
     if (auto why = ReserveHugePages(huge, kMem)) GTEST_SKIP() << *why;
@@ -416,7 +416,7 @@ TEST(PostcopyRefusalTest, UnsupportedInstallerIsRefusedAndTheSourceRunsOn) {
           })) {
         continue;
       }
-      if (backing == Backing::kGuestMemfd && !itest::OnKvm()) continue;  // needs /dev/kvm
+      if (backing == Backing::kGuestMemfd && !itest::GuestMemfdUsable()) continue;
       SCOPED_TRACE(fmt::format("{} on {}", InstallerName(installer), BackingName(backing)));
       std::optional<HugePages> huge;
       if (backing == Backing::kHugetlb) huge.emplace(kMem / kHugePageSize);
@@ -460,8 +460,8 @@ TEST(PostcopyRefusalTest, UnsupportedInstallerIsRefusedAndTheSourceRunsOn) {
   }
   // copy, move, continue and zero on gmem; move on memfd and hugetlb;
   // continue and zero on anon; zero on memfd and hugetlb.
-  // No guest_memfd pairs on tcg.
-  EXPECT_EQ(refused, itest::OnKvm() ? 10u : 6u);
+  // No guest_memfd pairs on tcg, or on a KVM without guest_memfd.
+  EXPECT_EQ(refused, itest::GuestMemfdUsable() ? 10u : 6u);
   // The source's guest never stopped: it ends its random writes and
   // verifies every page.
   (*from)->SetGuestCommand(FL_CMD_STOP);
@@ -501,15 +501,16 @@ std::vector<TwoGiBRun> TwoGiBRuns() {
 
 class PostcopyTwoGiBTest : public ::testing::TestWithParam<TwoGiBRun> {};
 
-// Acceptance: post-copy of the 2 GiB random-write guest with 2 vCPUs, the
+// Acceptance: post-copy of the 2 GiB random-write guest (512 MiB on the
+// software CPU, see itest::Mem) with 2 vCPUs, the
 // default installer of its backing, completes with 0 wrong pages. One
 // pre-copy pass first, except on guest_memfd: KVM keeps no dirty log for
 // its memslots, and this run keeps guest_memfd on both ends, so every page
 // comes by request or push.
 TEST_P(PostcopyTwoGiBTest, GuestVerifiesEveryPage) {
-  constexpr uint64_t kMem = 2ull << 30;
+  const uint64_t kMem = itest::Mem(2ull << 30, 512ull << 20);
   const Backing backing = GetParam().backing;
-  if (backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_KVM("guest_memfd is a KVM object");
+  if (backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
   std::optional<HugePages> huge;
   if (backing == Backing::kHugetlb) {
     if (auto why = ReserveHugePages(huge, kMem)) GTEST_SKIP() << *why;
@@ -536,7 +537,7 @@ INSTANTIATE_TEST_SUITE_P(Backings, PostcopyTwoGiBTest, ::testing::ValuesIn(TwoGi
 TEST(PostcopyRecoveryTest, LinkCutThreeTimesResumesAndCompletes) {
   for (Backing backing : {Backing::kAnonymous, Backing::kMemfd}) {
     SCOPED_TRACE(BackingName(backing));
-    Outcome o = RunPostcopy({.mem = 256ull << 20,
+    Outcome o = RunPostcopy({.mem = itest::Mem(256ull << 20, 128ull << 20),
                              .backing = backing,
                              .installer = std::nullopt,
                              .precopy_passes = 0,

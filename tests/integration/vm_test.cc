@@ -41,7 +41,8 @@ GuestReport MustRun(Vm& vm) {
 }
 
 TEST(VmTest, FillsAndVerifiesAllMemoryWithTwoVcpus) {
-  auto vm = MustCreate(Config(1ull << 30, 2, "workload=fill,verify"));
+  const uint64_t mem = itest::Mem(1ull << 30, 256ull << 20);
+  auto vm = MustCreate(Config(mem, 2, "workload=fill,verify"));
   ASSERT_NE(vm, nullptr);
   GuestReport report = MustRun(*vm);
   ASSERT_TRUE(report.success()) << report.bad_page_count() << " bad pages";
@@ -55,7 +56,7 @@ TEST(VmTest, FillsAndVerifiesAllMemoryWithTwoVcpus) {
   }
   EXPECT_EQ(report.pages_verified(), pages);
   // Everything but the image, boot structures and ledgers is workload.
-  EXPECT_GT(pages, (1ull << 30) / kPageSize * 99 / 100);
+  EXPECT_GT(pages, mem / kPageSize * 99 / 100);
   EXPECT_EQ(report.bad_page_count(), 0u);
 }
 
