@@ -486,7 +486,7 @@ uint32_t GetU32(const std::vector<uint8_t>& p, size_t at) {
 
 struct BadInput {
   std::string name;
-  bool dest_bigger = false;  // the destination has twice the source's memory
+  bool dest_bigger = false;       // the destination has twice the source's memory
   TamperingProxy::Tamper tamper;  // null: connect directly
   std::string expected;           // in the destination's error
 };
@@ -602,7 +602,8 @@ void ExpectPostcopyVerified(Cli& dest, uint64_t written, uint32_t sessions,
 }
 
 TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
-  Cli demo({"demo", "--mode", "postcopy", "--mem", itest::MemArg("256M", "128M"), "--after", "0.3", "--json"});
+  Cli demo({"demo", "--mode", "postcopy", "--mem", itest::MemArg("256M", "128M"), "--after", "0.3",
+            "--json"});
   ASSERT_EQ(demo.Wait(), 0) << demo.Describe();
   nlohmann::json j = demo.Json();
   ASSERT_FALSE(j.is_discarded()) << demo.Describe();
@@ -663,7 +664,7 @@ TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
   ExpectPostcopyVerified(*dest.cli, s["workload_pages"].get<uint64_t>(), 1, "copy|continue", 2);
 }
 
-// A 256 MiB source guest writing at random whose link breaks after 64 MiB
+// A 256 MiB (TCG: 128 MiB) source guest writing at random whose link breaks after 64 MiB
 // sent, and a pure post-copy of it (no pre-copy pass) to `port`: that is
 // inside post-copy (the pushed pages alone are more), so the migration
 // pauses there with the guest running (and faulting) on the destination.
@@ -677,8 +678,8 @@ BreakingPostcopy StartBreakingPostcopy(uint16_t port) {
   BreakingPostcopy b;
   b.control = ControlPath();
   b.source = std::make_unique<Cli>(std::vector<std::string>{
-      "run", "--control", b.control, "--mem", itest::MemArg("256M", "128M"), "--vcpus", "2", "--workload",
-      "random,rate=64", "--duration", "6", "--json", "--quiet", "--timeout", "120",
+      "run", "--control", b.control, "--mem", itest::MemArg("256M", "128M"), "--vcpus", "2",
+      "--workload", "random,rate=64", "--duration", "6", "--json", "--quiet", "--timeout", "120",
       "--test-cut-link-after", std::to_string(64 << 20)});
   testing::AssertionResult writing = AwaitRandomWrites(b.control, *b.source);
   EXPECT_TRUE(writing);
@@ -724,7 +725,7 @@ TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
   // No pre-copy pass: the pages came by push or by demand only.
   EXPECT_GE(m["migration"]["pages_pushed"].get<uint64_t>() +
                 m["migration"]["pages_demanded"].get<uint64_t>(),
-            65536u)
+            itest::Mem(256ull << 20, 128ull << 20) / 4096)
       << m.dump();
   ASSERT_EQ(source->Wait(), 0) << source->Describe();
   ExpectPostcopyVerified(*dest.cli, source->Json()["workload_pages"].get<uint64_t>(), 2,
@@ -759,7 +760,7 @@ TEST(PostcopyCliTest, DestinationQueryMigrateShowsFaultLatencyPerVcpu) {
   const std::string dest_control = ControlPath();
   Destination dest = StartPostcopyDestination(itest::MemArg("256M", "128M"), "anon", dest_control);
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
-  constexpr uint64_t kGuestPages = (256ull << 20) / 4096;
+  const uint64_t kGuestPages = itest::Mem(256ull << 20, 128ull << 20) / 4096;
   // Served while it waits for the migration.
   std::optional<nlohmann::json> waiting = Query(dest_control, "query-migrate");
   ASSERT_TRUE(waiting) << dest.cli->Describe();

@@ -38,10 +38,10 @@ constexpr char kWorkload[] = "workload=fill,random,verify until_command=1 quiet=
 // The small snapshot's guest skips two pages of vCPU 0's region: both vCPUs
 // read the first (probe=, zeros) in their random phase, so that both fault
 // on it; nobody touches the second (the lost page of the poison tests).
-// The small snapshot's size (192 MiB on the software CPU: kProbe must stay
+// The small snapshot's size (128 MiB on the software CPU: kProbe must stay
 // in vCPU 0's half).
-uint64_t SmallMem() { return itest::Mem(256ull << 20, 192ull << 20); }
-constexpr Gpa kProbe{64ull << 20};
+uint64_t SmallMem() { return itest::Mem(256ull << 20, 128ull << 20); }
+constexpr Gpa kProbe{32ull << 20};
 constexpr Gpa kUntouched{kProbe.value + kPageSize};
 
 using ::faultline::integration::HugePages;
@@ -245,10 +245,15 @@ std::string ComboName(const ::testing::TestParamInfo<Combo>& info) {
   return std::string(InstallerName(info.param.installer)) + "_" + BackingName(info.param.backing);
 }
 
+// Each suite takes its snapshot in the first test's SetUp, after the checks
+// that may skip it: a skipped test boots no VM.
 class PagedVmTest : public ::testing::TestWithParam<Combo> {
  protected:
-  static void SetUpTestSuite() {
-    snapshot_ = new Snapshot(TakeSnapshot(itest::Mem(1ull << 30, 128ull << 20), 2));
+  void SetUp() override {
+    if (GetParam().backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
+    if (snapshot_ == nullptr) {
+      snapshot_ = new Snapshot(TakeSnapshot(itest::Mem(1ull << 30, 128ull << 20), 2));
+    }
   }
   static void TearDownTestSuite() {
     delete snapshot_;
@@ -258,8 +263,8 @@ class PagedVmTest : public ::testing::TestWithParam<Combo> {
 };
 Snapshot* PagedVmTest::snapshot_ = nullptr;
 
-// Acceptance: 2 vCPUs, 1 GiB (128 MiB on the software CPU), nothing present; every page from the source,
-// once, through the installer; the guest verifies every page.
+// Acceptance: 2 vCPUs, 1 GiB (128 MiB on the software CPU), nothing present; every page from the
+// source, once, through the installer; the guest verifies every page.
 TEST_P(PagedVmTest, GuestVerifiesEveryPageFromTheSource) {
   const Combo c = GetParam();
   if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
@@ -301,12 +306,12 @@ INSTANTIATE_TEST_SUITE_P(Installers, PagedVmTest, ::testing::ValuesIn(Combos()),
 // Tests on the small snapshot (see kProbe).
 class SmallPagedVmTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() { snapshot_ = new Snapshot(TakeSmallSnapshot()); }
   static void TearDownTestSuite() {
     delete snapshot_;
     snapshot_ = nullptr;
   }
   void SetUp() override {
+    if (snapshot_ == nullptr) snapshot_ = new Snapshot(TakeSmallSnapshot());
     ASSERT_FALSE(snapshot_->states.empty());
     const GuestVcpuReport& v0 = snapshot_->report.vcpus[0];
     ASSERT_TRUE(kProbe >= v0.first_page && kUntouched < v0.region_end)
@@ -316,7 +321,13 @@ class SmallPagedVmTest : public ::testing::Test {
 };
 Snapshot* SmallPagedVmTest::snapshot_ = nullptr;
 
-class PresentMapVmTest : public SmallPagedVmTest, public ::testing::WithParamInterface<Combo> {};
+class PresentMapVmTest : public SmallPagedVmTest, public ::testing::WithParamInterface<Combo> {
+ protected:
+  void SetUp() override {
+    if (GetParam().backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
+    SmallPagedVmTest::SetUp();
+  }
+};
 
 // About half of `units` in runs of 1..max_run units, alternating present
 // and missing; the same for a given seed.
@@ -394,10 +405,10 @@ TEST_F(SmallPagedVmTest, SharedPagesAreFetchedOnce) {
     const uint64_t probe_first = AlignDown(kProbe.value, probe_unit) / kPageSize;
     const uint64_t low = (2ull << 20) / kPageSize;
     RunOptions options;
-    options.present =
-        *PresentMap::FromRuns({{low, probe_first - low},
-                               {probe_first + probe_unit / kPageSize,
-                                snapshot_->mem / kPageSize - probe_first - probe_unit / kPageSize}});
+    options.present = *PresentMap::FromRuns(
+        {{low, probe_first - low},
+         {probe_first + probe_unit / kPageSize,
+          snapshot_->mem / kPageSize - probe_first - probe_unit / kPageSize}});
     // The hole route has one page both vCPUs fault on, after starting: a
     // longer window, so that a late thread start still meets the fetch.
     auto source = snapshot_->Source(installer == InstallerKind::kHole ? 100ms : 20ms, 4);
@@ -454,12 +465,8 @@ TEST_F(SmallPagedVmTest, TouchedLostPageStopsTheVmWithItsGpa) {
 
 // The same with machine checks enabled in the guest: KVM injects a #MC,
 // which the test guest reports as a CPU exception (vector 18).
-// Its own suite, so that a run that skips it takes no snapshot.
 class SmallPagedMceTest : public SmallPagedVmTest {
  protected:
-  static void SetUpTestSuite() {
-    if (itest::OnKvm()) SmallPagedVmTest::SetUpTestSuite();
-  }
   void SetUp() override {
     // On the software CPU the policy stops the VM naming the page instead
     // (SmallPagedVmTest.TouchedLostPageStopsTheVmWithItsGpa).

@@ -344,7 +344,7 @@ std::vector<Combo> SupportedCombos() {
 class PostcopyInstallerTest : public ::testing::TestWithParam<Combo> {};
 
 TEST_P(PostcopyInstallerTest, GuestVerifiesEveryPageOnTheDestination) {
-  constexpr uint64_t kMem = 128ull << 20;
+  const uint64_t kMem = itest::Mem(128ull << 20, 64ull << 20);
   const Combo c = GetParam();
   if (c.backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
   std::optional<HugePages> huge;
@@ -501,14 +501,14 @@ std::vector<TwoGiBRun> TwoGiBRuns() {
 
 class PostcopyTwoGiBTest : public ::testing::TestWithParam<TwoGiBRun> {};
 
-// Acceptance: post-copy of the 2 GiB random-write guest (512 MiB on the
+// Acceptance: post-copy of the 2 GiB random-write guest (256 MiB on the
 // software CPU, see itest::Mem) with 2 vCPUs, the
 // default installer of its backing, completes with 0 wrong pages. One
 // pre-copy pass first, except on guest_memfd: KVM keeps no dirty log for
 // its memslots, and this run keeps guest_memfd on both ends, so every page
 // comes by request or push.
 TEST_P(PostcopyTwoGiBTest, GuestVerifiesEveryPage) {
-  const uint64_t kMem = itest::Mem(2ull << 30, 512ull << 20);
+  const uint64_t kMem = itest::Mem(2ull << 30, 256ull << 20);
   const Backing backing = GetParam().backing;
   if (backing == Backing::kGuestMemfd) FAULTLINE_SKIP_UNLESS_GUEST_MEMFD();
   std::optional<HugePages> huge;

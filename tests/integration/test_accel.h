@@ -73,9 +73,7 @@ inline bool GuestMemfdUsable() { return !NoGuestMemfdReason().has_value(); }
 inline Backing HoleBacking() { return GuestMemfdUsable() ? Backing::kGuestMemfd : Backing::kMemfd; }
 
 // {"--accel", "tcg"}: for `faultline run`, `demo` and `bench` in CLI tests.
-inline std::vector<std::string> AccelArgs() {
-  return {"--accel", hv::AccelName(TestAccel())};
-}
+inline std::vector<std::string> AccelArgs() { return {"--accel", hv::AccelName(TestAccel())}; }
 
 // Inserts AccelArgs() after the subcommand of a CLI invocation that starts
 // a VM (run, demo, bench), unless it asks for help.
@@ -94,18 +92,17 @@ inline void AddAccelArgs(std::vector<std::string>& args) {
 
 // For a test of a KVM-only feature (guest_memfd, KVM's dirty log, #MC
 // injection): it skips, saying so, on the software CPU.
-#define FAULTLINE_SKIP_UNLESS_KVM(what)                                              \
-  do {                                                                               \
-    if (!::faultline::itest::OnKvm()) {                                            \
-      GTEST_SKIP() << "needs /dev/kvm: " << (what) << " (this run is on "            \
-                   << ::faultline::hv::AccelName(::faultline::itest::TestAccel()) \
-                   << ")";                                                           \
-    }                                                                                \
+#define FAULTLINE_SKIP_UNLESS_KVM(what)                                                   \
+  do {                                                                                    \
+    if (!::faultline::itest::OnKvm()) {                                                   \
+      GTEST_SKIP() << "needs /dev/kvm: " << (what) << " (this run is on "                 \
+                   << ::faultline::hv::AccelName(::faultline::itest::TestAccel()) << ")"; \
+    }                                                                                     \
   } while (0)
 
 // For a test of a guest_memfd-backed VM: it skips, saying why, where this
 // run has no guest_memfd (see NoGuestMemfdReason).
-#define FAULTLINE_SKIP_UNLESS_GUEST_MEMFD()                                 \
-  do {                                                                      \
+#define FAULTLINE_SKIP_UNLESS_GUEST_MEMFD()                                        \
+  do {                                                                             \
     if (auto why = ::faultline::itest::NoGuestMemfdReason()) GTEST_SKIP() << *why; \
   } while (0)
