@@ -1,16 +1,30 @@
 // Guest first-touch and steady-state write throughput under the reference
-// VMM, with 1 and 2 vCPUs, against the host writing the same amount of fresh
-// and then resident memory in the same run.
+// VMM, with 1 and 2 vCPUs, on each accelerator the machine has (KVM where
+// /dev/kvm opens, the software CPU always), against the host writing the
+// same amount of fresh and then resident memory in the same run, and, for
+// the software CPU, against QEMU's TCG running the same guest image and
+// workload with 1 vCPU (its multiboot path starts only the boot processor)
+// where qemu-system-x86_64 is installed. QEMU's RDTSC reads the host TSC
+// under TCG, as the software CPU's does, so the guest's own cycle counts
+// compare directly.
 //
 //   build/release/bench/faultline_bench_guest_throughput [MEM_MIB]
 //
 // Figures only; nothing here passes or fails on time.
+#include <spawn.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -43,10 +57,12 @@ Rates HostBaseline(uint64_t bytes) {
 }
 
 // Phase rates summed over vCPUs (each vCPU's own pages over its own time).
-Rates GuestRun(uint64_t bytes, uint32_t vcpus) {
+// Also sets `tsc_khz` from the guest's report.
+Rates GuestRun(uint64_t bytes, uint32_t vcpus, hv::AccelChoice accel, uint32_t* tsc_khz) {
   vmm::VmConfig config;
   config.mem_size = bytes;
   config.vcpus = vcpus;
+  config.accel = accel;
   config.guest_args = "workload=fill,fill quiet=1";
   auto vm = vmm::Vm::Create(config);
   if (!vm.has_value()) {
@@ -59,6 +75,7 @@ Rates GuestRun(uint64_t bytes, uint32_t vcpus) {
     fmt::print(stderr, "{}\n", report.has_value() ? "no report" : report.error().ToString());
     std::exit(1);
   }
+  *tsc_khz = report->tsc_khz;
   Rates r;
   for (const GuestVcpuReport& v : report->vcpus) {
     if (v.phases.size() != 2) std::exit(1);
@@ -66,6 +83,64 @@ Rates GuestRun(uint64_t bytes, uint32_t vcpus) {
     r.steady += v.phases[1].ops / (report->CyclesToUs(v.phases[1].cycles) / 1e6);
   }
   return r;
+}
+
+// QEMU TCG, 1 vCPU, the same guest and workload: the rates from the
+// guest's serial lines "[vcpu0] fill: N pages, generation G, C cycles";
+// nullopt (and why on stderr) if QEMU is missing or the run failed.
+std::optional<Rates> QemuRun(uint64_t bytes, uint32_t tsc_khz) {
+  const char* qemu = "/usr/bin/qemu-system-x86_64";
+  if (access(qemu, X_OK) != 0) {
+    fmt::print(stderr,
+               "QEMU baseline skipped: {} is not installed (apt-get install "
+               "qemu-system-x86)\n",
+               qemu);
+    return std::nullopt;
+  }
+  const std::filesystem::path serial =
+      std::filesystem::temp_directory_path() / fmt::format("faultline-qemu-{}.txt", getpid());
+  std::vector<std::string> args = {qemu,
+                                   "-kernel",
+                                   FAULTLINE_DEFAULT_GUEST,
+                                   "-append",
+                                   "workload=fill,fill",
+                                   "-m",
+                                   std::to_string(bytes >> 20),
+                                   "-accel",
+                                   "tcg",
+                                   "-display",
+                                   "none",
+                                   "-monitor",
+                                   "none",
+                                   "-no-reboot",
+                                   "-serial",
+                                   "file:" + serial.string(),
+                                   "-device",
+                                   "isa-debug-exit,iobase=0xf4,iosize=0x04"};
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  if (posix_spawn(&pid, qemu, nullptr, nullptr, argv.data(), environ) != 0) return std::nullopt;
+  int status = 0;
+  waitpid(pid, &status, 0);
+  std::ifstream in(serial);
+  std::vector<double> rates;
+  for (std::string line; std::getline(in, line);) {
+    unsigned long long pages = 0, cycles = 0;
+    unsigned generation = 0;
+    if (std::sscanf(line.c_str(), "[vcpu0] fill: %llu pages, generation %u, %llu cycles", &pages,
+                    &generation, &cycles) == 3 &&
+        cycles > 0) {
+      rates.push_back(static_cast<double>(pages) / (static_cast<double>(cycles) / (tsc_khz * 1e3)));
+    }
+  }
+  std::filesystem::remove(serial);
+  if (rates.size() != 2) {
+    fmt::print(stderr, "QEMU baseline: no fill reports on its serial port\n");
+    return std::nullopt;
+  }
+  return Rates{rates[0], rates[1]};
 }
 
 }  // namespace
@@ -80,11 +155,28 @@ int main(int argc, char** argv) {
              mib);
   fmt::print("{:<22} {:>14} {:>14}\n", "", "first touch", "steady state");
   fmt::print("{:<22} {:>14.0f} {:>14.0f}\n", "host memset", host.first_touch, host.steady);
-  for (uint32_t vcpus : {1u, 2u}) {
-    Rates g = GuestRun(bytes, vcpus);
-    fmt::print("{:<22} {:>14.0f} {:>14.0f}   ratio to host {:.3f} / {:.3f}\n",
-               fmt::format("guest, {} vCPU{}", vcpus, vcpus > 1 ? "s" : ""), g.first_touch,
-               g.steady, g.first_touch / host.first_touch, g.steady / host.steady);
+  std::vector<hv::AccelChoice> accels;
+  if (hv::ProbeAccel().accel == hv::Accel::kKvm) accels.push_back(hv::AccelChoice::kKvm);
+  accels.push_back(hv::AccelChoice::kTcg);
+  uint32_t tsc_khz = 0;
+  std::optional<Rates> tcg_one;
+  for (hv::AccelChoice accel : accels) {
+    const char* name = accel == hv::AccelChoice::kKvm ? "kvm" : "tcg";
+    for (uint32_t vcpus : {1u, 2u}) {
+      Rates g = GuestRun(bytes, vcpus, accel, &tsc_khz);
+      if (accel == hv::AccelChoice::kTcg && vcpus == 1) tcg_one = g;
+      fmt::print("{:<22} {:>14.0f} {:>14.0f}   ratio to host {:.3f} / {:.3f}\n",
+                 fmt::format("{} guest, {} vCPU{}", name, vcpus, vcpus > 1 ? "s" : ""),
+                 g.first_touch, g.steady, g.first_touch / host.first_touch, g.steady / host.steady);
+    }
+  }
+  if (std::optional<Rates> q = QemuRun(bytes, tsc_khz); q && tcg_one) {
+    fmt::print("{:<22} {:>14.0f} {:>14.0f}   ratio to host {:.3f} / {:.3f}\n", "QEMU TCG, 1 vCPU",
+               q->first_touch, q->steady, q->first_touch / host.first_touch,
+               q->steady / host.steady);
+    fmt::print("{:<22} {:>14.3f} {:>14.3f}   (tcg guest, 1 vCPU, over QEMU TCG)\n",
+               "software CPU / QEMU", tcg_one->first_touch / q->first_touch,
+               tcg_one->steady / q->steady);
   }
   return 0;
 }
