@@ -23,7 +23,8 @@ int CheckVmExtension(int vm_fd, long capability) {
 
 constexpr const char* kNoGuestMemfd =
     "guest_memfd is not supported by this kernel or VM type (KVM_CAP_GUEST_MEMFD is 0; needs "
-    "Linux 6.8+)";
+    "Linux 6.8+ and a KVM that offers it, which a nested KVM may not); back the RAM with memfd "
+    "instead";
 
 }  // namespace
 
