@@ -80,9 +80,6 @@ TEST(GuestMemfdArgsTest, NotAVmFd) {
   EXPECT_THAT(gmem.error().message(), HasSubstr("not a KVM VM fd"));
 }
 
-// A fact the paging design depends on (DESIGN.md): guest_memfd mappings
-// cannot be registered with userfaultfd, so they demand-page through memslot
-// holes instead. If a kernel lifts this, the test says so.
 // On a KVM without guest_memfd (a nested or older kernel), the error names
 // the capability that is missing.
 TEST(GuestMemfdArgsTest, KvmWithoutGuestMemfdNamesTheCapability) {
@@ -101,6 +98,9 @@ TEST(GuestMemfdArgsTest, KvmWithoutGuestMemfdNamesTheCapability) {
   EXPECT_THAT(probe.ToString(), HasSubstr("KVM_CAP_GUEST_MEMFD is 0"));
 }
 
+// A fact the paging design depends on (DESIGN.md): guest_memfd mappings
+// cannot be registered with userfaultfd, so they demand-page through memslot
+// holes instead. If a kernel lifts this, the test says so.
 TEST_F(GuestMemfdTest, UserfaultfdCannotRegisterMapping) {
   auto gmem = CreateGuestMemfd(vm_fd(), kPageSize, kSharedMmap);
   ASSERT_TRUE(gmem.has_value()) << gmem.status().ToString();
