@@ -378,12 +378,18 @@ TEST_P(PostcopyInstallerTest, GuestVerifiesEveryPageOnTheDestination) {
   // userfaultfd each), or, with holes, only as the vCPUs' own exits.
   EXPECT_EQ(p.queue_faults.size(),
             c.installer == InstallerKind::kHole ? 1u : PostcopyVmOptions{}.pager.queues_per_block);
-  // It really paged: the guest's accesses demanded pages (its stacks and
-  // ledgers are dirty at the switchover at least), and the rest was pushed.
-  EXPECT_GT(d.network.pages_demanded, 0u);
+  // It really paged: the rest was pushed, and the guest's accesses demanded
+  // pages. Without a pre-copy pass its first instructions demand. After one,
+  // only the pages dirtied during it are missing (a few hundred), and on the
+  // software CPU, whose guest writes about 3,000 random pages/s, the push
+  // often brings them all before a vCPU touches one: there the demand path
+  // is checked by the 0-pass runs.
   EXPECT_GT(d.network.pages_pushed, 0u);
-  EXPECT_GT(o.source_stats.pages_requested, 0u);
   EXPECT_GT(o.source_stats.pages_pushed, 0u);
+  if (c.precopy_passes == 0 || itest::OnKvm()) {
+    EXPECT_GT(d.network.pages_demanded, 0u);
+    EXPECT_GT(o.source_stats.pages_requested, 0u);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Installers, PostcopyInstallerTest, ::testing::ValuesIn(SupportedCombos()),
