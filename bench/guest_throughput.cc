@@ -29,6 +29,7 @@
 #include <fmt/format.h>
 
 #include "guest/abi.h"
+#include "src/vmm/qemu_command.h"
 #include "src/vmm/vm.h"
 
 namespace faultline {
@@ -99,24 +100,8 @@ std::optional<Rates> QemuRun(uint64_t bytes, uint32_t tsc_khz) {
   }
   const std::filesystem::path serial =
       std::filesystem::temp_directory_path() / fmt::format("faultline-qemu-{}.txt", getpid());
-  std::vector<std::string> args = {qemu,
-                                   "-kernel",
-                                   FAULTLINE_DEFAULT_GUEST,
-                                   "-append",
-                                   "workload=fill,fill",
-                                   "-m",
-                                   std::to_string(bytes >> 20),
-                                   "-accel",
-                                   "tcg",
-                                   "-display",
-                                   "none",
-                                   "-monitor",
-                                   "none",
-                                   "-no-reboot",
-                                   "-serial",
-                                   "file:" + serial.string(),
-                                   "-device",
-                                   "isa-debug-exit,iobase=0xf4,iosize=0x04"};
+  std::vector<std::string> args = vmm::QemuTcgCommand(
+      qemu, FAULTLINE_DEFAULT_GUEST, "workload=fill,fill", bytes >> 20, serial.string());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

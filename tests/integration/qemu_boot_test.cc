@@ -25,6 +25,8 @@
 
 #include <gtest/gtest.h>
 
+#include "src/vmm/qemu_command.h"
+
 extern char** environ;
 
 namespace {
@@ -86,24 +88,8 @@ class QemuBootTest : public ::testing::Test {
   // Runs QEMU to completion (or kills it after kTimeout).
   QemuRun Run(const std::string& append, int memory_mib = 128) {
     std::filesystem::path serial = dir_ / "serial.txt", err = dir_ / "stderr.txt";
-    std::vector<std::string> args = {qemu_,
-                                     "-kernel",
-                                     guest_,
-                                     "-append",
-                                     append,
-                                     "-m",
-                                     std::to_string(memory_mib),
-                                     "-accel",
-                                     "tcg",
-                                     "-display",
-                                     "none",
-                                     "-monitor",
-                                     "none",
-                                     "-no-reboot",
-                                     "-serial",
-                                     "file:" + serial.string(),
-                                     "-device",
-                                     "isa-debug-exit,iobase=0xf4,iosize=0x04"};
+    std::vector<std::string> args =
+        ::faultline::vmm::QemuTcgCommand(qemu_, guest_, append, memory_mib, serial.string());
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
