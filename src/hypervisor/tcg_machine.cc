@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "src/hypervisor/tcg_state.h"
 #include "src/sys/linux_abi.h"
 
 namespace faultline::hv {
@@ -21,18 +22,6 @@ namespace {
 // An address the guest never executes: uc_emu_start runs until a stop.
 constexpr uint64_t kNoUntil = 0xffff'ffff'ffff'f000ull;
 constexpr uint64_t kCr4Mce = 1ull << 6;
-
-// The MSRs a software vCPU's state carries (those libunicorn emulates and
-// a 64-bit guest sets up).
-constexpr uint32_t kStateMsrs[] = {
-    kMsrTsc,    0x174 /* SYSENTER_CS */, 0x175 /* SYSENTER_ESP */, 0x176 /* SYSENTER_EIP */,
-    0x277 /* PAT */, 0xc0000081 /* STAR */, 0xc0000082 /* LSTAR */, 0xc0000083 /* CSTAR */,
-    0xc0000084 /* SFMASK */, kMsrKernelGsBase,
-};
-
-Status UcError(uc_err err, std::string_view what) {
-  return Error("{}: {} (libunicorn)", what, uc_strerror(err));
-}
 
 // The calling thread's escape from a software CPU engine (SIGBUS on a
 // poisoned page: the access would fault forever if the handler returned).
@@ -88,8 +77,7 @@ class TcgVcpuImpl final : public Vcpu {
   static void HookIntr(uc_engine* uc, uint32_t intno, void* user);
   static void HookBlock(uc_engine* uc, uint64_t address, uint32_t size, void* user);
   static uint64_t MmioRead(uc_engine* uc, uint64_t offset, unsigned size, void* user);
-  static void MmioWrite(uc_engine* uc, uint64_t offset, unsigned size, uint64_t value,
-                        void* user);
+  static void MmioWrite(uc_engine* uc, uint64_t offset, unsigned size, uint64_t value, void* user);
 
   // Calls the handler from inside a hook; an error or kFinish stops the
   // engine after the current instruction.
@@ -114,9 +102,9 @@ class TcgVcpuImpl final : public Vcpu {
   // Touched only by the vCPU's thread (and by GetState/SetState while the
   // vCPU is not running).
   uint64_t synced_generation_ = ~0ull;
-  std::map<uint64_t, Region> ram_;                        // by GPA: RAM this engine maps
-  std::map<uint64_t, std::unique_ptr<MmioPage>> mmio_;    // by GPA: MMIO pages it maps
-  const ExitHandler* handler_ = nullptr;                  // during Run
+  std::map<uint64_t, Region> ram_;                      // by GPA: RAM this engine maps
+  std::map<uint64_t, std::unique_ptr<MmioPage>> mmio_;  // by GPA: MMIO pages it maps
+  const ExitHandler* handler_ = nullptr;                // during Run
   Status error_;
   bool finished_ = false;
   bool resync_ = false;
@@ -213,8 +201,8 @@ Status TcgVcpuImpl::Init() {
                          UC_X86_INS_IN)) != UC_ERR_OK ||
       (err = uc_hook_add(uc_, &hook, UC_HOOK_INSN, reinterpret_cast<void*>(&HookOut), this, 1, 0,
                          UC_X86_INS_OUT)) != UC_ERR_OK ||
-      (err = uc_hook_add(uc_, &hook, UC_HOOK_MEM_UNMAPPED,
-                         reinterpret_cast<void*>(&HookUnmapped), this, 1, 0)) != UC_ERR_OK ||
+      (err = uc_hook_add(uc_, &hook, UC_HOOK_MEM_UNMAPPED, reinterpret_cast<void*>(&HookUnmapped),
+                         this, 1, 0)) != UC_ERR_OK ||
       (err = uc_hook_add(uc_, &hook, UC_HOOK_INTR, reinterpret_cast<void*>(&HookIntr), this, 1,
                          0)) != UC_ERR_OK ||
       (err = uc_hook_add(uc_, &hook, UC_HOOK_BLOCK, reinterpret_cast<void*>(&HookBlock), this, 1,
@@ -283,8 +271,8 @@ bool TcgVcpuImpl::MapCovering(uint64_t gpa) {
 Status TcgVcpuImpl::MapRam(const Region& r) {
   uc_err err = uc_mem_map_ptr(uc_, r.gpa, r.size, UC_PROT_ALL, reinterpret_cast<void*>(r.hva));
   if (err != UC_ERR_OK) {
-    return UcError(err, fmt::format("vcpu {}: mapping guest-physical [{:#x}, {:#x})", index_,
-                                    r.gpa, r.gpa + r.size));
+    return UcError(err, fmt::format("vcpu {}: mapping guest-physical [{:#x}, {:#x})", index_, r.gpa,
+                                    r.gpa + r.size));
   }
   ram_[r.gpa] = r;
   return Status::Ok();
@@ -311,22 +299,22 @@ bool TcgVcpuImpl::HookUnmapped(uc_engine*, uc_mem_type type, uint64_t address, i
     self->Deliver(exit);
     if (self->error_.ok() && self->MapCovering(address)) return true;
     if (self->error_.ok()) {
-      self->error_ = Error("vcpu {}: instruction fetch from guest-physical {:#x}, where there is "
-                           "no RAM",
-                           self->index_, address);
+      self->error_ = Error(
+          "vcpu {}: instruction fetch from guest-physical {:#x}, where there is "
+          "no RAM",
+          self->index_, address);
     }
     return false;
   }
   // Data: an MMIO page whose accesses reach the exit handler.
   const uint64_t page = AlignDown(address, kPageSize);
   auto mmio = std::make_unique<MmioPage>(MmioPage{self, page});
-  uc_err err = uc_mmio_map(self->uc_, page, kPageSize, &MmioRead, mmio.get(), &MmioWrite,
-                           mmio.get());
+  uc_err err =
+      uc_mmio_map(self->uc_, page, kPageSize, &MmioRead, mmio.get(), &MmioWrite, mmio.get());
   if (err != UC_ERR_OK) {
-    self->error_ = UcError(err, fmt::format("vcpu {}: {} of {} bytes at guest-physical {:#x}",
-                                            self->index_,
-                                            type == UC_MEM_WRITE_UNMAPPED ? "write" : "read",
-                                            size, address));
+    self->error_ =
+        UcError(err, fmt::format("vcpu {}: {} of {} bytes at guest-physical {:#x}", self->index_,
+                                 type == UC_MEM_WRITE_UNMAPPED ? "write" : "read", size, address));
     return false;
   }
   self->mmio_[page] = std::move(mmio);
@@ -460,8 +448,8 @@ Result<RunOutcome> TcgVcpuImpl::Run(const ExitHandler& handler) {
     uc_reg_read(uc_, UC_X86_REG_IDTR, &idtr);
     if (idtr.limit < static_cast<uint32_t>(exception_) * 16 + 15) {
       exit.kind = VcpuExit::Kind::kShutdown;
-      exit.detail = fmt::format("CPU exception {} with no IDT gate for it: a triple fault",
-                                exception_);
+      exit.detail =
+          fmt::format("CPU exception {} with no IDT gate for it: a triple fault", exception_);
     }
     ASSIGN_OR_RETURN(ExitAction action, handler(*this, exit));
     return action == ExitAction::kFinish ? RunOutcome::kFinished : RunOutcome::kHandled;
@@ -494,182 +482,20 @@ bool TcgVcpuImpl::Halted() const {
   return r && *reinterpret_cast<const uint8_t*>(r->hva + (rip - 1 - r->gpa)) == 0xf4;
 }
 
-// Segment hidden parts: libunicorn gives only selectors (and the FS/GS
-// bases), so they are decoded from the descriptor table in guest memory,
-// which is where the CPU loaded them from.
-Segment DecodeDescriptor(uint16_t selector, uint64_t low, uint64_t high, bool system) {
-  Segment s;
-  s.selector = selector;
-  s.limit = static_cast<uint32_t>((low & 0xffff) | ((low >> 32) & 0xf0000));
-  s.base = ((low >> 16) & 0xffffff) | (((low >> 56) & 0xff) << 24);
-  if (system) s.base |= (high & 0xffffffff) << 32;
-  s.type = (low >> 40) & 0xf;
-  s.s = (low >> 44) & 1;
-  s.dpl = (low >> 45) & 3;
-  s.present = (low >> 47) & 1;
-  s.avl = (low >> 52) & 1;
-  s.l = (low >> 53) & 1;
-  s.db = (low >> 54) & 1;
-  s.g = (low >> 55) & 1;
-  if (s.g) s.limit = (s.limit << 12) | 0xfff;
-  return s;
-}
-
 Result<VcpuState> TcgVcpuImpl::GetState() const {
-  VcpuState s;
-  s.index = index_;
-  static constexpr int kGprRegs[kGprCount] = {
-      UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
-      UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
-      UC_X86_REG_R8,  UC_X86_REG_R9,  UC_X86_REG_R10, UC_X86_REG_R11,
-      UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15};
-  for (int i = 0; i < kGprCount; ++i) uc_reg_read(uc_, kGprRegs[i], &s.gpr[i]);
-  uc_reg_read(uc_, UC_X86_REG_RIP, &s.rip);
-  uc_reg_read(uc_, UC_X86_REG_RFLAGS, &s.rflags);
-  uc_reg_read(uc_, UC_X86_REG_CR0, &s.cr0);
-  uc_reg_read(uc_, UC_X86_REG_CR2, &s.cr2);
-  uc_reg_read(uc_, UC_X86_REG_CR3, &s.cr3);
-  uc_reg_read(uc_, UC_X86_REG_CR4, &s.cr4);
-  uc_reg_read(uc_, UC_X86_REG_CR8, &s.cr8);
-  uc_x86_msr efer{kMsrEfer, 0};
-  uc_reg_read(uc_, UC_X86_REG_MSR, &efer);
-  s.efer = efer.value;
-  uc_x86_mmr gdtr{}, idtr{}, tr{}, ldtr{};
-  uc_reg_read(uc_, UC_X86_REG_GDTR, &gdtr);
-  uc_reg_read(uc_, UC_X86_REG_IDTR, &idtr);
-  uc_reg_read(uc_, UC_X86_REG_TR, &tr);
-  uc_reg_read(uc_, UC_X86_REG_LDTR, &ldtr);
-  s.gdt = {gdtr.base, static_cast<uint16_t>(gdtr.limit)};
-  s.idt = {idtr.base, static_cast<uint16_t>(idtr.limit)};
-  auto descriptor = [&](uint16_t selector, bool system) -> Segment {
-    const uint64_t at = s.gdt.base + (selector & ~7u);
-    uint64_t words[2] = {0, 0};
-    if ((selector & ~3u) != 0 && (selector | 7u) <= s.gdt.limit) {
-      if (std::optional<Region> r = vm_.Covering(at)) {
-        if (at + 16 <= r->gpa + r->size) {
-          std::memcpy(words, reinterpret_cast<const void*>(r->hva + (at - r->gpa)), 16);
-        }
-      }
-    }
-    Segment seg = DecodeDescriptor(selector, words[0], words[1], system);
-    if ((selector & ~3u) == 0) seg.unusable = 1;
-    return seg;
-  };
-  const std::pair<Segment*, int> segs[] = {{&s.cs, UC_X86_REG_CS}, {&s.ss, UC_X86_REG_SS},
-                                           {&s.ds, UC_X86_REG_DS}, {&s.es, UC_X86_REG_ES},
-                                           {&s.fs, UC_X86_REG_FS}, {&s.gs, UC_X86_REG_GS}};
-  for (size_t i = 0; i < std::size(segs); ++i) {
-    const auto& [seg, reg] = segs[i];
-    uint64_t selector = 0;
-    uc_reg_read(uc_, reg, &selector);
-    Segment& known = known_segments_[i];
-    if (known.selector != selector || known.present == 0) {
-      known = descriptor(static_cast<uint16_t>(selector), false);
-    }
-    *seg = known;
-  }
-  uc_reg_read(uc_, UC_X86_REG_FS_BASE, &s.fs.base);
-  uc_reg_read(uc_, UC_X86_REG_GS_BASE, &s.gs.base);
-  // TR and LDTR come with their hidden parts (flags in descriptor layout).
-  auto system_segment = [](const uc_x86_mmr& m) {
-    Segment seg = DecodeDescriptor(m.selector, uint64_t{m.flags} << 32, 0, true);
-    seg.base = m.base;
-    seg.limit = m.limit;
-    if ((m.selector & ~3u) == 0 && seg.present == 0) seg.unusable = 1;
-    return seg;
-  };
-  s.tr = system_segment(tr);
-  s.ldt = system_segment(ldtr);
-  // x87 and SSE.
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) uc_reg_read(uc_, UC_X86_REG_ST0 + i, s.fpu.st[i].data());
-  uc_reg_read(uc_, UC_X86_REG_FPCW, &v);
-  s.fpu.fcw = static_cast<uint16_t>(v);
-  uc_reg_read(uc_, UC_X86_REG_FPSW, &v);
-  s.fpu.fsw = static_cast<uint16_t>(v);
-  uc_reg_read(uc_, UC_X86_REG_FPTAG, &v);
-  s.fpu.ftw = static_cast<uint8_t>(v);
-  uint32_t mxcsr = 0;
-  uc_reg_read(uc_, UC_X86_REG_MXCSR, &mxcsr);
-  s.fpu.mxcsr = mxcsr;
-  for (int i = 0; i < 16; ++i) uc_reg_read(uc_, UC_X86_REG_XMM0 + i, s.fpu.xmm[i].data());
-  for (uint32_t index : kStateMsrs) {
-    uc_x86_msr msr{index, 0};
-    if (uc_reg_read(uc_, UC_X86_REG_MSR, &msr) == UC_ERR_OK) s.msrs.push_back({index, msr.value});
-  }
-  return s;
+  return ReadTcgState(uc_, index_, known_segments_, [this](uint64_t gpa, void* out) {
+    std::optional<Region> r = vm_.Covering(gpa);
+    if (!r || gpa + 16 > r->gpa + r->size) return false;
+    std::memcpy(out, reinterpret_cast<const void*>(r->hva + (gpa - r->gpa)), 16);
+    return true;
+  });
 }
 
 Status TcgVcpuImpl::SetState(const VcpuState& s) {
   // Memory first: loading a segment selector reads its descriptor from the
   // GDT in guest memory.
   RETURN_IF_ERROR(Sync());
-  auto write = [&](int reg, const void* value, const char* name) -> Status {
-    uc_err err = uc_reg_write(uc_, reg, value);
-    return err == UC_ERR_OK ? Status::Ok()
-                            : UcError(err, fmt::format("vcpu {}: setting {}", index_, name));
-  };
-  // Modes before what depends on them: CR0/CR4/EFER, then the tables, then
-  // the segments (CS first: its DPL is the privilege level the others are
-  // loaded at), then the rest.
-  uc_x86_msr efer{kMsrEfer, s.efer};
-  RETURN_IF_ERROR(write(UC_X86_REG_CR4, &s.cr4, "CR4"));
-  RETURN_IF_ERROR(write(UC_X86_REG_MSR, &efer, "EFER"));
-  RETURN_IF_ERROR(write(UC_X86_REG_CR3, &s.cr3, "CR3"));
-  RETURN_IF_ERROR(write(UC_X86_REG_CR0, &s.cr0, "CR0"));
-  RETURN_IF_ERROR(write(UC_X86_REG_CR2, &s.cr2, "CR2"));
-  uc_x86_mmr gdtr{0, s.gdt.base, s.gdt.limit, 0};
-  uc_x86_mmr idtr{0, s.idt.base, s.idt.limit, 0};
-  RETURN_IF_ERROR(write(UC_X86_REG_GDTR, &gdtr, "GDTR"));
-  RETURN_IF_ERROR(write(UC_X86_REG_IDTR, &idtr, "IDTR"));
-  const std::pair<const Segment*, int> segs[] = {{&s.cs, UC_X86_REG_CS}, {&s.ss, UC_X86_REG_SS},
-                                                 {&s.ds, UC_X86_REG_DS}, {&s.es, UC_X86_REG_ES},
-                                                 {&s.fs, UC_X86_REG_FS}, {&s.gs, UC_X86_REG_GS}};
-  const bool protected_mode = (s.cr0 & 1) != 0;
-  known_segments_ = {s.cs, s.ss, s.ds, s.es, s.fs, s.gs};
-  for (const auto& [seg, reg] : segs) {
-    uint64_t selector = seg->selector;
-    if (!protected_mode || (selector & ~3u) != 0 || reg != UC_X86_REG_CS) {
-      RETURN_IF_ERROR(write(reg, &selector, "a segment register"));
-    }
-  }
-  RETURN_IF_ERROR(write(UC_X86_REG_FS_BASE, &s.fs.base, "FS base"));
-  RETURN_IF_ERROR(write(UC_X86_REG_GS_BASE, &s.gs.base, "GS base"));
-  const uint32_t tr_flags = (uint32_t{s.tr.type} << 8) | (uint32_t{s.tr.present} << 15);
-  uc_x86_mmr tr{s.tr.selector, s.tr.base, s.tr.limit, tr_flags};
-  RETURN_IF_ERROR(write(UC_X86_REG_TR, &tr, "TR"));
-  if (!s.ldt.unusable) {
-    const uint32_t ldt_flags = (uint32_t{s.ldt.type} << 8) | (uint32_t{s.ldt.present} << 15);
-    uc_x86_mmr ldtr{s.ldt.selector, s.ldt.base, s.ldt.limit, ldt_flags};
-    RETURN_IF_ERROR(write(UC_X86_REG_LDTR, &ldtr, "LDTR"));
-  }
-  static constexpr int kGprRegs[kGprCount] = {
-      UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
-      UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
-      UC_X86_REG_R8,  UC_X86_REG_R9,  UC_X86_REG_R10, UC_X86_REG_R11,
-      UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15};
-  for (int i = 0; i < kGprCount; ++i) RETURN_IF_ERROR(write(kGprRegs[i], &s.gpr[i], "a GPR"));
-  RETURN_IF_ERROR(write(UC_X86_REG_RFLAGS, &s.rflags, "RFLAGS"));
-  RETURN_IF_ERROR(write(UC_X86_REG_RIP, &s.rip, "RIP"));
-  uint64_t v = s.fpu.fcw;
-  RETURN_IF_ERROR(write(UC_X86_REG_FPCW, &v, "FPCW"));
-  v = s.fpu.fsw;
-  RETURN_IF_ERROR(write(UC_X86_REG_FPSW, &v, "FPSW"));
-  v = s.fpu.ftw;
-  RETURN_IF_ERROR(write(UC_X86_REG_FPTAG, &v, "FPTAG"));
-  for (int i = 0; i < 8; ++i) RETURN_IF_ERROR(write(UC_X86_REG_ST0 + i, s.fpu.st[i].data(), "ST"));
-  uint32_t mxcsr = s.fpu.mxcsr;
-  RETURN_IF_ERROR(write(UC_X86_REG_MXCSR, &mxcsr, "MXCSR"));
-  for (int i = 0; i < 16; ++i) {
-    RETURN_IF_ERROR(write(UC_X86_REG_XMM0 + i, s.fpu.xmm[i].data(), "XMM"));
-  }
-  for (const Msr& m : s.msrs) {
-    // RDTSC reads the host TSC on this engine: the TSC is not written.
-    if (m.index == kMsrTsc) continue;
-    uc_x86_msr msr{m.index, m.value};
-    RETURN_IF_ERROR(write(UC_X86_REG_MSR, &msr, fmt::format("MSR {:#x}", m.index).c_str()));
-  }
-  return Status::Ok();
+  return WriteTcgState(uc_, index_, s, known_segments_);
 }
 
 Status TcgVcpuImpl::InjectMachineCheck(Gpa gpa) {
