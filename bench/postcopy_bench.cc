@@ -44,7 +44,7 @@
 #include "src/migration/fault_transport.h"
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_source.h"
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/paging/demand_pager.h"
 #include "src/sys/userfaultfd.h"
@@ -102,14 +102,14 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
   std::this_thread::sleep_for(std::chrono::milliseconds(300 + args.mem / (1 << 20) * 3));
 
   ASSIGN_OR_RETURN(auto listener,
-                   migration::TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {}));
+                   migration::SocketListener::Listen(Address{"tcp", "127.0.0.1", 0}, {}));
   const Address address{"tcp", "127.0.0.1", listener->port()};
   migration::FaultPlan plan;
   plan.one_way_delay = link_delay;
   auto source_link = migration::FaultController::Create(plan);
   auto destination_link = migration::FaultController::Create(plan);
   migration::FaultyConnector connector(
-      std::make_unique<migration::TcpConnector>(address, migration::TransportOptions{}),
+      std::make_unique<migration::SocketConnector>(address, migration::TransportOptions{}),
       source_link);
   migration::FaultyAcceptor acceptor(std::move(listener), destination_link);
 

@@ -24,7 +24,7 @@
 #include <fmt/format.h>
 
 #include "src/migration/message_io.h"
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 
 namespace faultline::migration {
 namespace {
@@ -57,8 +57,8 @@ uint8_t* Allocate(uint64_t bytes, uint8_t fill) {
 
 // `n` connected TCP pairs on 127.0.0.1.
 std::vector<std::pair<std::unique_ptr<Channel>, std::unique_ptr<Channel>>> Connect(int n) {
-  auto listener = Check(TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {}));
-  TcpConnector connector(Address{"tcp", "127.0.0.1", listener->port()}, {});
+  auto listener = Check(SocketListener::Listen(Address{"tcp", "127.0.0.1", 0}, {}));
+  SocketConnector connector(Address{"tcp", "127.0.0.1", listener->port()}, {});
   std::vector<std::pair<std::unique_ptr<Channel>, std::unique_ptr<Channel>>> pairs;
   for (int i = 0; i < n; ++i) {
     auto client = Check(connector.Connect());

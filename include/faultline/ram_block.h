@@ -28,6 +28,10 @@ struct RamBlockOptions {
   Backing backing = Backing::kAnonymous;
   bool transparent_huge_pages = false;  // anonymous only: MADV_HUGEPAGE
   int vm_fd = -1;                       // guest_memfd only: the VM that owns it
+  // memfd and hugetlb only: map this existing memfd (of exactly `size`
+  // bytes) instead of creating one; the block keeps a duplicate. Another
+  // process's guest RAM, handed over in a local update.
+  int adopt_fd = -1;
 };
 
 class RamBlock {

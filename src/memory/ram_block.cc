@@ -90,8 +90,19 @@ Result<std::shared_ptr<RamBlock>> CreateAnonymous(const RamBlockOptions& options
                                           sys::Mapping());
 }
 
+// The memfd of a memfd or hugetlb block: created, or adopted.
+Result<sys::UniqueFd> BlockMemfd(const RamBlockOptions& options, bool hugetlb) {
+  if (options.adopt_fd >= 0) {
+    Result<sys::UniqueFd> fd = sys::AdoptMemfd(options.adopt_fd, hugetlb, options.size);
+    if (!fd.has_value()) return fd.error().WithContext(fmt::format("RAM block '{}'", options.name));
+    return fd;
+  }
+  return sys::CreateMemfd(options.name, options.size,
+                          hugetlb ? sys::kMemfdHugetlb | sys::kMemfdHuge2Mb : 0);
+}
+
 Result<std::shared_ptr<RamBlock>> CreateMemfd(const RamBlockOptions& options) {
-  ASSIGN_OR_RETURN(sys::UniqueFd fd, sys::CreateMemfd(options.name, options.size, 0));
+  ASSIGN_OR_RETURN(sys::UniqueFd fd, BlockMemfd(options, /*hugetlb=*/false));
   ASSIGN_OR_RETURN(sys::Mapping host, MapShared(options, fd.get(), "host"));
   ASSIGN_OR_RETURN(sys::Mapping alias, MapShared(options, fd.get(), "alias"));
   return std::make_shared<MappedRamBlock>(options, kPageSize, std::move(fd), std::move(host),
@@ -100,8 +111,7 @@ Result<std::shared_ptr<RamBlock>> CreateMemfd(const RamBlockOptions& options) {
 
 Result<std::shared_ptr<RamBlock>> CreateHugetlb(const RamBlockOptions& options) {
   const std::string what = fmt::format("RAM block '{}'", options.name);
-  ASSIGN_OR_RETURN(sys::UniqueFd fd, sys::CreateMemfd(options.name, options.size,
-                                                      sys::kMemfdHugetlb | sys::kMemfdHuge2Mb));
+  ASSIGN_OR_RETURN(sys::UniqueFd fd, BlockMemfd(options, /*hugetlb=*/true));
   // A shared hugetlbfs mapping reserves all its pages at mmap time, so a
   // shortage shows here as ENOMEM rather than as a SIGBUS on first touch.
   // (Not checked against /proc/meminfo beforehand: surplus pages, allowed by
@@ -165,6 +175,11 @@ Result<std::shared_ptr<RamBlock>> RamBlock::Create(const RamBlockOptions& option
     return Error("RAM block '{}': size {} is not a non-zero multiple of the {} page size ({})",
                  options.name, options.size, BackingName(options.backing),
                  page_size == kHugePageSize ? "2 MiB" : "4 KiB");
+  }
+  if (options.adopt_fd >= 0 && options.backing != Backing::kMemfd &&
+      options.backing != Backing::kHugetlb) {
+    return Error("RAM block '{}': only a memfd or hugetlb block can adopt a descriptor, not {}",
+                 options.name, BackingName(options.backing));
   }
   if (options.transparent_huge_pages && options.backing != Backing::kAnonymous) {
     return Error("RAM block '{}': transparent huge pages apply to anon blocks only, not {}",

@@ -181,9 +181,9 @@ struct Knobs {
 
 Outcome Migrate(FakeVm& from, FakeVm& to, SourceOptions source_options,
                 DestinationOptions destination_options = {}, Knobs knobs = {}) {
-  auto listener = TcpListener::Listen(testing::Loopback(), {});
+  auto listener = SocketListener::Listen(testing::Loopback(), {});
   EXPECT_TRUE(listener.has_value());
-  std::unique_ptr<Connector> connector = std::make_unique<TcpConnector>(
+  std::unique_ptr<Connector> connector = std::make_unique<SocketConnector>(
       Address{"tcp", "127.0.0.1", (*listener)->port()}, TransportOptions{});
   if (knobs.source_link) {
     connector = std::make_unique<FaultyConnector>(std::move(connector), knobs.source_link);
@@ -389,9 +389,9 @@ TEST(EngineTest, HostileSourceIsRefused) {
   for (const Case& c : cases) {
     SCOPED_TRACE(c.error);
     FakeVm to(16 << 20, 1);
-    auto listener = TcpListener::Listen(testing::Loopback(), {});
+    auto listener = SocketListener::Listen(testing::Loopback(), {});
     ASSERT_TRUE(listener.has_value());
-    TcpConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, {});
+    SocketConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, {});
     MigrationDestination destination(to, {});
     Result<DestinationStats> received = Error("not run");
     std::thread receiver([&] { received = destination.Run(**listener); });

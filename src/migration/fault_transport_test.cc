@@ -239,14 +239,14 @@ TEST(FaultTransportTest, CutWakesBlockedAndSleepingThreadsOnEveryChannel) {
 }
 
 TEST(FaultTransportTest, ConnectorAndAcceptorWrapBothSides) {
-  auto listener = TcpListener::Listen(testing::Loopback(), {});
+  auto listener = SocketListener::Listen(testing::Loopback(), {});
   ASSERT_TRUE(listener.has_value());
   const uint16_t port = (*listener)->port();
   auto source_link = FaultController::Create({});
   auto destination_link = FaultController::Create({});
   FaultyAcceptor acceptor(std::move(*listener), destination_link);
   FaultyConnector connector(
-      std::make_unique<TcpConnector>(Address{"tcp", "127.0.0.1", port}, TransportOptions{}),
+      std::make_unique<SocketConnector>(Address{"tcp", "127.0.0.1", port}, TransportOptions{}),
       source_link);
   auto client = connector.Connect();
   ASSERT_TRUE(client.has_value());

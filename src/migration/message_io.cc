@@ -14,6 +14,16 @@ Status MessageWriter::Send(const Message& message) {
   return Status::Ok();
 }
 
+Status MessageWriter::SendWithFds(const Message& message, std::span<const int> fds) {
+  if (std::holds_alternative<PagesHeader>(message)) {
+    return Error("MessageWriter::SendWithFds: Pages messages go through SendPages");
+  }
+  const std::vector<uint8_t> frame = EncodeFrame(message, next_seq_);
+  RETURN_IF_ERROR(channel_.SendWithFds(frame, fds));
+  ++next_seq_;
+  return Status::Ok();
+}
+
 Status MessageWriter::SendPages(const PagesHeader& header, std::span<const ConstBuffer> data) {
   if (data.size() != header.pages.size()) {
     return Error("SendPages: {} page buffers for {} indices", data.size(), header.pages.size());
@@ -52,8 +62,25 @@ Result<Message> MessageReader::Read() {
   }
   uint8_t raw[kFrameHeaderSize];
   RETURN_IF_ERROR(channel_.Receive(raw));
-  ASSIGN_OR_RETURN(FrameHeader frame,
-                   DecodeFrameHeader(std::span<const uint8_t, kFrameHeaderSize>(raw)));
+  return ReadAfterHeader(raw);
+}
+
+Result<Message> MessageReader::ReadWithFds(std::vector<sys::UniqueFd>& fds, size_t max_fds) {
+  last_error_left_stream_intact_ = false;
+  if (pending_pages_ > 0) {
+    return Error("MessageReader::Read: the data of the previous Pages message was not consumed");
+  }
+  uint8_t raw[kFrameHeaderSize];
+  ASSIGN_OR_RETURN(fds, channel_.ReceiveWithFds(raw, max_fds));
+  Result<Message> message = ReadAfterHeader(raw);
+  if (message.has_value() && std::holds_alternative<PagesHeader>(*message)) {
+    return Error("MessageReader::ReadWithFds: a Pages message where descriptors may come");
+  }
+  return message;
+}
+
+Result<Message> MessageReader::ReadAfterHeader(std::span<const uint8_t, kFrameHeaderSize> raw) {
+  ASSIGN_OR_RETURN(FrameHeader frame, DecodeFrameHeader(raw));
   if (frame.seq != next_seq_) {
     return Error("{}: frame sequence number {}, expected {} (frames lost, repeated or reordered)",
                  MessageTypeName(frame.type), frame.seq, next_seq_);

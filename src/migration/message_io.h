@@ -34,6 +34,10 @@ class MessageWriter {
   // page data is not copied in user space.
   Status SendPages(const PagesHeader& header, std::span<const ConstBuffer> data);
 
+  // Any message but a PagesHeader, with descriptors attached to its frame
+  // (Channel::SendWithFds: a unix: channel only).
+  Status SendWithFds(const Message& message, std::span<const int> fds);
+
   uint64_t frames_sent() const { return next_seq_; }
 
  private:
@@ -58,6 +62,9 @@ class MessageReader {
   // EAGAIN (nothing arrived within the channel's I/O timeout) leaves the
   // reader intact; Read may be called again.
   Result<Message> Read();
+  // Read() for a message that may carry descriptors (at most `max_fds`,
+  // Channel::ReceiveWithFds), which go to `fds`. Not for Pages messages.
+  Result<Message> ReadWithFds(std::vector<sys::UniqueFd>& fds, size_t max_fds);
 
   // Receives the pending Pages message's data: page i into destinations[i],
   // each exactly kWirePageSize bytes, one per index of the header.
@@ -75,6 +82,8 @@ class MessageReader {
 
  private:
   Result<Message> ReadPagesHeader(const FrameHeader& frame);
+  // The rest of Read() once the frame header is in `raw`.
+  Result<Message> ReadAfterHeader(std::span<const uint8_t, kFrameHeaderSize> raw);
 
   Channel& channel_;
   DecodeContext context_;

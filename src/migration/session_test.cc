@@ -22,15 +22,15 @@ using ::testing::HasSubstr;
 constexpr uint64_t kPage = 4096;
 
 struct Endpoints {
-  std::unique_ptr<TcpListener> listener;
+  std::unique_ptr<SocketListener> listener;
   std::unique_ptr<Connector> connector;
 };
 
 Endpoints MakeEndpoints() {
   Endpoints e;
-  auto listener = TcpListener::Listen(testing::Loopback(), {});
+  auto listener = SocketListener::Listen(testing::Loopback(), {});
   EXPECT_TRUE(listener.has_value());
-  e.connector = std::make_unique<TcpConnector>(Address{"tcp", "127.0.0.1", (*listener)->port()},
+  e.connector = std::make_unique<SocketConnector>(Address{"tcp", "127.0.0.1", (*listener)->port()},
                                                TransportOptions{});
   e.listener = std::move(*listener);
   return e;

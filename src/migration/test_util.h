@@ -12,7 +12,7 @@
 
 #include <gtest/gtest.h>
 
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 #include "src/migration/transport.h"
 #include "src/migration/wire.h"
 
@@ -66,10 +66,10 @@ struct TcpPair {
 
 inline TcpPair MakeTcpPair(TransportOptions options = {}) {
   TcpPair pair;
-  auto listener = TcpListener::Listen(Loopback(), options);
+  auto listener = SocketListener::Listen(Loopback(), options);
   EXPECT_TRUE(listener.has_value()) << listener.error().ToString();
   if (!listener) return pair;
-  TcpConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, options);
+  SocketConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, options);
   auto client = connector.Connect();
   EXPECT_TRUE(client.has_value()) << client.error().ToString();
   auto server = (*listener)->Accept(std::chrono::seconds(10));

@@ -2,29 +2,53 @@
 
 #include <arpa/inet.h>
 
+#include <cerrno>
 #include <charconv>
 
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 
 namespace faultline::migration {
 
+Status Channel::SendWithFds(ConstBuffer, std::span<const int>) {
+  return Status(EOPNOTSUPP,
+                fmt::format("{}: passing file descriptors needs a unix: channel", name()));
+}
+
+Result<std::vector<sys::UniqueFd>> Channel::ReceiveWithFds(MutableBuffer, size_t) {
+  return Status(EOPNOTSUPP,
+                fmt::format("{}: passing file descriptors needs a unix: channel", name()));
+}
+
 std::string Address::ToString() const {
+  if (is_unix()) return fmt::format("unix:{}", path);
   if (host.find(':') != std::string::npos) return fmt::format("{}:[{}]:{}", scheme, host, port);
   return fmt::format("{}:{}:{}", scheme, host, port);
 }
 
 Result<Address> ParseAddress(std::string_view text) {
   constexpr std::string_view kUsage =
-      "expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:4444 or tcp:[::1]:4444";
+      "expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:4444 or tcp:[::1]:4444, or unix:PATH";
   const size_t colon = text.find(':');
   if (colon == std::string_view::npos) {
     return Error("address '{}': no scheme; {}", text, kUsage);
   }
   Address address;
   address.scheme = std::string(text.substr(0, colon));
+  if (address.scheme == "unix") {
+    address.path = std::string(text.substr(colon + 1));
+    if (address.path.empty()) return Error("address '{}': empty path; {}", text, kUsage);
+    if (address.path.size() > kMaxUnixPath) {
+      return Error("address '{}': the path is {} bytes, a Unix socket's is at most {}", text,
+                   address.path.size(), kMaxUnixPath);
+    }
+    if (address.path.find('\0') != std::string::npos) {
+      return Error("address '{}': the path has a NUL byte", text);
+    }
+    return address;
+  }
   if (address.scheme != "tcp") {
-    return Error("address '{}': unknown scheme '{}' (only 'tcp' is supported); {}", text,
-                 address.scheme, kUsage);
+    return Error("address '{}': unknown scheme '{}' (tcp or unix); {}", text, address.scheme,
+                 kUsage);
   }
   std::string_view rest = text.substr(colon + 1);
   std::string_view host, port;
@@ -65,15 +89,19 @@ Result<Address> ParseAddress(std::string_view text) {
 
 Result<std::unique_ptr<Connector>> MakeConnector(const Address& address,
                                                  const TransportOptions& options) {
-  if (address.scheme != "tcp") return Error("unknown transport '{}'", address.scheme);
-  if (address.port == 0) return Error("{}: cannot connect to port 0", address.ToString());
-  return std::unique_ptr<Connector>(std::make_unique<TcpConnector>(address, options));
+  if (address.scheme != "tcp" && !address.is_unix()) {
+    return Error("unknown transport '{}'", address.scheme);
+  }
+  if (!address.is_unix() && address.port == 0) return Error("{}: cannot connect to port 0", address.ToString());
+  return std::unique_ptr<Connector>(std::make_unique<SocketConnector>(address, options));
 }
 
 Result<std::unique_ptr<Acceptor>> MakeAcceptor(const Address& address,
                                                const TransportOptions& options) {
-  if (address.scheme != "tcp") return Error("unknown transport '{}'", address.scheme);
-  ASSIGN_OR_RETURN(auto listener, TcpListener::Listen(address, options));
+  if (address.scheme != "tcp" && !address.is_unix()) {
+    return Error("unknown transport '{}'", address.scheme);
+  }
+  ASSIGN_OR_RETURN(auto listener, SocketListener::Listen(address, options));
   return std::unique_ptr<Acceptor>(std::move(listener));
 }
 

@@ -4,8 +4,9 @@
 //
 // A session uses one main channel (control messages, low latency) and N page
 // channels (bulk page data); the handshake (handshake.h) binds them together.
-// Implementations: TCP (tcp_transport.h), and a wrapper that delays,
-// throttles and cuts any other transport for tests (fault_transport.h).
+// Implementations: stream sockets, TCP or Unix-domain (socket_transport.h),
+// and a wrapper that delays, throttles and cuts any other transport for
+// tests (fault_transport.h).
 #pragma once
 
 #include <chrono>
@@ -14,8 +15,10 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "faultline/status.h"
+#include "src/sys/unique_fd.h"
 
 namespace faultline::migration {
 
@@ -69,6 +72,14 @@ class Channel {
   // (TCP_NODELAY); bulk channels want full segments. Default: bulk.
   virtual Status SetLowLatency(bool low_latency) = 0;
 
+  // Unix-domain channels only (others fail with EOPNOTSUPP): `bytes` with
+  // the descriptors `fds` attached (SCM_RIGHTS, at most kMaxPassedFds), and
+  // its receiving end, which takes exactly `bytes.size()` bytes and the
+  // descriptors that came with them (at most `max_fds`: more is an error,
+  // and none of them is kept). Received descriptors are close-on-exec.
+  virtual Status SendWithFds(ConstBuffer bytes, std::span<const int> fds);
+  virtual Result<std::vector<sys::UniqueFd>> ReceiveWithFds(MutableBuffer bytes, size_t max_fds);
+
   virtual ChannelStats stats() const = 0;
   // For error messages and logs: "tcp 127.0.0.1:40312 -> 127.0.0.1:4444".
   virtual std::string name() const = 0;
@@ -92,19 +103,28 @@ class Acceptor {
   virtual std::string address() const = 0;
 };
 
-// A parsed migration address. Only "tcp" exists today.
-struct Address {
-  std::string scheme;  // "tcp"
-  std::string host;    // a numeric IPv4 or IPv6 address (no brackets)
-  uint16_t port = 0;   // 0 (listening only): any free port
+// Descriptors one SendWithFds may carry (the kernel's SCM_MAX_FD is 253).
+inline constexpr size_t kMaxPassedFds = 64;
+// sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
+inline constexpr size_t kMaxUnixPath = 107;
 
-  // "tcp:127.0.0.1:4444", "tcp:[::1]:4444".
+// A parsed migration address: "tcp" or "unix" (a Unix-domain stream socket
+// on this host, for local updates: docs/protocol.md section 11).
+struct Address {
+  std::string scheme;  // "tcp" or "unix"
+  std::string host;    // tcp: a numeric IPv4 or IPv6 address (no brackets)
+  uint16_t port = 0;   // tcp: 0 (listening only) asks for any free port
+  std::string path = {};  // unix: the socket's file name
+
+  // "tcp:127.0.0.1:4444", "tcp:[::1]:4444", "unix:/run/vm.sock".
   std::string ToString() const;
+  bool is_unix() const { return scheme == "unix"; }
 };
 
 // Parses "tcp:HOST:PORT" where HOST is a numeric IPv4 address, a bracketed
-// numeric IPv6 address, or "localhost" (taken as 127.0.0.1). Host names are
-// refused rather than resolved, so that an address never depends on DNS.
+// numeric IPv6 address, or "localhost" (taken as 127.0.0.1), or
+// "unix:PATH" (a path of 1..107 bytes). Host names are refused rather than
+// resolved, so that an address never depends on DNS.
 Result<Address> ParseAddress(std::string_view text);
 
 // Transport-independent options.

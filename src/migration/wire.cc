@@ -61,6 +61,20 @@ const char* MessageTypeName(MessageType type) {
       return "DirtyPages";
     case MessageType::kResume:
       return "Resume";
+    case MessageType::kLocalOffer:
+      return "LocalOffer";
+    case MessageType::kLocalReady:
+      return "LocalReady";
+  }
+  return "unknown";
+}
+
+const char* LocalMemoryName(LocalMemory memory) {
+  switch (memory) {
+    case LocalMemory::kFds:
+      return "fds";
+    case LocalMemory::kCopy:
+      return "copy";
   }
   return "unknown";
 }
@@ -311,6 +325,24 @@ struct PayloadEncoder {
     w.U64(m.pages);
     w.U64(0);
   }
+  void operator()(const LocalOffer& m) {
+    w.U64(kStreamMagic);
+    w.U16(m.min_version);
+    w.U16(m.max_version);
+    w.U8(static_cast<uint8_t>(m.memory));
+    w.U8(static_cast<uint8_t>(m.mode));
+    w.U16(static_cast<uint16_t>(m.blocks.size()));
+    w.U32(m.vcpu_count);
+    w.U32(m.hello_flags);
+    w.U64(0);
+    for (const BlockInfo& b : m.blocks) EncodeBlock(w, b);
+  }
+  void operator()(const LocalReady& m) {
+    w.U64(kStreamMagic);
+    w.U16(m.version);
+    w.U16(0);
+    w.U32(0);
+  }
 
   void Bitmap(uint32_t block, uint64_t first, uint32_t count, const std::vector<uint64_t>& words) {
     w.U32(block);
@@ -339,7 +371,7 @@ MessageType TypeOf(const Message& message) {
       MessageType::kSwitchover,   MessageType::kVcpuState,     MessageType::kDeviceState,
       MessageType::kComplete,     MessageType::kCompleteAck,   MessageType::kError,
       MessageType::kPageRequest,  MessageType::kPresentBitmap, MessageType::kDirtyPages,
-      MessageType::kResume,
+      MessageType::kResume,       MessageType::kLocalOffer,    MessageType::kLocalReady,
   };
   static_assert(std::size(kTypes) == std::variant_size_v<Message>);
   return kTypes[message.index()];

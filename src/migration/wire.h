@@ -83,8 +83,10 @@ enum class MessageType : uint8_t {
   kPresentBitmap = 17,  // recovery: pages the destination has
   kDirtyPages = 18,     // post-copy switchover: pages dirtied since they were last sent
   kResume = 19,         // recovery: resume a broken post-copy on a new session
+  kLocalOffer = 20,     // unix: first frame: how the guest's memory moves (section 11)
+  kLocalReady = 21,     // unix: the destination accepted the offer
 };
-inline constexpr uint8_t kMaxMessageType = 19;
+inline constexpr uint8_t kMaxMessageType = 21;
 
 const char* MessageTypeName(MessageType type);  // "Hello", ... or "type 42"
 
@@ -311,10 +313,39 @@ struct Resume {
   friend bool operator==(const Resume&, const Resume&) = default;
 };
 
+// Local update (a unix: address; docs/protocol.md section 11). How the
+// guest's memory moves: its RAM blocks' file descriptors are passed with
+// the LocalOffer (SCM_RIGHTS, one per block, in block order) and nothing is
+// copied; or, for memory that has no descriptor to pass (anonymous), it is
+// copied by an ordinary migration on new connections to the same socket.
+enum class LocalMemory : uint8_t { kFds = 1, kCopy = 2 };
+const char* LocalMemoryName(LocalMemory memory);  // "fds", "copy"
+
+// S->D, the first frame on a unix: socket.
+struct LocalOffer {
+  uint16_t min_version = kMinVersion;
+  uint16_t max_version = kMaxVersion;
+  LocalMemory memory = LocalMemory::kFds;
+  SwitchoverMode mode = SwitchoverMode::kStopAndCopy;  // kCopy: pre-copy or post-copy
+  uint32_t vcpu_count = 0;
+  uint32_t hello_flags = 0;  // as in Hello: the accelerator in bits 0..7
+  std::vector<BlockInfo> blocks;
+  friend bool operator==(const LocalOffer&, const LocalOffer&) = default;
+};
+
+// D->S: the offer is accepted (kFds: the memory is mapped here and the
+// destination waits for the vCPU and device state; kCopy: the migration's
+// connections may follow). A refusal is an Error message instead.
+struct LocalReady {
+  uint16_t version = kMaxVersion;
+  friend bool operator==(const LocalReady&, const LocalReady&) = default;
+};
+
 using Message =
     std::variant<Hello, HelloAck, Auth, ChannelHello, ChannelAck, PagesHeader, ZeroPages, PassEnd,
                  ChannelEnd, Switchover, VcpuStateMessage, DeviceState, Complete, CompleteAck,
-                 ErrorMessage, PageRequest, PresentBitmap, DirtyPages, Resume>;
+                 ErrorMessage, PageRequest, PresentBitmap, DirtyPages, Resume, LocalOffer,
+                 LocalReady>;
 
 MessageType TypeOf(const Message& message);
 

@@ -63,27 +63,102 @@ Result<std::vector<uint32_t>> ReadIndices(const char* what, ByteReader& r, uint3
   return pages;
 }
 
-Result<BlockInfo> ReadBlock(ByteReader& r, size_t i) {
+// A block entry of a Hello or LocalOffer (`what`).
+Result<BlockInfo> ReadBlock(const char* what, ByteReader& r, size_t i) {
   BlockInfo b;
   b.size = r.U64();
   b.page_size = r.U32();
   const uint8_t backing = r.U8();
   const uint8_t name_len = r.U8();
-  RETURN_IF_ERROR(CheckZero("Hello block entry", r.U16()));
+  RETURN_IF_ERROR(CheckZero(what, r.U16()));
   std::span<const uint8_t> name = r.Bytes(kMaxNameLength);
-  if (r.truncated()) return Error("Hello: truncated block entry {}", i);
+  if (r.truncated()) return Error("{}: truncated block entry {}", what, i);
   if (backing > internal::BackingCode(Backing::kGuestMemfd)) {
-    return Error("Hello: block {} has unknown backing code {}", i, backing);
+    return Error("{}: block {} has unknown backing code {}", what, i, backing);
   }
   b.backing = static_cast<Backing>(backing);
   if (name_len == 0 || name_len > kMaxNameLength) {
-    return Error("Hello: block {} name length {} (1 to {} allowed)", i, name_len, kMaxNameLength);
+    return Error("{}: block {} name length {} (1 to {} allowed)", what, i, name_len,
+                 kMaxNameLength);
   }
   b.name.assign(name.begin(), name.begin() + name_len);
   for (size_t j = name_len; j < name.size(); ++j) {
-    if (name[j] != 0) return Error("Hello: block {} name is not zero-padded", i);
+    if (name[j] != 0) return Error("{}: block {} name is not zero-padded", what, i);
   }
   return b;
+}
+
+Status CheckAccelFlags(const char* what, uint32_t flags) {
+  if ((flags & ~kHelloAccelMask) != 0 ||
+      (flags & kHelloAccelMask) > static_cast<uint32_t>(HelloAccel::kTcg)) {
+    return Error("{}: flags {:#x}; version 1 defines only an accelerator (1 kvm, 2 tcg) in bits "
+                 "0..7",
+                 what, flags);
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<BlockInfo>> ReadBlocks(const char* what, ByteReader& r, size_t count,
+                                          uint32_t fixed, size_t length) {
+  if (count == 0 || count > kMaxBlocks) {
+    return Error("{}: {} RAM blocks (1 to {} allowed)", what, count, kMaxBlocks);
+  }
+  RETURN_IF_ERROR(CheckLength(what, fixed + uint64_t{internal::kBlockEntry} * count, length,
+                              fmt::format("{} RAM blocks", count)));
+  std::vector<BlockInfo> blocks;
+  for (size_t i = 0; i < count; ++i) {
+    ASSIGN_OR_RETURN(BlockInfo b, ReadBlock(what, r, i));
+    blocks.push_back(std::move(b));
+  }
+  RETURN_IF_ERROR(ValidateBlocks(blocks).WithContext(what));
+  return blocks;
+}
+
+Result<Message> DecodeLocalOffer(ByteReader& r, size_t length) {
+  LocalOffer m;
+  RETURN_IF_ERROR(CheckMagic("LocalOffer", r.U64()));
+  m.min_version = r.U16();
+  m.max_version = r.U16();
+  const uint8_t memory = r.U8();
+  const uint8_t mode = r.U8();
+  const uint16_t block_count = r.U16();
+  m.vcpu_count = r.U32();
+  m.hello_flags = r.U32();
+  RETURN_IF_ERROR(CheckZero("LocalOffer", r.U64()));
+  if (r.truncated()) return Error("LocalOffer: truncated ({} bytes)", length);
+  if (m.min_version == 0 || m.min_version > m.max_version) {
+    return Error("LocalOffer: bad version range {}..{}", m.min_version, m.max_version);
+  }
+  if (memory != static_cast<uint8_t>(LocalMemory::kFds) &&
+      memory != static_cast<uint8_t>(LocalMemory::kCopy)) {
+    return Error("LocalOffer: unknown memory kind {} (1 fds, 2 copy)", memory);
+  }
+  m.memory = static_cast<LocalMemory>(memory);
+  if (mode > static_cast<uint8_t>(SwitchoverMode::kPostcopy) ||
+      (m.memory == LocalMemory::kFds && mode != 0)) {
+    return Error("LocalOffer: mode {} with memory {}", mode, LocalMemoryName(m.memory));
+  }
+  m.mode = static_cast<SwitchoverMode>(mode);
+  if (m.vcpu_count == 0 || m.vcpu_count > kMaxVcpus) {
+    return Error("LocalOffer: {} vCPUs (1 to {} allowed)", m.vcpu_count, kMaxVcpus);
+  }
+  RETURN_IF_ERROR(CheckAccelFlags("LocalOffer", m.hello_flags));
+  ASSIGN_OR_RETURN(m.blocks,
+                   ReadBlocks("LocalOffer", r, block_count, internal::kLocalOfferFixed, length));
+  return m;
+}
+
+Result<Message> DecodeLocalReady(ByteReader& r) {
+  LocalReady m;
+  RETURN_IF_ERROR(CheckMagic("LocalReady", r.U64()));
+  m.version = r.U16();
+  RETURN_IF_ERROR(CheckZero("LocalReady", r.U16()));
+  RETURN_IF_ERROR(CheckZero("LocalReady", r.U32()));
+  if (m.version < kMinVersion || m.version > kMaxVersion) {
+    return Error("LocalReady: version {} (this end speaks {}..{})", m.version, kMinVersion,
+                 kMaxVersion);
+  }
+  return m;
 }
 
 Result<Message> DecodeHello(ByteReader& r, size_t length) {
@@ -108,21 +183,8 @@ Result<Message> DecodeHello(ByteReader& r, size_t length) {
     return Error("Hello: {} page channels (1 to {} allowed)", m.page_channels, kMaxPageChannels);
   }
   if (m.session_id == 0) return Error("Hello: session id 0 is not allowed");
-  if ((m.hello_flags & ~kHelloAccelMask) != 0 ||
-      (m.hello_flags & kHelloAccelMask) > static_cast<uint32_t>(HelloAccel::kTcg)) {
-    return Error("Hello: flags {:#x}; version 1 defines only an accelerator (1 kvm, 2 tcg) in bits 0..7",
-                 m.hello_flags);
-  }
-  if (block_count == 0 || block_count > kMaxBlocks) {
-    return Error("Hello: {} RAM blocks (1 to {} allowed)", block_count, kMaxBlocks);
-  }
-  RETURN_IF_ERROR(CheckLength("Hello", kHelloFixed + uint64_t{kBlockEntry} * block_count, length,
-                              fmt::format("{} RAM blocks", block_count)));
-  for (size_t i = 0; i < block_count; ++i) {
-    ASSIGN_OR_RETURN(BlockInfo b, ReadBlock(r, i));
-    m.blocks.push_back(std::move(b));
-  }
-  RETURN_IF_ERROR(ValidateBlocks(m.blocks).WithContext("Hello"));
+  RETURN_IF_ERROR(CheckAccelFlags("Hello", m.hello_flags));
+  ASSIGN_OR_RETURN(m.blocks, ReadBlocks("Hello", r, block_count, kHelloFixed, length));
   return m;
 }
 
@@ -428,6 +490,12 @@ Result<Message> DecodePayload(MessageType type, std::span<const uint8_t> payload
       break;
     case MessageType::kResume:
       result = DecodeResume(r);
+      break;
+    case MessageType::kLocalOffer:
+      result = DecodeLocalOffer(r, n);
+      break;
+    case MessageType::kLocalReady:
+      result = DecodeLocalReady(r);
       break;
     default:
       return Error("unknown message type {}", static_cast<unsigned>(type));

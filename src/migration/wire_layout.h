@@ -26,6 +26,8 @@ inline constexpr uint32_t kErrorFixed = 8;
 inline constexpr uint32_t kPageRequestFixed = 16;
 inline constexpr uint32_t kPresentBitmapFixed = 24;  // and DirtyPages
 inline constexpr uint32_t kResumeSize = 24;
+inline constexpr uint32_t kLocalOfferFixed = 32;
+inline constexpr uint32_t kLocalReadySize = 16;
 
 struct Bounds {
   uint64_t min = 0;
@@ -74,6 +76,10 @@ constexpr Bounds PayloadBounds(MessageType type) {
       return {kPresentBitmapFixed + 8, kPresentBitmapFixed + kMaxBitmapPages / 8};
     case MessageType::kResume:
       return {kResumeSize, kResumeSize};
+    case MessageType::kLocalOffer:
+      return {kLocalOfferFixed + kBlockEntry, kLocalOfferFixed + kBlockEntry * kMaxBlocks};
+    case MessageType::kLocalReady:
+      return {kLocalReadySize, kLocalReadySize};
   }
   return {1, 0};  // unknown types: no length is valid
 }

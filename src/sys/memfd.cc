@@ -1,7 +1,10 @@
 #include "src/sys/memfd.h"
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -55,6 +58,32 @@ Result<UniqueFd> CreateMemfd(std::string_view name, uint64_t size, unsigned flag
     return ErrnoError(err, "ftruncate memfd '{}' to {} bytes", name, size);
   }
   return owned;
+}
+
+Result<UniqueFd> AdoptMemfd(int fd, bool hugetlb, uint64_t size) {
+  const char* kind = hugetlb ? "hugetlbfs memfd" : "memfd";
+  struct statfs fs {};
+  struct stat st {};
+  if (::fstatfs(fd, &fs) != 0 || ::fstat(fd, &st) != 0) {
+    return ErrnoError(errno, "descriptor {} for guest RAM", fd);
+  }
+  const auto type = static_cast<uint64_t>(fs.f_type);
+  const uint64_t want = hugetlb ? HUGETLBFS_MAGIC : TMPFS_MAGIC;
+  if (!S_ISREG(st.st_mode) || type != want) {
+    return Error("descriptor {} for guest RAM is not a {} (file system {:#x})", fd, kind, type);
+  }
+  if (static_cast<uint64_t>(st.st_size) != size) {
+    return Error("the {} for guest RAM is {} bytes, not the {} bytes expected", kind,
+                 static_cast<uint64_t>(st.st_size), size);
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) return ErrnoError(errno, "fcntl(F_GETFL) on the {} for guest RAM", kind);
+  if ((flags & O_ACCMODE) != O_RDWR) {
+    return Error("the {} for guest RAM is not open read-write", kind);
+  }
+  UniqueFd dup(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (!dup) return ErrnoError(errno, "duplicating the {} for guest RAM", kind);
+  return dup;
 }
 
 Status PunchHole(int fd, uint64_t offset, uint64_t length) {

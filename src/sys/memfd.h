@@ -24,6 +24,12 @@ inline constexpr unsigned kMemfdExec = 0x0010U;          // MFD_EXEC (6.3)
 // is mapped shared, so see HugePageShortage() for diagnosing that mmap.
 Result<UniqueFd> CreateMemfd(std::string_view name, uint64_t size, unsigned flags);
 
+// Checks that `fd`, received from elsewhere (a local update), is what it
+// must be to back `size` bytes of guest RAM: a memfd (tmpfs), or with
+// `hugetlb` a hugetlbfs memfd, of exactly `size` bytes, open read-write.
+// Returns a duplicate (close-on-exec) for the caller to own.
+Result<UniqueFd> AdoptMemfd(int fd, bool hugetlb, uint64_t size);
+
 // fallocate(PUNCH_HOLE | KEEP_SIZE): frees [offset, offset + length) of a
 // memfd or guest_memfd; the range reads back as zeros.
 Status PunchHole(int fd, uint64_t offset, uint64_t length);

@@ -50,6 +50,7 @@ SourceMigrationControl::~SourceMigrationControl() {
       stopping_ = true;  // a paused post-copy waits no longer
       if (source_) source_->Cancel();
       if (postcopy_) postcopy_->Cancel();
+      if (local_) local_->Cancel();
       resume_cv_.notify_all();
     }
   }
@@ -70,7 +71,22 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   Result<std::unique_ptr<migration::Connector>> connector =
       migration::MakeConnector(*address, options_.transport);
   if (!connector.has_value()) return connector.error();
-  if (options_.first_link_fault) {
+  // A unix: target: the guest goes to a process on this host; its memory is
+  // passed by descriptor when it can be and the request asks (local).
+  migration::LocalMemory local_memory = migration::LocalMemory::kCopy;
+  if (address->is_unix()) {
+    Result<migration::LocalMemory> memory = migration::LocalMemoryFor(vm_);
+    if (!memory.has_value()) {
+      if (request.local) return memory.error();
+    } else {
+      local_memory = *memory;
+    }
+  } else if (request.local) {
+    return InvalidArgument("a local update goes to a unix:PATH target, not {}",
+                           request.to.ToString());
+  }
+  const bool local_fds = request.local && local_memory == migration::LocalMemory::kFds;
+  if (options_.first_link_fault && !local_fds) {
     *connector = std::make_unique<migration::FaultyConnector>(
         std::move(*connector), migration::FaultController::Create(*options_.first_link_fault));
   }
@@ -90,6 +106,22 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   connector_ = std::move(*connector);
   source_.reset();
   postcopy_.reset();
+  local_.reset();
+  local_memory_ = local_memory;
+  local_fds_ = local_fds;
+  if (address->is_unix()) {
+    migration::LocalUpdateOptions local_options;
+    local_options.withhold_fds = options_.local_withhold_fds;
+    local_ = std::make_unique<migration::LocalUpdateSource>(vm_, local_options);
+    if (request.local && !local_fds) {
+      fmt::print(stderr,
+                 "faultline: local update to {}: the guest's RAM is anonymous memory, which has "
+                 "no descriptor to pass to another process; copying it instead ({} migration "
+                 "over the same socket)\n",
+                 request.to.ToString(), MigrationModeName(request.mode));
+      std::fflush(stderr);
+    }
+  }
   resume_connector_.reset();
   postcopy_stats_.reset();
   stopping_ = false;
@@ -111,7 +143,9 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   sample_pages_ = pass_start_pages_ = 0;
   send_rate_ = dirty_rate_ = 0;
   pass_seen_ = 0;
-  if (postcopy_) {
+  if (local_fds) {
+    thread_ = std::thread([this, c = connector_.get()] { RunLocal(c); });
+  } else if (postcopy_) {
     thread_ = std::thread([this, c = connector_.get()] { RunPostcopy(c); });
   } else {
     thread_ = std::thread([this, c = connector_.get()] { RunMigration(c); });
@@ -121,6 +155,7 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
 
 void SourceMigrationControl::RunPostcopy(migration::Connector* connector) {
   using migration::PostcopyPhase;
+  if (Status offered = OfferCopy(connector); !offered.ok()) return FailEarly(offered);
   // postcopy_ is not replaced while running_ is true, so it is safe unlocked.
   Result<migration::PostcopySourceStats> result = postcopy_->Run(*connector);
   while (!result.has_value() && postcopy_->phase() == PostcopyPhase::kPaused) {
@@ -168,6 +203,7 @@ void SourceMigrationControl::RunPostcopy(migration::Connector* connector) {
       s.phase = cancel_requested_ ? MigrationPhase::kCancelled : MigrationPhase::kFailed;
       s.error = result.error().ToString();
     }
+    AddLocal(s);
     final_ = std::move(s);
     running_ = false;
   }
@@ -252,6 +288,7 @@ Status SourceMigrationControl::StartPostcopy() {
 }
 
 void SourceMigrationControl::RunMigration(migration::Connector* connector) {
+  if (Status offered = OfferCopy(connector); !offered.ok()) return FailEarly(offered);
   // source_ is not replaced while running_ is true, so it is safe unlocked.
   Result<migration::SourceStats> result = source_->Run(*connector);
   migration::SourceOutcome outcome = source_->outcome();
@@ -276,6 +313,74 @@ void SourceMigrationControl::RunMigration(migration::Connector* connector) {
       s.phase = cancelled ? MigrationPhase::kCancelled : MigrationPhase::kFailed;
       s.error = result.error().ToString();
     }
+    AddLocal(s);
+    final_ = std::move(s);
+    running_ = false;
+  }
+  if (options_.on_done) options_.on_done(outcome);
+}
+
+Status SourceMigrationControl::OfferCopy(migration::Connector* connector) {
+  if (!local_) return Status::Ok();  // tcp: no offer
+  return local_->OfferCopy(*connector, request_.mode == MigrationMode::kPostcopy
+                                           ? migration::SwitchoverMode::kPostcopy
+                                           : migration::SwitchoverMode::kStopAndCopy);
+}
+
+void SourceMigrationControl::FailEarly(const Status& why) {
+  {
+    std::lock_guard lock(mu_);
+    MigrationStatus s;
+    s.mode = request_.mode;
+    s.to = request_.to.ToString();
+    s.bytes_total = bytes_total_;
+    s.elapsed_ms = Millis(Clock::now() - started_);
+    s.phase = cancel_requested_ ? MigrationPhase::kCancelled : MigrationPhase::kFailed;
+    s.error = why.ToString();
+    AddLocal(s);
+    final_ = std::move(s);
+    running_ = false;
+  }
+  if (options_.on_done) options_.on_done(migration::SourceOutcome::kFailedRunning);
+}
+
+void SourceMigrationControl::AddLocal(MigrationStatus& s) const {
+  if (!request_.local) return;
+  s.local = true;
+  s.local_memory = migration::LocalMemoryName(local_memory_);
+  s.pages_copied = local_fds_ ? 0 : s.pages_sent;
+}
+
+void SourceMigrationControl::RunLocal(migration::Connector* connector) {
+  // local_ is not replaced while running_ is true, so it is safe unlocked.
+  Result<migration::LocalUpdateStats> result = local_->Run(*connector);
+  const migration::SourceOutcome outcome = local_->outcome();
+  {
+    std::lock_guard lock(mu_);
+    MigrationStatus s;
+    s.mode = request_.mode;
+    s.to = request_.to.ToString();
+    s.bytes_total = bytes_total_;
+    s.elapsed_ms = Millis(Clock::now() - started_);
+    AddLocal(s);
+    if (result.has_value()) {
+      s.phase = MigrationPhase::kCompleted;
+      s.bytes_sent = result->bytes_sent;
+      s.fds_passed = result->fds_passed;
+      s.pages_copied = result->pages_copied;
+      // Whole milliseconds would say 0 for most updates: rounded up.
+      s.downtime_ms = static_cast<uint64_t>((result->pause.count() + 999) / 1000);
+      s.downtime_us = static_cast<uint64_t>(result->pause.count());
+    } else {
+      const bool cancelled =
+          cancel_requested_ && outcome == migration::SourceOutcome::kFailedRunning;
+      s.phase = cancelled ? MigrationPhase::kCancelled : MigrationPhase::kFailed;
+      s.error = result.error().ToString();
+      if (outcome == migration::SourceOutcome::kFailedResumed ||
+          outcome == migration::SourceOutcome::kFailedRunning) {
+        s.error += "; the guest keeps running here";
+      }
+    }
     final_ = std::move(s);
     running_ = false;
   }
@@ -286,8 +391,22 @@ MigrationStatus SourceMigrationControl::Query() {
   std::lock_guard lock(mu_);
   if (final_) return *final_;
   if (!running_) return MigrationStatus();
-  if (postcopy_) return PostcopyStatus();
-  return Estimate(source_->progress());
+  MigrationStatus s;
+  if (local_fds_) {
+    s.mode = request_.mode;
+    s.to = request_.to.ToString();
+    s.bytes_total = bytes_total_;
+    s.elapsed_ms = Millis(Clock::now() - started_);
+    s.phase = local_->phase() == migration::LocalUpdateSource::Phase::kPaused
+                  ? MigrationPhase::kSwitchover
+                  : MigrationPhase::kSetup;
+  } else if (postcopy_) {
+    s = PostcopyStatus();
+  } else {
+    s = Estimate(source_->progress());
+  }
+  AddLocal(s);
+  return s;
 }
 
 Status SourceMigrationControl::Cancel() {
@@ -305,11 +424,13 @@ Status SourceMigrationControl::Cancel() {
     // it: the link breaks and the migration pauses (no cancel_requested_,
     // it is not over).
     if (phase != migration::PostcopyPhase::kPostcopy) cancel_requested_ = true;
+    if (local_) local_->Cancel();  // the offer before the migration
     postcopy_->Cancel();
     return Status::Ok();
   }
   cancel_requested_ = true;
-  source_->Cancel();
+  if (local_) local_->Cancel();  // the offer of a copy, or the whole update
+  if (source_) source_->Cancel();
   return Status::Ok();
 }
 

@@ -32,6 +32,7 @@
 #include "faultline/status.h"
 #include "src/migration/auth.h"
 #include "src/migration/fault_transport.h"
+#include "src/migration/local_update.h"
 #include "src/migration/migratable.h"
 #include "src/migration/postcopy_source.h"
 #include "src/migration/source.h"
@@ -58,6 +59,8 @@ class SourceMigrationControl final : public MigrationControl {
     // simulated link (fault_transport.h) with this plan, e.g. one that
     // breaks after so many bytes; sessions made by migrate-resume do not.
     std::optional<migration::FaultPlan> first_link_fault;
+    // A test hook: a local update's offer goes without its descriptors.
+    bool local_withhold_fds = false;
   };
 
   // `vm` must outlive this object.
@@ -77,6 +80,13 @@ class SourceMigrationControl final : public MigrationControl {
  private:
   void RunMigration(migration::Connector* connector);
   void RunPostcopy(migration::Connector* connector);
+  void RunLocal(migration::Connector* connector);
+  // unix: targets whose memory is copied: the offer before the migration.
+  Status OfferCopy(migration::Connector* connector);
+  // Publishes a migration that ended before its engine ran.
+  void FailEarly(const Status& why);
+  // The local-update fields of a status (request_.local).
+  void AddLocal(MigrationStatus& s) const;
   MigrationStatus PostcopyStatus();
   // The phase of an active migration from the engine's counters.
   MigrationStatus Estimate(const migration::SourceProgress& p);
@@ -92,6 +102,10 @@ class SourceMigrationControl final : public MigrationControl {
   std::unique_ptr<migration::Connector> connector_;
   std::unique_ptr<migration::MigrationSource> source_;   // mode precopy
   std::unique_ptr<migration::PostcopySource> postcopy_;  // mode postcopy
+  // unix: targets: the offer, and for memory passed by fd the whole update.
+  std::unique_ptr<migration::LocalUpdateSource> local_;
+  migration::LocalMemory local_memory_ = migration::LocalMemory::kCopy;
+  bool local_fds_ = false;  // the update passes descriptors (no engine runs)
   // Post-copy paused: the connector a migrate-resume has made, for the
   // migration's thread to take; stopping_ ends a paused migration's wait.
   std::condition_variable resume_cv_;

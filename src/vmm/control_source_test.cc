@@ -13,7 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "src/migration/destination.h"
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 #include "src/vmm/control_args.h"
 
 namespace faultline::vmm {
@@ -77,7 +77,7 @@ class StillVm final : public migration::SourceVm, public migration::DestinationV
 class Destination {
  public:
   explicit Destination(StillVm& vm) : destination_(vm, Options()) {
-    auto listener = migration::TcpListener::Listen({"tcp", "127.0.0.1", 0}, {});
+    auto listener = migration::SocketListener::Listen({"tcp", "127.0.0.1", 0}, {});
     EXPECT_TRUE(listener.has_value());
     port_ = (*listener)->port();
     listener_ = std::move(*listener);
@@ -101,7 +101,7 @@ class Destination {
     return o;
   }
   migration::MigrationDestination destination_;
-  std::unique_ptr<migration::TcpListener> listener_;
+  std::unique_ptr<migration::SocketListener> listener_;
   uint16_t port_ = 0;
   std::thread thread_;
   Result<migration::DestinationStats> result_ = Status(0, "not finished");

@@ -62,16 +62,29 @@ Result<MigrationMode> ParseMigrationMode(std::string_view name) {
 }
 
 std::string MigrationTarget::ToString() const {
+  if (!unix_path.empty()) return fmt::format("unix:{}", unix_path);
   if (host.find(':') != std::string::npos) return fmt::format("tcp:[{}]:{}", host, port);
   return fmt::format("tcp:{}:{}", host, port);
 }
 
 Result<MigrationTarget> ParseMigrationTarget(std::string_view uri) {
   auto bad = [&](std::string_view why) {
-    return InvalidArgument("'{}' is not a migration target ({}): use tcp:HOST:PORT", uri, why);
+    return InvalidArgument("'{}' is not a migration target ({}): use tcp:HOST:PORT or unix:PATH",
+                           uri, why);
   };
+  constexpr std::string_view kUnix = "unix:";
+  if (uri.starts_with(kUnix)) {
+    std::string_view path = uri.substr(kUnix.size());
+    if (path.empty()) return bad("no path");
+    // sockaddr_un holds 107 bytes and a NUL.
+    if (path.size() > 107) return bad("a Unix socket path is at most 107 bytes");
+    if (path.find('\0') != std::string_view::npos) return bad("NUL in the path");
+    MigrationTarget target;
+    target.unix_path = std::string(path);
+    return target;
+  }
   constexpr std::string_view kScheme = "tcp:";
-  if (!uri.starts_with(kScheme)) return bad("only tcp: is supported");
+  if (!uri.starts_with(kScheme)) return bad("unknown scheme");
   std::string_view rest = uri.substr(kScheme.size());
   size_t colon = rest.rfind(':');
   if (colon == std::string_view::npos) return bad("no port");
@@ -93,7 +106,10 @@ Result<MigrationTarget> ParseMigrationTarget(std::string_view uri) {
       port > 65535) {
     return bad("the port must be 1 to 65535");
   }
-  return MigrationTarget{std::string(host), static_cast<uint16_t>(port)};
+  MigrationTarget target;
+  target.host = std::string(host);
+  target.port = static_cast<uint16_t>(port);
+  return target;
 }
 
 void to_json(nlohmann::json& j, const MigrateRequest& request) {
@@ -106,6 +122,7 @@ void to_json(nlohmann::json& j, const MigrateRequest& request) {
     j["precopy_passes"] = request.precopy_passes;
     j["postcopy_on_command"] = request.postcopy_on_command;
   }
+  if (request.local) j["local"] = true;
 }
 
 Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
@@ -113,7 +130,7 @@ Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
   RETURN_IF_ERROR(f.CheckObject());
   RETURN_IF_ERROR(
       f.RejectUnknown({"to", "mode", "channels", "downtime_ms", "bandwidth_bytes_per_sec",
-                       "precopy_passes", "postcopy_on_command"}));
+                       "precopy_passes", "postcopy_on_command", "local"}));
   MigrateRequest r;
   ASSIGN_OR_RETURN(std::string to, f.String("to"));
   ASSIGN_OR_RETURN(r.to, ParseMigrationTarget(to));
@@ -138,6 +155,14 @@ Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
   }
   r.precopy_passes = static_cast<uint32_t>(passes.value_or(1));
   r.postcopy_on_command = on_command.value_or(false);
+  ASSIGN_OR_RETURN(std::optional<bool> local, f.OptionalBool("local"));
+  r.local = local.value_or(false);
+  if (r.local && !r.to.is_unix()) {
+    return InvalidArgument(
+        "local: true moves the guest to another process on this host, over a Unix socket: "
+        "\"to\" must be unix:PATH, not {}",
+        r.to.ToString());
+  }
   return r;
 }
 
@@ -163,6 +188,7 @@ void to_json(nlohmann::json& j, const MigrationStatus& s) {
                      {"downtime_ms", OptionalToJson(s.downtime_ms)},
                      {"elapsed_ms", s.elapsed_ms}};
   if (!s.error.empty()) j["error"] = s.error;
+  if (s.downtime_us) j["downtime_us"] = *s.downtime_us;
   if (s.mode == MigrationMode::kPostcopy) {
     auto optional_us = [](const std::optional<double>& v) {
       return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
@@ -173,6 +199,12 @@ void to_json(nlohmann::json& j, const MigrationStatus& s) {
     j["sessions"] = s.sessions;
     j["fault_p50_us"] = optional_us(s.fault_p50_us);
     j["fault_p99_us"] = optional_us(s.fault_p99_us);
+  }
+  if (s.local) {
+    j["local"] = true;
+    j["memory"] = s.local_memory;
+    j["fds_passed"] = s.fds_passed;
+    j["pages_copied"] = s.pages_copied;
   }
 }
 
@@ -203,6 +235,7 @@ Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply) {
   s.bandwidth_bytes_per_sec = bandwidth.value_or(0);
   ASSIGN_OR_RETURN(s.eta_ms, f.OptionalUint("eta_ms"));
   ASSIGN_OR_RETURN(s.downtime_ms, f.OptionalUint("downtime_ms"));
+  ASSIGN_OR_RETURN(s.downtime_us, f.OptionalUint("downtime_us"));
   ASSIGN_OR_RETURN(std::optional<uint64_t> elapsed, f.OptionalUint("elapsed_ms"));
   s.elapsed_ms = elapsed.value_or(0);
   ASSIGN_OR_RETURN(std::optional<std::string> error, f.OptionalString("error"));
@@ -215,6 +248,14 @@ Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply) {
   s.pages_pushed = pushed.value_or(0);
   ASSIGN_OR_RETURN(std::optional<uint64_t> sessions, f.OptionalUint("sessions", 0, UINT32_MAX));
   s.sessions = static_cast<uint32_t>(sessions.value_or(0));
+  ASSIGN_OR_RETURN(std::optional<bool> local, f.OptionalBool("local"));
+  s.local = local.value_or(false);
+  ASSIGN_OR_RETURN(std::optional<std::string> memory, f.OptionalString("memory"));
+  s.local_memory = memory.value_or("");
+  ASSIGN_OR_RETURN(std::optional<uint64_t> fds, f.OptionalUint("fds_passed", 0, UINT32_MAX));
+  s.fds_passed = static_cast<uint32_t>(fds.value_or(0));
+  ASSIGN_OR_RETURN(std::optional<uint64_t> copied, f.OptionalUint("pages_copied"));
+  s.pages_copied = copied.value_or(0);
   for (auto [name, out] :
        {std::pair{"fault_p50_us", &s.fault_p50_us}, std::pair{"fault_p99_us", &s.fault_p99_us}}) {
     auto it = reply.find(name);

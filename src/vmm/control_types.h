@@ -46,11 +46,14 @@ enum class MigrationMode { kPrecopy, kPostcopy };
 const char* MigrationModeName(MigrationMode mode);  // "precopy", "postcopy"
 Result<MigrationMode> ParseMigrationMode(std::string_view name);
 
-// Where the destination listens: "tcp:HOST:PORT" (HOST may be "[v6addr]").
+// Where the destination listens: "tcp:HOST:PORT" (HOST may be "[v6addr]"),
+// or "unix:PATH", a Unix socket on this host.
 struct MigrationTarget {
   std::string host;
   uint16_t port = 0;
-  std::string ToString() const;  // the tcp:HOST:PORT form
+  std::string unix_path = {};  // set for unix:PATH (host and port are then unused)
+  bool is_unix() const { return !unix_path.empty(); }
+  std::string ToString() const;  // the tcp:HOST:PORT or unix:PATH form
 };
 Result<MigrationTarget> ParseMigrationTarget(std::string_view uri);
 
@@ -73,6 +76,10 @@ struct MigrateRequest {
   // migrate-start-postcopy.
   uint32_t precopy_passes = 1;
   bool postcopy_on_command = false;
+  // A local update (to a unix: target): the guest's memory is handed to the
+  // destination process by file descriptor and not copied; memory that
+  // cannot be passed (anonymous) falls back to copying in `mode`.
+  bool local = false;
 };
 void to_json(nlohmann::json& j, const MigrateRequest& request);
 Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args);
@@ -92,6 +99,9 @@ struct MigrationStatus {
   std::optional<uint64_t> eta_ms;        // null while it cannot be estimated
   // Null until measured: the time the guest was stopped at the switchover.
   std::optional<uint64_t> downtime_ms;
+  // The same in microseconds, where the engine measures it that finely (a
+  // local update's pause is well under a millisecond's resolution).
+  std::optional<uint64_t> downtime_us;
   uint64_t elapsed_ms = 0;  // since "migrate" was accepted
   std::string error;        // why, for phase failed (and cancelled, if known)
 
@@ -106,6 +116,14 @@ struct MigrationStatus {
   uint32_t sessions = 0;  // 1 + resumes
   std::optional<double> fault_p50_us;
   std::optional<double> fault_p99_us;
+
+  // Local update (local: true in JSON, only then): how the memory moved,
+  // "fds" (passed, nothing copied; bytes_sent is then the state on the
+  // socket) or "copy" (anonymous memory, copied by a migration in `mode`).
+  bool local = false;
+  std::string local_memory;
+  uint32_t fds_passed = 0;
+  uint64_t pages_copied = 0;
 
   // How far along: 100 * (total - remaining) / total, 100 when completed.
   double Percent() const;

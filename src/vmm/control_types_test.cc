@@ -37,6 +37,37 @@ TEST(ControlTypesTest, MigrationTargets) {
     ASSERT_FALSE(r.has_value()) << bad;
     EXPECT_THAT(r.error().message(), HasSubstr("use tcp:HOST:PORT")) << bad;
   }
+  t = ParseMigrationTarget("unix:/run/vm.sock");
+  ASSERT_TRUE(t.has_value());
+  EXPECT_TRUE(t->is_unix());
+  EXPECT_EQ(t->ToString(), "unix:/run/vm.sock");
+  EXPECT_FALSE(ParseMigrationTarget("unix:").has_value());
+}
+
+TEST(ControlTypesTest, LocalUpdateRequestAndStatus) {
+  Result<MigrateRequest> r = ParseMigrateRequest(json{{"to", "unix:/run/vm.sock"}, {"local", true}});
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_TRUE(r->local);
+  EXPECT_EQ(json(*r)["local"], true);
+  r = ParseMigrateRequest(json{{"to", "tcp:h:1"}, {"local", true}});
+  ASSERT_FALSE(r.has_value());
+  EXPECT_THAT(r.error().message(), HasSubstr("must be unix:PATH"));
+  MigrationStatus s;
+  s.phase = MigrationPhase::kCompleted;
+  s.to = "unix:/run/vm.sock";
+  s.local = true;
+  s.local_memory = "fds";
+  s.fds_passed = 1;
+  s.downtime_us = 830;
+  json j = s;
+  EXPECT_EQ(j["pages_copied"], 0);
+  EXPECT_EQ(j["memory"], "fds");
+  Result<MigrationStatus> back = ParseMigrationStatus(j);
+  ASSERT_TRUE(back.has_value()) << back.error().ToString();
+  EXPECT_TRUE(back->local);
+  EXPECT_EQ(back->fds_passed, 1u);
+  EXPECT_EQ(back->downtime_us, 830u);
+  EXPECT_FALSE(json(MigrationStatus{}).contains("local"));
 }
 
 TEST(ControlTypesTest, MigrateRequestDefaultsAndErrors) {

@@ -82,9 +82,10 @@ Status Vm::Init() {
   memory_options.memslot_granule = config_.memslot_granule;
   ASSIGN_OR_RETURN(memory_, GuestMemory::Create(machine_.get(), memory_options));
   RamBlockOptions options;
-  options.name = "ram0";
+  options.name = kRamBlockName;
   options.size = config_.mem_size;
   options.backing = config_.backing;
+  options.adopt_fd = config_.ram_fd;
   if (sys::KvmVm* kvm = machine_->kvm_dirty_log()) options.vm_fd = kvm->fd();
   ASSIGN_OR_RETURN(ram_, RamBlock::Create(options));
   RETURN_IF_ERROR(memory_->Place(ram_, Gpa(0)));

@@ -29,6 +29,7 @@ namespace faultline::vmm {
 inline constexpr uint64_t kMinMemory = 64ull << 20;
 inline constexpr uint64_t kMaxMemory = 16ull << 30;
 inline constexpr uint32_t kMaxVcpus = 8;
+inline constexpr char kRamBlockName[] = "ram0";  // the VM's one RAM block
 
 // What demand paging (src/paging/guest_pager.h) does on vCPU threads. Set
 // with Vm::SetVcpuHooks before Start(); every member is optional.
@@ -57,6 +58,10 @@ struct VmConfig {
   // False: no guest is loaded and vCPUs are not initialised; memory and vCPU
   // state come from elsewhere (LoadVcpus, an incoming migration).
   bool boot = true;
+  // memfd and hugetlb: map this memfd as the guest's RAM instead of creating
+  // it (a local update: another process's guest memory, passed over a Unix
+  // socket). The VM keeps a duplicate. Goes with boot = false.
+  int ram_fd = -1;
   Serial::Sink serial;  // guest console lines; nullptr discards them
   std::function<void(const GuestEvent&)> on_event;
   // Called once if `auto` chose the software CPU, with the reason.

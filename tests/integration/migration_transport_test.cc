@@ -14,7 +14,7 @@
 #include "src/migration/destination.h"
 #include "src/migration/fault_transport.h"
 #include "src/migration/source.h"
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/vmm/vm.h"
 #include "tests/integration/test_accel.h"
@@ -62,9 +62,9 @@ struct Result2 {
 
 Result2 Migrate(vmm::Vm& from, vmm::Vm& to, SourceOptions options,
                 std::shared_ptr<FaultController> link = nullptr) {
-  auto listener = TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
+  auto listener = SocketListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
   EXPECT_TRUE(listener.has_value());
-  std::unique_ptr<Connector> connector = std::make_unique<TcpConnector>(
+  std::unique_ptr<Connector> connector = std::make_unique<SocketConnector>(
       Address{"tcp", "127.0.0.1", (*listener)->port()}, TransportOptions{});
   if (link) connector = std::make_unique<FaultyConnector>(std::move(connector), link);
   auto source_vm = MakeSourceVm(from);

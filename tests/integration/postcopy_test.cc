@@ -43,7 +43,7 @@
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_session.h"
 #include "src/migration/postcopy_source.h"
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/vmm/vm.h"
 #include "tests/integration/huge_pages.h"
@@ -169,7 +169,7 @@ Outcome RunPostcopy(const Plan& plan) {
   out.fill_ms = MsSince(phase_start);
   phase_start = Clock::now();
 
-  auto listener = TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
+  auto listener = SocketListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
   if (!listener) {
     out.source = listener.error();
     return out;
@@ -203,7 +203,7 @@ Outcome RunPostcopy(const Plan& plan) {
   auto connector = [&]() -> std::unique_ptr<Connector> {
     std::atomic_store(&link, FaultController::Create());
     return std::make_unique<FaultyConnector>(
-        std::make_unique<TcpConnector>(address, TransportOptions{}), std::atomic_load(&link));
+        std::make_unique<SocketConnector>(address, TransportOptions{}), std::atomic_load(&link));
   };
   std::atomic<bool> done{false};
   std::atomic<uint32_t> resumes{0};
@@ -430,9 +430,9 @@ TEST(PostcopyRefusalTest, UnsupportedInstallerIsRefusedAndTheSourceRunsOn) {
       incoming.boot = false;
       auto to = vmm::Vm::Create(incoming);
       ASSERT_TRUE(to.has_value()) << to.error().ToString();
-      auto listener = TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
+      auto listener = SocketListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
       ASSERT_TRUE(listener.has_value());
-      TcpConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, {});
+      SocketConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, {});
       auto source_vm = MakeSourceVm(**from);
       PostcopyVmOptions vm_options;
       vm_options.installer = installer;
@@ -563,9 +563,9 @@ TEST(PostcopySourceTest, OutOfRangePageRequestIsRejectedAndLogged) {
   ASSERT_TRUE(from.has_value()) << from.error().ToString();
   ASSERT_TRUE((*from)->Start().ok());
   ASSERT_TRUE(WaitForFill(fill, 120s).ok());
-  auto listener = TcpListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
+  auto listener = SocketListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
   ASSERT_TRUE(listener.has_value());
-  TcpConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, TransportOptions{});
+  SocketConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, TransportOptions{});
   auto source_vm = MakeSourceVm(**from);
   PostcopySourceOptions options;
   options.base.page_channels = 1;

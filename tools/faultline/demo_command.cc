@@ -8,7 +8,7 @@
 // two events on one clock, and one process cleans up both VMs whatever
 // fails. The migration itself is the production path: LiveVm's
 // SourceMigrationControl (what `faultline run --control` serves to
-// `faultline migrate`) dials a real TcpListener, and MigrationDestination
+// `faultline migrate`) dials a real SocketListener, and MigrationDestination
 // (pre-copy) or PostcopyDestination (post-copy, the default) receives into
 // guest memory as `faultline run --incoming` does. The acceptance tests run
 // the same with separate processes.
@@ -36,7 +36,7 @@
 #include "src/migration/destination.h"
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_vm.h"
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 #include "src/migration/vm_adapter.h"
 #include "src/sys/mapping.h"
 #include "src/vmm/control_source.h"
@@ -106,14 +106,14 @@ bool FillDone(const GuestReport& r, uint32_t vcpus) {
   return true;
 }
 
-// Loopback TCP through the migration's own TcpChannel, one connection, no
+// Loopback TCP through the migration's own SocketChannel, one connection, no
 // protocol: 1 MiB sends into a 1 MiB receive buffer. The rate a migration's bytes are compared
 // against. Measured in the same run, with the source guest running, so both see the same machine.
 Result<LoopbackRate> MeasureLoopback(uint64_t bytes) {
   const migration::Address any_port{"tcp", "127.0.0.1", 0};
-  ASSIGN_OR_RETURN(std::unique_ptr<migration::TcpListener> listener,
-                   migration::TcpListener::Listen(any_port, migration::TransportOptions()));
-  migration::TcpConnector connector({"tcp", "127.0.0.1", listener->port()}, {});
+  ASSIGN_OR_RETURN(std::unique_ptr<migration::SocketListener> listener,
+                   migration::SocketListener::Listen(any_port, migration::TransportOptions()));
+  migration::SocketConnector connector({"tcp", "127.0.0.1", listener->port()}, {});
   Result<std::unique_ptr<migration::Channel>> accepted = Error("not accepted");
   std::thread acceptor([&] { accepted = listener->Accept(std::chrono::seconds(10)); });
   Result<std::unique_ptr<migration::Channel>> dialled = connector.Connect();
@@ -191,8 +191,8 @@ int Demo(const DemoOptions& o) {
   const char* dirty = DirtyLogModeName((*source)->dirty_mode());
   Result<std::unique_ptr<vmm::Vm>> destination = vmm::Vm::Create(incoming);
   if (!destination.has_value()) return Fail(destination.error().WithContext("destination VM"));
-  Result<std::unique_ptr<migration::TcpListener>> listener =
-      migration::TcpListener::Listen({"tcp", "127.0.0.1", 0}, {});
+  Result<std::unique_ptr<migration::SocketListener>> listener =
+      migration::SocketListener::Listen({"tcp", "127.0.0.1", 0}, {});
   if (!listener.has_value()) return Fail(listener.error().WithContext("destination"));
   const uint16_t port = (*listener)->port();
 

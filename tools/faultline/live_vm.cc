@@ -89,12 +89,13 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
                                                std::optional<migration::FaultPlan> first_link_fault,
                                                std::unique_ptr<vmm::ControlServer> server,
                                                std::shared_ptr<IncomingMigration> incoming,
-                                               int realtime_priority) {
+                                               int realtime_priority, bool withhold_fds) {
   std::unique_ptr<LiveVm> live(new LiveVm(vm));
   live->source_ = std::make_unique<TimedSource>(vm);
   vmm::SourceMigrationControl::Options options;
   options.first_link_fault = first_link_fault;
   options.realtime_priority = realtime_priority;
+  options.local_withhold_fds = withhold_fds;
   LiveVm* self = live.get();
   options.on_done = [self](migration::SourceOutcome outcome) {
     std::lock_guard lock(self->mu_);

@@ -39,12 +39,13 @@ class LiveVm {
   // `first_link_fault`: a test hook, see SourceMigrationControl::Options.
   // `server`: a control socket already serving (at `control_path`), whose
   // commands are replaced by this object's; `incoming`: see the top.
+  // `withhold_fds`: a test hook, see SourceMigrationControl::Options.
   static Result<std::unique_ptr<LiveVm>> Create(
       vmm::Vm& vm, const std::string& control_path,
       std::optional<migration::FaultPlan> first_link_fault = std::nullopt,
       std::unique_ptr<vmm::ControlServer> server = nullptr,
       std::shared_ptr<IncomingMigration> incoming = nullptr,
-      int realtime_priority = sys::kDefaultRealtimePriority);
+      int realtime_priority = sys::kDefaultRealtimePriority, bool withhold_fds = false);
   ~LiveVm();
 
   vmm::MigrationControl& migration();

@@ -42,6 +42,7 @@ struct MigrateOptions {
   bool start_postcopy = false;
   std::optional<uint32_t> precopy_passes;  // mode postcopy
   bool postcopy_on_command = false;
+  bool local = false;
   uint32_t interval_ms = 200;
 };
 
@@ -229,7 +230,15 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
     fmt::print("{}\n", out.dump());
   }
   if (s.phase == MigrationPhase::kCompleted) {
-    if (!o.json && s.mode == vmm::MigrationMode::kPostcopy) {
+    if (!o.json && s.local && s.local_memory == "fds") {
+      const double pause_ms = s.downtime_us ? *s.downtime_us / 1000.0
+                                            : static_cast<double>(s.downtime_ms.value_or(0));
+      fmt::print(
+          "local update to {} completed in {:.1f} ms: the guest's {} of RAM passed as {} "
+          "descriptor(s), {} pages copied, {} of state sent; paused {:.2f} ms\n",
+          s.to, static_cast<double>(s.elapsed_ms), HumanBytes(static_cast<double>(s.bytes_total)),
+          s.fds_passed, s.pages_copied, HumanBytes(static_cast<double>(s.bytes_sent)), pause_ms);
+    } else if (!o.json && s.mode == vmm::MigrationMode::kPostcopy) {
       fmt::print(
           "post-copy migration to {} completed in {:.1f} s: {} sent, {} pre-copy "
           "pass(es), then {} pages demanded and {} pushed over {} session(s)\n",
@@ -299,6 +308,12 @@ int Migrate(const MigrateOptions& o) {
     }
     request.precopy_passes = o.precopy_passes.value_or(1);
     request.postcopy_on_command = o.postcopy_on_command;
+    request.local = o.local;
+    if (o.local && !request.to.is_unix()) {
+      return Fail(Error("--local moves the guest to another process on this host: give --to "
+                        "unix:PATH (the socket of `faultline run --incoming unix:PATH`)"));
+    }
+    if (o.local && o.resume) return Fail(Error("--local goes with --to, not --resume"));
     // The VMM checks the ranges again; it has the last word.
     args = o.resume ? nlohmann::json{{"to", request.to.ToString()}} : nlohmann::json(request);
   }
@@ -351,7 +366,8 @@ void AddMigrateCommand(CLI::App& app, Action& action) {
       "migrate", "Migrate a running VMM's guest, through its control socket, and show progress");
   cmd->add_option("--control", o->control, "The VMM's control socket (faultline run --control)")
       ->required();
-  cmd->add_option("--to", o->to, "Destination, tcp:HOST:PORT (with --resume: a new one)");
+  cmd->add_option("--to", o->to,
+                  "Destination, tcp:HOST:PORT or unix:PATH (with --resume: a new one)");
   cmd->add_option("--mode", o->mode, "precopy or postcopy")->capture_default_str();
   cmd->add_option("--channels", o->channels, "Page channels (TCP connections), 1..16")
       ->capture_default_str();
@@ -361,6 +377,10 @@ void AddMigrateCommand(CLI::App& app, Action& action) {
   cmd->add_flag("--postcopy-on-command", o->postcopy_on_command,
                 "With --mode postcopy: run pre-copy passes until `faultline migrate "
                 "--start-postcopy`");
+  cmd->add_flag("--local", o->local,
+                "With --to unix:PATH: a local update: hand the guest to a new VMM process on "
+                "this host without copying its memory (memfd and hugetlb RAM is passed by "
+                "descriptor; anonymous RAM is copied instead, in --mode)");
   cmd->add_option("--downtime-ms", o->downtime_ms, "Longest acceptable guest stop")
       ->capture_default_str();
   cmd->add_option("--bandwidth", o->bandwidth, "Rate limit in bytes/s, e.g. 500M, 1G/s")

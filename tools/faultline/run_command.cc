@@ -11,6 +11,14 @@
 // start: query-migrate shows the incoming migration as it runs (post-copy:
 // pages demanded and pushed, fault latency per vCPU, blocked time) and,
 // once it ended, until the guest is migrated away again.
+//
+// --incoming unix:PATH receives the guest from a process on this host: a
+// local update (`faultline migrate --local`) maps the source's own RAM,
+// passed by descriptor, and takes only the vCPU and device state; memory
+// that cannot be passed (anonymous) comes by an ordinary pre-copy or
+// post-copy migration over the same socket, as the source's offer says.
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -19,10 +27,12 @@
 #include <fmt/format.h>
 
 #include "src/migration/destination.h"
+#include "src/migration/local_update.h"
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_vm.h"
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 #include "src/migration/vm_adapter.h"
+#include "src/migration/wire.h"
 #include "src/sys/mapping.h"
 #include "src/vmm/control_migration.h"
 #include "src/vmm/control_server.h"
@@ -53,6 +63,8 @@ struct RunOptions {
   std::string installer;  // with --postcopy: override the default per backing
   int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both roles
   uint64_t test_cut_after = 0;  // test hook: break the first migration link after N bytes
+  bool test_withhold_fds = false;  // test hook: a local update's offer without descriptors
+  bool test_die_before_confirm = false;  // test hook: an incoming local update's process dies
 };
 
 using Clock = std::chrono::steady_clock;
@@ -67,38 +79,40 @@ int Fail(const Status& status) {
 
 // Listens on `address` for an incoming migration; `bound` gets the address
 // with the port chosen when the requested one is 0.
-Result<std::unique_ptr<migration::TcpListener>> ListenForMigration(
+Result<std::unique_ptr<migration::SocketListener>> ListenForMigration(
     const migration::Address& address, migration::Address& bound) {
-  Result<std::unique_ptr<migration::TcpListener>> listening =
-      migration::TcpListener::Listen(address, {});
+  Result<std::unique_ptr<migration::SocketListener>> listening =
+      migration::SocketListener::Listen(address, {});
   if (!listening.has_value()) return listening.error().WithContext("--incoming");
   bound = address;
   bound.port = (*listening)->port();
   return listening;
 }
 
-// --incoming: waits for one migration and receives it into `vm` (created
-// with boot = false). Says where it listens on stderr, "waiting for a
-// migration on tcp:HOST:PORT", with the port chosen when PORT is 0.
-Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::Address& address,
+std::chrono::milliseconds AcceptTimeout(const RunOptions& o) {
+  // The source may be told to migrate long after this starts.
+  return std::chrono::milliseconds(
+      static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
+}
+
+// --incoming: waits for one migration on `listener` and receives it into
+// `vm` (created with boot = false).
+Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, migration::SocketListener& listener,
                                                  const RunOptions& o, IncomingMigration& status,
                                                  nlohmann::json& out) {
-  migration::Address bound;
-  ASSIGN_OR_RETURN(std::unique_ptr<migration::TcpListener> listener,
-                   ListenForMigration(address, bound));
-  fmt::print(stderr, "faultline run: waiting for a migration on {}\n", bound.ToString());
-  std::fflush(stderr);
+  const migration::Address bound = *migration::ParseAddress(listener.address());
+  if (!bound.is_unix()) {  // unix: said already, before the offer
+    fmt::print(stderr, "faultline run: waiting for a migration on {}\n", bound.ToString());
+    std::fflush(stderr);
+  }
   std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(vm);
   migration::DestinationOptions options;
-  // The source may be told to migrate long after this starts; page channels
-  // follow the main one at once.
-  options.accept.timeout = std::chrono::milliseconds(
-      static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
+  options.accept.timeout = AcceptTimeout(o);
   migration::MigrationDestination destination(*target, options);
   // The pre-copy receiver keeps no live counters: query-migrate says
   // precopy (waiting or receiving) until it ends.
   status.SetPhase(vmm::MigrationPhase::kPrecopy);
-  Result<migration::DestinationStats> stats = destination.Run(*listener);
+  Result<migration::DestinationStats> stats = destination.Run(listener);
   status.Finish(stats.has_value() ? vmm::MigrationPhase::kCompleted : vmm::MigrationPhase::kFailed,
                 stats.has_value() ? "" : stats.error().ToString());
   if (!stats.has_value()) {
@@ -128,7 +142,7 @@ Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, const migration::A
 // missing pages and this waits for the source's resumed session on the same
 // listener. `target` keeps the pager, which must outlive the VM's run.
 Result<migration::PostcopyDestinationStats> ReceivePostcopy(
-    vmm::Vm& vm, const migration::Address& address, const RunOptions& o,
+    vmm::Vm& vm, migration::SocketListener& listener, const RunOptions& o,
     std::unique_ptr<migration::PostcopyDestinationVm>& target, IncomingMigration& status,
     nlohmann::json& out) {
   migration::PostcopyVmOptions vm_options;
@@ -142,15 +156,12 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   // a source connects (e.g. the zero installer, which never asks the source).
   target = migration::MakePostcopyDestinationVm(vm, vm_options);
   RETURN_IF_ERROR(target->CheckPaging().WithContext("--installer"));
-  migration::Address bound;
-  ASSIGN_OR_RETURN(std::unique_ptr<migration::TcpListener> listener,
-                   ListenForMigration(address, bound));
+  const migration::Address bound = *migration::ParseAddress(listener.address());
   fmt::print(stderr, "faultline run: waiting for a post-copy migration on {} ({} installer)\n",
              bound.ToString(), paging::InstallerName(target->installer()));
   std::fflush(stderr);
   migration::DestinationOptions options;
-  options.accept.timeout = std::chrono::milliseconds(
-      static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
+  options.accept.timeout = AcceptTimeout(o);
   options.realtime_priority = o.realtime_priority;
   migration::PostcopyDestination destination(*target, options);
   status.Attach(&destination);
@@ -158,7 +169,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
     IncomingMigration& status;
     ~Detach() { status.Detach(); }  // before `destination` goes
   } detach{status};
-  Result<migration::PostcopyDestinationStats> stats = destination.Run(*listener);
+  Result<migration::PostcopyDestinationStats> stats = destination.Run(listener);
   while (!stats.has_value() && destination.phase() == migration::PostcopyPhase::kPaused) {
     fmt::print(stderr,
                "faultline run: post-copy link broken ({}); the guest runs here and waits for "
@@ -166,7 +177,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
                "--resume`)\n",
                stats.error().ToString(), bound.ToString());
     std::fflush(stderr);
-    stats = destination.Resume(*listener);
+    stats = destination.Resume(listener);
   }
   if (!stats.has_value()) {
     const migration::PostcopyDestinationStats last = destination.stats();
@@ -199,6 +210,90 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
                PostcopyFiguresLine(*stats));
   }
   return stats;
+}
+
+int FailLocal(const Status& status) {
+  return Fail(Error(
+      "incoming local update refused: {}. The guest was not started here; the source keeps "
+      "running it",
+      status.ToString()));
+}
+
+// The source's offer against this destination's command line: the block
+// layout, vCPUs and (with passed memory) the backing and descriptors.
+Status CheckOffer(migration::LocalUpdateDestination& local, const vmm::VmConfig& config,
+                  const RunOptions& o) {
+  const migration::LocalOffer& offer = local.offer();
+  migration::BlockInfo ram;
+  ram.name = vmm::kRamBlockName;
+  ram.size = config.mem_size;
+  ram.backing = config.backing;
+  ram.page_size = config.backing == Backing::kHugetlb ? kHugePageSize : kPageSize;
+  const migration::BlockInfo local_blocks[] = {ram};
+  RETURN_IF_ERROR(migration::CheckLocalOffer(offer, local.fds().size(), local_blocks, config.vcpus,
+                                             migration::HelloAccel::kUnspecified));
+  if (offer.memory == migration::LocalMemory::kCopy && o.postcopy &&
+      offer.mode != migration::SwitchoverMode::kPostcopy) {
+    return Error(
+        "this destination was started with --postcopy, and the source offers a pre-copy "
+        "migration");
+  }
+  return Status::Ok();
+}
+
+// Test hook (--test-die-before-confirm): the process dies with the whole
+// state loaded, just before it would confirm, as a crash there would.
+class DieBeforeConfirm final : public migration::DestinationVm {
+ public:
+  explicit DieBeforeConfirm(std::unique_ptr<migration::DestinationVm> inner)
+      : inner_(std::move(inner)) {}
+  std::vector<std::shared_ptr<RamBlock>> blocks() override { return inner_->blocks(); }
+  bool memory_is_zero() const override { return inner_->memory_is_zero(); }
+  uint32_t vcpu_count() const override { return inner_->vcpu_count(); }
+  Status LoadVcpus(std::span<const std::vector<uint8_t>> states) override {
+    return inner_->LoadVcpus(states);
+  }
+  Status LoadDevices(std::span<const migration::DeviceBlob> devices) override {
+    RETURN_IF_ERROR(inner_->LoadDevices(devices));
+    fmt::print(stderr, "faultline run: test hook: dying before confirming the local update\n");
+    std::fflush(stderr);
+    _exit(9);
+  }
+
+ private:
+  std::unique_ptr<migration::DestinationVm> inner_;
+};
+
+// A local update with passed memory, once `vm` maps it: accept, take the
+// vCPU and device state, confirm. The caller starts the guest.
+Status ReceiveLocal(migration::LocalUpdateDestination& local, vmm::Vm& vm,
+                    IncomingMigration& status, nlohmann::json& out, const RunOptions& o) {
+  const bool quiet = o.quiet;
+  const auto begin = Clock::now();
+  status.SetPhase(vmm::MigrationPhase::kSwitchover);
+  RETURN_IF_ERROR(local.Ready());
+  std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(vm);
+  if (o.test_die_before_confirm) target = std::make_unique<DieBeforeConfirm>(std::move(target));
+  Status received = local.ReceiveState(*target);
+  status.Finish(received.ok() ? vmm::MigrationPhase::kCompleted : vmm::MigrationPhase::kFailed,
+                received.ok() ? "" : received.ToString());
+  RETURN_IF_ERROR(received);
+  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - begin).count();
+  out = {{"mode", "local"},
+         {"memory", "fds"},
+         {"fds", local.offer().blocks.size()},
+         {"pages_copied", 0},
+         {"bytes_received", local.bytes_received()},
+         {"ms", ms}};
+  if (!quiet) {
+    fmt::print(stderr,
+               "faultline run: local update from {}: the guest's {} MiB of RAM taken over from "
+               "the source process ({} descriptor(s), nothing copied), {} bytes of state; "
+               "running it\n",
+               local.peer(), vm.config().mem_size >> 20, local.offer().blocks.size(),
+               local.bytes_received());
+  }
+  return Status::Ok();
 }
 
 // The control socket of a VM waiting for (then receiving) a migration:
@@ -277,33 +372,87 @@ int Run(const RunOptions& o) {
     config.boot = false;
     Result<migration::Address> address = migration::ParseAddress(o.incoming);
     if (!address.has_value()) return Fail(address.error().WithContext("--incoming"));
+    migration::Address bound;
+    Result<std::unique_ptr<migration::SocketListener>> listener =
+        ListenForMigration(*address, bound);
+    if (!listener.has_value()) return Fail(listener.error());
+    // unix: the first connection offers the guest, and says how its memory
+    // comes (passed, or copied by the migration that follows).
+    std::unique_ptr<migration::LocalUpdateDestination> local;
+    bool postcopy = o.postcopy;
+    if (address->is_unix()) {
+      fmt::print(stderr, "faultline run: waiting for a local update or migration on {}\n",
+                 bound.ToString());
+      std::fflush(stderr);
+      Result<std::unique_ptr<migration::LocalUpdateDestination>> accepted =
+          migration::LocalUpdateDestination::Accept(**listener, AcceptTimeout(o));
+      if (!accepted.has_value()) return Fail(accepted.error().WithContext("--incoming"));
+      local = std::move(*accepted);
+      Status checked = CheckOffer(*local, config, o);
+      if (!checked.ok()) return FailLocal(local->Refuse(checked, migration::ErrorCode::kBlockMismatch));
+      if (local->offer().memory == migration::LocalMemory::kFds) {
+        config.ram_fd = local->fds()[0].get();
+      } else {
+        postcopy = local->offer().mode == migration::SwitchoverMode::kPostcopy;
+      }
+    }
     vm = vmm::Vm::Create(config);
-    if (!vm.has_value()) return Fail(vm.error());
+    if (local) local->fds().clear();  // the VM holds its own duplicate
+    if (!vm.has_value()) {
+      if (local) return FailLocal(local->Refuse(vm.error(), migration::ErrorCode::kResource));
+      return Fail(vm.error());
+    }
+    if (local) {
+      const migration::HelloAccel accel = (*vm)->accel() == hv::Accel::kKvm
+                                              ? migration::HelloAccel::kKvm
+                                              : migration::HelloAccel::kTcg;
+      Status checked = migration::CheckLocalAccel(local->offer(), accel);
+      if (!checked.ok()) return FailLocal(local->Refuse(checked, migration::ErrorCode::kFeatures));
+    }
     incoming_status = std::make_shared<IncomingMigration>(
-        o.postcopy ? vmm::MigrationMode::kPostcopy : vmm::MigrationMode::kPrecopy, config.mem_size);
+        postcopy ? vmm::MigrationMode::kPostcopy : vmm::MigrationMode::kPrecopy, config.mem_size);
     if (!o.control.empty()) {
       Result<std::unique_ptr<vmm::ControlServer>> server =
           ServeIncoming(o.control, **vm, incoming_status);
-      if (!server.has_value()) return Fail(server.error().WithContext("--control"));
+      if (!server.has_value()) {
+        Status why = server.error().WithContext("--control");
+        if (local) (void)local->Refuse(why, migration::ErrorCode::kResource);
+        return Fail(why);
+      }
       early_server = std::move(*server);
     }
-    if (o.prealloc) {
-      std::span<uint8_t> ram = (*vm)->ram();
-      if (Status s = sys::PopulateWrite(ram.data(), ram.size()); !s.ok()) {
-        return Fail(s.WithContext("--prealloc"));
-      }
-    }
-    if (o.postcopy) {
-      Result<migration::PostcopyDestinationStats> stats =
-          ReceivePostcopy(**vm, *address, o, postcopy_target, *incoming_status, incoming_json);
-      if (!stats.has_value()) return Fail(stats.error());
-      started = true;  // by the engine, at the switchover
-      start = stats->vm_started_at;
-    } else {
-      Result<migration::DestinationStats> stats =
-          ReceiveGuest(**vm, *address, o, *incoming_status, incoming_json);
-      if (!stats.has_value()) return Fail(stats.error());
+    if (local && local->offer().memory == migration::LocalMemory::kFds) {
+      Status received = ReceiveLocal(*local, **vm, *incoming_status, incoming_json, o);
+      if (!received.ok()) return FailLocal(received);
       start = Clock::now();  // the guest's time here starts now
+    } else {
+      if (local) {
+        if (Status ready = local->Ready(); !ready.ok()) return FailLocal(ready);
+        if (!o.quiet) {
+          fmt::print(stderr,
+                     "faultline run: the source's guest RAM cannot be passed (anonymous "
+                     "memory): receiving it by {} migration over {}\n",
+                     postcopy ? "post-copy" : "pre-copy", bound.ToString());
+        }
+      }
+      if (o.prealloc) {
+        std::span<uint8_t> ram = (*vm)->ram();
+        if (Status s = sys::PopulateWrite(ram.data(), ram.size()); !s.ok()) {
+          return Fail(s.WithContext("--prealloc"));
+        }
+      }
+      if (postcopy) {
+        Result<migration::PostcopyDestinationStats> stats = ReceivePostcopy(
+            **vm, **listener, o, postcopy_target, *incoming_status, incoming_json);
+        if (!stats.has_value()) return Fail(stats.error());
+        started = true;  // by the engine, at the switchover
+        start = stats->vm_started_at;
+      } else {
+        Result<migration::DestinationStats> stats =
+            ReceiveGuest(**vm, **listener, o, *incoming_status, incoming_json);
+        if (!stats.has_value()) return Fail(stats.error());
+        start = Clock::now();  // the guest's time here starts now
+      }
     }
   } else {
     vm = vmm::Vm::Create(config);
@@ -319,7 +468,8 @@ int Run(const RunOptions& o) {
     link_fault->cut_after_bytes_sent = o.test_cut_after;
   }
   Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(
-      **vm, o.control, link_fault, std::move(early_server), incoming_status, o.realtime_priority);
+      **vm, o.control, link_fault, std::move(early_server), incoming_status, o.realtime_priority,
+      o.test_withhold_fds);
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
@@ -344,6 +494,12 @@ int Run(const RunOptions& o) {
           {"workload_pages", workload_pages},
           {"elapsed_ms", std::chrono::duration<double, std::milli>(Clock::now() - start).count()}};
       fmt::print("{}\n", j.dump());
+    } else if (m.local && m.local_memory == "fds") {
+      fmt::print(
+          "the guest moved to the new VMM process at {} (local update: its RAM passed as {} "
+          "descriptor(s), {} pages copied, paused {:.2f} ms); it runs there now, this VMM is "
+          "done\n",
+          m.to, m.fds_passed, m.pages_copied, m.downtime_us.value_or(0) / 1000.0);
     } else {
       std::string downtime = m.downtime_ms ? fmt::format(", downtime {} ms", *m.downtime_ms) : "";
       fmt::print(
@@ -373,7 +529,9 @@ int Run(const RunOptions& o) {
     fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing, {}{})\n", elapsed_ms,
                config.mem_size >> 20, config.vcpus, BackingName(config.backing),
                hv::AccelName((*vm)->accel()),
-               o.incoming.empty() ? "" : ", received by migration");
+               o.incoming.empty()                 ? ""
+               : incoming_json.value("mode", "") == "local" ? ", taken over by a local update"
+                                                             : ", received by migration");
   }
   if (report->success()) return 0;
   for (size_t i = 0; i < report->vcpus.size(); ++i) {
@@ -411,7 +569,9 @@ void AddRunCommand(CLI::App& app, Action& action) {
                   "migrate-cancel) at this path; see `faultline migrate`");
   run->add_option("--incoming", options->incoming,
                   "tcp:HOST:PORT: boot nothing, wait for a migration there, then run the guest "
-                  "that arrived (--mem, --vcpus and --backing must match the source)");
+                  "that arrived (--mem, --vcpus and --backing must match the source); "
+                  "unix:PATH: the same from a process on this host, which with `faultline "
+                  "migrate --local` hands over its RAM without copying it");
   run->add_flag("--postcopy", options->postcopy,
                 "With --incoming: the migration is post-copy (the source runs `faultline migrate "
                 "--mode postcopy`); the guest runs here from the switchover on and a broken link "
@@ -430,6 +590,12 @@ void AddRunCommand(CLI::App& app, Action& action) {
   run->add_option("--test-cut-link-after", options->test_cut_after,
                   "Test hook: the first session of each outgoing migration breaks after this "
                   "many bytes sent")
+      ->group("");
+  run->add_flag("--test-withhold-fds", options->test_withhold_fds,
+                "Test hook: an outgoing local update offers its memory without the descriptors")
+      ->group("");
+  run->add_flag("--test-die-before-confirm", options->test_die_before_confirm,
+                "Test hook: an incoming local update's process exits just before it confirms")
       ->group("");
   run->add_flag("--prealloc", options->prealloc,
                 "With --incoming: allocate all guest RAM before the migration starts, so that "

@@ -1,4 +1,4 @@
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -6,11 +6,15 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
+#include <vector>
 
 namespace faultline::migration {
 namespace {
@@ -27,6 +31,17 @@ struct SocketAddress {
 
 Result<SocketAddress> ToSocketAddress(const Address& address) {
   SocketAddress out;
+  if (address.is_unix()) {
+    auto* un = reinterpret_cast<sockaddr_un*>(&out.storage);
+    if (address.path.empty() || address.path.size() >= sizeof(un->sun_path)) {
+      return Error("{}: not a Unix socket path of 1..{} bytes", address.ToString(),
+                   sizeof(un->sun_path) - 1);
+    }
+    un->sun_family = AF_UNIX;
+    std::memcpy(un->sun_path, address.path.data(), address.path.size());
+    out.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + address.path.size() + 1);
+    return out;
+  }
   auto* v4 = reinterpret_cast<sockaddr_in*>(&out.storage);
   auto* v6 = reinterpret_cast<sockaddr_in6*>(&out.storage);
   if (inet_pton(AF_INET, address.host.c_str(), &v4->sin_addr) == 1) {
@@ -56,12 +71,26 @@ std::string Format(const sockaddr_storage& storage) {
   return fmt::format("[{}]:{}", host, ntohs(v6->sin6_port));
 }
 
+// The path of a bound Unix socket address, or "" (an unnamed end).
+std::string UnixPath(const sockaddr_storage& storage, socklen_t length) {
+  const auto* un = reinterpret_cast<const sockaddr_un*>(&storage);
+  const size_t offset = offsetof(sockaddr_un, sun_path);
+  if (length <= offset || un->sun_path[0] == '\0') return "";
+  return std::string(un->sun_path, strnlen(un->sun_path, length - offset));
+}
+
 std::string Endpoints(int fd) {
   sockaddr_storage local{}, peer{};
   socklen_t local_len = sizeof(local), peer_len = sizeof(peer);
   if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
       getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0) {
-    return "tcp (unconnected)";
+    return "socket (unconnected)";
+  }
+  if (local.ss_family == AF_UNIX) {
+    // One end of a Unix connection has the listener's name, the other none.
+    std::string path = UnixPath(peer, peer_len);
+    if (path.empty()) path = UnixPath(local, local_len);
+    return fmt::format("unix {}", path.empty() ? "(unnamed)" : path);
   }
   return fmt::format("tcp {} -> {}", Format(local), Format(peer));
 }
@@ -130,17 +159,26 @@ class IovCursor {
 
 }  // namespace
 
-Result<std::unique_ptr<TcpChannel>> TcpChannel::Adopt(sys::UniqueFd fd,
+Result<std::unique_ptr<SocketChannel>> SocketChannel::Adopt(sys::UniqueFd fd,
                                                       const TransportOptions& options) {
   const int s = fd.get();
+  sockaddr_storage local{};
+  socklen_t local_len = sizeof(local);
+  if (getsockname(s, reinterpret_cast<sockaddr*>(&local), &local_len) != 0) {
+    return ErrnoError(errno, "getsockname");
+  }
+  const bool is_unix = local.ss_family == AF_UNIX;
   RETURN_IF_ERROR(SetTimeout(s, SO_SNDTIMEO, options.io_timeout, "SO_SNDTIMEO"));
   RETURN_IF_ERROR(SetTimeout(s, SO_RCVTIMEO, options.io_timeout, "SO_RCVTIMEO"));
-  // Keepalive probes find a peer that vanished without closing (a host that
-  // died, a cut cable) while a side waits legitimately long for a message.
-  RETURN_IF_ERROR(SetIntOption(s, SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE"));
-  RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPIDLE, 10, "TCP_KEEPIDLE"));
-  RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPINTVL, 5, "TCP_KEEPINTVL"));
-  RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPCNT, 3, "TCP_KEEPCNT"));
+  if (!is_unix) {
+    // Keepalive probes find a peer that vanished without closing (a host
+    // that died, a cut cable) while a side waits legitimately long for a
+    // message. (A Unix peer that dies is closed by its kernel at once.)
+    RETURN_IF_ERROR(SetIntOption(s, SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE"));
+    RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPIDLE, 10, "TCP_KEEPIDLE"));
+    RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPINTVL, 5, "TCP_KEEPINTVL"));
+    RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPCNT, 3, "TCP_KEEPCNT"));
+  }
   if (options.socket_buffer_bytes > 0) {
     RETURN_IF_ERROR(
         SetIntOption(s, SOL_SOCKET, SO_SNDBUF, options.socket_buffer_bytes, "SO_SNDBUF"));
@@ -148,12 +186,12 @@ Result<std::unique_ptr<TcpChannel>> TcpChannel::Adopt(sys::UniqueFd fd,
         SetIntOption(s, SOL_SOCKET, SO_RCVBUF, options.socket_buffer_bytes, "SO_RCVBUF"));
   }
   std::string name = Endpoints(s);
-  return std::unique_ptr<TcpChannel>(new TcpChannel(std::move(fd), std::move(name)));
+  return std::unique_ptr<SocketChannel>(new SocketChannel(std::move(fd), std::move(name), is_unix));
 }
 
-TcpChannel::~TcpChannel() = default;
+SocketChannel::~SocketChannel() = default;
 
-Status TcpChannel::IoError(int error, const char* what, uint64_t done, uint64_t total) const {
+Status SocketChannel::IoError(int error, const char* what, uint64_t done, uint64_t total) const {
   if (shut_down_.load(std::memory_order_acquire)) {
     return Status(ESHUTDOWN, fmt::format("{}: {} after {} of {} bytes: channel shut down", name_,
                                          what, done, total));
@@ -171,7 +209,7 @@ Status TcpChannel::IoError(int error, const char* what, uint64_t done, uint64_t 
   return ErrnoError(error, "{}: {} ({} of {} bytes done)", name_, what, done, total);
 }
 
-Status TcpChannel::SendGather(std::span<const ConstBuffer> parts) {
+Status SocketChannel::SendGather(std::span<const ConstBuffer> parts) {
   IovCursor<ConstBuffer> cursor(parts);
   send_calls_.fetch_add(1, std::memory_order_relaxed);
   iovec iov[kMaxIov];
@@ -195,7 +233,7 @@ Status TcpChannel::SendGather(std::span<const ConstBuffer> parts) {
   return Status::Ok();
 }
 
-Status TcpChannel::ReceiveScatter(std::span<const MutableBuffer> parts) {
+Status SocketChannel::ReceiveScatter(std::span<const MutableBuffer> parts) {
   IovCursor<MutableBuffer> cursor(parts);
   receive_calls_.fetch_add(1, std::memory_order_relaxed);
   iovec iov[kMaxIov];
@@ -224,28 +262,165 @@ Status TcpChannel::ReceiveScatter(std::span<const MutableBuffer> parts) {
   return Status::Ok();
 }
 
-void TcpChannel::Shutdown() {
+void SocketChannel::Shutdown() {
   shut_down_.store(true, std::memory_order_release);
   // Wakes a sendmsg/recvmsg blocked in another thread; the fd stays open.
   ::shutdown(fd_.get(), SHUT_RDWR);
 }
 
-Status TcpChannel::SetLowLatency(bool low_latency) {
+Status SocketChannel::SendWithFds(ConstBuffer bytes, std::span<const int> fds) {
+  if (!is_unix_) return Channel::SendWithFds(bytes, fds);
+  if (fds.empty() || bytes.empty()) return Send(bytes);
+  if (fds.size() > kMaxPassedFds) {
+    return Error("{}: {} descriptors to pass, at most {} at once", name_, fds.size(),
+                 kMaxPassedFds);
+  }
+  std::vector<uint8_t> control(CMSG_SPACE(sizeof(int) * fds.size()));
+  iovec iov{const_cast<uint8_t*>(bytes.data()), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+  cmsg->cmsg_level = SOL_SOCKET;
+  cmsg->cmsg_type = SCM_RIGHTS;
+  cmsg->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+  std::memcpy(CMSG_DATA(cmsg), fds.data(), sizeof(int) * fds.size());
+  send_calls_.fetch_add(1, std::memory_order_relaxed);
+  ssize_t n;
+  do {
+    n = sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) return IoError(errno, "send with descriptors", 0, bytes.size());
+  bytes_sent_.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
+  // The descriptors went with the first byte; the rest is plain data.
+  if (static_cast<size_t>(n) < bytes.size()) return Send(bytes.subspan(static_cast<size_t>(n)));
+  return Status::Ok();
+}
+
+Result<std::vector<sys::UniqueFd>> SocketChannel::ReceiveWithFds(MutableBuffer bytes,
+                                                                 size_t max_fds) {
+  if (!is_unix_) return Channel::ReceiveWithFds(bytes, max_fds);
+  if (bytes.empty()) return Error("{}: descriptors come with at least one byte", name_);
+  max_fds = std::min(max_fds, kMaxPassedFds);
+  // Room for one more than allowed, so that too many shows as a count
+  // rather than only as MSG_CTRUNC.
+  std::vector<uint8_t> control(CMSG_SPACE(sizeof(int) * (max_fds + 1)));
+  iovec iov{bytes.data(), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  receive_calls_.fetch_add(1, std::memory_order_relaxed);
+  ssize_t n;
+  do {
+    n = recvmsg(fd_.get(), &msg, MSG_CMSG_CLOEXEC);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if ((errno == EAGAIN || errno == EWOULDBLOCK) && !shut_down_.load(std::memory_order_acquire)) {
+      return Status(EAGAIN, fmt::format("{}: nothing received within the I/O timeout", name_));
+    }
+    return IoError(errno, "receive with descriptors", 0, bytes.size());
+  }
+  if (n == 0) return IoError(0, "receive with descriptors", 0, bytes.size());
+  bytes_received_.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
+  // Owned from here, so that every return path closes them.
+  std::vector<sys::UniqueFd> fds;
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < count; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      fds.emplace_back(fd);
+    }
+  }
+  if ((msg.msg_flags & MSG_CTRUNC) != 0 || fds.size() > max_fds) {
+    return Error("{}: the peer passed more than {} descriptors", name_, max_fds);
+  }
+  if (static_cast<size_t>(n) < bytes.size()) {
+    RETURN_IF_ERROR(Receive(bytes.subspan(static_cast<size_t>(n))));
+  }
+  return fds;
+}
+
+Status SocketChannel::SetLowLatency(bool low_latency) {
+  if (is_unix_) return Status::Ok();  // no Nagle on a Unix socket
   return SetIntOption(fd_.get(), IPPROTO_TCP, TCP_NODELAY, low_latency ? 1 : 0, "TCP_NODELAY")
       .WithContext(name_);
 }
 
-ChannelStats TcpChannel::stats() const {
+ChannelStats SocketChannel::stats() const {
   return ChannelStats{
       bytes_sent_.load(std::memory_order_relaxed), bytes_received_.load(std::memory_order_relaxed),
       send_calls_.load(std::memory_order_relaxed), receive_calls_.load(std::memory_order_relaxed)};
 }
 
-Result<std::unique_ptr<TcpListener>> TcpListener::Listen(const Address& address,
-                                                         const TransportOptions& options) {
+namespace {
+
+// Before binding a Unix socket path: a socket file nobody listens on (its
+// process exited without removing it) is removed; anything else there is an
+// error that says what it is.
+Status ClearStaleSocket(const Address& address, const SocketAddress& sa) {
+  struct stat st {};
+  if (lstat(address.path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return Status::Ok();
+    return ErrnoError(errno, "listen on {}: stat", address.ToString());
+  }
+  if (!S_ISSOCK(st.st_mode)) {
+    return Error("listen on {}: the path exists and is not a socket; choose another path",
+                 address.ToString());
+  }
+  sys::UniqueFd probe(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!probe) return ErrnoError(errno, "socket for {}", address.ToString());
+  if (connect(probe.get(), sa.get(), sa.length) == 0) {
+    return Status(EADDRINUSE, fmt::format("listen on {}: another process listens on this socket; "
+                                          "choose another path",
+                                          address.ToString()));
+  }
+  if (errno != ECONNREFUSED) {
+    return ErrnoError(errno, "listen on {}: probing the existing socket", address.ToString());
+  }
+  if (unlink(address.path.c_str()) != 0 && errno != ENOENT) {
+    return ErrnoError(errno, "listen on {}: removing the stale socket", address.ToString());
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+SocketListener::~SocketListener() {
+  if (!bound_.is_unix() || socket_inode_ == 0) return;
+  // Only the file this listener made: another may have replaced it since.
+  struct stat st {};
+  if (lstat(bound_.path.c_str(), &st) == 0 && st.st_ino == socket_inode_) {
+    unlink(bound_.path.c_str());
+  }
+}
+
+Result<std::unique_ptr<SocketListener>> SocketListener::Listen(const Address& address,
+                                                               const TransportOptions& options) {
   ASSIGN_OR_RETURN(SocketAddress sa, ToSocketAddress(address));
   sys::UniqueFd fd(socket(sa.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd) return ErrnoError(errno, "socket for {}", address.ToString());
+  if (address.is_unix()) {
+    RETURN_IF_ERROR(ClearStaleSocket(address, sa));
+    // 0600 from the start (no window in which another user could connect).
+    const mode_t old_mask = umask(0177);
+    const int bound = bind(fd.get(), sa.get(), sa.length);
+    const int bind_errno = errno;
+    umask(old_mask);
+    if (bound != 0) return ErrnoError(bind_errno, "listen on {}: bind", address.ToString());
+    std::unique_ptr<SocketListener> listener(new SocketListener(std::move(fd), address, options));
+    struct stat st {};
+    if (lstat(address.path.c_str(), &st) == 0) listener->socket_inode_ = st.st_ino;
+    if (listen(listener->fd_.get(), 64) != 0) {
+      return ErrnoError(errno, "listen on {}", address.ToString());
+    }
+    return listener;
+  }
   RETURN_IF_ERROR(SetIntOption(fd.get(), SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR"));
   if (bind(fd.get(), sa.get(), sa.length) != 0) {
     return ErrnoError(errno, "listen on {}: bind", address.ToString());
@@ -260,10 +435,10 @@ Result<std::unique_ptr<TcpListener>> TcpListener::Listen(const Address& address,
   actual.port =
       ntohs(bound.ss_family == AF_INET ? reinterpret_cast<const sockaddr_in*>(&bound)->sin_port
                                        : reinterpret_cast<const sockaddr_in6*>(&bound)->sin6_port);
-  return std::unique_ptr<TcpListener>(new TcpListener(std::move(fd), std::move(actual), options));
+  return std::unique_ptr<SocketListener>(new SocketListener(std::move(fd), std::move(actual), options));
 }
 
-Result<std::unique_ptr<Channel>> TcpListener::Accept(std::chrono::milliseconds timeout) {
+Result<std::unique_ptr<Channel>> SocketListener::Accept(std::chrono::milliseconds timeout) {
   pollfd pfd{fd_.get(), POLLIN, 0};
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   while (true) {
@@ -282,13 +457,36 @@ Result<std::unique_ptr<Channel>> TcpListener::Accept(std::chrono::milliseconds t
       if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
       return ErrnoError(errno, "accept on {}", address());
     }
-    ASSIGN_OR_RETURN(auto channel, TcpChannel::Adopt(std::move(conn), options_));
+    ASSIGN_OR_RETURN(auto channel, SocketChannel::Adopt(std::move(conn), options_));
     return std::unique_ptr<Channel>(std::move(channel));
   }
 }
 
-Result<std::unique_ptr<Channel>> TcpConnector::Connect() {
+Result<std::unique_ptr<Channel>> SocketConnector::Connect() {
   ASSIGN_OR_RETURN(SocketAddress sa, ToSocketAddress(address_));
+  if (address_.is_unix()) {
+    // A Unix connect completes or fails at once.
+    sys::UniqueFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd) return ErrnoError(errno, "socket for {}", address_.ToString());
+    if (connect(fd.get(), sa.get(), sa.length) != 0) {
+      const int err = errno;
+      if (err == ECONNREFUSED) {
+        return ErrnoError(err,
+                          "connect to {}: nothing listens on this socket (a stale socket file "
+                          "left by a process that exited?); start the destination first "
+                          "(`faultline run --incoming {}`)",
+                          address_.ToString(), address_.ToString());
+      }
+      if (err == ENOENT) {
+        return ErrnoError(err, "connect to {}: no such socket; start the destination first "
+                               "(`faultline run --incoming {}`)",
+                          address_.ToString(), address_.ToString());
+      }
+      return ErrnoError(err, "connect to {}", address_.ToString());
+    }
+    ASSIGN_OR_RETURN(auto channel, SocketChannel::Adopt(std::move(fd), options_));
+    return std::unique_ptr<Channel>(std::move(channel));
+  }
   // Non-blocking connect, so that an unreachable peer costs connect_timeout
   // rather than the kernel's minutes of SYN retries; blocking afterwards.
   sys::UniqueFd fd(socket(sa.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
@@ -313,7 +511,7 @@ Result<std::unique_ptr<Channel>> TcpConnector::Connect() {
   if (flags < 0 || fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
     return ErrnoError(errno, "fcntl(O_NONBLOCK) on a connection to {}", address_.ToString());
   }
-  ASSIGN_OR_RETURN(auto channel, TcpChannel::Adopt(std::move(fd), options_));
+  ASSIGN_OR_RETURN(auto channel, SocketChannel::Adopt(std::move(fd), options_));
   return std::unique_ptr<Channel>(std::move(channel));
 }
 

@@ -1,4 +1,7 @@
-#include "src/migration/tcp_transport.h"
+#include "src/migration/socket_transport.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <numeric>
@@ -8,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "src/migration/test_util.h"
+#include "src/sys/memfd.h"
 
 namespace faultline::migration {
 namespace {
@@ -32,11 +36,21 @@ TEST(AddressTest, Parses) {
   EXPECT_EQ(a->host, "127.0.0.1");
 }
 
+TEST(AddressTest, ParsesUnix) {
+  auto a = ParseAddress("unix:/run/faultline/vm 1.sock");
+  ASSERT_TRUE(a.has_value()) << a.error().ToString();
+  EXPECT_TRUE(a->is_unix());
+  EXPECT_EQ(a->path, "/run/faultline/vm 1.sock");
+  EXPECT_EQ(a->ToString(), "unix:/run/faultline/vm 1.sock");
+}
+
 TEST(AddressTest, Errors) {
   auto error = [](std::string_view text) { return ParseAddress(text).error().message(); };
   EXPECT_THAT(error("127.0.0.1:4444"), HasSubstr("unknown scheme '127.0.0.1'"));
   EXPECT_THAT(error("tcp4444"), HasSubstr("no scheme; expected tcp:HOST:PORT"));
-  EXPECT_THAT(error("udp:127.0.0.1:1"), HasSubstr("unknown scheme 'udp' (only 'tcp'"));
+  EXPECT_THAT(error("udp:127.0.0.1:1"), HasSubstr("unknown scheme 'udp' (tcp or unix)"));
+  EXPECT_THAT(error("unix:"), HasSubstr("empty path"));
+  EXPECT_THAT(error("unix:" + std::string(108, 'a')), HasSubstr("at most 107"));
   EXPECT_THAT(error("tcp:127.0.0.1"), HasSubstr("no port"));
   EXPECT_THAT(error("tcp:127.0.0.1:"), HasSubstr("port '' is not a number"));
   EXPECT_EQ(error("tcp:127.0.0.1:70000"),
@@ -154,14 +168,14 @@ TEST(TcpTransportTest, IoTimeout) {
 TEST(TcpTransportTest, ConnectAndAcceptErrors) {
   uint16_t port;
   {
-    auto listener = TcpListener::Listen(Loopback(), {});
+    auto listener = SocketListener::Listen(Loopback(), {});
     ASSERT_TRUE(listener.has_value());
     port = (*listener)->port();
     auto none = (*listener)->Accept(std::chrono::milliseconds(20));
     EXPECT_EQ(none.error().code(), ETIMEDOUT);
     EXPECT_THAT(none.error().message(), HasSubstr("no connection within 20 ms"));
   }
-  TcpConnector connector(Address{"tcp", "127.0.0.1", port}, {});
+  SocketConnector connector(Address{"tcp", "127.0.0.1", port}, {});
   auto refused = connector.Connect();
   ASSERT_FALSE(refused.has_value());
   EXPECT_EQ(refused.error().code(), ECONNREFUSED);
@@ -171,7 +185,7 @@ TEST(TcpTransportTest, ConnectAndAcceptErrors) {
 }
 
 TEST(TcpTransportTest, Ipv6Loopback) {
-  auto listener = TcpListener::Listen(Address{"tcp", "::1", 0}, {});
+  auto listener = SocketListener::Listen(Address{"tcp", "::1", 0}, {});
   if (!listener) GTEST_SKIP() << "no IPv6 loopback: " << listener.error().ToString();
   auto address = ParseAddress((*listener)->address());
   ASSERT_TRUE(address.has_value()) << address.error().ToString();
@@ -187,6 +201,73 @@ TEST(TcpTransportTest, Ipv6Loopback) {
   ASSERT_TRUE((*server)->Receive(got).ok());
   EXPECT_EQ(got[1], 2);
   EXPECT_THAT((*server)->name(), HasSubstr("[::1]:"));
+}
+
+}  // namespace
+}  // namespace faultline::migration
+
+namespace faultline::migration {
+namespace {
+
+using ::testing::HasSubstr;
+
+struct UnixPair {
+  std::unique_ptr<SocketListener> listener;
+  std::unique_ptr<Channel> client, server;
+};
+
+UnixPair MakeUnixPair() {
+  UnixPair p;
+  Address a;
+  a.scheme = "unix";
+  a.path = fmt::format("{}transport_{}.sock", ::testing::TempDir(), getpid());
+  auto listener = SocketListener::Listen(a, {});
+  EXPECT_TRUE(listener.has_value()) << listener.error().ToString();
+  if (!listener) return p;
+  p.listener = std::move(*listener);
+  auto client = SocketConnector(a, {}).Connect();
+  EXPECT_TRUE(client.has_value()) << client.error().ToString();
+  auto server = p.listener->Accept(std::chrono::seconds(10));
+  EXPECT_TRUE(server.has_value()) << server.error().ToString();
+  if (client) p.client = std::move(*client);
+  if (server) p.server = std::move(*server);
+  return p;
+}
+
+TEST(UnixTransportTest, CarriesBytesAndDescriptors) {
+  UnixPair p = MakeUnixPair();
+  ASSERT_TRUE(p.client && p.server);
+  EXPECT_THAT(p.client->name(), HasSubstr("unix "));
+  EXPECT_TRUE(p.client->SetLowLatency(true).ok());  // nothing to do on a Unix socket
+  auto memfd = sys::CreateMemfd("t", 4096, 0);
+  ASSERT_TRUE(memfd.has_value());
+  const uint8_t hello[] = {1, 2, 3, 4, 5};
+  const int fds[] = {memfd->get(), memfd->get()};
+  ASSERT_TRUE(p.client->SendWithFds(hello, fds).ok());
+  uint8_t got[5] = {};
+  auto received = p.server->ReceiveWithFds(got, 4);
+  ASSERT_TRUE(received.has_value()) << received.error().ToString();
+  ASSERT_EQ(received->size(), 2u);
+  EXPECT_EQ(std::memcmp(got, hello, 5), 0);
+  struct stat a {}, b {};
+  ASSERT_EQ(fstat(memfd->get(), &a), 0);
+  ASSERT_EQ(fstat((*received)[1].get(), &b), 0);
+  EXPECT_EQ(a.st_ino, b.st_ino) << "the same file, passed";
+  // More descriptors than the receiver takes: an error, none kept.
+  ASSERT_TRUE(p.client->SendWithFds(hello, fds).ok());
+  received = p.server->ReceiveWithFds(got, 1);
+  ASSERT_FALSE(received.has_value());
+  EXPECT_THAT(received.error().ToString(), HasSubstr("more than 1 descriptors"));
+}
+
+TEST(UnixTransportTest, TcpChannelsPassNoDescriptors) {
+  auto pair = testing::MakeTcpPair();
+  ASSERT_TRUE(pair.client);
+  const uint8_t byte = 0;
+  const int fd = 0;
+  Status s = pair.client->SendWithFds({&byte, 1}, {&fd, 1});
+  EXPECT_EQ(s.code(), EOPNOTSUPP);
+  EXPECT_THAT(s.ToString(), HasSubstr("needs a unix: channel"));
 }
 
 }  // namespace

@@ -1,0 +1,90 @@
+// Stream-socket transports: one connection per channel, TCP between hosts
+// or Unix-domain on one host (which can also pass file descriptors: a local
+// update hands guest RAM to a new process, docs/protocol.md section 11).
+// Every socket call of the migration module lives in socket_transport.cc.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "src/migration/transport.h"
+#include "src/sys/unique_fd.h"
+
+namespace faultline::migration {
+
+class SocketChannel final : public Channel {
+ public:
+  // Takes a connected socket (TCP or Unix); applies the I/O timeouts and
+  // buffer sizes, and on TCP keepalive.
+  static Result<std::unique_ptr<SocketChannel>> Adopt(sys::UniqueFd fd,
+                                                   const TransportOptions& options);
+  ~SocketChannel() override;
+
+  Status SendGather(std::span<const ConstBuffer> parts) override;
+  Status ReceiveScatter(std::span<const MutableBuffer> parts) override;
+  void Shutdown() override;
+  Status SetLowLatency(bool low_latency) override;  // a no-op on Unix sockets
+  Status SendWithFds(ConstBuffer bytes, std::span<const int> fds) override;
+  Result<std::vector<sys::UniqueFd>> ReceiveWithFds(MutableBuffer bytes, size_t max_fds) override;
+  ChannelStats stats() const override;
+  std::string name() const override { return name_; }
+
+ private:
+  SocketChannel(sys::UniqueFd fd, std::string name, bool is_unix)
+      : fd_(std::move(fd)), name_(std::move(name)), is_unix_(is_unix) {}
+  Status IoError(int error, const char* what, uint64_t done, uint64_t total) const;
+
+  // Closed only by the destructor: Shutdown() from another thread must never
+  // act on a descriptor number that was closed and reused meanwhile.
+  const sys::UniqueFd fd_;
+  const std::string name_;
+  const bool is_unix_;
+  std::atomic<bool> shut_down_{false};
+  // Relaxed counters: statistics, not synchronisation.
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> bytes_received_{0};
+  std::atomic<uint64_t> send_calls_{0};
+  std::atomic<uint64_t> receive_calls_{0};
+};
+
+// Listens on a TCP address or a Unix socket path; each accepted connection
+// is a channel. A Unix socket file is created mode 0600 (only this user may
+// connect); a stale one, which nobody listens on any more, is replaced; one
+// that a live process listens on is refused. The file is removed when the
+// listener goes.
+class SocketListener final : public Acceptor {
+ public:
+  static Result<std::unique_ptr<SocketListener>> Listen(const Address& address,
+                                                        const TransportOptions& options);
+  ~SocketListener() override;
+
+  Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override;
+  // With the port actually bound (port 0 asks for any free one).
+  std::string address() const override { return bound_.ToString(); }
+  uint16_t port() const { return bound_.port; }
+
+ private:
+  SocketListener(sys::UniqueFd fd, Address bound, TransportOptions options)
+      : fd_(std::move(fd)), bound_(std::move(bound)), options_(options) {}
+
+  sys::UniqueFd fd_;
+  uint64_t socket_inode_ = 0;  // unix: the file this listener created
+  Address bound_;
+  TransportOptions options_;
+};
+
+// Opens a new connection to the same address for each channel.
+class SocketConnector final : public Connector {
+ public:
+  SocketConnector(Address address, TransportOptions options)
+      : address_(std::move(address)), options_(options) {}
+  Result<std::unique_ptr<Channel>> Connect() override;
+  std::string name() const override { return address_.ToString(); }
+
+ private:
+  Address address_;
+  TransportOptions options_;
+};
+
+}  // namespace faultline::migration
