@@ -93,7 +93,15 @@ Result<std::unique_ptr<Link>> LocalUpdateSource::Offer(Connector& connector, Loc
     if (memory == LocalMemory::kFds) fds.push_back(block->fd());
   }
   if (options_.withhold_fds) fds.clear();
-  RETURN_IF_ERROR(link->writer().SendWithFds(offer, fds).WithContext("sending the offer"));
+  Status sent = link->writer().SendWithFds(offer, fds);
+  if (!sent.ok()) {
+    if (sent.code() == EPIPE || sent.code() == ECONNRESET) {
+      return sent.WithContext(
+          "sending the offer: the peer closed the connection at once; is it a Faultline "
+          "destination (`faultline run --incoming unix:PATH`)?");
+    }
+    return sent.WithContext("sending the offer");
+  }
   fds_passed = static_cast<uint32_t>(fds.size());
   Result<LocalReady> ready =
       As<LocalReady>(ReadBy(link->reader(), Clock::now() + options_.ready_timeout,

@@ -172,10 +172,15 @@ TEST(LocalUpdateTest, RefusalsLeaveTheGuestRunning) {
     ASSERT_EQ(bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
     ASSERT_EQ(listen(s, 4), 0);
     std::thread foreign([s] {
+      // As a web server would: read the request, answer, wait for the end.
       int c = accept(s, nullptr, nullptr);
       if (c < 0) return;
+      char request[256];
+      (void)!read(c, request, sizeof(request));
       const char reply[] = "HTTP/1.0 400 Bad Request\r\n\r\n";
       (void)!write(c, reply, sizeof(reply) - 1);
+      while (read(c, request, sizeof(request)) > 0) {
+      }
       close(c);
     });
     ExpectRefused(control, path, "not a Faultline migration stream");

@@ -71,6 +71,11 @@ std::string HumanBytes(double bytes) {
 // Most telling first: a terminal line is cut to fit 80 columns (a wrapped
 // line cannot be rewritten in place), which costs the byte counts at most.
 std::string FormatProgress(const MigrationStatus& s) {
+  if (s.local && s.local_memory == "fds") {
+    return fmt::format("{:<10} local update: {} of RAM handed over by descriptor, not copied",
+                       vmm::MigrationPhaseName(s.phase),
+                       HumanBytes(static_cast<double>(s.bytes_total)));
+  }
   if (s.phase == MigrationPhase::kPostcopy) {
     return fmt::format("{:<10} {:5.1f}%  {} demanded, {} pushed  {}/s  {} of {} sent",
                        s.paused ? "postcopy PAUSED (link broken: migrate --resume)" : "postcopy",
