@@ -330,11 +330,7 @@ Status SourceMigrationControl::OfferCopy(migration::Connector* connector) {
 void SourceMigrationControl::FailEarly(const Status& why) {
   {
     std::lock_guard lock(mu_);
-    MigrationStatus s;
-    s.mode = request_.mode;
-    s.to = request_.to.ToString();
-    s.bytes_total = bytes_total_;
-    s.elapsed_ms = Millis(Clock::now() - started_);
+    MigrationStatus s = BaseStatus();
     s.phase = cancel_requested_ ? MigrationPhase::kCancelled : MigrationPhase::kFailed;
     s.error = why.ToString();
     AddLocal(s);
@@ -342,6 +338,15 @@ void SourceMigrationControl::FailEarly(const Status& why) {
     running_ = false;
   }
   if (options_.on_done) options_.on_done(migration::SourceOutcome::kFailedRunning);
+}
+
+MigrationStatus SourceMigrationControl::BaseStatus() const {
+  MigrationStatus s;
+  s.mode = request_.mode;
+  s.to = request_.to.ToString();
+  s.bytes_total = bytes_total_;
+  s.elapsed_ms = Millis(Clock::now() - started_);
+  return s;
 }
 
 void SourceMigrationControl::AddLocal(MigrationStatus& s) const {
@@ -357,11 +362,7 @@ void SourceMigrationControl::RunLocal(migration::Connector* connector) {
   const migration::SourceOutcome outcome = local_->outcome();
   {
     std::lock_guard lock(mu_);
-    MigrationStatus s;
-    s.mode = request_.mode;
-    s.to = request_.to.ToString();
-    s.bytes_total = bytes_total_;
-    s.elapsed_ms = Millis(Clock::now() - started_);
+    MigrationStatus s = BaseStatus();
     AddLocal(s);
     if (result.has_value()) {
       s.phase = MigrationPhase::kCompleted;
@@ -393,10 +394,7 @@ MigrationStatus SourceMigrationControl::Query() {
   if (!running_) return MigrationStatus();
   MigrationStatus s;
   if (local_fds_) {
-    s.mode = request_.mode;
-    s.to = request_.to.ToString();
-    s.bytes_total = bytes_total_;
-    s.elapsed_ms = Millis(Clock::now() - started_);
+    s = BaseStatus();
     s.phase = local_->phase() == migration::LocalUpdateSource::Phase::kPaused
                   ? MigrationPhase::kSwitchover
                   : MigrationPhase::kSetup;

@@ -85,6 +85,8 @@ class SourceMigrationControl final : public MigrationControl {
   Status OfferCopy(migration::Connector* connector);
   // Publishes a migration that ended before its engine ran.
   void FailEarly(const Status& why);
+  // A status with what every phase has: mode, target, size, time so far.
+  MigrationStatus BaseStatus() const;
   // The local-update fields of a status (request_.local).
   void AddLocal(MigrationStatus& s) const;
   MigrationStatus PostcopyStatus();

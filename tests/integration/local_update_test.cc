@@ -6,6 +6,7 @@
 // falls back to copying; and every refusal (a stale or foreign socket, a
 // wrong layout, a missing descriptor, a destination that dies before it
 // confirms) leaves the guest running at the source, where it verifies.
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -32,6 +33,16 @@ using namespace ::faultline::clitest;  // NOLINT: the test helpers
 std::string UnixPath() {
   static std::atomic<int> counter{0};
   return fmt::format("{}lu_{}_{}.sock", testing::TempDir(), getpid(), counter++);
+}
+
+// A Unix socket bound to `path` (a socket file), or -1.
+int BoundUnixSocket(const std::string& path) {
+  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::strncpy(a.sun_path, path.c_str(), sizeof(a.sun_path) - 1);
+  if (s < 0 || bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) return -1;
+  return s;
 }
 
 // `faultline run --incoming unix:PATH`, once it listens.
@@ -65,12 +76,12 @@ void ExpectVerifiedThere(Cli& source, Cli& dest, const std::string& path) {
 
 class LocalUpdateBackingTest : public ::testing::TestWithParam<std::string> {};
 
-// The acceptance run: a 2 GiB guest (256 MiB on the software CPU) writing
+// The acceptance run: a 2 GiB guest (128 MiB on the software CPU) writing
 // random pages moves into a new process with its RAM passed, not copied.
 TEST_P(LocalUpdateBackingTest, MovesWithoutCopyingAndVerifies) {
-  const std::string mem = itest::MemArg("2G", "256M");
+  const std::string mem = itest::MemArg("2G", "128M");
   std::optional<HugePages> huge;
-  if (GetParam() == "hugetlb") huge.emplace(itest::OnKvm() ? 1024 : 128);  // shared, not doubled
+  if (GetParam() == "hugetlb") huge.emplace(itest::OnKvm() ? 1024 : 64);  // shared, not doubled
   const std::string path = UnixPath();
   std::unique_ptr<Cli> dest = StartIncoming(path, mem, GetParam());
   ASSERT_TRUE(dest->Running()) << dest->Describe();
@@ -149,27 +160,21 @@ TEST(LocalUpdateTest, RefusalsLeaveTheGuestRunning) {
   // --test-withhold-fds: the offers go without descriptors, which only the
   // last destination, whose layout matches, gets to notice.
   std::unique_ptr<Cli> source =
-      StartSource(control, mem, "memfd", itest::OnKvm() ? 15 : 25, {"--test-withhold-fds"});
+      StartSource(control, mem, "memfd", 15, {"--test-withhold-fds"});
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
 
   {  // A stale socket: its process exited without removing it.
     const std::string path = UnixPath();
-    int s = socket(AF_UNIX, SOCK_STREAM, 0);
-    sockaddr_un a{};
-    a.sun_family = AF_UNIX;
-    std::strncpy(a.sun_path, path.c_str(), sizeof(a.sun_path) - 1);
-    ASSERT_EQ(bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    int s = BoundUnixSocket(path);
+    ASSERT_GE(s, 0);
     close(s);
     ExpectRefused(control, path, "nothing listens on this socket");
     unlink(path.c_str());
   }
   {  // A foreign socket: something that is not Faultline answers.
     const std::string path = UnixPath();
-    int s = socket(AF_UNIX, SOCK_STREAM, 0);
-    sockaddr_un a{};
-    a.sun_family = AF_UNIX;
-    std::strncpy(a.sun_path, path.c_str(), sizeof(a.sun_path) - 1);
-    ASSERT_EQ(bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    int s = BoundUnixSocket(path);
+    ASSERT_GE(s, 0);
     ASSERT_EQ(listen(s, 4), 0);
     std::thread foreign([s] {
       // As a web server would: read the request, answer, wait for the end.
@@ -204,7 +209,7 @@ TEST(LocalUpdateTest, RefusalsLeaveTheGuestRunning) {
   ExpectVerifiedHere(*source);
 }
 
-// The new process dies with the state loaded, before it confirms: the
+// The new process is killed with the state loaded, before it confirms: the
 // source resumes the guest, which goes on and verifies there.
 TEST(LocalUpdateTest, DestinationDiesBeforeConfirmingAndTheSourceResumes) {
   const std::string mem = itest::MemArg("512M", "128M");
@@ -217,7 +222,7 @@ TEST(LocalUpdateTest, DestinationDiesBeforeConfirmingAndTheSourceResumes) {
   Cli migrate({"migrate", "--control", control, "--to", "unix:" + path, "--local"});
   EXPECT_EQ(migrate.Wait(), 1) << migrate.Describe();
   EXPECT_THAT(migrate.err(), HasSubstr("the guest was resumed here")) << migrate.Describe();
-  EXPECT_EQ(dest->Wait(), 9) << dest->Describe();
+  EXPECT_EQ(dest->Wait(), 128 + SIGKILL) << dest->Describe();
   ExpectVerifiedHere(*source);
 }
 

@@ -17,7 +17,7 @@
 // passed by descriptor, and takes only the vCPU and device state; memory
 // that cannot be passed (anonymous) comes by an ordinary pre-copy or
 // post-copy migration over the same socket, as the source's offer says.
-#include <unistd.h>
+#include <signal.h>
 
 #include <chrono>
 #include <cstdio>
@@ -241,8 +241,8 @@ Status CheckOffer(migration::LocalUpdateDestination& local, const vmm::VmConfig&
   return Status::Ok();
 }
 
-// Test hook (--test-die-before-confirm): the process dies with the whole
-// state loaded, just before it would confirm, as a crash there would.
+// Test hook (--test-die-before-confirm): the process is killed (SIGKILL)
+// with the whole state loaded, just before it would confirm.
 class DieBeforeConfirm final : public migration::DestinationVm {
  public:
   explicit DieBeforeConfirm(std::unique_ptr<migration::DestinationVm> inner)
@@ -255,9 +255,10 @@ class DieBeforeConfirm final : public migration::DestinationVm {
   }
   Status LoadDevices(std::span<const migration::DeviceBlob> devices) override {
     RETURN_IF_ERROR(inner_->LoadDevices(devices));
-    fmt::print(stderr, "faultline run: test hook: dying before confirming the local update\n");
+    fmt::print(stderr, "faultline run: test hook: killed before confirming the local update\n");
     std::fflush(stderr);
-    _exit(9);
+    raise(SIGKILL);
+    return Error("unreachable: SIGKILL returned");
   }
 
  private:

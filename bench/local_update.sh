@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The pause of a local update (`faultline migrate --local`: the guest moves
+# to a new VMM process on this host, its memfd RAM passed by descriptor)
+# for 1, 2 and 4 GiB guests, against a loopback pre-copy and a post-copy
+# migration of the same guest, measured in the same run. Each guest has 2
+# vCPUs writing random pages at 64 MiB/s (after filling their memory) when
+# it moves; every destination runs the workload to the end and verifies
+# every page (a run whose guest does not verify is reported as such).
+# Goal: the local update's pause <= 5 ms, and not growing with memory.
+# Usage: bench/local_update.sh [path/to/faultline] [sizes...]
+#        (default build/release/tools/faultline, sizes 1G 2G 4G)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cli=${1:-build/release/tools/faultline}
+shift || true
+sizes=("$@")
+[ ${#sizes[@]} -gt 0 ] || sizes=(1G 2G 4G)
+dir=$(mktemp -d /tmp/faultline-local-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# Waits until `file` contains `text` (at most 120 s).
+await() {
+  local file=$1 text=$2
+  for _ in $(seq 1200); do
+    grep -q -- "$text" "$file" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for '$text' in $file" >&2
+  cat "$file" >&2
+  return 1
+}
+
+# Waits until both vCPUs finished their fill (query-status reports it).
+await_random() {
+  local control=$1
+  for _ in $(seq 1200); do
+    local n
+    n=$("$cli" query --control "$control" query-status 2>/dev/null | grep -o '"phase":"fill"' |
+        wc -l || true)
+    [ "$n" -ge 2 ] && return 0
+    sleep 0.1
+  done
+  echo "the guest never finished its fill" >&2
+  return 1
+}
+
+# One move of a `mem` guest: kind local, precopy or postcopy. Prints the
+# pause in microseconds and whether the destination's guest verified.
+move() {
+  local mem=$1 kind=$2
+  local control=$dir/control.sock dest_err=$dir/dest.err dest_out=$dir/dest.out
+  rm -f "$control"
+  local to dest_args=()
+  case $kind in
+    local) to=unix:$dir/update.sock; dest_args=(--incoming "$to") ;;
+    precopy) dest_args=(--incoming tcp:127.0.0.1:0) ;;
+    postcopy) dest_args=(--incoming tcp:127.0.0.1:0 --postcopy) ;;
+  esac
+  "$cli" run "${dest_args[@]}" --mem "$mem" --vcpus 2 --backing memfd --json --quiet \
+    --timeout 300 >"$dest_out" 2>"$dest_err" &
+  local dest=$!
+  pids+=("$dest")
+  await "$dest_err" "waiting for a"
+  if [ "$kind" != local ]; then
+    to=$(grep -o 'tcp:127.0.0.1:[0-9]*' "$dest_err" | head -1)
+  fi
+  "$cli" run --control "$control" --mem "$mem" --vcpus 2 --backing memfd \
+    --workload random,rate=64 --duration 10 --json --quiet --timeout 300 \
+    >"$dir/src.out" 2>"$dir/src.err" &
+  local src=$!
+  pids+=("$src")
+  await_random "$control"
+  local args=(--control "$control" --to "$to" --json)
+  [ "$kind" = local ] && args+=(--local)
+  [ "$kind" = postcopy ] && args+=(--mode postcopy)
+  local m
+  m=$("$cli" migrate "${args[@]}")
+  wait "$src" || true
+  local verified=no
+  if wait "$dest" && grep -q '"success":true' "$dest_out" && grep -q '"bad_pages":0' "$dest_out"; then
+    verified=yes
+  fi
+  local us ms
+  us=$(grep -o '"downtime_us":[0-9]*' <<<"$m" | head -1 | cut -d: -f2 || true)
+  ms=$(grep -o '"downtime_ms":[0-9]*' <<<"$m" | head -1 | cut -d: -f2 || true)
+  [ -n "$us" ] || us=$((ms * 1000))
+  awk -v mem="$mem" -v kind="$kind" -v us="$us" -v ok="$verified" \
+    'BEGIN { printf "%-5s %-9s pause %8.2f ms  verified %s\n", mem, kind, us / 1000, ok }' 
+}
+
+echo "# pause: local update (downtime_us) vs loopback pre-copy and post-copy (downtime_ms)"
+for mem in "${sizes[@]}"; do
+  for kind in local precopy postcopy; do
+    move "$mem" "$kind"
+  done
+done
