@@ -32,6 +32,10 @@ uint64_t Millis(Clock::duration d) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
 }
 
+uint64_t Micros(Clock::duration d) {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(d).count());
+}
+
 uint64_t PerSecond(uint64_t bytes, Clock::duration d) {
   double seconds = std::chrono::duration<double>(d).count();
   return seconds > 0 ? static_cast<uint64_t>(static_cast<double>(bytes) / seconds) : 0;
@@ -191,6 +195,7 @@ void SourceMigrationControl::RunPostcopy(migration::Connector* connector) {
       s.eta_ms = 0;
       s.paused = false;
       s.downtime_ms = Millis(result->switchover_send);
+      s.downtime_us = Micros(result->switchover_send);
       s.bandwidth_bytes_per_sec = PerSecond(s.bytes_sent, result->total);
     } else if (phase == PostcopyPhase::kPaused) {
       // Stopped while paused: the destination runs the guest, which waits for
@@ -305,6 +310,7 @@ void SourceMigrationControl::RunMigration(migration::Connector* connector) {
       s.bytes_remaining = 0;
       s.eta_ms = 0;
       s.downtime_ms = Millis(result->downtime);
+      s.downtime_us = Micros(result->downtime);
       // Over the whole migration, for a meaningful final figure.
       s.bandwidth_bytes_per_sec = PerSecond(s.bytes_sent, result->total);
     } else {
