@@ -70,8 +70,7 @@ void LocalUpdateSource::Cancel() {
 }
 
 Result<std::unique_ptr<Link>> LocalUpdateSource::Offer(Connector& connector, LocalMemory memory,
-                                                       SwitchoverMode mode,
-                                                       uint32_t& fds_passed) {
+                                                       SwitchoverMode mode, uint32_t& fds_passed) {
   phase_.store(Phase::kSetup, std::memory_order_release);
   outcome_.store(SourceOutcome::kFailedRunning, std::memory_order_release);
   ASSIGN_OR_RETURN(std::unique_ptr<Channel> channel, connector.Connect());
@@ -128,10 +127,10 @@ Status LocalUpdateSource::OfferCopy(Connector& connector, SwitchoverMode mode) {
 Result<LocalUpdateStats> LocalUpdateSource::Run(Connector& connector) {
   const Clock::time_point start = Clock::now();
   LocalUpdateStats stats;
-  Result<std::unique_ptr<Link>> link = Offer(connector, LocalMemory::kFds,
-                                             SwitchoverMode::kStopAndCopy, stats.fds_passed);
-  Result<LocalUpdateStats> result = link.has_value() ? Result<LocalUpdateStats>(stats)
-                                                     : Result<LocalUpdateStats>(link.error());
+  Result<std::unique_ptr<Link>> link =
+      Offer(connector, LocalMemory::kFds, SwitchoverMode::kStopAndCopy, stats.fds_passed);
+  Result<LocalUpdateStats> result =
+      link.has_value() ? Result<LocalUpdateStats>(stats) : Result<LocalUpdateStats>(link.error());
   if (link.has_value()) {
     stats.setup = Micros(Clock::now() - start);
     result = Handover(**link);
@@ -255,9 +254,9 @@ Status LocalUpdateDestination::ReceiveState(DestinationVm& vm) {
     if (auto* e = std::get_if<ErrorMessage>(&*m)) return PeerError(*e);
     if (auto* v = std::get_if<VcpuStateMessage>(&*m)) {
       if (v->index >= vcpus.size() || seen[v->index]) {
-        return Refuse(Error("state for vCPU {} (of {}) twice or out of range", v->index,
-                            vcpus.size()),
-                      ErrorCode::kProtocol);
+        return Refuse(
+            Error("state for vCPU {} (of {}) twice or out of range", v->index, vcpus.size()),
+            ErrorCode::kProtocol);
       }
       seen[v->index] = true;
       vcpus[v->index] = std::move(v->state);
@@ -281,8 +280,7 @@ Status LocalUpdateDestination::ReceiveState(DestinationVm& vm) {
       // learns of it even if this process dies at once (see the top).
       return link_->writer().Send(CompleteAck{0, 0, 0}).WithContext("confirming");
     } else {
-      return Refuse(Error("unexpected {} in a local update's state",
-                          MessageTypeName(TypeOf(*m))),
+      return Refuse(Error("unexpected {} in a local update's state", MessageTypeName(TypeOf(*m))),
                     ErrorCode::kProtocol);
     }
   }
@@ -290,8 +288,8 @@ Status LocalUpdateDestination::ReceiveState(DestinationVm& vm) {
 
 Status CheckLocalOffer(const LocalOffer& offer, size_t fds, std::span<const BlockInfo> local,
                        uint32_t vcpus, HelloAccel accel) {
-  RETURN_IF_ERROR(CheckBlocksMatch(offer.blocks, local).WithContext(
-      "start the destination with the source's --mem and --backing"));
+  RETURN_IF_ERROR(CheckBlocksMatch(offer.blocks, local)
+                      .WithContext("start the destination with the source's --mem and --backing"));
   if (offer.memory == LocalMemory::kFds) {
     for (size_t i = 0; i < local.size(); ++i) {
       const BlockInfo& s = offer.blocks[i];

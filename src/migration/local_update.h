@@ -60,9 +60,9 @@ struct LocalUpdateOptions {
 struct LocalUpdateStats {
   LocalMemory memory = LocalMemory::kFds;
   uint32_t fds_passed = 0;
-  uint64_t bytes_sent = 0;      // on the socket: the offer and the state
-  uint64_t bytes_received = 0;  // on the socket
-  uint64_t pages_copied = 0;    // guest pages copied: 0 when passed
+  uint64_t bytes_sent = 0;             // on the socket: the offer and the state
+  uint64_t bytes_received = 0;         // on the socket
+  uint64_t pages_copied = 0;           // guest pages copied: 0 when passed
   std::chrono::microseconds setup{0};  // connect to LocalReady; the guest runs
   std::chrono::microseconds pause{0};  // the guest stopped: pause to CompleteAck
   std::chrono::microseconds total{0};
@@ -91,8 +91,8 @@ class LocalUpdateSource {
   SourceOutcome outcome() const { return outcome_.load(std::memory_order_acquire); }
 
  private:
-  Result<std::unique_ptr<Link>> Offer(Connector& connector, LocalMemory memory,
-                                      SwitchoverMode mode, uint32_t& fds_passed);
+  Result<std::unique_ptr<Link>> Offer(Connector& connector, LocalMemory memory, SwitchoverMode mode,
+                                      uint32_t& fds_passed);
   Result<LocalUpdateStats> Handover(Link& link);
 
   SourceVm& vm_;
@@ -111,8 +111,8 @@ class LocalUpdateSource {
 class LocalUpdateDestination {
  public:
   // Accepts one connection and reads its LocalOffer with its descriptors.
-  static Result<std::unique_ptr<LocalUpdateDestination>> Accept(
-      Acceptor& acceptor, std::chrono::milliseconds timeout);
+  static Result<std::unique_ptr<LocalUpdateDestination>> Accept(Acceptor& acceptor,
+                                                                std::chrono::milliseconds timeout);
 
   const LocalOffer& offer() const { return offer_; }
   // The descriptors that came with the offer, in block order.

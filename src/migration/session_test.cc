@@ -31,7 +31,7 @@ Endpoints MakeEndpoints() {
   auto listener = SocketListener::Listen(testing::Loopback(), {});
   EXPECT_TRUE(listener.has_value());
   e.connector = std::make_unique<SocketConnector>(Address{"tcp", "127.0.0.1", (*listener)->port()},
-                                               TransportOptions{});
+                                                  TransportOptions{});
   e.listener = std::move(*listener);
   return e;
 }

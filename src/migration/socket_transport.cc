@@ -160,7 +160,7 @@ class IovCursor {
 }  // namespace
 
 Result<std::unique_ptr<SocketChannel>> SocketChannel::Adopt(sys::UniqueFd fd,
-                                                      const TransportOptions& options) {
+                                                            const TransportOptions& options) {
   const int s = fd.get();
   sockaddr_storage local{};
   socklen_t local_len = sizeof(local);
@@ -435,7 +435,8 @@ Result<std::unique_ptr<SocketListener>> SocketListener::Listen(const Address& ad
   actual.port =
       ntohs(bound.ss_family == AF_INET ? reinterpret_cast<const sockaddr_in*>(&bound)->sin_port
                                        : reinterpret_cast<const sockaddr_in6*>(&bound)->sin6_port);
-  return std::unique_ptr<SocketListener>(new SocketListener(std::move(fd), std::move(actual), options));
+  return std::unique_ptr<SocketListener>(
+      new SocketListener(std::move(fd), std::move(actual), options));
 }
 
 Result<std::unique_ptr<Channel>> SocketListener::Accept(std::chrono::milliseconds timeout) {
@@ -478,8 +479,9 @@ Result<std::unique_ptr<Channel>> SocketConnector::Connect() {
                           address_.ToString(), address_.ToString());
       }
       if (err == ENOENT) {
-        return ErrnoError(err, "connect to {}: no such socket; start the destination first "
-                               "(`faultline run --incoming {}`)",
+        return ErrnoError(err,
+                          "connect to {}: no such socket; start the destination first "
+                          "(`faultline run --incoming {}`)",
                           address_.ToString(), address_.ToString());
       }
       return ErrnoError(err, "connect to {}", address_.ToString());

@@ -18,7 +18,7 @@ class SocketChannel final : public Channel {
   // Takes a connected socket (TCP or Unix); applies the I/O timeouts and
   // buffer sizes, and on TCP keepalive.
   static Result<std::unique_ptr<SocketChannel>> Adopt(sys::UniqueFd fd,
-                                                   const TransportOptions& options);
+                                                      const TransportOptions& options);
   ~SocketChannel() override;
 
   Status SendGather(std::span<const ConstBuffer> parts) override;

@@ -249,7 +249,8 @@ TEST(UnixTransportTest, CarriesBytesAndDescriptors) {
   ASSERT_TRUE(received.has_value()) << received.error().ToString();
   ASSERT_EQ(received->size(), 2u);
   EXPECT_EQ(std::memcmp(got, hello, 5), 0);
-  struct stat a {}, b {};
+  struct stat a {
+  }, b{};
   ASSERT_EQ(fstat(memfd->get(), &a), 0);
   ASSERT_EQ(fstat((*received)[1].get(), &b), 0);
   EXPECT_EQ(a.st_ino, b.st_ino) << "the same file, passed";

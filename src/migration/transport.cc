@@ -92,7 +92,8 @@ Result<std::unique_ptr<Connector>> MakeConnector(const Address& address,
   if (address.scheme != "tcp" && !address.is_unix()) {
     return Error("unknown transport '{}'", address.scheme);
   }
-  if (!address.is_unix() && address.port == 0) return Error("{}: cannot connect to port 0", address.ToString());
+  if (!address.is_unix() && address.port == 0)
+    return Error("{}: cannot connect to port 0", address.ToString());
   return std::unique_ptr<Connector>(std::make_unique<SocketConnector>(address, options));
 }
 

@@ -111,9 +111,9 @@ inline constexpr size_t kMaxUnixPath = 107;
 // A parsed migration address: "tcp" or "unix" (a Unix-domain stream socket
 // on this host, for local updates: docs/protocol.md section 11).
 struct Address {
-  std::string scheme;  // "tcp" or "unix"
-  std::string host;    // tcp: a numeric IPv4 or IPv6 address (no brackets)
-  uint16_t port = 0;   // tcp: 0 (listening only) asks for any free port
+  std::string scheme;     // "tcp" or "unix"
+  std::string host;       // tcp: a numeric IPv4 or IPv6 address (no brackets)
+  uint16_t port = 0;      // tcp: 0 (listening only) asks for any free port
   std::string path = {};  // unix: the socket's file name
 
   // "tcp:127.0.0.1:4444", "tcp:[::1]:4444", "unix:/run/vm.sock".

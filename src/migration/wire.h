@@ -341,11 +341,10 @@ struct LocalReady {
   friend bool operator==(const LocalReady&, const LocalReady&) = default;
 };
 
-using Message =
-    std::variant<Hello, HelloAck, Auth, ChannelHello, ChannelAck, PagesHeader, ZeroPages, PassEnd,
-                 ChannelEnd, Switchover, VcpuStateMessage, DeviceState, Complete, CompleteAck,
-                 ErrorMessage, PageRequest, PresentBitmap, DirtyPages, Resume, LocalOffer,
-                 LocalReady>;
+using Message = std::variant<Hello, HelloAck, Auth, ChannelHello, ChannelAck, PagesHeader,
+                             ZeroPages, PassEnd, ChannelEnd, Switchover, VcpuStateMessage,
+                             DeviceState, Complete, CompleteAck, ErrorMessage, PageRequest,
+                             PresentBitmap, DirtyPages, Resume, LocalOffer, LocalReady>;
 
 MessageType TypeOf(const Message& message);
 

@@ -91,9 +91,10 @@ Result<BlockInfo> ReadBlock(const char* what, ByteReader& r, size_t i) {
 Status CheckAccelFlags(const char* what, uint32_t flags) {
   if ((flags & ~kHelloAccelMask) != 0 ||
       (flags & kHelloAccelMask) > static_cast<uint32_t>(HelloAccel::kTcg)) {
-    return Error("{}: flags {:#x}; version 1 defines only an accelerator (1 kvm, 2 tcg) in bits "
-                 "0..7",
-                 what, flags);
+    return Error(
+        "{}: flags {:#x}; version 1 defines only an accelerator (1 kvm, 2 tcg) in bits "
+        "0..7",
+        what, flags);
   }
   return Status::Ok();
 }

@@ -45,7 +45,8 @@ TEST(ControlTypesTest, MigrationTargets) {
 }
 
 TEST(ControlTypesTest, LocalUpdateRequestAndStatus) {
-  Result<MigrateRequest> r = ParseMigrateRequest(json{{"to", "unix:/run/vm.sock"}, {"local", true}});
+  Result<MigrateRequest> r =
+      ParseMigrateRequest(json{{"to", "unix:/run/vm.sock"}, {"local", true}});
   ASSERT_TRUE(r.has_value()) << r.error().ToString();
   EXPECT_TRUE(r->local);
   EXPECT_EQ(json(*r)["local"], true);

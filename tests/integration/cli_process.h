@@ -165,12 +165,23 @@ inline std::unique_ptr<Cli> StartSource(const std::string& control, const std::s
   // On the software CPU the two vCPUs' fills can end seconds apart: random
   // writes long enough that both are writing at once (AwaitRandomWrites).
   if (!itest::OnKvm()) seconds = std::max(seconds, 6);
-  std::vector<std::string> args = {"run",      "--control",  control,
-                                   "--mem",    mem,          "--vcpus",
-                                   "2",        "--backing",  backing,
-                                   "--workload", "random,rate=64", "--duration",
-                                   std::to_string(seconds), "--json", "--quiet",
-                                   "--timeout", "120"};
+  std::vector<std::string> args = {"run",
+                                   "--control",
+                                   control,
+                                   "--mem",
+                                   mem,
+                                   "--vcpus",
+                                   "2",
+                                   "--backing",
+                                   backing,
+                                   "--workload",
+                                   "random,rate=64",
+                                   "--duration",
+                                   std::to_string(seconds),
+                                   "--json",
+                                   "--quiet",
+                                   "--timeout",
+                                   "120"};
   args.insert(args.end(), extra.begin(), extra.end());
   return std::make_unique<Cli>(args);
 }

@@ -49,8 +49,8 @@ int BoundUnixSocket(const std::string& path) {
 std::unique_ptr<Cli> StartIncoming(const std::string& path, const std::string& mem,
                                    const std::string& backing,
                                    std::vector<std::string> extra = {}) {
-  std::vector<std::string> args = {"run",   "--incoming", "unix:" + path, "--mem", mem,
-                                   "--vcpus", "2",        "--backing",    backing, "--json",
+  std::vector<std::string> args = {"run",       "--incoming", "unix:" + path, "--mem", mem,
+                                   "--vcpus",   "2",          "--backing",    backing, "--json",
                                    "--timeout", "120"};
   args.insert(args.end(), extra.begin(), extra.end());
   auto cli = std::make_unique<Cli>(args);
@@ -159,8 +159,7 @@ TEST(LocalUpdateTest, RefusalsLeaveTheGuestRunning) {
   const std::string control = ControlPath();
   // --test-withhold-fds: the offers go without descriptors, which only the
   // last destination, whose layout matches, gets to notice.
-  std::unique_ptr<Cli> source =
-      StartSource(control, mem, "memfd", 15, {"--test-withhold-fds"});
+  std::unique_ptr<Cli> source = StartSource(control, mem, "memfd", 15, {"--test-withhold-fds"});
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
 
   {  // A stale socket: its process exited without removing it.

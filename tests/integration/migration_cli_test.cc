@@ -38,7 +38,6 @@
 #include "tests/integration/huge_pages.h"
 #include "tests/integration/test_accel.h"
 
-
 namespace faultline {
 namespace {
 

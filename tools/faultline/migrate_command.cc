@@ -236,8 +236,8 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
   }
   if (s.phase == MigrationPhase::kCompleted) {
     if (!o.json && s.local && s.local_memory == "fds") {
-      const double pause_ms = s.downtime_us ? *s.downtime_us / 1000.0
-                                            : static_cast<double>(s.downtime_ms.value_or(0));
+      const double pause_ms =
+          s.downtime_us ? *s.downtime_us / 1000.0 : static_cast<double>(s.downtime_ms.value_or(0));
       fmt::print(
           "local update to {} completed in {:.1f} ms: the guest's {} of RAM passed as {} "
           "descriptor(s), {} pages copied, {} of state sent; paused {:.2f} ms\n",
@@ -315,8 +315,9 @@ int Migrate(const MigrateOptions& o) {
     request.postcopy_on_command = o.postcopy_on_command;
     request.local = o.local;
     if (o.local && !request.to.is_unix()) {
-      return Fail(Error("--local moves the guest to another process on this host: give --to "
-                        "unix:PATH (the socket of `faultline run --incoming unix:PATH`)"));
+      return Fail(
+          Error("--local moves the guest to another process on this host: give --to "
+                "unix:PATH (the socket of `faultline run --incoming unix:PATH`)"));
     }
     if (o.local && o.resume) return Fail(Error("--local goes with --to, not --resume"));
     // The VMM checks the ranges again; it has the last word.

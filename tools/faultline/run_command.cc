@@ -17,8 +17,6 @@
 // passed by descriptor, and takes only the vCPU and device state; memory
 // that cannot be passed (anonymous) comes by an ordinary pre-copy or
 // post-copy migration over the same socket, as the source's offer says.
-#include <signal.h>
-
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -27,18 +25,17 @@
 #include <fmt/format.h>
 
 #include "src/migration/destination.h"
-#include "src/migration/local_update.h"
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_vm.h"
 #include "src/migration/socket_transport.h"
 #include "src/migration/vm_adapter.h"
-#include "src/migration/wire.h"
 #include "src/sys/mapping.h"
 #include "src/vmm/control_migration.h"
 #include "src/vmm/control_server.h"
 #include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
+#include "tools/faultline/incoming_local.h"
 #include "tools/faultline/incoming_status.h"
 #include "tools/faultline/live_vm.h"
 
@@ -63,7 +60,7 @@ struct RunOptions {
   std::string installer;  // with --postcopy: override the default per backing
   int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both roles
   uint64_t test_cut_after = 0;  // test hook: break the first migration link after N bytes
-  bool test_withhold_fds = false;  // test hook: a local update's offer without descriptors
+  bool test_withhold_fds = false;        // test hook: a local update's offer without descriptors
   bool test_die_before_confirm = false;  // test hook: an incoming local update's process dies
 };
 
@@ -212,91 +209,6 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   return stats;
 }
 
-int FailLocal(const Status& status) {
-  return Fail(Error(
-      "incoming local update refused: {}. The guest was not started here; the source keeps "
-      "running it",
-      status.ToString()));
-}
-
-// The source's offer against this destination's command line: the block
-// layout, vCPUs and (with passed memory) the backing and descriptors.
-Status CheckOffer(migration::LocalUpdateDestination& local, const vmm::VmConfig& config,
-                  const RunOptions& o) {
-  const migration::LocalOffer& offer = local.offer();
-  migration::BlockInfo ram;
-  ram.name = vmm::kRamBlockName;
-  ram.size = config.mem_size;
-  ram.backing = config.backing;
-  ram.page_size = config.backing == Backing::kHugetlb ? kHugePageSize : kPageSize;
-  const migration::BlockInfo local_blocks[] = {ram};
-  RETURN_IF_ERROR(migration::CheckLocalOffer(offer, local.fds().size(), local_blocks, config.vcpus,
-                                             migration::HelloAccel::kUnspecified));
-  if (offer.memory == migration::LocalMemory::kCopy && o.postcopy &&
-      offer.mode != migration::SwitchoverMode::kPostcopy) {
-    return Error(
-        "this destination was started with --postcopy, and the source offers a pre-copy "
-        "migration");
-  }
-  return Status::Ok();
-}
-
-// Test hook (--test-die-before-confirm): the process is killed (SIGKILL)
-// with the whole state loaded, just before it would confirm.
-class DieBeforeConfirm final : public migration::DestinationVm {
- public:
-  explicit DieBeforeConfirm(std::unique_ptr<migration::DestinationVm> inner)
-      : inner_(std::move(inner)) {}
-  std::vector<std::shared_ptr<RamBlock>> blocks() override { return inner_->blocks(); }
-  bool memory_is_zero() const override { return inner_->memory_is_zero(); }
-  uint32_t vcpu_count() const override { return inner_->vcpu_count(); }
-  Status LoadVcpus(std::span<const std::vector<uint8_t>> states) override {
-    return inner_->LoadVcpus(states);
-  }
-  Status LoadDevices(std::span<const migration::DeviceBlob> devices) override {
-    RETURN_IF_ERROR(inner_->LoadDevices(devices));
-    fmt::print(stderr, "faultline run: test hook: killed before confirming the local update\n");
-    std::fflush(stderr);
-    raise(SIGKILL);
-    return Error("unreachable: SIGKILL returned");
-  }
-
- private:
-  std::unique_ptr<migration::DestinationVm> inner_;
-};
-
-// A local update with passed memory, once `vm` maps it: accept, take the
-// vCPU and device state, confirm. The caller starts the guest.
-Status ReceiveLocal(migration::LocalUpdateDestination& local, vmm::Vm& vm,
-                    IncomingMigration& status, nlohmann::json& out, const RunOptions& o) {
-  const bool quiet = o.quiet;
-  const auto begin = Clock::now();
-  status.SetPhase(vmm::MigrationPhase::kSwitchover);
-  RETURN_IF_ERROR(local.Ready());
-  std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(vm);
-  if (o.test_die_before_confirm) target = std::make_unique<DieBeforeConfirm>(std::move(target));
-  Status received = local.ReceiveState(*target);
-  status.Finish(received.ok() ? vmm::MigrationPhase::kCompleted : vmm::MigrationPhase::kFailed,
-                received.ok() ? "" : received.ToString());
-  RETURN_IF_ERROR(received);
-  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - begin).count();
-  out = {{"mode", "local"},
-         {"memory", "fds"},
-         {"fds", local.offer().blocks.size()},
-         {"pages_copied", 0},
-         {"bytes_received", local.bytes_received()},
-         {"ms", ms}};
-  if (!quiet) {
-    fmt::print(stderr,
-               "faultline run: local update from {}: the guest's {} MiB of RAM taken over from "
-               "the source process ({} descriptor(s), nothing copied), {} bytes of state; "
-               "running it\n",
-               local.peer(), vm.config().mem_size >> 20, local.offer().blocks.size(),
-               local.bytes_received());
-  }
-  return Status::Ok();
-}
-
 // The control socket of a VM waiting for (then receiving) a migration:
 // query-status and query-migrate, the latter from `incoming`.
 Result<std::unique_ptr<vmm::ControlServer>> ServeIncoming(
@@ -381,34 +293,19 @@ int Run(const RunOptions& o) {
     // comes (passed, or copied by the migration that follows).
     std::unique_ptr<migration::LocalUpdateDestination> local;
     bool postcopy = o.postcopy;
+    const LocalIncomingOptions local_options{AcceptTimeout(o), o.quiet, o.test_die_before_confirm};
     if (address->is_unix()) {
-      fmt::print(stderr, "faultline run: waiting for a local update or migration on {}\n",
-                 bound.ToString());
-      std::fflush(stderr);
       Result<std::unique_ptr<migration::LocalUpdateDestination>> accepted =
-          migration::LocalUpdateDestination::Accept(**listener, AcceptTimeout(o));
-      if (!accepted.has_value()) return Fail(accepted.error().WithContext("--incoming"));
+          AcceptLocalOffer(**listener, local_options, config, postcopy);
+      if (!accepted.has_value()) return Fail(accepted.error());
       local = std::move(*accepted);
-      Status checked = CheckOffer(*local, config, o);
-      if (!checked.ok()) return FailLocal(local->Refuse(checked, migration::ErrorCode::kBlockMismatch));
-      if (local->offer().memory == migration::LocalMemory::kFds) {
-        config.ram_fd = local->fds()[0].get();
-      } else {
-        postcopy = local->offer().mode == migration::SwitchoverMode::kPostcopy;
-      }
     }
     vm = vmm::Vm::Create(config);
-    if (local) local->fds().clear();  // the VM holds its own duplicate
-    if (!vm.has_value()) {
-      if (local) return FailLocal(local->Refuse(vm.error(), migration::ErrorCode::kResource));
-      return Fail(vm.error());
-    }
     if (local) {
-      const migration::HelloAccel accel = (*vm)->accel() == hv::Accel::kKvm
-                                              ? migration::HelloAccel::kKvm
-                                              : migration::HelloAccel::kTcg;
-      Status checked = migration::CheckLocalAccel(local->offer(), accel);
-      if (!checked.ok()) return FailLocal(local->Refuse(checked, migration::ErrorCode::kFeatures));
+      Status checked = CheckLocalVm(*local, vm);
+      if (!checked.ok()) return Fail(checked);
+    } else if (!vm.has_value()) {
+      return Fail(vm.error());
     }
     incoming_status = std::make_shared<IncomingMigration>(
         postcopy ? vmm::MigrationMode::kPostcopy : vmm::MigrationMode::kPrecopy, config.mem_size);
@@ -423,12 +320,12 @@ int Run(const RunOptions& o) {
       early_server = std::move(*server);
     }
     if (local && local->offer().memory == migration::LocalMemory::kFds) {
-      Status received = ReceiveLocal(*local, **vm, *incoming_status, incoming_json, o);
-      if (!received.ok()) return FailLocal(received);
+      Status received = ReceiveLocal(*local, **vm, local_options, *incoming_status, incoming_json);
+      if (!received.ok()) return Fail(received);
       start = Clock::now();  // the guest's time here starts now
     } else {
       if (local) {
-        if (Status ready = local->Ready(); !ready.ok()) return FailLocal(ready);
+        if (Status ready = local->Ready(); !ready.ok()) return Fail(LocalRefused(ready));
         if (!o.quiet) {
           fmt::print(stderr,
                      "faultline run: the source's guest RAM cannot be passed (anonymous "
@@ -443,8 +340,8 @@ int Run(const RunOptions& o) {
         }
       }
       if (postcopy) {
-        Result<migration::PostcopyDestinationStats> stats = ReceivePostcopy(
-            **vm, **listener, o, postcopy_target, *incoming_status, incoming_json);
+        Result<migration::PostcopyDestinationStats> stats =
+            ReceivePostcopy(**vm, **listener, o, postcopy_target, *incoming_status, incoming_json);
         if (!stats.has_value()) return Fail(stats.error());
         started = true;  // by the engine, at the switchover
         start = stats->vm_started_at;
@@ -468,9 +365,9 @@ int Run(const RunOptions& o) {
     link_fault.emplace();
     link_fault->cut_after_bytes_sent = o.test_cut_after;
   }
-  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(
-      **vm, o.control, link_fault, std::move(early_server), incoming_status, o.realtime_priority,
-      o.test_withhold_fds);
+  Result<std::unique_ptr<LiveVm>> live =
+      LiveVm::Create(**vm, o.control, link_fault, std::move(early_server), incoming_status,
+                     o.realtime_priority, o.test_withhold_fds);
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
@@ -530,9 +427,9 @@ int Run(const RunOptions& o) {
     fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing, {}{})\n", elapsed_ms,
                config.mem_size >> 20, config.vcpus, BackingName(config.backing),
                hv::AccelName((*vm)->accel()),
-               o.incoming.empty()                 ? ""
+               o.incoming.empty()                           ? ""
                : incoming_json.value("mode", "") == "local" ? ", taken over by a local update"
-                                                             : ", received by migration");
+                                                            : ", received by migration");
   }
   if (report->success()) return 0;
   for (size_t i = 0; i < report->vcpus.size(); ++i) {
