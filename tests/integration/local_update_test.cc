@@ -58,14 +58,20 @@ std::unique_ptr<Cli> StartIncoming(const std::string& path, const std::string& m
   return cli;
 }
 
-// The guest moved to `dest` and verified every page it wrote there.
-void ExpectVerifiedThere(Cli& source, Cli& dest, const std::string& path) {
-  ASSERT_EQ(source.Wait(), 0) << source.Describe();
-  nlohmann::json s = source.Json();
-  ASSERT_FALSE(s.is_discarded()) << source.Describe();
-  EXPECT_EQ(s["migrated_to"], "unix:" + path);
-  const uint64_t written = s["workload_pages"].get<uint64_t>();
-  EXPECT_GT(written, 0u);
+// `from` ended saying that the guest moved to unix:`path`; the pages its
+// workload covers, as far as `from` saw the guest report them (a process
+// the guest only passed through saw no report: 0).
+uint64_t ExpectMovedTo(Cli& from, const std::string& path) {
+  EXPECT_EQ(from.Wait(), 0) << from.Describe();
+  nlohmann::json j = from.Json();
+  EXPECT_FALSE(j.is_discarded()) << from.Describe();
+  if (j.is_discarded()) return 0;
+  EXPECT_EQ(j["migrated_to"], "unix:" + path) << from.Describe();
+  return j["workload_pages"].get<uint64_t>();
+}
+
+// The guest ran to the end in `dest` and verified all `written` pages.
+void ExpectVerified(Cli& dest, uint64_t written) {
   ASSERT_EQ(dest.Wait(), 0) << dest.Describe();
   nlohmann::json d = dest.Json();
   ASSERT_FALSE(d.is_discarded()) << dest.Describe();
@@ -74,19 +80,27 @@ void ExpectVerifiedThere(Cli& source, Cli& dest, const std::string& path) {
   EXPECT_EQ(d["pages_verified"].get<uint64_t>(), written) << d.dump();
 }
 
+void ExpectVerifiedThere(Cli& source, Cli& dest, const std::string& path) {
+  const uint64_t written = ExpectMovedTo(source, path);
+  EXPECT_GT(written, 0u);
+  ExpectVerified(dest, written);
+}
+
 class LocalUpdateBackingTest : public ::testing::TestWithParam<std::string> {};
 
 // The acceptance run: a 2 GiB guest (128 MiB on the software CPU) writing
-// random pages moves into a new process with its RAM passed, not copied.
+// random pages moves into a new process with its RAM passed, not copied;
+// then on into a third, as the next update would take it.
 TEST_P(LocalUpdateBackingTest, MovesWithoutCopyingAndVerifies) {
   const std::string mem = itest::MemArg("2G", "128M");
   std::optional<HugePages> huge;
   if (GetParam() == "hugetlb") huge.emplace(itest::OnKvm() ? 1024 : 64);  // shared, not doubled
   const std::string path = UnixPath();
-  std::unique_ptr<Cli> dest = StartIncoming(path, mem, GetParam());
+  const std::string next_control = ControlPath();
+  std::unique_ptr<Cli> dest = StartIncoming(path, mem, GetParam(), {"--control", next_control});
   ASSERT_TRUE(dest->Running()) << dest->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, mem, GetParam(), 8);
+  std::unique_ptr<Cli> source = StartSource(control, mem, GetParam(), 6);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
 
   Cli migrate({"migrate", "--control", control, "--to", "unix:" + path, "--local", "--json"});
@@ -104,8 +118,18 @@ TEST_P(LocalUpdateBackingTest, MovesWithoutCopyingAndVerifies) {
   EXPECT_GT(mig["downtime_us"].get<uint64_t>(), 0u);
   fmt::print("local update of {} {}: paused {} us, {} bytes sent\n", mem, GetParam(),
              mig["downtime_us"].dump(), mig["bytes_sent"].dump());
-  ExpectVerifiedThere(*source, *dest, path);
-  nlohmann::json d = dest->Json();
+  const uint64_t written = ExpectMovedTo(*source, path);
+  EXPECT_GT(written, 0u);
+
+  // The next update: the new process passes on the RAM it took over.
+  const std::string next_path = UnixPath();
+  std::unique_ptr<Cli> next = StartIncoming(next_path, mem, GetParam());
+  Cli again({"migrate", "--control", next_control, "--to", "unix:" + next_path, "--local"});
+  ASSERT_EQ(again.Wait(), 0) << again.Describe() << dest->Describe() << next->Describe();
+  EXPECT_THAT(again.out(), HasSubstr("0 pages copied"));
+  ExpectMovedTo(*dest, next_path);
+  ExpectVerified(*next, written);
+  nlohmann::json d = next->Json();
   EXPECT_EQ(d["incoming"]["mode"], "local") << d.dump();
   EXPECT_EQ(d["incoming"]["pages_copied"], 0) << d.dump();
 }
@@ -124,7 +148,7 @@ TEST_P(LocalUpdateFallbackTest, AnonymousMemoryIsCopied) {
   std::unique_ptr<Cli> dest = StartIncoming(path, mem, "anon");
   ASSERT_TRUE(dest->Running()) << dest->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, mem, "anon", 8);
+  std::unique_ptr<Cli> source = StartSource(control, mem, "anon", 6);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   Cli migrate({"migrate", "--control", control, "--to", "unix:" + path, "--local", "--mode",
                GetParam(), "--json"});
@@ -159,7 +183,7 @@ TEST(LocalUpdateTest, RefusalsLeaveTheGuestRunning) {
   const std::string control = ControlPath();
   // --test-withhold-fds: the offers go without descriptors, which only the
   // last destination, whose layout matches, gets to notice.
-  std::unique_ptr<Cli> source = StartSource(control, mem, "memfd", 15, {"--test-withhold-fds"});
+  std::unique_ptr<Cli> source = StartSource(control, mem, "memfd", 12, {"--test-withhold-fds"});
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
 
   {  // A stale socket: its process exited without removing it.
@@ -216,7 +240,7 @@ TEST(LocalUpdateTest, DestinationDiesBeforeConfirmingAndTheSourceResumes) {
   std::unique_ptr<Cli> dest = StartIncoming(path, mem, "memfd", {"--test-die-before-confirm"});
   ASSERT_TRUE(dest->Running()) << dest->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, mem, "memfd", 8);
+  std::unique_ptr<Cli> source = StartSource(control, mem, "memfd", 6);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   Cli migrate({"migrate", "--control", control, "--to", "unix:" + path, "--local"});
   EXPECT_EQ(migrate.Wait(), 1) << migrate.Describe();
