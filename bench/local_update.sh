@@ -10,13 +10,15 @@
 # Also printed: each move's total time (migrate --json elapsed_ms: from the
 # command to completion) and the bytes it sent (for a local update: the
 # vCPU and device state; for the migrations: guest memory).
-# Usage: bench/local_update.sh [path/to/faultline] [sizes...]
-#        (default build/release/tools/faultline, sizes 1G 2G 4G)
+# Usage: [ACCEL=tcg] bench/local_update.sh [path/to/faultline] [sizes...]
+#        (default build/release/tools/faultline, sizes 1G 2G 4G; ACCEL is
+#        passed to every `faultline run --accel`, default auto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cli=${1:-build/release/tools/faultline}
 shift || true
 sizes=("$@")
+accel=${ACCEL:-auto}
 [ ${#sizes[@]} -gt 0 ] || sizes=(1G 2G 4G)
 dir=$(mktemp -d /tmp/faultline-local-bench.XXXXXX)
 pids=()
@@ -74,7 +76,7 @@ move() {
     precopy) dest_args=(--incoming tcp:127.0.0.1:0) ;;
     postcopy) dest_args=(--incoming tcp:127.0.0.1:0 --postcopy) ;;
   esac
-  "$cli" run "${dest_args[@]}" --mem "$mem" --vcpus 2 --backing memfd --json --quiet \
+  "$cli" run --accel "$accel" "${dest_args[@]}" --mem "$mem" --vcpus 2 --backing memfd --json --quiet \
     --timeout 600 >"$dest_out" 2>"$dest_err" &
   local dest=$!
   pids+=("$dest")
@@ -82,7 +84,7 @@ move() {
   if [ "$kind" != local ]; then
     to=$(grep -o 'tcp:127.0.0.1:[0-9]*' "$dest_err" | head -1)
   fi
-  "$cli" run --control "$control" --mem "$mem" --vcpus 2 --backing memfd \
+  "$cli" run --accel "$accel" --control "$control" --mem "$mem" --vcpus 2 --backing memfd \
     --workload random,rate=64 --duration "$(duration "$mem")" --json --quiet --timeout 600 \
     >"$dir/src.out" 2>"$dir/src.err" &
   local src=$!
@@ -98,6 +100,9 @@ move() {
     return 1
   fi
   wait "$src" || true
+  # The local update's pause in parts, as the source VMM reports it.
+  local parts
+  parts=$(grep -o 'vCPUs out in [0-9]* us, state saved and sent in [0-9]* us, loaded and confirmed by the new process in [0-9]* us' "$dir/src.err" || true)
   local verified=no
   if wait "$dest" && grep -q '"success":true' "$dest_out" && grep -q '"bad_pages":0' "$dest_out"; then
     verified=yes
@@ -111,10 +116,11 @@ move() {
   sent=$(grep -o '"bytes_sent":[0-9]*' <<<"$m" | head -1 | cut -d: -f2)
   awk -v mem="$mem" -v kind="$kind" -v us="$us" -v ok="$verified" -v ms="$elapsed" -v b="$sent" \
     'BEGIN { printf "%-5s %-9s pause %8.2f ms  total %8.1f ms  sent %12.1f KiB  verified %s\n",
-             mem, kind, us / 1000, ms, b / 1024, ok }' 
+             mem, kind, us / 1000, ms, b / 1024, ok }'
+  [ -z "$parts" ] || echo "      ($parts)"
 }
 
-echo "# pause: local update (downtime_us) vs loopback pre-copy and post-copy (downtime_ms)"
+echo "# accel $accel; pause: local update vs loopback pre-copy and post-copy (downtime_us)"
 for mem in "${sizes[@]}"; do
   for kind in local precopy postcopy; do
     move "$mem" "$kind"

@@ -105,6 +105,10 @@ class Vcpu {
   // The vCPU must not be running (held, or never started).
   virtual Result<VcpuState> GetState() const = 0;
   virtual Status SetState(const VcpuState& state) = 0;
+  // Does now what the first SetState would otherwise do before loading
+  // (the software CPU maps guest memory into its engine, a few ms for
+  // GiBs), so that a state arriving at a switchover loads at once.
+  virtual Status PrepareForState() { return Status::Ok(); }
 
   // A machine check for the page at `gpa` (uncorrected, action required),
   // delivered through the guest's #MC handler. An error where the guest has

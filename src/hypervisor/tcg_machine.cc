@@ -59,6 +59,7 @@ class TcgVcpuImpl final : public Vcpu {
   void CompletePendingExit() override {}  // exits complete inside the instruction
   Result<VcpuState> GetState() const override;
   Status SetState(const VcpuState& state) override;
+  Status PrepareForState() override { return Sync(); }
   Status InjectMachineCheck(Gpa gpa) override;
   Result<sys::Mapping> MapDirtyRing(uint32_t) const override {
     return Error("the software CPU has no KVM dirty ring — use --dirty uffd-wp");

@@ -141,6 +141,7 @@ Result<LocalUpdateStats> LocalUpdateSource::Run(Connector& connector) {
       result->bytes_sent = c.bytes_sent;
       result->bytes_received = c.bytes_received;
       result->total = Micros(Clock::now() - start);
+      result->memory = LocalMemory::kFds;
     }
   }
   {
@@ -163,6 +164,7 @@ Result<LocalUpdateStats> LocalUpdateSource::Handover(Link& link) {
     phase_.store(Phase::kPaused, std::memory_order_release);
   }
   vm_.Pause();
+  const Clock::time_point stopped = Clock::now();
   // From here every failure before CompleteAck resumes the guest here.
   auto resume = [&](Status why) {
     link.channel().Shutdown();
@@ -184,6 +186,7 @@ Result<LocalUpdateStats> LocalUpdateSource::Handover(Link& link) {
     if (!sent.ok()) return resume(sent);
   }
   if (Status sent = writer.Send(Complete{0, 0, 0}); !sent.ok()) return resume(sent);
+  const Clock::time_point state_sent = Clock::now();
   Result<Message> answer = link.reader().Read();
   while (!answer.has_value() && answer.error().code() == EAGAIN) answer = link.reader().Read();
   if (!answer.has_value() && answer.error().code() == ETIMEDOUT) {
@@ -201,7 +204,11 @@ Result<LocalUpdateStats> LocalUpdateSource::Handover(Link& link) {
   }
   // The destination runs the guest; the memory is its alone from now on.
   outcome_.store(SourceOutcome::kCompleted, std::memory_order_release);
-  stats.pause = Micros(Clock::now() - paused);
+  const Clock::time_point confirmed = Clock::now();
+  stats.pause = Micros(confirmed - paused);
+  stats.pause_stop = Micros(stopped - paused);
+  stats.pause_state = Micros(state_sent - stopped);
+  stats.pause_confirm = Micros(confirmed - state_sent);
   return stats;
 }
 

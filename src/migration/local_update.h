@@ -65,6 +65,11 @@ struct LocalUpdateStats {
   uint64_t pages_copied = 0;           // guest pages copied: 0 when passed
   std::chrono::microseconds setup{0};  // connect to LocalReady; the guest runs
   std::chrono::microseconds pause{0};  // the guest stopped: pause to CompleteAck
+  // The pause in parts: until every vCPU was out, until the state was
+  // saved and sent, and until the destination had loaded it and confirmed.
+  std::chrono::microseconds pause_stop{0};
+  std::chrono::microseconds pause_state{0};
+  std::chrono::microseconds pause_confirm{0};
   std::chrono::microseconds total{0};
 };
 

@@ -172,6 +172,13 @@ Status Vm::LoadVcpus(const std::vector<hv::VcpuState>& states) {
   return Status::Ok();
 }
 
+Status Vm::PrepareVcpus() {
+  for (uint32_t i = 0; i < vcpus_->size(); ++i) {
+    RETURN_IF_ERROR(vcpus_->vcpu(i).PrepareForState());
+  }
+  return Status::Ok();
+}
+
 Status Vm::VcpuError(hv::Vcpu& vcpu, std::string what) const {
   return Error("vcpu {}: {}\n{}", vcpu.index(), what, FormatRegisters(vcpu));
 }

@@ -92,6 +92,9 @@ class Vm {
   Result<std::vector<hv::VcpuState>> SaveVcpus();
   // Before Start().
   Status LoadVcpus(const std::vector<hv::VcpuState>& states);
+  // Before LoadVcpus, off the critical path: what loading would do first
+  // (hv::Vcpu::PrepareForState), so that the state loads at once.
+  Status PrepareVcpus();
 
   void SetGuestCommand(uint32_t command) { test_port_->SetCommand(command); }
   GuestReport report() const { return test_port_->Snapshot(); }

@@ -104,6 +104,10 @@ Status ReceiveLocal(migration::LocalUpdateDestination& local, vmm::Vm& vm,
                     nlohmann::json& out) {
   const auto begin = Clock::now();
   status.SetPhase(vmm::MigrationPhase::kSwitchover);
+  // While the guest still runs at the source: the state then loads at once.
+  if (Status prepared = vm.PrepareVcpus(); !prepared.ok()) {
+    return LocalRefused(local.Refuse(prepared, migration::ErrorCode::kInternal));
+  }
   if (Status ready = local.Ready(); !ready.ok()) return LocalRefused(ready);
   std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(vm);
   if (options.die_before_confirm) {
