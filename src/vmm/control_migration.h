@@ -5,9 +5,11 @@
 //   migrate                 MigrateRequest          -> {}
 //   query-migrate           {}                      -> MigrationStatus
 //   migrate-cancel, cancel  {}                      -> {}
-//   migrate-resume          {"to"?: tcp:HOST:PORT}  -> {}   (not supported yet)
-//   migrate-start-postcopy  {}                      -> {}   (not supported yet)
+//   migrate-resume          {"to"?: ADDRESS}        -> {}   (a paused post-copy)
+//   migrate-start-postcopy  {}                      -> {}
 //   query-status            {}                      -> VmStatus
+//
+// ADDRESS is tcp:HOST:PORT or unix:PATH (docs/control.md).
 //
 // Argument validation happens here, so every engine sees checked requests.
 #pragma once
@@ -39,9 +41,11 @@ class MigrationControl {
   virtual Status Cancel() = 0;
 
   // Reconnects a post-copy migration whose link broke, to `to` or to the
-  // original destination. Reserved: not supported until the engine has it.
+  // original destination. The default (an engine without post-copy) says
+  // it is not supported.
   virtual Status Resume(const std::optional<MigrationTarget>& to);
-  // Switches an active pre-copy migration to post-copy now. Reserved.
+  // Switches an active post-copy-mode migration from its pre-copy passes to
+  // post-copy now. The default says it is not supported.
   virtual Status StartPostcopy();
 };
 

@@ -1,7 +1,9 @@
 // `faultline migrate` and `faultline query`, the real binary, against a real
 // ControlServer in this process. The migration engine behind the server is a
-// test double that simulates progress over time (the engine is not written
-// yet); the socket, the protocol, argument checking and the CLI are real.
+// test double that simulates progress over time, so that the CLI's progress,
+// cancel and failure paths meet exact timings (migration_cli_test.cc runs
+// the real engines); the socket, the protocol, argument checking and the
+// CLI are real.
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
