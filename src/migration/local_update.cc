@@ -80,7 +80,18 @@ Result<std::unique_ptr<Link>> LocalUpdateSource::Offer(Connector& connector, Loc
     if (cancelled_.load(std::memory_order_acquire)) return Error("cancelled");
     channel_ = &link->channel();
   }
-  RETURN_IF_ERROR(link->channel().SetLowLatency(true));
+  Status offered = SendOffer(*link, memory, mode, fds_passed);
+  if (!offered.ok()) {
+    std::lock_guard lock(mu_);
+    channel_ = nullptr;  // before `link` goes: Cancel must not reach it
+    return offered;
+  }
+  return link;
+}
+
+Status LocalUpdateSource::SendOffer(Link& link, LocalMemory memory, SwitchoverMode mode,
+                                    uint32_t& fds_passed) {
+  RETURN_IF_ERROR(link.channel().SetLowLatency(true));
   LocalOffer offer;
   offer.memory = memory;
   offer.mode = mode;
@@ -92,7 +103,7 @@ Result<std::unique_ptr<Link>> LocalUpdateSource::Offer(Connector& connector, Loc
     if (memory == LocalMemory::kFds) fds.push_back(block->fd());
   }
   if (options_.withhold_fds) fds.clear();
-  Status sent = link->writer().SendWithFds(offer, fds);
+  Status sent = link.writer().SendWithFds(offer, fds);
   if (!sent.ok()) {
     if (sent.code() == EPIPE || sent.code() == ECONNRESET) {
       return sent.WithContext(
@@ -103,11 +114,11 @@ Result<std::unique_ptr<Link>> LocalUpdateSource::Offer(Connector& connector, Loc
   }
   fds_passed = static_cast<uint32_t>(fds.size());
   Result<LocalReady> ready =
-      As<LocalReady>(ReadBy(link->reader(), Clock::now() + options_.ready_timeout,
+      As<LocalReady>(ReadBy(link.reader(), Clock::now() + options_.ready_timeout,
                             "the destination to accept the offer"),
                      "LocalReady");
   if (!ready.has_value()) return ready.error();
-  return link;
+  return Status::Ok();
 }
 
 Status LocalUpdateSource::OfferCopy(Connector& connector, SwitchoverMode mode) {

@@ -98,6 +98,8 @@ class LocalUpdateSource {
  private:
   Result<std::unique_ptr<Link>> Offer(Connector& connector, LocalMemory memory, SwitchoverMode mode,
                                       uint32_t& fds_passed);
+  // The offer and the destination's answer, on `link`.
+  Status SendOffer(Link& link, LocalMemory memory, SwitchoverMode mode, uint32_t& fds_passed);
   Result<LocalUpdateStats> Handover(Link& link);
 
   SourceVm& vm_;
