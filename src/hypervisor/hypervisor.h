@@ -53,12 +53,12 @@ struct MmioExit {
 struct VcpuExit {
   enum class Kind {
     kIo,
-    kMmio,            // an access to a guest-physical address with no RAM mapped
-    kShutdown,        // triple fault
-    kException,       // a CPU exception the guest could not take (software CPU)
-    kHalt,            // HLT with nothing to wake the vCPU
-    kDirtyRingFull,   // KVM dirty ring: drain the rings, then continue
-    kFailed,          // the accelerator cannot go on: `detail` says why
+    kMmio,           // an access to a guest-physical address with no RAM mapped
+    kShutdown,       // triple fault
+    kException,      // a CPU exception the guest could not take (software CPU)
+    kHalt,           // HLT with nothing to wake the vCPU
+    kDirtyRingFull,  // KVM dirty ring: drain the rings, then continue
+    kFailed,         // the accelerator cannot go on: `detail` says why
   };
   Kind kind = Kind::kFailed;
   IoExit io;

@@ -155,7 +155,7 @@ struct Hello {
   uint16_t page_channels = 1;
   uint64_t features_offered = 0;
   uint64_t features_required = 0;
-  uint64_t session_id = 0;   // non-zero, chosen at random by the source
+  uint64_t session_id = 0;  // non-zero, chosen at random by the source
   // Bits 0..7: the accelerator whose vCPU state the source sends
   // (HelloAccel); 0 = not said. No other bits are defined.
   uint32_t hello_flags = 0;

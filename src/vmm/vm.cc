@@ -255,8 +255,9 @@ Result<ExitAction> Vm::HandleMmio(hv::Vcpu& vcpu, hv::MmioExit& mmio) {
     hole_accesses_.fetch_add(1, std::memory_order_relaxed);
     return ExitAction::kContinue;
   }
-  return VcpuError(vcpu, fmt::format("{} of {} bytes at guest-physical {:#x}, where there is no RAM",
-                                     mmio.is_write ? "write" : "read", mmio.len, mmio.gpa.value));
+  return VcpuError(vcpu,
+                   fmt::format("{} of {} bytes at guest-physical {:#x}, where there is no RAM",
+                               mmio.is_write ? "write" : "read", mmio.len, mmio.gpa.value));
 }
 
 std::string FormatRegisters(const hv::Vcpu& vcpu) {

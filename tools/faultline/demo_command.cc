@@ -447,8 +447,7 @@ int Demo(const DemoOptions& o) {
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("live migration ({}), {} MiB guest, {} vCPUs, {} backing, {} channel(s), {}\n",
-               o.mode, *mem >> 20, o.vcpus, BackingName(config.backing), o.channels,
-               accel);
+               o.mode, *mem >> 20, o.vcpus, BackingName(config.backing), o.channels, accel);
     fmt::print("  total time        {:9.1f} ms\n", total_ms);
     fmt::print("  switchover pause  {:9.1f} ms   (source stopped -> destination running)\n",
                pause_ms);

@@ -59,7 +59,7 @@ struct RunOptions {
   bool postcopy = false;  // with --incoming: the migration is post-copy
   std::string installer;  // with --postcopy: override the default per backing
   int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both roles
-  uint64_t test_cut_after = 0;  // test hook: break the first migration link after N bytes
+  uint64_t test_cut_after = 0;           // test hook: break the first migration link after N bytes
   bool test_withhold_fds = false;        // test hook: a local update's offer without descriptors
   bool test_die_before_confirm = false;  // test hook: an incoming local update's process dies
 };
