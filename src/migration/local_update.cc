@@ -14,28 +14,6 @@ std::chrono::microseconds Micros(Clock::duration d) {
 
 uint32_t AccelFlags(HelloAccel accel) { return static_cast<uint32_t>(accel); }
 
-// Reads the next message, waiting through EAGAIN up to `deadline`.
-Result<Message> ReadBy(MessageReader& reader, Clock::time_point deadline, const char* waiting) {
-  while (true) {
-    Result<Message> m = reader.Read();
-    if (m.has_value() || m.error().code() != EAGAIN) return m;
-    if (Clock::now() >= deadline) {
-      return Status(ETIMEDOUT, fmt::format("no answer while waiting for {}", waiting));
-    }
-  }
-}
-
-// The message must be a T; an Error from the peer says why not.
-template <typename T>
-Result<T> As(Result<Message> m, const char* expected) {
-  if (!m.has_value()) return m.error();
-  if (auto* t = std::get_if<T>(&*m)) return std::move(*t);
-  if (auto* e = std::get_if<ErrorMessage>(&*m)) {
-    return Error("the destination refused: {}", Printable(e->text));
-  }
-  return Error("expected {}, got {}", expected, MessageTypeName(TypeOf(*m)));
-}
-
 }  // namespace
 
 Result<LocalMemory> LocalMemoryFor(SourceVm& vm) {
@@ -113,12 +91,10 @@ Status LocalUpdateSource::SendOffer(Link& link, LocalMemory memory, SwitchoverMo
     return sent.WithContext("sending the offer");
   }
   fds_passed = static_cast<uint32_t>(fds.size());
-  Result<LocalReady> ready =
-      As<LocalReady>(ReadBy(link.reader(), Clock::now() + options_.ready_timeout,
-                            "the destination to accept the offer"),
-                     "LocalReady");
-  if (!ready.has_value()) return ready.error();
-  return Status::Ok();
+  // The destination creates its VM meanwhile; the guest runs on here. A
+  // silent peer ends the wait after the I/O timeout (EAGAIN).
+  Result<LocalReady> ready = Expect<LocalReady>(link.reader(), "the answer to the offer");
+  return ready.has_value() ? Status::Ok() : ready.error();
 }
 
 Status LocalUpdateSource::OfferCopy(Connector& connector, SwitchoverMode mode) {
@@ -136,23 +112,17 @@ Status LocalUpdateSource::OfferCopy(Connector& connector, SwitchoverMode mode) {
 }
 
 Result<LocalUpdateStats> LocalUpdateSource::Run(Connector& connector) {
-  const Clock::time_point start = Clock::now();
-  LocalUpdateStats stats;
+  uint32_t fds_passed = 0;
   Result<std::unique_ptr<Link>> link =
-      Offer(connector, LocalMemory::kFds, SwitchoverMode::kStopAndCopy, stats.fds_passed);
-  Result<LocalUpdateStats> result =
-      link.has_value() ? Result<LocalUpdateStats>(stats) : Result<LocalUpdateStats>(link.error());
-  if (link.has_value()) {
-    stats.setup = Micros(Clock::now() - start);
+      Offer(connector, LocalMemory::kFds, SwitchoverMode::kStopAndCopy, fds_passed);
+  Result<LocalUpdateStats> result = Error("no link");
+  if (!link.has_value()) {
+    result = link.error();
+  } else {
     result = Handover(**link);
     if (result.has_value()) {
-      const ChannelStats c = (*link)->channel().stats();
-      result->fds_passed = stats.fds_passed;
-      result->setup = stats.setup;
-      result->bytes_sent = c.bytes_sent;
-      result->bytes_received = c.bytes_received;
-      result->total = Micros(Clock::now() - start);
-      result->memory = LocalMemory::kFds;
+      result->fds_passed = fds_passed;
+      result->bytes_sent = (*link)->channel().stats().bytes_sent;
     }
   }
   {
@@ -198,17 +168,16 @@ Result<LocalUpdateStats> LocalUpdateSource::Handover(Link& link) {
   }
   if (Status sent = writer.Send(Complete{0, 0, 0}); !sent.ok()) return resume(sent);
   const Clock::time_point state_sent = Clock::now();
-  Result<Message> answer = link.reader().Read();
-  while (!answer.has_value() && answer.error().code() == EAGAIN) answer = link.reader().Read();
-  if (!answer.has_value() && answer.error().code() == ETIMEDOUT) {
-    // Alive but silent: it may or may not have started the guest.
+  Result<CompleteAck> ack = Expect<CompleteAck>(link.reader(), "the confirmation");
+  if (!ack.has_value() && (ack.error().code() == EAGAIN || ack.error().code() == ETIMEDOUT)) {
+    // Alive but silent for the I/O timeout: it may or may not have started
+    // the guest.
     link.channel().Shutdown();
     outcome_.store(SourceOutcome::kUnknownPaused, std::memory_order_release);
-    return answer.error().WithContext(
+    return ack.error().WithContext(
         "the destination did not confirm after the state was sent; it may be running the "
         "guest, so the guest stays paused here");
   }
-  Result<CompleteAck> ack = As<CompleteAck>(std::move(answer), "CompleteAck");
   if (!ack.has_value()) {
     return resume(ack.error().WithContext(
         "the destination did not confirm that it runs the guest; the guest was resumed here"));

@@ -47,23 +47,17 @@ namespace faultline::migration {
 // anonymous; an error that says why for guest_memfd.
 Result<LocalMemory> LocalMemoryFor(SourceVm& vm);
 
+// Waits for the destination's answers use the transport's I/O timeout.
 struct LocalUpdateOptions {
-  // How long the destination may take to accept an offer (create its VM
-  // and map the memory) before the source gives up; the guest keeps
-  // running meanwhile. The state exchange uses the transport's I/O timeout.
-  std::chrono::milliseconds ready_timeout{30'000};
   // Test hook: the offer goes without its descriptors (a destination must
   // refuse it).
   bool withhold_fds = false;
 };
 
 struct LocalUpdateStats {
-  LocalMemory memory = LocalMemory::kFds;
   uint32_t fds_passed = 0;
   uint64_t bytes_sent = 0;             // on the socket: the offer and the state
-  uint64_t bytes_received = 0;         // on the socket
-  uint64_t pages_copied = 0;           // guest pages copied: 0 when passed
-  std::chrono::microseconds setup{0};  // connect to LocalReady; the guest runs
+  uint64_t pages_copied = 0;           // guest pages copied: none, they were passed
   std::chrono::microseconds pause{0};  // the guest stopped: pause to CompleteAck
   // The pause in parts: until every vCPU was out, until the state was
   // saved and sent, and until the destination had loaded it and confirmed.

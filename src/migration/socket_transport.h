@@ -63,6 +63,7 @@ class SocketListener final : public Acceptor {
   // With the port actually bound (port 0 asks for any free one).
   std::string address() const override { return bound_.ToString(); }
   uint16_t port() const { return bound_.port; }
+  const Address& bound() const { return bound_; }
 
  private:
   SocketListener(sys::UniqueFd fd, Address bound, TransportOptions options)

@@ -112,7 +112,6 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   postcopy_.reset();
   local_.reset();
   local_memory_ = local_memory;
-  local_fds_ = local_fds;
   if (address->is_unix()) {
     migration::LocalUpdateOptions local_options;
     local_options.withhold_fds = options_.local_withhold_fds;
@@ -359,7 +358,7 @@ void SourceMigrationControl::AddLocal(MigrationStatus& s) const {
   if (!request_.local) return;
   s.local = true;
   s.local_memory = migration::LocalMemoryName(local_memory_);
-  s.pages_copied = local_fds_ ? 0 : s.pages_sent;
+  s.pages_copied = PassesFds() ? 0 : s.pages_sent;
 }
 
 void SourceMigrationControl::RunLocal(migration::Connector* connector) {
@@ -407,7 +406,7 @@ MigrationStatus SourceMigrationControl::Query() {
   if (final_) return *final_;
   if (!running_) return MigrationStatus();
   MigrationStatus s;
-  if (local_fds_) {
+  if (PassesFds()) {
     s = BaseStatus();
     s.phase = local_->phase() == migration::LocalUpdateSource::Phase::kPaused
                   ? MigrationPhase::kSwitchover

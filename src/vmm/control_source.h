@@ -87,6 +87,8 @@ class SourceMigrationControl final : public MigrationControl {
   void FailEarly(const Status& why);
   // A status with what every phase has: mode, target, size, time so far.
   MigrationStatus BaseStatus() const;
+  // A local update whose RAM is passed by descriptor (no engine runs).
+  bool PassesFds() const { return request_.local && local_memory_ == migration::LocalMemory::kFds; }
   // The local-update fields of a status (request_.local).
   void AddLocal(MigrationStatus& s) const;
   MigrationStatus PostcopyStatus();
@@ -107,7 +109,6 @@ class SourceMigrationControl final : public MigrationControl {
   // unix: targets: the offer, and for memory passed by fd the whole update.
   std::unique_ptr<migration::LocalUpdateSource> local_;
   migration::LocalMemory local_memory_ = migration::LocalMemory::kCopy;
-  bool local_fds_ = false;  // the update passes descriptors (no engine runs)
   // Post-copy paused: the connector a migrate-resume has made, for the
   // migration's thread to take; stopping_ ends a paused migration's wait.
   std::condition_variable resume_cv_;

@@ -229,4 +229,15 @@ inline void ExpectVerifiedHere(Cli& source) {
   }
 }
 
+// The guest ran to the end in `dest` (a destination) and verified all
+// `written` pages the source's guest had written.
+inline void ExpectVerifiedOn(Cli& dest, uint64_t written) {
+  ASSERT_EQ(dest.Wait(), 0) << dest.Describe();
+  nlohmann::json d = dest.Json();
+  ASSERT_FALSE(d.is_discarded()) << dest.Describe();
+  EXPECT_TRUE(d["success"].get<bool>()) << d.dump();
+  EXPECT_EQ(d["bad_pages"].get<uint64_t>(), 0u) << d.dump();
+  EXPECT_EQ(d["pages_verified"].get<uint64_t>(), written) << d.dump();
+}
+
 }  // namespace faultline::clitest

@@ -407,12 +407,9 @@ Destination StartPostcopyDestination(const std::string& mem, const std::string& 
 // source's guest had written.
 void ExpectPostcopyVerified(Cli& dest, uint64_t written, uint32_t sessions,
                             const std::string& installer, uint32_t min_passes = 0) {
-  ASSERT_EQ(dest.Wait(), 0) << dest.Describe();
+  ExpectVerifiedOn(dest, written);
+  if (::testing::Test::HasFatalFailure()) return;
   nlohmann::json d = dest.Json();
-  ASSERT_FALSE(d.is_discarded()) << dest.Describe();
-  EXPECT_TRUE(d["success"].get<bool>()) << d.dump();
-  EXPECT_EQ(d["bad_pages"].get<uint64_t>(), 0u) << d.dump();
-  EXPECT_EQ(d["pages_verified"].get<uint64_t>(), written) << d.dump();
   const nlohmann::json& in = d["incoming"];
   EXPECT_EQ(in["mode"], "postcopy") << d.dump();
   EXPECT_EQ(in["sessions"].get<uint32_t>(), sessions) << d.dump();

@@ -74,18 +74,6 @@ int Fail(const Status& status) {
   return 1;
 }
 
-// Listens on `address` for an incoming migration; `bound` gets the address
-// with the port chosen when the requested one is 0.
-Result<std::unique_ptr<migration::SocketListener>> ListenForMigration(
-    const migration::Address& address, migration::Address& bound) {
-  Result<std::unique_ptr<migration::SocketListener>> listening =
-      migration::SocketListener::Listen(address, {});
-  if (!listening.has_value()) return listening.error().WithContext("--incoming");
-  bound = address;
-  bound.port = (*listening)->port();
-  return listening;
-}
-
 std::chrono::milliseconds AcceptTimeout(const RunOptions& o) {
   // The source may be told to migrate long after this starts.
   return std::chrono::milliseconds(
@@ -97,7 +85,7 @@ std::chrono::milliseconds AcceptTimeout(const RunOptions& o) {
 Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, migration::SocketListener& listener,
                                                  const RunOptions& o, IncomingMigration& status,
                                                  nlohmann::json& out) {
-  const migration::Address bound = *migration::ParseAddress(listener.address());
+  const migration::Address& bound = listener.bound();
   if (!bound.is_unix()) {  // unix: said already, before the offer
     fmt::print(stderr, "faultline run: waiting for a migration on {}\n", bound.ToString());
     std::fflush(stderr);
@@ -153,7 +141,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   // a source connects (e.g. the zero installer, which never asks the source).
   target = migration::MakePostcopyDestinationVm(vm, vm_options);
   RETURN_IF_ERROR(target->CheckPaging().WithContext("--installer"));
-  const migration::Address bound = *migration::ParseAddress(listener.address());
+  const migration::Address& bound = listener.bound();
   fmt::print(stderr, "faultline run: waiting for a post-copy migration on {} ({} installer)\n",
              bound.ToString(), paging::InstallerName(target->installer()));
   std::fflush(stderr);
@@ -285,10 +273,9 @@ int Run(const RunOptions& o) {
     config.boot = false;
     Result<migration::Address> address = migration::ParseAddress(o.incoming);
     if (!address.has_value()) return Fail(address.error().WithContext("--incoming"));
-    migration::Address bound;
     Result<std::unique_ptr<migration::SocketListener>> listener =
-        ListenForMigration(*address, bound);
-    if (!listener.has_value()) return Fail(listener.error());
+        migration::SocketListener::Listen(*address, {});
+    if (!listener.has_value()) return Fail(listener.error().WithContext("--incoming"));
     // unix: the first connection offers the guest, and says how its memory
     // comes (passed, or copied by the migration that follows).
     std::unique_ptr<migration::LocalUpdateDestination> local;
@@ -330,7 +317,7 @@ int Run(const RunOptions& o) {
           fmt::print(stderr,
                      "faultline run: the source's guest RAM cannot be passed (anonymous "
                      "memory): receiving it by {} migration over {}\n",
-                     postcopy ? "post-copy" : "pre-copy", bound.ToString());
+                     postcopy ? "post-copy" : "pre-copy", (*listener)->address());
         }
       }
       if (o.prealloc) {
