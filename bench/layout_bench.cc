@@ -97,8 +97,8 @@ void LayoutPause(uint64_t mem, uint32_t vcpus, int changes, uint64_t granule) {
   if (!block.has_value()) std::exit(1);
   std::vector<uint64_t> bare;
   for (int i = 0; i < changes; ++i) {
-    sys::UserMemoryRegion r{
-        .slot = 1000, .gpa = Gpa(64ull << 30), .size = slot_size, .hva = Hva((*block)->host())};
+    MemslotRegion r{
+        .id = 1000, .gpa = Gpa(64ull << 30), .size = slot_size, .hva = Hva((*block)->host())};
     auto t0 = Clock::now();
     if (!vm->machine().SetMemslot(r).ok()) std::exit(1);
     r.size = 0;

@@ -45,10 +45,10 @@
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_source.h"
 #include "src/migration/socket_transport.h"
-#include "src/migration/vm_adapter.h"
 #include "src/paging/demand_pager.h"
 #include "src/sys/userfaultfd.h"
 #include "src/vmm/vm.h"
+#include "src/vmm/vm_adapter.h"
 
 namespace faultline {
 namespace {
@@ -113,10 +113,10 @@ Result<PostcopyRun> RunPostcopy(const Args& args, std::chrono::microseconds link
       source_link);
   migration::FaultyAcceptor acceptor(std::move(listener), destination_link);
 
-  auto source_vm = migration::MakeSourceVm(*from);
+  auto source_vm = vmm::MakeSourceVm(*from);
   migration::PostcopyVmOptions vm_options;
   vm_options.realtime_priority = realtime_priority;
-  auto destination_vm = migration::MakePostcopyDestinationVm(*to, vm_options);
+  auto destination_vm = vmm::MakePostcopyDestinationVm(*to, vm_options);
   migration::PostcopySourceOptions options;
   options.base.page_channels = 2;
   options.precopy_passes = args.passes;

@@ -32,6 +32,13 @@ struct RamBlockOptions {
   // bytes) instead of creating one; the block keeps a duplicate. Another
   // process's guest RAM, handed over in a local update.
   int adopt_fd = -1;
+  // A VMM of its own (the embedding API): the VMM's existing mapping of
+  // the block, `size` bytes, which becomes host() and which its vCPUs use.
+  // The block never unmaps it; it must stay mapped while the block lives.
+  // anon: a private anonymous mapping. memfd and hugetlb: a MAP_SHARED
+  // mapping of `adopt_fd` (required), which the block maps again as its
+  // alias.
+  void* host = nullptr;
 };
 
 class RamBlock {

@@ -22,7 +22,6 @@
 #include "faultline/types.h"
 #include "src/hypervisor/vcpu_state.h"
 #include "src/memory/memslot_backend.h"
-#include "src/sys/mapping.h"
 
 namespace faultline::hv {
 
@@ -114,9 +113,6 @@ class Vcpu {
   // delivered through the guest's #MC handler. An error where the guest has
   // not enabled machine checks or the accelerator cannot inject one.
   virtual Status InjectMachineCheck(Gpa gpa) = 0;
-
-  // KVM dirty ring of this vCPU (KVM only).
-  virtual Result<sys::Mapping> MapDirtyRing(uint32_t bytes) const = 0;
 };
 
 // What a VM's guest-physical memory and dirty tracking can do.
@@ -140,7 +136,11 @@ class Vm : public MemslotBackend {
   virtual const VmCapabilities& capabilities() const = 0;
   // The TSC frequency the guest is told, in kHz; RDTSC runs at this rate.
   virtual uint32_t tsc_khz() const = 0;
-  // Creates vCPU `index` (0, 1, ... in order).
+  // The KVM VM's fd, which guest_memfd RAM blocks are made for (-1 where
+  // there is no KVM).
+  virtual int kvm_vm_fd() const = 0;
+  // Creates vCPU `index` (0, 1, ... in order). In dirty ring mode (KVM) its
+  // ring joins the VM's dirty log.
   virtual Result<std::unique_ptr<Vcpu>> CreateVcpu(uint32_t index) = 0;
   // Initial state for vCPU `index` before boot: the accelerator's reset
   // state, with its CPUID and APIC set for that vCPU.

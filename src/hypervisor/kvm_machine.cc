@@ -3,6 +3,7 @@
 #include <cstring>
 #include <vector>
 
+#include "src/hypervisor/kvm_dirty_log.h"
 #include "src/sys/kvm.h"
 #include "src/sys/linux_abi.h"
 
@@ -329,10 +330,6 @@ class KvmVcpuImpl final : public Vcpu {
     return vcpu_.X86SetMce(mce);
   }
 
-  Result<sys::Mapping> MapDirtyRing(uint32_t bytes) const override {
-    return vcpu_.MapDirtyRing(bytes);
-  }
-
  private:
   void SetImmediateExit(uint8_t value) {
     __atomic_store_n(&vcpu_.run()->immediate_exit, value, __ATOMIC_SEQ_CST);
@@ -346,7 +343,8 @@ class KvmVcpuImpl final : public Vcpu {
 
 class KvmVmImpl final : public Vm {
  public:
-  KvmVmImpl(sys::KvmSystem kvm, sys::KvmVm vm) : kvm_(std::move(kvm)), vm_(std::move(vm)) {}
+  KvmVmImpl(sys::KvmSystem kvm, sys::KvmVm vm)
+      : kvm_(std::move(kvm)), vm_(std::move(vm)), dirty_log_(vm_) {}
 
   Status Init() {
     // By default KVM drops every shadow page of the VM when any memslot is
@@ -375,14 +373,27 @@ class KvmVmImpl final : public Vm {
   const VmCapabilities& capabilities() const override { return capabilities_; }
   uint32_t tsc_khz() const override { return tsc_khz_; }
   uint32_t max_memslots() const override { return max_memslots_; }
-  Status SetMemslot(const sys::UserMemoryRegion& region) override {
-    return vm_.SetUserMemoryRegion(region);
+  Status SetMemslot(const MemslotRegion& region) override {
+    sys::UserMemoryRegion kvm;
+    kvm.slot = region.id;
+    kvm.gpa = region.gpa;
+    kvm.size = region.size;
+    kvm.hva = region.hva;
+    if (region.log_dirty) kvm.flags |= KVM_MEM_LOG_DIRTY_PAGES;
+    if (region.guest_memfd >= 0) {
+      kvm.flags |= KVM_MEM_GUEST_MEMFD;
+      kvm.guest_memfd = region.guest_memfd;
+      kvm.guest_memfd_offset = region.guest_memfd_offset;
+    }
+    return vm_.SetUserMemoryRegion(kvm);
   }
-  sys::KvmVm* kvm_dirty_log() override { return &vm_; }
+  AccelDirtyLog* accel_dirty_log() override { return &dirty_log_; }
+  int kvm_vm_fd() const override { return vm_.fd(); }
 
   Result<std::unique_ptr<Vcpu>> CreateVcpu(uint32_t index) override {
     ASSIGN_OR_RETURN(sys::KvmVcpu vcpu, vm_.CreateVcpu(index));
     RETURN_IF_ERROR(vcpu.SetCpuid(CpuidForVcpu(cpuid_, index)));
+    RETURN_IF_ERROR(dirty_log_.AddVcpu(vcpu));
     if (index == 0) {
       ASSIGN_OR_RETURN(tsc_khz_, vcpu.GetTscKhz());
       FilterReadableMsrs(vcpu);
@@ -411,6 +422,7 @@ class KvmVmImpl final : public Vm {
 
   sys::KvmSystem kvm_;
   sys::KvmVm vm_;
+  KvmDirtyLog dirty_log_;
   StateSupport support_;
   std::vector<kvm_cpuid_entry2> cpuid_;
   VmCapabilities capabilities_;

@@ -61,9 +61,6 @@ class TcgVcpuImpl final : public Vcpu {
   Status SetState(const VcpuState& state) override;
   Status PrepareForState() override { return Sync(); }
   Status InjectMachineCheck(Gpa gpa) override;
-  Result<sys::Mapping> MapDirtyRing(uint32_t) const override {
-    return Error("the software CPU has no KVM dirty ring — use --dirty uffd-wp");
-  }
 
  private:
   struct MmioPage {
@@ -130,20 +127,21 @@ class TcgVmImpl final : public Vm {
   const VmCapabilities& capabilities() const override { return capabilities_; }
   uint32_t tsc_khz() const override { return tsc_khz_; }
   uint32_t max_memslots() const override { return 4096; }
-  sys::KvmVm* kvm_dirty_log() override { return nullptr; }
+  AccelDirtyLog* accel_dirty_log() override { return nullptr; }
+  int kvm_vm_fd() const override { return -1; }
 
-  Status SetMemslot(const sys::UserMemoryRegion& region) override {
-    if (region.flags & KVM_MEM_GUEST_MEMFD) {
+  Status SetMemslot(const MemslotRegion& region) override {
+    if (region.guest_memfd >= 0) {
       return Error(
           "memslot {}: guest_memfd memory is a KVM object; the software CPU cannot map it — use "
           "--backing memfd or anon",
-          region.slot);
+          region.id);
     }
     std::lock_guard lock(mu_);
     if (region.size == 0) {
-      slots_.erase(region.slot);
+      slots_.erase(region.id);
     } else {
-      slots_[region.slot] = Region{region.gpa.value, region.size, region.hva.value};
+      slots_[region.id] = Region{region.gpa.value, region.size, region.hva.value};
     }
     generation_.fetch_add(1, std::memory_order_release);
     return Status::Ok();

@@ -45,7 +45,7 @@ Result<DirtyLogMode> ParseDirtyLogMode(std::string_view text) {
 }
 
 GuestMemory::GuestMemory(MemslotBackend* backend, GuestMemoryOptions options)
-    : backend_(backend), kvm_(backend->kvm_dirty_log()), options_(options) {}
+    : backend_(backend), accel_log_(backend->accel_dirty_log()), options_(options) {}
 
 GuestMemory::~GuestMemory() = default;
 
@@ -59,51 +59,23 @@ Result<std::unique_ptr<GuestMemory>> GuestMemory::Create(MemslotBackend* backend
   const uint32_t max_slots = backend->max_memslots();
   memory->planner_ = MemslotPlanner(
       max_slots > 0 ? std::min<uint32_t>(max_slots, kMaxMemslotIds) : kDefaultMaxMemslots, granule);
-  sys::KvmVm* vm = memory->kvm_;
+  AccelDirtyLog* log = memory->accel_log_;
   if (options.dirty_mode == DirtyLogMode::kUffdWp) return memory;
-  if (vm == nullptr) {
+  if (log == nullptr) {
     return Error(
         "dirty tracking '{}' is KVM's dirty log, and this VM has no KVM — use --dirty uffd-wp",
         DirtyLogModeName(options.dirty_mode));
   }
   if (options.dirty_mode == DirtyLogMode::kBitmap) {
-    // Manual protect: KVM_GET_DIRTY_LOG only reads the log and we re-protect
-    // exactly the pages we harvested, so a harvest costs no full-slot
-    // write-protect pass.
-    if (vm->CheckExtension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) &
-        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) {
-      RETURN_IF_ERROR(
-          vm->EnableCap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE));
-    } else {
-      return Error("KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 — use the dirty ring instead");
-    }
+    RETURN_IF_ERROR(log->EnableBitmap());
   } else {
-    uint32_t entries = options.dirty_ring_entries;
+    const uint32_t entries = options.dirty_ring_entries;
     if (entries == 0 || (entries & (entries - 1)) != 0) {
       return Error("dirty ring of {} entries: must be a power of two", entries);
     }
-    uint32_t cap = KVM_CAP_DIRTY_LOG_RING;
-    int max_bytes = vm->CheckExtension(cap);
-    if (max_bytes <= 0) {
-      cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL;
-      max_bytes = vm->CheckExtension(cap);
-    }
-    if (max_bytes <= 0)
-      return Error("KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING) — use the bitmap");
-    uint64_t bytes = uint64_t{entries} * sizeof(kvm_dirty_gfn);
-    if (bytes > static_cast<uint64_t>(max_bytes)) {
-      return Error("dirty ring of {} entries is {} bytes; KVM allows at most {}", entries, bytes,
-                   max_bytes);
-    }
-    RETURN_IF_ERROR(
-        vm->EnableCap(cap, bytes)
-            .WithContext("enabling the dirty ring (it must happen before vCPUs are created)"));
+    RETURN_IF_ERROR(log->EnableRing(entries));
   }
   return memory;
-}
-
-uint32_t GuestMemory::dirty_ring_bytes() const {
-  return options_.dirty_ring_entries * sizeof(kvm_dirty_gfn);
 }
 
 void GuestMemory::SetPauser(VcpuPauser* pauser) {
@@ -111,41 +83,33 @@ void GuestMemory::SetPauser(VcpuPauser* pauser) {
   pauser_ = pauser;
 }
 
-Status GuestMemory::AddDirtyRing(sys::Mapping ring) {
-  if (options_.dirty_mode != DirtyLogMode::kRing) return Status::Ok();
-  std::lock_guard lock(ring_mu_);
-  rings_.push_back(Ring{std::move(ring), options_.dirty_ring_entries, 0});
-  return Status::Ok();
-}
-
-uint32_t GuestMemory::SlotFlags(const Memslot& slot) const {
-  // guest_memfd slots cannot log dirty pages on this kernel: KVM rejects the
-  // flag. Their blocks are reported all dirty instead (TakeDirty).
-  if (IsGuestMemfd(*slot.range.block)) return KVM_MEM_GUEST_MEMFD;
-  // userfaultfd write-protect tracks the blocks' host memory, not slots.
-  return tracking_ && kvm_ != nullptr && options_.dirty_mode != DirtyLogMode::kUffdWp
-             ? KVM_MEM_LOG_DIRTY_PAGES
-             : 0;
-}
-
-Status GuestMemory::InstallSlot(const Memslot& slot, uint32_t flags) {
-  sys::UserMemoryRegion region;
-  region.slot = slot.id;
-  region.flags = flags;
+MemslotRegion GuestMemory::RegionFor(const Memslot& slot) const {
+  MemslotRegion region;
+  region.id = slot.id;
   region.gpa = slot.range.gpa;
   region.size = slot.range.size;
   region.hva = slot.range.hva;
-  if (flags & KVM_MEM_GUEST_MEMFD) {
+  if (IsGuestMemfd(*slot.range.block)) {
+    // guest_memfd slots cannot log dirty pages on this kernel: KVM rejects
+    // the flag. Their blocks are reported all dirty instead (TakeDirty).
     region.guest_memfd = slot.range.block->fd();
     region.guest_memfd_offset = slot.range.block_offset;
+    return region;
   }
-  return backend_->SetMemslot(region).WithContext(
-      fmt::format("memslot for block '{}'", slot.range.block->name()));
+  // userfaultfd write-protect tracks the blocks' host memory, not slots.
+  region.log_dirty =
+      tracking_ && accel_log_ != nullptr && options_.dirty_mode != DirtyLogMode::kUffdWp;
+  return region;
+}
+
+Status GuestMemory::InstallSlot(const Memslot& slot) {
+  return backend_->SetMemslot(RegionFor(slot))
+      .WithContext(fmt::format("memslot for block '{}'", slot.range.block->name()));
 }
 
 Status GuestMemory::DeleteSlot(const Memslot& slot) {
-  sys::UserMemoryRegion region;
-  region.slot = slot.id;
+  MemslotRegion region;
+  region.id = slot.id;
   region.gpa = slot.range.gpa;
   region.size = 0;
   return backend_->SetMemslot(region);
@@ -185,7 +149,7 @@ Result<std::shared_ptr<const MemoryMap>> GuestMemory::Update(const AtomicMemoryM
       status = DeleteSlot(change.slot);
       stats.slots_deleted += status.ok();
     } else {
-      status = InstallSlot(change.slot, SlotFlags(change.slot));
+      status = InstallSlot(change.slot);
       stats.slots_created += status.ok();
     }
     if (status.ok()) ++applied;
@@ -198,7 +162,7 @@ Result<std::shared_ptr<const MemoryMap>> GuestMemory::Update(const AtomicMemoryM
       if (change.kind == MemslotChange::Kind::kCreate) {
         (void)DeleteSlot(change.slot);
       } else {
-        (void)InstallSlot(change.slot, SlotFlags(change.slot));
+        (void)InstallSlot(change.slot);
       }
     }
     if (pause) pauser_->Release();
@@ -245,7 +209,7 @@ Result<bool> GuestMemory::TryFillHoleWithoutPause(Gpa start, uint64_t length) {
   }
   if (tracking_) RETURN_IF_ERROR(TrackBlocksLocked(*next));
   for (size_t i = 0; i < plan.changes.size(); ++i) {
-    Status status = InstallSlot(plan.changes[i].slot, SlotFlags(plan.changes[i].slot));
+    Status status = InstallSlot(plan.changes[i].slot);
     if (!status.ok()) {
       for (size_t j = 0; j < i; ++j) (void)DeleteSlot(plan.changes[j].slot);
       return status.WithContext(fmt::format("filling hole [{:#x}, +{:#x})", start.value, length));
@@ -331,11 +295,11 @@ Status GuestMemory::StartDirtyTracking() {
     // A guest_memfd slot's flags do not change with tracking, and KVM
     // refuses to update such a slot in place (EINVAL): leave it alone.
     if (IsGuestMemfd(*slot.range.block)) continue;
-    Status s = InstallSlot(slot, SlotFlags(slot));
+    Status s = InstallSlot(slot);
     if (!s.ok()) {
       tracking_ = false;
       for (const Memslot& undo : slots_.slots()) {
-        if (!IsGuestMemfd(*undo.range.block)) (void)InstallSlot(undo, SlotFlags(undo));
+        if (!IsGuestMemfd(*undo.range.block)) (void)InstallSlot(undo);
       }
       std::lock_guard vmm_lock(vmm_dirty_mu_);
       vmm_tracking_ = false;
@@ -358,7 +322,7 @@ Status GuestMemory::StopDirtyTracking() {
   wp_.reset();  // unregisters every block
   for (const Memslot& slot : slots_.slots()) {
     if (IsGuestMemfd(*slot.range.block)) continue;  // see StartDirtyTracking
-    RETURN_IF_ERROR(InstallSlot(slot, SlotFlags(slot)));
+    RETURN_IF_ERROR(InstallSlot(slot));
   }
   return Status::Ok();
 }
@@ -375,16 +339,9 @@ Status GuestMemory::HarvestDirty() {
 }
 
 Status GuestMemory::HarvestSlotLocked(const Memslot& slot) {
-  if (!(SlotFlags(slot) & KVM_MEM_LOG_DIRTY_PAGES)) return Status::Ok();
+  if (!RegionFor(slot).log_dirty) return Status::Ok();
   const uint64_t pages = slot.range.size / kDirtyPage;
-  log_buffer_.assign((pages + 63) / 64, 0);
-  RETURN_IF_ERROR(kvm_->GetDirtyLog(slot.id, log_buffer_));
-  if (std::all_of(log_buffer_.begin(), log_buffer_.end(), [](uint64_t w) { return w == 0; })) {
-    return Status::Ok();
-  }
-  // Re-protect exactly what we harvested before anyone reads the pages: a
-  // write after this point dirties the page again.
-  RETURN_IF_ERROR(kvm_->ClearDirtyLog(slot.id, 0, static_cast<uint32_t>(pages), log_buffer_));
+  RETURN_IF_ERROR(accel_log_->TakeSlotLog(slot.id, pages, log_buffer_));
   auto it = dirty_.find(slot.range.block);
   if (it != dirty_.end()) {
     it->second.bits.MergeRaw(log_buffer_, pages, slot.range.block_offset / kDirtyPage);
@@ -392,23 +349,7 @@ Status GuestMemory::HarvestSlotLocked(const Memslot& slot) {
   return Status::Ok();
 }
 
-void GuestMemory::DrainRingsLocked() {
-  bool any = false;
-  for (Ring& ring : rings_) {
-    auto* gfns = reinterpret_cast<kvm_dirty_gfn*>(ring.mapping.data());
-    for (;;) {
-      kvm_dirty_gfn& entry = gfns[ring.next & (ring.entries - 1)];
-      uint32_t flags = __atomic_load_n(&entry.flags, __ATOMIC_ACQUIRE);
-      if (!(flags & KVM_DIRTY_GFN_F_DIRTY)) break;
-      pending_ring_.push_back(entry);
-      __atomic_store_n(&entry.flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
-      ++ring.next;
-      any = true;
-    }
-  }
-  // Gives the collected entries back to KVM, which re-protects their pages.
-  if (any) (void)kvm_->ResetDirtyRings();
-}
+void GuestMemory::DrainRingsLocked() { accel_log_->DrainRings(pending_ring_); }
 
 Status GuestMemory::DrainDirtyRings() {
   std::lock_guard lock(ring_mu_);
@@ -428,14 +369,14 @@ Status GuestMemory::HarvestLocked() {
     DrainRingsLocked();
     std::unordered_map<uint32_t, const Memslot*> by_id;
     for (const Memslot& slot : slots_.slots()) by_id[slot.id] = &slot;
-    for (const kvm_dirty_gfn& entry : pending_ring_) {
-      auto it = by_id.find(entry.slot & 0xffff);
+    for (const DirtyRingEntry& entry : pending_ring_) {
+      auto it = by_id.find(entry.slot);
       if (it == by_id.end()) continue;
       const Memslot& slot = *it->second;
-      if (entry.offset >= slot.range.size / kDirtyPage) continue;
+      if (entry.page >= slot.range.size / kDirtyPage) continue;
       auto block = dirty_.find(slot.range.block);
       if (block != dirty_.end()) {
-        block->second.bits.Set(slot.range.block_offset / kDirtyPage + entry.offset);
+        block->second.bits.Set(slot.range.block_offset / kDirtyPage + entry.page);
       }
     }
     pending_ring_.clear();

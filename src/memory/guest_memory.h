@@ -31,7 +31,6 @@
 #include "src/memory/dirty_bitmap.h"
 #include "src/memory/memslot_backend.h"
 #include "src/memory/memslot_plan.h"
-#include "src/sys/kvm.h"
 #include "src/sys/mapping.h"
 
 namespace faultline {
@@ -79,9 +78,9 @@ struct LayoutChangeStats {
 
 class GuestMemory {
  public:
-  // `backend` must outlive this object. The KVM modes need its KVM dirty
-  // log; in ring mode this enables the dirty ring on the VM, which KVM
-  // allows only before any vCPU exists.
+  // `backend` must outlive this object. The KVM modes need its own dirty
+  // log (accel_dirty_log); this enables it, which KVM allows only before
+  // any vCPU exists.
   static Result<std::unique_ptr<GuestMemory>> Create(MemslotBackend* backend,
                                                      GuestMemoryOptions options = {});
   ~GuestMemory();
@@ -89,9 +88,6 @@ class GuestMemory {
   // Until a pauser is set (no vCPUs yet), changes apply without pausing.
   void SetPauser(VcpuPauser* pauser);
   DirtyLogMode dirty_mode() const { return options_.dirty_mode; }
-  // Ring mode: the ring of each vCPU (hv::Vcpu::MapDirtyRing).
-  Status AddDirtyRing(sys::Mapping ring);
-  uint32_t dirty_ring_bytes() const;
 
   // The current layout. Lock-free; valid for as long as the caller holds it.
   std::shared_ptr<const MemoryMap> map() const { return map_.Load(); }
@@ -152,18 +148,12 @@ class GuestMemory {
  private:
   GuestMemory(MemslotBackend* backend, GuestMemoryOptions options);
 
-  struct Ring {
-    sys::Mapping mapping;
-    uint32_t entries = 0;
-    uint32_t next = 0;  // index of the next entry to harvest (mod entries)
-  };
-
-  uint32_t SlotFlags(const Memslot& slot) const;
-  Status InstallSlot(const Memslot& slot, uint32_t flags);
+  MemslotRegion RegionFor(const Memslot& slot) const;  // requires mu_
+  Status InstallSlot(const Memslot& slot);             // requires mu_
   Status DeleteSlot(const Memslot& slot);
   Status HarvestSlotLocked(const Memslot& slot);
   Status HarvestLocked();
-  void DrainRingsLocked();                       // requires ring_mu_
+  void DrainRingsLocked();                         // requires ring_mu_
   Status TrackBlocksLocked(const MemoryMap& map);  // requires mu_
 
   struct BlockDirty {
@@ -176,7 +166,7 @@ class GuestMemory {
   };
 
   MemslotBackend* const backend_;
-  sys::KvmVm* const kvm_;  // KVM's dirty log, or nullptr
+  AccelDirtyLog* const accel_log_;  // the accelerator's dirty log, or nullptr
   const GuestMemoryOptions options_;
   AtomicMemoryMap map_;
   MemslotPlanner planner_;  // guarded by mu_ (SetMemslotGranule replaces it)
@@ -191,12 +181,11 @@ class GuestMemory {
   bool tracking_ = false;                        // guarded by mu_
   std::map<const RamBlock*, BlockDirty> dirty_;  // guarded by mu_
   LayoutChangeStats last_change_;                // guarded by mu_
-  std::vector<uint64_t> log_buffer_;             // guarded by mu_; KVM_GET_DIRTY_LOG scratch
+  std::vector<uint64_t> log_buffer_;             // guarded by mu_; TakeSlotLog's scratch
   std::unique_ptr<UffdWpTracker> wp_;            // guarded by mu_; uffd-wp while tracking
 
   mutable std::mutex ring_mu_;
-  std::vector<Ring> rings_;                  // guarded by ring_mu_
-  std::vector<kvm_dirty_gfn> pending_ring_;  // guarded by ring_mu_
+  std::vector<DirtyRingEntry> pending_ring_;  // guarded by ring_mu_
 
   // Writes by the VMM while tracking, merged at the next harvest. A leaf
   // lock: taken by vCPU threads, never held while waiting for anything.

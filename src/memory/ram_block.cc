@@ -20,13 +20,14 @@ namespace {
 
 class MappedRamBlock final : public RamBlock {
  public:
+  // `host` invalid: options.host is the VMM's own mapping, not ours.
   MappedRamBlock(const RamBlockOptions& options, uint64_t page_size, sys::UniqueFd fd,
                  sys::Mapping host, sys::Mapping alias)
       : RamBlock(options.name, options.backing, options.size, page_size),
         fd_(std::move(fd)),
         host_map_(std::move(host)),
         alias_map_(std::move(alias)) {
-    host_ = host_map_.data();
+    host_ = host_map_.valid() ? host_map_.data() : static_cast<uint8_t*>(options.host);
     alias_ = alias_map_.valid() ? alias_map_.data() : nullptr;
   }
 
@@ -77,6 +78,10 @@ Result<sys::Mapping> MapShared(const RamBlockOptions& options, int fd, const cha
 }
 
 Result<std::shared_ptr<RamBlock>> CreateAnonymous(const RamBlockOptions& options) {
+  if (options.host != nullptr) {
+    return std::make_shared<MappedRamBlock>(options, kPageSize, sys::UniqueFd(), sys::Mapping(),
+                                            sys::Mapping());
+  }
   const std::string what = fmt::format("RAM block '{}' (anon)", options.name);
   ASSIGN_OR_RETURN(sys::Mapping host, sys::Mapping::Anonymous(options.size, what.c_str()));
   if (options.transparent_huge_pages && ::madvise(host.data(), host.size(), MADV_HUGEPAGE) != 0) {
@@ -103,7 +108,10 @@ Result<sys::UniqueFd> BlockMemfd(const RamBlockOptions& options, bool hugetlb) {
 
 Result<std::shared_ptr<RamBlock>> CreateMemfd(const RamBlockOptions& options) {
   ASSIGN_OR_RETURN(sys::UniqueFd fd, BlockMemfd(options, /*hugetlb=*/false));
-  ASSIGN_OR_RETURN(sys::Mapping host, MapShared(options, fd.get(), "host"));
+  sys::Mapping host;
+  if (options.host == nullptr) {
+    ASSIGN_OR_RETURN(host, MapShared(options, fd.get(), "host"));
+  }
   ASSIGN_OR_RETURN(sys::Mapping alias, MapShared(options, fd.get(), "alias"));
   return std::make_shared<MappedRamBlock>(options, kPageSize, std::move(fd), std::move(host),
                                           std::move(alias));
@@ -116,7 +124,8 @@ Result<std::shared_ptr<RamBlock>> CreateHugetlb(const RamBlockOptions& options) 
   // shortage shows here as ENOMEM rather than as a SIGBUS on first touch.
   // (Not checked against /proc/meminfo beforehand: surplus pages, allowed by
   // vm.nr_overcommit_hugepages, may make up the difference.)
-  auto host = MapShared(options, fd.get(), "host");
+  Result<sys::Mapping> host = sys::Mapping();
+  if (options.host == nullptr) host = MapShared(options, fd.get(), "host");
   if (!host.has_value()) {
     if (host.error().code() == ENOMEM) {
       return ErrnoError(ENOMEM, "{}", sys::HugePageShortage(what, options.size));
@@ -180,6 +189,23 @@ Result<std::shared_ptr<RamBlock>> RamBlock::Create(const RamBlockOptions& option
       options.backing != Backing::kHugetlb) {
     return Error("RAM block '{}': only a memfd or hugetlb block can adopt a descriptor, not {}",
                  options.name, BackingName(options.backing));
+  }
+  if (options.host != nullptr) {
+    if (options.backing == Backing::kGuestMemfd) {
+      return Error(
+          "RAM block '{}': a gmem block is created by Faultline and cannot adopt a mapping",
+          options.name);
+    }
+    if (options.backing != Backing::kAnonymous && options.adopt_fd < 0) {
+      return Error(
+          "RAM block '{}': a {} block that adopts the VMM's mapping needs its memfd too "
+          "(RamBlockOptions::adopt_fd), for the alias mapping",
+          options.name, BackingName(options.backing));
+    }
+    if (!IsAligned(reinterpret_cast<uintptr_t>(options.host), page_size)) {
+      return Error("RAM block '{}': the mapping at {} is not aligned to its {} pages", options.name,
+                   fmt::ptr(options.host), page_size == kHugePageSize ? "2 MiB" : "4 KiB");
+    }
   }
   if (options.transparent_huge_pages && options.backing != Backing::kAnonymous) {
     return Error("RAM block '{}': transparent huge pages apply to anon blocks only, not {}",

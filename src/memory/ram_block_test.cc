@@ -14,7 +14,6 @@
 #include <gtest/gtest.h>
 
 #include "src/sys/guest_memfd.h"
-#include "src/sys/kvm.h"
 #include "src/sys/memfd.h"
 #include "src/sys/userfaultfd.h"
 
@@ -239,12 +238,10 @@ TEST(RamBlockTest, GuestMemfd) {
   if (Status probe = sys::ProbeGuestMemfd(); !probe.ok()) {
     GTEST_SKIP() << "needs guest_memfd: " << probe.ToString();
   }
-  auto kvm = sys::KvmSystem::Open();
-  ASSERT_TRUE(kvm.has_value()) << kvm.status().ToString();
-  auto vm = kvm->CreateVm();
+  auto vm = sys::CreateGuestMemfdOwner();
   ASSERT_TRUE(vm.has_value()) << vm.status().ToString();
   auto block = MustCreate(
-      {.name = "gmem", .size = 2 * kMiB, .backing = Backing::kGuestMemfd, .vm_fd = vm->fd()});
+      {.name = "gmem", .size = 2 * kMiB, .backing = Backing::kGuestMemfd, .vm_fd = vm->get()});
   ASSERT_NE(block, nullptr);
   EXPECT_GE(block->fd(), 0);
   ASSERT_NE(block->alias(), nullptr);

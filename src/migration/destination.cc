@@ -74,7 +74,7 @@ class MigrationDestination::Attempt {
   std::condition_variable ended_cv_;      // a channel thread ended
   size_t ended_ = 0;                      // guarded by mu_
   bool main_ended_ = false;               // guarded by mu_: FollowMain returned
-  Session session_;                       // Shutdown() under mu_; used without it
+  Session session_;  // assigned and Shutdown() under mu_; its links used without it
   std::unique_ptr<PassBarrier> barrier_;  // guarded by mu_; set before the threads start
   std::optional<Status> first_error_;     // guarded by mu_
   // Serialises writes to the main channel: CompleteAck from the main thread,
@@ -93,6 +93,9 @@ bool IsConsequence(const Status& status) {
 }  // namespace
 
 void MigrationDestination::Attempt::Fail(Status status, ErrorCode code, bool tell_source) {
+  // Read under mu_: a Cancel() during the handshake runs while Run() may be
+  // assigning session_. Once set, session_ is not assigned again.
+  Link* main = nullptr;
   {
     std::lock_guard lock(mu_);
     if (first_error_) {
@@ -103,10 +106,11 @@ void MigrationDestination::Attempt::Fail(Status status, ErrorCode code, bool tel
       return;
     }
     first_error_ = status;
+    if (tell_source) main = session_.main.get();
   }
-  if (tell_source && session_.main) {
+  if (main != nullptr) {
     std::lock_guard lock(main_write_mu_);
-    (void)session_.main->writer().Send(ErrorMessage{code, status.ToString()});
+    (void)main->writer().Send(ErrorMessage{code, status.ToString()});
   }
   std::lock_guard lock(mu_);
   session_.Shutdown();

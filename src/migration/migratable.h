@@ -1,7 +1,8 @@
 // What the migration engines need from a VMM, as two small interfaces: the
 // source reads guest memory through dirty tracking and stops the vCPUs; the
-// destination writes guest memory and loads vCPU state. vm_adapter.h fits
-// them to the reference VMM (vmm::Vm); tests substitute fakes, so the
+// destination writes guest memory and loads vCPU state. memory_vm.h fits
+// them to a VMM whose RAM is a GuestMemory (the reference VMM: vmm/
+// vm_adapter.h; an embedder: src/embed/); tests substitute fakes, so the
 // engines' pass, switchover and failure logic runs without /dev/kvm.
 #pragma once
 

@@ -179,6 +179,7 @@ Status PostcopyDestination::FollowPrecopy(Attempt& a) {
     }
     if (s->device_count > kMaxDevices) return Error("Switchover: {} devices", s->device_count);
     final_pass_ = s->final_pass;
+    switchover_devices_ = s->device_count;
     std::lock_guard lock(mu_);
     stats_.passes = passes;
     stats_.dirty_at_switchover = s->dirty_pages;
@@ -244,7 +245,7 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
   const auto switched = Clock::now();
   MessageReader& reader = a.session.main->reader();
   uint64_t dirty_count;
-  uint32_t device_count;
+  const uint32_t device_count = switchover_devices_;
   {
     std::lock_guard lock(mu_);
     dirty_count = stats_.dirty_at_switchover;
@@ -255,10 +256,9 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
   std::vector<DeviceBlob> devices;
   uint64_t dirty_seen = 0;
   uint32_t vcpus_seen = 0;
-  (void)device_count;
   // DirtyPages*, then VcpuState for each vCPU in order, then DeviceState*;
   // the counts were announced in the Switchover.
-  while (true) {
+  while (dirty_seen < dirty_count || vcpus_seen < vcpus.size() || devices.size() < device_count) {
     Result<Message> m = reader.Read();
     if (!m && m.error().code() == EAGAIN) continue;
     if (!m) return m.error();
@@ -275,17 +275,22 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
       if (dirty_seen != dirty_count) {
         return Error("{} dirty pages announced, {} received", dirty_count, dirty_seen);
       }
+      if (vcpus_seen == vcpus.size()) return Error("VcpuState for more than {} vCPUs", vcpus_seen);
       if (v->index != vcpus_seen) return Error("VcpuState {}, expected {}", v->index, vcpus_seen);
       vcpus[vcpus_seen++] = std::move(v->state);
-      if (vcpus_seen == vcpus.size()) break;
+    } else if (auto* d = std::get_if<DeviceState>(&*m)) {
+      if (vcpus_seen != vcpus.size()) {
+        return Error("DeviceState '{}' before the state of every vCPU", d->name);
+      }
+      devices.push_back(DeviceBlob{std::move(d->name), std::move(d->state)});
     } else if (const auto* e = std::get_if<ErrorMessage>(&*m)) {
       return PeerError(*e);
     } else {
       return Error("switchover: unexpected {}", MessageTypeName(TypeOf(*m)));
     }
   }
-  // The reference VMM has no devices with state; a source that sends some
-  // is refused by LoadDevices (no DeviceState is read here: device_count 0).
+  // The devices' state goes to the VMM with the vCPUs' (StartPostcopy);
+  // the reference VMM has none and refuses any that arrives.
   const size_t n = a.session.pages.size();
   const auto state_in = Clock::now();
   a.dirty_set = std::move(dirty);

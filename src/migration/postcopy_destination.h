@@ -113,6 +113,7 @@ class PostcopyDestination {
   std::shared_ptr<NetworkPageSource> network_;
   uint64_t session_id_ = 0;  // the first session's
   uint32_t final_pass_ = 0;
+  uint32_t switchover_devices_ = 0;  // DeviceState messages the Switchover announced
   std::chrono::steady_clock::time_point start_;
 
   mutable std::mutex mu_;

@@ -1,7 +1,7 @@
 // What the post-copy destination needs from a VMM besides DestinationVm:
 // starting the guest with its memory demand-paged from a PageSource, and
-// the pager's background fetch. postcopy_vm_adapter.cc fits the reference
-// VMM (vmm::Vm) with a paging::GuestPager.
+// the pager's background fetch. memory_postcopy_vm.cc implements it for any
+// VMM whose RAM is a GuestMemory, with a paging::GuestPager (memory_vm.h).
 #pragma once
 
 #include <cstdint>
@@ -17,10 +17,6 @@
 #include "src/paging/page_source.h"
 #include "src/paging/pager_context.h"
 #include "src/sys/sched.h"
-
-namespace faultline::vmm {
-class Vm;
-}
 
 namespace faultline::migration {
 
@@ -72,14 +68,5 @@ struct PostcopyVmOptions {
   int realtime_priority = sys::kDefaultRealtimePriority;
   uint64_t hole_chunk = 2ull << 20;
 };
-
-// The installer post-copy uses for `backing` by default.
-paging::InstallerKind DefaultPostcopyInstaller(Backing backing);
-
-// `vm` must have been created with boot = false and not started, and must
-// outlive the adapter; the adapter must outlive the VM's run (it owns the
-// pager the VM's hooks call).
-std::unique_ptr<PostcopyDestinationVm> MakePostcopyDestinationVm(vmm::Vm& vm,
-                                                                 PostcopyVmOptions options = {});
 
 }  // namespace faultline::migration

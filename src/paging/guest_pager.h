@@ -4,10 +4,11 @@
 // hooks, gives the VMM's own accesses a path that makes pages present first,
 // and applies the policy for pages the source could not supply.
 //
-// Wiring (src/paging/vm_paging.h does it for vmm::Vm):
-//   started      -> OnVcpuThreadStarted   (fault attribution, SIGBUS trap)
-//   MMIO exit    -> OnMmio                (hole installer: bring the chunk in)
-//   interrupted  -> OnInterrupted         (a poisoned page was touched)
+// Wiring (vmm::Vm::AttachPager does it for the reference VMM):
+//   VcpuExitHandler (src/paging/vcpu_exits.h), on the vCPU threads:
+//     OnVcpuThreadStarted   (fault attribution, SIGBUS trap)
+//     OnMmio                (hole installer: bring the chunk in)
+//     OnInterrupted         (a poisoned page was touched)
 //   GuestMemory::SetAccessHook -> EnsurePresent
 //
 // Memory errors: a vCPU touching a poisoned page gets a machine check
@@ -26,10 +27,11 @@
 #include <vector>
 
 #include "faultline/status.h"
+#include "src/hypervisor/hypervisor.h"
 #include "src/memory/guest_memory.h"
 #include "src/paging/demand_pager.h"
-#include "src/hypervisor/hypervisor.h"
 #include "src/paging/hole_pager.h"
+#include "src/paging/vcpu_exits.h"
 
 namespace faultline::paging {
 
@@ -55,7 +57,7 @@ struct GuestMemoryError {
   bool mce_injected = false;
 };
 
-class GuestPager {
+class GuestPager final : public VcpuExitHandler {
  public:
   // Sets demand paging up for `blocks` (each placed in `memory`) before the
   // vCPUs run. `memory` must outlive this object.
@@ -65,13 +67,13 @@ class GuestPager {
                                                     GuestPagingOptions options);
   ~GuestPager();
 
-  // The hooks, each on vCPU `index`'s own thread.
-  void OnVcpuThreadStarted(uint32_t index);
+  // VcpuExitHandler, each on the vCPU's own thread.
+  void OnVcpuThreadStarted(uint32_t index) override;
   // True if the exit was a missing chunk, now brought in and the access
   // completed; false if it is not demand paging's (the VMM handles it).
-  Result<bool> OnMmio(hv::Vcpu& vcpu, hv::MmioExit& mmio);
+  Result<bool> OnMmio(hv::Vcpu& vcpu, hv::MmioExit& mmio) override;
   // An error stops the VM (the memory-error policy); OK otherwise.
-  Status OnInterrupted(hv::Vcpu& vcpu);
+  Status OnInterrupted(hv::Vcpu& vcpu) override;
   // The VMM's own accesses (GuestMemory's access hook): pages present first.
   Status EnsurePresent(Gpa gpa, uint64_t length);
 

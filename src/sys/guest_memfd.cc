@@ -1,5 +1,6 @@
 #include "src/sys/guest_memfd.h"
 
+#include <fcntl.h>
 #include <sys/ioctl.h>
 
 #include <cerrno>
@@ -59,6 +60,14 @@ Result<UniqueFd> CreateGuestMemfd(int vm_fd, uint64_t size, uint64_t flags) {
                       flags, supported);
   }
   return ErrnoError(err, "KVM_CREATE_GUEST_MEMFD size {} flags 0x{:x}", size, flags);
+}
+
+Result<UniqueFd> CreateGuestMemfdOwner() {
+  ASSIGN_OR_RETURN(KvmSystem kvm, KvmSystem::Open());
+  ASSIGN_OR_RETURN(KvmVm vm, kvm.CreateVm());
+  const int fd = fcntl(vm.fd(), F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return ErrnoError(errno, "duplicating the KVM VM's fd");
+  return UniqueFd(fd);
 }
 
 Status ProbeGuestMemfd() {

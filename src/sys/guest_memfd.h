@@ -30,4 +30,8 @@ uint64_t SupportedGuestMemfdFlags(int vm_fd);
 // flags before Linux 6.18). Opens /dev/kvm and creates a VM on each call.
 Status ProbeGuestMemfd();
 
+// A new KVM VM to own guest_memfds, for code that has no VM of its own (the
+// tests of layers below the hypervisor). The fd keeps /dev/kvm's VM alive.
+Result<UniqueFd> CreateGuestMemfdOwner();
+
 }  // namespace faultline::sys

@@ -1,4 +1,4 @@
-#include "faultline/guest_report.h"
+#include "src/vmm/guest_report.h"
 
 #include <algorithm>
 

@@ -9,9 +9,9 @@
 #include <mutex>
 #include <span>
 
-#include "faultline/guest_report.h"
 #include "faultline/status.h"
 #include "faultline/types.h"
+#include "src/vmm/guest_report.h"
 
 namespace faultline::vmm {
 

@@ -86,17 +86,13 @@ Status Vm::Init() {
   options.size = config_.mem_size;
   options.backing = config_.backing;
   options.adopt_fd = config_.ram_fd;
-  if (sys::KvmVm* kvm = machine_->kvm_dirty_log()) options.vm_fd = kvm->fd();
+  options.vm_fd = machine_->kvm_vm_fd();
   ASSIGN_OR_RETURN(ram_, RamBlock::Create(options));
   RETURN_IF_ERROR(memory_->Place(ram_, Gpa(0)));
 
   std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
   for (uint32_t i = 0; i < config_.vcpus; ++i) {
     ASSIGN_OR_RETURN(std::unique_ptr<hv::Vcpu> vcpu, machine_->CreateVcpu(i));
-    if (memory_->dirty_mode() == DirtyLogMode::kRing) {
-      ASSIGN_OR_RETURN(sys::Mapping ring, vcpu->MapDirtyRing(memory_->dirty_ring_bytes()));
-      RETURN_IF_ERROR(memory_->AddDirtyRing(std::move(ring)));
-    }
     vcpus.push_back(std::move(vcpu));
   }
   vcpus_ = std::make_unique<VcpuSet>(std::move(vcpus));
@@ -121,8 +117,27 @@ Status Vm::Boot(uint64_t entry64) {
   return Status::Ok();
 }
 
+void Vm::AttachPager(paging::GuestPager* pager) {
+  exits_ = pager;
+  if (pager == nullptr) {
+    memory_->SetAccessHook(nullptr);
+    return;
+  }
+  memory_->SetAccessHook(
+      [pager](Gpa gpa, uint64_t length) { return pager->EnsurePresent(gpa, length); });
+}
+
 Status Vm::Start() {
-  vcpus_->SetThreadHooks(hooks_.started, hooks_.interrupted);
+  if (exits_ != nullptr) {
+    paging::VcpuExitHandler* exits = exits_;
+    vcpus_->SetThreadHooks([exits](uint32_t index) { exits->OnVcpuThreadStarted(index); },
+                           [exits](hv::Vcpu& vcpu) -> Result<ExitAction> {
+                             RETURN_IF_ERROR(exits->OnInterrupted(vcpu));
+                             return ExitAction::kContinue;
+                           });
+  } else {
+    vcpus_->SetThreadHooks(nullptr, nullptr);
+  }
   return vcpus_->Start(
       [this](hv::Vcpu& vcpu, hv::VcpuExit& exit) { return HandleExit(vcpu, exit); });
 }
@@ -198,8 +213,8 @@ Result<ExitAction> Vm::HandleExit(hv::Vcpu& vcpu, hv::VcpuExit& exit) {
                                          "would have panicked or triple-faulted",
                                          ExceptionName(exit.vector), exit.vector));
     case Kind::kMmio:
-      if (hooks_.mmio) {
-        ASSIGN_OR_RETURN(bool handled, hooks_.mmio(vcpu, exit.mmio));
+      if (exits_ != nullptr) {
+        ASSIGN_OR_RETURN(bool handled, exits_->OnMmio(vcpu, exit.mmio));
         if (handled) return ExitAction::kContinue;
       }
       return HandleMmio(vcpu, exit.mmio);

@@ -14,12 +14,13 @@
 #include <string>
 #include <vector>
 
-#include "faultline/guest_report.h"
 #include "faultline/ram_block.h"
 #include "faultline/status.h"
 #include "src/hypervisor/hypervisor.h"
 #include "src/hypervisor/vcpu_state.h"
 #include "src/memory/guest_memory.h"
+#include "src/paging/guest_pager.h"
+#include "src/vmm/guest_report.h"
 #include "src/vmm/serial.h"
 #include "src/vmm/test_port.h"
 #include "src/vmm/vcpu_set.h"
@@ -30,18 +31,6 @@ inline constexpr uint64_t kMinMemory = 64ull << 20;
 inline constexpr uint64_t kMaxMemory = 16ull << 30;
 inline constexpr uint32_t kMaxVcpus = 8;
 inline constexpr char kRamBlockName[] = "ram0";  // the VM's one RAM block
-
-// What demand paging (src/paging/guest_pager.h) does on vCPU threads. Set
-// with Vm::SetVcpuHooks before Start(); every member is optional.
-struct VcpuHooks {
-  // On each vCPU thread before it first runs.
-  std::function<void(uint32_t index)> started;
-  // An access to a guest-physical address without RAM, before the VMM's own
-  // handling: true if the hook completed it (a missing chunk brought in).
-  std::function<Result<bool>(hv::Vcpu& vcpu, hv::MmioExit& mmio)> mmio;
-  // A run was interrupted (see VcpuSet::SetThreadHooks).
-  InterruptHandler interrupted;
-};
 
 struct VmConfig {
   std::string guest_path = FAULTLINE_DEFAULT_GUEST;
@@ -76,7 +65,11 @@ class Vm {
   static Result<std::unique_ptr<Vm>> Create(VmConfig config);
   ~Vm();
 
-  void SetVcpuHooks(VcpuHooks hooks) { hooks_ = std::move(hooks); }
+  // Demand paging: `pager` runs on the vCPU threads (its VcpuExitHandler)
+  // and makes pages present before the VMM's own accesses. Before Start();
+  // nullptr detaches it once the VM has stopped. `pager` must outlive the
+  // VM's use of it.
+  void AttachPager(paging::GuestPager* pager);
   Status Start();
   // Waits until every vCPU has finished, at most `timeout`. An error if a
   // vCPU hit an unexpected exit (with the exit and the registers), or on
@@ -131,7 +124,7 @@ class Vm {
   std::unique_ptr<GuestMemory> memory_;
   std::shared_ptr<RamBlock> ram_;
   std::atomic<uint64_t> hole_accesses_{0};
-  VcpuHooks hooks_;  // set before Start()
+  paging::VcpuExitHandler* exits_ = nullptr;  // set before Start()
   std::unique_ptr<VcpuSet> vcpus_;
   std::unique_ptr<Serial> serial_;
   std::unique_ptr<TestPort> test_port_;

@@ -23,14 +23,14 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "src/vmm/control_args.h"
-#include "src/vmm/control_migration.h"
-#include "src/vmm/control_server.h"
+#include "src/control/args.h"
+#include "src/control/migration.h"
+#include "src/control/server.h"
 #include "tests/integration/test_accel.h"
 
 extern char** environ;
 
-namespace faultline::vmm {
+namespace faultline::control {
 namespace {
 
 using ::testing::HasSubstr;
@@ -392,4 +392,4 @@ TEST_F(ControlCliTest, QueryPrintsJson) {
 }
 
 }  // namespace
-}  // namespace faultline::vmm
+}  // namespace faultline::control

@@ -15,8 +15,8 @@
 #include "src/migration/fault_transport.h"
 #include "src/migration/socket_transport.h"
 #include "src/migration/source.h"
-#include "src/migration/vm_adapter.h"
 #include "src/vmm/vm.h"
+#include "src/vmm/vm_adapter.h"
 #include "tests/integration/test_accel.h"
 
 namespace faultline::migration {
@@ -67,8 +67,8 @@ Result2 Migrate(vmm::Vm& from, vmm::Vm& to, SourceOptions options,
   std::unique_ptr<Connector> connector = std::make_unique<SocketConnector>(
       Address{"tcp", "127.0.0.1", (*listener)->port()}, TransportOptions{});
   if (link) connector = std::make_unique<FaultyConnector>(std::move(connector), link);
-  auto source_vm = MakeSourceVm(from);
-  auto destination_vm = MakeDestinationVm(to);
+  auto source_vm = vmm::MakeSourceVm(from);
+  auto destination_vm = vmm::MakeDestinationVm(to);
   MigrationSource source(*source_vm, options);
   MigrationDestination destination(*destination_vm, {});
   Result2 r;

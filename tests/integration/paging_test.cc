@@ -21,7 +21,6 @@
 #include "src/paging/fault_injecting_page_source.h"
 #include "src/paging/guest_pager.h"
 #include "src/paging/snapshot_page_source.h"
-#include "src/paging/vm_paging.h"
 #include "src/sys/mapping.h"
 #include "src/vmm/vm.h"
 #include "tests/integration/huge_pages.h"
@@ -182,7 +181,7 @@ RunResult RunPaged(const Snapshot& snap, Backing backing, InstallerKind installe
     out.report = pager.error();
     return out;
   }
-  AttachToVm(**pager, **vm);
+  (*vm)->AttachPager(pager->get());
   Status s = (*vm)->LoadVcpus(snap.states);
   for (uint32_t i = 0; s.ok() && i < snap.vcpus; ++i) {
     s = (*pager)->PrepareVcpu((*vm)->vcpus().vcpu(i));
@@ -200,7 +199,7 @@ RunResult RunPaged(const Snapshot& snap, Backing backing, InstallerKind installe
   if (s.ok()) s = (*vm)->Start();
   if (!s.ok()) {
     (*vm)->Stop();
-    DetachFromVm(**vm);
+    (*vm)->AttachPager(nullptr);
     out.report = s;
     return out;
   }
@@ -220,7 +219,7 @@ RunResult RunPaged(const Snapshot& snap, Backing backing, InstallerKind installe
   }
   out.poisoned = (*pager)->poisoned();
   (*vm)->Stop();
-  DetachFromVm(**vm);
+  (*vm)->AttachPager(nullptr);
   return out;
 }
 

@@ -44,8 +44,8 @@
 #include "src/migration/postcopy_session.h"
 #include "src/migration/postcopy_source.h"
 #include "src/migration/socket_transport.h"
-#include "src/migration/vm_adapter.h"
 #include "src/vmm/vm.h"
+#include "src/vmm/vm_adapter.h"
 #include "tests/integration/huge_pages.h"
 #include "tests/integration/test_accel.h"
 
@@ -175,10 +175,10 @@ Outcome RunPostcopy(const Plan& plan) {
     return out;
   }
   const Address address{"tcp", "127.0.0.1", (*listener)->port()};
-  auto source_vm = MakeSourceVm(**from);
+  auto source_vm = vmm::MakeSourceVm(**from);
   PostcopyVmOptions vm_options;
   vm_options.installer = plan.installer;
-  auto destination_vm = MakePostcopyDestinationVm(**to, vm_options);
+  auto destination_vm = vmm::MakePostcopyDestinationVm(**to, vm_options);
   out.installer = destination_vm->installer();
   PostcopySourceOptions options;
   options.base.page_channels = 2;
@@ -433,10 +433,10 @@ TEST(PostcopyRefusalTest, UnsupportedInstallerIsRefusedAndTheSourceRunsOn) {
       auto listener = SocketListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
       ASSERT_TRUE(listener.has_value());
       SocketConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, {});
-      auto source_vm = MakeSourceVm(**from);
+      auto source_vm = vmm::MakeSourceVm(**from);
       PostcopyVmOptions vm_options;
       vm_options.installer = installer;
-      auto destination_vm = MakePostcopyDestinationVm(**to, vm_options);
+      auto destination_vm = vmm::MakePostcopyDestinationVm(**to, vm_options);
       ASSERT_FALSE(destination_vm->CheckPaging().ok());
       PostcopySourceOptions options;
       options.base.page_channels = 2;
@@ -527,7 +527,7 @@ TEST_P(PostcopyTwoGiBTest, GuestVerifiesEveryPage) {
                            .precopy_passes = backing == Backing::kGuestMemfd ? 0u : 1u,
                            .cuts = {}});
   ExpectVerified(o);
-  EXPECT_EQ(o.installer, DefaultPostcopyInstaller(backing));
+  EXPECT_EQ(o.installer, paging::BestInstaller(backing));
   EXPECT_EQ(o.destination_stats.paging.errors, 0u);
   EXPECT_EQ(o.source_stats.requests_rejected, 0u);
 }
@@ -566,7 +566,7 @@ TEST(PostcopySourceTest, OutOfRangePageRequestIsRejectedAndLogged) {
   auto listener = SocketListener::Listen(Address{"tcp", "127.0.0.1", 0}, {});
   ASSERT_TRUE(listener.has_value());
   SocketConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, TransportOptions{});
-  auto source_vm = MakeSourceVm(**from);
+  auto source_vm = vmm::MakeSourceVm(**from);
   PostcopySourceOptions options;
   options.base.page_channels = 1;
   options.precopy_passes = 0;

@@ -17,7 +17,6 @@
 #include "src/paging/guest_pager.h"
 #include "src/paging/host_benchmark.h"
 #include "src/paging/snapshot_page_source.h"
-#include "src/paging/vm_paging.h"
 #include "src/sys/mapping.h"
 #include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
@@ -115,7 +114,7 @@ Result<PagingBenchRun> RunGuestPagingBench(const PagingBenchConfig& c, uint64_t 
   ASSIGN_OR_RETURN(
       auto pager,
       paging::GuestPager::Create(vm->memory(), source, {{vm->ram_block(), id, present}}, options));
-  paging::AttachToVm(*pager, *vm);
+  vm->AttachPager(pager.get());
   Status status;
   for (uint32_t i = 0; status.ok() && i < c.threads; ++i) {
     status = pager->PrepareVcpu(vm->vcpus().vcpu(i));
@@ -125,7 +124,7 @@ Result<PagingBenchRun> RunGuestPagingBench(const PagingBenchConfig& c, uint64_t 
   Result<GuestReport> done =
       status.ok() ? vm->Wait(std::chrono::minutes(10)) : Result<GuestReport>(status);
   vm->Stop();
-  paging::DetachFromVm(*vm);
+  vm->AttachPager(nullptr);
   RETURN_IF_ERROR(done.status());
   if (!done->success()) return Error("the guest failed: {}", FormatReport(*done));
   PagingBenchRun run;

@@ -8,9 +8,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "faultline/guest_report.h"
 #include "faultline/status.h"
 #include "src/paging/installer.h"
+#include "src/vmm/guest_report.h"
 #include "src/vmm/vm.h"
 
 namespace CLI {

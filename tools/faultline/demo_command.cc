@@ -18,7 +18,7 @@
 // network while the rest is pushed; the report adds the guest-observed
 // fault latency (the pager's: fault read -> installed and woken; p50/p99,
 // overall and per vCPU), the vCPUs' blocked time and pages demanded
-// against pages pushed (incoming_status.h). The pre-copy engine's downtime
+// against pages pushed (src/control/destination.h). The pre-copy engine's downtime
 // (engine_downtime_ms) is left out in post-copy: the source's pause ends
 // when the destination runs the guest, which switchover_pause_ms measures.
 #include <algorithm>
@@ -37,13 +37,13 @@
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_vm.h"
 #include "src/migration/socket_transport.h"
-#include "src/migration/vm_adapter.h"
 #include "src/sys/mapping.h"
-#include "src/vmm/control_source.h"
+#include "src/control/source.h"
 #include "src/vmm/vm.h"
+#include "src/vmm/vm_adapter.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
-#include "tools/faultline/incoming_status.h"
+#include "src/control/destination.h"
 #include "tools/faultline/live_vm.h"
 
 namespace faultline::cli {
@@ -64,7 +64,7 @@ struct DemoOptions {
   uint32_t channels = 2;
   uint32_t rate_mibps = 64;  // the guest's random writes; 0 with --idle
   bool idle = false;
-  uint64_t downtime_ms = vmm::kDefaultDowntimeMs;
+  uint64_t downtime_ms = control::kDefaultDowntimeMs;
   double after_s = 1.0;  // how long the guest keeps writing on the destination
   bool tcp_baseline = false;
   bool prealloc = false;
@@ -144,15 +144,15 @@ Result<LoopbackRate> MeasureLoopback(uint64_t bytes) {
 }
 
 int Demo(const DemoOptions& o) {
-  Result<vmm::MigrationMode> mode = vmm::ParseMigrationMode(o.mode);
+  Result<control::MigrationMode> mode = control::ParseMigrationMode(o.mode);
   if (!mode.has_value()) return Fail(Status(0, mode.error().message()).WithContext("--mode"));
   // Before anything boots: say so at once if this build cannot do it.
-  if (Status s = vmm::SourceMigrationControl::CheckMode(*mode); !s.ok()) {
+  if (Status s = control::SourceMigrationControl::CheckMode(*mode); !s.ok()) {
     return Fail(Status(0, s.message()).WithContext("--mode"));
   }
-  if (o.channels < 1 || o.channels > vmm::kMaxMigrationChannels) {
+  if (o.channels < 1 || o.channels > control::kMaxMigrationChannels) {
     return Fail(
-        Error("--channels: {} is out of range 1..{}", o.channels, vmm::kMaxMigrationChannels));
+        Error("--channels: {} is out of range 1..{}", o.channels, control::kMaxMigrationChannels));
   }
   vmm::VmConfig config;
   config.guest_path = o.guest;
@@ -248,7 +248,7 @@ int Demo(const DemoOptions& o) {
   // --incoming` does), noting when its vCPUs were started. Post-copy: the
   // engine starts them at the switchover and Run returns once every page is
   // here.
-  const bool postcopy = *mode == vmm::MigrationMode::kPostcopy;
+  const bool postcopy = *mode == control::MigrationMode::kPostcopy;
   std::unique_ptr<migration::DestinationVm> target;
   std::unique_ptr<migration::PostcopyDestinationVm> postcopy_target;
   std::unique_ptr<migration::MigrationDestination> precopy_receiver;
@@ -261,13 +261,13 @@ int Demo(const DemoOptions& o) {
         ChooseInstaller(o.installer, config.backing, &calibration, o.json);
     if (!kind.has_value()) return Fail(kind.error().WithContext("--installer"));
     vm_options.installer = *kind;
-    postcopy_target = migration::MakePostcopyDestinationVm(**destination, vm_options);
+    postcopy_target = vmm::MakePostcopyDestinationVm(**destination, vm_options);
     migration::DestinationOptions receiver_options;
     receiver_options.realtime_priority = o.realtime_priority;
     postcopy_receiver =
         std::make_unique<migration::PostcopyDestination>(*postcopy_target, receiver_options);
   } else {
-    target = migration::MakeDestinationVm(**destination);
+    target = vmm::MakeDestinationVm(**destination);
     precopy_receiver =
         std::make_unique<migration::MigrationDestination>(*target, migration::DestinationOptions{});
   }
@@ -301,7 +301,7 @@ int Demo(const DemoOptions& o) {
     if (dest_start.ok()) dest_running_at = Clock::now();
   });
 
-  vmm::MigrateRequest request;
+  control::MigrateRequest request;
   request.to = {"127.0.0.1", port};
   request.mode = *mode;
   request.channels = o.channels;
@@ -324,7 +324,7 @@ int Demo(const DemoOptions& o) {
     return Fail(s);
   }
   LiveVm::End end = (*live)->Wait(Clock::now() + std::chrono::minutes(10), "faultline demo");
-  const vmm::MigrationStatus m = (*live)->migration_status();
+  const control::MigrationStatus m = (*live)->migration_status();
   const std::optional<Clock::time_point> paused_at = (*live)->paused_at();
   if (end != LiveVm::End::kMigrated) cancel_receiver();
   dest_thread.join();
@@ -343,7 +343,7 @@ int Demo(const DemoOptions& o) {
     if (!received.has_value()) {
       fmt::print(stderr, "faultline demo: destination: {}\n", received.error().ToString());
     }
-    return Fail(Error("the migration did not complete ({})", vmm::MigrationPhaseName(m.phase)));
+    return Fail(Error("the migration did not complete ({})", control::MigrationPhaseName(m.phase)));
   }
   live->reset();
   (*source)->Stop();
@@ -428,7 +428,7 @@ int Demo(const DemoOptions& o) {
         {"demo_ms", Ms(verified_at - demo_start)},
     };
     if (postcopy) {
-      j.update(PostcopyFiguresJson(pc));
+      j.update(control::PostcopyFiguresJson(pc));
     } else {
       // The pre-copy engine's: its pause until the destination acknowledged.
       j["engine_downtime_ms"] = m.downtime_ms ? nlohmann::json(*m.downtime_ms) : nlohmann::json();

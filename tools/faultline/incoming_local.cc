@@ -6,7 +6,7 @@
 
 #include <fmt/format.h>
 
-#include "src/migration/vm_adapter.h"
+#include "src/vmm/vm_adapter.h"
 
 namespace faultline::cli {
 namespace {
@@ -100,21 +100,21 @@ Status CheckLocalVm(migration::LocalUpdateDestination& local,
 }
 
 Status ReceiveLocal(migration::LocalUpdateDestination& local, vmm::Vm& vm,
-                    const LocalIncomingOptions& options, IncomingMigration& status,
+                    const LocalIncomingOptions& options, control::IncomingStatus& status,
                     nlohmann::json& out) {
   const auto begin = Clock::now();
-  status.SetPhase(vmm::MigrationPhase::kSwitchover);
+  status.SetPhase(control::MigrationPhase::kSwitchover);
   // While the guest still runs at the source: the state then loads at once.
   if (Status prepared = vm.PrepareVcpus(); !prepared.ok()) {
     return LocalRefused(local.Refuse(prepared, migration::ErrorCode::kInternal));
   }
   if (Status ready = local.Ready(); !ready.ok()) return LocalRefused(ready);
-  std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(vm);
+  std::unique_ptr<migration::DestinationVm> target = vmm::MakeDestinationVm(vm);
   if (options.die_before_confirm) {
     target = std::make_unique<DieBeforeConfirm>(std::move(target));
   }
   Status received = local.ReceiveState(*target);
-  status.Finish(received.ok() ? vmm::MigrationPhase::kCompleted : vmm::MigrationPhase::kFailed,
+  status.Finish(received.ok() ? control::MigrationPhase::kCompleted : control::MigrationPhase::kFailed,
                 received.ok() ? "" : received.ToString());
   if (!received.ok()) return LocalRefused(received);
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - begin).count();

@@ -15,7 +15,7 @@
 #include "faultline/status.h"
 #include "src/migration/local_update.h"
 #include "src/vmm/vm.h"
-#include "tools/faultline/incoming_status.h"
+#include "src/control/destination.h"
 
 namespace faultline::cli {
 
@@ -46,7 +46,7 @@ Status CheckLocalVm(migration::LocalUpdateDestination& local,
 // state, confirms; `out` gets the report's "incoming". The caller starts
 // the guest at once.
 Status ReceiveLocal(migration::LocalUpdateDestination& local, vmm::Vm& vm,
-                    const LocalIncomingOptions& options, IncomingMigration& status,
+                    const LocalIncomingOptions& options, control::IncomingStatus& status,
                     nlohmann::json& out);
 
 // `why` as "incoming local update refused: ... the source keeps running it".

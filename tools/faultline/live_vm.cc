@@ -7,8 +7,8 @@
 
 #include <fmt/format.h>
 
-#include "src/migration/vm_adapter.h"
-#include "src/vmm/control_migration.h"
+#include "src/control/migration.h"
+#include "src/vmm/vm_adapter.h"
 
 namespace faultline::cli {
 
@@ -16,7 +16,7 @@ namespace faultline::cli {
 // start of the switchover pause the demo reports.
 class LiveVm::TimedSource final : public migration::SourceVm {
  public:
-  explicit TimedSource(vmm::Vm& vm) : inner_(migration::MakeSourceVm(vm)) {}
+  explicit TimedSource(vmm::Vm& vm) : inner_(vmm::MakeSourceVm(vm)) {}
 
   std::vector<std::shared_ptr<RamBlock>> blocks() override { return inner_->blocks(); }
   migration::HelloAccel accelerator() const override { return inner_->accelerator(); }
@@ -52,21 +52,21 @@ class LiveVm::TimedSource final : public migration::SourceVm {
 // Forwards to the engine; remembers whether a client has been told that the
 // migration ended, so that the VMM does not vanish before `faultline
 // migrate` has seen "completed".
-class LiveVm::SeenControl final : public vmm::MigrationControl {
+class LiveVm::SeenControl final : public control::MigrationControl {
  public:
-  explicit SeenControl(std::shared_ptr<vmm::MigrationControl> inner) : inner_(std::move(inner)) {}
+  explicit SeenControl(std::shared_ptr<control::MigrationControl> inner) : inner_(std::move(inner)) {}
 
-  Status Start(const vmm::MigrateRequest& request) override {
+  Status Start(const control::MigrateRequest& request) override {
     seen_terminal_.store(false);
     return inner_->Start(request);
   }
-  vmm::MigrationStatus Query() override {
-    vmm::MigrationStatus s = inner_->Query();
-    if (vmm::IsTerminal(s.phase)) seen_terminal_.store(true);
+  control::MigrationStatus Query() override {
+    control::MigrationStatus s = inner_->Query();
+    if (control::IsTerminal(s.phase)) seen_terminal_.store(true);
     return s;
   }
   Status Cancel() override { return inner_->Cancel(); }
-  Status Resume(const std::optional<vmm::MigrationTarget>& to) override {
+  Status Resume(const std::optional<control::MigrationTarget>& to) override {
     return inner_->Resume(to);
   }
   Status StartPostcopy() override { return inner_->StartPostcopy(); }
@@ -74,7 +74,7 @@ class LiveVm::SeenControl final : public vmm::MigrationControl {
   bool seen_terminal() const { return seen_terminal_.load(); }
 
  private:
-  std::shared_ptr<vmm::MigrationControl> inner_;
+  std::shared_ptr<control::MigrationControl> inner_;
   std::atomic<bool> seen_terminal_{false};
 };
 
@@ -87,12 +87,12 @@ LiveVm::~LiveVm() {
 
 Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& control_path,
                                                std::optional<migration::FaultPlan> first_link_fault,
-                                               std::unique_ptr<vmm::ControlServer> server,
-                                               std::shared_ptr<IncomingMigration> incoming,
+                                               std::unique_ptr<control::ControlServer> server,
+                                               std::shared_ptr<control::IncomingStatus> incoming,
                                                int realtime_priority, bool withhold_fds) {
   std::unique_ptr<LiveVm> live(new LiveVm(vm));
   live->source_ = std::make_unique<TimedSource>(vm);
-  vmm::SourceMigrationControl::Options options;
+  control::SourceMigrationControl::Options options;
   options.first_link_fault = first_link_fault;
   options.realtime_priority = realtime_priority;
   options.local_withhold_fds = withhold_fds;
@@ -102,7 +102,7 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
     self->outcome_ = outcome;
     self->cv_.notify_all();
   };
-  live->engine_ = std::make_shared<vmm::SourceMigrationControl>(*live->source_, std::move(options));
+  live->engine_ = std::make_shared<control::SourceMigrationControl>(*live->source_, std::move(options));
   live->control_ = std::make_shared<SeenControl>(live->engine_);
   if (control_path.empty() && server == nullptr) return live;
 
@@ -110,21 +110,21 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
   if (serving) {
     live->server_ = std::move(server);
   } else {
-    ASSIGN_OR_RETURN(live->server_, vmm::ControlServer::Create(control_path));
+    ASSIGN_OR_RETURN(live->server_, control::ControlServer::Create(control_path));
   }
-  vmm::RegisterMigrationCommands(*live->server_, live->control_);
+  control::RegisterMigrationCommands(*live->server_, live->control_);
   if (incoming != nullptr) {
     // The migration that brought the guest here, until one takes it away.
     live->server_->Register("query-migrate",
                             [self, incoming](const nlohmann::json&) -> Result<nlohmann::json> {
-                              vmm::MigrationStatus out = self->control_->Query();
-                              if (out.phase == vmm::MigrationPhase::kNone)
+                              control::MigrationStatus out = self->control_->Query();
+                              if (out.phase == control::MigrationPhase::kNone)
                                 return incoming->Status();
                               return nlohmann::json(out);
                             });
   }
-  vmm::RegisterStatusCommand(*live->server_, [self] {
-    vmm::VmStatus s;
+  control::RegisterStatusCommand(*live->server_, [self] {
+    control::VmStatus s;
     const vmm::VmConfig& config = self->vm_.config();
     s.vcpus = config.vcpus;
     s.mem_bytes = config.mem_size;
@@ -135,7 +135,7 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
     const GuestReport report = self->vm_.report();
     bool all_done = !report.vcpus.empty();
     for (const GuestVcpuReport& v : report.vcpus) {
-      vmm::GuestVcpuProgress p;
+      control::GuestVcpuProgress p;
       p.booted = v.booted;
       p.done = v.done;
       if (!v.phases.empty()) {
@@ -148,18 +148,18 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
     }
     s.pages_verified = report.pages_verified();
     s.bad_pages = report.bad_page_count();
-    vmm::MigrationStatus m = self->engine_->Query();
+    control::MigrationStatus m = self->engine_->Query();
     s.migration = m.phase;
-    if (m.phase == vmm::MigrationPhase::kCompleted) {
-      s.state = vmm::VmState::kPaused;  // for good: the destination runs the guest
-    } else if (m.phase == vmm::MigrationPhase::kSwitchover ||
-               m.phase == vmm::MigrationPhase::kPostcopy) {
+    if (m.phase == control::MigrationPhase::kCompleted) {
+      s.state = control::VmState::kPaused;  // for good: the destination runs the guest
+    } else if (m.phase == control::MigrationPhase::kSwitchover ||
+               m.phase == control::MigrationPhase::kPostcopy) {
       // Post-copy: the guest runs at the destination from the switchover on.
-      s.state = vmm::VmState::kPaused;
+      s.state = control::VmState::kPaused;
     } else if (all_done) {
-      s.state = report.success() ? vmm::VmState::kFinished : vmm::VmState::kFailed;
+      s.state = report.success() ? control::VmState::kFinished : control::VmState::kFailed;
     } else {
-      s.state = vmm::VmState::kRunning;
+      s.state = control::VmState::kRunning;
     }
     return s;
   });
@@ -177,7 +177,7 @@ LiveVm::End LiveVm::Wait(Clock::time_point deadline, const char* who) {
       outcome.swap(outcome_);
     }
     if (outcome) {
-      vmm::MigrationStatus s = engine_->Query();
+      control::MigrationStatus s = engine_->Query();
       switch (*outcome) {
         case migration::SourceOutcome::kCompleted:
           return End::kMigrated;
@@ -189,7 +189,7 @@ LiveVm::End LiveVm::Wait(Clock::time_point deadline, const char* who) {
           return End::kUnknown;
         default:
           fmt::print(stderr, "{}: migration to {} {}: {}; the guest keeps running here\n", who,
-                     s.to, vmm::MigrationPhaseName(s.phase),
+                     s.to, control::MigrationPhaseName(s.phase),
                      s.error.empty() ? "no reason given" : s.error);
           break;
       }
@@ -198,9 +198,9 @@ LiveVm::End LiveVm::Wait(Clock::time_point deadline, const char* who) {
   }
 }
 
-vmm::MigrationControl& LiveVm::migration() { return *control_; }
+control::MigrationControl& LiveVm::migration() { return *control_; }
 
-vmm::MigrationStatus LiveVm::migration_status() { return engine_->Query(); }
+control::MigrationStatus LiveVm::migration_status() { return engine_->Query(); }
 
 std::optional<LiveVm::Clock::time_point> LiveVm::paused_at() const { return source_->paused_at(); }
 

@@ -1,5 +1,5 @@
 // LiveVm: a running reference VM that can be migrated away. It owns the
-// pre-copy engine behind the control commands (vmm::SourceMigrationControl)
+// pre-copy engine behind the control commands (control::SourceMigrationControl)
 // and, when asked, the control socket that serves them with query-status;
 // `faultline run` and `faultline demo` share it, so the demo drives the same
 // engine, transport and control code as `faultline migrate`.
@@ -9,7 +9,7 @@
 //
 // A VM that arrived by migration (`faultline run --incoming --control`)
 // hands over the control socket that served the incoming migration, and
-// its IncomingMigration: query-migrate shows that migration's end until
+// its control::IncomingStatus: query-migrate shows that migration's end until
 // this VM is migrated away in turn.
 #pragma once
 
@@ -23,10 +23,10 @@
 
 #include "faultline/status.h"
 #include "src/migration/source.h"
-#include "src/vmm/control_server.h"
-#include "src/vmm/control_source.h"
+#include "src/control/server.h"
+#include "src/control/source.h"
 #include "src/vmm/vm.h"
-#include "tools/faultline/incoming_status.h"
+#include "src/control/destination.h"
 
 namespace faultline::cli {
 
@@ -43,15 +43,15 @@ class LiveVm {
   static Result<std::unique_ptr<LiveVm>> Create(
       vmm::Vm& vm, const std::string& control_path,
       std::optional<migration::FaultPlan> first_link_fault = std::nullopt,
-      std::unique_ptr<vmm::ControlServer> server = nullptr,
-      std::shared_ptr<IncomingMigration> incoming = nullptr,
+      std::unique_ptr<control::ControlServer> server = nullptr,
+      std::shared_ptr<control::IncomingStatus> incoming = nullptr,
       int realtime_priority = sys::kDefaultRealtimePriority, bool withhold_fds = false);
   ~LiveVm();
 
-  vmm::MigrationControl& migration();
+  control::MigrationControl& migration();
   // The current or last migration, for the VMM itself (not counted as a
   // client having seen it, see WaitForCompletionSeen).
-  vmm::MigrationStatus migration_status();
+  control::MigrationStatus migration_status();
 
   enum class End {
     kGuestFinished,  // every vCPU ended here: Vm::Wait has the report
@@ -83,9 +83,9 @@ class LiveVm {
   std::condition_variable cv_;
   std::optional<migration::SourceOutcome> outcome_;  // guarded by mu_; set by the engine
   std::unique_ptr<TimedSource> source_;
-  std::shared_ptr<vmm::SourceMigrationControl> engine_;
+  std::shared_ptr<control::SourceMigrationControl> engine_;
   std::shared_ptr<SeenControl> control_;
-  std::unique_ptr<vmm::ControlServer> server_;
+  std::unique_ptr<control::ControlServer> server_;
   Clock::time_point started_;
 };
 

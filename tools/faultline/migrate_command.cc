@@ -11,18 +11,18 @@
 
 #include <fmt/format.h>
 
-#include "src/vmm/control_types.h"
+#include "src/control/types.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
 #include "tools/faultline/control_client.h"
-#include "tools/faultline/incoming_status.h"
+#include "src/control/destination.h"
 
 namespace faultline::cli {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using vmm::MigrationPhase;
-using vmm::MigrationStatus;
+using control::MigrationPhase;
+using control::MigrationStatus;
 
 constexpr int kExitInterrupted = 130;  // the shell's convention for SIGINT
 // After a cancel, how long the VMM has to report a terminal phase.
@@ -33,7 +33,7 @@ struct MigrateOptions {
   std::string to;
   std::string mode = "precopy";
   uint32_t channels = 1;
-  uint64_t downtime_ms = vmm::kDefaultDowntimeMs;
+  uint64_t downtime_ms = control::kDefaultDowntimeMs;
   std::string bandwidth = "unlimited";
   bool json = false;
   bool resume = false;
@@ -73,7 +73,7 @@ std::string HumanBytes(double bytes) {
 std::string FormatProgress(const MigrationStatus& s) {
   if (s.local && s.local_memory == "fds") {
     return fmt::format("{:<10} local update: {} of RAM handed over by descriptor, not copied",
-                       vmm::MigrationPhaseName(s.phase),
+                       control::MigrationPhaseName(s.phase),
                        HumanBytes(static_cast<double>(s.bytes_total)));
   }
   if (s.phase == MigrationPhase::kPostcopy) {
@@ -86,7 +86,7 @@ std::string FormatProgress(const MigrationStatus& s) {
   }
   std::string eta = s.eta_ms ? fmt::format("{:.1f} s", *s.eta_ms / 1000.0) : "-";
   return fmt::format("{:<10} pass {:>2} {:5.1f}%  ETA {}  {}/s  dirty {}/s  {} of {} sent",
-                     vmm::MigrationPhaseName(s.phase), s.pass, s.Percent(), eta,
+                     control::MigrationPhaseName(s.phase), s.pass, s.Percent(), eta,
                      HumanBytes(static_cast<double>(s.bandwidth_bytes_per_sec)),
                      HumanBytes(static_cast<double>(s.dirty_rate_bytes_per_sec)),
                      HumanBytes(static_cast<double>(s.bytes_sent)),
@@ -113,7 +113,7 @@ class Progress {
       open_line_ = true;
     } else if (!printed_ || s.phase != last_phase_ || s.pass != last_pass_ ||
                s.paused != last_paused_ || now - last_print_ >= std::chrono::seconds(1) ||
-               vmm::IsTerminal(s.phase)) {
+               control::IsTerminal(s.phase)) {
       fmt::print("{}\n", line);
       std::fflush(stdout);
       last_print_ = now;
@@ -179,7 +179,7 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
   MigrationStatus s;
   for (;;) {
     Result<nlohmann::json> reply = client.Execute("query-migrate");
-    Result<MigrationStatus> parsed = reply.has_value() ? vmm::ParseMigrationStatus(*reply)
+    Result<MigrationStatus> parsed = reply.has_value() ? control::ParseMigrationStatus(*reply)
                                                        : Result<MigrationStatus>(reply.error());
     if (!parsed.has_value()) {
       progress.Finish();
@@ -188,7 +188,7 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
     raw = std::move(*reply);
     s = std::move(*parsed);
     progress.Update(s);
-    if (vmm::IsTerminal(s.phase)) break;
+    if (control::IsTerminal(s.phase)) break;
     if (o.cancel && s.paused) break;  // a cancel in post-copy pauses it
     if (s.phase == MigrationPhase::kNone) {
       progress.Finish();
@@ -197,7 +197,7 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
     if (interrupted && Clock::now() > cancel_deadline) {
       progress.Finish();
       return Fail(Error("the VMM did not confirm the cancellation within {} s (phase {})",
-                        kCancelGrace.count(), vmm::MigrationPhaseName(s.phase)));
+                        kCancelGrace.count(), control::MigrationPhaseName(s.phase)));
     }
     if (interrupts.Sleep(o.interval_ms)) {
       progress.Finish();
@@ -229,7 +229,7 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
   double elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   if (o.json) {
     nlohmann::json out = {{"migration", raw},
-                          {"result", vmm::MigrationPhaseName(s.phase)},
+                          {"result", control::MigrationPhaseName(s.phase)},
                           {"elapsed_ms", elapsed_ms},
                           {"interrupted", interrupted}};
     fmt::print("{}\n", out.dump());
@@ -243,7 +243,7 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
           "descriptor(s), {} pages copied, {} of state sent; paused {:.2f} ms\n",
           s.to, static_cast<double>(s.elapsed_ms), HumanBytes(static_cast<double>(s.bytes_total)),
           s.fds_passed, s.pages_copied, HumanBytes(static_cast<double>(s.bytes_sent)), pause_ms);
-    } else if (!o.json && s.mode == vmm::MigrationMode::kPostcopy) {
+    } else if (!o.json && s.mode == control::MigrationMode::kPostcopy) {
       fmt::print(
           "post-copy migration to {} completed in {:.1f} s: {} sent, {} pre-copy "
           "pass(es), then {} pages demanded and {} pushed over {} session(s)\n",
@@ -295,11 +295,11 @@ int Migrate(const MigrateOptions& o) {
   if (o.interval_ms == 0) return Fail(Error("--interval-ms must be at least 1"));
   nlohmann::json args = nlohmann::json::object();
   if (!o.to.empty()) {
-    Result<vmm::MigrationTarget> target = vmm::ParseMigrationTarget(o.to);
+    Result<control::MigrationTarget> target = control::ParseMigrationTarget(o.to);
     if (!target.has_value()) return Fail(Plain(target.error(), "--to"));
-    vmm::MigrateRequest request;
+    control::MigrateRequest request;
     request.to = *target;
-    Result<vmm::MigrationMode> mode = vmm::ParseMigrationMode(o.mode);
+    Result<control::MigrationMode> mode = control::ParseMigrationMode(o.mode);
     if (!mode.has_value()) return Fail(Plain(mode.error(), "--mode"));
     request.mode = *mode;
     Result<uint64_t> rate = ParseRate(o.bandwidth);
@@ -308,7 +308,7 @@ int Migrate(const MigrateOptions& o) {
     request.channels = o.channels;
     request.downtime_ms = o.downtime_ms;
     if ((o.precopy_passes || o.postcopy_on_command) &&
-        request.mode != vmm::MigrationMode::kPostcopy) {
+        request.mode != control::MigrationMode::kPostcopy) {
       return Fail(Error("--precopy-passes and --postcopy-on-command go with --mode postcopy"));
     }
     request.precopy_passes = o.precopy_passes.value_or(1);
@@ -357,7 +357,7 @@ int Query(const std::string& control, const std::string& command, const std::str
   if (!pretty) {
     fmt::print("{}\n", reply->dump());
   } else if (command == "query-migrate") {
-    fmt::print("{}", FormatMigrationStatus(*reply));
+    fmt::print("{}", control::FormatMigrationStatus(*reply));
   } else {
     fmt::print("{}\n", reply->dump(2));
   }

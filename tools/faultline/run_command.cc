@@ -28,15 +28,15 @@
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_vm.h"
 #include "src/migration/socket_transport.h"
-#include "src/migration/vm_adapter.h"
 #include "src/sys/mapping.h"
-#include "src/vmm/control_migration.h"
-#include "src/vmm/control_server.h"
+#include "src/control/migration.h"
+#include "src/control/server.h"
 #include "src/vmm/vm.h"
+#include "src/vmm/vm_adapter.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
 #include "tools/faultline/incoming_local.h"
-#include "tools/faultline/incoming_status.h"
+#include "src/control/destination.h"
 #include "tools/faultline/live_vm.h"
 
 namespace faultline::cli {
@@ -83,22 +83,22 @@ std::chrono::milliseconds AcceptTimeout(const RunOptions& o) {
 // --incoming: waits for one migration on `listener` and receives it into
 // `vm` (created with boot = false).
 Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, migration::SocketListener& listener,
-                                                 const RunOptions& o, IncomingMigration& status,
+                                                 const RunOptions& o, control::IncomingStatus& status,
                                                  nlohmann::json& out) {
   const migration::Address& bound = listener.bound();
   if (!bound.is_unix()) {  // unix: said already, before the offer
     fmt::print(stderr, "faultline run: waiting for a migration on {}\n", bound.ToString());
     std::fflush(stderr);
   }
-  std::unique_ptr<migration::DestinationVm> target = migration::MakeDestinationVm(vm);
+  std::unique_ptr<migration::DestinationVm> target = vmm::MakeDestinationVm(vm);
   migration::DestinationOptions options;
   options.accept.timeout = AcceptTimeout(o);
   migration::MigrationDestination destination(*target, options);
   // The pre-copy receiver keeps no live counters: query-migrate says
   // precopy (waiting or receiving) until it ends.
-  status.SetPhase(vmm::MigrationPhase::kPrecopy);
+  status.SetPhase(control::MigrationPhase::kPrecopy);
   Result<migration::DestinationStats> stats = destination.Run(listener);
-  status.Finish(stats.has_value() ? vmm::MigrationPhase::kCompleted : vmm::MigrationPhase::kFailed,
+  status.Finish(stats.has_value() ? control::MigrationPhase::kCompleted : control::MigrationPhase::kFailed,
                 stats.has_value() ? "" : stats.error().ToString());
   if (!stats.has_value()) {
     return Error(
@@ -128,7 +128,7 @@ Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, migration::SocketL
 // listener. `target` keeps the pager, which must outlive the VM's run.
 Result<migration::PostcopyDestinationStats> ReceivePostcopy(
     vmm::Vm& vm, migration::SocketListener& listener, const RunOptions& o,
-    std::unique_ptr<migration::PostcopyDestinationVm>& target, IncomingMigration& status,
+    std::unique_ptr<migration::PostcopyDestinationVm>& target, control::IncomingStatus& status,
     nlohmann::json& out) {
   migration::PostcopyVmOptions vm_options;
   vm_options.realtime_priority = o.realtime_priority;
@@ -139,7 +139,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   vm_options.installer = *kind;
   // Refused here, before anyone waits on this destination, rather than when
   // a source connects (e.g. the zero installer, which never asks the source).
-  target = migration::MakePostcopyDestinationVm(vm, vm_options);
+  target = vmm::MakePostcopyDestinationVm(vm, vm_options);
   RETURN_IF_ERROR(target->CheckPaging().WithContext("--installer"));
   const migration::Address& bound = listener.bound();
   fmt::print(stderr, "faultline run: waiting for a post-copy migration on {} ({} installer)\n",
@@ -151,7 +151,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   migration::PostcopyDestination destination(*target, options);
   status.Attach(&destination);
   struct Detach {
-    IncomingMigration& status;
+    control::IncomingStatus& status;
     ~Detach() { status.Detach(); }  // before `destination` goes
   } detach{status};
   Result<migration::PostcopyDestinationStats> stats = destination.Run(listener);
@@ -166,7 +166,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
   }
   if (!stats.has_value()) {
     const migration::PostcopyDestinationStats last = destination.stats();
-    status.Finish(vmm::MigrationPhase::kFailed, stats.error().ToString(), &last);
+    status.Finish(control::MigrationPhase::kFailed, stats.error().ToString(), &last);
     if (destination.phase() == migration::PostcopyPhase::kPaused ||
         destination.phase() == migration::PostcopyPhase::kPostcopy) {
       return Error("post-copy migration on {} broke after the guest started here: {}",
@@ -177,7 +177,7 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
         "here; the source keeps running it",
         bound.ToString(), stats.error().ToString());
   }
-  status.Finish(vmm::MigrationPhase::kCompleted, "", &*stats);
+  status.Finish(control::MigrationPhase::kCompleted, "", &*stats);
   out = {{"mode", "postcopy"},
          {"passes", stats->passes},
          {"precopy_pages", stats->precopy_pages},
@@ -187,36 +187,36 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
          {"installer_calibration", calibration},
          {"start_vm_ms", stats->start_vm.count() / 1000.0},
          {"ms", stats->total.count() / 1000.0}};
-  out.update(PostcopyFiguresJson(*stats));
+  out.update(control::PostcopyFiguresJson(*stats));
   if (!o.quiet) {
     fmt::print(stderr,
                "faultline run: post-copy complete: {} MiB in {} ms over {} session(s); {}\n",
                stats->bytes_received >> 20, stats->total.count() / 1000, stats->sessions,
-               PostcopyFiguresLine(*stats));
+               control::PostcopyFiguresLine(*stats));
   }
   return stats;
 }
 
 // The control socket of a VM waiting for (then receiving) a migration:
 // query-status and query-migrate, the latter from `incoming`.
-Result<std::unique_ptr<vmm::ControlServer>> ServeIncoming(
-    const std::string& path, vmm::Vm& vm, std::shared_ptr<IncomingMigration> incoming) {
-  ASSIGN_OR_RETURN(std::unique_ptr<vmm::ControlServer> server, vmm::ControlServer::Create(path));
+Result<std::unique_ptr<control::ControlServer>> ServeIncoming(
+    const std::string& path, vmm::Vm& vm, std::shared_ptr<control::IncomingStatus> incoming) {
+  ASSIGN_OR_RETURN(std::unique_ptr<control::ControlServer> server, control::ControlServer::Create(path));
   const auto created = Clock::now();
   server->Register("query-migrate", [incoming](const nlohmann::json&) -> Result<nlohmann::json> {
     return incoming->Status();
   });
-  vmm::RegisterStatusCommand(*server, [&vm, incoming, created] {
-    vmm::VmStatus s;
+  control::RegisterStatusCommand(*server, [&vm, incoming, created] {
+    control::VmStatus s;
     const vmm::VmConfig& config = vm.config();
     s.vcpus = config.vcpus;
     s.mem_bytes = config.mem_size;
     s.backing = BackingName(config.backing);
     s.migration = incoming->phase();
     // Post-copy runs the guest from the switchover on.
-    const bool running = s.migration == vmm::MigrationPhase::kPostcopy ||
-                         s.migration == vmm::MigrationPhase::kCompleted;
-    s.state = running ? vmm::VmState::kRunning : vmm::VmState::kCreated;
+    const bool running = s.migration == control::MigrationPhase::kPostcopy ||
+                         s.migration == control::MigrationPhase::kCompleted;
+    s.state = running ? control::VmState::kRunning : control::VmState::kCreated;
     s.uptime_ms = static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - created).count());
     return s;
@@ -266,8 +266,8 @@ int Run(const RunOptions& o) {
   nlohmann::json incoming_json;
   // --incoming with --control: the socket serves the incoming migration
   // from now on; LiveVm takes it over once the guest runs here.
-  std::shared_ptr<IncomingMigration> incoming_status;
-  std::unique_ptr<vmm::ControlServer> early_server;
+  std::shared_ptr<control::IncomingStatus> incoming_status;
+  std::unique_ptr<control::ControlServer> early_server;
   if (!o.incoming.empty()) {
     // The guest, its command line included, arrives with its memory.
     config.boot = false;
@@ -294,10 +294,10 @@ int Run(const RunOptions& o) {
     } else if (!vm.has_value()) {
       return Fail(vm.error());
     }
-    incoming_status = std::make_shared<IncomingMigration>(
-        postcopy ? vmm::MigrationMode::kPostcopy : vmm::MigrationMode::kPrecopy, config.mem_size);
+    incoming_status = std::make_shared<control::IncomingStatus>(
+        postcopy ? control::MigrationMode::kPostcopy : control::MigrationMode::kPrecopy, config.mem_size);
     if (!o.control.empty()) {
-      Result<std::unique_ptr<vmm::ControlServer>> server =
+      Result<std::unique_ptr<control::ControlServer>> server =
           ServeIncoming(o.control, **vm, incoming_status);
       if (!server.has_value()) {
         Status why = server.error().WithContext("--control");
@@ -362,7 +362,7 @@ int Run(const RunOptions& o) {
   auto deadline = start + std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
   LiveVm::End end = (*live)->Wait(deadline, "faultline run");
   if (end == LiveVm::End::kMigrated || end == LiveVm::End::kUnknown) {
-    vmm::MigrationStatus m = (*live)->migration_status();
+    control::MigrationStatus m = (*live)->migration_status();
     if (end == LiveVm::End::kMigrated) {
       // Let `faultline migrate` see "completed" before the socket goes.
       (*live)->WaitForCompletionSeen(std::chrono::seconds(3));

@@ -19,10 +19,10 @@
 #include <optional>
 
 #include "faultline/status.h"
-#include "src/vmm/control_server.h"
-#include "src/vmm/control_types.h"
+#include "src/control/server.h"
+#include "src/control/types.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 
 // What the migration engine offers the control socket. Called from the
 // server's connection threads, possibly concurrently: thread-safe.
@@ -60,4 +60,4 @@ void RegisterMigrationCommands(ControlServer& server, std::shared_ptr<MigrationC
 // Registers query-status. `status` is called on a connection thread.
 void RegisterStatusCommand(ControlServer& server, std::function<VmStatus()> status);
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

@@ -2,7 +2,7 @@
 // the post-copy figures (pager fault latency per vCPU, blocked time, pages
 // demanded and pushed) in the demo report, in `faultline run --incoming
 // --json` and in query-migrate on the destination's control socket, which
-// IncomingMigration serves while the migration runs and after it ended.
+// IncomingStatus serves while the migration runs and after it ended.
 //
 // Fault latency here is the pager's (paging/fault_metrics.h: fault read ->
 // installed and woken, every fault by its own vCPU), the latency the guest
@@ -18,9 +18,9 @@
 #include <nlohmann/json.hpp>
 
 #include "src/migration/postcopy_destination.h"
-#include "src/vmm/control_types.h"
+#include "src/control/types.h"
 
-namespace faultline::cli {
+namespace faultline::control {
 
 // The post-copy keys: fault_p50_us, fault_p99_us, faults, blocked_ms,
 // request_p50_us, request_p99_us, pages_demanded, pages_pushed,
@@ -30,42 +30,42 @@ nlohmann::json PostcopyFiguresJson(const migration::PostcopyDestinationStats& s)
 // One line for people: "N pages demanded, M pushed; fault latency ...".
 std::string PostcopyFiguresLine(const migration::PostcopyDestinationStats& s);
 
-vmm::MigrationPhase ToMigrationPhase(migration::PostcopyPhase phase);
+MigrationPhase ToMigrationPhase(migration::PostcopyPhase phase);
 
 // The incoming migration as query-migrate reports it on the destination:
 // the keys of a MigrationStatus (phase, mode, pass, bytes_total,
-// bytes_sent, bytes_remaining, elapsed_ms, ...; vmm::ParseMigrationStatus
+// bytes_sent, bytes_remaining, elapsed_ms, ...; ParseMigrationStatus
 // reads it) plus "direction": "incoming" and, in post-copy, the keys of
 // PostcopyFiguresJson. Thread-safe: the control socket's threads call
 // Status() while the migration's thread attaches, detaches and finishes.
-class IncomingMigration {
+class IncomingStatus {
  public:
-  IncomingMigration(vmm::MigrationMode mode, uint64_t bytes_total);
+  IncomingStatus(MigrationMode mode, uint64_t bytes_total);
 
   // A post-copy destination to query live from now on, until Detach (which
   // must come before it is destroyed).
   void Attach(const migration::PostcopyDestination* destination);
   void Detach();
   // Without a destination to query: the phase to report.
-  void SetPhase(vmm::MigrationPhase phase);
+  void SetPhase(MigrationPhase phase);
   // The end: its final phase and, for post-copy, its final figures.
-  void Finish(vmm::MigrationPhase phase, std::string error = "",
+  void Finish(MigrationPhase phase, std::string error = "",
               const migration::PostcopyDestinationStats* stats = nullptr);
 
-  vmm::MigrationPhase phase() const;
+  MigrationPhase phase() const;
   nlohmann::json Status() const;
 
  private:
   using Clock = std::chrono::steady_clock;
   nlohmann::json StatusLocked(const migration::PostcopyDestinationStats* stats,
-                              vmm::MigrationPhase phase) const;
+                              MigrationPhase phase) const;
 
-  const vmm::MigrationMode mode_;
+  const MigrationMode mode_;
   const uint64_t bytes_total_;
   const Clock::time_point start_;
   mutable std::mutex mu_;
   const migration::PostcopyDestination* destination_ = nullptr;  // guarded by mu_
-  vmm::MigrationPhase phase_ = vmm::MigrationPhase::kSetup;      // guarded by mu_
+  MigrationPhase phase_ = MigrationPhase::kSetup;      // guarded by mu_
   std::string error_;                                            // guarded by mu_
   nlohmann::json final_;                                         // guarded by mu_
 };
@@ -73,4 +73,4 @@ class IncomingMigration {
 // A query-migrate reply (either side's) as a few lines for people.
 std::string FormatMigrationStatus(const nlohmann::json& status);
 
-}  // namespace faultline::cli
+}  // namespace faultline::control

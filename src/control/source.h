@@ -38,9 +38,9 @@
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
 #include "src/sys/sched.h"
-#include "src/vmm/control_migration.h"
+#include "src/control/migration.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 
 class SourceMigrationControl final : public MigrationControl {
  public:
@@ -132,4 +132,4 @@ class SourceMigrationControl final : public MigrationControl {
   uint64_t dirty_rate_ = 0;  // bytes/s
 };
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

@@ -1,4 +1,4 @@
-#include "tools/faultline/incoming_status.h"
+#include "src/control/destination.h"
 
 #include <algorithm>
 
@@ -6,7 +6,7 @@
 
 #include "src/migration/wire.h"
 
-namespace faultline::cli {
+namespace faultline::control {
 namespace {
 
 nlohmann::json LatencyOrNull(const paging::LatencySummary& l, double us) {
@@ -74,42 +74,42 @@ std::string PostcopyFiguresLine(const migration::PostcopyDestinationStats& s) {
   return line;
 }
 
-vmm::MigrationPhase ToMigrationPhase(migration::PostcopyPhase phase) {
+MigrationPhase ToMigrationPhase(migration::PostcopyPhase phase) {
   switch (phase) {
     case migration::PostcopyPhase::kNotStarted:
-      return vmm::MigrationPhase::kSetup;
+      return MigrationPhase::kSetup;
     case migration::PostcopyPhase::kPrecopy:
-      return vmm::MigrationPhase::kPrecopy;
+      return MigrationPhase::kPrecopy;
     case migration::PostcopyPhase::kPostcopy:
     case migration::PostcopyPhase::kPaused:
-      return vmm::MigrationPhase::kPostcopy;
+      return MigrationPhase::kPostcopy;
     case migration::PostcopyPhase::kCompleted:
-      return vmm::MigrationPhase::kCompleted;
+      return MigrationPhase::kCompleted;
     case migration::PostcopyPhase::kFailed:
-      return vmm::MigrationPhase::kFailed;
+      return MigrationPhase::kFailed;
   }
-  return vmm::MigrationPhase::kFailed;
+  return MigrationPhase::kFailed;
 }
 
-IncomingMigration::IncomingMigration(vmm::MigrationMode mode, uint64_t bytes_total)
+IncomingStatus::IncomingStatus(MigrationMode mode, uint64_t bytes_total)
     : mode_(mode), bytes_total_(bytes_total), start_(Clock::now()) {}
 
-void IncomingMigration::Attach(const migration::PostcopyDestination* destination) {
+void IncomingStatus::Attach(const migration::PostcopyDestination* destination) {
   std::lock_guard lock(mu_);
   destination_ = destination;
 }
 
-void IncomingMigration::Detach() {
+void IncomingStatus::Detach() {
   std::lock_guard lock(mu_);
   destination_ = nullptr;
 }
 
-void IncomingMigration::SetPhase(vmm::MigrationPhase phase) {
+void IncomingStatus::SetPhase(MigrationPhase phase) {
   std::lock_guard lock(mu_);
   phase_ = phase;
 }
 
-void IncomingMigration::Finish(vmm::MigrationPhase phase, std::string error,
+void IncomingStatus::Finish(MigrationPhase phase, std::string error,
                                const migration::PostcopyDestinationStats* stats) {
   std::lock_guard lock(mu_);
   destination_ = nullptr;
@@ -118,13 +118,13 @@ void IncomingMigration::Finish(vmm::MigrationPhase phase, std::string error,
   final_ = StatusLocked(stats, phase);
 }
 
-vmm::MigrationPhase IncomingMigration::phase() const {
+MigrationPhase IncomingStatus::phase() const {
   std::lock_guard lock(mu_);
   if (destination_ != nullptr) return ToMigrationPhase(destination_->phase());
   return phase_;
 }
 
-nlohmann::json IncomingMigration::Status() const {
+nlohmann::json IncomingStatus::Status() const {
   std::lock_guard lock(mu_);
   if (!final_.is_null()) return final_;
   if (destination_ == nullptr) return StatusLocked(nullptr, phase_);
@@ -137,9 +137,9 @@ nlohmann::json IncomingMigration::Status() const {
   return j;
 }
 
-nlohmann::json IncomingMigration::StatusLocked(const migration::PostcopyDestinationStats* stats,
-                                               vmm::MigrationPhase phase) const {
-  vmm::MigrationStatus m;
+nlohmann::json IncomingStatus::StatusLocked(const migration::PostcopyDestinationStats* stats,
+                                               MigrationPhase phase) const {
+  MigrationStatus m;
   m.phase = phase;
   m.mode = mode_;
   m.bytes_total = bytes_total_;
@@ -157,9 +157,9 @@ nlohmann::json IncomingMigration::StatusLocked(const migration::PostcopyDestinat
   }
   m.bytes_sent = received_pages * migration::kWirePageSize;
   const uint64_t total_pages = bytes_total_ / migration::kWirePageSize;
-  if (phase == vmm::MigrationPhase::kCompleted) {
+  if (phase == MigrationPhase::kCompleted) {
     m.bytes_remaining = 0;
-  } else if (stats != nullptr && phase == vmm::MigrationPhase::kPostcopy) {
+  } else if (stats != nullptr && phase == MigrationPhase::kPostcopy) {
     // Every page is here once: present at the start, demanded or pushed.
     const uint64_t here =
         stats->present_at_start + stats->network.pages_demanded + stats->network.pages_pushed;
@@ -169,7 +169,7 @@ nlohmann::json IncomingMigration::StatusLocked(const migration::PostcopyDestinat
   }
   nlohmann::json j = m;
   j["direction"] = "incoming";
-  if (stats != nullptr && mode_ == vmm::MigrationMode::kPostcopy) {
+  if (stats != nullptr && mode_ == MigrationMode::kPostcopy) {
     j.update(PostcopyFiguresJson(*stats));
   }
   return j;
@@ -220,4 +220,4 @@ std::string FormatMigrationStatus(const nlohmann::json& s) {
   return out;
 }
 
-}  // namespace faultline::cli
+}  // namespace faultline::control

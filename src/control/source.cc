@@ -1,4 +1,4 @@
-#include "src/vmm/control_source.h"
+#include "src/control/source.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -7,9 +7,9 @@
 #include <fmt/format.h>
 
 #include "src/migration/wire.h"
-#include "src/vmm/control_args.h"
+#include "src/control/args.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -493,4 +493,4 @@ MigrationStatus SourceMigrationControl::Estimate(const migration::SourceProgress
   return s;
 }
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

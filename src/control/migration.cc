@@ -1,11 +1,11 @@
-#include "src/vmm/control_migration.h"
+#include "src/control/migration.h"
 
 #include <string>
 #include <utility>
 
-#include "src/vmm/control_args.h"
+#include "src/control/args.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 
 Status MigrationControl::Resume(const std::optional<MigrationTarget>&) {
   return NotSupported(
@@ -93,4 +93,4 @@ void RegisterStatusCommand(ControlServer& server, std::function<VmStatus()> stat
       });
 }
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

@@ -1,6 +1,6 @@
 // SourceMigrationControl over the real pre-copy engine and loopback TCP, with
 // small in-memory VMs on both sides (no /dev/kvm).
-#include "src/vmm/control_source.h"
+#include "src/control/source.h"
 
 #include <atomic>
 #include <chrono>
@@ -14,9 +14,9 @@
 
 #include "src/migration/destination.h"
 #include "src/migration/socket_transport.h"
-#include "src/vmm/control_args.h"
+#include "src/control/args.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 namespace {
 
 using ::testing::HasSubstr;
@@ -203,4 +203,4 @@ TEST(SourceMigrationControlTest, PostcopyCommandsNeedAPostcopyMigration) {
 }
 
 }  // namespace
-}  // namespace faultline::vmm
+}  // namespace faultline::control

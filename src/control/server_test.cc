@@ -1,5 +1,5 @@
 // ControlServer over real unix sockets in a temporary directory.
-#include "src/vmm/control_server.h"
+#include "src/control/server.h"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -20,9 +20,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "src/vmm/control_args.h"
+#include "src/control/args.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 namespace {
 
 using ::testing::HasSubstr;
@@ -387,4 +387,4 @@ TEST(ControlServerTest, HandleLineWithoutSockets) {
 }
 
 }  // namespace
-}  // namespace faultline::vmm
+}  // namespace faultline::control

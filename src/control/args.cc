@@ -1,8 +1,8 @@
-#include "src/vmm/control_args.h"
+#include "src/control/args.h"
 
 #include <algorithm>
 
-namespace faultline::vmm {
+namespace faultline::control {
 
 const char* ControlErrorClassName(ControlErrorClass error_class) {
   switch (error_class) {
@@ -149,4 +149,4 @@ Result<double> JsonFields::Number(std::string_view name) const {
   return value->get<double>();
 }
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

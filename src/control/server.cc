@@ -1,4 +1,4 @@
-#include "src/vmm/control_server.h"
+#include "src/control/server.h"
 
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -13,9 +13,9 @@
 
 #include <fmt/format.h>
 
-#include "src/vmm/control_args.h"
+#include "src/control/args.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 namespace {
 
 // Deeper requests are refused before parsing: nlohmann's dump and
@@ -378,4 +378,4 @@ bool ControlServer::WaitFor(int fd, short events, int timeout_ms) {
   }
 }
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

@@ -20,7 +20,7 @@
 
 #include "faultline/status.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 
 enum class ControlErrorClass {
   kGenericError,
@@ -89,4 +89,4 @@ class JsonFields {
   std::string noun_;
 };
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

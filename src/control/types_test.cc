@@ -1,6 +1,6 @@
 // Control payloads, argument checking and the migration commands, through
 // ControlServer::HandleLine (no sockets needed).
-#include "src/vmm/control_types.h"
+#include "src/control/types.h"
 
 #include <unistd.h>
 
@@ -11,11 +11,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "src/vmm/control_args.h"
-#include "src/vmm/control_migration.h"
-#include "src/vmm/control_server.h"
+#include "src/control/args.h"
+#include "src/control/migration.h"
+#include "src/control/server.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 namespace {
 
 using nlohmann::json;
@@ -263,4 +263,4 @@ TEST(ControlMigrationTest, UnavailableEngineAndStatus) {
 }
 
 }  // namespace
-}  // namespace faultline::vmm
+}  // namespace faultline::control

@@ -7,7 +7,7 @@
 //   <- {"error": {"class": "CommandNotFound", "desc": "..."}, "id": 7}
 //
 // The server knows no commands except "query-commands"; the VMM plugs in
-// handlers by name (control_migration.h registers the migration commands).
+// handlers by name (src/control/migration.h registers the migration commands).
 //
 // Threads: one accepts connections, one serves each connected client (at
 // most Options::max_clients). A client's requests are answered in order;
@@ -37,12 +37,12 @@
 #include "faultline/status.h"
 #include "src/sys/unique_fd.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 
 class ControlServer {
  public:
   // Gets the request's "arguments" (an empty object when absent). An error
-  // Status becomes an error response; see control_args.h for its class.
+  // Status becomes an error response; see src/control/args.h for its class.
   using Handler = std::function<Result<nlohmann::json>(const nlohmann::json& args)>;
 
   struct Options {
@@ -122,4 +122,4 @@ class ControlServer {
   std::list<std::unique_ptr<Connection>> connections_;
 };
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

@@ -17,7 +17,7 @@
 
 #include "faultline/status.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 
 // The life of one migration, as query-migrate reports it. none -> setup ->
 // precopy -> [postcopy] -> switchover -> completed, or failed / cancelled
@@ -57,7 +57,7 @@ struct MigrationTarget {
 };
 Result<MigrationTarget> ParseMigrationTarget(std::string_view uri);
 
-// The wire protocol's bound (migration::kMaxPageChannels; control_source.cc
+// The wire protocol's bound (migration::kMaxPageChannels; source.cc
 // checks that they agree).
 inline constexpr uint32_t kMaxMigrationChannels = 16;
 inline constexpr uint64_t kDefaultDowntimeMs = 50;
@@ -158,4 +158,4 @@ struct VmStatus {
 };
 void to_json(nlohmann::json& j, const VmStatus& status);
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

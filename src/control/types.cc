@@ -1,13 +1,13 @@
-#include "src/vmm/control_types.h"
+#include "src/control/types.h"
 
 #include <algorithm>
 #include <array>
 #include <charconv>
 #include <utility>
 
-#include "src/vmm/control_args.h"
+#include "src/control/args.h"
 
-namespace faultline::vmm {
+namespace faultline::control {
 namespace {
 
 constexpr std::array<std::pair<MigrationPhase, const char*>, 8> kPhaseNames = {{
@@ -305,4 +305,4 @@ void to_json(nlohmann::json& j, const VmStatus& s) {
   if (!s.error.empty()) j["error"] = s.error;
 }
 
-}  // namespace faultline::vmm
+}  // namespace faultline::control

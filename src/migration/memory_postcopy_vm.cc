@@ -1,40 +1,42 @@
-// The reference VMM (vmm::Vm) as a post-copy destination: a GuestPager over
-// its one RAM block, wired into its vCPU hooks (paging/vm_paging.h).
+// The post-copy destination for a VMM whose RAM is a GuestMemory: a
+// GuestPager over its blocks, attached to the VMM through VmControl.
 #include <fcntl.h>
 
 #include <algorithm>
 #include <cerrno>
 
-#include "src/migration/postcopy_vm.h"
-#include "src/migration/vm_adapter.h"
+#include "src/migration/memory_vm.h"
 #include "src/migration/wire.h"
 #include "src/paging/guest_pager.h"
 #include "src/paging/present_map.h"
-#include "src/paging/vm_paging.h"
-#include "src/vmm/vm.h"
 
 namespace faultline::migration {
 
-paging::InstallerKind DefaultPostcopyInstaller(Backing backing) {
-  return paging::BestInstaller(backing);
-}
-
 namespace {
 
-class VmPostcopyDestination final : public PostcopyDestinationVm {
+Backing FirstBacking(const GuestMemory& memory) {
+  auto blocks = memory.blocks();
+  return blocks.empty() ? Backing::kAnonymous : blocks[0]->backing();
+}
+
+class MemoryPostcopyDestination final : public PostcopyDestinationVm {
  public:
-  VmPostcopyDestination(vmm::Vm& vm, PostcopyVmOptions options)
-      : vm_(vm), options_(std::move(options)), precopy_(MakeDestinationVm(vm)) {
-    installer_ = options_.installer.value_or(DefaultPostcopyInstaller(vm_.config().backing));
+  MemoryPostcopyDestination(GuestMemory& memory, std::unique_ptr<VmControl> vm,
+                            PostcopyVmOptions options)
+      : memory_(memory),
+        vm_(*vm),
+        options_(std::move(options)),
+        precopy_(MakeMemoryDestination(memory, std::move(vm))) {
+    installer_ = options_.installer.value_or(paging::BestInstaller(FirstBacking(memory_)));
     // Hole: the memslots are cut at the chunk size now, while the VM here
     // does not run yet, not inside the switchover pause: a layout change of
     // hundreds of slots takes about a second on this host (the pause of a
     // 256 MiB guest was 0.6-1.6 s on anon, memfd and hugetlb). HolePager
     // then only punches the missing chunks; FinishPaging restores the
     // granule.
-    original_granule_ = vm_.memory().memslot_granule();
+    original_granule_ = memory_.memslot_granule();
     if (installer_ == paging::InstallerKind::kHole) {
-      prepared_ = vm_.memory().SetMemslotGranule(options_.hole_chunk);
+      prepared_ = memory_.SetMemslotGranule(options_.hole_chunk);
     }
     // Continue on hugetlb allocates every huge page of the file before
     // paging starts (the kernel clears each, 2 MiB at a time), so that a
@@ -42,7 +44,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     // (about 300 ms for 2 GiB here). The pages were reserved when the block
     // was mapped: this takes no memory it did not hold already.
     if (installer_ == paging::InstallerKind::kContinue && prepared_.ok()) {
-      for (const auto& block : vm_.memory().blocks()) {
+      for (const auto& block : memory_.blocks()) {
         if (block->backing() != Backing::kHugetlb) continue;
         if (::fallocate(block->fd(), 0, 0, static_cast<off_t>(block->size())) != 0) {
           const int err = errno;
@@ -52,8 +54,8 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
       }
     }
   }
-  ~VmPostcopyDestination() override {
-    if (pager_) paging::DetachFromVm(vm_);
+  ~MemoryPostcopyDestination() override {
+    if (pager_) vm_.AttachPager(nullptr);
   }
 
   // What pre-copy needs of the VM is the pre-copy destination's.
@@ -69,7 +71,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
   }
 
   Status DropPages(uint32_t block, uint64_t first, uint64_t count) override {
-    auto blocks = vm_.memory().blocks();
+    auto blocks = memory_.blocks();
     if (block >= blocks.size()) return Error("post-copy: no block {}", block);
     // Hole: missing pages are fetched into the block whatever it holds.
     // Continue: pre-copy wrote through the alias, so a stale page is in the
@@ -84,7 +86,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
   }
 
   uint8_t* direct_push_target(uint32_t block) override {
-    auto blocks = vm_.memory().blocks();
+    auto blocks = memory_.blocks();
     if (installer_ != paging::InstallerKind::kHole || block >= blocks.size()) return nullptr;
     return blocks[block]->host();
   }
@@ -93,7 +95,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
                        std::span<const DirtyBitmap> present,
                        std::span<const std::vector<uint8_t>> vcpus,
                        std::span<const DeviceBlob> devices) override {
-    auto blocks = vm_.memory().blocks();
+    auto blocks = memory_.blocks();
     if (present.size() != blocks.size()) {
       return Error("post-copy: {} present maps for {} blocks", present.size(), blocks.size());
     }
@@ -134,20 +136,18 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     // all of them and for the faults besides.
     if (options.pager.staging_slots == 0) options.pager.staging_slots = 2048;
     options.hole_chunk = options_.hole_chunk;
-    ASSIGN_OR_RETURN(pager_, paging::GuestPager::Create(vm_.memory(), std::move(source),
+    ASSIGN_OR_RETURN(pager_, paging::GuestPager::Create(memory_, std::move(source),
                                                         std::move(to_page), options));
-    paging::AttachToVm(*pager_, vm_);
+    vm_.AttachPager(pager_.get());
     RETURN_IF_ERROR(LoadVcpus(vcpus));
     RETURN_IF_ERROR(LoadDevices(devices));
-    for (uint32_t i = 0; i < vm_.config().vcpus; ++i) {
-      RETURN_IF_ERROR(pager_->PrepareVcpu(vm_.vcpus().vcpu(i)));
-    }
+    RETURN_IF_ERROR(vm_.PrepareVcpus(*pager_));
     RETURN_IF_ERROR(pager_->Start());
     return vm_.Start();
   }
 
   void Push(uint32_t block, uint64_t offset, uint64_t length) override {
-    auto blocks = vm_.memory().blocks();
+    auto blocks = memory_.blocks();
     if (!pager_ || pager_->demand_pager() == nullptr || block >= blocks.size()) return;
     (void)pager_->demand_pager()->Push(*blocks[block], offset, length);
   }
@@ -160,7 +160,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
     if (!pager_) return Status::Ok();
     if (installer_ == paging::InstallerKind::kHole) {
       RETURN_IF_ERROR(pager_->Finish());
-      return vm_.memory().SetMemslotGranule(original_granule_);
+      return memory_.SetMemslotGranule(original_granule_);
     }
     return pager_->complete() ? pager_->first_error() : Error("post-copy: pages are still missing");
   }
@@ -171,7 +171,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
   paging::InstallerKind installer() const override { return installer_; }
   Status CheckPaging() override {
     RETURN_IF_ERROR(prepared_.WithContext("post-copy destination: preparing for the installer"));
-    for (const auto& block : vm_.memory().blocks()) {
+    for (const auto& block : memory_.blocks()) {
       const Backing backing = block->backing();
       // The zero installer answers every fault with zeros and never asks
       // the source: a floor for benchmarks, wrong for a migration.
@@ -179,7 +179,7 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
         return Error(
             "installer 'zero' installs zero pages without asking the source (a benchmark floor) "
             "and cannot receive a migration of {} memory — use {} (the default for {})",
-            BackingName(backing), paging::InstallerName(DefaultPostcopyInstaller(backing)),
+            BackingName(backing), paging::InstallerName(paging::BestInstaller(backing)),
             BackingName(backing));
       }
       RETURN_IF_ERROR(
@@ -190,7 +190,8 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
   }
 
  private:
-  vmm::Vm& vm_;
+  GuestMemory& memory_;
+  VmControl& vm_;  // owned by precopy_
   const PostcopyVmOptions options_;
   const std::unique_ptr<DestinationVm> precopy_;
   paging::InstallerKind installer_;
@@ -201,9 +202,10 @@ class VmPostcopyDestination final : public PostcopyDestinationVm {
 
 }  // namespace
 
-std::unique_ptr<PostcopyDestinationVm> MakePostcopyDestinationVm(vmm::Vm& vm,
-                                                                 PostcopyVmOptions options) {
-  return std::make_unique<VmPostcopyDestination>(vm, std::move(options));
+std::unique_ptr<PostcopyDestinationVm> MakeMemoryPostcopyDestination(GuestMemory& memory,
+                                                                     std::unique_ptr<VmControl> vm,
+                                                                     PostcopyVmOptions options) {
+  return std::make_unique<MemoryPostcopyDestination>(memory, std::move(vm), std::move(options));
 }
 
 }  // namespace faultline::migration

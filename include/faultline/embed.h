@@ -1,0 +1,166 @@
+// Faultline inside a VMM of its own. The VMM keeps its vCPUs, its devices
+// and its memory mappings; Faultline moves the guest's memory to another
+// process or host (pre-copy, or post-copy with demand paging, and recovery
+// after a broken link) and carries the vCPU and device state as opaque
+// blobs. Everything a VMM needs is in include/faultline/; the C API over
+// this is faultline/faultline.h.
+//
+// A source:
+//   OutgoingMigration::Create(vm, ram, options) -> Run("tcp:10.0.0.2:7000")
+// A destination, with RAM of the same blocks (names, sizes, backings):
+//   IncomingMigration::Create(vm, ram, options) -> Listen("tcp:0.0.0.0:7000")
+//   -> Run(); VmHandle::Start() is called when the guest should run.
+//
+// Dirty pages are tracked with userfaultfd write-protect on the VMM's own
+// mappings, so KVM's dirty log is not needed; post-copy serves the guest's
+// faults (the vCPUs' and the VMM's own accesses alike) with userfaultfd on
+// those mappings: continue for memfd and hugetlb, move for anonymous
+// memory. The wire protocol is docs/protocol.md's: either end may be the
+// `faultline` CLI.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "faultline/ram_block.h"
+#include "faultline/status.h"
+
+namespace faultline {
+
+// One RAM block and where the guest sees it. Create the block over the
+// VMM's mapping with RamBlockOptions::host (and adopt_fd for memfd and
+// hugetlb), so that what Faultline tracks and fills is what the vCPUs use.
+struct GuestRegion {
+  std::shared_ptr<RamBlock> block;
+  uint64_t gpa = 0;
+};
+
+// What Faultline asks of the VMM, from its own threads.
+class VmHandle {
+ public:
+  virtual ~VmHandle() = default;
+
+  virtual uint32_t vcpu_count() const = 0;
+  // No vCPU runs, and no device writes guest memory, between Pause() and
+  // Resume().
+  virtual void Pause() = 0;
+  virtual void Resume() = 0;
+  // Requires Pause(). Opaque to Faultline: the destination's LoadVcpu gets
+  // exactly these bytes.
+  virtual Result<std::vector<uint8_t>> SaveVcpu(uint32_t index) = 0;
+  virtual Status LoadVcpu(uint32_t index, std::span<const uint8_t> state) = 0;
+  // The devices' state as one blob (empty: nothing to carry).
+  virtual Result<std::vector<uint8_t>> SaveDevices() { return std::vector<uint8_t>{}; }
+  virtual Status LoadDevices(std::span<const uint8_t> state);
+  // Destination: the state is loaded; run the guest. In post-copy, memory
+  // is still arriving: the vCPUs' faults are served as they touch it.
+  virtual Status Start() = 0;
+};
+
+struct MigrationOptions {
+  bool postcopy = false;  // both ends must agree
+  // Pre-copy: passes at most, then the switchover whatever is left.
+  // Post-copy: pre-copy passes before the switchover (0: none).
+  uint32_t precopy_passes = 0;  // 0 and pre-copy: 30
+  uint16_t channels = 4;        // page channels (the destination takes what comes)
+  // A shared secret that both ends must hold (HMAC-SHA256 challenge), of at
+  // least 16 bytes (32 random bytes recommended); empty on both ends: no
+  // authentication.
+  std::string key;
+  std::chrono::milliseconds downtime_target{50};  // pre-copy's switchover goal
+  uint64_t bandwidth_limit = 0;                   // bytes/s of page data, 0: none
+  std::chrono::milliseconds io_timeout{60'000};   // a silent peer is a broken link
+  // Destination: the blocks read as zero now (made for this migration), so
+  // zero pages need no write.
+  bool memory_is_zero = true;
+};
+
+struct MigrationStats {
+  uint32_t passes = 0;      // pre-copy passes
+  uint64_t pages = 0;       // 4 KiB data pages sent or received in pre-copy
+  uint64_t zero_pages = 0;  // sent or received as zero runs
+  uint64_t bytes = 0;       // on the wire, both directions, framing included
+  uint64_t total_us = 0;
+  // Source: the guest's pause, until the destination ran it (pre-copy: the
+  // destination's acknowledgement; post-copy: the switchover sent).
+  uint64_t downtime_us = 0;
+  // Post-copy.
+  uint64_t postcopy_us = 0;      // guest running at the destination -> every page there
+  uint64_t pages_pushed = 0;     // sent in the background
+  uint64_t pages_requested = 0;  // asked for by the destination's faults
+  uint64_t faults = 0;           // destination: guest accesses that waited for a page
+  double fault_p50_us = 0;       // destination: fault to page in place
+  double fault_p99_us = 0;
+  uint32_t sessions = 0;  // post-copy: 1 + resumes after a broken link
+};
+
+// Where a migration is, for a progress display. Any thread.
+struct MigrationProgress {
+  std::string
+      phase;  // "setup", "precopy", "postcopy", "paused" (link broken), "completed", "failed"
+  uint32_t pass = 0;
+  uint64_t pages_sent = 0;
+  uint64_t pages_remaining = 0;  // post-copy: still to push
+};
+
+class OutgoingMigration {
+ public:
+  // `vm` and the regions' blocks must outlive the migration.
+  static Result<std::unique_ptr<OutgoingMigration>> Create(VmHandle& vm,
+                                                           std::vector<GuestRegion> ram,
+                                                           MigrationOptions options);
+  ~OutgoingMigration();
+
+  // Connects to `address` ("tcp:HOST:PORT" or "unix:PATH") and migrates.
+  // OK: the guest runs at the destination and stays paused here. An error
+  // says what failed; the guest then runs here again, except in post-copy
+  // after the switchover (phase "paused"), where only Resume() can finish.
+  Result<MigrationStats> Run(std::string_view address);
+  // Post-copy with the link broken: reconnects (the destination called
+  // IncomingMigration::Resume) and sends what is still missing.
+  Result<MigrationStats> Resume(std::string_view address);
+  // Post-copy: switch over now instead of after precopy_passes.
+  void StartPostcopy();
+  // Ends Run() or Resume() with an error; before the switchover the guest
+  // runs on here.
+  void Cancel();
+  MigrationProgress progress() const;
+
+ private:
+  struct Impl;
+  explicit OutgoingMigration(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+class IncomingMigration {
+ public:
+  // `vm` and the regions' blocks must outlive the migration.
+  static Result<std::unique_ptr<IncomingMigration>> Create(VmHandle& vm,
+                                                           std::vector<GuestRegion> ram,
+                                                           MigrationOptions options);
+  ~IncomingMigration();
+
+  // Listens on `address` ("tcp:HOST:PORT", port 0 for any, or
+  // "unix:PATH"). Returns the address bound, e.g. with the port chosen.
+  Result<std::string> Listen(std::string_view address);
+  // Receives the migration; VmHandle::Start() runs the guest on the way.
+  // Returns once every page is here (post-copy: once paging has ended).
+  Result<MigrationStats> Run();
+  // Post-copy with the link broken: accepts the source's reconnection on
+  // the same listener and receives the rest.
+  Result<MigrationStats> Resume();
+  void Cancel();
+  MigrationProgress progress() const;
+
+ private:
+  struct Impl;
+  explicit IncomingMigration(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace faultline

@@ -1,0 +1,156 @@
+/* The C API over Faultline's embedding API (faultline/embed.h), for VMMs
+ * written in C, Rust, Go or anything else that calls C.
+ *
+ * Conventions:
+ * - Objects are opaque handles made by fl_*_create and freed by
+ *   fl_*_destroy (which accept NULL).
+ * - Functions that can fail return 0 (or a handle) on success, and -1 (or
+ *   NULL) on failure with *error set, if error is not NULL, to an fl_error
+ *   that the caller frees with fl_error_free. The message says what went
+ *   wrong and what to do.
+ * - The VMM's callbacks return 0, or a positive errno value on failure.
+ * - Calls on one migration object may come from any thread, but Run and
+ *   Resume only from one at a time; cancel and progress from any.
+ *
+ * Link with pkg-config --libs faultline, or find_package(faultline) and
+ * target faultline::faultline in CMake. */
+#ifndef FAULTLINE_FAULTLINE_H_
+#define FAULTLINE_FAULTLINE_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* --- Errors --- */
+
+typedef struct fl_error fl_error;
+/* An errno value saying what kind of failure (EINVAL, ECONNREFUSED, ...). */
+int fl_error_code(const fl_error* error);
+/* The message, valid until fl_error_free. */
+const char* fl_error_message(const fl_error* error);
+void fl_error_free(fl_error* error);
+
+/* --- The guest's RAM, as the VMM has it mapped --- */
+
+enum fl_backing {
+  FL_BACKING_ANON = 0,    /* private anonymous memory */
+  FL_BACKING_MEMFD = 1,   /* a memfd (shmem), mapped MAP_SHARED */
+  FL_BACKING_HUGETLB = 2, /* a hugetlbfs memfd of 2 MiB pages, mapped MAP_SHARED */
+};
+
+typedef struct fl_region {
+  const char* name; /* unique; each region must have a twin of the same
+                       name, size and backing at the other end */
+  uint64_t gpa;     /* where the guest sees it */
+  uint64_t size;    /* bytes, a multiple of the page size */
+  void* host;       /* the VMM's mapping, which its vCPUs use */
+  int fd;           /* memfd and hugetlb: the file `host` maps; anon: -1 */
+  enum fl_backing backing;
+} fl_region;
+
+/* --- What Faultline asks of the VMM, from its own threads --- */
+
+typedef struct fl_vm_ops {
+  void* ctx; /* passed to every callback */
+  uint32_t vcpu_count;
+  /* No vCPU runs, and no device writes guest memory, between pause and
+   * resume. */
+  void (*pause)(void* ctx);
+  void (*resume)(void* ctx);
+  /* After pause: vCPU `index`'s state, opaque to Faultline, in a buffer
+   * allocated with malloc (Faultline frees it). */
+  int (*save_vcpu)(void* ctx, uint32_t index, uint8_t** data, size_t* size);
+  int (*load_vcpu)(void* ctx, uint32_t index, const uint8_t* data, size_t size);
+  /* Optional (NULL: no device state): the devices' state as one blob. */
+  int (*save_devices)(void* ctx, uint8_t** data, size_t* size);
+  int (*load_devices)(void* ctx, const uint8_t* data, size_t size);
+  /* Destination: the state is loaded; run the guest (post-copy: while its
+   * memory still arrives, faults served as the vCPUs touch it). */
+  int (*start)(void* ctx);
+} fl_vm_ops;
+
+/* --- Migration --- */
+
+typedef struct fl_migration_options {
+  int postcopy;            /* 0: pre-copy; 1: post-copy. Both ends agree. */
+  uint32_t precopy_passes; /* pre-copy: at most (0: 30); post-copy: before the switchover */
+  uint16_t channels;       /* page channels, 1..16 */
+  const char* key;         /* shared secret of 16 bytes or more; NULL or "": none */
+  uint32_t downtime_target_ms;
+  uint64_t bandwidth_limit; /* bytes/s of page data, 0: none */
+  uint32_t io_timeout_ms;   /* a silent peer is a broken link */
+  int memory_is_zero;       /* destination: its RAM reads as zero now */
+} fl_migration_options;
+
+/* Fills `options` with the defaults: pre-copy, 4 channels, no key, 50 ms
+ * downtime target, 60 s I/O timeout, memory_is_zero 1. */
+void fl_migration_options_init(fl_migration_options* options);
+
+typedef struct fl_migration_stats {
+  uint32_t passes;
+  uint64_t pages; /* 4 KiB data pages in pre-copy */
+  uint64_t zero_pages;
+  uint64_t bytes; /* on the wire */
+  uint64_t total_us;
+  uint64_t downtime_us; /* source: the guest's pause */
+  uint64_t postcopy_us; /* guest running at the destination -> every page there */
+  uint64_t pages_pushed;
+  uint64_t pages_requested;
+  uint64_t faults; /* destination: accesses that waited for a page */
+  double fault_p50_us;
+  double fault_p99_us;
+  uint32_t sessions; /* post-copy: 1 + resumes */
+} fl_migration_stats;
+
+typedef struct fl_progress {
+  char phase[16]; /* "setup", "precopy", "switchover", "postcopy", "paused",
+                     "completed", "failed" */
+  uint32_t pass;
+  uint64_t pages_sent;
+  uint64_t pages_remaining;
+} fl_progress;
+
+typedef struct fl_outgoing fl_outgoing;
+typedef struct fl_incoming fl_incoming;
+
+/* `ops` is copied; its ctx and the regions' mappings must outlive the
+ * migration. */
+fl_outgoing* fl_outgoing_create(const fl_vm_ops* ops, const fl_region* regions, size_t count,
+                                const fl_migration_options* options, fl_error** error);
+/* Connects to `address` ("tcp:HOST:PORT" or "unix:PATH") and migrates. 0:
+ * the guest runs at the destination and stays paused here. -1: see
+ * embed.h's OutgoingMigration::Run for who runs the guest. `stats` may be
+ * NULL. */
+int fl_outgoing_run(fl_outgoing* migration, const char* address, fl_migration_stats* stats,
+                    fl_error** error);
+/* Post-copy with the link broken: reconnects and finishes. */
+int fl_outgoing_resume(fl_outgoing* migration, const char* address, fl_migration_stats* stats,
+                       fl_error** error);
+void fl_outgoing_start_postcopy(fl_outgoing* migration);
+void fl_outgoing_cancel(fl_outgoing* migration);
+void fl_outgoing_progress(const fl_outgoing* migration, fl_progress* progress);
+void fl_outgoing_destroy(fl_outgoing* migration);
+
+fl_incoming* fl_incoming_create(const fl_vm_ops* ops, const fl_region* regions, size_t count,
+                                const fl_migration_options* options, fl_error** error);
+/* Listens on `address` (TCP port 0: any free port); the address bound is
+ * written to `bound` (NUL-terminated, truncated to bound_size) if not NULL. */
+int fl_incoming_listen(fl_incoming* migration, const char* address, char* bound, size_t bound_size,
+                       fl_error** error);
+/* Receives the migration; ops->start runs the guest on the way. Returns
+ * once every page is here. */
+int fl_incoming_run(fl_incoming* migration, fl_migration_stats* stats, fl_error** error);
+/* Post-copy with the link broken: accepts the source's reconnection. */
+int fl_incoming_resume(fl_incoming* migration, fl_migration_stats* stats, fl_error** error);
+void fl_incoming_cancel(fl_incoming* migration);
+void fl_incoming_progress(const fl_incoming* migration, fl_progress* progress);
+void fl_incoming_destroy(fl_incoming* migration);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FAULTLINE_FAULTLINE_H_ */

@@ -1,0 +1,416 @@
+// The embedding API (include/faultline/embed.h) over the migration engines:
+// the VMM's RAM becomes a GuestMemory whose memslots stay the VMM's and
+// whose dirty pages userfaultfd write-protect tracks; the VmHandle becomes
+// the engines' VmControl.
+#include "faultline/embed.h"
+
+#include <atomic>
+#include <utility>
+
+#include "src/memory/guest_memory.h"
+#include "src/migration/auth.h"
+#include "src/migration/destination.h"
+#include "src/migration/memory_vm.h"
+#include "src/migration/postcopy_destination.h"
+#include "src/migration/postcopy_source.h"
+#include "src/migration/socket_transport.h"
+#include "src/migration/source.h"
+
+namespace faultline {
+
+Status VmHandle::LoadDevices(std::span<const uint8_t> state) {
+  if (state.empty()) return Status::Ok();
+  return Error(
+      "{} bytes of device state arrived, and this VMM does not load device state (override "
+      "VmHandle::LoadDevices)",
+      state.size());
+}
+
+namespace {
+
+constexpr char kDeviceBlob[] = "vmm";  // the VmHandle's devices, as one blob
+
+// The VMM keeps its own memslots (or has none): Faultline only needs the
+// layout to know its blocks.
+class VmmMemslots final : public MemslotBackend {
+ public:
+  uint32_t max_memslots() const override { return 0; }
+  Status SetMemslot(const MemslotRegion&) override { return Status::Ok(); }
+  AccelDirtyLog* accel_dirty_log() override { return nullptr; }
+};
+
+// The VMM's RAM: its blocks placed at their addresses.
+struct Ram {
+  VmmMemslots memslots;
+  std::unique_ptr<GuestMemory> memory;
+
+  Status Init(const std::vector<GuestRegion>& regions) {
+    if (regions.empty()) return Error("no guest RAM: describe at least one GuestRegion");
+    GuestMemoryOptions options;
+    options.dirty_mode = DirtyLogMode::kUffdWp;
+    options.memslot_granule = 0;
+    ASSIGN_OR_RETURN(memory, GuestMemory::Create(&memslots, options));
+    for (const GuestRegion& r : regions) {
+      if (r.block == nullptr) return Error("a GuestRegion at {:#x} has no RAM block", r.gpa);
+      RETURN_IF_ERROR(
+          memory->Place(r.block, Gpa(r.gpa))
+              .WithContext(fmt::format("guest RAM block '{}' at {:#x}", r.block->name(), r.gpa)));
+    }
+    return Status::Ok();
+  }
+};
+
+// The VmHandle as the engines see a VMM.
+class HandleControl final : public migration::VmControl {
+ public:
+  HandleControl(VmHandle& vm, bool memory_is_zero) : vm_(vm), memory_is_zero_(memory_is_zero) {}
+
+  uint32_t vcpu_count() const override { return vm_.vcpu_count(); }
+  void Pause() override { vm_.Pause(); }
+  void Resume() override { vm_.Resume(); }
+  Result<std::vector<std::vector<uint8_t>>> SaveVcpus() override {
+    std::vector<std::vector<uint8_t>> out;
+    for (uint32_t i = 0; i < vm_.vcpu_count(); ++i) {
+      Result<std::vector<uint8_t>> blob = vm_.SaveVcpu(i);
+      if (!blob.has_value()) return blob.error().WithContext(fmt::format("saving vCPU {}", i));
+      out.push_back(std::move(*blob));
+    }
+    return out;
+  }
+  Status LoadVcpus(std::span<const std::vector<uint8_t>> states) override {
+    if (states.size() != vm_.vcpu_count()) {
+      return Error("{} vCPU states arrived for a VM of {} vCPUs", states.size(), vm_.vcpu_count());
+    }
+    for (uint32_t i = 0; i < states.size(); ++i) {
+      RETURN_IF_ERROR(vm_.LoadVcpu(i, states[i]).WithContext(fmt::format("loading vCPU {}", i)));
+    }
+    return Status::Ok();
+  }
+  Result<std::vector<migration::DeviceBlob>> SaveDevices() override {
+    ASSIGN_OR_RETURN(std::vector<uint8_t> blob, vm_.SaveDevices());
+    std::vector<migration::DeviceBlob> out;
+    if (!blob.empty()) out.push_back({kDeviceBlob, std::move(blob)});
+    return out;
+  }
+  Status LoadDevices(std::span<const migration::DeviceBlob> devices) override {
+    for (const migration::DeviceBlob& d : devices) {
+      if (d.name != kDeviceBlob) {
+        return Error(
+            "device state '{}' arrived: not from an embedding VMM (its source is "
+            "another kind of VMM)",
+            d.name);
+      }
+      RETURN_IF_ERROR(vm_.LoadDevices(d.state).WithContext("loading device state"));
+    }
+    return Status::Ok();
+  }
+  bool memory_is_zero() const override { return memory_is_zero_; }
+  // The VMM's vCPUs and its own accesses fault through userfaultfd on its
+  // mappings, which the pager serves: nothing to wire.
+  void AttachPager(paging::GuestPager*) override {}
+  Status PrepareVcpus(paging::GuestPager&) override { return Status::Ok(); }
+  Status Start() override { return vm_.Start(); }
+
+ private:
+  VmHandle& vm_;
+  const bool memory_is_zero_;
+};
+
+Status CheckOptions(const MigrationOptions& o) {
+  if (o.channels == 0 || o.channels > migration::kMaxPageChannels) {
+    return Error("MigrationOptions::channels {}: must be 1..{}", o.channels,
+                 migration::kMaxPageChannels);
+  }
+  if (!o.key.empty()) {
+    const migration::AuthKey key(o.key.begin(), o.key.end());
+    RETURN_IF_ERROR(migration::ValidateKey(key).WithContext("MigrationOptions::key"));
+  }
+  return Status::Ok();
+}
+
+migration::AuthKey Key(const MigrationOptions& o) { return {o.key.begin(), o.key.end()}; }
+
+migration::TransportOptions Transport(const MigrationOptions& o) {
+  migration::TransportOptions t;
+  t.io_timeout = o.io_timeout;
+  return t;
+}
+
+const char* PhaseName(migration::PostcopyPhase phase) {
+  switch (phase) {
+    case migration::PostcopyPhase::kNotStarted:
+      return "setup";
+    case migration::PostcopyPhase::kPrecopy:
+      return "precopy";
+    case migration::PostcopyPhase::kPostcopy:
+      return "postcopy";
+    case migration::PostcopyPhase::kPaused:
+      return "paused";
+    case migration::PostcopyPhase::kCompleted:
+      return "completed";
+    case migration::PostcopyPhase::kFailed:
+      return "failed";
+  }
+  return "failed";
+}
+
+uint64_t Us(std::chrono::microseconds d) { return static_cast<uint64_t>(d.count()); }
+
+MigrationStats FromPostcopySource(const migration::PostcopySourceStats& s) {
+  MigrationStats out;
+  out.passes = static_cast<uint32_t>(s.passes.size());
+  for (const migration::PassStats& p : s.passes) {
+    out.pages += p.data_pages;
+    out.zero_pages += p.zero_pages;
+  }
+  out.bytes = s.bytes_sent;
+  out.downtime_us = Us(s.switchover_send);
+  out.postcopy_us = Us(s.postcopy);
+  out.pages_pushed = s.pages_pushed;
+  out.pages_requested = s.pages_requested;
+  out.sessions = s.sessions;
+  out.total_us = Us(s.total);
+  return out;
+}
+
+}  // namespace
+
+// --- The source ---
+
+struct OutgoingMigration::Impl {
+  MigrationOptions options;
+  Ram ram;
+  std::unique_ptr<migration::SourceVm> vm;
+  std::unique_ptr<migration::MigrationSource> precopy;  // one of the two
+  std::unique_ptr<migration::PostcopySource> postcopy;
+  std::atomic<bool> started{false};
+  std::atomic<bool> ended{false};
+
+  Result<std::unique_ptr<migration::Connector>> Connect(std::string_view address) const {
+    ASSIGN_OR_RETURN(migration::Address a, migration::ParseAddress(address));
+    return migration::MakeConnector(a, Transport(options));
+  }
+};
+
+OutgoingMigration::OutgoingMigration(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+OutgoingMigration::~OutgoingMigration() = default;
+
+Result<std::unique_ptr<OutgoingMigration>> OutgoingMigration::Create(VmHandle& vm,
+                                                                     std::vector<GuestRegion> ram,
+                                                                     MigrationOptions options) {
+  RETURN_IF_ERROR(CheckOptions(options));
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  RETURN_IF_ERROR(impl->ram.Init(ram));
+  impl->vm =
+      migration::MakeMemorySource(*impl->ram.memory, std::make_unique<HandleControl>(vm, false));
+  migration::SourceOptions base;
+  base.page_channels = options.channels;
+  base.key = Key(options);
+  base.downtime_target = options.downtime_target;
+  base.bandwidth_limit = options.bandwidth_limit;
+  if (options.postcopy) {
+    migration::PostcopySourceOptions p;
+    p.base = base;
+    p.precopy_passes = options.precopy_passes;
+    impl->postcopy = std::make_unique<migration::PostcopySource>(*impl->vm, p);
+  } else {
+    if (options.precopy_passes != 0) base.max_precopy_passes = options.precopy_passes;
+    impl->precopy = std::make_unique<migration::MigrationSource>(*impl->vm, base);
+  }
+  return std::unique_ptr<OutgoingMigration>(new OutgoingMigration(std::move(impl)));
+}
+
+Result<MigrationStats> OutgoingMigration::Run(std::string_view address) {
+  ASSIGN_OR_RETURN(std::unique_ptr<migration::Connector> connector, impl_->Connect(address));
+  impl_->started.store(true);
+  if (impl_->precopy) {
+    Result<migration::SourceStats> s = impl_->precopy->Run(*connector);
+    impl_->ended.store(true);
+    if (!s.has_value()) return s.error();
+    MigrationStats out;
+    out.passes = static_cast<uint32_t>(s->passes.size());
+    out.pages = s->data_pages;
+    out.zero_pages = s->zero_pages;
+    out.bytes = s->bytes_sent;
+    out.downtime_us = Us(s->downtime);
+    out.total_us = Us(s->total);
+    return out;
+  }
+  Result<migration::PostcopySourceStats> s = impl_->postcopy->Run(*connector);
+  if (!s.has_value()) return s.error();
+  return FromPostcopySource(*s);
+}
+
+Result<MigrationStats> OutgoingMigration::Resume(std::string_view address) {
+  if (!impl_->postcopy) return Error("Resume: only a post-copy migration resumes");
+  ASSIGN_OR_RETURN(std::unique_ptr<migration::Connector> connector, impl_->Connect(address));
+  Result<migration::PostcopySourceStats> s = impl_->postcopy->Resume(*connector);
+  if (!s.has_value()) return s.error();
+  return FromPostcopySource(*s);
+}
+
+void OutgoingMigration::StartPostcopy() {
+  if (impl_->postcopy) impl_->postcopy->StartPostcopy();
+}
+
+void OutgoingMigration::Cancel() {
+  if (impl_->precopy) impl_->precopy->Cancel();
+  if (impl_->postcopy) impl_->postcopy->Cancel();
+}
+
+MigrationProgress OutgoingMigration::progress() const {
+  MigrationProgress p;
+  if (impl_->postcopy) {
+    const migration::PostcopyProgress q = impl_->postcopy->progress();
+    p.pass = q.pass;
+    p.pages_sent = q.pages_sent + q.pages_pushed;
+    p.pages_remaining = q.pages_remaining;
+    p.phase = PhaseName(q.phase);
+    return p;
+  }
+  const migration::SourceProgress q = impl_->precopy->progress();
+  p.pass = q.pass;
+  p.pages_sent = q.pages_sent;
+  const migration::SourceOutcome outcome = impl_->precopy->outcome();
+  if (outcome == migration::SourceOutcome::kCompleted) {
+    p.phase = "completed";
+  } else if (impl_->ended.load()) {
+    p.phase = "failed";
+  } else if (!impl_->started.load()) {
+    p.phase = "setup";
+  } else {
+    p.phase = q.paused ? "switchover" : "precopy";
+  }
+  return p;
+}
+
+// --- The destination ---
+
+struct IncomingMigration::Impl {
+  VmHandle* handle = nullptr;
+  MigrationOptions options;
+  Ram ram;
+  std::unique_ptr<migration::DestinationVm> vm;  // pre-copy
+  std::unique_ptr<migration::PostcopyDestinationVm> postcopy_vm;
+  std::unique_ptr<migration::MigrationDestination> precopy;  // one of the two
+  std::unique_ptr<migration::PostcopyDestination> postcopy;
+  std::unique_ptr<migration::SocketListener> listener;
+  std::atomic<int> state{0};  // 0 setup, 1 running, 2 completed, 3 failed
+
+  Status Listening() const {
+    if (listener == nullptr) return Error("IncomingMigration: Listen() first");
+    return Status::Ok();
+  }
+};
+
+IncomingMigration::IncomingMigration(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+IncomingMigration::~IncomingMigration() = default;
+
+Result<std::unique_ptr<IncomingMigration>> IncomingMigration::Create(VmHandle& vm,
+                                                                     std::vector<GuestRegion> ram,
+                                                                     MigrationOptions options) {
+  RETURN_IF_ERROR(CheckOptions(options));
+  auto impl = std::make_unique<Impl>();
+  impl->handle = &vm;
+  impl->options = options;
+  RETURN_IF_ERROR(impl->ram.Init(ram));
+  auto control = std::make_unique<HandleControl>(vm, options.memory_is_zero);
+  migration::DestinationOptions d;
+  d.key = Key(options);
+  if (options.postcopy) {
+    impl->postcopy_vm =
+        migration::MakeMemoryPostcopyDestination(*impl->ram.memory, std::move(control));
+    // Refused now, before a source connects (e.g. a backing no installer
+    // can page over the network).
+    RETURN_IF_ERROR(impl->postcopy_vm->CheckPaging());
+    impl->postcopy = std::make_unique<migration::PostcopyDestination>(*impl->postcopy_vm, d);
+  } else {
+    impl->vm = migration::MakeMemoryDestination(*impl->ram.memory, std::move(control));
+    impl->precopy = std::make_unique<migration::MigrationDestination>(*impl->vm, d);
+  }
+  return std::unique_ptr<IncomingMigration>(new IncomingMigration(std::move(impl)));
+}
+
+Result<std::string> IncomingMigration::Listen(std::string_view address) {
+  if (impl_->listener != nullptr) return Error("IncomingMigration: already listening");
+  ASSIGN_OR_RETURN(migration::Address a, migration::ParseAddress(address));
+  ASSIGN_OR_RETURN(impl_->listener,
+                   migration::SocketListener::Listen(a, Transport(impl_->options)));
+  return impl_->listener->address();
+}
+
+namespace {
+
+MigrationStats FromPostcopy(const migration::PostcopyDestinationStats& s) {
+  MigrationStats out;
+  out.passes = s.passes;
+  out.pages = s.precopy_pages;
+  out.bytes = s.bytes_received;
+  out.postcopy_us = Us(s.postcopy);
+  out.pages_pushed = s.network.pages_pushed;
+  out.pages_requested = s.network.pages_requested;
+  out.faults = s.paging.faults;
+  out.fault_p50_us = s.network.fault_latency.p50_us;
+  out.fault_p99_us = s.network.fault_latency.p99_us;
+  out.sessions = s.sessions;
+  out.total_us = Us(s.total);
+  return out;
+}
+
+}  // namespace
+
+Result<MigrationStats> IncomingMigration::Run() {
+  RETURN_IF_ERROR(impl_->Listening());
+  impl_->state.store(1);
+  if (impl_->postcopy) {
+    Result<migration::PostcopyDestinationStats> s = impl_->postcopy->Run(*impl_->listener);
+    if (!s.has_value()) {
+      impl_->state.store(3);
+      return s.error();
+    }
+    impl_->state.store(2);
+    return FromPostcopy(*s);
+  }
+  Result<migration::DestinationStats> s = impl_->precopy->Run(*impl_->listener);
+  Status started =
+      s.has_value() ? impl_->handle->Start().WithContext("starting the guest") : s.error();
+  impl_->state.store(started.ok() ? 2 : 3);
+  RETURN_IF_ERROR(started);
+  MigrationStats out;
+  out.passes = s->passes;
+  out.pages = s->data_pages;
+  out.zero_pages = s->zero_pages;
+  out.bytes = s->bytes_received;
+  out.total_us = Us(s->total);
+  return out;
+}
+
+Result<MigrationStats> IncomingMigration::Resume() {
+  RETURN_IF_ERROR(impl_->Listening());
+  if (!impl_->postcopy) return Error("Resume: only a post-copy migration resumes");
+  Result<migration::PostcopyDestinationStats> s = impl_->postcopy->Resume(*impl_->listener);
+  if (!s.has_value()) return s.error();
+  impl_->state.store(2);
+  return FromPostcopy(*s);
+}
+
+void IncomingMigration::Cancel() {
+  if (impl_->precopy) impl_->precopy->Cancel();
+  if (impl_->postcopy) impl_->postcopy->Cancel();
+}
+
+MigrationProgress IncomingMigration::progress() const {
+  MigrationProgress p;
+  if (impl_->postcopy) {
+    const migration::PostcopyPhase phase = impl_->postcopy->phase();
+    p.pass = impl_->postcopy->stats().passes;
+    p.phase = PhaseName(phase);
+    return p;
+  }
+  static constexpr const char* kPhases[] = {"setup", "precopy", "completed", "failed"};
+  p.phase = kPhases[impl_->state.load()];
+  return p;
+}
+
+}  // namespace faultline
