@@ -41,8 +41,7 @@ Status DemandPager::Start() {
 }
 
 void DemandPager::Stop() {
-  if (stopped_) return;
-  stopped_ = true;
+  if (stopped_.exchange(true)) return;
   for (auto& b : blocks_) b->Stop();
   // Completions install through the registrations: unregister only once the
   // last one has run.

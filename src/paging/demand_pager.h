@@ -16,6 +16,7 @@
 // touched it is the VMM's policy.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -85,8 +86,8 @@ class DemandPager {
 
   PagerContext ctx_;
   std::vector<std::unique_ptr<PagedBlock>> blocks_;
-  bool started_ = false;
-  bool stopped_ = false;
+  bool started_ = false;              // set up on the owner's thread, before Start()
+  std::atomic<bool> stopped_{false};  // read by vCPU and channel threads (EnsurePresent, Push)
 };
 
 }  // namespace faultline::paging
