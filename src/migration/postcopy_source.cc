@@ -344,125 +344,194 @@ Status PostcopySource::Switchover() {
   return Status::Ok();
 }
 
-// Serves one session of post-copy until CompleteAck or a break.
-Status PostcopySource::Postcopy() {
-  Attempt& a = *active_;
-  const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
-  const auto started = Clock::now();
-  // A destination sends Error on the main channel only before it runs the
-  // guest (docs/protocol.md §7.5): then the guest may run here again.
-  std::atomic<bool> peer_refused{false};
-  std::atomic<bool> complete_sent{false};
+// The main channel during post-copy: reads until the destination's
+// CompleteAck (the end), its Error or a break, and gives the attempt the
+// verdict.
+class PostcopySource::Watcher {
+ public:
+  explicit Watcher(Attempt& a) : a_(a), thread_([this] { Run(); }) {}
+  void Join() { thread_.join(); }
+  // The destination sent Error: it refused before running the guest
+  // (docs/protocol.md §7.5), so the guest may run here again.
+  bool peer_refused() const { return peer_refused_.load(); }
 
-  std::thread watcher([&] {
-    MessageReader& reader = a.session.main->reader();
-    while (true) {
-      Result<Message> m = reader.Read();
-      if (!m && m.error().code() == EAGAIN) continue;
-      Status end;
-      if (!m) {
-        end = m.error().WithContext("main channel");
-      } else if (std::holds_alternative<CompleteAck>(*m)) {
-        end = Status::Ok();
-      } else if (const auto* e = std::get_if<ErrorMessage>(&*m)) {
-        end = PeerError(*e).WithContext("the destination failed");
-        peer_refused.store(true);
-      } else {
-        end = Error("the destination sent {} on the main channel", MessageTypeName(TypeOf(*m)));
-      }
-      if (!end.ok()) a.Break(end);
-      a.SetPeer(end);
-      return;
+ private:
+  void Run() {
+    MessageReader& reader = a_.session.main->reader();
+    Result<Message> m = reader.Read();
+    while (!m && m.error().code() == EAGAIN) m = reader.Read();
+    Status end;
+    if (!m) {
+      end = m.error().WithContext("main channel");
+    } else if (std::holds_alternative<CompleteAck>(*m)) {
+      end = Status::Ok();
+    } else if (const auto* e = std::get_if<ErrorMessage>(&*m)) {
+      end = PeerError(*e).WithContext("the destination failed");
+      peer_refused_.store(true);
+    } else {
+      end = Error("the destination sent {} on the main channel", MessageTypeName(TypeOf(*m)));
     }
-  });
+    if (!end.ok()) a_.Break(end);
+    a_.SetPeer(end);
+  }
 
-  std::atomic<uint64_t> served{0}, rejected{0};
-  std::atomic<bool> realtime{false};
-  std::thread responder([&] {
-    if (options_.realtime_priority != 0 && sys::SetRealtime(options_.realtime_priority).ok()) {
-      realtime.store(true);
+  Attempt& a_;
+  std::atomic<bool> peer_refused_{false};
+  std::thread thread_;  // last: starts once the members above exist
+};
+
+// The priority channel: answers each page request at once, from the paused
+// guest's memory, and moves those pages out of the push order.
+class PostcopySource::Responder {
+ public:
+  Responder(PostcopySource& source, Attempt& a, uint32_t final_pass,
+            const std::atomic<bool>& complete_sent)
+      : s_(source),
+        a_(a),
+        final_pass_(final_pass),
+        complete_sent_(complete_sent),
+        thread_([this] { Run(); }) {}
+  void Join() { thread_.join(); }
+  uint64_t served() const { return served_.load(); }
+  uint64_t rejected() const { return rejected_.load(); }
+  bool realtime() const { return realtime_.load(); }
+
+ private:
+  void Run() {
+    if (s_.options_.realtime_priority != 0 &&
+        sys::SetRealtime(s_.options_.realtime_priority).ok()) {
+      realtime_.store(true);
     }
-    Link& link = *a.priority;
-    std::vector<ConstBuffer> data;
+    Link& link = *a_.priority;
     while (true) {
       Result<Message> m = link.reader().Read();
       if (!m && m.error().code() == EAGAIN) continue;
       if (!m && link.reader().last_error_left_stream_intact()) {
         // A request the decoder refused (an index outside the block, say):
         // the frame was read whole, so the channel is still usable.
-        rejected.fetch_add(1, std::memory_order_relaxed);
-        Log(fmt::format("post-copy: rejected a page request: {}", m.error().ToString()));
+        rejected_.fetch_add(1, std::memory_order_relaxed);
+        s_.Log(fmt::format("post-copy: rejected a page request: {}", m.error().ToString()));
         continue;
       }
       // Once Complete is out, the destination closes its channels when it
       // has every page; only the main channel's answer counts then.
-      if (!m && complete_sent.load()) return;
-      if (!m) return a.Break(m.error().WithContext("priority channel"));
+      if (!m && complete_sent_.load()) return;
+      if (!m) return a_.Break(m.error().WithContext("priority channel"));
       const auto* request = std::get_if<PageRequest>(&*m);
       if (request == nullptr) {
-        return a.Break(Error("priority channel: unexpected {}", MessageTypeName(TypeOf(*m))));
+        return a_.Break(Error("priority channel: unexpected {}", MessageTypeName(TypeOf(*m))));
       }
-      scheduler_->Requested(request->block, request->pages);
-      const uint8_t* host = blocks_[request->block]->host();
-      data.clear();
-      for (uint32_t p : request->pages)
-        data.push_back(ConstBuffer(host + uint64_t{p} * kWirePageSize, kWirePageSize));
-      Status sent =
-          link.writer().SendPages(PagesHeader{request->block, final_pass, 0, request->pages}, data);
-      if (!sent.ok() && complete_sent.load()) return;
-      if (!sent.ok()) return a.Break(sent.WithContext("priority channel"));
-      served.fetch_add(1, std::memory_order_relaxed);
-      pages_requested_.fetch_add(request->pages.size(), std::memory_order_relaxed);
+      Status sent = Answer(link, *request);
+      if (!sent.ok() && complete_sent_.load()) return;
+      if (!sent.ok()) return a_.Break(sent.WithContext("priority channel"));
     }
-  });
-
-  const size_t n = a.session.pages.size();
-  const bool markers_sent = markers_sent_;  // by Switchover(), in the first session only
-  markers_sent_ = false;
-  std::vector<std::thread> pushers;
-  for (size_t c = 0; c < n; ++c) {
-    pushers.emplace_back([&, c] {
-      MessageWriter& writer = a.session.pages[c]->writer();
-      uint64_t data_pages = 0, zero_pages = 0;
-      // The push opens with a copy of the Switchover: the destination's
-      // channel thread learns that pre-copy ended on this channel.
-      Status s = markers_sent ? Status::Ok() : writer.Send(switchover_);
-      std::vector<ConstBuffer> data;
-      while (s.ok() && !a.broken()) {
-        std::optional<PushBatch> batch = scheduler_->Next(options_.push_batch_pages);
-        if (!batch) break;
-        const uint8_t* host = blocks_[batch->block]->host();
-        PagesHeader pages{batch->block, final_pass, 0, {}};
-        ZeroPages zeros{batch->block, final_pass, {}};
-        data.clear();
-        for (uint32_t p : batch->pages) {
-          const uint8_t* page = host + uint64_t{p} * kWirePageSize;
-          if (IsZero(page)) {
-            if (!zeros.runs.empty() && zeros.runs.back().first + zeros.runs.back().count == p) {
-              ++zeros.runs.back().count;
-            } else {
-              zeros.runs.push_back({p, 1});
-            }
-          } else {
-            pages.pages.push_back(p);
-            data.push_back(ConstBuffer(page, kWirePageSize));
-          }
-        }
-        if (!pages.pages.empty()) s = writer.SendPages(pages, data);
-        if (s.ok() && !zeros.runs.empty()) s = writer.Send(zeros);
-        if (!s.ok()) {
-          scheduler_->Return(*batch);
-          break;
-        }
-        data_pages += pages.pages.size();
-        zero_pages += zeros.page_count();
-        pages_pushed_.fetch_add(batch->pages.size(), std::memory_order_relaxed);
-      }
-      if (s.ok() && !a.broken()) s = writer.Send(PassEnd{final_pass, data_pages, zero_pages, 0});
-      if (!s.ok()) a.Break(s.WithContext(fmt::format("page channel {}", c)));
-    });
   }
-  for (std::thread& t : pushers) t.join();
+
+  Status Answer(Link& link, const PageRequest& request) {
+    s_.scheduler_->Requested(request.block, request.pages);
+    const uint8_t* host = s_.blocks_[request.block]->host();
+    data_.clear();
+    for (uint32_t p : request.pages) {
+      data_.push_back(ConstBuffer(host + uint64_t{p} * kWirePageSize, kWirePageSize));
+    }
+    RETURN_IF_ERROR(
+        link.writer().SendPages(PagesHeader{request.block, final_pass_, 0, request.pages}, data_));
+    served_.fetch_add(1, std::memory_order_relaxed);
+    s_.pages_requested_.fetch_add(request.pages.size(), std::memory_order_relaxed);
+    return Status::Ok();
+  }
+
+  PostcopySource& s_;
+  Attempt& a_;
+  const uint32_t final_pass_;
+  const std::atomic<bool>& complete_sent_;
+  std::vector<ConstBuffer> data_;  // the responder thread's
+  std::atomic<uint64_t> served_{0}, rejected_{0};
+  std::atomic<bool> realtime_{false};
+  std::thread thread_;  // last: starts once the members above exist
+};
+
+// One page channel: pushes batches in the scheduler's order (zero pages as
+// runs) until every page is out, then ends the pass.
+class PostcopySource::Pusher {
+ public:
+  Pusher(PostcopySource& source, Attempt& a, size_t channel, uint32_t final_pass,
+         bool marker_sent)
+      : s_(source),
+        a_(a),
+        channel_(channel),
+        final_pass_(final_pass),
+        marker_sent_(marker_sent),
+        thread_([this] { Run(); }) {}
+  void Join() { thread_.join(); }
+
+ private:
+  void Run() {
+    MessageWriter& writer = a_.session.pages[channel_]->writer();
+    // The push opens with a copy of the Switchover: the destination's
+    // channel thread learns that pre-copy ended on this channel.
+    Status s = marker_sent_ ? Status::Ok() : writer.Send(s_.switchover_);
+    while (s.ok() && !a_.broken()) {
+      std::optional<PushBatch> batch = s_.scheduler_->Next(s_.options_.push_batch_pages);
+      if (!batch) break;
+      s = Push(writer, *batch);
+      if (!s.ok()) s_.scheduler_->Return(*batch);
+    }
+    if (s.ok() && !a_.broken()) s = writer.Send(PassEnd{final_pass_, data_pages_, zero_pages_, 0});
+    if (!s.ok()) a_.Break(s.WithContext(fmt::format("page channel {}", channel_)));
+  }
+
+  Status Push(MessageWriter& writer, const PushBatch& batch) {
+    const uint8_t* host = s_.blocks_[batch.block]->host();
+    PagesHeader pages{batch.block, final_pass_, 0, {}};
+    ZeroPages zeros{batch.block, final_pass_, {}};
+    data_.clear();
+    for (uint32_t p : batch.pages) {
+      const uint8_t* page = host + uint64_t{p} * kWirePageSize;
+      if (!IsZero(page)) {
+        pages.pages.push_back(p);
+        data_.push_back(ConstBuffer(page, kWirePageSize));
+      } else if (!zeros.runs.empty() && zeros.runs.back().first + zeros.runs.back().count == p) {
+        ++zeros.runs.back().count;
+      } else {
+        zeros.runs.push_back({p, 1});
+      }
+    }
+    if (!pages.pages.empty()) RETURN_IF_ERROR(writer.SendPages(pages, data_));
+    if (!zeros.runs.empty()) RETURN_IF_ERROR(writer.Send(zeros));
+    data_pages_ += pages.pages.size();
+    zero_pages_ += zeros.page_count();
+    s_.pages_pushed_.fetch_add(batch.pages.size(), std::memory_order_relaxed);
+    return Status::Ok();
+  }
+
+  PostcopySource& s_;
+  Attempt& a_;
+  const size_t channel_;
+  const uint32_t final_pass_;
+  const bool marker_sent_;  // Switchover() sent this channel's copy already
+  std::vector<ConstBuffer> data_;
+  uint64_t data_pages_ = 0, zero_pages_ = 0;
+  std::thread thread_;  // last: starts once the members above exist
+};
+
+// Serves one session of post-copy until CompleteAck or a break.
+Status PostcopySource::Postcopy() {
+  Attempt& a = *active_;
+  const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
+  const auto started = Clock::now();
+  std::atomic<bool> complete_sent{false};
+  Watcher watcher(a);
+  Responder responder(*this, a, final_pass, complete_sent);
+  {
+    const bool markers_sent = markers_sent_;  // by Switchover(), in the first session only
+    markers_sent_ = false;
+    std::vector<std::unique_ptr<Pusher>> pushers;
+    for (size_t c = 0; c < a.session.pages.size(); ++c) {
+      pushers.push_back(std::make_unique<Pusher>(*this, a, c, final_pass, markers_sent));
+    }
+    for (auto& p : pushers) p->Join();
+  }
   if (!a.broken()) {
     complete_sent.store(true);
     Status s = a.session.main->writer().Send(Complete{final_pass + 1, 0, 0});
@@ -470,11 +539,11 @@ Status PostcopySource::Postcopy() {
   }
   Status end = a.WaitPeer();
   a.Break(end.ok() ? Status(ECANCELED, "completed") : end);  // stops the responder
-  responder.join();
-  watcher.join();
-  stats_.realtime = realtime.load();
-  stats_.requests_served += served.load();
-  stats_.requests_rejected += rejected.load();
+  responder.Join();
+  watcher.Join();
+  stats_.realtime = responder.realtime();
+  stats_.requests_served += responder.served();
+  stats_.requests_rejected += responder.rejected();
   stats_.pages_pushed = pages_pushed_.load();
   stats_.pages_requested = pages_requested_.load();
   stats_.postcopy += Since(started);
@@ -482,7 +551,7 @@ Status PostcopySource::Postcopy() {
     phase_.store(PostcopyPhase::kCompleted, std::memory_order_release);
     return Status::Ok();
   }
-  if (peer_refused.load() && stats_.sessions == 1) {
+  if (watcher.peer_refused() && stats_.sessions == 1) {
     vm_.Resume();
     phase_.store(PostcopyPhase::kFailed, std::memory_order_release);
     return end.WithContext("the destination refused the switchover; the VM was resumed here");

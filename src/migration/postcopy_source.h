@@ -122,6 +122,11 @@ class PostcopySource {
 
  private:
   class Attempt;  // postcopy_source.cc
+  // Post-copy's threads (postcopy_source.cc): the main channel's watcher,
+  // the priority channel's responder, and one pusher per page channel.
+  class Watcher;
+  class Responder;
+  class Pusher;
 
   Status Precopy();
   Status Switchover();
