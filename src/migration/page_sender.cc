@@ -4,7 +4,6 @@
 #include <thread>
 
 namespace faultline::migration {
-namespace {
 
 bool IsZeroPage(const uint8_t* page) {
   // Word loads ORed a cache line at a time: non-zero pages usually differ
@@ -17,8 +16,6 @@ bool IsZeroPage(const uint8_t* page) {
   }
   return true;
 }
-
-}  // namespace
 
 void Pacer::Take(uint64_t bytes) {
   if (rate_ == 0) return;

@@ -27,6 +27,9 @@ namespace faultline::migration {
 
 // Spreads page data over time so that all channels together stay under a
 // rate. Thread-safe.
+// True if the 4 KiB page at `page` is all zeros (sent as a zero run).
+bool IsZeroPage(const uint8_t* page);
+
 class Pacer {
  public:
   explicit Pacer(uint64_t bytes_per_second) : rate_(bytes_per_second) {}
