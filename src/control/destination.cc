@@ -110,7 +110,7 @@ void IncomingStatus::SetPhase(MigrationPhase phase) {
 }
 
 void IncomingStatus::Finish(MigrationPhase phase, std::string error,
-                               const migration::PostcopyDestinationStats* stats) {
+                            const migration::PostcopyDestinationStats* stats) {
   std::lock_guard lock(mu_);
   destination_ = nullptr;
   phase_ = phase;
@@ -138,7 +138,7 @@ nlohmann::json IncomingStatus::Status() const {
 }
 
 nlohmann::json IncomingStatus::StatusLocked(const migration::PostcopyDestinationStats* stats,
-                                               MigrationPhase phase) const {
+                                            MigrationPhase phase) const {
   MigrationStatus m;
   m.phase = phase;
   m.mode = mode_;

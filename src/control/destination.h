@@ -17,8 +17,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "src/migration/postcopy_destination.h"
 #include "src/control/types.h"
+#include "src/migration/postcopy_destination.h"
 
 namespace faultline::control {
 
@@ -65,7 +65,7 @@ class IncomingStatus {
   const Clock::time_point start_;
   mutable std::mutex mu_;
   const migration::PostcopyDestination* destination_ = nullptr;  // guarded by mu_
-  MigrationPhase phase_ = MigrationPhase::kSetup;      // guarded by mu_
+  MigrationPhase phase_ = MigrationPhase::kSetup;                // guarded by mu_
   std::string error_;                                            // guarded by mu_
   nlohmann::json final_;                                         // guarded by mu_
 };

@@ -6,8 +6,8 @@
 
 #include <fmt/format.h>
 
-#include "src/migration/wire.h"
 #include "src/control/args.h"
+#include "src/migration/wire.h"
 
 namespace faultline::control {
 namespace {

@@ -30,6 +30,7 @@
 #include <thread>
 
 #include "faultline/status.h"
+#include "src/control/migration.h"
 #include "src/migration/auth.h"
 #include "src/migration/fault_transport.h"
 #include "src/migration/local_update.h"
@@ -38,7 +39,6 @@
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
 #include "src/sys/sched.h"
-#include "src/control/migration.h"
 
 namespace faultline::control {
 

@@ -12,9 +12,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "src/control/args.h"
 #include "src/migration/destination.h"
 #include "src/migration/socket_transport.h"
-#include "src/control/args.h"
 
 namespace faultline::control {
 namespace {

@@ -58,7 +58,7 @@ struct Memory {
 // What the fake VMM's vCPUs and devices did, kept by the test (the engines
 // own the VmControl).
 struct Record {
-  std::mutex mu;  // a guest write happens wholly before or after a pause
+  std::mutex mu;        // a guest write happens wholly before or after a pause
   bool paused = false;  // guarded by mu
   std::atomic<bool> started{false};
   std::vector<std::vector<uint8_t>> vcpus_loaded;

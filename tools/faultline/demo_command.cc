@@ -33,17 +33,17 @@
 #include <fmt/format.h>
 
 #include "guest/abi.h"
+#include "src/control/destination.h"
+#include "src/control/source.h"
 #include "src/migration/destination.h"
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_vm.h"
 #include "src/migration/socket_transport.h"
 #include "src/sys/mapping.h"
-#include "src/control/source.h"
 #include "src/vmm/vm.h"
 #include "src/vmm/vm_adapter.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
-#include "src/control/destination.h"
 #include "tools/faultline/live_vm.h"
 
 namespace faultline::cli {

@@ -114,8 +114,9 @@ Status ReceiveLocal(migration::LocalUpdateDestination& local, vmm::Vm& vm,
     target = std::make_unique<DieBeforeConfirm>(std::move(target));
   }
   Status received = local.ReceiveState(*target);
-  status.Finish(received.ok() ? control::MigrationPhase::kCompleted : control::MigrationPhase::kFailed,
-                received.ok() ? "" : received.ToString());
+  status.Finish(
+      received.ok() ? control::MigrationPhase::kCompleted : control::MigrationPhase::kFailed,
+      received.ok() ? "" : received.ToString());
   if (!received.ok()) return LocalRefused(received);
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - begin).count();
   out = {{"mode", "local"},

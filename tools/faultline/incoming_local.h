@@ -13,9 +13,9 @@
 #include <nlohmann/json.hpp>
 
 #include "faultline/status.h"
+#include "src/control/destination.h"
 #include "src/migration/local_update.h"
 #include "src/vmm/vm.h"
-#include "src/control/destination.h"
 
 namespace faultline::cli {
 

@@ -54,7 +54,8 @@ class LiveVm::TimedSource final : public migration::SourceVm {
 // migrate` has seen "completed".
 class LiveVm::SeenControl final : public control::MigrationControl {
  public:
-  explicit SeenControl(std::shared_ptr<control::MigrationControl> inner) : inner_(std::move(inner)) {}
+  explicit SeenControl(std::shared_ptr<control::MigrationControl> inner)
+      : inner_(std::move(inner)) {}
 
   Status Start(const control::MigrateRequest& request) override {
     seen_terminal_.store(false);
@@ -102,7 +103,8 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
     self->outcome_ = outcome;
     self->cv_.notify_all();
   };
-  live->engine_ = std::make_shared<control::SourceMigrationControl>(*live->source_, std::move(options));
+  live->engine_ =
+      std::make_shared<control::SourceMigrationControl>(*live->source_, std::move(options));
   live->control_ = std::make_shared<SeenControl>(live->engine_);
   if (control_path.empty() && server == nullptr) return live;
 

@@ -22,11 +22,11 @@
 #include <string>
 
 #include "faultline/status.h"
-#include "src/migration/source.h"
+#include "src/control/destination.h"
 #include "src/control/server.h"
 #include "src/control/source.h"
+#include "src/migration/source.h"
 #include "src/vmm/vm.h"
-#include "src/control/destination.h"
 
 namespace faultline::cli {
 

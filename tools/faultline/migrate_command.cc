@@ -11,11 +11,11 @@
 
 #include <fmt/format.h>
 
+#include "src/control/destination.h"
 #include "src/control/types.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
 #include "tools/faultline/control_client.h"
-#include "src/control/destination.h"
 
 namespace faultline::cli {
 namespace {

@@ -24,19 +24,19 @@
 
 #include <fmt/format.h>
 
+#include "src/control/destination.h"
+#include "src/control/migration.h"
+#include "src/control/server.h"
 #include "src/migration/destination.h"
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_vm.h"
 #include "src/migration/socket_transport.h"
 #include "src/sys/mapping.h"
-#include "src/control/migration.h"
-#include "src/control/server.h"
 #include "src/vmm/vm.h"
 #include "src/vmm/vm_adapter.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
 #include "tools/faultline/incoming_local.h"
-#include "src/control/destination.h"
 #include "tools/faultline/live_vm.h"
 
 namespace faultline::cli {
@@ -83,7 +83,8 @@ std::chrono::milliseconds AcceptTimeout(const RunOptions& o) {
 // --incoming: waits for one migration on `listener` and receives it into
 // `vm` (created with boot = false).
 Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, migration::SocketListener& listener,
-                                                 const RunOptions& o, control::IncomingStatus& status,
+                                                 const RunOptions& o,
+                                                 control::IncomingStatus& status,
                                                  nlohmann::json& out) {
   const migration::Address& bound = listener.bound();
   if (!bound.is_unix()) {  // unix: said already, before the offer
@@ -98,8 +99,9 @@ Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, migration::SocketL
   // precopy (waiting or receiving) until it ends.
   status.SetPhase(control::MigrationPhase::kPrecopy);
   Result<migration::DestinationStats> stats = destination.Run(listener);
-  status.Finish(stats.has_value() ? control::MigrationPhase::kCompleted : control::MigrationPhase::kFailed,
-                stats.has_value() ? "" : stats.error().ToString());
+  status.Finish(
+      stats.has_value() ? control::MigrationPhase::kCompleted : control::MigrationPhase::kFailed,
+      stats.has_value() ? "" : stats.error().ToString());
   if (!stats.has_value()) {
     return Error(
         "incoming migration on {} refused: {}. The guest was not started here; the "
@@ -201,7 +203,8 @@ Result<migration::PostcopyDestinationStats> ReceivePostcopy(
 // query-status and query-migrate, the latter from `incoming`.
 Result<std::unique_ptr<control::ControlServer>> ServeIncoming(
     const std::string& path, vmm::Vm& vm, std::shared_ptr<control::IncomingStatus> incoming) {
-  ASSIGN_OR_RETURN(std::unique_ptr<control::ControlServer> server, control::ControlServer::Create(path));
+  ASSIGN_OR_RETURN(std::unique_ptr<control::ControlServer> server,
+                   control::ControlServer::Create(path));
   const auto created = Clock::now();
   server->Register("query-migrate", [incoming](const nlohmann::json&) -> Result<nlohmann::json> {
     return incoming->Status();
@@ -295,7 +298,8 @@ int Run(const RunOptions& o) {
       return Fail(vm.error());
     }
     incoming_status = std::make_shared<control::IncomingStatus>(
-        postcopy ? control::MigrationMode::kPostcopy : control::MigrationMode::kPrecopy, config.mem_size);
+        postcopy ? control::MigrationMode::kPostcopy : control::MigrationMode::kPrecopy,
+        config.mem_size);
     if (!o.control.empty()) {
       Result<std::unique_ptr<control::ControlServer>> server =
           ServeIncoming(o.control, **vm, incoming_status);
