@@ -8,6 +8,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libfmt-dev libcli11-dev nlohmann-json3-dev libssl-dev libunicorn-dev pkg-config
   qemu-system-x86 valgrind clang-format
+  python3  # scripts/check_layers.py and its test (ctest -L layering)
 )
 
 missing=()
