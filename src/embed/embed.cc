@@ -30,18 +30,9 @@ namespace {
 
 constexpr char kDeviceBlob[] = "vmm";  // the VmHandle's devices, as one blob
 
-// The VMM keeps its own memslots (or has none): Faultline only needs the
-// layout to know its blocks.
-class VmmMemslots final : public MemslotBackend {
- public:
-  uint32_t max_memslots() const override { return 0; }
-  Status SetMemslot(const MemslotRegion&) override { return Status::Ok(); }
-  AccelDirtyLog* accel_dirty_log() override { return nullptr; }
-};
-
 // The VMM's RAM: its blocks placed at their addresses.
 struct Ram {
-  VmmMemslots memslots;
+  VmmOwnedMemslots memslots;
   std::unique_ptr<GuestMemory> memory;
 
   Status Init(const std::vector<GuestRegion>& regions) {

@@ -96,10 +96,15 @@ MemslotRegion GuestMemory::RegionFor(const Memslot& slot) const {
     region.guest_memfd_offset = slot.range.block_offset;
     return region;
   }
-  // userfaultfd write-protect tracks the blocks' host memory, not slots.
-  region.log_dirty =
-      tracking_ && accel_log_ != nullptr && options_.dirty_mode != DirtyLogMode::kUffdWp;
+  region.log_dirty = LogsDirty(slot);
   return region;
+}
+
+bool GuestMemory::LogsDirty(const Memslot& slot) const {
+  // guest_memfd slots cannot (see RegionFor); userfaultfd write-protect
+  // tracks the blocks' host memory, not slots.
+  return !IsGuestMemfd(*slot.range.block) && tracking_ && accel_log_ != nullptr &&
+         options_.dirty_mode != DirtyLogMode::kUffdWp;
 }
 
 Status GuestMemory::InstallSlot(const Memslot& slot) {
@@ -339,7 +344,7 @@ Status GuestMemory::HarvestDirty() {
 }
 
 Status GuestMemory::HarvestSlotLocked(const Memslot& slot) {
-  if (!RegionFor(slot).log_dirty) return Status::Ok();
+  if (!LogsDirty(slot)) return Status::Ok();
   const uint64_t pages = slot.range.size / kDirtyPage;
   RETURN_IF_ERROR(accel_log_->TakeSlotLog(slot.id, pages, log_buffer_));
   auto it = dirty_.find(slot.range.block);

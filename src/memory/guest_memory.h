@@ -149,6 +149,7 @@ class GuestMemory {
   GuestMemory(MemslotBackend* backend, GuestMemoryOptions options);
 
   MemslotRegion RegionFor(const Memslot& slot) const;  // requires mu_
+  bool LogsDirty(const Memslot& slot) const;           // requires mu_
   Status InstallSlot(const Memslot& slot);             // requires mu_
   Status DeleteSlot(const Memslot& slot);
   Status HarvestSlotLocked(const Memslot& slot);

@@ -60,4 +60,14 @@ class MemslotBackend {
   virtual AccelDirtyLog* accel_dirty_log() = 0;
 };
 
+// For a VMM that keeps its own memslots (an embedder, a test): GuestMemory
+// then only needs the layout to know its blocks, and dirty pages come from
+// userfaultfd write-protect.
+class VmmOwnedMemslots final : public MemslotBackend {
+ public:
+  uint32_t max_memslots() const override { return 0; }
+  Status SetMemslot(const MemslotRegion&) override { return Status::Ok(); }
+  AccelDirtyLog* accel_dirty_log() override { return nullptr; }
+};
+
 }  // namespace faultline

@@ -71,9 +71,9 @@ class MigrationDestination::Attempt {
   std::vector<DeviceBlob> devices_;
 
   std::mutex mu_;
-  std::condition_variable ended_cv_;      // a channel thread ended
-  size_t ended_ = 0;                      // guarded by mu_
-  bool main_ended_ = false;               // guarded by mu_: FollowMain returned
+  std::condition_variable ended_cv_;  // a channel thread ended
+  size_t ended_ = 0;                  // guarded by mu_
+  bool main_ended_ = false;           // guarded by mu_: FollowMain returned
   Session session_;  // assigned and Shutdown() under mu_; its links used without it
   std::unique_ptr<PassBarrier> barrier_;  // guarded by mu_; set before the threads start
   std::optional<Status> first_error_;     // guarded by mu_

@@ -28,17 +28,9 @@ namespace {
 
 using ::testing::ElementsAre;
 
-// The fake VMM keeps no memslots of its own.
-class NoMemslots final : public MemslotBackend {
- public:
-  uint32_t max_memslots() const override { return 0; }
-  Status SetMemslot(const MemslotRegion&) override { return Status::Ok(); }
-  AccelDirtyLog* accel_dirty_log() override { return nullptr; }
-};
-
 // One side's RAM: one block at GPA 0.
 struct Memory {
-  NoMemslots memslots;
+  VmmOwnedMemslots memslots;
   std::unique_ptr<GuestMemory> memory;
   std::shared_ptr<RamBlock> block;
 

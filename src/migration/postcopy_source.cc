@@ -13,15 +13,8 @@
 #include "src/sys/sched.h"
 
 namespace faultline::migration {
-namespace {
 
 using Clock = std::chrono::steady_clock;
-
-std::chrono::microseconds Since(Clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t);
-}
-
-}  // namespace
 
 const char* PostcopyPhaseName(PostcopyPhase phase) {
   switch (phase) {
@@ -296,10 +289,10 @@ Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
   std::vector<BlockInfo> infos;
   for (const auto& b : blocks_) infos.push_back(DescribeBlock(*b));
   Attempt attempt;
-  ASSIGN_OR_RETURN(attempt.session,
-                   ConnectSession(connector, {infos, options_.base.page_channels, options_.base.key,
-                                              kFeaturePostcopy | kFeatureRecovery,
-                                              vm_.accelerator()}));
+  ASSIGN_OR_RETURN(
+      attempt.session,
+      ConnectSession(connector, {infos, options_.base.page_channels, options_.base.key,
+                                 kFeaturePostcopy | kFeatureRecovery, vm_.accelerator()}));
   if (!(attempt.session.ack.features & kFeatureRecovery)) {
     return SendError(*attempt.session.main, ErrorCode::kFeatures,
                      Error("the destination does not support post-copy recovery"));

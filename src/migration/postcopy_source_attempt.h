@@ -2,6 +2,7 @@
 // phases) and postcopy_source_threads.cc (post-copy's threads).
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -12,6 +13,11 @@
 #include "src/migration/postcopy_source.h"
 
 namespace faultline::migration {
+
+inline std::chrono::microseconds Since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                               t);
+}
 
 // One session: its links, and the first failure, which breaks every link so
 // that every thread using them stops.

@@ -14,15 +14,6 @@
 #include "src/sys/sched.h"
 
 namespace faultline::migration {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-std::chrono::microseconds Since(Clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t);
-}
-
-}  // namespace
 
 // The main channel during post-copy: reads until the destination's
 // CompleteAck (the end), its Error or a break, and gives the attempt the
@@ -196,7 +187,7 @@ class PostcopySource::Pusher {
 Status PostcopySource::Postcopy() {
   Attempt& a = *active_;
   const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
-  const auto started = Clock::now();
+  const auto started = std::chrono::steady_clock::now();
   std::atomic<bool> complete_sent{false};
   Watcher watcher(a);
   Responder responder(*this, a, final_pass, complete_sent);
