@@ -131,7 +131,7 @@ class MemoryPostcopyDestination final : public PostcopyDestinationVm {
     options.installer = installer_;
     options.pager = options_.pager;
     options.pager.realtime_priority = options_.realtime_priority;
-    // Each page channel offers up to a batch of pushed pages to the pager at
+    // Each page channel claims places for up to a batch of pushed pages at
     // once and fills their staging pages itself: there must be slots for
     // all of them and for the faults besides.
     if (options.pager.staging_slots == 0) options.pager.staging_slots = 2048;
@@ -146,11 +146,7 @@ class MemoryPostcopyDestination final : public PostcopyDestinationVm {
     return vm_.Start();
   }
 
-  void Push(uint32_t block, uint64_t offset, uint64_t length) override {
-    auto blocks = memory_.blocks();
-    if (!pager_ || pager_->demand_pager() == nullptr || block >= blocks.size()) return;
-    (void)pager_->demand_pager()->Push(*blocks[block], offset, length);
-  }
+  paging::PushTarget* push_target() override { return pager_ ? pager_->demand_pager() : nullptr; }
   Status FetchMissing() override { return pager_ ? pager_->PushAll() : Status::Ok(); }
   // Hole: the chunk memslots are merged back. Userfaultfd installers stay
   // registered until the VM is gone: every page is present, so nothing

@@ -4,14 +4,6 @@
 #include <cstring>
 
 namespace faultline::migration {
-namespace {
-
-// Set while this thread offers pushed pages to the pager: the fetches the
-// pager starts from inside the hook will be filled by the data this thread
-// is about to receive, so they send no request.
-thread_local bool t_offering = false;
-
-}  // namespace
 
 NetworkPageSource::NetworkPageSource(std::vector<NetworkBlock> blocks)
     : blocks_(std::move(blocks)) {
@@ -23,7 +15,10 @@ NetworkPageSource::NetworkPageSource(std::vector<NetworkBlock> blocks)
 
 NetworkPageSource::~NetworkPageSource() { CancelAll(); }
 
-void NetworkPageSource::SetPushHook(PushHook hook) { push_hook_ = std::move(hook); }
+void NetworkPageSource::SetPushTarget(paging::PushTarget* target) {
+  std::lock_guard lock(mu_);
+  push_target_ = target;
+}
 
 void NetworkPageSource::MarkHave(uint32_t block, const DirtyBitmap& pages) {
   std::lock_guard lock(mu_);
@@ -39,27 +34,40 @@ NetworkPageSource::Pending* NetworkPageSource::FindLocked(uint32_t block, uint64
   return p;
 }
 
-void NetworkPageSource::Fetch(const paging::FetchRequest& request, paging::FetchCallback done) {
+Status NetworkPageSource::Check(const paging::FetchRequest& request) const {
   const uint64_t size = request.dest.size();
   if (request.block_id >= blocks_.size() || size == 0 || size % kWirePageSize != 0 ||
       request.offset % kWirePageSize != 0 || request.offset > blocks_[request.block_id].size ||
       blocks_[request.block_id].size - request.offset < size ||
       size / kWirePageSize > kMaxRequestPages) {
-    done(
-        paging::FetchResult::Failed(Error("network page source: fetch of block {} [{:#x}, +{:#x}) "
-                                          "is outside the migrated memory",
-                                          request.block_id, request.offset, size)));
-    return;
+    return Error(
+        "network page source: fetch of block {} [{:#x}, +{:#x}) is outside the migrated "
+        "memory",
+        request.block_id, request.offset, size);
   }
+  return Status::Ok();
+}
+
+std::unique_ptr<NetworkPageSource::Pending> NetworkPageSource::NewPending(
+    const paging::FetchRequest& request, paging::FetchCallback done) {
   auto p = std::make_unique<Pending>();
   p->block = request.block_id;
   p->first = request.offset / kWirePageSize;
-  p->count = static_cast<uint32_t>(size / kWirePageSize);
+  p->count = static_cast<uint32_t>(request.dest.size() / kWirePageSize);
   p->dest = request.dest;
   p->done = std::move(done);
   p->priority = request.priority;
   p->start = Clock::now();
   p->claimed.assign(p->count, 0);
+  return p;
+}
+
+void NetworkPageSource::Fetch(const paging::FetchRequest& request, paging::FetchCallback done) {
+  if (Status s = Check(request); !s.ok()) {
+    done(paging::FetchResult::Failed(std::move(s)));
+    return;
+  }
+  auto p = NewPending(request, std::move(done));
   std::vector<PageRequest> requests;
   {
     std::unique_lock lock(mu_);
@@ -92,11 +100,9 @@ void NetworkPageSource::Fetch(const paging::FetchRequest& request, paging::Fetch
         return;
       }
     }
-    if (!t_offering) {
-      requests = RequestsFor(*p);
-      p->requested = !requests.empty();
-      for (const PageRequest& r : requests) stats_.pages_requested += r.pages.size();
-    }
+    requests = RequestsFor(*p);
+    p->requested = !requests.empty();
+    for (const PageRequest& r : requests) stats_.pages_requested += r.pages.size();
     const auto key = std::make_pair(p->block, p->first);
     pending_.emplace(key, std::move(p));
   }
@@ -164,11 +170,14 @@ void NetworkPageSource::Disconnect() {
   link_ = nullptr;
 }
 
-void NetworkPageSource::Offer(uint32_t block, std::span<const uint32_t> pages) {
-  if (!push_hook_ || blocks_[block].direct != nullptr) return;
+void NetworkPageSource::ClaimPushed(uint32_t block, std::span<const uint32_t> pages) {
+  if (blocks_[block].direct != nullptr) return;
+  paging::PushTarget* target = nullptr;
   std::vector<std::pair<uint64_t, uint64_t>> runs;  // wire pages [first, end) nobody waits for
   {
     std::lock_guard lock(mu_);
+    target = push_target_;
+    if (target == nullptr) return;
     for (uint32_t page : pages) {
       if (have_[block].Test(page) || FindLocked(block, page) != nullptr) continue;
       if (!runs.empty() && runs.back().second == page) {
@@ -178,11 +187,39 @@ void NetworkPageSource::Offer(uint32_t block, std::span<const uint32_t> pages) {
       }
     }
   }
-  t_offering = true;
+  // The pager's claims, outside mu_ (a claim may wait for a staging page).
+  // Each claimed unit is fetching in the pager, so no fetch of it can come
+  // in between: it becomes a pending fetch that sends no request.
+  std::vector<std::unique_ptr<Pending>> claimed;
+  std::vector<paging::FetchCallback> refused;
   for (auto [first, end] : runs) {
-    push_hook_(block, first * kWirePageSize, (end - first) * kWirePageSize);
+    for (paging::PushSlot& slot :
+         target->Claim(block, first * kWirePageSize, (end - first) * kWirePageSize)) {
+      const paging::FetchRequest request{slot.block_id, slot.offset, slot.dest,
+                                         paging::FetchPriority::kPush};
+      if (Status s = Check(request); !s.ok()) {
+        slot.done(paging::FetchResult::Failed(s.WithContext("push claim")));
+        continue;
+      }
+      claimed.push_back(NewPending(request, std::move(slot.done)));
+    }
   }
-  t_offering = false;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& p : claimed) {
+      if (cancelled_ || FindLocked(p->block, p->first) != nullptr ||
+          FindLocked(p->block, p->first + p->count - 1) != nullptr) {
+        refused.push_back(std::move(p->done));
+        continue;
+      }
+      const auto key = std::make_pair(p->block, p->first);
+      pending_.emplace(key, std::move(p));
+    }
+  }
+  for (auto& done : refused) {
+    done(paging::FetchResult::Failed(
+        Status(ECANCELED, "network page source: cancelled, or the pages are fetched already")));
+  }
 }
 
 std::unique_ptr<NetworkPageSource::Pending> NetworkPageSource::SettleLocked(uint32_t block,
@@ -222,7 +259,7 @@ void NetworkPageSource::Complete(std::unique_ptr<Pending> p) {
 Status NetworkPageSource::ReceivePages(Link& link, const PagesHeader& header, bool reply) {
   const uint32_t b = header.block;  // checked against the block list by the decoder
   const size_t n = header.pages.size();
-  Offer(b, header.pages);
+  ClaimPushed(b, header.pages);
 
   std::vector<MutableBuffer> dests(n);
   std::vector<Target> targets(n, Target::kScratch);
@@ -284,7 +321,7 @@ void NetworkPageSource::ApplyZeroPages(const ZeroPages& zeros) {
   for (const PageRun& run : zeros.runs) {
     for (uint32_t i = 0; i < run.count; ++i) pages.push_back(run.first + i);
   }
-  Offer(b, pages);
+  ClaimPushed(b, pages);
   std::vector<std::unique_ptr<Pending>> completed;
   std::unique_lock lock(mu_);
   for (uint32_t page : pages) {

@@ -9,12 +9,13 @@
 //    the destination the installer chose for the fetch: the final page
 //    through the alias (continue), a staging page (move, copy) or the
 //    block's memory (hole). There is no buffer of this class's own;
-//  - pushed pages nobody asked for yet are offered to the pager first
-//    (push hook: DemandPager::Push, which starts a fetch whose destination
-//    the data is then received into) or, for blocks paged through memslot
-//    holes, written straight into the block's memory (a missing chunk has
-//    no memslot, so the guest cannot see it) and handed over when the pager
-//    fetches that chunk, without a copy;
+//  - for pushed pages nobody asked for yet, the pager hands out a place
+//    (paging::PushTarget::Claim: a destination per install unit, which the
+//    data is received into and then completed, like a fetch) or, for blocks
+//    paged through memslot holes, they are written straight into the
+//    block's memory (a missing chunk has no memslot, so the guest cannot
+//    see it) and handed over when the pager fetches that chunk, without a
+//    copy. The pager never re-enters the source from a claim;
 //  - a page that arrives twice (a push and a reply crossing) lands in a
 //    scratch page the second time.
 //
@@ -32,7 +33,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -63,7 +63,8 @@ struct NetworkSourceStats {
   // a push that crossed the request).
   uint64_t pages_demanded = 0;
   // Pages that arrived unasked for: pushed into a fetch the push itself
-  // started (DemandPager::Push), or straight into a hole block's memory.
+  // claimed from the pager (PushTarget), or straight into a hole block's
+  // memory.
   uint64_t pages_pushed = 0;
   uint64_t pages_replied = 0;  // of those, pages that came on the priority channel
   uint64_t pages_duplicate = 0;
@@ -74,13 +75,13 @@ struct NetworkSourceStats {
 
 class NetworkPageSource final : public paging::PageSource {
  public:
-  using PushHook = std::function<void(uint32_t block, uint64_t offset, uint64_t length)>;
-
   explicit NetworkPageSource(std::vector<NetworkBlock> blocks);
   ~NetworkPageSource() override;
 
-  // Before any data flows: the pager's push (for blocks without `direct`).
-  void SetPushHook(PushHook hook);
+  // Where pushed pages of blocks without `direct` go (the pager, once it
+  // runs); without one they are dropped and come again when a fetch asks.
+  // `target` must stay valid until replaced or the source is destroyed.
+  void SetPushTarget(paging::PushTarget* target);
   // Pages the destination holds already (4 KiB pages of block `block`).
   void MarkHave(uint32_t block, const DirtyBitmap& pages);
 
@@ -130,19 +131,24 @@ class NetworkPageSource final : public paging::PageSource {
   // back without the lock).
   std::unique_ptr<Pending> SettleLocked(uint32_t block, uint64_t page, bool reply);
   void Complete(std::unique_ptr<Pending> p);
-  // Offers the runs of `pages` nobody waits for to the pager (push hook).
-  void Offer(uint32_t block, std::span<const uint32_t> pages);
+  // Claims places from the pager for the runs of `pages` nobody waits for
+  // yet, as fetches that send no request.
+  void ClaimPushed(uint32_t block, std::span<const uint32_t> pages);
+  // Why `request` cannot be served (outside the migrated memory), or OK.
+  Status Check(const paging::FetchRequest& request) const;
+  static std::unique_ptr<Pending> NewPending(const paging::FetchRequest& request,
+                                             paging::FetchCallback done);
 
   const std::vector<NetworkBlock> blocks_;
-  PushHook push_hook_;
 
   mutable std::mutex mu_;
   std::map<std::pair<uint32_t, uint64_t>, std::unique_ptr<Pending>> pending_;  // by (block, first)
   std::vector<DirtyBitmap> have_;                                              // guarded by mu_
-  std::vector<DirtyBitmap> arriving_;  // guarded by mu_: direct writes under way
-  bool cancelled_ = false;             // guarded by mu_
-  uint64_t next_request_id_ = 1;       // guarded by mu_
-  NetworkSourceStats stats_;           // guarded by mu_ (but the latency)
+  std::vector<DirtyBitmap> arriving_;          // guarded by mu_: direct writes under way
+  bool cancelled_ = false;                     // guarded by mu_
+  paging::PushTarget* push_target_ = nullptr;  // guarded by mu_
+  uint64_t next_request_id_ = 1;               // guarded by mu_
+  NetworkSourceStats stats_;                   // guarded by mu_ (but the latency)
   paging::LatencyHistogram latency_;
 
   std::mutex send_mu_;

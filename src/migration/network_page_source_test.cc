@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <set>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -53,6 +54,30 @@ struct Peer {
   std::unique_ptr<Link> source, destination;
 };
 
+// The pager's side of pushes, by hand: a place in `memory` per unit of
+// `unit_pages` wire pages, each unit handed out once, as DemandPager does.
+struct FakePushTarget final : paging::PushTarget {
+  FakePushTarget(std::vector<uint8_t>& memory, uint64_t unit_pages)
+      : memory(memory), unit(unit_pages * kWirePageSize) {}
+  std::vector<paging::PushSlot> Claim(uint32_t block, uint64_t offset, uint64_t length) override {
+    std::vector<paging::PushSlot> slots;
+    for (uint64_t u = offset / unit; u * unit < offset + length; ++u) {
+      if (!handed.insert(u).second) continue;
+      slots.push_back({block, u * unit, std::span(memory).subspan(u * unit, unit),
+                       [this](paging::FetchResult r) {
+                         ++(r.kind == paging::FetchResult::Kind::kFilled ? filled : failed);
+                       }});
+    }
+    return slots;
+  }
+
+  std::vector<uint8_t>& memory;
+  const uint64_t unit;
+  std::set<uint64_t> handed;
+  int filled = 0;
+  int failed = 0;
+};
+
 TEST(NetworkPageSourceTest, FaultBecomesARequestAndTheReplyLandsInTheDestination) {
   Peer peer;
   NetworkPageSource network({NetworkBlock{kPages * kWirePageSize, nullptr}});
@@ -82,27 +107,64 @@ TEST(NetworkPageSourceTest, FaultBecomesARequestAndTheReplyLandsInTheDestination
   EXPECT_TRUE(network.have()[0].Test(10));
 }
 
-TEST(NetworkPageSourceTest, PushedPagesAreOfferedToThePagerAndFillItsFetch) {
+TEST(NetworkPageSourceTest, PushedPagesFillThePlacesThePagerClaims) {
   Peer peer;
   NetworkPageSource network({NetworkBlock{kPages * kWirePageSize, nullptr}});
   ASSERT_TRUE(network.Connect(peer.destination.get()).ok());
-  std::vector<uint8_t> dest(kWirePageSize * 3);
-  int filled = 0;
-  // The pager's push: a fetch for each offered page, into its own buffer.
-  network.SetPushHook([&](uint32_t block, uint64_t offset, uint64_t length) {
-    for (uint64_t o = offset; o < offset + length; o += kWirePageSize) {
-      network.Fetch(
-          {block, o, std::span(dest).subspan(o / kWirePageSize % 3 * kWirePageSize, kWirePageSize),
-           paging::FetchPriority::kPush},
-          [&](paging::FetchResult r) { filled += r.kind == paging::FetchResult::Kind::kFilled; });
-    }
-  });
+  std::vector<uint8_t> memory(kPages * kWirePageSize);
+  FakePushTarget pager(memory, 1);
+  network.SetPushTarget(&pager);
   peer.Deliver(network, *peer.source, *peer.destination, {3, 4, 5}, false);
-  EXPECT_EQ(filled, 3);
-  EXPECT_EQ(dest[0], 3);  // 3 % 3 == 0
-  EXPECT_EQ(dest[kWirePageSize], 4);
+  EXPECT_EQ(pager.filled, 3);
+  EXPECT_EQ(memory[3 * kWirePageSize], 3);
+  EXPECT_EQ(memory[5 * kWirePageSize + 100], 5);
   EXPECT_EQ(network.stats().requests_sent, 0u);  // pushed data needs no request
   EXPECT_EQ(network.stats().pages_pushed, 3u);
+  EXPECT_EQ(network.outstanding_fetches(), 0u);
+}
+
+// A unit larger than a wire page (a huge page): its place is claimed by the
+// first of its pages to arrive and completed by the last.
+TEST(NetworkPageSourceTest, AClaimedHugeUnitCompletesWhenAllItsPagesArrived) {
+  Peer peer;
+  NetworkPageSource network({NetworkBlock{kPages * kWirePageSize, nullptr}});
+  ASSERT_TRUE(network.Connect(peer.destination.get()).ok());
+  std::vector<uint8_t> memory(kPages * kWirePageSize);
+  FakePushTarget pager(memory, 4);
+  network.SetPushTarget(&pager);
+  peer.Deliver(network, *peer.source, *peer.destination, {4, 5}, false);
+  EXPECT_EQ(pager.handed, (std::set<uint64_t>{1}));
+  EXPECT_EQ(pager.filled, 0);
+  EXPECT_EQ(network.outstanding_fetches(), 1u);
+  peer.Deliver(network, *peer.source, *peer.destination, {6, 7}, false);
+  EXPECT_EQ(pager.filled, 1);
+  EXPECT_EQ(memory[7 * kWirePageSize], 7);
+  EXPECT_EQ(network.stats().pages_pushed, 4u);
+  EXPECT_EQ(network.stats().requests_sent, 0u);
+}
+
+// Without a target (before the pager runs) a push is dropped, to come again
+// when a fetch asks; after CancelAll a claimed place is completed, failed.
+TEST(NetworkPageSourceTest, PushesWithoutATargetAreDroppedAndCancelFailsClaims) {
+  Peer peer;
+  NetworkPageSource network({NetworkBlock{kPages * kWirePageSize, nullptr}});
+  ASSERT_TRUE(network.Connect(peer.destination.get()).ok());
+  std::vector<uint8_t> memory(kPages * kWirePageSize);
+  peer.Deliver(network, *peer.source, *peer.destination, {1}, false);
+  EXPECT_EQ(network.stats().pages_duplicate, 1u);
+  EXPECT_FALSE(network.have()[0].Test(1));
+  FakePushTarget pager(memory, 4);
+  network.SetPushTarget(&pager);
+  peer.Deliver(network, *peer.source, *peer.destination, {8}, false);
+  EXPECT_EQ(network.outstanding_fetches(), 1u);
+  network.CancelAll();
+  EXPECT_EQ(pager.failed, 1);
+  EXPECT_EQ(pager.filled, 0);
+  EXPECT_EQ(network.outstanding_fetches(), 0u);
+  // Claims after the cancel are given back at once, failed.
+  peer.Deliver(network, *peer.source, *peer.destination, {20}, false);
+  EXPECT_EQ(pager.failed, 2);
+  EXPECT_EQ(network.outstanding_fetches(), 0u);
 }
 
 // Every page that arrives counts once, as demanded (a fetch asked for it,
@@ -124,14 +186,9 @@ TEST(NetworkPageSourceTest, EveryPageCountsOnceAsHeldDemandedOrPushed) {
     auto count = [&](paging::FetchResult r) {
       completed += r.kind == paging::FetchResult::Kind::kFilled;
     };
-    if (!direct) {
-      // The pager's push: a fetch into the page's place in `memory`.
-      network.SetPushHook([&](uint32_t block, uint64_t offset, uint64_t length) {
-        network.Fetch({block, offset, std::span(memory).subspan(offset, length),
-                       paging::FetchPriority::kPush},
-                      count);
-      });
-    }
+    // The pager's places for pushed pages: their places in `memory`.
+    FakePushTarget pager(memory, 1);
+    if (!direct) network.SetPushTarget(&pager);
     // A fault on pages 10 and 11: 10 comes by a push that crosses the
     // request, 11 by the reply; then the push of everything else, 10 and
     // 11 again among it, and a held page pushed needlessly.
@@ -159,8 +216,9 @@ TEST(NetworkPageSourceTest, EveryPageCountsOnceAsHeldDemandedOrPushed) {
     EXPECT_EQ(s.pages_duplicate, 3u);  // 7 (held), 10 and 11
     EXPECT_EQ(network.have()[0].Count(), kPages);
     EXPECT_EQ(memory[40 * kWirePageSize], 40);
-    // The fault's fetch, and (pager block) one per run of offered pages.
-    EXPECT_EQ(completed, direct ? 1 : 6);
+    EXPECT_EQ(completed, 1);  // the fault's fetch
+    // Pager block: one claim per pushed page (units of one page).
+    EXPECT_EQ(static_cast<uint64_t>(pager.filled), direct ? 0u : s.pages_pushed);
     EXPECT_EQ(network.outstanding_fetches(), 0u);
   }
 }

@@ -332,9 +332,6 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
     nb.push_back({blocks_[b]->size(), vm_.direct_push_target(b)});
   }
   network_ = std::make_shared<NetworkPageSource>(std::move(nb));
-  network_->SetPushHook([this](uint32_t block, uint64_t offset, uint64_t length) {
-    vm_.Push(block, offset, length);
-  });
   for (uint32_t b = 0; b < blocks_.size(); ++b) network_->MarkHave(b, present[b]);
   RETURN_IF_ERROR(network_->Connect(a.priority.get()));
   // The priority channel's replies are read from before the guest runs:
@@ -345,6 +342,7 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
   });
   const auto paging_at = Clock::now();
   RETURN_IF_ERROR(vm_.StartPostcopy(network_, present, vcpus, devices));
+  network_->SetPushTarget(vm_.push_target());
   const auto started = Clock::now();
   phase_.store(PostcopyPhase::kPostcopy, std::memory_order_release);
   {

@@ -40,11 +40,13 @@ class PostcopyDestinationVm : public DestinationVm {
   virtual Status DropPages(uint32_t block, uint64_t first, uint64_t count) = 0;
   // Where pushed pages of block `b` that nobody waits for may be written
   // directly (its memory, when paged through memslot holes), or nullptr
-  // when they go through Push. Known before StartPostcopy.
+  // when the pager hands out their places (push_target). Known before
+  // StartPostcopy.
   virtual uint8_t* direct_push_target(uint32_t block) = 0;
-  // The pager's background fetch of block bytes [offset, offset + length):
-  // starts fetches of its missing pages and returns. After StartPostcopy.
-  virtual void Push(uint32_t block, uint64_t offset, uint64_t length) = 0;
+  // The pager's side of pushed pages: it claims places for them, which the
+  // network source fills and completes. After StartPostcopy, valid while
+  // the VM lives; nullptr if no block goes through it.
+  virtual paging::PushTarget* push_target() = 0;
   // Fetches every page still missing, and waits.
   virtual Status FetchMissing() = 0;
   // Every page present: paging ends (memslots merged, userfaultfds gone).

@@ -91,4 +91,12 @@ const UffdInstaller* DemandPager::installer(const RamBlock& block) const {
   return paged != nullptr ? &paged->installer() : nullptr;
 }
 
+std::vector<PushSlot> DemandPager::Claim(uint32_t block_id, uint64_t offset, uint64_t length) {
+  if (stopped_) return {};
+  for (const auto& b : blocks_) {
+    if (b->source_block() == block_id) return b->Claim(offset, length);
+  }
+  return {};
+}
+
 }  // namespace faultline::paging

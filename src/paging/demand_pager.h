@@ -2,7 +2,8 @@
 // installer (copy, move, continue; zero as a benchmark floor) and K fault
 // queues; pages already present are marked in bulk; missing pages come from
 // a PageSource, exactly once each, whoever asks first: a faulting thread,
-// the VMM (EnsurePresent) or a background push (Push).
+// the VMM (EnsurePresent), the pager's own background fetch (Push) or data
+// the source pushes unasked, for which it claims a place (Claim).
 //
 //   auto pager = DemandPager::Create(source, {.queues_per_block = 2});
 //   pager->AddBlock(ram, InstallerKind::kMove, /*source_block=*/0, present);
@@ -32,11 +33,11 @@ namespace faultline::paging {
 
 class PagedBlock;
 
-class DemandPager {
+class DemandPager final : public PushTarget {
  public:
   static Result<std::unique_ptr<DemandPager>> Create(std::shared_ptr<PageSource> source,
                                                      PagerOptions options = {});
-  ~DemandPager();  // Stop()
+  ~DemandPager() override;  // Stop()
   DemandPager(const DemandPager&) = delete;
   DemandPager& operator=(const DemandPager&) = delete;
 
@@ -64,6 +65,9 @@ class DemandPager {
   // push); returns without waiting. Pages being fetched or present are
   // skipped, so a push never fetches a page twice.
   Status Push(const RamBlock& block, uint64_t offset, uint64_t length);
+  // PushTarget: places for pushed data of the block the source knows as
+  // `block_id`; called by the source's threads, any time after Start().
+  std::vector<PushSlot> Claim(uint32_t block_id, uint64_t offset, uint64_t length) override;
 
   // Pages (install units) still to come, over every block.
   uint64_t missing_units() const;
@@ -87,7 +91,7 @@ class DemandPager {
   PagerContext ctx_;
   std::vector<std::unique_ptr<PagedBlock>> blocks_;
   bool started_ = false;              // set up on the owner's thread, before Start()
-  std::atomic<bool> stopped_{false};  // read by vCPU and channel threads (EnsurePresent, Push)
+  std::atomic<bool> stopped_{false};  // read by vCPU and channel threads (EnsurePresent, Claim)
 };
 
 }  // namespace faultline::paging

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <latch>
 #include <thread>
 #include <vector>
@@ -317,6 +318,50 @@ TEST_P(PagingTest, PushRacingFaultsFetchesEachPageOnce) {
   EXPECT_TRUE(pager_->complete());
   EXPECT_EQ(snapshot_->refetched_pages(id_), 0u);
   EXPECT_GT(pager_->stats().pushes, 0u);
+}
+
+// The source's push, by hand: it claims the places of 8 units (fewer than
+// the staging slots: a claim waits for a free one), the pager hands each
+// missing unit out once, a fault on a claimed unit waits
+// until the pusher fills and completes it, and the claimed units never go
+// to the source.
+TEST_P(PagingTest, ClaimedUnitsWaitForThePusherAndAreNotFetched) {
+  if (is_zero()) GTEST_SKIP() << "the floor has no source";
+  MakePager(snapshot_, {.queues_per_block = 2});
+  const uint64_t unit = block_->page_size();
+  const uint64_t claimed = 8 * unit;
+  std::vector<PushSlot> slots = pager_->Claim(id_, 0, claimed);
+  ASSERT_EQ(slots.size(), claimed / unit);
+  EXPECT_TRUE(pager_->Claim(id_, 0, claimed).empty()) << "a unit is handed out twice";
+  EXPECT_TRUE(pager_->Claim(id_ + 1, 0, claimed).empty()) << "a block the pager does not page";
+  for (size_t i = 0; i < slots.size(); ++i) {
+    EXPECT_EQ(slots[i].offset, i * unit);
+    EXPECT_EQ(slots[i].dest.size(), unit);
+  }
+  // A fault on the first claimed unit: it waits for the pusher.
+  std::atomic<bool> read{false};
+  std::jthread reader([&] {
+    EXPECT_EQ(WrongPages(block_->host(), 0, 1), 0u);
+    read = true;
+  });
+  std::this_thread::sleep_for(50ms);
+  EXPECT_FALSE(read.load()) << "the fault did not wait for the claimed unit";
+  const std::vector<uint8_t> pattern = PatternBytes(kBlockSize);
+  for (PushSlot& slot : slots) {
+    std::memcpy(slot.dest.data(), pattern.data() + slot.offset, slot.dest.size());
+    slot.done(FetchResult::Filled());
+  }
+  reader.join();
+  EXPECT_TRUE(read.load());
+  EXPECT_EQ(TouchInParallel(2), 0u);
+  WaitSettled();
+  EXPECT_TRUE(pager_->complete());
+  for (uint64_t page = 0; page < claimed / kPageSize; page += unit / kPageSize) {
+    EXPECT_EQ(snapshot_->fetch_count(id_, page), 0u) << "claimed page " << page << " fetched";
+  }
+  EXPECT_EQ(pager_->stats().pushes, claimed / unit);
+  pager_->Stop();
+  EXPECT_TRUE(pager_->Claim(id_, 0, kBlockSize).empty()) << "claims after Stop()";
 }
 
 std::vector<Combo> AllCombos() {

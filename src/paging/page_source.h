@@ -6,6 +6,14 @@
 // then moves or copies into place. A source therefore never owns a bounce
 // buffer of its own; a network source receives into `dest`.
 //
+// Pages can also arrive that nobody fetched (post-copy's background push).
+// For those the source asks the pager for a place (PushTarget::Claim): the
+// pager hands it a destination per install unit, the source fills it and
+// completes it, exactly as it completes a fetch. The pager never calls the
+// source from inside a claim, and the source never calls Fetch for a push:
+// each direction is one call, pager -> source (Fetch) or source -> pager
+// (Claim), with a completion back.
+//
 // Contract, which every implementation keeps and the pager relies on:
 //  - `done` is called exactly once per Fetch, on any thread, possibly before
 //    Fetch returns (a source that has the bytes at hand completes inline);
@@ -18,6 +26,7 @@
 #include <functional>
 #include <span>
 #include <utility>
+#include <vector>
 
 #include "faultline/status.h"
 
@@ -52,6 +61,30 @@ struct FetchResult {
 };
 
 using FetchCallback = std::function<void(FetchResult)>;
+
+// A unit the pager handed out for pushed data: `dest` holds the block's
+// bytes [offset, offset + dest.size()) once filled, and `done` is called
+// exactly once, like a fetch's: kFilled when dest holds them, kFailed
+// (cancellation) or kUnavailable otherwise. Until then the unit counts as
+// being fetched: faults on it wait, and nobody else fetches it.
+struct PushSlot {
+  uint32_t block_id = 0;  // the source's name for the RAM block
+  uint64_t offset = 0;
+  std::span<uint8_t> dest;
+  FetchCallback done;
+};
+
+// The pager's side of pushed data (DemandPager implements it).
+class PushTarget {
+ public:
+  virtual ~PushTarget() = default;
+  // Claims the install units overlapping block `block_id`'s bytes
+  // [offset, offset + length) that are neither present nor being fetched,
+  // and returns a slot for each, in offset order (none for a block it does
+  // not page, or once paging stopped). A unit may be larger than the range
+  // (a huge page): its slot covers all of it. May wait for a staging page.
+  virtual std::vector<PushSlot> Claim(uint32_t block_id, uint64_t offset, uint64_t length) = 0;
+};
 
 class PageSource {
  public:

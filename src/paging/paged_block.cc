@@ -195,13 +195,17 @@ void PagedBlock::HandleRemove(FaultQueue& queue, Hva start, Hva end) {
   }
 }
 
-void PagedBlock::StartFetch(uint64_t unit, Origin origin, bool may_wait) {
+Destination PagedBlock::BeginFetch(uint64_t unit, const Origin& origin, bool may_wait) {
   ctx_.FetchStarted();
   ctx_.metrics().Activity();
   ctx_.metrics().fetches.Add();
   if (origin.reason == Reason::kPush) ctx_.metrics().pushes.Add();
   if (origin.reason == Reason::kVmm) ctx_.metrics().vmm_fetches.Add();
-  IssueFetch(unit, installer_->Acquire(OffsetOf(unit), may_wait), origin, 0);
+  return installer_->Acquire(OffsetOf(unit), may_wait);
+}
+
+void PagedBlock::StartFetch(uint64_t unit, Origin origin, bool may_wait) {
+  IssueFetch(unit, BeginFetch(unit, origin, may_wait), origin, 0);
 }
 
 void PagedBlock::IssueFetch(uint64_t unit, Destination dest, Origin origin, uint32_t attempt) {
@@ -396,6 +400,24 @@ Status PagedBlock::EnsurePresent(uint64_t offset, uint64_t length) {
     }
   }
   return Status::Ok();
+}
+
+std::vector<PushSlot> PagedBlock::Claim(uint64_t offset, uint64_t length) {
+  std::vector<PushSlot> slots;
+  if (offset >= block_->size() || length == 0) return slots;
+  length = std::min(length, block_->size() - offset);
+  for (uint64_t u = offset / unit(); u < (offset + length - 1) / unit() + 1; ++u) {
+    PageState s = PageState::kMissing;
+    if (!states_.CompareExchange(u, s, PageState::kFetching)) continue;
+    const Origin origin{Reason::kPush, Clock::now()};
+    Destination dest = BeginFetch(u, origin, /*may_wait=*/true);
+    const std::span<uint8_t> bytes = dest.data;
+    slots.push_back({source_block_, OffsetOf(u), bytes,
+                     [this, u, dest = std::move(dest), origin](FetchResult result) {
+                       OnFetched(u, dest, std::move(result), origin, 0);
+                     }});
+  }
+  return slots;
 }
 
 void PagedBlock::Push(uint64_t offset, uint64_t length) {

@@ -67,6 +67,10 @@ class PagedBlock {
   Status EnsurePresent(uint64_t offset, uint64_t length);
   // Starts fetching the missing units of the range; does not wait.
   void Push(uint64_t offset, uint64_t length);
+  // Hands out the missing units of the range for pushed data to fill
+  // (PushTarget::Claim): each is kFetching until its slot's done runs.
+  std::vector<PushSlot> Claim(uint64_t offset, uint64_t length);
+  uint32_t source_block() const { return source_block_; }
 
  private:
   enum class Reason { kFault, kVmm, kPush };
@@ -87,6 +91,8 @@ class PagedBlock {
 
   // The caller has moved `unit` to kFetching; these settle it.
   void StartFetch(uint64_t unit, Origin origin, bool may_wait);
+  // The bookkeeping of a fetch that starts, and the place it fills.
+  Destination BeginFetch(uint64_t unit, const Origin& origin, bool may_wait);
   void IssueFetch(uint64_t unit, Destination dest, Origin origin, uint32_t attempt);
   void OnFetched(uint64_t unit, Destination dest, FetchResult result, Origin origin,
                  uint32_t attempt);
