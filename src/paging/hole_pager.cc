@@ -103,90 +103,108 @@ uint64_t HolePager::missing_chunks() const {
   return n;
 }
 
-void HolePager::FetchChunk(uint64_t c) {
-  ctx_.metrics().Activity();
+std::vector<HolePager::Run> HolePager::MissingRuns(uint64_t c) const {
   const uint64_t first_page = (ChunkGpa(c) - base_) / kPageSize;
-  const uint64_t pages = chunk_ / kPageSize;
-  // The missing runs of the chunk, each one fetch straight into the block.
-  struct Run {
-    uint64_t page, count;
-  };
+  const uint64_t end_page = first_page + chunk_ / kPageSize;
   std::vector<Run> runs;
-  for (uint64_t p = first_page; p < first_page + pages;) {
+  for (uint64_t p = first_page; p < end_page;) {
     if (present_.Test(p)) {
       ++p;
       continue;
     }
-    const uint64_t end = std::min(present_.FindNextSet(p), first_page + pages);
+    const uint64_t end = std::min(present_.FindNextSet(p), end_page);
     runs.push_back({p, end - p});
     p = end;
   }
-  Status error;
-  bool unavailable = false;
-  const uint32_t attempts = std::max<uint32_t>(ctx_.options().fetch_attempts, 1);
-  for (uint32_t attempt = 0; attempt < attempts && !runs.empty() && !unavailable; ++attempt) {
-    std::atomic<size_t> remaining{runs.size()};
-    std::vector<FetchResult> results(runs.size());
-    for (size_t i = 0; i < runs.size(); ++i) {
-      ctx_.FetchStarted();
-      ctx_.metrics().fetches.Add();
-      if (attempt > 0) ctx_.metrics().fetch_retries.Add();
-      FetchRequest request;
-      request.block_id = source_block_;
-      request.offset = runs[i].page * kPageSize;
-      request.dest = {block_->host() + request.offset, runs[i].count * kPageSize};
-      ctx_.source().Fetch(request, [&, i](FetchResult r) {
-        results[i] = std::move(r);
-        if (remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) remaining.notify_all();
-        ctx_.FetchDone();
-      });
-    }
-    for (size_t n = remaining.load(std::memory_order_acquire); n != 0;
-         n = remaining.load(std::memory_order_acquire)) {
-      remaining.wait(n, std::memory_order_acquire);
-    }
-    std::vector<Run> failed;
-    for (size_t i = 0; i < runs.size(); ++i) {
-      switch (results[i].kind) {
-        case FetchResult::Kind::kFilled:
-          present_.SetRange(runs[i].page, runs[i].count);
-          ctx_.metrics().bytes_fetched.Add(runs[i].count * kPageSize);
-          break;
-        case FetchResult::Kind::kUnavailable:
-          unavailable = true;
-          error = results[i].error;
-          break;
-        case FetchResult::Kind::kFailed:
-          failed.push_back(runs[i]);
-          error = results[i].error;
-          break;
-      }
-    }
-    runs = std::move(failed);
+  return runs;
+}
+
+HolePager::Round HolePager::FetchRound(const std::vector<Run>& runs, bool retry) {
+  std::atomic<size_t> remaining{runs.size()};
+  std::vector<FetchResult> results(runs.size());
+  for (size_t i = 0; i < runs.size(); ++i) {
+    ctx_.FetchStarted();
+    ctx_.metrics().fetches.Add();
+    if (retry) ctx_.metrics().fetch_retries.Add();
+    FetchRequest request;
+    request.block_id = source_block_;
+    request.offset = runs[i].page * kPageSize;
+    request.dest = {block_->host() + request.offset, runs[i].count * kPageSize};
+    ctx_.source().Fetch(request, [&, i](FetchResult r) {
+      results[i] = std::move(r);
+      if (remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) remaining.notify_all();
+      ctx_.FetchDone();
+    });
   }
-  if (unavailable || !runs.empty()) {
-    if (!unavailable) {
-      ctx_.RecordError(
-          error.WithContext(fmt::format("block '{}' chunk at {:#x}: fetch failed {} times",
-                                        block_->name(), ChunkGpa(c).value, attempts)));
+  for (size_t n = remaining.load(std::memory_order_acquire); n != 0;
+       n = remaining.load(std::memory_order_acquire)) {
+    remaining.wait(n, std::memory_order_acquire);
+  }
+  Round round;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    switch (results[i].kind) {
+      case FetchResult::Kind::kFilled:
+        ctx_.metrics().bytes_fetched.Add(runs[i].count * kPageSize);
+        break;
+      case FetchResult::Kind::kUnavailable:
+        round.unavailable = true;
+        round.error = results[i].error;
+        break;
+      case FetchResult::Kind::kFailed:
+        round.failed.push_back(runs[i]);
+        round.error = results[i].error;
+        break;
     }
-    PoisonedUnit lost;
-    lost.block = block_->name();
-    lost.offset = ChunkGpa(c) - base_;
-    lost.length = chunk_;
-    lost.hva = Hva(block_->host() + lost.offset);
-    lost.reason = error.ToString();
-    // Recorded before the waiters see the state change.
-    ctx_.RecordPoison(std::move(lost));
-    states_.Settle(c, PageState::kPoisoned);
+  }
+  return round;
+}
+
+// Not-present pages are only read here, from present_ as Create left it: a
+// chunk is fetched once, so what a fetch brings in need not be recorded
+// there (several threads fetching chunks that share a bitmap word would
+// race on it).
+void HolePager::FetchChunk(uint64_t c) {
+  ctx_.metrics().Activity();
+  std::vector<Run> runs = MissingRuns(c);
+  const uint32_t attempts = std::max<uint32_t>(ctx_.options().fetch_attempts, 1);
+  Round round;
+  for (uint32_t attempt = 0; attempt < attempts && !runs.empty(); ++attempt) {
+    round = FetchRound(runs, attempt > 0);
+    if (round.unavailable) break;
+    runs = std::move(round.failed);
+  }
+  if (!round.unavailable && runs.empty()) {
+    ctx_.metrics().Installed(chunk_, 0, false);
+    states_.Settle(c, PageState::kPresent);
     return;
   }
-  ctx_.metrics().Installed(chunk_, 0, false);
-  states_.Settle(c, PageState::kPresent);
+  if (!round.unavailable) {
+    ctx_.RecordError(
+        round.error.WithContext(fmt::format("block '{}' chunk at {:#x}: fetch failed {} times",
+                                            block_->name(), ChunkGpa(c).value, attempts)));
+  }
+  PoisonedUnit lost;
+  lost.block = block_->name();
+  lost.offset = ChunkGpa(c) - base_;
+  lost.length = chunk_;
+  lost.hva = Hva(block_->host() + lost.offset);
+  lost.reason = round.error.ToString();
+  // Recorded before the waiters see the state change.
+  ctx_.RecordPoison(std::move(lost));
+  states_.Settle(c, PageState::kPoisoned);
 }
 
 bool HolePager::Map(uint64_t c, bool may_wait) {
-  std::lock_guard lock(map_mu_);
+  // A thread that may not wait (a vCPU) must not block on map_mu_ either:
+  // its holder may be waiting, in FillHole, for every vCPU to pause. The
+  // chunk then stays a pending map, retried by the next Resolve.
+  std::unique_lock lock(map_mu_, std::defer_lock);
+  if (may_wait) {
+    lock.lock();
+  } else if (!lock.try_lock()) {
+    AddPendingMap(c);
+    return false;
+  }
   if (mapped_[c]) return true;
   auto filled = memory_.TryFillHoleWithoutPause(ChunkGpa(c), chunk_);
   if (filled.has_value() && !*filled && may_wait) {
@@ -201,17 +219,25 @@ bool HolePager::Map(uint64_t c, bool may_wait) {
   }
   if (*filled) {
     mapped_[c] = 1;
+    std::lock_guard pending_lock(pending_mu_);
     std::erase(pending_maps_, c);
-  } else if (std::find(pending_maps_.begin(), pending_maps_.end(), c) == pending_maps_.end()) {
-    pending_maps_.push_back(c);
+  } else {
+    AddPendingMap(c);
   }
   return *filled;
+}
+
+void HolePager::AddPendingMap(uint64_t c) {
+  std::lock_guard lock(pending_mu_);
+  if (std::find(pending_maps_.begin(), pending_maps_.end(), c) == pending_maps_.end()) {
+    pending_maps_.push_back(c);
+  }
 }
 
 void HolePager::RetryPendingMaps() {
   std::vector<uint64_t> pending;
   {
-    std::lock_guard lock(map_mu_);
+    std::lock_guard lock(pending_mu_);
     pending = pending_maps_;
   }
   for (uint64_t c : pending) {

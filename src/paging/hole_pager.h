@@ -85,12 +85,25 @@ class HolePager {
   HolePager(PagerContext& ctx, GuestMemory& memory, std::shared_ptr<RamBlock> block,
             uint32_t source_block, uint64_t chunk, Gpa base, uint64_t chunks);
   Gpa ChunkGpa(uint64_t c) const { return base_ + c * chunk_; }
+  struct Run {
+    uint64_t page, count;  // 4 KiB pages of the block
+  };
+  // One fetch of every run, straight into the block, waited for: the runs
+  // that failed (to try again), and whether the source lost one.
+  struct Round {
+    std::vector<Run> failed;
+    bool unavailable = false;
+    Status error;  // of the last run that did not fill
+  };
   // Fetches the missing pages of chunk `c` (owned: kFetching) into the block
   // and settles it present or poisoned.
   void FetchChunk(uint64_t c);
+  std::vector<Run> MissingRuns(uint64_t c) const;
+  Round FetchRound(const std::vector<Run>& runs, bool retry);
   // Maps chunk `c`; with `may_wait`, through a paused layout change if the
   // pause-free path is busy. False if it is still a hole.
   bool Map(uint64_t c, bool may_wait);
+  void AddPendingMap(uint64_t c);
   void RetryPendingMaps();
 
   PagerContext& ctx_;
@@ -101,15 +114,17 @@ class HolePager {
   const Gpa base_;         // the block's placement
   const uint64_t chunks_;  // in the block's in-use range
   PageStateTable states_;  // per chunk; kPresent once its data is in
-  // 4 KiB pages of the block already present; bits of a chunk are written
-  // only by the thread fetching it, before it settles the chunk.
+  // 4 KiB pages of the block present at Create; read-only afterwards.
   DirtyBitmap present_;
   PresentMap initial_present_;  // fixed after Create
 
   std::vector<uint8_t> ours_;  // per chunk: punched by us (fixed after Create)
+  // Held across a layout change (FillHole may pause the vCPUs): vCPU
+  // threads only try it.
   std::mutex map_mu_;
   std::vector<uint8_t> mapped_;         // guarded by map_mu_; per chunk
-  std::vector<uint64_t> pending_maps_;  // guarded by map_mu_; present, still holes
+  std::mutex pending_mu_;               // never held across a layout change
+  std::vector<uint64_t> pending_maps_;  // guarded by pending_mu_; present, still holes
 };
 
 }  // namespace faultline::paging
