@@ -9,6 +9,7 @@ packages=(
   libfmt-dev libcli11-dev nlohmann-json3-dev libssl-dev libunicorn-dev pkg-config
   qemu-system-x86 valgrind clang-format
   python3  # scripts/check_layers.py and its test (ctest -L layering)
+  clang-19  # the thread-safety analysis (scripts/thread-safety.sh, ctest -L thread-safety)
 )
 
 missing=()

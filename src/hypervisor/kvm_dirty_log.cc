@@ -53,13 +53,13 @@ Status KvmDirtyLog::AddVcpu(const sys::KvmVcpu& vcpu) {
   if (ring_entries_ == 0) return Status::Ok();
   ASSIGN_OR_RETURN(sys::Mapping ring,
                    vcpu.MapDirtyRing(ring_entries_ * uint32_t{sizeof(kvm_dirty_gfn)}));
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   rings_.push_back(Ring{std::move(ring), 0});
   return Status::Ok();
 }
 
 void KvmDirtyLog::DrainRings(std::vector<DirtyRingEntry>& out) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   bool any = false;
   for (Ring& ring : rings_) {
     auto* gfns = reinterpret_cast<kvm_dirty_gfn*>(ring.mapping.data());

@@ -7,12 +7,12 @@
 #pragma once
 
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include "src/memory/memslot_backend.h"
 #include "src/sys/kvm.h"
 #include "src/sys/mapping.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::hv {
 
@@ -37,8 +37,8 @@ class KvmDirtyLog final : public AccelDirtyLog {
 
   sys::KvmVm& vm_;
   uint32_t ring_entries_ = 0;  // 0: not in ring mode; set before any vCPU
-  std::mutex mu_;
-  std::vector<Ring> rings_;  // guarded by mu_
+  sys::Mutex mu_;
+  std::vector<Ring> rings_ GUARDED_BY(mu_);
 };
 
 }  // namespace faultline::hv

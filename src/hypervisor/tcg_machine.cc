@@ -9,12 +9,12 @@
 #include <atomic>
 #include <cstring>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <vector>
 
 #include "src/hypervisor/tcg_state.h"
 #include "src/sys/linux_abi.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::hv {
 namespace {
@@ -137,7 +137,7 @@ class TcgVmImpl final : public Vm {
           "--backing memfd or anon",
           region.id);
     }
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (region.size == 0) {
       slots_.erase(region.id);
     } else {
@@ -166,7 +166,7 @@ class TcgVmImpl final : public Vm {
 
   uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
   std::vector<Region> Regions(uint64_t* generation) const {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     *generation = generation_.load(std::memory_order_relaxed);
     std::vector<Region> out;
     out.reserve(slots_.size());
@@ -174,7 +174,7 @@ class TcgVmImpl final : public Vm {
     return out;
   }
   std::optional<Region> Covering(uint64_t gpa) const {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     for (const auto& [id, r] : slots_) {
       if (gpa >= r.gpa && gpa - r.gpa < r.size) return r;
     }
@@ -184,8 +184,8 @@ class TcgVmImpl final : public Vm {
  private:
   const uint32_t tsc_khz_;
   VmCapabilities capabilities_;
-  mutable std::mutex mu_;
-  std::map<uint32_t, Region> slots_;  // guarded by mu_
+  mutable sys::Mutex mu_;
+  std::map<uint32_t, Region> slots_ GUARDED_BY(mu_);
   std::atomic<uint64_t> generation_{0};
 };
 

@@ -20,6 +20,12 @@ uint64_t NowNs() {
 
 bool IsGuestMemfd(const RamBlock& block) { return block.backing() == Backing::kGuestMemfd; }
 
+// How many memslots the planner may use on this backend.
+uint32_t MaxSlots(MemslotBackend& backend) {
+  const uint32_t max_slots = backend.max_memslots();
+  return max_slots > 0 ? std::min<uint32_t>(max_slots, kMaxMemslotIds) : kDefaultMaxMemslots;
+}
+
 }  // namespace
 
 const char* DirtyLogModeName(DirtyLogMode mode) {
@@ -45,7 +51,10 @@ Result<DirtyLogMode> ParseDirtyLogMode(std::string_view text) {
 }
 
 GuestMemory::GuestMemory(MemslotBackend* backend, GuestMemoryOptions options)
-    : backend_(backend), accel_log_(backend->accel_dirty_log()), options_(options) {}
+    : backend_(backend),
+      accel_log_(backend->accel_dirty_log()),
+      options_(options),
+      planner_(MaxSlots(*backend), options.memslot_granule) {}
 
 GuestMemory::~GuestMemory() = default;
 
@@ -56,9 +65,6 @@ Result<std::unique_ptr<GuestMemory>> GuestMemory::Create(MemslotBackend* backend
     return Error("memslot granule {:#x}: must be 0 or a power of two of at least 2 MiB", granule);
   }
   std::unique_ptr<GuestMemory> memory(new GuestMemory(backend, options));
-  const uint32_t max_slots = backend->max_memslots();
-  memory->planner_ = MemslotPlanner(
-      max_slots > 0 ? std::min<uint32_t>(max_slots, kMaxMemslotIds) : kDefaultMaxMemslots, granule);
   AccelDirtyLog* log = memory->accel_log_;
   if (options.dirty_mode == DirtyLogMode::kUffdWp) return memory;
   if (log == nullptr) {
@@ -79,7 +85,7 @@ Result<std::unique_ptr<GuestMemory>> GuestMemory::Create(MemslotBackend* backend
 }
 
 void GuestMemory::SetPauser(VcpuPauser* pauser) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   pauser_ = pauser;
 }
 
@@ -121,7 +127,7 @@ Status GuestMemory::DeleteSlot(const Memslot& slot) {
 }
 
 Result<std::shared_ptr<const MemoryMap>> GuestMemory::Update(const AtomicMemoryMap::Edit& edit) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   // Every writer of map_ goes through here under mu_, so `current` stays the
   // published map until we publish the next one.
   std::shared_ptr<const MemoryMap> current = map_.Load();
@@ -199,8 +205,8 @@ Status GuestMemory::FillHole(Gpa start, uint64_t length) {
 Result<bool> GuestMemory::TryFillHoleWithoutPause(Gpa start, uint64_t length) {
   // Only tried: a writer holding mu_ may be waiting for this very vCPU to
   // stop (Update holds the vCPUs under mu_).
-  std::unique_lock lock(mu_, std::try_to_lock);
-  if (!lock.owns_lock()) return false;
+  if (!mu_.TryLock()) return false;
+  sys::MutexLock lock(mu_, std::adopt_lock);
   std::shared_ptr<const MemoryMap> current = map_.Load();
   ASSIGN_OR_RETURN(std::shared_ptr<const MemoryMap> next, current->FillHole(start, length));
   ASSIGN_OR_RETURN(MemslotPlan plan, planner_.Plan(slots_, next));
@@ -235,7 +241,7 @@ Status GuestMemory::SetMemslotGranule(uint64_t granule) {
     return Error("memslot granule {:#x}: must be 0 or a power of two of at least 4 KiB", granule);
   }
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     planner_ = MemslotPlanner(planner_.max_slots(), granule);
   }
   // The same map, planned again: slots cut differently are replaced.
@@ -246,19 +252,19 @@ Status GuestMemory::SetMemslotGranule(uint64_t granule) {
 }
 
 uint64_t GuestMemory::memslot_granule() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return planner_.granule();
 }
 
 void GuestMemory::SetAccessHook(AccessHook hook) { access_hook_ = std::move(hook); }
 
 LayoutChangeStats GuestMemory::last_change() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return last_change_;
 }
 
 std::vector<Memslot> GuestMemory::memslots() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return {slots_.slots().begin(), slots_.slots().end()};
 }
 
@@ -276,7 +282,7 @@ Status GuestMemory::TrackBlocksLocked(const MemoryMap& map) {
 }
 
 Status GuestMemory::StartDirtyTracking() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (tracking_) return Status::Ok();
   dirty_.clear();
   if (options_.dirty_mode == DirtyLogMode::kUffdWp) {
@@ -292,7 +298,7 @@ Status GuestMemory::StartDirtyTracking() {
   }
   tracking_ = true;
   {
-    std::lock_guard vmm_lock(vmm_dirty_mu_);
+    sys::MutexLock vmm_lock(vmm_dirty_mu_);
     vmm_tracking_ = true;
     vmm_dirty_.clear();
   }
@@ -306,7 +312,7 @@ Status GuestMemory::StartDirtyTracking() {
       for (const Memslot& undo : slots_.slots()) {
         if (!IsGuestMemfd(*undo.range.block)) (void)InstallSlot(undo);
       }
-      std::lock_guard vmm_lock(vmm_dirty_mu_);
+      sys::MutexLock vmm_lock(vmm_dirty_mu_);
       vmm_tracking_ = false;
       return s.WithContext("starting dirty tracking");
     }
@@ -315,11 +321,11 @@ Status GuestMemory::StartDirtyTracking() {
 }
 
 Status GuestMemory::StopDirtyTracking() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (!tracking_) return Status::Ok();
   tracking_ = false;
   {
-    std::lock_guard vmm_lock(vmm_dirty_mu_);
+    sys::MutexLock vmm_lock(vmm_dirty_mu_);
     vmm_tracking_ = false;
     vmm_dirty_.clear();
   }
@@ -333,12 +339,12 @@ Status GuestMemory::StopDirtyTracking() {
 }
 
 bool GuestMemory::dirty_tracking() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return tracking_;
 }
 
 Status GuestMemory::HarvestDirty() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (!tracking_) return Error("dirty tracking is off — StartDirtyTracking() first");
   return HarvestLocked();
 }
@@ -357,7 +363,7 @@ Status GuestMemory::HarvestSlotLocked(const Memslot& slot) {
 void GuestMemory::DrainRingsLocked() { accel_log_->DrainRings(pending_ring_); }
 
 Status GuestMemory::DrainDirtyRings() {
-  std::lock_guard lock(ring_mu_);
+  sys::MutexLock lock(ring_mu_);
   DrainRingsLocked();
   return Status::Ok();
 }
@@ -370,7 +376,7 @@ Status GuestMemory::HarvestLocked() {
   } else if (options_.dirty_mode == DirtyLogMode::kBitmap) {
     for (const Memslot& slot : slots_.slots()) RETURN_IF_ERROR(HarvestSlotLocked(slot));
   } else {
-    std::lock_guard ring_lock(ring_mu_);
+    sys::MutexLock ring_lock(ring_mu_);
     DrainRingsLocked();
     std::unordered_map<uint32_t, const Memslot*> by_id;
     for (const Memslot& slot : slots_.slots()) by_id[slot.id] = &slot;
@@ -388,7 +394,7 @@ Status GuestMemory::HarvestLocked() {
   }
   std::vector<VmmWrite> writes;
   {
-    std::lock_guard vmm_lock(vmm_dirty_mu_);
+    sys::MutexLock vmm_lock(vmm_dirty_mu_);
     writes.swap(vmm_dirty_);
   }
   for (const VmmWrite& w : writes) {
@@ -402,7 +408,7 @@ Status GuestMemory::HarvestLocked() {
 }
 
 Status GuestMemory::TakeDirty(std::string_view block_name, DirtyBitmap& out) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   for (auto& [block, entry] : dirty_) {
     if (block->name() != block_name) continue;
     entry.bits.TakeInto(out);
@@ -440,7 +446,7 @@ Status GuestMemory::Write(Gpa gpa, std::span<const uint8_t> data) {
     size_t n = std::min<uint64_t>(data.size() - done, t->contiguous);
     std::memcpy(t->hva.ptr(), data.data() + done, n);
     {
-      std::lock_guard lock(vmm_dirty_mu_);
+      sys::MutexLock lock(vmm_dirty_mu_);
       if (vmm_tracking_) vmm_dirty_.push_back({t->block, t->offset, n});
     }
     done += n;

@@ -20,7 +20,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -32,6 +31,7 @@
 #include "src/memory/memslot_backend.h"
 #include "src/memory/memslot_plan.h"
 #include "src/sys/mapping.h"
+#include "src/sys/mutex.h"
 
 namespace faultline {
 
@@ -148,14 +148,15 @@ class GuestMemory {
  private:
   GuestMemory(MemslotBackend* backend, GuestMemoryOptions options);
 
-  MemslotRegion RegionFor(const Memslot& slot) const;  // requires mu_
-  bool LogsDirty(const Memslot& slot) const;           // requires mu_
-  Status InstallSlot(const Memslot& slot);             // requires mu_
-  Status DeleteSlot(const Memslot& slot);
-  Status HarvestSlotLocked(const Memslot& slot);
-  Status HarvestLocked();
-  void DrainRingsLocked();                         // requires ring_mu_
-  Status TrackBlocksLocked(const MemoryMap& map);  // requires mu_
+  MemslotRegion RegionFor(const Memslot& slot) const REQUIRES(mu_);
+  bool LogsDirty(const Memslot& slot) const REQUIRES(mu_);
+  // Memslot changes are serialised by mu_.
+  Status InstallSlot(const Memslot& slot) REQUIRES(mu_);
+  Status DeleteSlot(const Memslot& slot) REQUIRES(mu_);
+  Status HarvestSlotLocked(const Memslot& slot) REQUIRES(mu_);
+  Status HarvestLocked() REQUIRES(mu_);
+  void DrainRingsLocked() REQUIRES(ring_mu_);
+  Status TrackBlocksLocked(const MemoryMap& map) REQUIRES(mu_);
 
   struct BlockDirty {
     std::shared_ptr<RamBlock> block;  // kept alive while its bits are
@@ -170,29 +171,29 @@ class GuestMemory {
   AccelDirtyLog* const accel_log_;  // the accelerator's dirty log, or nullptr
   const GuestMemoryOptions options_;
   AtomicMemoryMap map_;
-  MemslotPlanner planner_;  // guarded by mu_ (SetMemslotGranule replaces it)
-  VcpuPauser* pauser_ = nullptr;
   AccessHook access_hook_;  // set before the VM runs; read without a lock
 
   // Lock order: mu_, then map_'s writer lock (inside Update), then ring_mu_,
   // then vmm_dirty_mu_. mu_ is held across holding the vCPUs, so nothing a
   // vCPU thread does (exit handling: Write, DrainDirtyRings) may take it.
-  mutable std::mutex mu_;
-  MemslotTable slots_;                           // guarded by mu_; what KVM has
-  bool tracking_ = false;                        // guarded by mu_
-  std::map<const RamBlock*, BlockDirty> dirty_;  // guarded by mu_
-  LayoutChangeStats last_change_;                // guarded by mu_
-  std::vector<uint64_t> log_buffer_;             // guarded by mu_; TakeSlotLog's scratch
-  std::unique_ptr<UffdWpTracker> wp_;            // guarded by mu_; uffd-wp while tracking
+  mutable sys::Mutex mu_;
+  MemslotPlanner planner_ GUARDED_BY(mu_);  // SetMemslotGranule replaces it
+  VcpuPauser* pauser_ GUARDED_BY(mu_) = nullptr;
+  MemslotTable slots_ GUARDED_BY(mu_);  // what KVM has
+  bool tracking_ GUARDED_BY(mu_) = false;
+  std::map<const RamBlock*, BlockDirty> dirty_ GUARDED_BY(mu_);
+  LayoutChangeStats last_change_ GUARDED_BY(mu_);
+  std::vector<uint64_t> log_buffer_ GUARDED_BY(mu_);   // TakeSlotLog's scratch
+  std::unique_ptr<UffdWpTracker> wp_ GUARDED_BY(mu_);  // uffd-wp while tracking
 
-  mutable std::mutex ring_mu_;
-  std::vector<DirtyRingEntry> pending_ring_;  // guarded by ring_mu_
+  mutable sys::Mutex ring_mu_ ACQUIRED_AFTER(mu_);
+  std::vector<DirtyRingEntry> pending_ring_ GUARDED_BY(ring_mu_);
 
   // Writes by the VMM while tracking, merged at the next harvest. A leaf
   // lock: taken by vCPU threads, never held while waiting for anything.
-  mutable std::mutex vmm_dirty_mu_;
-  bool vmm_tracking_ = false;        // guarded by vmm_dirty_mu_
-  std::vector<VmmWrite> vmm_dirty_;  // guarded by vmm_dirty_mu_
+  mutable sys::Mutex vmm_dirty_mu_ ACQUIRED_AFTER(mu_, ring_mu_);
+  bool vmm_tracking_ GUARDED_BY(vmm_dirty_mu_) = false;
+  std::vector<VmmWrite> vmm_dirty_ GUARDED_BY(vmm_dirty_mu_);
 };
 
 }  // namespace faultline

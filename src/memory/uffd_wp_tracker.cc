@@ -67,7 +67,7 @@ Status UffdWpTracker::Track(std::shared_ptr<RamBlock> block) {
   if (!IsAligned(block->size(), kDirtyPage)) {
     return Error("{}: size 0x{:x} is not a multiple of 4 KiB", what, block->size());
   }
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (tracked_.contains(block.get())) return Error("{}: already tracked", what);
 
   const Hva start(block->host());
@@ -93,7 +93,7 @@ Status UffdWpTracker::Track(std::shared_ptr<RamBlock> block) {
 }
 
 Status UffdWpTracker::Untrack(const RamBlock& block) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   auto it = tracked_.find(&block);
   if (it == tracked_.end()) return Error("uffd-wp: RAM block '{}' is not tracked", block.name());
   Status status = it->second.registration.Unregister();
@@ -105,12 +105,12 @@ Status UffdWpTracker::Untrack(const RamBlock& block) {
 }
 
 bool UffdWpTracker::tracking(const RamBlock& block) const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return tracked_.contains(&block);
 }
 
 Status UffdWpTracker::Harvest(const RamBlock& block, DirtyBitmap& bits) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   const uint64_t start_ns = NowNs();
   uint64_t pages = 0;
   uint64_t scans = 0;
@@ -183,7 +183,7 @@ Status UffdWpTracker::HarvestLocked(const RamBlock& block, DirtyBitmap& bits, ui
 }
 
 UffdWpHarvestStats UffdWpTracker::stats() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return stats_;
 }
 

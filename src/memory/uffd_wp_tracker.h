@@ -21,12 +21,12 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "faultline/ram_block.h"
 #include "faultline/status.h"
 #include "src/memory/dirty_bitmap.h"
+#include "src/sys/mutex.h"
 #include "src/sys/pagemap.h"
 #include "src/sys/userfaultfd.h"
 
@@ -101,17 +101,18 @@ class UffdWpTracker {
   };
 
   UffdWpTracker(sys::Userfaultfd uffd, sys::Pagemap pagemap, const Options& options);
-  Status HarvestLocked(const RamBlock& block, DirtyBitmap& bits, uint64_t* pages, uint64_t* scans);
+  Status HarvestLocked(const RamBlock& block, DirtyBitmap& bits, uint64_t* pages, uint64_t* scans)
+      REQUIRES(mu_);
 
   const sys::Userfaultfd uffd_;
   const sys::Pagemap pagemap_;
 
   // Harvests of different blocks serialize on mu_: the scan is short (about
   // a millisecond per clean GiB) and the region buffer is shared.
-  mutable std::mutex mu_;
-  std::map<const RamBlock*, Tracked> tracked_;  // guarded by mu_
-  std::vector<sys::PageRegion> regions_;        // guarded by mu_; PAGEMAP_SCAN output
-  UffdWpHarvestStats stats_;                    // guarded by mu_
+  mutable sys::Mutex mu_;
+  std::map<const RamBlock*, Tracked> tracked_ GUARDED_BY(mu_);
+  std::vector<sys::PageRegion> regions_ GUARDED_BY(mu_);  // PAGEMAP_SCAN output
+  UffdWpHarvestStats stats_ GUARDED_BY(mu_);
 };
 
 }  // namespace faultline

@@ -118,7 +118,9 @@ class SigbusCatcher {
 // -Wclobbered is a false alarm here: nothing live after a longjmp is
 // modified between the sigsetjmp and it (C11 7.13.2.1p3).
 #pragma GCC diagnostic push
+#if !defined(__clang__)  // clang has no -Wclobbered (nor the false alarm)
 #pragma GCC diagnostic ignored "-Wclobbered"
+#endif
 [[gnu::noinline]] inline bool CheckCatchingSigbus(SigbusCatcher& catcher, const uint8_t* p,
                                                   uint64_t first_page, uint64_t pages,
                                                   uint64_t* wrong) {

@@ -15,7 +15,7 @@ void Serial::Out(uint32_t vcpu, uint16_t port, uint8_t value) {
     line.push_back(static_cast<char>(value));
     if (line.size() < kMaxLine) return;
   }
-  std::lock_guard lock(sink_mu_);
+  sys::MutexLock lock(sink_mu_);
   if (sink_) sink_(line);
   line.clear();
 }
@@ -25,7 +25,7 @@ uint8_t Serial::In(uint16_t port) const {
 }
 
 void Serial::Flush() {
-  std::lock_guard lock(sink_mu_);
+  sys::MutexLock lock(sink_mu_);
   for (std::string& line : lines_) {
     if (!line.empty() && sink_) sink_(line);
     line.clear();

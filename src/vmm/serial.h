@@ -5,9 +5,10 @@
 
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <string>
 #include <vector>
+
+#include "src/sys/mutex.h"
 
 namespace faultline::vmm {
 
@@ -28,8 +29,8 @@ class Serial {
 
  private:
   std::vector<std::string> lines_;  // per vCPU; only that vCPU's thread appends
-  std::mutex sink_mu_;              // serialises calls into sink_
-  Sink sink_;
+  sys::Mutex sink_mu_;
+  Sink sink_ GUARDED_BY(sink_mu_);  // called under sink_mu_ only: one line at a time
 };
 
 }  // namespace faultline::vmm

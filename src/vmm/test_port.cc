@@ -69,7 +69,7 @@ Status TestPort::HandleReport(uint32_t vcpu, std::span<const uint8_t> bytes) {
   GuestPhase phase;
   GuestBadPage bad;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (vcpu >= report_.vcpus.size()) return Error("report from unknown vcpu {}", vcpu);
     GuestVcpuReport& v = report_.vcpus[vcpu];
     switch (kind) {
@@ -136,14 +136,14 @@ Status TestPort::HandleReport(uint32_t vcpu, std::span<const uint8_t> bytes) {
 
 void TestPort::Exit(uint32_t vcpu, uint8_t code) {
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (vcpu < report_.vcpus.size()) report_.vcpus[vcpu].exit_code = code;
   }
   if (observer_) observer_(GuestEvent{GuestEvent::Kind::kExit, vcpu});
 }
 
 GuestReport TestPort::Snapshot() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return report_;
 }
 

@@ -6,11 +6,11 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <span>
 
 #include "faultline/status.h"
 #include "faultline/types.h"
+#include "src/sys/mutex.h"
 #include "src/vmm/guest_report.h"
 
 namespace faultline::vmm {
@@ -40,8 +40,8 @@ class TestPort {
   ReadMemory read_;
   Observer observer_;
   std::atomic<uint32_t> command_{0};
-  mutable std::mutex mu_;
-  GuestReport report_;  // guarded by mu_
+  mutable sys::Mutex mu_;
+  GuestReport report_ GUARDED_BY(mu_);
 };
 
 }  // namespace faultline::vmm

@@ -40,7 +40,7 @@ VcpuSet::~VcpuSet() {
 Status VcpuSet::Start(ExitHandler handler) {
   // Under mu_ so that no thread reads threads_ (KickAllLocked) while it
   // is still being filled.
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (!threads_.empty()) return Error("vCPUs already started");
   handler_ = std::move(handler);
   threads_.reserve(size());
@@ -64,12 +64,12 @@ void VcpuSet::KickAllLocked() {
 }
 
 template <typename Pred>
-void VcpuSet::WaitKicking(std::unique_lock<std::mutex>& lock, Pred done) {
-  while (!cv_.wait_for(lock, std::chrono::milliseconds(1), done)) KickAllLocked();
+void VcpuSet::WaitKicking(sys::MutexLock& lock, Pred done) {
+  while (!cv_.wait_for(lock.native(), std::chrono::milliseconds(1), done)) KickAllLocked();
 }
 
 void VcpuSet::Hold() {
-  std::unique_lock lock(mu_);
+  sys::MutexLock lock(mu_);
   if (holds_++ > 0) return;
   if (threads_.empty()) {
     // Not started: threads will start parked.
@@ -77,30 +77,31 @@ void VcpuSet::Hold() {
     return;
   }
   KickAllLocked();
-  WaitKicking(lock, [&] { return parked_ + finished_ == size() || stop_; });
+  WaitKicking(lock, [&]() REQUIRES(mu_) { return parked_ + finished_ == size() || stop_; });
 }
 
 void VcpuSet::Release() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (holds_ > 0 && --holds_ == 0) cv_.notify_all();
 }
 
 void VcpuSet::Stop() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   stop_ = true;
   KickAllLocked();
   cv_.notify_all();
 }
 
 bool VcpuSet::WaitFinished(std::chrono::milliseconds timeout) {
-  std::unique_lock lock(mu_);
-  return cv_.wait_for(lock, timeout, [&] { return finished_ == threads_.size(); });
+  sys::MutexLock lock(mu_);
+  return cv_.wait_for(lock.native(), timeout,
+                      [&]() REQUIRES(mu_) { return finished_ == threads_.size(); });
 }
 
 void VcpuSet::Join() {
   {
-    std::unique_lock lock(mu_);
-    if (stop_) WaitKicking(lock, [&] { return finished_ == threads_.size(); });
+    sys::MutexLock lock(mu_);
+    if (stop_) WaitKicking(lock, [&]() REQUIRES(mu_) { return finished_ == threads_.size(); });
   }
   for (std::thread& t : threads_) {
     if (t.joinable()) t.join();
@@ -108,7 +109,7 @@ void VcpuSet::Join() {
 }
 
 Status VcpuSet::first_error() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return first_error_;
 }
 
@@ -118,7 +119,7 @@ void VcpuSet::ThreadMain(uint32_t index) {
   if (started_hook_) started_hook_(index);
   for (;;) {
     {
-      std::unique_lock lock(mu_);
+      sys::MutexLock lock(mu_);
       if (holds_ > 0 && !stop_) {
         // Complete a pending IN or MMIO read before parking, so that the
         // registers a holder captures are consistent.
@@ -126,7 +127,7 @@ void VcpuSet::ThreadMain(uint32_t index) {
         ++parked_;
         parked_flags_[index] = true;
         cv_.notify_all();
-        cv_.wait(lock, [&] { return holds_ == 0 || stop_; });
+        cv_.wait(lock.native(), [&]() REQUIRES(mu_) { return holds_ == 0 || stop_; });
         parked_flags_[index] = false;
         --parked_;
       }
@@ -148,7 +149,7 @@ void VcpuSet::ThreadMain(uint32_t index) {
       if (*action == ExitAction::kFinish) break;
     }
   }
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   ended_[index] = true;
   ++finished_;
   if (!error.ok()) {

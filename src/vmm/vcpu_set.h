@@ -8,13 +8,13 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "faultline/status.h"
 #include "src/hypervisor/hypervisor.h"
 #include "src/memory/guest_memory.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::vmm {
 
@@ -59,33 +59,36 @@ class VcpuSet : public VcpuPauser {
 
  private:
   void ThreadMain(uint32_t index);
-  void KickAllLocked();
-  // Waits on cv_ until `done`, kicking again every millisecond the vCPUs
-  // that have not parked or ended (a signal can arrive before a thread
-  // blocks in the kernel; a repeat costs nothing).
+  void KickAllLocked() REQUIRES(mu_);
+  // Waits on cv_ until `done` (called with mu_ held), kicking again every
+  // millisecond the vCPUs that have not parked or ended (a signal can arrive
+  // before a thread blocks in the kernel; a repeat costs nothing).
   template <typename Pred>
-  void WaitKicking(std::unique_lock<std::mutex>& lock, Pred done);
+  void WaitKicking(sys::MutexLock& lock, Pred done) REQUIRES(mu_);
 
   std::vector<std::unique_ptr<hv::Vcpu>> vcpus_;
+  // Both written once, by Start() under mu_ (so that KickAllLocked never
+  // sees threads_ half filled), and only read after: threads_ by Join()
+  // and started() without mu_, handler_ by the threads Start() starts.
   std::vector<std::thread> threads_;
   ExitHandler handler_;
   std::function<void(uint32_t)> started_hook_;  // set before Start()
   InterruptHandler interrupted_hook_;           // set before Start()
 
-  mutable std::mutex mu_;
+  mutable sys::Mutex mu_;
   std::condition_variable cv_;
-  // All guarded by mu_. Invariant: a thread clears its vCPU's exit request
-  // only while holding mu_ and seeing holds_ == 0 && !stop_; Hold() and
-  // Stop() request exits (and signal) while holding mu_. So once Hold() has
-  // set holds_, no thread can enter the guest without seeing the request and
-  // coming straight back out.
-  int holds_ = 0;
-  bool stop_ = false;
-  uint32_t parked_ = 0;    // threads waiting in the hold
-  std::vector<bool> parked_flags_;
-  uint32_t finished_ = 0;  // threads that have ended
-  std::vector<bool> ended_;
-  Status first_error_;
+  // Invariant: a thread clears its vCPU's exit request only while holding
+  // mu_ and seeing holds_ == 0 && !stop_; Hold() and Stop() request exits
+  // (and signal) while holding mu_. So once Hold() has set holds_, no thread
+  // can enter the guest without seeing the request and coming straight back
+  // out.
+  int holds_ GUARDED_BY(mu_) = 0;
+  bool stop_ GUARDED_BY(mu_) = false;
+  uint32_t parked_ GUARDED_BY(mu_) = 0;  // threads waiting in the hold
+  std::vector<bool> parked_flags_ GUARDED_BY(mu_);
+  uint32_t finished_ GUARDED_BY(mu_) = 0;  // threads that have ended
+  std::vector<bool> ended_ GUARDED_BY(mu_);
+  Status first_error_ GUARDED_BY(mu_);
 };
 
 }  // namespace faultline::vmm

@@ -13,7 +13,6 @@
 #include <chrono>
 #include <fstream>
 #include <memory>
-#include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -26,6 +25,7 @@
 #include "src/control/args.h"
 #include "src/control/migration.h"
 #include "src/control/server.h"
+#include "src/sys/mutex.h"
 #include "tests/integration/test_accel.h"
 
 extern char** environ;
@@ -48,7 +48,7 @@ class SimulatedMigration : public MigrationControl {
       : duration_(duration), fail_with_(std::move(fail_with)) {}
 
   Status Start(const MigrateRequest& request) override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (started_ && !IsTerminal(StatusLocked().phase)) return WrongState("busy");
     started_ = true;
     start_ = Clock::now();
@@ -57,12 +57,12 @@ class SimulatedMigration : public MigrationControl {
     return Status::Ok();
   }
   MigrationStatus Query() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     ++queries_;
     return StatusLocked();
   }
   Status Cancel() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (!IsActive(StatusLocked().phase)) return WrongState("no migration is active");
     if (!cancel_at_) cancel_at_ = Clock::now() + milliseconds(100);
     ++cancels_;
@@ -70,20 +70,20 @@ class SimulatedMigration : public MigrationControl {
   }
 
   int queries() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return queries_;
   }
   int cancels() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return cancels_;
   }
   MigrateRequest request() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return request_;
   }
 
  private:
-  MigrationStatus StatusLocked() const {
+  MigrationStatus StatusLocked() const REQUIRES(mu_) {
     MigrationStatus s;
     if (!started_) return s;
     auto now = Clock::now();
@@ -124,13 +124,13 @@ class SimulatedMigration : public MigrationControl {
 
   const milliseconds duration_;
   const std::string fail_with_;
-  std::mutex mu_;
-  bool started_ = false;  // guarded by mu_, as is everything below
-  Clock::time_point start_;
-  std::optional<Clock::time_point> cancel_at_;
-  MigrateRequest request_;
-  int queries_ = 0;
-  int cancels_ = 0;
+  sys::Mutex mu_;
+  bool started_ GUARDED_BY(mu_) = false;
+  Clock::time_point start_ GUARDED_BY(mu_);
+  std::optional<Clock::time_point> cancel_at_ GUARDED_BY(mu_);
+  MigrateRequest request_ GUARDED_BY(mu_);
+  int queries_ GUARDED_BY(mu_) = 0;
+  int cancels_ GUARDED_BY(mu_) = 0;
 };
 
 std::string Slurp(const std::string& path) {

@@ -20,7 +20,6 @@
 #include <fstream>
 #include <functional>
 #include <list>
-#include <mutex>
 #include <optional>
 #include <ostream>
 #include <sstream>
@@ -34,6 +33,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "src/sys/mutex.h"
 #include "tests/integration/cli_process.h"
 #include "tests/integration/huge_pages.h"
 #include "tests/integration/test_accel.h"
@@ -198,11 +198,11 @@ class TamperingProxy {
     shutdown(listen_fd_, SHUT_RDWR);
     accept_thread_.join();
     {
-      std::lock_guard lock(mu_);
+      sys::MutexLock lock(mu_);
       for (int fd : fds_) shutdown(fd, SHUT_RDWR);
     }
     for (std::thread& t : threads_) t.join();
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     for (int fd : fds_) close(fd);
     close(listen_fd_);
   }
@@ -249,7 +249,7 @@ class TamperingProxy {
         close(to);
         continue;
       }
-      std::lock_guard lock(mu_);
+      sys::MutexLock lock(mu_);
       fds_.push_back(from);
       fds_.push_back(to);
       threads_.emplace_back([this, from, to] { SourceToDestination(from, to); });
@@ -296,9 +296,9 @@ class TamperingProxy {
   uint16_t port_ = 0;
   std::atomic<bool> stopping_{false};
   std::thread accept_thread_;
-  std::mutex mu_;
-  std::vector<int> fds_;
-  std::list<std::thread> threads_;
+  sys::Mutex mu_;
+  std::vector<int> fds_ GUARDED_BY(mu_);
+  std::list<std::thread> threads_ GUARDED_BY(mu_);
 };
 
 constexpr uint8_t kHello = 1;
