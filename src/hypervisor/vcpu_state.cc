@@ -74,8 +74,8 @@ class Reader {
   }
   bool Segment(hv::Segment* s) {
     bool ok = U64(&s->base) && U32(&s->limit) && U16(&s->selector);
-    for (uint8_t* b : {&s->type, &s->present, &s->dpl, &s->db, &s->s, &s->l, &s->g, &s->avl,
-                       &s->unusable}) {
+    for (uint8_t* b :
+         {&s->type, &s->present, &s->dpl, &s->db, &s->s, &s->l, &s->g, &s->avl, &s->unusable}) {
       ok = ok && U8(b);
     }
     return ok;

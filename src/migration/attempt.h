@@ -142,8 +142,9 @@ class Attempt {
   std::optional<Status> error_;  // guarded by mu_
   bool reporting_;               // guarded by mu_
   bool closed_ = false;          // guarded by mu_
-  std::array<size_t, static_cast<size_t>(Milestone::kCount)> reached_{};  // guarded by mu_
-  std::mutex write_mu_;  // the main channel's writer, for Error and SendMain
+  // By milestone; guarded by mu_.
+  std::array<size_t, static_cast<size_t>(Milestone::kCount)> reached_{};
+  std::mutex write_mu_;               // the main channel's writer, for Error and SendMain
   std::vector<std::thread> threads_;  // started and joined by the engine's thread
 };
 

@@ -116,7 +116,8 @@ Status MigrationDestination::FinishChannels(Incoming& in) {
                  n - in.a.reached(Milestone::kChannelEnded), n);
   }
   for (size_t c = 0; c < n; ++c) {
-    RETURN_IF_ERROR(in.receiver.RecordChannelEnd(static_cast<uint16_t>(c), in.channels[c]->totals()));
+    RETURN_IF_ERROR(
+        in.receiver.RecordChannelEnd(static_cast<uint16_t>(c), in.channels[c]->totals()));
   }
   return Status::Ok();
 }

@@ -67,7 +67,8 @@ class MigrationDestination {
 
   DestinationVm& vm_;
   const DestinationOptions options_;
-  std::mutex mu_;              // -> Attempt::mu_
+  // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
+  std::mutex mu_;
   Attempt* active_ = nullptr;  // guarded by mu_
   bool cancelled_ = false;     // guarded by mu_
 };

@@ -165,8 +165,7 @@ Status PostcopyDestination::CheckSwitchover(const migration::Switchover& s, uint
     return Error("Switchover: final pass {}, but {} passes ended", s.final_pass, passes);
   }
   if (s.vcpu_count != vm_.vcpu_count()) {
-    return Error("Switchover: the source has {} vCPUs, this VM {}", s.vcpu_count,
-                 vm_.vcpu_count());
+    return Error("Switchover: the source has {} vCPUs, this VM {}", s.vcpu_count, vm_.vcpu_count());
   }
   if (s.device_count > kMaxDevices) return Error("Switchover: {} devices", s.device_count);
   final_pass_ = s.final_pass;

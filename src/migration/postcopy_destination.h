@@ -152,7 +152,8 @@ class PostcopyDestination {
   // the Switchover, then only read.
   std::vector<DirtyBitmap> early_;
 
-  mutable std::mutex mu_;           // -> Attempt::mu_
+  // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
+  mutable std::mutex mu_;
   Attempt* active_ = nullptr;       // guarded by mu_
   bool cancelled_ = false;          // guarded by mu_
   PostcopyDestinationStats stats_;  // guarded by mu_

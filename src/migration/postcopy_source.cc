@@ -7,9 +7,9 @@
 #include <thread>
 
 #include "src/migration/attempt.h"
+#include "src/migration/elapsed.h"
 #include "src/migration/handshake.h"
 #include "src/migration/postcopy_session.h"
-#include "src/migration/elapsed.h"
 #include "src/migration/precopy_passes.h"
 #include "src/sys/sched.h"
 

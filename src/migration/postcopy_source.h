@@ -158,7 +158,8 @@ class PostcopySource {
   bool markers_sent_ = false;  // Switchover() sent the page channels' copies
   std::chrono::steady_clock::time_point start_;
 
-  mutable std::mutex mu_;  // -> Attempt::mu_
+  // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
+  mutable std::mutex mu_;
   SourceState state_{SourceMode::kPostcopy};  // guarded by mu_
   Attempt* active_ = nullptr;                 // guarded by mu_: the session in use
 };

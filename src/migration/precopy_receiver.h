@@ -73,7 +73,7 @@ class PrecopyReceiver {
   const size_t channel_;
   const PrecopyTarget& target_;
   ChannelReceiver state_;
-  std::vector<DirtyBitmap> received_;         // by block, when recording
+  std::vector<DirtyBitmap> received_;        // by block, when recording
   std::vector<MutableBuffer> destinations_;  // reused for each Pages message
 };
 

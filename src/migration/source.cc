@@ -34,7 +34,9 @@ Result<SourceStats> MigrationSource::Run(Connector& connector) {
   {
     std::lock_guard lock(mu_);
     if (Status started = state_.Start(); !started.ok()) {
-      if (started.code() == ECANCELED) return started.WithContext(SourceOutcomeName(state_.outcome()));
+      if (started.code() == ECANCELED) {
+        return started.WithContext(SourceOutcomeName(state_.outcome()));
+      }
       return Error("MigrationSource::Run called twice");
     }
     active_ = &attempt;
@@ -52,9 +54,9 @@ Result<SourceStats> MigrationSource::Migrate(Attempt& a, Connector& connector) {
   for (const auto& b : blocks) infos.push_back(DescribeBlock(*b));
   Outgoing out{a, nullptr, nullptr, {}, {}};
   Status status = [&]() -> Status {
-    ASSIGN_OR_RETURN(Session session, ConnectSession(connector, {infos, options_.page_channels,
-                                                                 options_.key, 0,
-                                                                 vm_.accelerator()}));
+    ASSIGN_OR_RETURN(Session session,
+                     ConnectSession(connector, {infos, options_.page_channels, options_.key, 0,
+                                                vm_.accelerator()}));
     RETURN_IF_ERROR(a.Adopt(std::move(session)));
     RETURN_IF_ERROR(Step(&SourceState::Connected));
     out.watcher = std::make_unique<CompletionWatcher>(a);
@@ -102,7 +104,8 @@ Status MigrationSource::Precopy(Outgoing& out) {
   const uint64_t total_pages = out.passes->total_pages();
   uint64_t previous_dirty = total_pages;
   uint32_t stalled = 0;  // passes in a row that did not shrink the dirty set
-  double rate = 0;  // page bytes per second, from the last pass big enough to measure
+  // Page bytes per second, from the last pass big enough to measure.
+  double rate = 0;
   for (uint32_t pass = 0;; ++pass) {
     if (out.a.failed()) return out.a.error();
     ASSIGN_OR_RETURN(const PassStats done, out.passes->Run(pass, out.a.main()));
@@ -160,8 +163,7 @@ Status MigrationSource::Switchover(Outgoing& out) {
   // From here on Cancel() is refused: once Complete may have arrived, only
   // the destination's answer (or its absence) decides who runs the guest.
   RETURN_IF_ERROR(Step(&SourceState::CompleteSent));
-  return main.writer().Send(
-      Complete{final_pass + 1, out.stats.data_pages, out.stats.zero_pages});
+  return main.writer().Send(Complete{final_pass + 1, out.stats.data_pages, out.stats.zero_pages});
 }
 
 void MigrationSource::Cancel() {

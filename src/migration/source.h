@@ -104,7 +104,8 @@ class MigrationSource {
   const SourceOptions options_;
   std::atomic<uint64_t> pages_sent_{0};
   std::atomic<uint64_t> dirty_pages_{0};
-  mutable std::mutex mu_;  // -> Attempt::mu_
+  // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
+  mutable std::mutex mu_;
   SourceState state_{SourceMode::kStopAndCopy};  // guarded by mu_
   Attempt* active_ = nullptr;                    // guarded by mu_; set while Run() runs
 };

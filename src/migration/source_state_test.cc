@@ -224,8 +224,7 @@ TEST(SourceStateTest, IllegalStepsLeaveThePhase) {
       ASSERT_EQ(s.phase(), phase);
       const uint32_t pass = s.pass();
       const Status status = step(s);
-      const bool expect_ok =
-          std::find(allowed.begin(), allowed.end(), name) != allowed.end();
+      const bool expect_ok = std::find(allowed.begin(), allowed.end(), name) != allowed.end();
       EXPECT_EQ(status.ok(), expect_ok)
           << name << " in " << SourcePhaseName(phase) << ": " << status.ToString();
       if (!expect_ok) {
