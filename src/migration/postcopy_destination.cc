@@ -1,7 +1,6 @@
 #include "src/migration/postcopy_destination.h"
 
 #include <cerrno>
-#include <thread>
 
 #include "src/migration/elapsed.h"
 #include "src/migration/handshake.h"
@@ -10,6 +9,7 @@
 #include "src/sys/sched.h"
 
 namespace faultline::migration {
+
 using Clock = std::chrono::steady_clock;
 
 PostcopyDestination::PostcopyDestination(PostcopyDestinationVm& vm, DestinationOptions options)
