@@ -14,6 +14,14 @@
 //     ended, the guest runs, ...), which other threads wait for;
 //   - the destination's pass barrier over its page channels.
 //
+// These are the rules both destinations follow (they were the stop-and-copy
+// destination's; the post-copy one used to shut its links down before it
+// sent Error, so a page channel's failure never reached the source, and to
+// echo the source's own Error back): the source hears the first local
+// failure, before any link is shut down, so that it knows why and runs its
+// guest on; an Error it sent is never echoed; and once the guest may run
+// here, nothing is said (an Error would make the source resume its copy).
+//
 // Cancel is Fail(ECANCELED): the engines call it from any thread. An
 // engine's own state (passes, bitmaps, what a phase has received) stays in
 // the engine.
