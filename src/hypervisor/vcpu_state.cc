@@ -74,8 +74,8 @@ class Reader {
   }
   bool Segment(hv::Segment* s) {
     bool ok = U64(&s->base) && U32(&s->limit) && U16(&s->selector);
-    for (uint8_t* b : {&s->type, &s->present, &s->dpl, &s->db, &s->s, &s->l, &s->g, &s->avl,
-                       &s->unusable}) {
+    for (uint8_t* b :
+         {&s->type, &s->present, &s->dpl, &s->db, &s->s, &s->l, &s->g, &s->avl, &s->unusable}) {
       ok = ok && U8(b);
     }
     return ok;
@@ -155,6 +155,70 @@ std::vector<uint8_t> VcpuState::Serialize() const {
   return w.Take();
 }
 
+namespace {
+
+bool ReadCore(Reader& r, VcpuState& s) {
+  bool ok = true;
+  for (uint64_t& g : s.gpr) ok = ok && r.U64(&g);
+  ok = ok && r.U64(&s.rip) && r.U64(&s.rflags);
+  for (Segment* seg : {&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt}) {
+    ok = ok && r.Segment(seg);
+  }
+  ok = ok && r.Table(&s.gdt) && r.Table(&s.idt);
+  for (uint64_t* v : {&s.cr0, &s.cr2, &s.cr3, &s.cr4, &s.cr8, &s.efer, &s.apic_base}) {
+    ok = ok && r.U64(v);
+  }
+  return ok;
+}
+
+bool ReadFpu(Reader& r, VcpuState& s) {
+  bool ok = true;
+  for (auto& st : s.fpu.st) ok = ok && r.Raw(st.data(), st.size());
+  ok = ok && r.U16(&s.fpu.fcw) && r.U16(&s.fpu.fsw) && r.U8(&s.fpu.ftw) &&
+       r.U16(&s.fpu.last_opcode) && r.U64(&s.fpu.last_ip) && r.U64(&s.fpu.last_dp);
+  for (auto& x : s.fpu.xmm) ok = ok && r.Raw(x.data(), x.size());
+  return ok && r.U32(&s.fpu.mxcsr);
+}
+
+// Reads the body of section `tag`, `len` bytes long, into `s`; the caller
+// has read its header and checks that exactly `len` bytes were consumed.
+Status ReadSection(Reader& r, uint32_t tag, uint32_t len, VcpuState& s) {
+  bool ok = true;
+  switch (tag) {
+    case kCore:
+      ok = ReadCore(r, s);
+      break;
+    case kFpu:
+      ok = ReadFpu(r, s);
+      break;
+    case kMsrs:
+      if (len % 12 != 0 || len / 12 > kMaxMsrs) {
+        return Error("vCPU state: MSR section of {} bytes", len);
+      }
+      s.msrs.resize(len / 12);
+      for (hv::Msr& m : s.msrs) ok = ok && r.U32(&m.index) && r.U64(&m.value);
+      break;
+    case kXsave:
+      return ReadBlob(r, len, &s.xsave, "xsave");
+    case kXcr0:
+      ok = r.U64(&s.xcr0);
+      s.has_xcr0 = true;
+      break;
+    case kLapic:
+      return ReadBlob(r, len, &s.lapic, "lapic");
+    case kEvents:
+      return ReadBlob(r, len, &s.events, "events");
+    case kMpState:
+      return ReadBlob(r, len, &s.mp_state, "mp_state");
+    default:
+      return Error("vCPU state: unknown section {}", tag);
+  }
+  if (!ok) return Error("vCPU state: truncated section {}", tag);
+  return Status::Ok();
+}
+
+}  // namespace
+
 Result<VcpuState> VcpuState::Deserialize(std::span<const uint8_t> bytes) {
   Reader r(bytes);
   uint32_t magic, version;
@@ -180,53 +244,7 @@ Result<VcpuState> VcpuState::Deserialize(std::span<const uint8_t> bytes) {
     }
     seen |= 1u << tag;
     const size_t start = r.pos();
-    bool ok = true;
-    switch (tag) {
-      case kCore:
-        for (uint64_t& g : s.gpr) ok = ok && r.U64(&g);
-        ok = ok && r.U64(&s.rip) && r.U64(&s.rflags);
-        for (Segment* seg : {&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt}) {
-          ok = ok && r.Segment(seg);
-        }
-        ok = ok && r.Table(&s.gdt) && r.Table(&s.idt);
-        for (uint64_t* v : {&s.cr0, &s.cr2, &s.cr3, &s.cr4, &s.cr8, &s.efer, &s.apic_base}) {
-          ok = ok && r.U64(v);
-        }
-        break;
-      case kFpu:
-        for (auto& st : s.fpu.st) ok = ok && r.Raw(st.data(), st.size());
-        ok = ok && r.U16(&s.fpu.fcw) && r.U16(&s.fpu.fsw) && r.U8(&s.fpu.ftw) &&
-             r.U16(&s.fpu.last_opcode) && r.U64(&s.fpu.last_ip) && r.U64(&s.fpu.last_dp);
-        for (auto& x : s.fpu.xmm) ok = ok && r.Raw(x.data(), x.size());
-        ok = ok && r.U32(&s.fpu.mxcsr);
-        break;
-      case kMsrs:
-        if (len % 12 != 0 || len / 12 > kMaxMsrs) {
-          return Error("vCPU state: MSR section of {} bytes", len);
-        }
-        s.msrs.resize(len / 12);
-        for (hv::Msr& m : s.msrs) ok = ok && r.U32(&m.index) && r.U64(&m.value);
-        break;
-      case kXsave:
-        RETURN_IF_ERROR(ReadBlob(r, len, &s.xsave, "xsave"));
-        break;
-      case kXcr0:
-        ok = r.U64(&s.xcr0);
-        s.has_xcr0 = true;
-        break;
-      case kLapic:
-        RETURN_IF_ERROR(ReadBlob(r, len, &s.lapic, "lapic"));
-        break;
-      case kEvents:
-        RETURN_IF_ERROR(ReadBlob(r, len, &s.events, "events"));
-        break;
-      case kMpState:
-        RETURN_IF_ERROR(ReadBlob(r, len, &s.mp_state, "mp_state"));
-        break;
-      default:
-        return Error("vCPU state: unknown section {}", tag);
-    }
-    if (!ok) return Error("vCPU state: truncated section {}", tag);
+    RETURN_IF_ERROR(ReadSection(r, tag, len, s));
     if (r.pos() - start != len) {
       return Error("vCPU state: section {} is {} bytes, its contents {}", tag, len,
                    r.pos() - start);

@@ -1,19 +1,14 @@
 // MigrationDestination: the receiving side of a pre-copy live migration.
 //
 // Accepts one session (handshake.h), then runs one thread per page channel
-// and follows the main channel in the caller's thread:
-//   - page data is received straight into guest memory: after a Pages
-//     message's index list is validated, one scatter receive puts each page
-//     at its place in the block's host mapping (no intermediate buffer);
-//   - zero pages are written as zeros, except in pass 0 when the VM's memory
-//     is known to be zero already;
-//   - the pass barrier: a page channel that ended pass p waits until every
-//     page channel ended pass p before it writes anything of pass p + 1;
-//   - on Complete, every page channel must have ended, the page counts must
-//     match the source's, and the vCPU and device state must load; only then
-//     is CompleteAck sent and Run() returns success. The caller then starts
-//     the VM. On any failure the source is told with an Error message, and
-//     the VM must not be started.
+// (precopy_receiver.h: pages straight into guest memory, the pass barrier,
+// zero pages of the first pass skipped in the VM's fresh memory) and
+// follows the main channel in the caller's thread. On Complete, every page
+// channel must have ended, the page counts must match the source's, and the
+// vCPU and device state must load; only then is CompleteAck sent and Run()
+// returns success. The caller then starts the VM. On any failure the source
+// is told with an Error message (attempt.h), and the VM must not be
+// started.
 #pragma once
 
 #include <atomic>
@@ -22,6 +17,7 @@
 #include <mutex>
 
 #include "faultline/status.h"
+#include "src/migration/attempt.h"
 #include "src/migration/auth.h"
 #include "src/migration/handshake.h"
 #include "src/migration/migratable.h"
@@ -62,10 +58,16 @@ class MigrationDestination {
   void Cancel();
 
  private:
-  class Attempt;  // destination.cc
+  struct Incoming;  // one run's state (destination.cc)
+
+  Result<DestinationStats> Receive(Attempt& a, Acceptor& acceptor);
+  Status FollowMain(Incoming& in);
+  Status FinishChannels(Incoming& in);
+  Status LoadState(Incoming& in, const Complete& complete);
 
   DestinationVm& vm_;
   const DestinationOptions options_;
+  // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
   std::mutex mu_;
   Attempt* active_ = nullptr;  // guarded by mu_
   bool cancelled_ = false;     // guarded by mu_

@@ -1,9 +1,9 @@
 // PostcopyDestination: the receiving side of a post-copy live migration
 // (docs/protocol.md §7).
 //
-//   - pre-copy passes are received as MigrationDestination receives them
-//     (straight into guest memory, the pass barrier), remembering which
-//     pages arrived;
+//   - pre-copy passes are received by the same PrecopyReceiver as
+//     MigrationDestination's (straight into guest memory, the pass barrier),
+//     remembering which pages arrived;
 //   - at Switchover{kPostcopy}: once each page channel has reached the
 //     switchover (every pre-copy page is in place) and the dirty set, vCPU
 //     and device state have arrived, the pages that arrived and are clean
@@ -20,8 +20,8 @@
 // the source's new session, says which pages are here (PresentBitmap),
 // requests again what the vCPUs wait for, and finishes.
 //
-// Failures before the vCPUs run: the source is told (Error) and the VM must
-// not be started.
+// Failures before the vCPUs run: the source is told (Error, attempt.h) and
+// the VM must not be started. Once they may run, it is never told.
 #pragma once
 
 #include <atomic>
@@ -31,10 +31,12 @@
 #include <mutex>
 
 #include "faultline/status.h"
+#include "src/migration/attempt.h"
 #include "src/migration/destination.h"
 #include "src/migration/network_page_source.h"
 #include "src/migration/postcopy_source.h"
 #include "src/migration/postcopy_vm.h"
+#include "src/migration/precopy_receiver.h"
 #include "src/migration/receiver_state.h"
 
 namespace faultline::migration {
@@ -87,24 +89,50 @@ class PostcopyDestination {
   PostcopyDestinationStats stats() const;
 
  private:
+  // What the main channel carries in the pause, after the Switchover.
+  struct SwitchoverState {
+    std::vector<DirtyBitmap> dirty;  // by block: dirty since sent (stale here)
+    std::vector<std::vector<uint8_t>> vcpus;
+    std::vector<DeviceBlob> devices;
+  };
+
   // What this destination accepts in a handshake (blocks_ set).
   ReceiverConfig MakeReceiverConfig() const;
-  class Attempt;  // postcopy_destination.cc
 
-  Status ReceivePrecopyChannel(Attempt& a, size_t c);
+  // The first session, with its priority channel, adopted by `a`.
+  Status Accept(Attempt& a, Acceptor& acceptor);
+  // Each page channel's thread: pre-copy, then (once the guest runs) the
+  // push (postcopy_destination_channels.cc).
+  void StartPageChannels(Attempt& a);
   Status ReceivePushChannel(Attempt& a, size_t c);
   Status ReceiveReplies(Attempt& a);
+  // The network page source over the priority channel and its reply reader.
+  void CreateNetworkSource(const std::vector<DirtyBitmap>& present);
+  Status ConnectPriority(Attempt& a);
+
   Status FollowPrecopy(Attempt& a);
-  Status StartGuest(Attempt& a);
-  // Drops the pages written in pre-copy and dirty at the switchover (but
-  // those the early dirty set dropped already).
-  Status DropStale(Attempt& a);
-  uint8_t* Target(uint32_t block) const;  // where pre-copy pages of `block` are written
+  Status CheckSwitchover(const migration::Switchover& s, uint32_t passes);
   // Drops the stale pages of one early DirtyPages message.
   Status DropEarly(Attempt& a, uint32_t passes, const DirtyPages& dirty);
+  // The switchover (postcopy_destination_switchover.cc).
+  Status StartGuest(Attempt& a);
+  Result<SwitchoverState> ReceiveSwitchoverState(Attempt& a);
+  // Drops the pages written in pre-copy and dirty at the switchover (but
+  // those the early dirty set dropped already).
+  Status DropStale(const std::vector<DirtyBitmap>& dirty);
+  // Present at the switchover: arrived in pre-copy and clean.
+  std::vector<DirtyBitmap> PresentPages(const std::vector<DirtyBitmap>& dirty,
+                                        uint64_t& precopy_pages) const;
+  Status RunGuest(Attempt& a, const std::vector<DirtyBitmap>& present, SwitchoverState& state);
+  uint8_t* Target(uint32_t block) const;  // where pre-copy pages of `block` are written
+
   // Post-copy on `a`'s channels until Complete is handled (every page here).
   Status FollowPostcopy(Attempt& a);
+  Result<PostcopyDestinationStats> FailBeforeGuest(Attempt& a, Status status);
   Result<PostcopyDestinationStats> Finish(Attempt& a, Status status);
+  // Resume: the new session's handshake, then what is here (PresentBitmap).
+  Status AcceptResume(Attempt& a, Acceptor& acceptor);
+  Status SendPresent(Link& main);
 
   PostcopyDestinationVm& vm_;
   const DestinationOptions options_;
@@ -115,7 +143,16 @@ class PostcopyDestination {
   uint32_t final_pass_ = 0;
   uint32_t switchover_devices_ = 0;  // DeviceState messages the Switchover announced
   std::chrono::steady_clock::time_point start_;
+  // The first session's pre-copy: where pages go, and each page channel's
+  // receiver (its thread's until it reached the switchover; the pages it
+  // received are read by the main thread once every channel ended a pass).
+  PrecopyTarget target_;
+  std::vector<std::unique_ptr<PrecopyReceiver>> receivers_;
+  // The early dirty set (dropped before the pause); main thread, before
+  // the Switchover, then only read.
+  std::vector<DirtyBitmap> early_;
 
+  // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
   mutable std::mutex mu_;
   Attempt* active_ = nullptr;       // guarded by mu_
   bool cancelled_ = false;          // guarded by mu_

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -19,6 +20,7 @@
 #include "src/migration/fault_transport.h"
 #include "src/migration/memory_vm.h"
 #include "src/migration/postcopy_destination.h"
+#include "src/migration/postcopy_session.h"
 #include "src/migration/postcopy_source.h"
 #include "src/migration/socket_transport.h"
 #include "src/migration/test_util.h"
@@ -256,6 +258,67 @@ TEST_P(PostcopyEngineTest, LinkCutDuringPostcopyResumesAndCompletes) {
   EXPECT_EQ(o.resumes, 1u);
   EXPECT_EQ(o.destination->sessions, 2u);
   EXPECT_EQ(std::memcmp(from.host(), to.host(), from.size()), 0) << "the memory differs";
+}
+
+// A source that breaks the protocol on a page channel during pre-copy: the
+// destination tells it why on the main channel (before it shuts anything
+// down) and does not start the VM; an Error from the source is not echoed.
+TEST(PostcopyDestinationTest, PrecopyFailuresReachTheSourceAndTheVmNeverStarts) {
+  const std::vector<uint8_t> page(kWirePageSize, 0x42);
+  const ConstBuffer data[] = {page};
+  struct Case {
+    std::function<Status(Session&)> send;
+    std::string error;
+    bool told;  // the destination answers with Error
+  };
+  const std::vector<Case> cases = {
+      {[&](Session& s) {
+         return s.pages[1]->writer().SendPages(PagesHeader{0, 1, 0, {0}}, data);
+       },
+       "page channel 1: Pages for pass 1 while in pass 0", true},
+      {[](Session& s) {
+         return s.pages[0]->writer().Send(PassEnd{0, 3, 0, 0});
+       },
+       "PassEnd of pass 0 counts 3 data and 0 zero pages; 0 and 0 arrived", true},
+      {[](Session& s) {
+         return s.pages[0]->writer().Send(ErrorMessage{ErrorCode::kInternal, "source broke"});
+       },
+       "source broke", false},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.error);
+    Memory to(Backing::kAnonymous, 16 << 20);
+    Record record;
+    auto vm = MakeMemoryPostcopyDestination(
+        *to.memory, std::make_unique<FakeControl>(record, to.host(), to.size()));
+    auto listener = SocketListener::Listen(testing::Loopback(), {});
+    ASSERT_TRUE(listener.has_value());
+    SocketConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, {});
+    PostcopyDestination destination(*vm, {});
+    Result<PostcopyDestinationStats> received = Error("not run");
+    std::thread receiver([&] { received = destination.Run(**listener); });
+    auto session = ConnectSession(
+        connector, {{DescribeBlock(*to.block)}, 2, {}, kFeaturePostcopy | kFeatureRecovery});
+    ASSERT_TRUE(session.has_value()) << session.error().ToString();
+    auto priority = ConnectPriorityChannel(connector, *session, {});
+    ASSERT_TRUE(priority.has_value()) << priority.error().ToString();
+    ASSERT_TRUE(c.send(*session).ok());
+    auto answer = Expect<CompleteAck>(session->main->reader(), "hostile source");
+    receiver.join();
+    ASSERT_FALSE(received.has_value());
+    EXPECT_THAT(received.error().ToString(), ::testing::HasSubstr(c.error));
+    EXPECT_THAT(received.error().ToString(), ::testing::HasSubstr("the VM was not started"));
+    EXPECT_EQ(destination.phase(), PostcopyPhase::kFailed);
+    EXPECT_FALSE(record.started);
+    ASSERT_FALSE(answer.has_value());
+    if (c.told) {
+      EXPECT_THAT(answer.error().ToString(), ::testing::HasSubstr("peer reported error"));
+      EXPECT_THAT(answer.error().ToString(), ::testing::HasSubstr(c.error));
+    } else {
+      EXPECT_THAT(answer.error().ToString(),
+                  ::testing::Not(::testing::HasSubstr("peer reported error")));
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Backings, PostcopyEngineTest,

@@ -43,6 +43,9 @@
 
 namespace faultline::migration {
 
+class Attempt;
+class PrecopyPasses;
+
 inline constexpr uint32_t kPostcopyOnCommand = UINT32_MAX;
 
 struct PostcopySourceOptions {
@@ -60,16 +63,6 @@ struct PostcopySourceOptions {
   // Where rejected requests and other notes go (default: stderr).
   std::function<void(std::string_view)> log;
 };
-
-enum class PostcopyPhase {
-  kNotStarted,
-  kPrecopy,
-  kPostcopy,
-  kPaused,     // post-copy, link broken: Resume()
-  kCompleted,  // the destination has every page
-  kFailed,     // the VM runs here (kept running, or resumed after the destination refused)
-};
-const char* PostcopyPhaseName(PostcopyPhase phase);
 
 struct PostcopySourceStats {
   std::vector<PassStats> passes;  // pre-copy
@@ -117,35 +110,44 @@ class PostcopySource {
   // pauses (it cannot be cancelled: the guest runs at the destination).
   void Cancel();
 
-  PostcopyPhase phase() const { return phase_.load(std::memory_order_acquire); }
+  PostcopyPhase phase() const;
   PostcopyProgress progress();
 
  private:
-  class Attempt;  // postcopy_source.cc
-  // Post-copy's threads (postcopy_source.cc): the main channel's watcher,
-  // the priority channel's responder, and one pusher per page channel.
-  class Watcher;
+  // Post-copy's threads (postcopy_source_threads.cc): the priority
+  // channel's responder and one pusher per page channel (the main channel's
+  // watcher is the CompletionWatcher both sources use).
   class Responder;
   class Pusher;
 
-  Status Precopy();
-  Status Switchover();
-  Status Postcopy();
-  Result<uint64_t> Harvest();
+  // One session's handshake and priority channel, adopted by `a`. A resume
+  // requires recovery; the first session, post-copy.
+  Status Connect(Attempt& a, Connector& connector, bool resume);
+  Status Precopy(Attempt& a, PrecopyPasses& passes);
+  Status SendEarlyDirtySet(Attempt& a, PrecopyPasses& passes);
+  // The pause: Switchover, the dirty set, vCPU and device state; then the
+  // push is planned from the dirty set.
+  Status Switchover(Attempt& a, PrecopyPasses& passes);
+  Status SendState(Attempt& a, PrecopyPasses& passes);
+  // Resume: what the destination has (PresentBitmap), as the pages to push.
+  Result<std::vector<DirtyBitmap>> ReceivePresent(Attempt& a);
+  void PlanPush(std::vector<DirtyBitmap> todo);
+  // Serves one session of post-copy until CompleteAck or a break.
+  Status Postcopy(Attempt& a);
+  // A failure before the guest left: it runs here (again).
+  Status FailBeforePostcopy(Attempt& a, Status status);
+  Result<PostcopySourceStats> EndSession(Attempt& a, Status status);
+  Status Step(Status (SourceState::*event)());
   void Log(std::string_view text) const;
 
   SourceVm& vm_;
   const PostcopySourceOptions options_;
-  std::atomic<PostcopyPhase> phase_{PostcopyPhase::kNotStarted};
   std::atomic<bool> start_now_{false};
-  std::atomic<uint32_t> pass_{0};
   std::atomic<uint64_t> pages_sent_{0};
   std::atomic<uint64_t> pages_pushed_{0};
   std::atomic<uint64_t> pages_requested_{0};
 
   std::vector<std::shared_ptr<RamBlock>> blocks_;
-  std::vector<DirtyBitmap> dirty_;
-  DirtyBitmap taken_;
   // Replaced at the switchover and at each Resume (by the thread running
   // the migration, the only user besides progress()).
   std::mutex scheduler_mu_;
@@ -156,9 +158,10 @@ class PostcopySource {
   bool markers_sent_ = false;  // Switchover() sent the page channels' copies
   std::chrono::steady_clock::time_point start_;
 
-  std::mutex mu_;
-  Attempt* active_ = nullptr;  // guarded by mu_: the session in use
-  bool cancelled_ = false;     // guarded by mu_
+  // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
+  mutable std::mutex mu_;
+  SourceState state_{SourceMode::kPostcopy};  // guarded by mu_
+  Attempt* active_ = nullptr;                 // guarded by mu_: the session in use
 };
 
 }  // namespace faultline::migration

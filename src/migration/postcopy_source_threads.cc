@@ -1,6 +1,7 @@
-// Post-copy's threads on the source: the main channel's watcher, the
-// priority channel's responder and one pusher per page channel, and
-// PostcopySource::Postcopy(), which runs them for one session.
+// Post-copy's threads on the source: the priority channel's responder and
+// one pusher per page channel, and PostcopySource::Postcopy(), which runs
+// them and the main channel's watcher (completion_watcher.h) for one
+// session.
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -8,48 +9,14 @@
 #include <thread>
 #include <vector>
 
+#include "src/migration/attempt.h"
+#include "src/migration/completion_watcher.h"
+#include "src/migration/elapsed.h"
 #include "src/migration/page_sender.h"
 #include "src/migration/postcopy_source.h"
-#include "src/migration/postcopy_source_attempt.h"
 #include "src/sys/sched.h"
 
 namespace faultline::migration {
-
-// The main channel during post-copy: reads until the destination's
-// CompleteAck (the end), its Error or a break, and gives the attempt the
-// verdict.
-class PostcopySource::Watcher {
- public:
-  explicit Watcher(Attempt& a) : a_(a), thread_([this] { Run(); }) {}
-  void Join() { thread_.join(); }
-  // The destination sent Error: it refused before running the guest
-  // (docs/protocol.md §7.5), so the guest may run here again.
-  bool peer_refused() const { return peer_refused_.load(); }
-
- private:
-  void Run() {
-    MessageReader& reader = a_.session.main->reader();
-    Result<Message> m = reader.Read();
-    while (!m && m.error().code() == EAGAIN) m = reader.Read();
-    Status end;
-    if (!m) {
-      end = m.error().WithContext("main channel");
-    } else if (std::holds_alternative<CompleteAck>(*m)) {
-      end = Status::Ok();
-    } else if (const auto* e = std::get_if<ErrorMessage>(&*m)) {
-      end = PeerError(*e).WithContext("the destination failed");
-      peer_refused_.store(true);
-    } else {
-      end = Error("the destination sent {} on the main channel", MessageTypeName(TypeOf(*m)));
-    }
-    if (!end.ok()) a_.Break(end);
-    a_.SetPeer(end);
-  }
-
-  Attempt& a_;
-  std::atomic<bool> peer_refused_{false};
-  std::thread thread_;  // last: starts once the members above exist
-};
 
 // The priority channel: answers each page request at once, from the paused
 // guest's memory, and moves those pages out of the push order.
@@ -71,7 +38,7 @@ class PostcopySource::Responder {
         sys::SetRealtime(s_.options_.realtime_priority).ok()) {
       realtime_.store(true);
     }
-    Link& link = *a_.priority;
+    Link& link = a_.priority();
     while (true) {
       Result<Message> m = link.reader().Read();
       if (!m && m.error().code() == EAGAIN) continue;
@@ -85,14 +52,14 @@ class PostcopySource::Responder {
       // Once Complete is out, the destination closes its channels when it
       // has every page; only the main channel's answer counts then.
       if (!m && complete_sent_.load()) return;
-      if (!m) return a_.Break(m.error().WithContext("priority channel"));
+      if (!m) return a_.Fail(m.error().WithContext("priority channel"));
       const auto* request = std::get_if<PageRequest>(&*m);
       if (request == nullptr) {
-        return a_.Break(Error("priority channel: unexpected {}", MessageTypeName(TypeOf(*m))));
+        return a_.Fail(Error("priority channel: unexpected {}", MessageTypeName(TypeOf(*m))));
       }
       Status sent = Answer(link, *request);
       if (!sent.ok() && complete_sent_.load()) return;
-      if (!sent.ok()) return a_.Break(sent.WithContext("priority channel"));
+      if (!sent.ok()) return a_.Fail(sent.WithContext("priority channel"));
     }
   }
 
@@ -135,18 +102,18 @@ class PostcopySource::Pusher {
 
  private:
   void Run() {
-    MessageWriter& writer = a_.session.pages[channel_]->writer();
+    MessageWriter& writer = a_.page(channel_).writer();
     // The push opens with a copy of the Switchover: the destination's
     // channel thread learns that pre-copy ended on this channel.
     Status s = marker_sent_ ? Status::Ok() : writer.Send(s_.switchover_);
-    while (s.ok() && !a_.broken()) {
+    while (s.ok() && !a_.failed()) {
       std::optional<PushBatch> batch = s_.scheduler_->Next(s_.options_.push_batch_pages);
       if (!batch) break;
       s = Push(writer, *batch);
       if (!s.ok()) s_.scheduler_->Return(*batch);
     }
-    if (s.ok() && !a_.broken()) s = writer.Send(PassEnd{final_pass_, data_pages_, zero_pages_, 0});
-    if (!s.ok()) a_.Break(s.WithContext(fmt::format("page channel {}", channel_)));
+    if (s.ok() && !a_.failed()) s = writer.Send(PassEnd{final_pass_, data_pages_, zero_pages_, 0});
+    if (!s.ok()) a_.Fail(s.WithContext(fmt::format("page channel {}", channel_)));
   }
 
   Status Push(MessageWriter& writer, const PushBatch& batch) {
@@ -183,48 +150,50 @@ class PostcopySource::Pusher {
   std::thread thread_;  // last: starts once the members above exist
 };
 
-// Serves one session of post-copy until CompleteAck or a break.
-Status PostcopySource::Postcopy() {
-  Attempt& a = *active_;
+Status PostcopySource::Postcopy(Attempt& a) {
   const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
   const auto started = std::chrono::steady_clock::now();
   std::atomic<bool> complete_sent{false};
-  Watcher watcher(a);
+  CompletionWatcher watcher(a);
   Responder responder(*this, a, final_pass, complete_sent);
   {
     const bool markers_sent = markers_sent_;  // by Switchover(), in the first session only
     markers_sent_ = false;
     std::vector<std::unique_ptr<Pusher>> pushers;
-    for (size_t c = 0; c < a.session.pages.size(); ++c) {
+    for (size_t c = 0; c < a.page_channels(); ++c) {
       pushers.push_back(std::make_unique<Pusher>(*this, a, c, final_pass, markers_sent));
     }
     for (auto& p : pushers) p->Join();
   }
-  if (!a.broken()) {
+  if (!a.failed()) {
     complete_sent.store(true);
-    Status s = a.session.main->writer().Send(Complete{final_pass + 1, 0, 0});
-    if (!s.ok()) a.Break(s.WithContext("main channel"));
+    Status s = a.main().writer().Send(Complete{final_pass + 1, 0, 0});
+    if (!s.ok()) a.Fail(s.WithContext("main channel"));
   }
-  Status end = a.WaitPeer();
-  a.Break(end.ok() ? Status(ECANCELED, "completed") : end);  // stops the responder
+  Status end = watcher.Wait();
+  if (end.ok()) {
+    a.Close();  // stops the responder
+  } else {
+    a.Fail(end);
+  }
   responder.Join();
-  watcher.Join();
   stats_.realtime = responder.realtime();
   stats_.requests_served += responder.served();
   stats_.requests_rejected += responder.rejected();
   stats_.pages_pushed = pages_pushed_.load();
   stats_.pages_requested = pages_requested_.load();
   stats_.postcopy += Since(started);
-  if (end.ok()) {
-    phase_.store(PostcopyPhase::kCompleted, std::memory_order_release);
-    return Status::Ok();
+  bool resume;
+  {
+    std::lock_guard lock(mu_);
+    (void)(end.ok() ? state_.Acknowledged() : state_.Fail(watcher.peer_refused()));
+    resume = state_.resumed_here();
   }
-  if (watcher.peer_refused() && stats_.sessions == 1) {
+  if (end.ok()) return Status::Ok();
+  if (resume) {
     vm_.Resume();
-    phase_.store(PostcopyPhase::kFailed, std::memory_order_release);
     return end.WithContext("the destination refused the switchover; the VM was resumed here");
   }
-  phase_.store(PostcopyPhase::kPaused, std::memory_order_release);
   return end.WithContext(PostcopyPhaseName(PostcopyPhase::kPaused));
 }
 

@@ -140,6 +140,11 @@ class ChannelReceiver {
   Phase phase() const { return phase_; }
   uint32_t pass() const { return pass_; }
   uint16_t index() const { return index_; }
+  // Streaming, and nothing of the current pass arrived yet: a pass boundary
+  // (where a post-copy Switchover may come).
+  bool at_pass_start() const {
+    return phase_ == Phase::kStreaming && pass_data_ == 0 && pass_zero_ == 0;
+  }
   ChannelTotals totals() const { return {pass_, total_data_, total_zero_}; }
 
  private:

@@ -29,9 +29,12 @@
 #include "faultline/status.h"
 #include "src/migration/auth.h"
 #include "src/migration/migratable.h"
+#include "src/migration/source_state.h"
 #include "src/migration/transport.h"
 
 namespace faultline::migration {
+
+class Attempt;
 
 struct SourceOptions {
   uint16_t page_channels = 4;
@@ -42,15 +45,6 @@ struct SourceOptions {
   uint64_t bandwidth_limit = 0;      // bytes/s of page data over all channels, 0: none
   uint32_t batch_pages = 256;        // pages per Pages message, 1..kMaxPagesPerBatch
 };
-
-enum class SourceOutcome {
-  kNotStarted,
-  kCompleted,      // the destination runs the guest; the VM here stays paused
-  kFailedRunning,  // failed before the pause; the VM kept running
-  kFailedResumed,  // failed after the pause; the VM was resumed here
-  kUnknownPaused,  // link lost after Complete: left paused, see above
-};
-const char* SourceOutcomeName(SourceOutcome outcome);
 
 struct PassStats {
   uint32_t pass = 0;
@@ -90,22 +84,30 @@ class MigrationSource {
   // returns an error). Too late once Complete is sent.
   void Cancel();
 
-  SourceOutcome outcome() const { return outcome_.load(std::memory_order_acquire); }
+  SourceOutcome outcome() const;
   SourceProgress progress() const;
 
  private:
-  class Attempt;  // one migration's working state (source.cc)
+  // One run's state besides the attempt (source.cc).
+  struct Outgoing;
+
+  Result<SourceStats> Migrate(Attempt& a, Connector& connector);
+  Status Precopy(Outgoing& out);
+  Status Switchover(Outgoing& out);
+  // Ends a failed run: who runs the guest now (source_state.h), the VM
+  // resumed here if it must be.
+  Status Fail(Outgoing& out, Status status);
+  // Takes step `event` of the state machine, under mu_.
+  Status Step(Status (SourceState::*event)());
 
   SourceVm& vm_;
   const SourceOptions options_;
-  std::atomic<SourceOutcome> outcome_{SourceOutcome::kNotStarted};
-  std::atomic<bool> cancelled_{false};
-  std::atomic<uint32_t> pass_{0};
   std::atomic<uint64_t> pages_sent_{0};
   std::atomic<uint64_t> dirty_pages_{0};
-  std::atomic<bool> paused_{false};
-  std::mutex cancel_mu_;
-  Attempt* active_ = nullptr;  // guarded by cancel_mu_; set while Run() runs
+  // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
+  mutable std::mutex mu_;
+  SourceState state_{SourceMode::kStopAndCopy};  // guarded by mu_
+  Attempt* active_ = nullptr;                    // guarded by mu_; set while Run() runs
 };
 
 }  // namespace faultline::migration

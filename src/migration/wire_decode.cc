@@ -397,6 +397,94 @@ Result<Message> DecodeResume(ByteReader& r) {
   return m;
 }
 
+Result<Message> DecodeAuth(ByteReader& r) {
+  Auth m;
+  auto mac = r.Bytes(kMacSize);
+  std::copy(mac.begin(), mac.end(), m.mac.begin());
+  return m;
+}
+
+Result<Message> DecodePassEnd(ByteReader& r) {
+  PassEnd m;
+  m.pass = r.U32();
+  RETURN_IF_ERROR(CheckZero("PassEnd", r.U32()));
+  m.data_pages = r.U64();
+  m.zero_pages = r.U64();
+  m.dirty_remaining = r.U64();
+  return m;
+}
+
+Result<Message> DecodeChannelEnd(ByteReader& r) {
+  ChannelEnd m;
+  m.pass = r.U32();
+  RETURN_IF_ERROR(CheckZero("ChannelEnd", r.U32()));
+  m.data_pages = r.U64();
+  m.zero_pages = r.U64();
+  m.total_data_pages = r.U64();
+  m.total_zero_pages = r.U64();
+  return m;
+}
+
+// Complete and CompleteAck share their layout.
+Result<Message> DecodeCompletion(MessageType type, ByteReader& r) {
+  const uint32_t passes = r.U32();
+  RETURN_IF_ERROR(CheckZero(MessageTypeName(type), r.U32()));
+  const uint64_t data = r.U64();
+  const uint64_t zero = r.U64();
+  if (type == MessageType::kComplete) return Complete{passes, data, zero};
+  return CompleteAck{passes, data, zero};
+}
+
+// The message of `type` from `r`, whose `n` bytes passed the type's length
+// bounds.
+Result<Message> DecodeBody(MessageType type, ByteReader& r, size_t n,
+                           const DecodeContext& context) {
+  switch (type) {
+    case MessageType::kHello:
+      return DecodeHello(r, n);
+    case MessageType::kHelloAck:
+      return DecodeHelloAck(r);
+    case MessageType::kAuth:
+      return DecodeAuth(r);
+    case MessageType::kChannelHello:
+      return DecodeChannelHello(r);
+    case MessageType::kChannelAck:
+      return DecodeChannelAck(r);
+    case MessageType::kPages:
+      return Error("Pages messages are decoded with DecodePagesFixed and DecodePagesIndices");
+    case MessageType::kZeroPages:
+      return DecodeZeroPages(r, n, context);
+    case MessageType::kPassEnd:
+      return DecodePassEnd(r);
+    case MessageType::kChannelEnd:
+      return DecodeChannelEnd(r);
+    case MessageType::kSwitchover:
+      return DecodeSwitchover(r);
+    case MessageType::kVcpuState:
+      return DecodeVcpuState(r, n);
+    case MessageType::kDeviceState:
+      return DecodeDeviceState(r, n);
+    case MessageType::kComplete:
+    case MessageType::kCompleteAck:
+      return DecodeCompletion(type, r);
+    case MessageType::kError:
+      return DecodeError(r, n);
+    case MessageType::kPageRequest:
+      return DecodePageRequest(r, n, context);
+    case MessageType::kPresentBitmap:
+      return DecodeBitmap<PresentBitmap>("PresentBitmap", r, n, context);
+    case MessageType::kDirtyPages:
+      return DecodeBitmap<DirtyPages>("DirtyPages", r, n, context);
+    case MessageType::kResume:
+      return DecodeResume(r);
+    case MessageType::kLocalOffer:
+      return DecodeLocalOffer(r, n);
+    case MessageType::kLocalReady:
+      return DecodeLocalReady(r);
+  }
+  return Error("unknown message type {}", static_cast<unsigned>(type));
+}
+
 }  // namespace
 
 Result<Message> DecodePayload(MessageType type, std::span<const uint8_t> payload,
@@ -407,106 +495,13 @@ Result<Message> DecodePayload(MessageType type, std::span<const uint8_t> payload
                  bounds.min, bounds.max);
   }
   ByteReader r(payload);
-  const size_t n = payload.size();
-  Result<Message> result = Error("unreachable");
-  switch (type) {
-    case MessageType::kHello:
-      result = DecodeHello(r, n);
-      break;
-    case MessageType::kHelloAck:
-      result = DecodeHelloAck(r);
-      break;
-    case MessageType::kAuth: {
-      Auth m;
-      auto mac = r.Bytes(kMacSize);
-      std::copy(mac.begin(), mac.end(), m.mac.begin());
-      result = m;
-      break;
-    }
-    case MessageType::kChannelHello:
-      result = DecodeChannelHello(r);
-      break;
-    case MessageType::kChannelAck:
-      result = DecodeChannelAck(r);
-      break;
-    case MessageType::kPages:
-      return Error("Pages messages are decoded with DecodePagesFixed and DecodePagesIndices");
-    case MessageType::kZeroPages:
-      result = DecodeZeroPages(r, n, context);
-      break;
-    case MessageType::kPassEnd: {
-      PassEnd m;
-      m.pass = r.U32();
-      RETURN_IF_ERROR(CheckZero("PassEnd", r.U32()));
-      m.data_pages = r.U64();
-      m.zero_pages = r.U64();
-      m.dirty_remaining = r.U64();
-      result = m;
-      break;
-    }
-    case MessageType::kChannelEnd: {
-      ChannelEnd m;
-      m.pass = r.U32();
-      RETURN_IF_ERROR(CheckZero("ChannelEnd", r.U32()));
-      m.data_pages = r.U64();
-      m.zero_pages = r.U64();
-      m.total_data_pages = r.U64();
-      m.total_zero_pages = r.U64();
-      result = m;
-      break;
-    }
-    case MessageType::kSwitchover:
-      result = DecodeSwitchover(r);
-      break;
-    case MessageType::kVcpuState:
-      result = DecodeVcpuState(r, n);
-      break;
-    case MessageType::kDeviceState:
-      result = DecodeDeviceState(r, n);
-      break;
-    case MessageType::kComplete:
-    case MessageType::kCompleteAck: {
-      const uint32_t passes = r.U32();
-      RETURN_IF_ERROR(CheckZero(MessageTypeName(type), r.U32()));
-      const uint64_t data = r.U64();
-      const uint64_t zero = r.U64();
-      if (type == MessageType::kComplete) {
-        result = Complete{passes, data, zero};
-      } else {
-        result = CompleteAck{passes, data, zero};
-      }
-      break;
-    }
-    case MessageType::kError:
-      result = DecodeError(r, n);
-      break;
-    case MessageType::kPageRequest:
-      result = DecodePageRequest(r, n, context);
-      break;
-    case MessageType::kPresentBitmap:
-      result = DecodeBitmap<PresentBitmap>("PresentBitmap", r, n, context);
-      break;
-    case MessageType::kDirtyPages:
-      result = DecodeBitmap<DirtyPages>("DirtyPages", r, n, context);
-      break;
-    case MessageType::kResume:
-      result = DecodeResume(r);
-      break;
-    case MessageType::kLocalOffer:
-      result = DecodeLocalOffer(r, n);
-      break;
-    case MessageType::kLocalReady:
-      result = DecodeLocalReady(r);
-      break;
-    default:
-      return Error("unknown message type {}", static_cast<unsigned>(type));
-  }
+  Result<Message> result = DecodeBody(type, r, payload.size(), context);
   if (!result.has_value()) return result;
   // Exact lengths were checked above, so a decoder that reads its layout
   // consumes the payload exactly; anything else is a bug in this file.
   if (r.truncated() || r.remaining() != 0) {
     return Error("{}: payload of {} bytes does not match its layout ({} bytes left over)",
-                 MessageTypeName(type), n, r.remaining());
+                 MessageTypeName(type), payload.size(), r.remaining());
   }
   return result;
 }
