@@ -11,6 +11,11 @@
 //   IncomingMigration::Create(vm, ram, options) -> Listen("tcp:0.0.0.0:7000")
 //   -> Run(); VmHandle::Start() is called when the guest should run.
 //
+// A snapshot (the guest to a directory, live or paused) and its restore,
+// eager or lazy:
+//   WriteSnapshot(vm, ram, "/var/lib/vm/snap1")
+//   RestoreSnapshot(vm, ram, "/var/lib/vm/snap1", {.lazy = true})
+//
 // Dirty pages are tracked with userfaultfd write-protect on the VMM's own
 // mappings, so KVM's dirty log is not needed; post-copy serves the guest's
 // faults (the vCPUs' and the VMM's own accesses alike) with userfaultfd on
@@ -162,5 +167,52 @@ class IncomingMigration {
   explicit IncomingMigration(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+struct SnapshotOptions {
+  // Copy memory while the guest runs (dirty passes), pausing it only for
+  // the last pages and the state; false: pause it for the whole write.
+  bool live = true;
+  bool resume = true;  // the guest runs again afterwards (false: stays paused)
+};
+
+struct SnapshotStats {
+  uint32_t passes = 0;      // memory passes, the paused one included
+  uint64_t data_pages = 0;  // 4 KiB pages written
+  uint64_t zero_pages = 0;  // pages stored as holes
+  uint64_t pause_us = 0;    // the guest's pause
+  uint64_t total_us = 0;
+};
+
+// Writes the guest to `dir`, which must not exist (its parent must): one
+// sparse file per region's block (zero pages are holes), the vCPU and
+// device state, and manifest.json (format version, layout, SHA-256 of every
+// 2 MiB of memory and of every state file). Written to a temporary
+// directory beside `dir` and renamed, so that a crash never leaves a
+// directory that looks like a snapshot.
+Result<SnapshotStats> WriteSnapshot(VmHandle& vm, std::vector<GuestRegion> ram,
+                                    const std::string& dir, SnapshotOptions options = {});
+
+struct RestoreOptions {
+  // The guest starts at once and its memory is demand-paged from the
+  // snapshot's files (and read in the background); false: everything is
+  // read and checked first.
+  bool lazy = false;
+};
+
+struct RestoreStats {
+  uint64_t start_us = 0;     // until VmHandle::Start() returned
+  uint64_t resident_us = 0;  // until every page was in memory
+  uint64_t faults = 0;       // lazy: guest accesses that waited for a page
+  uint64_t pages_read = 0;   // lazy: 4 KiB pages read on demand or in the background
+};
+
+// Restores the snapshot in `dir` into `vm` and `ram`: fresh memory (reading
+// as zero) of the snapshot's layout (the same blocks, names and sizes, in
+// order) and as many vCPUs. Checks the manifest, the files' sizes and the
+// layout first, and, eager, every checksum: a failed check changes nothing
+// and says what is wrong. Then loads the state and calls VmHandle::Start().
+// Lazy: returns once every page is resident.
+Result<RestoreStats> RestoreSnapshot(VmHandle& vm, std::vector<GuestRegion> ram,
+                                     const std::string& dir, RestoreOptions options = {});
 
 }  // namespace faultline

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <filesystem>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -213,6 +214,50 @@ INSTANTIATE_TEST_SUITE_P(Modes, EmbedTest,
                          [](const auto& info) {
                            return fmt::format("{}_{}", BackingName(info.param.backing),
                                               info.param.postcopy ? "postcopy" : "precopy");
+                         });
+
+// A live snapshot of memory the workers keep writing, restored eagerly
+// and lazily into a second "VMM": every byte and each worker's state.
+class EmbedSnapshotTest : public ::testing::TestWithParam<std::tuple<Backing, bool>> {};
+
+TEST_P(EmbedSnapshotTest, RestoresMemoryWrittenByWorkersAndTheirState) {
+  const auto [backing, lazy] = GetParam();
+  char tmpl[] = "/tmp/faultline-embed-snapshot-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = std::string(tmpl) + "/snap";
+  VmmMemory from(backing), to(backing);
+  TestVm source(from.host), restored(to.host);
+  source.StartWorkers();
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  Result<SnapshotStats> written =
+      WriteSnapshot(source, from.Regions(backing), dir, {.live = true, .resume = false});
+  source.StopWorkers();  // paused since the snapshot's last pass
+  ASSERT_TRUE(written.has_value()) << written.error().ToString();
+  EXPECT_GT(written->data_pages, 0u);
+  EXPECT_GE(written->passes, 2u);  // live: at least one dirty pass
+
+  Result<RestoreStats> r = RestoreSnapshot(restored, to.Regions(backing), dir, {.lazy = lazy});
+  restored.JoinReader();
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_TRUE(restored.started());
+  EXPECT_EQ(std::memcmp(from.host, to.host, kSize), 0) << "the memory differs";
+  for (uint32_t i = 0; i < kWorkers; ++i) {
+    EXPECT_EQ(restored.counter(i), source.counter(i)) << "worker " << i;
+  }
+  EXPECT_THAT(restored.devices(), ::testing::ElementsAre(1, 2, 3));
+  if (lazy) {
+    EXPECT_GT(r->pages_read, 0u);
+  }
+  EXPECT_LE(r->start_us, r->resident_us);
+  std::filesystem::remove_all(tmpl);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, EmbedSnapshotTest,
+                         ::testing::Combine(::testing::Values(Backing::kAnonymous, Backing::kMemfd),
+                                            ::testing::Bool()),
+                         [](const auto& info) {
+                           return fmt::format("{}_{}", BackingName(std::get<0>(info.param)),
+                                              std::get<1>(info.param) ? "lazy" : "eager");
                          });
 
 TEST(EmbedErrorsTest, WrongKeyIsRefusedAndTheSourceRunsOn) {
