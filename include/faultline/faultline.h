@@ -149,6 +149,35 @@ void fl_incoming_cancel(fl_incoming* migration);
 void fl_incoming_progress(const fl_incoming* migration, fl_progress* progress);
 void fl_incoming_destroy(fl_incoming* migration);
 
+/* --- Snapshots (embed.h's WriteSnapshot and RestoreSnapshot) --- */
+
+typedef struct fl_snapshot_stats {
+  uint32_t passes;     /* memory passes, the paused one included */
+  uint64_t data_pages; /* 4 KiB pages written */
+  uint64_t zero_pages; /* pages stored as holes */
+  uint64_t pause_us;   /* the guest's pause */
+  uint64_t total_us;
+} fl_snapshot_stats;
+
+typedef struct fl_restore_stats {
+  uint64_t start_us;    /* until ops->start returned */
+  uint64_t resident_us; /* until every page was in memory */
+  uint64_t faults;      /* lazy: accesses that waited for a page */
+  uint64_t pages_read;  /* lazy: pages read on demand or in the background */
+} fl_restore_stats;
+
+/* Writes the guest to `dir` (which must not exist). `live`: copy while the
+ * guest runs, pausing it only at the end; `resume`: let it run again
+ * afterwards. `stats` may be NULL. */
+int fl_snapshot_write(const fl_vm_ops* ops, const fl_region* regions, size_t count, const char* dir,
+                      int live, int resume, fl_snapshot_stats* stats, fl_error** error);
+/* Restores `dir` into fresh RAM of the snapshot's layout, checking it first
+ * (a failed check changes nothing), then calls ops->start. `lazy`: the
+ * guest starts at once and its pages are read on demand; returns once
+ * every page is resident. */
+int fl_snapshot_restore(const fl_vm_ops* ops, const fl_region* regions, size_t count,
+                        const char* dir, int lazy, fl_restore_stats* stats, fl_error** error);
+
 #ifdef __cplusplus
 }
 #endif

@@ -270,4 +270,36 @@ void fl_incoming_progress(const fl_incoming* m, fl_progress* progress) {
 }
 void fl_incoming_destroy(fl_incoming* m) { delete m; }
 
+int fl_snapshot_write(const fl_vm_ops* ops, const fl_region* regions, size_t count, const char* dir,
+                      int live, int resume, fl_snapshot_stats* stats, fl_error** error) {
+  using namespace faultline;
+  if (Status s = CheckOps(ops); !s.ok()) return Fail(s, error);
+  Result<std::vector<GuestRegion>> ram = Regions(regions, count);
+  if (!ram.has_value()) return Fail(ram.error(), error);
+  CVmHandle vm(*ops);
+  Result<SnapshotStats> r = WriteSnapshot(vm, std::move(*ram), dir != nullptr ? dir : "",
+                                          {.live = live != 0, .resume = resume != 0});
+  if (!r.has_value()) return Fail(r.error(), error);
+  if (stats != nullptr) {
+    *stats = fl_snapshot_stats{r->passes, r->data_pages, r->zero_pages, r->pause_us, r->total_us};
+  }
+  return 0;
+}
+
+int fl_snapshot_restore(const fl_vm_ops* ops, const fl_region* regions, size_t count,
+                        const char* dir, int lazy, fl_restore_stats* stats, fl_error** error) {
+  using namespace faultline;
+  if (Status s = CheckOps(ops); !s.ok()) return Fail(s, error);
+  Result<std::vector<GuestRegion>> ram = Regions(regions, count);
+  if (!ram.has_value()) return Fail(ram.error(), error);
+  CVmHandle vm(*ops);
+  Result<RestoreStats> r =
+      RestoreSnapshot(vm, std::move(*ram), dir != nullptr ? dir : "", {.lazy = lazy != 0});
+  if (!r.has_value()) return Fail(r.error(), error);
+  if (stats != nullptr) {
+    *stats = fl_restore_stats{r->start_us, r->resident_us, r->faults, r->pages_read};
+  }
+  return 0;
+}
+
 }  // extern "C"

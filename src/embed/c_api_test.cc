@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 extern "C" int fl_c_api_roundtrip(int postcopy, char* why, size_t why_size);
+extern "C" int fl_c_api_snapshot(int lazy, char* why, size_t why_size);
 
 namespace {
 
@@ -20,6 +21,16 @@ TEST(CApiTest, PrecopyFromC) {
 TEST(CApiTest, PostcopyFromC) {
   char why[512] = "";
   EXPECT_EQ(fl_c_api_roundtrip(1, why, sizeof why), 0) << why;
+}
+
+TEST(CApiTest, SnapshotAndEagerRestoreFromC) {
+  char why[512] = "";
+  EXPECT_EQ(fl_c_api_snapshot(0, why, sizeof why), 0) << why;
+}
+
+TEST(CApiTest, SnapshotAndLazyRestoreFromC) {
+  char why[512] = "";
+  EXPECT_EQ(fl_c_api_snapshot(1, why, sizeof why), 0) << why;
 }
 
 TEST(CApiTest, ErrorsCarryACodeAndAMessage) {

@@ -159,3 +159,59 @@ out:
   munmap(destination.memory, kSize);
   return status;
 }
+
+/* A live snapshot of memory the writer keeps writing, restored (eagerly, or
+ * lazily) into a second "VMM": 0 if the memory and the vCPU state are
+ * intact; else -1 with the reason in `why`. */
+int fl_c_api_snapshot(int lazy, char* why, size_t why_size) {
+  struct vm source = {0}, restored = {0};
+  source.memory = mmap(NULL, kSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  restored.memory = mmap(NULL, kSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  fl_region from = {"ram", 0, kSize, source.memory, -1, FL_BACKING_ANON};
+  fl_region to = {"ram", 0, kSize, restored.memory, -1, FL_BACKING_ANON};
+  fl_vm_ops source_ops = ops_for(&source), restored_ops = ops_for(&restored);
+  fl_error* error = NULL;
+  int status = -1;
+  char root[] = "/tmp/faultline-c-snapshot-XXXXXX", dir[64];
+  if (mkdtemp(root) == NULL) {
+    snprintf(why, why_size, "mkdtemp: %s", strerror(errno));
+    goto unmap;
+  }
+  snprintf(dir, sizeof dir, "%s/snap", root);
+  pthread_create(&source.writer, NULL, writer_main, &source);
+  fl_snapshot_stats written;
+  int wrote =
+      fl_snapshot_write(&source_ops, &from, 1, dir, /*live=*/1, /*resume=*/0, &written, &error);
+  atomic_store(&source.stop, 1);
+  pthread_join(source.writer, NULL);
+  if (wrote != 0) goto out;
+  fl_restore_stats stats;
+  if (fl_snapshot_restore(&restored_ops, &to, 1, dir, lazy, &stats, &error) != 0) goto out;
+  if (!atomic_load(&restored.started)) {
+    snprintf(why, why_size, "the restored VM was not started");
+  } else if (restored.counter != source.counter || source.counter == 0) {
+    snprintf(why, why_size, "vCPU state %llu restored as %llu", (unsigned long long)source.counter,
+             (unsigned long long)restored.counter);
+  } else if (memcmp(source.memory, restored.memory, kSize) != 0) {
+    snprintf(why, why_size, "the memory differs");
+  } else if (written.passes < 1 || (lazy && stats.pages_read == 0)) {
+    snprintf(why, why_size, "figures: %u passes, %llu pages read", written.passes,
+             (unsigned long long)stats.pages_read);
+  } else {
+    status = 0;
+  }
+out:
+  if (error != NULL) {
+    snprintf(why, why_size, "%s (errno %d)", fl_error_message(error), fl_error_code(error));
+    fl_error_free(error);
+  }
+  {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+    if (system(cmd) != 0) status = -1;
+  }
+unmap:
+  munmap(source.memory, kSize);
+  munmap(restored.memory, kSize);
+  return status;
+}
