@@ -16,12 +16,12 @@ NetworkPageSource::NetworkPageSource(std::vector<NetworkBlock> blocks)
 NetworkPageSource::~NetworkPageSource() { CancelAll(); }
 
 void NetworkPageSource::SetPushTarget(paging::PushTarget* target) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   push_target_ = target;
 }
 
 void NetworkPageSource::MarkHave(uint32_t block, const DirtyBitmap& pages) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (block < have_.size() && pages.pages() == have_[block].pages()) have_[block].Merge(pages);
 }
 
@@ -70,9 +70,9 @@ void NetworkPageSource::Fetch(const paging::FetchRequest& request, paging::Fetch
   auto p = NewPending(request, std::move(done));
   std::vector<PageRequest> requests;
   {
-    std::unique_lock lock(mu_);
+    sys::MutexLock lock(mu_);
     if (cancelled_) {
-      lock.unlock();
+      lock.Unlock();
       p->done(paging::FetchResult::Failed(Status(ECANCELED, "network page source cancelled")));
       return;
     }
@@ -95,7 +95,7 @@ void NetworkPageSource::Fetch(const paging::FetchRequest& request, paging::Fetch
       }
       if (p->filled == p->count) {
         ++stats_.fetches_inline;
-        lock.unlock();
+        lock.Unlock();
         p->done(paging::FetchResult::Filled());
         return;
       }
@@ -123,21 +123,21 @@ std::vector<PageRequest> NetworkPageSource::RequestsFor(const Pending& p) {
 
 void NetworkPageSource::SendRequests(std::vector<PageRequest> requests) {
   if (requests.empty()) return;
-  std::lock_guard lock(send_mu_);
+  sys::MutexLock lock(send_mu_);
   if (link_ == nullptr) return;  // sent again by the next Connect()
   for (const PageRequest& r : requests) {
     // A failed send means the link is breaking: the destination notices on
     // its reads, and Connect() sends every outstanding request again.
     if (!link_->writer().Send(r).ok()) return;
   }
-  std::lock_guard stats_lock(mu_);
+  sys::MutexLock stats_lock(mu_);
   stats_.requests_sent += requests.size();
 }
 
 void NetworkPageSource::CancelAll() {
   std::map<std::pair<uint32_t, uint64_t>, std::unique_ptr<Pending>> pending;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     cancelled_ = true;
     pending.swap(pending_);
   }
@@ -149,11 +149,11 @@ void NetworkPageSource::CancelAll() {
 Status NetworkPageSource::Connect(Link* link) {
   std::vector<PageRequest> requests;
   {
-    std::lock_guard send_lock(send_mu_);
+    sys::MutexLock send_lock(send_mu_);
     link_ = link;
   }
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     for (auto& [key, p] : pending_) {
       for (PageRequest& r : RequestsFor(*p)) {
         p->requested = true;
@@ -166,7 +166,7 @@ Status NetworkPageSource::Connect(Link* link) {
 }
 
 void NetworkPageSource::Disconnect() {
-  std::lock_guard lock(send_mu_);
+  sys::MutexLock lock(send_mu_);
   link_ = nullptr;
 }
 
@@ -175,7 +175,7 @@ void NetworkPageSource::ClaimPushed(uint32_t block, std::span<const uint32_t> pa
   paging::PushTarget* target = nullptr;
   std::vector<std::pair<uint64_t, uint64_t>> runs;  // wire pages [first, end) nobody waits for
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     target = push_target_;
     if (target == nullptr) return;
     for (uint32_t page : pages) {
@@ -205,7 +205,7 @@ void NetworkPageSource::ClaimPushed(uint32_t block, std::span<const uint32_t> pa
     }
   }
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     for (auto& p : claimed) {
       if (cancelled_ || FindLocked(p->block, p->first) != nullptr ||
           FindLocked(p->block, p->first + p->count - 1) != nullptr) {
@@ -250,7 +250,7 @@ void NetworkPageSource::Complete(std::unique_ptr<Pending> p) {
   if (p->priority == paging::FetchPriority::kFault) {
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - p->start);
     latency_.Record(static_cast<uint64_t>(ns.count()));
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     stats_.blocked_seconds += std::chrono::duration<double>(ns).count();
   }
   p->done(paging::FetchResult::Filled());
@@ -265,7 +265,7 @@ Status NetworkPageSource::ReceivePages(Link& link, const PagesHeader& header, bo
   std::vector<Target> targets(n, Target::kScratch);
   std::vector<uint8_t> scratch;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     for (size_t i = 0; i < n; ++i) {
       const uint64_t page = header.pages[i];
       if (have_[b].Test(page)) continue;
@@ -294,7 +294,7 @@ Status NetworkPageSource::ReceivePages(Link& link, const PagesHeader& header, bo
 
   std::vector<std::unique_ptr<Pending>> completed;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     for (size_t i = 0; i < n; ++i) {
       const uint64_t page = header.pages[i];
       if (targets[i] == Target::kDirect) arriving_[b].Clear(page);
@@ -323,7 +323,7 @@ void NetworkPageSource::ApplyZeroPages(const ZeroPages& zeros) {
   }
   ClaimPushed(b, pages);
   std::vector<std::unique_ptr<Pending>> completed;
-  std::unique_lock lock(mu_);
+  sys::MutexLock lock(mu_);
   for (uint32_t page : pages) {
     if (have_[b].Test(page)) continue;
     Pending* p = FindLocked(b, page);
@@ -337,24 +337,24 @@ void NetworkPageSource::ApplyZeroPages(const ZeroPages& zeros) {
     if (auto done = SettleLocked(b, page, false)) completed.push_back(std::move(done));
   }
   // Callbacks without the lock: they install pages and may fetch again.
-  lock.unlock();
+  lock.Unlock();
   for (auto& p : completed) Complete(std::move(p));
 }
 
 std::vector<DirtyBitmap> NetworkPageSource::have() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return have_;
 }
 
 uint64_t NetworkPageSource::outstanding_fetches() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return pending_.size();
 }
 
 NetworkSourceStats NetworkPageSource::stats() const {
   NetworkSourceStats s;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     s = stats_;
   }
   s.fault_latency = latency_.Summarize();

@@ -35,7 +35,6 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "src/memory/dirty_bitmap.h"
@@ -43,6 +42,7 @@
 #include "src/migration/wire.h"
 #include "src/paging/fault_metrics.h"
 #include "src/paging/page_source.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -121,15 +121,15 @@ class NetworkPageSource final : public paging::PageSource {
   enum class Target : uint8_t { kScratch, kPending, kDirect };
   static constexpr uint8_t kWanted = 0, kArriving = 1, kFilled = 2;
 
-  Pending* FindLocked(uint32_t block, uint64_t page);
+  Pending* FindLocked(uint32_t block, uint64_t page) REQUIRES(mu_);
   // Requests for the pages of `p` not claimed yet, in runs of at most
   // kMaxRequestPages.
-  std::vector<PageRequest> RequestsFor(const Pending& p);
+  std::vector<PageRequest> RequestsFor(const Pending& p) REQUIRES(mu_);
   void SendRequests(std::vector<PageRequest> requests);
-  // Under mu_: page `page` of `block` is in place (`reply`: it came on the
-  // priority channel); returns the fetch it completed, if any (to be called
-  // back without the lock).
-  std::unique_ptr<Pending> SettleLocked(uint32_t block, uint64_t page, bool reply);
+  // Page `page` of `block` is in place (`reply`: it came on the priority
+  // channel); returns the fetch it completed, if any (to be called back
+  // without the lock).
+  std::unique_ptr<Pending> SettleLocked(uint32_t block, uint64_t page, bool reply) REQUIRES(mu_);
   void Complete(std::unique_ptr<Pending> p);
   // Claims places from the pager for the runs of `pages` nobody waits for
   // yet, as fetches that send no request.
@@ -141,18 +141,20 @@ class NetworkPageSource final : public paging::PageSource {
 
   const std::vector<NetworkBlock> blocks_;
 
-  mutable std::mutex mu_;
-  std::map<std::pair<uint32_t, uint64_t>, std::unique_ptr<Pending>> pending_;  // by (block, first)
-  std::vector<DirtyBitmap> have_;                                              // guarded by mu_
-  std::vector<DirtyBitmap> arriving_;          // guarded by mu_: direct writes under way
-  bool cancelled_ = false;                     // guarded by mu_
-  paging::PushTarget* push_target_ = nullptr;  // guarded by mu_
-  uint64_t next_request_id_ = 1;               // guarded by mu_
-  NetworkSourceStats stats_;                   // guarded by mu_ (but the latency)
+  mutable sys::Mutex mu_ ACQUIRED_AFTER(send_mu_);
+  // By (block, first).
+  std::map<std::pair<uint32_t, uint64_t>, std::unique_ptr<Pending>> pending_ GUARDED_BY(mu_);
+  std::vector<DirtyBitmap> have_ GUARDED_BY(mu_);
+  std::vector<DirtyBitmap> arriving_ GUARDED_BY(mu_);  // direct writes under way
+  bool cancelled_ GUARDED_BY(mu_) = false;
+  paging::PushTarget* push_target_ GUARDED_BY(mu_) = nullptr;
+  uint64_t next_request_id_ GUARDED_BY(mu_) = 1;
+  NetworkSourceStats stats_ GUARDED_BY(mu_);  // but the latency
   paging::LatencyHistogram latency_;
 
-  std::mutex send_mu_;
-  Link* link_ = nullptr;  // guarded by send_mu_
+  sys::Mutex send_mu_;
+  // Its writer is used only under send_mu_ (its reader by a channel thread).
+  Link* link_ GUARDED_BY(send_mu_) = nullptr;
 };
 
 }  // namespace faultline::migration

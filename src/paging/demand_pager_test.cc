@@ -18,6 +18,7 @@
 #include "src/paging/paging_test_util.h"
 #include "src/paging/snapshot_page_source.h"
 #include "src/sys/memfd.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::paging {
 namespace {
@@ -250,9 +251,9 @@ TEST_P(PagingTest, UnavailablePageIsPoisonedAndTheRestIsRight) {
   const uint64_t bad = 5 * block_->page_size() + 3 * kPageSize;  // inside unit 5
   faulty->MakeUnavailable(id_, bad, kPageSize);
   std::vector<PoisonedUnit> reported;
-  std::mutex mu;
+  sys::Mutex mu;
   MakePager(faulty, {.on_poison = [&](const PoisonedUnit& u) {
-              std::lock_guard lock(mu);
+              sys::MutexLock lock(mu);
               reported.push_back(u);
             }});
   testing::SigbusCatcher catcher;

@@ -9,13 +9,13 @@ FaultInjectingPageSource::FaultInjectingPageSource(std::shared_ptr<PageSource> i
 
 void FaultInjectingPageSource::MakeUnavailable(uint32_t block_id, uint64_t offset,
                                                uint64_t length) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   rules_.push_back({block_id, offset, length, true, 0});
 }
 
 void FaultInjectingPageSource::FailFetches(uint32_t block_id, uint64_t offset, uint64_t length,
                                            uint32_t count) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   rules_.push_back({block_id, offset, length, false, count});
 }
 
@@ -29,7 +29,7 @@ void FaultInjectingPageSource::Fetch(const FetchRequest& request, FetchCallback 
   }
   std::optional<FetchResult> injected;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     for (Rule& rule : rules_) {
       if (rule.block_id != request.block_id) continue;
       const uint64_t end = request.offset + request.dest.size();

@@ -7,11 +7,11 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <vector>
 
 #include "src/paging/page_source.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::paging {
 
@@ -44,8 +44,8 @@ class FaultInjectingPageSource final : public PageSource {
   };
 
   std::shared_ptr<PageSource> inner_;
-  std::mutex mu_;
-  std::vector<Rule> rules_;  // guarded by mu_
+  sys::Mutex mu_;
+  std::vector<Rule> rules_ GUARDED_BY(mu_);
   std::atomic<uint32_t> every_nth_{0};
   std::atomic<uint64_t> seen_{0};
   std::atomic<uint64_t> unavailable_{0};

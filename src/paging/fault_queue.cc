@@ -8,7 +8,6 @@
 #include <array>
 #include <cerrno>
 #include <chrono>
-#include <mutex>
 
 #include "src/paging/paged_block.h"
 #include "src/sys/sched.h"
@@ -84,7 +83,7 @@ void FaultQueue::HandlerLoop() {
     }
     size_t n = 0;
     {
-      std::unique_lock lock(event_mu_);
+      sys::WriterLock lock(event_mu_);
       auto read = uffd_.ReadEvents(msgs);
       if (!read.has_value()) {
         owner_.RecordError(read.error().WithContext(fmt::format("fault queue {}", index_)));

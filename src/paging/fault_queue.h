@@ -6,12 +6,12 @@
 
 #include <cstdint>
 #include <memory>
-#include <shared_mutex>
 #include <span>
 #include <thread>
 #include <vector>
 
 #include "faultline/status.h"
+#include "src/sys/mutex.h"
 #include "src/sys/unique_fd.h"
 #include "src/sys/userfaultfd.h"
 
@@ -50,7 +50,7 @@ class FaultQueue {
   // REMOVE events. Reading a REMOVE message is what lets the kernel go on
   // to zap the range, so an install either ran before the zap (and is
   // zapped) or sees the unit marked discarded (and installs nothing).
-  std::shared_mutex& event_mu() { return event_mu_; }
+  sys::SharedMutex& event_mu() RETURN_CAPABILITY(event_mu_) { return event_mu_; }
 
  private:
   FaultQueue(PagedBlock& owner, uint32_t index, uint64_t offset, uint64_t length)
@@ -67,7 +67,7 @@ class FaultQueue {
   sys::UffdRegistration registration_;
   sys::UniqueFd stop_fd_;  // an eventfd; readable once Stop() was called
   std::vector<std::thread> threads_;
-  std::shared_mutex event_mu_;
+  sys::SharedMutex event_mu_;
 };
 
 }  // namespace faultline::paging

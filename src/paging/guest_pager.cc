@@ -119,7 +119,7 @@ Status GuestPager::MemoryLost(hv::Vcpu& vcpu, Gpa gpa, Hva hva) {
                                         : Error("machine-check injection is turned off");
   error.mce_injected = injected.ok();
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     errors_.push_back(error);
   }
   if (injected.ok()) return Status::Ok();  // the guest handles its #MC
@@ -235,7 +235,7 @@ std::vector<PoisonedUnit> GuestPager::poisoned() const {
 }
 
 std::vector<GuestMemoryError> GuestPager::memory_errors() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return errors_;
 }
 

@@ -21,7 +21,6 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <vector>
@@ -32,6 +31,7 @@
 #include "src/paging/demand_pager.h"
 #include "src/paging/hole_pager.h"
 #include "src/paging/vcpu_exits.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::paging {
 
@@ -112,8 +112,8 @@ class GuestPager final : public VcpuExitHandler {
   std::vector<std::unique_ptr<HolePager>> holes_;
   std::vector<std::shared_ptr<RamBlock>> blocks_;
 
-  mutable std::mutex mu_;
-  std::vector<GuestMemoryError> errors_;  // guarded by mu_
+  mutable sys::Mutex mu_;
+  std::vector<GuestMemoryError> errors_ GUARDED_BY(mu_);
 };
 
 }  // namespace faultline::paging

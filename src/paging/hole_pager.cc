@@ -71,9 +71,14 @@ Result<std::unique_ptr<HolePager>> HolePager::Create(PagerContext& ctx, GuestMem
       pager->states_.SetInitial(c, PageState::kPresent);
     } else {
       pager->ours_[c] = 1;
-      pager->mapped_[c] = 0;
       holes.push_back(c);
     }
+  }
+  {
+    // Nothing else has the pager yet: map_mu_ is taken (uncontended) only
+    // because mapped_ is never written without it.
+    sys::MutexLock lock(pager->map_mu_);
+    for (uint64_t c : holes) pager->mapped_[c] = 0;
   }
   if (block->backing() == Backing::kHugetlb &&
       ::fallocate(block->fd(), 0, 0, static_cast<off_t>(block->size())) != 0) {
@@ -198,13 +203,13 @@ bool HolePager::Map(uint64_t c, bool may_wait) {
   // A thread that may not wait (a vCPU) must not block on map_mu_ either:
   // its holder may be waiting, in FillHole, for every vCPU to pause. The
   // chunk then stays a pending map, retried by the next Resolve.
-  std::unique_lock lock(map_mu_, std::defer_lock);
   if (may_wait) {
-    lock.lock();
-  } else if (!lock.try_lock()) {
+    map_mu_.Lock();
+  } else if (!map_mu_.TryLock()) {
     AddPendingMap(c);
     return false;
   }
+  sys::MutexLock lock(map_mu_, std::adopt_lock);
   if (mapped_[c]) return true;
   auto filled = memory_.TryFillHoleWithoutPause(ChunkGpa(c), chunk_);
   if (filled.has_value() && !*filled && may_wait) {
@@ -219,7 +224,7 @@ bool HolePager::Map(uint64_t c, bool may_wait) {
   }
   if (*filled) {
     mapped_[c] = 1;
-    std::lock_guard pending_lock(pending_mu_);
+    sys::MutexLock pending_lock(pending_mu_);
     std::erase(pending_maps_, c);
   } else {
     AddPendingMap(c);
@@ -228,7 +233,7 @@ bool HolePager::Map(uint64_t c, bool may_wait) {
 }
 
 void HolePager::AddPendingMap(uint64_t c) {
-  std::lock_guard lock(pending_mu_);
+  sys::MutexLock lock(pending_mu_);
   if (std::find(pending_maps_.begin(), pending_maps_.end(), c) == pending_maps_.end()) {
     pending_maps_.push_back(c);
   }
@@ -237,7 +242,7 @@ void HolePager::AddPendingMap(uint64_t c) {
 void HolePager::RetryPendingMaps() {
   std::vector<uint64_t> pending;
   {
-    std::lock_guard lock(pending_mu_);
+    sys::MutexLock lock(pending_mu_);
     pending = pending_maps_;
   }
   for (uint64_t c : pending) {

@@ -19,7 +19,6 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "faultline/ram_block.h"
@@ -29,6 +28,7 @@
 #include "src/paging/page_state.h"
 #include "src/paging/pager_context.h"
 #include "src/paging/present_map.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::paging {
 
@@ -121,10 +121,10 @@ class HolePager {
   std::vector<uint8_t> ours_;  // per chunk: punched by us (fixed after Create)
   // Held across a layout change (FillHole may pause the vCPUs): vCPU
   // threads only try it.
-  std::mutex map_mu_;
-  std::vector<uint8_t> mapped_;         // guarded by map_mu_; per chunk
-  std::mutex pending_mu_;               // never held across a layout change
-  std::vector<uint64_t> pending_maps_;  // guarded by pending_mu_; present, still holes
+  sys::Mutex map_mu_;
+  std::vector<uint8_t> mapped_ GUARDED_BY(map_mu_);             // per chunk
+  sys::Mutex pending_mu_ ACQUIRED_AFTER(map_mu_);               // never held across a layout change
+  std::vector<uint64_t> pending_maps_ GUARDED_BY(pending_mu_);  // present, still holes
 };
 
 }  // namespace faultline::paging

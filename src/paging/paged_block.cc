@@ -3,9 +3,9 @@
 #include <sched.h>
 
 #include <algorithm>
-#include <mutex>
-#include <shared_mutex>
 #include <utility>
+
+#include "src/sys/mutex.h"
 
 namespace faultline::paging {
 namespace {
@@ -223,7 +223,7 @@ template <typename Op>
 Result<PagedBlock::Placed> PagedBlock::Place(uint64_t unit, uint64_t* bytes_copied, Op&& op) {
   FaultQueue& queue = QueueFor(unit);
   while (true) {
-    std::shared_lock lock(queue.event_mu());
+    sys::ReaderLock lock(queue.event_mu());
     if (states_.Load(unit) == PageState::kFetchingDiscarded) return Placed::kDiscarded;
     ASSIGN_OR_RETURN(InstallResult r, op(queue.uffd()));
     if (r.fill.done() || r.fill.bytes >= this->unit()) {
@@ -233,14 +233,14 @@ Result<PagedBlock::Placed> PagedBlock::Place(uint64_t unit, uint64_t* bytes_copi
     if (r.fill.outcome == sys::UffdFill::Outcome::kExists) {
       // Nothing installed, nobody woken: whoever mapped the page may have
       // done so without waking (or before this unit's faulters arrived).
-      lock.unlock();
+      lock.Unlock();
       RETURN_IF_ERROR(queue.uffd().Wake(installer_->host(OffsetOf(unit)), this->unit()));
       return Placed::kExisted;
     }
     // EAGAIN: an event (REMOVE) is pending. Let go of the lock so that a
     // handler can read it, then try again.
     ctx_.metrics().install_retries.Add();
-    lock.unlock();
+    lock.Unlock();
     sched_yield();
   }
 }

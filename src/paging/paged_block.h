@@ -59,7 +59,7 @@ class PagedBlock {
   void HandleFault(FaultQueue& queue, const sys::UffdMessage& msg, Clock::time_point read_at);
   // A fault on a unit another fault of the same batch is resolving.
   void JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg, Clock::time_point read_at);
-  void HandleRemove(FaultQueue& queue, Hva start, Hva end);  // holds queue.event_mu()
+  void HandleRemove(FaultQueue& queue, Hva start, Hva end) REQUIRES(queue.event_mu());
   void RecordError(Status status) { ctx_.RecordError(std::move(status)); }
 
   // Makes every unit overlapping [offset, offset + length) present, fetching

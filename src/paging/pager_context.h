@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -16,6 +15,7 @@
 #include "faultline/types.h"
 #include "src/paging/fault_metrics.h"
 #include "src/paging/page_source.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::paging {
 
@@ -59,21 +59,21 @@ class PagerContext {
 
   void RecordError(Status status) {
     metrics_.errors.Add();
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (first_error_.ok()) first_error_ = std::move(status);
   }
   Status first_error() const {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return first_error_;
   }
   void RecordPoison(PoisonedUnit unit) {
     metrics_.poisoned.Add();
     if (options_.on_poison) options_.on_poison(unit);
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     poisoned_.push_back(std::move(unit));
   }
   std::vector<PoisonedUnit> poisoned() const {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return poisoned_;
   }
 
@@ -95,9 +95,9 @@ class PagerContext {
   ThreadRegistry threads_;
   FaultMetrics metrics_;
   std::atomic<uint64_t> inflight_{0};
-  mutable std::mutex mu_;
-  Status first_error_;                  // guarded by mu_
-  std::vector<PoisonedUnit> poisoned_;  // guarded by mu_
+  mutable sys::Mutex mu_;  // a leaf
+  Status first_error_ GUARDED_BY(mu_);
+  std::vector<PoisonedUnit> poisoned_ GUARDED_BY(mu_);
 };
 
 }  // namespace faultline::paging

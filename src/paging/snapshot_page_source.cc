@@ -94,14 +94,14 @@ void SnapshotPageSource::Fetch(const FetchRequest& request, FetchCallback done) 
   if (options_.delay.count() == 0) {
     bool cancelled;
     {
-      std::lock_guard lock(mu_);
+      sys::MutexLock lock(mu_);
       cancelled = cancelled_;
     }
     done(cancelled ? FetchResult::Failed(Error("page source: cancelled")) : Serve(request));
     return;
   }
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (!cancelled_) {
       pending_.push_back(
           {std::chrono::steady_clock::now() + options_.delay, request, std::move(done)});
@@ -113,32 +113,32 @@ void SnapshotPageSource::Fetch(const FetchRequest& request, FetchCallback done) 
 }
 
 void SnapshotPageSource::DelayThread() {
-  std::unique_lock lock(mu_);
+  sys::MutexLock lock(mu_);
   while (true) {
     if (cancelled_) return;
     if (pending_.empty()) {
-      cv_.wait(lock);
+      cv_.wait(lock.native());
       continue;
     }
     const auto due = pending_.front().due;
     if (std::chrono::steady_clock::now() < due) {
-      cv_.wait_until(lock, due);
+      cv_.wait_until(lock.native(), due);
       continue;
     }
     Pending p = std::move(pending_.front());
     pending_.pop_front();
     // Serve and complete without the lock: completions install pages and
     // may take a while; other threads keep serving meanwhile.
-    lock.unlock();
+    lock.Unlock();
     p.done(Serve(p.request));
-    lock.lock();
+    lock.Lock();
   }
 }
 
 void SnapshotPageSource::CancelAll() {
   std::deque<Pending> dropped;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (cancelled_ && threads_.empty()) return;
     cancelled_ = true;
     dropped.swap(pending_);

@@ -13,7 +13,6 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <thread>
@@ -21,6 +20,7 @@
 
 #include "src/paging/page_source.h"
 #include "src/sys/mapping.h"
+#include "src/sys/mutex.h"
 #include "src/sys/unique_fd.h"
 
 namespace faultline::paging {
@@ -84,10 +84,12 @@ class SnapshotPageSource final : public PageSource {
   std::atomic<uint64_t> fetches_{0};
   std::atomic<uint64_t> bytes_served_{0};
 
-  std::mutex mu_;
+  sys::Mutex mu_;
   std::condition_variable cv_;
-  std::deque<Pending> pending_;  // guarded by mu_; in due order (constant delay)
-  bool cancelled_ = false;       // guarded by mu_
+  std::deque<Pending> pending_ GUARDED_BY(mu_);  // in due order (constant delay)
+  bool cancelled_ GUARDED_BY(mu_) = false;
+  // Not guarded: started by the constructor, joined and cleared by
+  // CancelAll; the delay threads never touch it.
   std::vector<std::thread> threads_;
 };
 

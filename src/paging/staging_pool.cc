@@ -13,41 +13,37 @@ Result<StagingPool> StagingPool::Create(uint64_t slot_size, uint32_t slots) {
   if (slot_size == 0 || !IsAligned(slot_size, kPageSize) || slots == 0) {
     return Error("staging pool: {} slots of {} bytes (need whole 4 KiB pages)", slots, slot_size);
   }
-  StagingPool pool;
-  ASSIGN_OR_RETURN(pool.memory_, sys::Mapping::Anonymous(slot_size * slots, "staging pool"));
-  if (::madvise(pool.memory_.data(), pool.memory_.size(), MADV_NOHUGEPAGE) != 0) {
+  ASSIGN_OR_RETURN(sys::Mapping memory, sys::Mapping::Anonymous(slot_size * slots, "staging pool"));
+  if (::madvise(memory.data(), memory.size(), MADV_NOHUGEPAGE) != 0) {
     const int err = errno;
     return ErrnoError(err, "staging pool: madvise(MADV_NOHUGEPAGE)");
   }
-  pool.slot_size_ = slot_size;
-  pool.slots_ = slots;
-  pool.free_.reserve(slots);
+  return StagingPool(std::move(memory), slot_size, slots);
+}
+
+StagingPool::StagingPool(sys::Mapping memory, uint64_t slot_size, uint32_t slots)
+    : memory_(std::move(memory)), slot_size_(slot_size), slots_(slots) {
+  free_.reserve(slots);
   // Handed out lowest first, so a lightly used pool touches few pages.
-  for (uint32_t i = slots; i > 0; --i) pool.free_.push_back(i - 1);
-  return pool;
+  for (uint32_t i = slots; i > 0; --i) free_.push_back(i - 1);
 }
 
-StagingPool::StagingPool(StagingPool&& other) noexcept { *this = std::move(other); }
-
-StagingPool& StagingPool::operator=(StagingPool&& other) noexcept {
-  // Only moved while nobody uses either pool (during construction).
-  memory_ = std::move(other.memory_);
-  slot_size_ = std::exchange(other.slot_size_, 0);
-  slots_ = std::exchange(other.slots_, 0);
-  free_ = std::move(other.free_);
-  return *this;
-}
+StagingPool::StagingPool(StagingPool&& other) noexcept
+    : memory_(std::move(other.memory_)),
+      slot_size_(std::exchange(other.slot_size_, 0)),
+      slots_(std::exchange(other.slots_, 0)),
+      free_(std::move(other.free_)) {}
 
 uint32_t StagingPool::Acquire() {
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return !free_.empty(); });
+  sys::MutexLock lock(mu_);
+  cv_.wait(lock.native(), [&]() REQUIRES(mu_) { return !free_.empty(); });
   const uint32_t slot = free_.back();
   free_.pop_back();
   return slot;
 }
 
 int64_t StagingPool::TryAcquire() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (free_.empty()) return -1;
   const uint32_t slot = free_.back();
   free_.pop_back();
@@ -56,7 +52,7 @@ int64_t StagingPool::TryAcquire() {
 
 void StagingPool::Release(uint32_t slot) {
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     free_.push_back(slot);
   }
   cv_.notify_one();

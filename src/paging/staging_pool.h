@@ -10,12 +10,12 @@
 
 #include <condition_variable>
 #include <cstdint>
-#include <mutex>
 #include <span>
 #include <vector>
 
 #include "faultline/status.h"
 #include "src/sys/mapping.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::paging {
 
@@ -26,9 +26,11 @@ class StagingPool {
   // huge page would split it first.
   static Result<StagingPool> Create(uint64_t slot_size, uint32_t slots);
 
-  StagingPool() = default;
-  StagingPool(StagingPool&&) noexcept;
-  StagingPool& operator=(StagingPool&&) noexcept;
+  // Moved only before anyone uses the pool (into its installer). A move
+  // constructor only, which takes free_ without other.mu_: constructors are
+  // not analysed, and nothing may use either pool meanwhile.
+  StagingPool(StagingPool&& other) noexcept;
+  StagingPool& operator=(StagingPool&&) = delete;
 
   uint64_t slot_size() const { return slot_size_; }
   uint32_t slots() const { return slots_; }
@@ -44,12 +46,14 @@ class StagingPool {
   }
 
  private:
+  StagingPool(sys::Mapping memory, uint64_t slot_size, uint32_t slots);
+
   sys::Mapping memory_;
   uint64_t slot_size_ = 0;
   uint32_t slots_ = 0;
-  std::mutex mu_;
+  sys::Mutex mu_;
   std::condition_variable cv_;
-  std::vector<uint32_t> free_;  // guarded by mu_
+  std::vector<uint32_t> free_ GUARDED_BY(mu_);
 };
 
 }  // namespace faultline::paging
