@@ -1,7 +1,5 @@
 #include "tools/faultline/cli_util.h"
 
-#include "src/paging/installer_calibration.h"
-
 #include <CLI/CLI.hpp>
 #include <memory>
 #include <mutex>
@@ -25,35 +23,6 @@ void AddAccelOptions(CLI::App* command, AccelOptions* options) {
                       "write-protect, any accelerator; default on tcg)");
 }
 
-Result<paging::InstallerKind> ChooseInstaller(std::string_view text, Backing backing,
-                                              nlohmann::json* calibration, bool quiet) {
-  if (!text.empty() && text != "auto") {
-    ASSIGN_OR_RETURN(paging::InstallerKind kind, paging::ParseInstaller(text));
-    RETURN_IF_ERROR(paging::CheckInstaller(kind, backing));
-    return kind;
-  }
-  const paging::InstallerChoice choice = paging::CalibrateInstaller(backing);
-  nlohmann::json trials = nlohmann::json::array();
-  std::string line;
-  for (const paging::InstallerTrial& t : choice.trials) {
-    trials.push_back({{"installer", paging::InstallerName(t.installer)},
-                      {"pages_per_sec", t.pages_per_sec},
-                      {"runs", t.runs}});
-    line += fmt::format(" {} {:.0f} pages/s", paging::InstallerName(t.installer), t.pages_per_sec);
-  }
-  if (calibration != nullptr) {
-    *calibration = {{"chosen", paging::InstallerName(choice.installer)},
-                    {"why", choice.why},
-                    {"ms", choice.milliseconds},
-                    {"trials", trials}};
-  }
-  if (!quiet) {
-    fmt::print(stderr, "faultline: --installer auto chose {} for {} ({}):{}\n",
-               paging::InstallerName(choice.installer), BackingName(backing), choice.why, line);
-  }
-  return choice.installer;
-}
-
 Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config) {
   Result<hv::AccelChoice> accel = hv::ParseAccel(options.accel);
   if (!accel.has_value()) return accel.error().WithContext("--accel");
@@ -75,7 +44,6 @@ Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config) {
   };
   return Status::Ok();
 }
-
 
 Result<uint64_t> ParseSize(std::string_view text) {
   uint64_t value = 0;
