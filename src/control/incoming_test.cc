@@ -4,7 +4,9 @@
 // --incoming` and `faultline demo` rely on them.
 #include "src/control/incoming.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -33,30 +35,37 @@ using ::testing::Not;
 
 constexpr uint64_t kSize = 8 << 20;
 
-// One side's RAM: one anonymous block at GPA 0.
-struct Memory {
-  VmmOwnedMemslots memslots;
-  std::unique_ptr<GuestMemory> memory;
-  std::shared_ptr<RamBlock> block;
-
-  explicit Memory(uint64_t bytes = kSize) {
-    auto created = RamBlock::Create({.name = "ram0", .size = bytes});
-    EXPECT_TRUE(created.has_value()) << created.error().ToString();
-    block = *created;
-    auto m = GuestMemory::Create(&memslots, {.dirty_mode = DirtyLogMode::kUffdWp});
-    EXPECT_TRUE(m.has_value()) << m.error().ToString();
-    memory = std::move(*m);
-    EXPECT_TRUE(memory->Place(block, Gpa(0)).ok());
+// One side's RAM: an anonymous block at GPA 0 of a GuestMemory that tracks
+// dirty pages with userfaultfd write-protect (there is no KVM here).
+class Ram {
+ public:
+  explicit Ram(uint64_t bytes = kSize) {
+    Result<std::shared_ptr<RamBlock>> block = RamBlock::Create({.name = "ram0", .size = bytes});
+    Result<std::unique_ptr<GuestMemory>> memory =
+        GuestMemory::Create(&memslots_, {.dirty_mode = DirtyLogMode::kUffdWp});
+    if (!block.has_value() || !memory.has_value()) {
+      ADD_FAILURE() << "no RAM: " << block.status().ToString() << memory.status().ToString();
+      return;
+    }
+    block_ = std::move(*block);
+    memory_ = std::move(*memory);
+    EXPECT_TRUE(memory_->Place(block_, Gpa(0)).ok());
   }
+  GuestMemory& memory() { return *memory_; }
   void Fill() {
-    for (uint64_t i = 0; i < block->size(); i += 64) {
+    for (uint64_t i = 0; i < block_->size(); i += 64) {
       const uint64_t v = i * 0x9e3779b97f4a7c15ull + 1;
-      std::memcpy(block->host() + i, &v, sizeof(v));
+      std::memcpy(block_->host() + i, &v, sizeof(v));
     }
   }
-  bool Same(const Memory& other) const {
-    return std::memcmp(block->host(), other.block->host(), block->size()) == 0;
+  bool Same(const Ram& other) const {
+    return std::memcmp(block_->host(), other.block_->host(), block_->size()) == 0;
   }
+
+ private:
+  VmmOwnedMemslots memslots_;
+  std::shared_ptr<RamBlock> block_;
+  std::unique_ptr<GuestMemory> memory_;
 };
 
 // A VMM's vCPUs and devices that do nothing: a still guest on the source,
@@ -91,15 +100,15 @@ class FakeControl final : public migration::VmControl {
 // reference VMM.
 class FakeIncomingVm final : public IncomingVm {
  public:
-  explicit FakeIncomingVm(Memory& memory) : memory_(memory) {}
+  explicit FakeIncomingVm(Ram& ram) : ram_(ram) {}
   Backing backing() const override { return Backing::kAnonymous; }
   std::unique_ptr<migration::DestinationVm> MakeDestination() override {
-    return migration::MakeMemoryDestination(*memory_.memory, std::make_unique<FakeControl>());
+    return migration::MakeMemoryDestination(ram_.memory(), std::make_unique<FakeControl>());
   }
   std::unique_ptr<migration::PostcopyDestinationVm> MakePostcopyDestination(
       migration::PostcopyVmOptions options) override {
     return migration::MakeMemoryPostcopyDestination(
-        *memory_.memory, std::make_unique<FakeControl>(&engine_started), std::move(options));
+        ram_.memory(), std::make_unique<FakeControl>(&engine_started), std::move(options));
   }
   Status PrepareVcpus() override { return Status::Ok(); }
   Status Start() override {
@@ -111,101 +120,114 @@ class FakeIncomingVm final : public IncomingVm {
   std::atomic<bool> engine_started{false};  // by the post-copy engine
 
  private:
-  Memory& memory_;
+  Ram& ram_;
 };
 
-// A destination listening on loopback, with what it said.
-struct Destination {
-  std::unique_ptr<migration::SocketListener> listener;
-  std::mutex mu;
-  std::vector<std::string> said;  // guarded by mu
-  std::unique_ptr<IncomingControl> control;
+// A source's RAM `from` and a destination's `to` of the same size (unless a
+// test says otherwise), and the destination's IncomingControl listening on
+// loopback.
+class IncomingControlTest : public ::testing::Test {
+ protected:
+  // A test that failed half-way leaves no destination waiting.
+  ~IncomingControlTest() override {
+    if (control_) control_->Cancel();
+    if (receiver_.joinable()) receiver_.join();
+  }
 
-  explicit Destination(IncomingOptions options) {
-    auto l = migration::SocketListener::Listen({"tcp", "127.0.0.1", 0}, {});
-    EXPECT_TRUE(l.has_value()) << l.error().ToString();
-    listener = std::move(*l);
+  // The destination as `options` say, with what it says recorded.
+  Status Listen(IncomingOptions options) {
+    ASSIGN_OR_RETURN(listener_, migration::SocketListener::Listen({"tcp", "127.0.0.1", 0}, {}));
     options.bytes_total = kSize;
+    options.accept_timeout =
+        std::min<std::chrono::milliseconds>(options.accept_timeout, std::chrono::seconds(10));
     // Not measured: nothing on stderr, no time spent.
     if (options.installer.empty()) options.installer = "copy";
     options.say = [this](const std::string& line) {
-      std::lock_guard lock(mu);
-      said.push_back(line);
+      std::lock_guard lock(mu_);
+      said_.push_back(line);
     };
-    control = std::make_unique<IncomingControl>(*listener, std::move(options));
+    control_ = std::make_unique<IncomingControl>(*listener_, std::move(options));
+    return control_->Prepare(vm_);
   }
-  migration::Address address() const { return {"tcp", "127.0.0.1", listener->port()}; }
+  // Listens, and runs the destination on a thread of its own until
+  // Received().
+  void StartReceiving(MigrationMode mode) {
+    IncomingOptions options;
+    options.mode = mode;
+    ASSERT_TRUE(Listen(options).ok());
+    receiver_ = std::thread([this] { received_ = control_->Run(); });
+  }
+  Result<IncomingResult> Received() {
+    if (receiver_.joinable()) receiver_.join();
+    return std::move(received_);
+  }
+  migration::Address address() const { return {"tcp", "127.0.0.1", listener_->port()}; }
   std::vector<std::string> Said() {
-    std::lock_guard lock(mu);
-    return said;
+    std::lock_guard lock(mu_);
+    return said_;
   }
+  nlohmann::json StatusNow() const { return control_->status()->Status(); }
+
+  Ram from_;
+  Ram to_;
+  FakeIncomingVm vm_{to_};
+  std::unique_ptr<migration::SourceVm> source_vm_ =
+      migration::MakeMemorySource(from_.memory(), std::make_unique<FakeControl>());
+  std::unique_ptr<migration::SocketListener> listener_;
+  std::unique_ptr<IncomingControl> control_;
+
+ private:
+  std::thread receiver_;
+  Result<IncomingResult> received_ = Error("not run");
+  std::mutex mu_;
+  std::vector<std::string> said_;  // guarded by mu_
 };
 
-IncomingOptions Mode(MigrationMode mode) {
-  IncomingOptions o;
-  o.mode = mode;
-  o.accept_timeout = std::chrono::seconds(10);
-  return o;
-}
-
-TEST(IncomingControlTest, PrecopyReceivesAndStartsTheGuest) {
-  Memory from, to;
-  from.Fill();
-  FakeIncomingVm vm(to);
-  Destination dest(Mode(MigrationMode::kPrecopy));
-  ASSERT_TRUE(dest.control->Prepare(vm).ok());
-  Result<IncomingResult> received = Error("not run");
-  std::thread receiver([&] { received = dest.control->Run(); });
-  auto source_vm = migration::MakeMemorySource(*from.memory, std::make_unique<FakeControl>());
-  migration::MigrationSource source(*source_vm, {});
-  migration::SocketConnector connector(dest.address(), {});
+TEST_F(IncomingControlTest, PrecopyReceivesAndStartsTheGuest) {
+  from_.Fill();
+  StartReceiving(MigrationMode::kPrecopy);
+  migration::MigrationSource source(*source_vm_, {});
+  migration::SocketConnector connector(address(), {});
   Result<migration::SourceStats> sent = source.Run(connector);
-  receiver.join();
+  Result<IncomingResult> received = Received();
 
   ASSERT_TRUE(sent.has_value()) << sent.error().ToString();
   ASSERT_TRUE(received.has_value()) << received.error().ToString();
-  EXPECT_TRUE(from.Same(to));
-  EXPECT_EQ(vm.starts.load(), 1);
+  EXPECT_TRUE(from_.Same(to_));
+  EXPECT_EQ(vm_.starts.load(), 1);
   EXPECT_NE(received->started_at, std::chrono::steady_clock::time_point{});
   ASSERT_TRUE(received->precopy.has_value());
   EXPECT_FALSE(received->postcopy.has_value());
   EXPECT_EQ(received->figures["passes"], received->precopy->passes);
   EXPECT_EQ(received->figures["bytes_received"], received->precopy->bytes_received);
-  EXPECT_THAT(dest.Said(), Contains(HasSubstr("waiting for a migration on tcp:127.0.0.1:")));
-  EXPECT_THAT(dest.Said(), Contains(HasSubstr("received the guest: 8 MiB")));
-  nlohmann::json status = dest.control->status()->Status();
-  EXPECT_EQ(status["phase"], "completed") << status.dump();
-  EXPECT_EQ(status["direction"], "incoming") << status.dump();
+  EXPECT_THAT(Said(), Contains(HasSubstr("waiting for a migration on tcp:127.0.0.1:")));
+  EXPECT_THAT(Said(), Contains(HasSubstr("received the guest: 8 MiB")));
+  EXPECT_EQ(StatusNow()["phase"], "completed") << StatusNow().dump();
+  EXPECT_EQ(StatusNow()["direction"], "incoming") << StatusNow().dump();
 }
 
-TEST(IncomingControlTest, PostcopyWaitsForTheResumeOfABrokenLinkAndCompletes) {
-  Memory from, to;
-  from.Fill();
-  FakeIncomingVm vm(to);
-  Destination dest(Mode(MigrationMode::kPostcopy));
-  ASSERT_TRUE(dest.control->Prepare(vm).ok());
-  Result<IncomingResult> received = Error("not run");
-  std::thread receiver([&] { received = dest.control->Run(); });
-  auto source_vm = migration::MakeMemorySource(*from.memory, std::make_unique<FakeControl>());
+TEST_F(IncomingControlTest, PostcopyWaitsForTheResumeOfABrokenLinkAndCompletes) {
+  from_.Fill();
+  StartReceiving(MigrationMode::kPostcopy);
   migration::PostcopySourceOptions options;
   options.precopy_passes = 0;  // every page comes after the switchover
-  migration::PostcopySource source(*source_vm, options);
+  migration::PostcopySource source(*source_vm_, options);
   // The first session breaks in post-copy, a quarter of the pages pushed.
   migration::FaultyConnector first(
-      std::make_unique<migration::SocketConnector>(dest.address(), migration::TransportOptions{}),
+      std::make_unique<migration::SocketConnector>(address(), migration::TransportOptions{}),
       migration::FaultController::Create({.cut_after_bytes_sent = kSize / 4}));
   Result<migration::PostcopySourceStats> sent = source.Run(first);
   ASSERT_FALSE(sent.has_value());
   ASSERT_EQ(source.phase(), migration::PostcopyPhase::kPaused) << sent.error().ToString();
-  migration::SocketConnector again(dest.address(), {});
+  migration::SocketConnector again(address(), {});
   sent = source.Resume(again);
-  receiver.join();
+  Result<IncomingResult> received = Received();
 
   ASSERT_TRUE(sent.has_value()) << sent.error().ToString();
   ASSERT_TRUE(received.has_value()) << received.error().ToString();
-  EXPECT_TRUE(from.Same(to));
-  EXPECT_EQ(vm.starts.load(), 0);  // the engine started it, at the switchover
-  EXPECT_TRUE(vm.engine_started.load());
+  EXPECT_TRUE(from_.Same(to_));
+  EXPECT_EQ(vm_.starts.load(), 0);  // the engine started it, at the switchover
+  EXPECT_TRUE(vm_.engine_started.load());
   ASSERT_TRUE(received->postcopy.has_value());
   EXPECT_EQ(received->postcopy->sessions, 2u);
   EXPECT_EQ(received->started_at, received->postcopy->vm_started_at);
@@ -213,62 +235,51 @@ TEST(IncomingControlTest, PostcopyWaitsForTheResumeOfABrokenLinkAndCompletes) {
   EXPECT_EQ(received->figures["mode"], "postcopy");
   EXPECT_EQ(received->figures["sessions"], 2);
   EXPECT_TRUE(received->figures.contains("fault_p50_us")) << received->figures.dump();
-  const std::vector<std::string> said = dest.Said();
+  const std::vector<std::string> said = Said();
   EXPECT_THAT(said, Contains(HasSubstr("waiting for a post-copy migration on tcp:127.0.0.1:")));
   EXPECT_THAT(said, Contains(AllOf(HasSubstr("post-copy link broken"),
                                    HasSubstr("for the source to resume"))));
   EXPECT_THAT(said, Contains(HasSubstr("post-copy complete: 8 MiB")));
-  nlohmann::json status = dest.control->status()->Status();
-  EXPECT_EQ(status["phase"], "completed") << status.dump();
-  EXPECT_EQ(status["sessions"], 2) << status.dump();
+  EXPECT_EQ(StatusNow()["phase"], "completed") << StatusNow().dump();
+  EXPECT_EQ(StatusNow()["sessions"], 2) << StatusNow().dump();
 }
 
-TEST(IncomingControlTest, ARefusedMigrationLeavesTheGuestUnstarted) {
-  Memory from(2 * kSize), to;  // the block lists differ
-  FakeIncomingVm vm(to);
-  Destination dest(Mode(MigrationMode::kPrecopy));
-  ASSERT_TRUE(dest.control->Prepare(vm).ok());
-  Result<IncomingResult> received = Error("not run");
-  std::thread receiver([&] { received = dest.control->Run(); });
-  auto source_vm = migration::MakeMemorySource(*from.memory, std::make_unique<FakeControl>());
+TEST_F(IncomingControlTest, ARefusedMigrationLeavesTheGuestUnstarted) {
+  Ram bigger(2 * kSize);  // the block lists differ
+  StartReceiving(MigrationMode::kPrecopy);
+  auto source_vm = migration::MakeMemorySource(bigger.memory(), std::make_unique<FakeControl>());
   migration::MigrationSource source(*source_vm, {});
-  migration::SocketConnector connector(dest.address(), {});
+  migration::SocketConnector connector(address(), {});
   EXPECT_FALSE(source.Run(connector).has_value());
-  receiver.join();
+  Result<IncomingResult> received = Received();
 
   ASSERT_FALSE(received.has_value());
   EXPECT_THAT(received.error().ToString(),
               AllOf(HasSubstr("incoming migration on tcp:127.0.0.1:"), HasSubstr("refused"),
                     HasSubstr("The guest was not started here; the source keeps running it")));
-  EXPECT_EQ(vm.starts.load(), 0);
-  EXPECT_EQ(dest.control->status()->Status()["phase"], "failed");
+  EXPECT_EQ(vm_.starts.load(), 0);
+  EXPECT_EQ(StatusNow()["phase"], "failed");
 }
 
-TEST(IncomingControlTest, AfterCancelTheErrorIsTheEnginesOwn) {
-  Memory to;
-  FakeIncomingVm vm(to);
-  IncomingOptions options = Mode(MigrationMode::kPrecopy);
+TEST_F(IncomingControlTest, AfterCancelTheErrorIsTheEnginesOwn) {
+  IncomingOptions options;
   options.accept_timeout = std::chrono::milliseconds(100);  // no source comes
-  Destination dest(options);
-  ASSERT_TRUE(dest.control->Prepare(vm).ok());
-  dest.control->Cancel();
-  Result<IncomingResult> received = dest.control->Run();
+  ASSERT_TRUE(Listen(options).ok());
+  control_->Cancel();
+  Result<IncomingResult> received = control_->Run();
   ASSERT_FALSE(received.has_value());
   // The caller asked for the end: no word of a refusal.
   EXPECT_THAT(received.error().ToString(), Not(HasSubstr("refused")));
-  EXPECT_EQ(vm.starts.load(), 0);
+  EXPECT_EQ(vm_.starts.load(), 0);
 }
 
-TEST(IncomingControlTest, AnInstallerThatCannotPageIsRefusedBeforeWaiting) {
-  Memory to;
-  FakeIncomingVm vm(to);
-  IncomingOptions options = Mode(MigrationMode::kPostcopy);
+TEST_F(IncomingControlTest, AnInstallerThatCannotPageIsRefusedBeforeWaiting) {
+  IncomingOptions options;
+  options.mode = MigrationMode::kPostcopy;
   // The zero installer answers faults with zeros and never asks the source.
   options.installer = "zero";
-  Destination dest(options);
-  Status prepared = dest.control->Prepare(vm);
-  EXPECT_THAT(prepared.ToString(), AllOf(HasSubstr("--installer"), HasSubstr("zero")));
-  EXPECT_TRUE(dest.Said().empty());
+  EXPECT_THAT(Listen(options).ToString(), AllOf(HasSubstr("--installer"), HasSubstr("zero")));
+  EXPECT_TRUE(Said().empty());
 }
 
 }  // namespace

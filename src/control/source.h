@@ -78,6 +78,17 @@ class SourceMigrationControl final : public MigrationControl {
   Status StartPostcopy() override;
 
  private:
+  // Where a request goes: the connector to dial and, for a unix: target,
+  // how the guest's memory can go there.
+  struct Route {
+    std::unique_ptr<migration::Connector> connector;
+    bool unix_target = false;
+    migration::LocalMemory local_memory = migration::LocalMemory::kCopy;
+  };
+  Result<Route> MakeRoute(const MigrateRequest& request);
+  // The engine for `request` (and for a unix: target the local update's
+  // offer), replacing the previous migration's. Requires mu_.
+  void MakeEnginesLocked(const MigrateRequest& request, bool unix_target);
   void RunMigration(migration::Connector* connector);
   void RunPostcopy(migration::Connector* connector);
   void RunLocal(migration::Connector* connector);

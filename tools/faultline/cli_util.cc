@@ -45,6 +45,20 @@ Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config) {
   return Status::Ok();
 }
 
+Status ApplyMachineOptions(const std::string& guest, std::string_view mem, uint32_t vcpus,
+                           std::string_view backing, const AccelOptions& accel,
+                           vmm::VmConfig& config) {
+  config.guest_path = guest;
+  Result<uint64_t> size = ParseSize(mem);
+  if (!size.has_value()) return size.error().WithContext("--mem");
+  config.mem_size = *size;
+  config.vcpus = vcpus;
+  Result<Backing> parsed = ParseBacking(backing);
+  if (!parsed.has_value()) return parsed.error().WithContext("--backing");
+  config.backing = *parsed;
+  return ApplyAccelOptions(accel, config);
+}
+
 Result<uint64_t> ParseSize(std::string_view text) {
   uint64_t value = 0;
   auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);

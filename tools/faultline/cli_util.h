@@ -28,6 +28,13 @@ void AddAccelOptions(CLI::App* command, AccelOptions* options);
 // and has the VM say once on stderr when `auto` chose the software CPU.
 Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config);
 
+// The machine of `faultline run` and `faultline demo`: --guest, --mem,
+// --vcpus, --backing and the accelerator options, parsed into `config`
+// (errors name the option).
+Status ApplyMachineOptions(const std::string& guest, std::string_view mem, uint32_t vcpus,
+                           std::string_view backing, const AccelOptions& accel,
+                           vmm::VmConfig& config);
+
 // "1G", "512M", "64MiB", "2g", "4096": a byte count. Errors say the syntax.
 Result<uint64_t> ParseSize(std::string_view text);
 

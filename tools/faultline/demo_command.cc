@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <ctime>
 #include <memory>
 #include <optional>
 #include <string>
@@ -46,6 +45,7 @@
 #include "tools/faultline/commands.h"
 #include "tools/faultline/incoming_vm.h"
 #include "tools/faultline/live_vm.h"
+#include "tools/faultline/loopback.h"
 
 namespace faultline::cli {
 namespace {
@@ -80,20 +80,6 @@ int Fail(const Status& status) {
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
-// CPU time of this process, all threads, in ms: the cost of a transfer
-// whatever else the machine is running (the shared 2-core machines here
-// often have other jobs that take the CPU away from both measurements).
-double ProcessCpuMs() {
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::nanoseconds(std::clock() * (1'000'000'000 / CLOCKS_PER_SEC)))
-      .count();
-}
-
-struct LoopbackRate {
-  double bytes_per_sec = 0;
-  double cpu_ms_per_gib = 0;
-};
-
 // True once every vCPU has filled its memory (the guest reports a phase when
 // it ends) and is in its open-ended random phase.
 bool FillDone(const GuestReport& r, uint32_t vcpus) {
@@ -105,49 +91,6 @@ bool FillDone(const GuestReport& r, uint32_t vcpus) {
     }
   }
   return true;
-}
-
-// Loopback TCP through the migration's own SocketChannel, one connection, no
-// protocol: 1 MiB sends into a 1 MiB receive buffer. The rate a migration's bytes are compared
-// against. Measured in the same run, with the source guest running, so both see the same machine.
-Result<LoopbackRate> MeasureLoopback(uint64_t bytes) {
-  const migration::Address any_port{"tcp", "127.0.0.1", 0};
-  ASSIGN_OR_RETURN(std::unique_ptr<migration::SocketListener> listener,
-                   migration::SocketListener::Listen(any_port, migration::TransportOptions()));
-  migration::SocketConnector connector({"tcp", "127.0.0.1", listener->port()}, {});
-  Result<std::unique_ptr<migration::Channel>> accepted = Error("not accepted");
-  std::thread acceptor([&] { accepted = listener->Accept(std::chrono::seconds(10)); });
-  Result<std::unique_ptr<migration::Channel>> dialled = connector.Connect();
-  acceptor.join();
-  if (!dialled.has_value()) return dialled.error();
-  if (!accepted.has_value()) return accepted.error();
-  constexpr size_t kChunk = 1 << 20;
-  const double cpu_start = ProcessCpuMs();
-  auto start = Clock::now();
-  Status receive_status = Status::Ok();
-  std::thread receiver([&] {
-    std::vector<uint8_t> buffer(kChunk);
-    for (uint64_t got = 0; got < bytes && receive_status.ok(); got += kChunk) {
-      receive_status = (*accepted)->Receive(std::span(buffer));
-    }
-  });
-  std::vector<uint8_t> data(kChunk, 0x5a);
-  Status send_status = Status::Ok();
-  for (uint64_t sent = 0; sent < bytes && send_status.ok(); sent += kChunk) {
-    send_status = (*dialled)->Send(std::span<const uint8_t>(data));
-  }
-  receiver.join();
-  RETURN_IF_ERROR(send_status);
-  RETURN_IF_ERROR(receive_status);
-  double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  const double gib = static_cast<double>(bytes) / (1ull << 30);
-  return LoopbackRate{static_cast<double>(bytes) / seconds, (ProcessCpuMs() - cpu_start) / gib};
-}
-
-// The mean of the loopback runs before and after the migration.
-LoopbackRate Mean(const std::vector<LoopbackRate>& runs) {
-  return LoopbackRate{(runs[0].bytes_per_sec + runs[1].bytes_per_sec) / 2,
-                      (runs[0].cpu_ms_per_gib + runs[1].cpu_ms_per_gib) / 2};
 }
 
 // What the report shows, derived from what the run measured.
@@ -266,15 +209,7 @@ Status Demo::Configure() {
     return Error("--channels: {} is out of range 1..{}", o_.channels,
                  control::kMaxMigrationChannels);
   }
-  config_.guest_path = o_.guest;
-  Result<uint64_t> mem = ParseSize(o_.mem);
-  if (!mem.has_value()) return mem.error().WithContext("--mem");
-  config_.mem_size = *mem;
-  config_.vcpus = o_.vcpus;
-  Result<Backing> backing = ParseBacking(o_.backing);
-  if (!backing.has_value()) return backing.error().WithContext("--backing");
-  config_.backing = *backing;
-  RETURN_IF_ERROR(ApplyAccelOptions(o_.accel, config_));
+  RETURN_IF_ERROR(ApplyMachineOptions(o_.guest, o_.mem, o_.vcpus, o_.backing, o_.accel, config_));
   rate_ = o_.idle ? 1 : o_.rate_mibps;
   // The guest writes until the VMM says stop (on the destination), then
   // verifies every page against its ledger.

@@ -78,15 +78,7 @@ std::chrono::milliseconds Millis(double seconds) {
 // together.
 Result<vmm::VmConfig> MakeConfig(const RunOptions& o) {
   vmm::VmConfig config;
-  config.guest_path = o.guest;
-  Result<uint64_t> mem = ParseSize(o.mem);
-  if (!mem.has_value()) return mem.error().WithContext("--mem");
-  config.mem_size = *mem;
-  config.vcpus = o.vcpus;
-  Result<Backing> backing = ParseBacking(o.backing);
-  if (!backing.has_value()) return backing.error().WithContext("--backing");
-  config.backing = *backing;
-  RETURN_IF_ERROR(ApplyAccelOptions(o.accel, config));
+  RETURN_IF_ERROR(ApplyMachineOptions(o.guest, o.mem, o.vcpus, o.backing, o.accel, config));
   Result<std::string> args = WorkloadToGuestArgs(o.workload, o.duration_s);
   if (!args.has_value()) return args.error().WithContext("--workload");
   config.guest_args = *args;
