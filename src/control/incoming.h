@@ -134,10 +134,12 @@ class IncomingControl {
   // the start on tcp:): it lives as long as its holders.
   const std::shared_ptr<IncomingStatus>& status() const { return status_; }
 
-  // Takes the VM the guest goes to (it must outlive this object): checks an
-  // offer's accelerator against it and tells the source it is ready, or
-  // preallocates its RAM and creates the engine (post-copy: chooses the
-  // installer and refuses one that cannot page from the network).
+  // Takes the VM the guest goes to (it must outlive this object). Post-copy
+  // first chooses the installer and refuses one that cannot page from the
+  // network. A local update's offer is checked against the VM's
+  // accelerator; with copied memory the source is then told to go on.
+  // Unless the RAM was passed: preallocates it (--prealloc) and creates the
+  // engine.
   Status Prepare(IncomingVm& vm);
   // Receives the guest and runs it; post-copy waits for the source to
   // resume after a broken link, until the migration ends. An error says
