@@ -2,7 +2,8 @@
 // the post-copy figures (pager fault latency per vCPU, blocked time, pages
 // demanded and pushed) in the demo report, in `faultline run --incoming
 // --json` and in query-migrate on the destination's control socket, which
-// IncomingStatus serves while the migration runs and after it ended.
+// IncomingStatus serves while the migration runs and after it ended
+// (IncomingControl, incoming.h, keeps it up to date).
 //
 // Fault latency here is the pager's (paging/fault_metrics.h: fault read ->
 // installed and woken, every fault by its own vCPU), the latency the guest

@@ -66,57 +66,77 @@ Status SourceMigrationControl::CheckMode(MigrationMode) {
   return Status::Ok();  // both modes
 }
 
-Status SourceMigrationControl::Start(const MigrateRequest& request) {
-  RETURN_IF_ERROR(CheckMode(request.mode));
+Result<SourceMigrationControl::Route> SourceMigrationControl::MakeRoute(
+    const MigrateRequest& request) {
   // The engine dials numeric addresses only, so that DNS never decides
   // where a guest's memory goes.
   Result<migration::Address> address = migration::ParseAddress(request.to.ToString());
   if (!address.has_value()) return InvalidArgument("argument 'to': {}", address.error().message());
-  Result<std::unique_ptr<migration::Connector>> connector =
-      migration::MakeConnector(*address, options_.transport);
-  if (!connector.has_value()) return connector.error();
+  Route route;
+  ASSIGN_OR_RETURN(route.connector, migration::MakeConnector(*address, options_.transport));
   // A unix: target: the guest goes to a process on this host; its memory is
   // passed by descriptor when it can be and the request asks (local).
-  migration::LocalMemory local_memory = migration::LocalMemory::kCopy;
-  if (address->is_unix()) {
+  route.unix_target = address->is_unix();
+  if (route.unix_target) {
     Result<migration::LocalMemory> memory = migration::LocalMemoryFor(vm_);
     if (!memory.has_value()) {
       if (request.local) return memory.error();
     } else {
-      local_memory = *memory;
+      route.local_memory = *memory;
     }
   } else if (request.local) {
     return InvalidArgument("a local update goes to a unix:PATH target, not {}",
                            request.to.ToString());
   }
-  const bool local_fds = request.local && local_memory == migration::LocalMemory::kFds;
+  const bool local_fds = request.local && route.local_memory == migration::LocalMemory::kFds;
   if (options_.first_link_fault && !local_fds) {
-    *connector = std::make_unique<migration::FaultyConnector>(
-        std::move(*connector), migration::FaultController::Create(*options_.first_link_fault));
+    route.connector = std::make_unique<migration::FaultyConnector>(
+        std::move(route.connector), migration::FaultController::Create(*options_.first_link_fault));
   }
+  return route;
+}
 
-  migration::SourceOptions source_options;
-  source_options.page_channels = static_cast<uint16_t>(request.channels);
-  source_options.key = options_.key;
-  source_options.downtime_target = std::chrono::milliseconds(request.downtime_ms);
-  source_options.max_precopy_passes = options_.max_precopy_passes;
-  source_options.bandwidth_limit = request.bandwidth_bytes_per_sec;
-
+Status SourceMigrationControl::Start(const MigrateRequest& request) {
+  RETURN_IF_ERROR(CheckMode(request.mode));
+  ASSIGN_OR_RETURN(Route route, MakeRoute(request));
   std::lock_guard lock(mu_);
   if (running_) return WrongState("a migration to {} is already active", request_.to.ToString());
   // The previous migration's thread has published its result and is at
   // most in on_done, which must not call back into this object.
   if (thread_.joinable()) thread_.join();
-  connector_ = std::move(*connector);
+  connector_ = std::move(route.connector);
+  local_memory_ = route.local_memory;
+  MakeEnginesLocked(request, route.unix_target);
+  request_ = request;
+  running_ = true;
+  cancel_requested_ = false;
+  final_.reset();
+  resume_connector_.reset();
+  postcopy_stats_.reset();
+  stopping_ = false;
+  started_ = sample_time_ = pass_start_time_ = Clock::now();
+  sample_pages_ = pass_start_pages_ = 0;
+  send_rate_ = dirty_rate_ = 0;
+  pass_seen_ = 0;
+  if (request.local && local_memory_ == migration::LocalMemory::kFds) {
+    thread_ = std::thread([this, c = connector_.get()] { RunLocal(c); });
+  } else if (postcopy_) {
+    thread_ = std::thread([this, c = connector_.get()] { RunPostcopy(c); });
+  } else {
+    thread_ = std::thread([this, c = connector_.get()] { RunMigration(c); });
+  }
+  return Status::Ok();
+}
+
+void SourceMigrationControl::MakeEnginesLocked(const MigrateRequest& request, bool unix_target) {
   source_.reset();
   postcopy_.reset();
   local_.reset();
-  local_memory_ = local_memory;
-  if (address->is_unix()) {
+  if (unix_target) {
     migration::LocalUpdateOptions local_options;
     local_options.withhold_fds = options_.local_withhold_fds;
     local_ = std::make_unique<migration::LocalUpdateSource>(vm_, local_options);
-    if (request.local && !local_fds) {
+    if (request.local && local_memory_ != migration::LocalMemory::kFds) {
       fmt::print(stderr,
                  "faultline: local update to {}: the guest's RAM is anonymous memory, which has "
                  "no descriptor to pass to another process; copying it instead ({} migration "
@@ -125,9 +145,12 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
       std::fflush(stderr);
     }
   }
-  resume_connector_.reset();
-  postcopy_stats_.reset();
-  stopping_ = false;
+  migration::SourceOptions source_options;
+  source_options.page_channels = static_cast<uint16_t>(request.channels);
+  source_options.key = options_.key;
+  source_options.downtime_target = std::chrono::milliseconds(request.downtime_ms);
+  source_options.max_precopy_passes = options_.max_precopy_passes;
+  source_options.bandwidth_limit = request.bandwidth_bytes_per_sec;
   if (request.mode == MigrationMode::kPostcopy) {
     migration::PostcopySourceOptions options;
     options.base = std::move(source_options);
@@ -138,22 +161,6 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   } else {
     source_ = std::make_unique<migration::MigrationSource>(vm_, std::move(source_options));
   }
-  request_ = request;
-  running_ = true;
-  cancel_requested_ = false;
-  final_.reset();
-  started_ = sample_time_ = pass_start_time_ = Clock::now();
-  sample_pages_ = pass_start_pages_ = 0;
-  send_rate_ = dirty_rate_ = 0;
-  pass_seen_ = 0;
-  if (local_fds) {
-    thread_ = std::thread([this, c = connector_.get()] { RunLocal(c); });
-  } else if (postcopy_) {
-    thread_ = std::thread([this, c = connector_.get()] { RunPostcopy(c); });
-  } else {
-    thread_ = std::thread([this, c = connector_.get()] { RunMigration(c); });
-  }
-  return Status::Ok();
 }
 
 void SourceMigrationControl::RunPostcopy(migration::Connector* connector) {

@@ -1,9 +1,12 @@
 // SourceMigrationControl: the control socket's MigrationControl on top of the
-// pre-copy engine (migration::MigrationSource) and the post-copy engine
-// (migration::PostcopySource, for mode postcopy). Each "migrate" runs one
-// engine on a thread of its own; query-migrate turns the engine's
-// live counters into a MigrationStatus, estimating the rates and the ETA
-// from successive samples.
+// pre-copy engine (migration::MigrationSource), the post-copy engine
+// (migration::PostcopySource, for mode postcopy) and, to a unix: target, the
+// local update (migration::LocalUpdateSource: the RAM passed by descriptor,
+// or an offer before one of the engines copies it). Each "migrate" runs one
+// engine on a thread of its own; query-migrate turns the engine's live
+// counters into a MigrationStatus, estimating the rates and the ETA from
+// successive samples. The destination's counterpart is IncomingControl
+// (incoming.h).
 //
 // Estimates, and what they rest on: bytes count 4 KiB pages handled (a zero
 // page counts, though it travels as a marker); a pass after the first has
@@ -78,6 +81,17 @@ class SourceMigrationControl final : public MigrationControl {
   Status StartPostcopy() override;
 
  private:
+  // Where a request goes: the connector to dial and, for a unix: target,
+  // how the guest's memory can go there.
+  struct Route {
+    std::unique_ptr<migration::Connector> connector;
+    bool unix_target = false;
+    migration::LocalMemory local_memory = migration::LocalMemory::kCopy;
+  };
+  Result<Route> MakeRoute(const MigrateRequest& request);
+  // The engine for `request` (and for a unix: target the local update's
+  // offer), replacing the previous migration's. Requires mu_.
+  void MakeEnginesLocked(const MigrateRequest& request, bool unix_target);
   void RunMigration(migration::Connector* connector);
   void RunPostcopy(migration::Connector* connector);
   void RunLocal(migration::Connector* connector);

@@ -381,6 +381,32 @@ INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
                                            BadInput{"BlockListMismatch", true, nullptr, "block"}),
                          [](const auto& info) { return info.param.name; });
 
+// The demo in pre-copy mode: the destination control path's other engine,
+// which receives every page before the destination starts the guest, here
+// into memory allocated beforehand (--prealloc).
+TEST(MigrationCliTest, DemoPrecopyJsonVerifiesEveryPage) {
+  Cli demo({"demo", "--mode", "precopy", "--mem", itest::MemArg("256M", "128M"), "--after", "0.3",
+            "--prealloc", "--json"});
+  ASSERT_EQ(demo.Wait(), 0) << demo.Describe();
+  nlohmann::json j = demo.Json();
+  ASSERT_FALSE(j.is_discarded()) << demo.Describe();
+  EXPECT_EQ(j["mode"], "precopy") << j.dump();
+  EXPECT_TRUE(j["prealloc"].get<bool>()) << j.dump();
+  EXPECT_TRUE(j["success"].get<bool>()) << j.dump();
+  EXPECT_EQ(j["bad_pages"].get<uint64_t>(), 0u) << j.dump();
+  EXPECT_GT(j["workload_pages"].get<uint64_t>(), 0u) << j.dump();
+  EXPECT_EQ(j["pages_verified"], j["workload_pages"]) << j.dump();
+  // Pre-copy's figures: pages by kind, the engine's downtime, no installer.
+  EXPECT_GE(j["passes"].get<uint32_t>(), 1u) << j.dump();
+  EXPECT_EQ(j["precopy_pages"].get<uint64_t>(),
+            j["data_pages"].get<uint64_t>() + j["zero_pages"].get<uint64_t>())
+      << j.dump();
+  EXPECT_TRUE(j["engine_downtime_ms"].is_number()) << j.dump();
+  EXPECT_GE(j["switchover_pause_ms"].get<double>(), 0) << j.dump();
+  EXPECT_TRUE(j["installer"].is_null()) << j.dump();
+  EXPECT_FALSE(j.contains("fault_p50_us")) << j.dump();
+}
+
 // Post-copy through the tools (issue 6): the demo, and `faultline migrate
 // --mode postcopy` between a source `faultline run --control` and a
 // destination `faultline run --incoming ... --postcopy`, including a broken

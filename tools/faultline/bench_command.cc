@@ -211,73 +211,100 @@ Result<std::vector<InstallerKind>> Installers(const std::string& name, Backing b
   return std::vector<InstallerKind>{kind};
 }
 
-int RunPaging(const BenchOptions& o) {
+// What `bench paging` measures: the options, checked.
+struct PagingPlan {
+  Backing backing = Backing::kAnonymous;
+  uint64_t mem = 0;
+  uint64_t chunk = 0;  // hole installer
+  std::vector<InstallerKind> installers;
+  PagingBenchConfig config;  // the installer set per run
+};
+
+Result<PagingPlan> PlanPaging(const BenchOptions& o) {
+  PagingPlan plan;
   Result<Backing> backing = ParseBacking(o.backing);
-  if (!backing.has_value()) return Fail(backing.error().WithContext("--backing"));
+  if (!backing.has_value()) return backing.error().WithContext("--backing");
+  plan.backing = *backing;
   Result<uint64_t> mem = ParseSize(o.mem);
-  if (!mem.has_value()) return Fail(mem.error().WithContext("--mem"));
-  auto installers = Installers(o.installer, *backing, o.driver == "guest");
-  if (!installers.has_value()) return Fail(installers.error().WithContext("--installer"));
+  if (!mem.has_value()) return mem.error().WithContext("--mem");
+  plan.mem = *mem;
+  auto installers = Installers(o.installer, plan.backing, o.driver == "guest");
+  if (!installers.has_value()) return installers.error().WithContext("--installer");
+  plan.installers = std::move(*installers);
   if (o.driver != "host" && o.driver != "guest") {
-    return Fail(Error("--driver {}: expected guest or host", o.driver));
+    return Error("--driver {}: expected guest or host", o.driver);
   }
   Result<uint64_t> chunk = ParseSize(o.chunk);
-  if (!chunk.has_value()) return Fail(chunk.error().WithContext("--chunk"));
-  if (o.repeat == 0) return Fail(Error("--repeat must be at least 1"));
+  if (!chunk.has_value()) return chunk.error().WithContext("--chunk");
+  plan.chunk = *chunk;
+  if (o.repeat == 0) return Error("--repeat must be at least 1");
+  plan.config.backing = plan.backing;
+  plan.config.threads = o.vcpus;
+  plan.config.mem = plan.mem;
+  plan.config.queues_per_block = o.queues;
+  plan.config.threads_per_queue = o.threads_per_queue;
+  plan.config.source_delay = std::chrono::nanoseconds(static_cast<int64_t>(o.delay_us * 1000));
+  return plan;
+}
 
-  PagingBenchConfig config;
-  config.backing = *backing;
-  config.threads = o.vcpus;
-  config.mem = *mem;
-  config.queues_per_block = o.queues;
-  config.threads_per_queue = o.threads_per_queue;
-  config.source_delay = std::chrono::nanoseconds(static_cast<int64_t>(o.delay_us * 1000));
+// The median run of the floor and of each installer (in the plan's order).
+struct PagingMedians {
+  PagingBenchRun floor;
+  std::vector<PagingBenchRun> installers;
+};
 
+Result<PagingMedians> MeasurePaging(const BenchOptions& o, const PagingPlan& plan) {
   // Floor and installers alternate, so that drift in the machine's load
   // affects them alike; the median of each is reported.
   std::vector<PagingBenchRun> floor_runs;
-  std::vector<std::vector<PagingBenchRun>> runs(installers->size());
+  std::vector<std::vector<PagingBenchRun>> runs(plan.installers.size());
   auto run_one = [&](const PagingBenchConfig& c) {
     return o.driver == "host" ? paging::RunHostPagingBench(c)
-                              : RunGuestPagingBench(c, *chunk, o.guest, o.accel);
+                              : RunGuestPagingBench(c, plan.chunk, o.guest, o.accel);
   };
   // The floor on the same backing; guest_memfd has no userfaultfd, so its
   // floor is measured on anonymous memory.
-  PagingBenchConfig floor_config = config;
+  PagingBenchConfig floor_config = plan.config;
   floor_config.installer = InstallerKind::kZero;
   if (floor_config.backing == Backing::kGuestMemfd) floor_config.backing = Backing::kAnonymous;
+  PagingBenchConfig config = plan.config;
   for (uint32_t rep = 0; rep < o.repeat; ++rep) {
     auto floor = run_one(floor_config);
-    if (!floor.has_value()) return Fail(floor.error().WithContext("floor"));
+    if (!floor.has_value()) return floor.error().WithContext("floor");
     floor_runs.push_back(std::move(*floor));
-    for (size_t i = 0; i < installers->size(); ++i) {
-      config.installer = (*installers)[i];
+    for (size_t i = 0; i < plan.installers.size(); ++i) {
+      config.installer = plan.installers[i];
       auto run = run_one(config);
-      if (!run.has_value()) {
-        return Fail(run.error().WithContext(paging::InstallerName(config.installer)));
-      }
+      if (!run.has_value()) return run.error().WithContext(paging::InstallerName(config.installer));
       runs[i].push_back(std::move(*run));
     }
   }
-  const PagingBenchRun floor = Median(std::move(floor_runs));
+  PagingMedians medians{Median(std::move(floor_runs)), {}};
+  for (std::vector<PagingBenchRun>& r : runs) medians.installers.push_back(Median(std::move(r)));
+  return medians;
+}
 
+// Prints the figures (a line per installer, or one JSON object); returns
+// the exit code.
+int ReportPaging(const BenchOptions& o, const PagingPlan& plan, const PagingMedians& m) {
+  const PagingBenchRun& floor = m.floor;
   nlohmann::json results = nlohmann::json::array();
   if (!o.json) {
     fmt::print(
         "faultline bench paging: {} backing, {} vCPUs ({} driver), {} MiB, {} queues, "
         "source delay {} us, median of {}\n",
-        BackingName(*backing), o.vcpus, o.driver, *mem >> 20, o.queues != 0 ? o.queues : o.vcpus,
-        o.delay_us, o.repeat);
+        BackingName(plan.backing), o.vcpus, o.driver, plan.mem >> 20,
+        o.queues != 0 ? o.queues : o.vcpus, o.delay_us, o.repeat);
     fmt::print("{}\n", RunLine("floor", floor));
   }
   uint64_t wrong = 0;
-  for (size_t i = 0; i < installers->size(); ++i) {
-    const PagingBenchRun r = Median(std::move(runs[i]));
+  for (size_t i = 0; i < plan.installers.size(); ++i) {
+    const PagingBenchRun& r = m.installers[i];
     const double ratio = floor.pages_per_sec > 0 ? r.pages_per_sec / floor.pages_per_sec : 0;
     wrong += r.wrong_pages;
     if (o.json) {
       nlohmann::json j = RunJson(r);
-      j["installer"] = paging::InstallerName((*installers)[i]);
+      j["installer"] = paging::InstallerName(plan.installers[i]);
       j["floor_pages_per_sec"] = floor.pages_per_sec;
       j["floor_p50_us"] = floor.stats.latency.p50_us;
       j["floor_p99_us"] = floor.stats.latency.p99_us;
@@ -285,15 +312,15 @@ int RunPaging(const BenchOptions& o) {
       j["ratio_to_floor"] = ratio;
       results.push_back(std::move(j));
     } else {
-      fmt::print("{}  = {:.2f}x floor\n", RunLine(paging::InstallerName((*installers)[i]), r),
+      fmt::print("{}  = {:.2f}x floor\n", RunLine(paging::InstallerName(plan.installers[i]), r),
                  ratio);
     }
   }
   if (o.json) {
     nlohmann::json out;
-    out["backing"] = BackingName(*backing);
+    out["backing"] = BackingName(plan.backing);
     out["vcpus"] = o.vcpus;
-    out["mem_bytes"] = *mem;
+    out["mem_bytes"] = plan.mem;
     out["driver"] = o.driver;
     out["source_delay_us"] = o.delay_us;
     out["repeat"] = o.repeat;
@@ -307,6 +334,14 @@ int RunPaging(const BenchOptions& o) {
     return 1;
   }
   return 0;
+}
+
+int RunPaging(const BenchOptions& o) {
+  Result<PagingPlan> plan = PlanPaging(o);
+  if (!plan.has_value()) return Fail(plan.error());
+  Result<PagingMedians> medians = MeasurePaging(o, *plan);
+  if (!medians.has_value()) return Fail(medians.error());
+  return ReportPaging(o, *plan, *medians);
 }
 
 }  // namespace

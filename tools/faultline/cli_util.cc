@@ -1,7 +1,5 @@
 #include "tools/faultline/cli_util.h"
 
-#include "src/paging/installer_calibration.h"
-
 #include <CLI/CLI.hpp>
 #include <memory>
 #include <mutex>
@@ -23,35 +21,6 @@ void AddAccelOptions(CLI::App* command, AccelOptions* options) {
   command->add_option("--dirty", options->dirty,
                       "Dirty tracking: bitmap or ring (KVM's dirty log), uffd-wp (userfaultfd "
                       "write-protect, any accelerator; default on tcg)");
-}
-
-Result<paging::InstallerKind> ChooseInstaller(std::string_view text, Backing backing,
-                                              nlohmann::json* calibration, bool quiet) {
-  if (!text.empty() && text != "auto") {
-    ASSIGN_OR_RETURN(paging::InstallerKind kind, paging::ParseInstaller(text));
-    RETURN_IF_ERROR(paging::CheckInstaller(kind, backing));
-    return kind;
-  }
-  const paging::InstallerChoice choice = paging::CalibrateInstaller(backing);
-  nlohmann::json trials = nlohmann::json::array();
-  std::string line;
-  for (const paging::InstallerTrial& t : choice.trials) {
-    trials.push_back({{"installer", paging::InstallerName(t.installer)},
-                      {"pages_per_sec", t.pages_per_sec},
-                      {"runs", t.runs}});
-    line += fmt::format(" {} {:.0f} pages/s", paging::InstallerName(t.installer), t.pages_per_sec);
-  }
-  if (calibration != nullptr) {
-    *calibration = {{"chosen", paging::InstallerName(choice.installer)},
-                    {"why", choice.why},
-                    {"ms", choice.milliseconds},
-                    {"trials", trials}};
-  }
-  if (!quiet) {
-    fmt::print(stderr, "faultline: --installer auto chose {} for {} ({}):{}\n",
-               paging::InstallerName(choice.installer), BackingName(backing), choice.why, line);
-  }
-  return choice.installer;
 }
 
 Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config) {
@@ -76,6 +45,19 @@ Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config) {
   return Status::Ok();
 }
 
+Status ApplyMachineOptions(const std::string& guest, std::string_view mem, uint32_t vcpus,
+                           std::string_view backing, const AccelOptions& accel,
+                           vmm::VmConfig& config) {
+  config.guest_path = guest;
+  Result<uint64_t> size = ParseSize(mem);
+  if (!size.has_value()) return size.error().WithContext("--mem");
+  config.mem_size = *size;
+  config.vcpus = vcpus;
+  Result<Backing> parsed = ParseBacking(backing);
+  if (!parsed.has_value()) return parsed.error().WithContext("--backing");
+  config.backing = *parsed;
+  return ApplyAccelOptions(accel, config);
+}
 
 Result<uint64_t> ParseSize(std::string_view text) {
   uint64_t value = 0;

@@ -9,7 +9,6 @@
 #include <nlohmann/json.hpp>
 
 #include "faultline/status.h"
-#include "src/paging/installer.h"
 #include "src/vmm/guest_report.h"
 #include "src/vmm/vm.h"
 
@@ -25,17 +24,16 @@ struct AccelOptions {
   std::string dirty;  // empty: the accelerator's own
 };
 void AddAccelOptions(CLI::App* command, AccelOptions* options);
-// `--installer` for a post-copy destination: a name (checked against the
-// backing), or "auto"/empty: the fastest candidate for the backing measured
-// now (paging::CalibrateInstaller, ~50 ms), with the trials in
-// `calibration` ({"chosen", "why", "ms", "trials": [{"installer",
-// "pages_per_sec"}]}) and on stderr unless `quiet`.
-Result<paging::InstallerKind> ChooseInstaller(std::string_view text, Backing backing,
-                                              nlohmann::json* calibration, bool quiet);
-
 // Parses them into `config` (errors name the option and list the choices),
 // and has the VM say once on stderr when `auto` chose the software CPU.
 Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config);
+
+// The machine of `faultline run` and `faultline demo`: --guest, --mem,
+// --vcpus, --backing and the accelerator options, parsed into `config`
+// (errors name the option).
+Status ApplyMachineOptions(const std::string& guest, std::string_view mem, uint32_t vcpus,
+                           std::string_view backing, const AccelOptions& accel,
+                           vmm::VmConfig& config);
 
 // "1G", "512M", "64MiB", "2g", "4096": a byte count. Errors say the syntax.
 Result<uint64_t> ParseSize(std::string_view text);

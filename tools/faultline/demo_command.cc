@@ -8,9 +8,10 @@
 // two events on one clock, and one process cleans up both VMs whatever
 // fails. The migration itself is the production path: LiveVm's
 // SourceMigrationControl (what `faultline run --control` serves to
-// `faultline migrate`) dials a real SocketListener, and MigrationDestination
-// (pre-copy) or PostcopyDestination (post-copy, the default) receives into
-// guest memory as `faultline run --incoming` does. The acceptance tests run
+// `faultline migrate`) dials a real SocketListener, and control's
+// IncomingControl (what `faultline run --incoming` receives with) runs
+// MigrationDestination (pre-copy) or PostcopyDestination (post-copy, the
+// default) into guest memory and starts the guest. The acceptance tests run
 // the same with separate processes.
 //
 // Post-copy: after one pre-copy pass the source stops, the destination runs
@@ -18,15 +19,17 @@
 // network while the rest is pushed; the report adds the guest-observed
 // fault latency (the pager's: fault read -> installed and woken; p50/p99,
 // overall and per vCPU), the vCPUs' blocked time and pages demanded
-// against pages pushed (src/control/destination.h). The pre-copy engine's downtime
-// (engine_downtime_ms) is left out in post-copy: the source's pause ends
-// when the destination runs the guest, which switchover_pause_ms measures.
+// against pages pushed (src/control/destination.h). The pre-copy engine's
+// downtime (engine_downtime_ms) is left out in post-copy: the source's
+// pause ends when the destination runs the guest, which
+// switchover_pause_ms measures.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <ctime>
+#include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -34,17 +37,15 @@
 
 #include "guest/abi.h"
 #include "src/control/destination.h"
+#include "src/control/incoming.h"
 #include "src/control/source.h"
-#include "src/migration/destination.h"
-#include "src/migration/postcopy_destination.h"
-#include "src/migration/postcopy_vm.h"
 #include "src/migration/socket_transport.h"
-#include "src/sys/mapping.h"
 #include "src/vmm/vm.h"
-#include "src/vmm/vm_adapter.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
+#include "tools/faultline/incoming_vm.h"
 #include "tools/faultline/live_vm.h"
+#include "tools/faultline/loopback.h"
 
 namespace faultline::cli {
 namespace {
@@ -79,20 +80,6 @@ int Fail(const Status& status) {
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
-// CPU time of this process, all threads, in ms: the cost of a transfer
-// whatever else the machine is running (the shared 2-core machines here
-// often have other jobs that take the CPU away from both measurements).
-double ProcessCpuMs() {
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::nanoseconds(std::clock() * (1'000'000'000 / CLOCKS_PER_SEC)))
-      .count();
-}
-
-struct LoopbackRate {
-  double bytes_per_sec = 0;
-  double cpu_ms_per_gib = 0;
-};
-
 // True once every vCPU has filled its memory (the guest reports a phase when
 // it ends) and is in its open-ended random phase.
 bool FillDone(const GuestReport& r, uint32_t vcpus) {
@@ -106,406 +93,450 @@ bool FillDone(const GuestReport& r, uint32_t vcpus) {
   return true;
 }
 
-// Loopback TCP through the migration's own SocketChannel, one connection, no
-// protocol: 1 MiB sends into a 1 MiB receive buffer. The rate a migration's bytes are compared
-// against. Measured in the same run, with the source guest running, so both see the same machine.
-Result<LoopbackRate> MeasureLoopback(uint64_t bytes) {
-  const migration::Address any_port{"tcp", "127.0.0.1", 0};
-  ASSIGN_OR_RETURN(std::unique_ptr<migration::SocketListener> listener,
-                   migration::SocketListener::Listen(any_port, migration::TransportOptions()));
-  migration::SocketConnector connector({"tcp", "127.0.0.1", listener->port()}, {});
-  Result<std::unique_ptr<migration::Channel>> accepted = Error("not accepted");
-  std::thread acceptor([&] { accepted = listener->Accept(std::chrono::seconds(10)); });
-  Result<std::unique_ptr<migration::Channel>> dialled = connector.Connect();
-  acceptor.join();
-  if (!dialled.has_value()) return dialled.error();
-  if (!accepted.has_value()) return accepted.error();
-  constexpr size_t kChunk = 1 << 20;
-  const double cpu_start = ProcessCpuMs();
-  auto start = Clock::now();
-  Status receive_status = Status::Ok();
-  std::thread receiver([&] {
-    std::vector<uint8_t> buffer(kChunk);
-    for (uint64_t got = 0; got < bytes && receive_status.ok(); got += kChunk) {
-      receive_status = (*accepted)->Receive(std::span(buffer));
-    }
-  });
-  std::vector<uint8_t> data(kChunk, 0x5a);
-  Status send_status = Status::Ok();
-  for (uint64_t sent = 0; sent < bytes && send_status.ok(); sent += kChunk) {
-    send_status = (*dialled)->Send(std::span<const uint8_t>(data));
+// What the report shows, derived from what the run measured.
+struct Figures {
+  bool postcopy = false;
+  // What the destination received; pre-copy's page counts, or post-copy's.
+  uint32_t passes = 0;
+  uint64_t bytes_sent = 0;
+  uint64_t data_pages = 0;
+  uint64_t zero_pages = 0;
+  uint64_t precopy_pages = 0;
+  migration::PostcopyDestinationStats pc;  // post-copy only
+  double total_ms = 0;
+  double pause_ms = -1;
+  double migration_cpu_ms = 0;
+  double demo_ms = 0;
+  uint64_t workload_pages = 0;
+  uint64_t pages_verified = 0;
+  uint64_t bad_pages = 0;
+  bool all_verified = false;  // every page the guest wrote on the source was checked here
+  bool ok = false;
+  std::optional<LoopbackRate> loopback;  // with --tcp-baseline
+  double wire_ms = 0;                    // the bytes alone at the loopback rate
+  double sent_gib = 0;
+};
+
+// One demo: two VMs in this process, the migration between them, and the
+// destination guest's verdict.
+class Demo {
+ public:
+  explicit Demo(const DemoOptions& o) : o_(o) {}
+  // The destination's pager goes before its VM: stop the VM first.
+  ~Demo() {
+    if (destination_) destination_->Stop();
   }
-  receiver.join();
-  RETURN_IF_ERROR(send_status);
-  RETURN_IF_ERROR(receive_status);
-  double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  const double gib = static_cast<double>(bytes) / (1ull << 30);
-  return LoopbackRate{static_cast<double>(bytes) / seconds, (ProcessCpuMs() - cpu_start) / gib};
+
+  int Run();
+
+ private:
+  Status Configure();
+  // Both VMs; the source's guest runs until its memory is filled.
+  Status StartSource();
+  Status AwaitFill();
+  // The destination's engine (as `faultline run --incoming` makes it) and
+  // the first loopback baseline.
+  Status PrepareDestination();
+  Result<LoopbackRate> MeasureBaseline();
+  Status Migrate();
+  control::MigrateRequest Request() const;
+  // The migration did not complete: the guest goes on and verifies here.
+  Status StayedOnSource(const Result<control::IncomingResult>& received);
+  // The guest keeps writing on the destination for a while, then verifies.
+  Status Verify();
+  // Source stopped -> destination running (-1: not measured).
+  double PauseMs() const { return paused_at_ ? Ms(received_.started_at - *paused_at_) : -1; }
+  Figures Measured() const;
+  void PrintJson(const Figures& f) const;
+  void PrintText(const Figures& f) const;
+  int Verdict(const Figures& f) const;
+  void Say(std::string_view text) const {
+    if (!o_.json) fmt::print(stderr, "demo: {}\n", text);
+  }
+
+  const DemoOptions& o_;
+  control::MigrationMode mode_ = control::MigrationMode::kPostcopy;
+  vmm::VmConfig config_;       // the source's
+  vmm::VmConfig dest_config_;  // the destination's: nothing booted
+  uint32_t rate_ = 0;          // the guest's random writes, MiB/s
+  Clock::time_point demo_start_;
+  std::unique_ptr<vmm::Vm> source_;
+  std::unique_ptr<vmm::Vm> destination_;
+  std::unique_ptr<migration::SocketListener> listener_;
+  std::unique_ptr<LiveVm> live_;
+  std::unique_ptr<IncomingVmAdapter> adapter_;
+  std::unique_ptr<control::IncomingControl> incoming_;
+  const char* accel_ = "";
+  const char* dirty_ = "";
+  uint64_t workload_pages_ = 0;
+  std::vector<LoopbackRate> baselines_;
+  // The migration.
+  Clock::time_point migrate_start_;
+  Clock::time_point migrated_at_;
+  double migration_cpu_ms_ = 0;
+  control::MigrationStatus migration_;  // the source's final status
+  std::optional<Clock::time_point> paused_at_;
+  control::IncomingResult received_;
+  GuestReport report_;  // the destination guest's
+  Clock::time_point verified_at_;
+};
+
+int Demo::Run() {
+  if (Status s = Configure(); !s.ok()) return Fail(s);
+  demo_start_ = Clock::now();
+  if (Status s = StartSource(); !s.ok()) return Fail(s);
+  if (Status s = PrepareDestination(); !s.ok()) return Fail(s);
+  if (Status s = Migrate(); !s.ok()) return Fail(s);
+  if (Status s = Verify(); !s.ok()) return Fail(s);
+  const Figures f = Measured();
+  if (o_.json) {
+    PrintJson(f);
+  } else {
+    PrintText(f);
+  }
+  return Verdict(f);
 }
 
-int Demo(const DemoOptions& o) {
-  Result<control::MigrationMode> mode = control::ParseMigrationMode(o.mode);
-  if (!mode.has_value()) return Fail(Status(0, mode.error().message()).WithContext("--mode"));
+Status Demo::Configure() {
+  Result<control::MigrationMode> mode = control::ParseMigrationMode(o_.mode);
+  if (!mode.has_value()) return Status(0, mode.error().message()).WithContext("--mode");
+  mode_ = *mode;
   // Before anything boots: say so at once if this build cannot do it.
-  if (Status s = control::SourceMigrationControl::CheckMode(*mode); !s.ok()) {
-    return Fail(Status(0, s.message()).WithContext("--mode"));
+  if (Status s = control::SourceMigrationControl::CheckMode(mode_); !s.ok()) {
+    return Status(0, s.message()).WithContext("--mode");
   }
-  if (o.channels < 1 || o.channels > control::kMaxMigrationChannels) {
-    return Fail(
-        Error("--channels: {} is out of range 1..{}", o.channels, control::kMaxMigrationChannels));
+  if (o_.channels < 1 || o_.channels > control::kMaxMigrationChannels) {
+    return Error("--channels: {} is out of range 1..{}", o_.channels,
+                 control::kMaxMigrationChannels);
   }
-  vmm::VmConfig config;
-  config.guest_path = o.guest;
-  Result<uint64_t> mem = ParseSize(o.mem);
-  if (!mem.has_value()) return Fail(mem.error().WithContext("--mem"));
-  config.mem_size = *mem;
-  config.vcpus = o.vcpus;
-  Result<Backing> backing = ParseBacking(o.backing);
-  if (!backing.has_value()) return Fail(backing.error().WithContext("--backing"));
-  config.backing = *backing;
-  if (Status s = ApplyAccelOptions(o.accel, config); !s.ok()) return Fail(s);
-  const uint32_t rate = o.idle ? 1 : o.rate_mibps;
+  RETURN_IF_ERROR(ApplyMachineOptions(o_.guest, o_.mem, o_.vcpus, o_.backing, o_.accel, config_));
+  rate_ = o_.idle ? 1 : o_.rate_mibps;
   // The guest writes until the VMM says stop (on the destination), then
   // verifies every page against its ledger.
-  config.guest_args =
-      fmt::format("workload=fill,random,verify until_command=1 rate={} quiet=1", rate);
-  if (o.verbose) {
-    config.serial = [](const std::string& line) { fmt::print(stderr, "guest| {}\n", line); };
+  config_.guest_args =
+      fmt::format("workload=fill,random,verify until_command=1 rate={} quiet=1", rate_);
+  if (o_.verbose) {
+    config_.serial = [](const std::string& line) { fmt::print(stderr, "guest| {}\n", line); };
   }
-  if (Status s = vmm::ValidateConfig(config); !s.ok()) return Fail(s);
-  vmm::VmConfig incoming = config;
-  incoming.boot = false;
-  if (o.verbose) {
-    incoming.serial = [](const std::string& line) {
+  RETURN_IF_ERROR(vmm::ValidateConfig(config_));
+  dest_config_ = config_;
+  dest_config_.boot = false;
+  if (o_.verbose) {
+    dest_config_.serial = [](const std::string& line) {
       fmt::print(stderr, "destination guest| {}\n", line);
     };
   }
-  auto say = [&](std::string_view text) {
-    if (!o.json) fmt::print(stderr, "demo: {}\n", text);
-  };
+  return Status::Ok();
+}
 
-  const auto demo_start = Clock::now();
-  Result<std::unique_ptr<vmm::Vm>> source = vmm::Vm::Create(config);
-  if (!source.has_value()) return Fail(source.error().WithContext("source VM"));
-  const char* accel = hv::AccelName((*source)->accel());
-  const char* dirty = DirtyLogModeName((*source)->dirty_mode());
-  Result<std::unique_ptr<vmm::Vm>> destination = vmm::Vm::Create(incoming);
-  if (!destination.has_value()) return Fail(destination.error().WithContext("destination VM"));
+Status Demo::StartSource() {
+  Result<std::unique_ptr<vmm::Vm>> source = vmm::Vm::Create(config_);
+  if (!source.has_value()) return source.error().WithContext("source VM");
+  source_ = std::move(*source);
+  accel_ = hv::AccelName(source_->accel());
+  dirty_ = DirtyLogModeName(source_->dirty_mode());
+  Result<std::unique_ptr<vmm::Vm>> destination = vmm::Vm::Create(dest_config_);
+  if (!destination.has_value()) return destination.error().WithContext("destination VM");
+  destination_ = std::move(*destination);
   Result<std::unique_ptr<migration::SocketListener>> listener =
       migration::SocketListener::Listen({"tcp", "127.0.0.1", 0}, {});
-  if (!listener.has_value()) return Fail(listener.error().WithContext("destination"));
-  const uint16_t port = (*listener)->port();
+  if (!listener.has_value()) return listener.error().WithContext("destination");
+  listener_ = std::move(*listener);
 
-  if (Status s = (*source)->Start(); !s.ok()) return Fail(s.WithContext("source VM"));
-  Result<std::unique_ptr<LiveVm>> live =
-      LiveVm::Create(**source, "", std::nullopt, nullptr, nullptr, o.realtime_priority);
-  if (!live.has_value()) return Fail(live.error());
-  say(fmt::format("source VM: {} MiB, {} vCPUs, {} backing; the guest fills its memory", *mem >> 20,
-                  o.vcpus, BackingName(config.backing)));
+  if (Status s = source_->Start(); !s.ok()) return s.WithContext("source VM");
+  ASSIGN_OR_RETURN(
+      live_, LiveVm::Create(*source_, "", std::nullopt, nullptr, nullptr, o_.realtime_priority));
+  Say(fmt::format("source VM: {} MiB, {} vCPUs, {} backing; the guest fills its memory",
+                  config_.mem_size >> 20, o_.vcpus, BackingName(config_.backing)));
+  RETURN_IF_ERROR(AwaitFill());
+  for (const GuestVcpuReport& v : source_->report().vcpus) workload_pages_ += v.pages;
+  return Status::Ok();
+}
+
+Status Demo::AwaitFill() {
   // Fill at first-touch speed on these machines is some hundreds of MiB/s
   // per vCPU; give it plenty.
-  const auto fill_deadline = Clock::now() + std::chrono::seconds(60 + (*mem >> 26));
-  while (!FillDone((*source)->report(), o.vcpus)) {
-    if ((*source)->vcpus().WaitFinished(std::chrono::milliseconds(20))) {
-      Result<GuestReport> r = (*source)->Wait(std::chrono::milliseconds(0));
-      return Fail(r.has_value() ? Error("the source guest ended before its fill was done")
-                                : r.error());
+  const auto fill_deadline = Clock::now() + std::chrono::seconds(60 + (config_.mem_size >> 26));
+  while (!FillDone(source_->report(), o_.vcpus)) {
+    if (source_->vcpus().WaitFinished(std::chrono::milliseconds(20))) {
+      Result<GuestReport> r = source_->Wait(std::chrono::milliseconds(0));
+      return r.has_value() ? Error("the source guest ended before its fill was done") : r.error();
     }
-    if (Clock::now() > fill_deadline) return Fail(Error("the source guest's fill timed out"));
+    if (Clock::now() > fill_deadline) return Error("the source guest's fill timed out");
   }
-  const GuestReport before = (*source)->report();
-  uint64_t workload_pages = 0;
-  for (const GuestVcpuReport& v : before.vcpus) workload_pages += v.pages;
+  return Status::Ok();
+}
 
-  if (o.idle) {
+Status Demo::PrepareDestination() {
+  if (o_.idle) {
     // An idle guest: on a real host its vCPUs would sit in HLT, using no
     // CPU and dirtying nothing. The test guest cannot halt at CPL3 (PVM), so
     // its vCPUs are held instead (kick-and-hold, which the engine's own
     // pause nests in); the destination runs them.
-    (*source)->Pause();
+    source_->Pause();
   }
-  if (o.prealloc) {
-    // As `faultline run --incoming --prealloc`: the destination allocates
-    // its RAM before the migration starts, as a VMM that preallocates
-    // guest memory would.
-    std::span<uint8_t> ram = (*destination)->ram();
-    if (Status s = sys::PopulateWrite(ram.data(), ram.size()); !s.ok()) {
-      return Fail(s.WithContext("--prealloc"));
-    }
-  }
+  // The destination as `faultline run --incoming` makes it: with
+  // --prealloc its RAM allocated before the migration starts (as a VMM that
+  // preallocates guest memory would), its engine and, for post-copy, its
+  // installer chosen. It receives, then runs the guest at once (post-copy:
+  // the engine starts it at the switchover).
+  control::IncomingOptions options;
+  options.mode = mode_;
+  options.bytes_total = dest_config_.mem_size;
+  options.realtime_priority = o_.realtime_priority;
+  options.installer = o_.installer;
+  options.prealloc = o_.prealloc;
+  options.quiet = o_.json;
+  incoming_ = std::make_unique<control::IncomingControl>(*listener_, std::move(options));
+  adapter_ = std::make_unique<IncomingVmAdapter>(*destination_);
+  RETURN_IF_ERROR(incoming_->Prepare(*adapter_));
   // The baseline is measured before and after the migration; the mean of
   // the two is what the migration is compared with.
-  const uint64_t baseline_bytes = std::min<uint64_t>(*mem, 2ull << 30);
-  std::vector<LoopbackRate> baselines;
-  if (o.tcp_baseline) {
-    Result<LoopbackRate> r = MeasureLoopback(baseline_bytes);
-    if (!r.has_value()) return Fail(r.error());
-    baselines.push_back(*r);
-    say(fmt::format("loopback TCP: {:.0f} MiB/s", r->bytes_per_sec / 1048576.0));
-  }
+  if (!o_.tcp_baseline) return Status::Ok();
+  ASSIGN_OR_RETURN(LoopbackRate rate, MeasureBaseline());
+  baselines_.push_back(rate);
+  return Status::Ok();
+}
 
-  // The destination: receive, then run at once (as `faultline run
-  // --incoming` does), noting when its vCPUs were started. Post-copy: the
-  // engine starts them at the switchover and Run returns once every page is
-  // here.
-  const bool postcopy = *mode == control::MigrationMode::kPostcopy;
-  std::unique_ptr<migration::DestinationVm> target;
-  std::unique_ptr<migration::PostcopyDestinationVm> postcopy_target;
-  std::unique_ptr<migration::MigrationDestination> precopy_receiver;
-  std::unique_ptr<migration::PostcopyDestination> postcopy_receiver;
-  nlohmann::json calibration;  // --installer auto's trials
-  if (postcopy) {
-    migration::PostcopyVmOptions vm_options;
-    vm_options.realtime_priority = o.realtime_priority;
-    Result<paging::InstallerKind> kind =
-        ChooseInstaller(o.installer, config.backing, &calibration, o.json);
-    if (!kind.has_value()) return Fail(kind.error().WithContext("--installer"));
-    vm_options.installer = *kind;
-    postcopy_target = vmm::MakePostcopyDestinationVm(**destination, vm_options);
-    migration::DestinationOptions receiver_options;
-    receiver_options.realtime_priority = o.realtime_priority;
-    postcopy_receiver =
-        std::make_unique<migration::PostcopyDestination>(*postcopy_target, receiver_options);
-  } else {
-    target = vmm::MakeDestinationVm(**destination);
-    precopy_receiver =
-        std::make_unique<migration::MigrationDestination>(*target, migration::DestinationOptions{});
-  }
-  auto cancel_receiver = [&] {
-    if (postcopy_receiver) postcopy_receiver->Cancel();
-    if (precopy_receiver) precopy_receiver->Cancel();
-  };
-  Result<migration::DestinationStats> received = Error("not received");
-  Result<migration::PostcopyDestinationStats> postcopy_received = Error("not received");
-  Status dest_start = Status::Ok();
-  std::optional<Clock::time_point> dest_running_at;
-  std::thread dest_thread([&] {
-    if (postcopy) {
-      postcopy_received = postcopy_receiver->Run(**listener);
-      if (!postcopy_received.has_value()) {
-        received = postcopy_received.error();
-        return;
-      }
-      const migration::PostcopyDestinationStats& p = *postcopy_received;
-      dest_running_at = p.vm_started_at;
-      migration::DestinationStats d;
-      d.passes = p.passes;
-      d.bytes_received = p.bytes_received;
-      d.total = std::chrono::duration_cast<std::chrono::microseconds>(p.total);
-      received = d;
-      return;
-    }
-    received = precopy_receiver->Run(**listener);
-    if (!received.has_value()) return;
-    dest_start = (*destination)->Start();
-    if (dest_start.ok()) dest_running_at = Clock::now();
-  });
+Result<LoopbackRate> Demo::MeasureBaseline() {
+  ASSIGN_OR_RETURN(LoopbackRate r,
+                   MeasureLoopback(std::min<uint64_t>(config_.mem_size, 2ull << 30)));
+  Say(fmt::format("loopback TCP: {:.0f} MiB/s", r.bytes_per_sec / 1048576.0));
+  return r;
+}
 
+control::MigrateRequest Demo::Request() const {
   control::MigrateRequest request;
-  request.to = {"127.0.0.1", port};
-  request.mode = *mode;
-  request.channels = o.channels;
-  request.downtime_ms = o.downtime_ms;
-  request.precopy_passes = o.precopy_passes;
-  if (postcopy) {
-    say(
+  request.to = {"127.0.0.1", listener_->port()};
+  request.mode = mode_;
+  request.channels = o_.channels;
+  request.downtime_ms = o_.downtime_ms;
+  request.precopy_passes = o_.precopy_passes;
+  return request;
+}
+
+Status Demo::Migrate() {
+  Result<control::IncomingResult> received = Error("not received");
+  std::thread dest_thread([&] { received = incoming_->Run(); });
+  const control::MigrateRequest request = Request();
+  if (mode_ == control::MigrationMode::kPostcopy) {
+    Say(
         fmt::format("migrating to {} over {} page channel(s) and a priority channel: {} "
                     "pre-copy pass(es), then post-copy",
-                    request.to.ToString(), o.channels, o.precopy_passes));
+                    request.to.ToString(), o_.channels, o_.precopy_passes));
   } else {
-    say(fmt::format("migrating to {} over {} page channel(s), downtime target {} ms",
-                    request.to.ToString(), o.channels, o.downtime_ms));
+    Say(fmt::format("migrating to {} over {} page channel(s), downtime target {} ms",
+                    request.to.ToString(), o_.channels, o_.downtime_ms));
   }
-  const auto migrate_start = Clock::now();
+  migrate_start_ = Clock::now();
   const double cpu_start = ProcessCpuMs();
-  if (Status s = (*live)->migration().Start(request); !s.ok()) {
-    cancel_receiver();
+  if (Status s = live_->migration().Start(request); !s.ok()) {
+    incoming_->Cancel();
     dest_thread.join();
-    return Fail(s);
+    return s;
   }
-  LiveVm::End end = (*live)->Wait(Clock::now() + std::chrono::minutes(10), "faultline demo");
-  const control::MigrationStatus m = (*live)->migration_status();
-  const std::optional<Clock::time_point> paused_at = (*live)->paused_at();
-  if (end != LiveVm::End::kMigrated) cancel_receiver();
+  LiveVm::End end = live_->Wait(Clock::now() + std::chrono::minutes(10), "faultline demo");
+  migration_ = live_->migration_status();
+  paused_at_ = live_->paused_at();
+  if (end != LiveVm::End::kMigrated) incoming_->Cancel();
   dest_thread.join();
-  const auto migrated_at = Clock::now();
-  const double migration_cpu_ms = ProcessCpuMs() - cpu_start;
-  if (end != LiveVm::End::kMigrated) {
-    // Wait has said why; the guest ran on here: let it verify and show that.
-    if (o.idle) (*source)->Resume();
-    (*source)->SetGuestCommand(FL_CMD_STOP);
-    Result<GuestReport> r = (*source)->Wait(std::chrono::minutes(5));
-    if (r.has_value()) {
-      fmt::print(stderr,
-                 "faultline demo: the guest stayed on the source: {} pages verified, {} bad\n",
-                 r->pages_verified(), r->bad_page_count());
-    }
-    if (!received.has_value()) {
-      fmt::print(stderr, "faultline demo: destination: {}\n", received.error().ToString());
-    }
-    return Fail(Error("the migration did not complete ({})", control::MigrationPhaseName(m.phase)));
-  }
-  live->reset();
-  (*source)->Stop();
-  source->reset();  // the guest lives on the destination only now
-  if (!received.has_value()) return Fail(received.error().WithContext("destination"));
-  if (!dest_start.ok()) return Fail(dest_start.WithContext("destination VM"));
-  const double pause_ms = paused_at && dest_running_at ? Ms(*dest_running_at - *paused_at) : -1;
-  say(
-      fmt::format("migrated in {:.0f} ms; the guest runs on the destination, switchover pause "
-                  "{:.1f} ms",
-                  Ms(migrated_at - migrate_start), pause_ms));
+  migrated_at_ = Clock::now();
+  migration_cpu_ms_ = ProcessCpuMs() - cpu_start;
+  if (end != LiveVm::End::kMigrated) return StayedOnSource(received);
+  live_.reset();
+  source_->Stop();
+  source_.reset();  // the guest lives on the destination only now
+  if (!received.has_value()) return received.error().WithContext("destination");
+  received_ = std::move(*received);
+  Say(fmt::format(
+      "migrated in {:.0f} ms; the guest runs on the destination, switchover pause {:.1f} ms",
+      Ms(migrated_at_ - migrate_start_), PauseMs()));
+  return Status::Ok();
+}
 
-  if (o.tcp_baseline) {
-    if (o.idle) (*destination)->Pause();  // the same conditions as the first time
-    Result<LoopbackRate> r = MeasureLoopback(baseline_bytes);
-    if (o.idle) (*destination)->Resume();
-    if (!r.has_value()) return Fail(r.error());
-    baselines.push_back(*r);
-    say(fmt::format("loopback TCP: {:.0f} MiB/s", r->bytes_per_sec / 1048576.0));
+Status Demo::StayedOnSource(const Result<control::IncomingResult>& received) {
+  // Wait has said why; the guest ran on here: let it verify and show that.
+  if (o_.idle) source_->Resume();
+  source_->SetGuestCommand(FL_CMD_STOP);
+  Result<GuestReport> r = source_->Wait(std::chrono::minutes(5));
+  if (r.has_value()) {
+    fmt::print(stderr,
+               "faultline demo: the guest stayed on the source: {} pages verified, {} bad\n",
+               r->pages_verified(), r->bad_page_count());
   }
-  std::optional<LoopbackRate> loopback;
-  if (!baselines.empty()) {
-    loopback = LoopbackRate{(baselines[0].bytes_per_sec + baselines[1].bytes_per_sec) / 2,
-                            (baselines[0].cpu_ms_per_gib + baselines[1].cpu_ms_per_gib) / 2};
+  if (!received.has_value()) {
+    fmt::print(stderr, "faultline demo: destination: {}\n", received.error().ToString());
   }
+  return Error("the migration did not complete ({})",
+               control::MigrationPhaseName(migration_.phase));
+}
 
-  // The guest keeps writing on the destination for a while, then verifies.
-  std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(o.after_s * 1000)));
-  (*destination)->SetGuestCommand(FL_CMD_STOP);
-  Result<GuestReport> report = (*destination)->Wait(std::chrono::minutes(10));
-  if (!report.has_value()) return Fail(report.error().WithContext("destination guest"));
-  const auto verified_at = Clock::now();
-
-  const migration::DestinationStats& d = *received;
-  // Post-copy figures (none for pre-copy).
-  uint64_t precopy_pages = d.data_pages + d.zero_pages;
-  std::string installer = "";
-  migration::PostcopyDestinationStats pc;
-  if (postcopy) {
-    pc = *postcopy_received;
-    precopy_pages = pc.precopy_pages;
-    installer = paging::InstallerName(postcopy_target->installer());
+Status Demo::Verify() {
+  if (o_.tcp_baseline) {
+    if (o_.idle) destination_->Pause();  // the same conditions as the first time
+    Result<LoopbackRate> r = MeasureBaseline();
+    if (o_.idle) destination_->Resume();
+    if (!r.has_value()) return r.error();
+    baselines_.push_back(*r);
   }
-  const paging::PagingStats& paging = pc.paging;
-  const uint64_t pages_verified = report->pages_verified();
-  const uint64_t bad_pages = report->bad_page_count();
-  // Every page the guest wrote on the source must have been checked here.
-  const bool all_verified = pages_verified == workload_pages;
-  const bool ok = report->success() && bad_pages == 0 && all_verified;
-  const double total_ms = Ms(migrated_at - migrate_start);
-  const double sent_gib = static_cast<double>(d.bytes_received) / (1ull << 30);
-  const double wire_ms =
-      loopback ? static_cast<double>(d.bytes_received) / loopback->bytes_per_sec * 1000.0 : 0;
+  std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(o_.after_s * 1000)));
+  destination_->SetGuestCommand(FL_CMD_STOP);
+  Result<GuestReport> report = destination_->Wait(std::chrono::minutes(10));
+  if (!report.has_value()) return report.error().WithContext("destination guest");
+  report_ = std::move(*report);
+  verified_at_ = Clock::now();
+  return Status::Ok();
+}
 
-  if (o.json) {
-    nlohmann::json j = {
-        {"mode", o.mode},
-        {"backing", BackingName(config.backing)},
-        {"accel", accel},
-        {"dirty", dirty},
-        {"mem_bytes", *mem},
-        {"vcpus", o.vcpus},
-        {"channels", o.channels},
-        {"prealloc", o.prealloc},
-        {"guest_write_rate_mibps", rate},
-        {"downtime_target_ms", o.downtime_ms},
-        {"total_ms", total_ms},
-        {"switchover_pause_ms", pause_ms},
-        {"bytes_sent", d.bytes_received},
-        // Pre-copy only (post-copy counts pages by how they came, below).
-        {"page_bytes_sent", postcopy ? nlohmann::json() : nlohmann::json(d.data_pages * 4096)},
-        {"data_pages", postcopy ? nlohmann::json() : nlohmann::json(d.data_pages)},
-        {"zero_pages", postcopy ? nlohmann::json() : nlohmann::json(d.zero_pages)},
-        {"precopy_pages", precopy_pages},
-        {"passes", d.passes},
-        {"installer", postcopy ? nlohmann::json(installer) : nlohmann::json()},
-        {"installer_calibration", calibration},
-        {"workload_pages", workload_pages},
-        {"pages_verified", pages_verified},
-        {"bad_pages", bad_pages},
-        {"success", ok},
-        {"demo_ms", Ms(verified_at - demo_start)},
-    };
-    if (postcopy) {
-      j.update(control::PostcopyFiguresJson(pc));
-    } else {
-      // The pre-copy engine's: its pause until the destination acknowledged.
-      j["engine_downtime_ms"] = m.downtime_ms ? nlohmann::json(*m.downtime_ms) : nlohmann::json();
-    }
-    j["migration_cpu_ms"] = migration_cpu_ms;
-    if (loopback) {
-      j["tcp_loopback_bytes_per_sec"] = loopback->bytes_per_sec;
-      j["tcp_loopback_runs_bytes_per_sec"] = {baselines[0].bytes_per_sec,
-                                              baselines[1].bytes_per_sec};
-      j["wire_time_ms"] = wire_ms;
-      j["total_over_wire_time"] = total_ms / wire_ms;
-      j["tcp_loopback_cpu_ms_per_gib"] = loopback->cpu_ms_per_gib;
-      j["migration_cpu_ms_per_gib"] = migration_cpu_ms / sent_gib;
-      j["cpu_over_loopback_cpu"] = migration_cpu_ms / sent_gib / loopback->cpu_ms_per_gib;
-    }
-    fmt::print("{}\n", j.dump());
+Figures Demo::Measured() const {
+  Figures f;
+  f.postcopy = received_.postcopy.has_value();
+  if (received_.precopy) {
+    const migration::DestinationStats& d = *received_.precopy;
+    f.passes = d.passes;
+    f.bytes_sent = d.bytes_received;
+    f.data_pages = d.data_pages;
+    f.zero_pages = d.zero_pages;
+    f.precopy_pages = d.data_pages + d.zero_pages;
+  } else if (received_.postcopy) {
+    f.pc = *received_.postcopy;
+    f.passes = f.pc.passes;
+    f.bytes_sent = f.pc.bytes_received;
+    f.precopy_pages = f.pc.precopy_pages;
+  }
+  f.total_ms = Ms(migrated_at_ - migrate_start_);
+  f.pause_ms = PauseMs();
+  f.migration_cpu_ms = migration_cpu_ms_;
+  f.demo_ms = Ms(verified_at_ - demo_start_);
+  f.workload_pages = workload_pages_;
+  f.pages_verified = report_.pages_verified();
+  f.bad_pages = report_.bad_page_count();
+  f.all_verified = f.pages_verified == f.workload_pages;
+  f.ok = report_.success() && f.bad_pages == 0 && f.all_verified;
+  f.sent_gib = static_cast<double>(f.bytes_sent) / (1ull << 30);
+  if (baselines_.size() == 2) {
+    f.loopback = Mean(baselines_);
+    f.wire_ms = static_cast<double>(f.bytes_sent) / f.loopback->bytes_per_sec * 1000.0;
+  }
+  return f;
+}
+
+void Demo::PrintJson(const Figures& f) const {
+  nlohmann::json j = {
+      {"mode", o_.mode},
+      {"backing", BackingName(config_.backing)},
+      {"accel", accel_},
+      {"dirty", dirty_},
+      {"mem_bytes", config_.mem_size},
+      {"vcpus", o_.vcpus},
+      {"channels", o_.channels},
+      {"prealloc", o_.prealloc},
+      {"guest_write_rate_mibps", rate_},
+      {"downtime_target_ms", o_.downtime_ms},
+      {"total_ms", f.total_ms},
+      {"switchover_pause_ms", f.pause_ms},
+      {"bytes_sent", f.bytes_sent},
+      // Pre-copy only (post-copy counts pages by how they came, below).
+      {"page_bytes_sent", f.postcopy ? nlohmann::json() : nlohmann::json(f.data_pages * 4096)},
+      {"data_pages", f.postcopy ? nlohmann::json() : nlohmann::json(f.data_pages)},
+      {"zero_pages", f.postcopy ? nlohmann::json() : nlohmann::json(f.zero_pages)},
+      {"precopy_pages", f.precopy_pages},
+      {"passes", f.passes},
+      {"installer", f.postcopy ? nlohmann::json(received_.installer) : nlohmann::json()},
+      {"installer_calibration", received_.installer_calibration},
+      {"workload_pages", f.workload_pages},
+      {"pages_verified", f.pages_verified},
+      {"bad_pages", f.bad_pages},
+      {"success", f.ok},
+      {"demo_ms", f.demo_ms},
+  };
+  if (f.postcopy) {
+    j.update(control::PostcopyFiguresJson(f.pc));
   } else {
-    fmt::print("live migration ({}), {} MiB guest, {} vCPUs, {} backing, {} channel(s), {}\n",
-               o.mode, *mem >> 20, o.vcpus, BackingName(config.backing), o.channels, accel);
-    fmt::print("  total time        {:9.1f} ms\n", total_ms);
-    fmt::print("  switchover pause  {:9.1f} ms   (source stopped -> destination running)\n",
-               pause_ms);
-    if (postcopy) {
-      fmt::print("  bytes sent        {:9.1f} MiB\n",
-                 static_cast<double>(d.bytes_received) / 1048576.0);
-    } else {
-      fmt::print("  bytes sent        {:9.1f} MiB  ({} data pages, {} zero pages as markers)\n",
-                 static_cast<double>(d.bytes_received) / 1048576.0, d.data_pages, d.zero_pages);
-    }
-    fmt::print("  passes            {:9}\n", d.passes);
-    if (postcopy) {
-      fmt::print("  pre-copy pages    {:9}     (the rest came after the switchover)\n",
-                 precopy_pages);
-      fmt::print("  pages demanded    {:9}     (by the destination's faults)\n",
-                 pc.network.pages_demanded);
-      fmt::print("  pages pushed      {:9}     (in the background)\n", pc.network.pages_pushed);
-      fmt::print("  fault latency     {:9.0f} us p50, {:.0f} us p99 ({} faults, {} installer)\n",
-                 paging.latency.p50_us, paging.latency.p99_us, paging.faults, installer);
-      for (size_t i = 0; i < paging.vcpu_latency.size(); ++i) {
-        fmt::print(
-            "    vcpu {}          {:9.0f} us p50, {:.0f} us p99, {:.0f} us max ({} faults)\n", i,
-            paging.vcpu_latency[i].p50_us, paging.vcpu_latency[i].p99_us,
-            paging.vcpu_latency[i].max_us, paging.vcpu_faults[i]);
-      }
-      fmt::print(
-          "  request latency   {:9.0f} us p50, {:.0f} us p99 (network: request -> data in "
-          "place)\n",
-          pc.network.fault_latency.p50_us, pc.network.fault_latency.p99_us);
-      fmt::print("  vCPUs blocked     {:9.1f} ms   (summed over the faults)\n",
-                 paging.blocked_seconds() * 1000.0);
-    }
-    fmt::print("  pages verified    {:9}     (of {} the guest wrote; on the destination)\n",
-               pages_verified, workload_pages);
-    fmt::print("  wrong pages       {:9}\n", bad_pages);
-    if (loopback) {
-      fmt::print(
-          "  loopback TCP      {:9.0f} MiB/s (mean of {:.0f} before and {:.0f} after): the "
-          "bytes alone take {:.1f} ms, total is {:.2f}x that\n",
-          loopback->bytes_per_sec / 1048576.0, baselines[0].bytes_per_sec / 1048576.0,
-          baselines[1].bytes_per_sec / 1048576.0, wire_ms, total_ms / wire_ms);
-      fmt::print("  CPU per GiB sent  {:9.0f} ms   (loopback TCP alone {:.0f} ms: {:.2f}x)\n",
-                 migration_cpu_ms / sent_gib, loopback->cpu_ms_per_gib,
-                 migration_cpu_ms / sent_gib / loopback->cpu_ms_per_gib);
-    }
-    fmt::print("{}\n", ok ? "OK: the guest verified every page after the migration"
-                          : "FAILED: the guest did not verify correctly on the destination");
+    // The pre-copy engine's: its pause until the destination acknowledged.
+    j["engine_downtime_ms"] =
+        migration_.downtime_ms ? nlohmann::json(*migration_.downtime_ms) : nlohmann::json();
   }
-  if (!ok && !report->success()) {
-    for (size_t i = 0; i < report->vcpus.size(); ++i) {
-      const GuestVcpuReport& v = report->vcpus[i];
+  j["migration_cpu_ms"] = f.migration_cpu_ms;
+  if (f.loopback) {
+    j["tcp_loopback_bytes_per_sec"] = f.loopback->bytes_per_sec;
+    j["tcp_loopback_runs_bytes_per_sec"] = {baselines_[0].bytes_per_sec,
+                                            baselines_[1].bytes_per_sec};
+    j["wire_time_ms"] = f.wire_ms;
+    j["total_over_wire_time"] = f.total_ms / f.wire_ms;
+    j["tcp_loopback_cpu_ms_per_gib"] = f.loopback->cpu_ms_per_gib;
+    j["migration_cpu_ms_per_gib"] = f.migration_cpu_ms / f.sent_gib;
+    j["cpu_over_loopback_cpu"] = f.migration_cpu_ms / f.sent_gib / f.loopback->cpu_ms_per_gib;
+  }
+  fmt::print("{}\n", j.dump());
+}
+
+// Post-copy's lines of the report for people.
+void PrintPostcopyText(const Figures& f, const std::string& installer) {
+  const paging::PagingStats& paging = f.pc.paging;
+  fmt::print("  pre-copy pages    {:9}     (the rest came after the switchover)\n",
+             f.precopy_pages);
+  fmt::print("  pages demanded    {:9}     (by the destination's faults)\n",
+             f.pc.network.pages_demanded);
+  fmt::print("  pages pushed      {:9}     (in the background)\n", f.pc.network.pages_pushed);
+  fmt::print("  fault latency     {:9.0f} us p50, {:.0f} us p99 ({} faults, {} installer)\n",
+             paging.latency.p50_us, paging.latency.p99_us, paging.faults, installer);
+  for (size_t i = 0; i < paging.vcpu_latency.size(); ++i) {
+    fmt::print("    vcpu {}          {:9.0f} us p50, {:.0f} us p99, {:.0f} us max ({} faults)\n", i,
+               paging.vcpu_latency[i].p50_us, paging.vcpu_latency[i].p99_us,
+               paging.vcpu_latency[i].max_us, paging.vcpu_faults[i]);
+  }
+  fmt::print(
+      "  request latency   {:9.0f} us p50, {:.0f} us p99 (network: request -> data in "
+      "place)\n",
+      f.pc.network.fault_latency.p50_us, f.pc.network.fault_latency.p99_us);
+  fmt::print("  vCPUs blocked     {:9.1f} ms   (summed over the faults)\n",
+             paging.blocked_seconds() * 1000.0);
+}
+
+void Demo::PrintText(const Figures& f) const {
+  fmt::print("live migration ({}), {} MiB guest, {} vCPUs, {} backing, {} channel(s), {}\n",
+             o_.mode, config_.mem_size >> 20, o_.vcpus, BackingName(config_.backing), o_.channels,
+             accel_);
+  fmt::print("  total time        {:9.1f} ms\n", f.total_ms);
+  fmt::print("  switchover pause  {:9.1f} ms   (source stopped -> destination running)\n",
+             f.pause_ms);
+  if (f.postcopy) {
+    fmt::print("  bytes sent        {:9.1f} MiB\n", static_cast<double>(f.bytes_sent) / 1048576.0);
+  } else {
+    fmt::print("  bytes sent        {:9.1f} MiB  ({} data pages, {} zero pages as markers)\n",
+               static_cast<double>(f.bytes_sent) / 1048576.0, f.data_pages, f.zero_pages);
+  }
+  fmt::print("  passes            {:9}\n", f.passes);
+  if (f.postcopy) PrintPostcopyText(f, received_.installer);
+  fmt::print("  pages verified    {:9}     (of {} the guest wrote; on the destination)\n",
+             f.pages_verified, f.workload_pages);
+  fmt::print("  wrong pages       {:9}\n", f.bad_pages);
+  if (f.loopback) {
+    fmt::print(
+        "  loopback TCP      {:9.0f} MiB/s (mean of {:.0f} before and {:.0f} after): the "
+        "bytes alone take {:.1f} ms, total is {:.2f}x that\n",
+        f.loopback->bytes_per_sec / 1048576.0, baselines_[0].bytes_per_sec / 1048576.0,
+        baselines_[1].bytes_per_sec / 1048576.0, f.wire_ms, f.total_ms / f.wire_ms);
+    fmt::print("  CPU per GiB sent  {:9.0f} ms   (loopback TCP alone {:.0f} ms: {:.2f}x)\n",
+               f.migration_cpu_ms / f.sent_gib, f.loopback->cpu_ms_per_gib,
+               f.migration_cpu_ms / f.sent_gib / f.loopback->cpu_ms_per_gib);
+  }
+  fmt::print("{}\n", f.ok ? "OK: the guest verified every page after the migration"
+                          : "FAILED: the guest did not verify correctly on the destination");
+}
+
+int Demo::Verdict(const Figures& f) const {
+  if (!f.ok && !report_.success()) {
+    for (size_t i = 0; i < report_.vcpus.size(); ++i) {
+      const GuestVcpuReport& v = report_.vcpus[i];
       if (v.panic) fmt::print(stderr, "faultline demo: vcpu {}: guest {}\n", i, *v.panic);
     }
-  } else if (!ok && !all_verified) {
+  } else if (!f.ok && !f.all_verified) {
     fmt::print(stderr, "faultline demo: the guest verified {} pages, but had written {}\n",
-               pages_verified, workload_pages);
+               f.pages_verified, f.workload_pages);
   }
-  return ok ? 0 : 1;
+  return f.ok ? 0 : 1;
 }
 
 }  // namespace
@@ -554,7 +585,7 @@ void AddDemoCommand(CLI::App& app, Action& action) {
   cmd->add_flag("--json", o->json, "Print one JSON object on stdout");
   cmd->add_flag("--verbose", o->verbose, "Echo both guests' consoles");
   cmd->footer("Exit status: 0 when the migration completed and the guest verified every page.");
-  cmd->callback([o, &action] { action = [o] { return Demo(*o); }; });
+  cmd->callback([o, &action] { action = [o] { return Demo(*o).Run(); }; });
 }
 
 }  // namespace faultline::cli

@@ -1,11 +1,10 @@
 // LiveVm: a running reference VM that can be migrated away. It owns the
-// pre-copy engine behind the control commands (control::SourceMigrationControl)
-// and, when asked, the control socket that serves them with query-status;
-// `faultline run` and `faultline demo` share it, so the demo drives the same
-// engine, transport and control code as `faultline migrate`.
-//
-// Mode postcopy runs migration::PostcopySource behind the same commands
-// (SourceMigrationControl::Start picks the engine by request.mode).
+// source's control of a migration behind the control commands
+// (control::SourceMigrationControl, which picks the engine: pre-copy,
+// post-copy by request.mode, or a local update to a unix: target) and, when
+// asked, the control socket that serves them with query-status; `faultline
+// run` and `faultline demo` share it, so the demo drives the same engines,
+// transport and control code as `faultline migrate`.
 //
 // A VM that arrived by migration (`faultline run --incoming --control`)
 // hands over the control socket that served the incoming migration, and

@@ -168,93 +168,78 @@ class InterruptWatch {
   sigset_t set_, old_;
 };
 
-// Polls query-migrate until the migration ends; returns the exit code.
-int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
-  auto start = Clock::now();
-  InterruptWatch interrupts;
-  Progress progress(show_progress && !o.json);
-  bool interrupted = false;
+// What following a migration has seen so far.
+struct Followed {
+  nlohmann::json raw;  // the last query-migrate reply, as it came
+  MigrationStatus status;
+  bool interrupted = false;  // a cancel has been asked for
   Clock::time_point cancel_deadline;
-  nlohmann::json raw;
-  MigrationStatus s;
-  for (;;) {
-    Result<nlohmann::json> reply = client.Execute("query-migrate");
-    Result<MigrationStatus> parsed = reply.has_value() ? control::ParseMigrationStatus(*reply)
-                                                       : Result<MigrationStatus>(reply.error());
-    if (!parsed.has_value()) {
-      progress.Finish();
-      return Fail(parsed.error().WithContext("query-migrate"));
-    }
-    raw = std::move(*reply);
-    s = std::move(*parsed);
-    progress.Update(s);
-    if (control::IsTerminal(s.phase)) break;
-    if (o.cancel && s.paused) break;  // a cancel in post-copy pauses it
-    if (s.phase == MigrationPhase::kNone) {
-      progress.Finish();
-      return Fail(Error("no migration is active on {}", client.path()));
-    }
-    if (interrupted && Clock::now() > cancel_deadline) {
-      progress.Finish();
-      return Fail(Error("the VMM did not confirm the cancellation within {} s (phase {})",
-                        kCancelGrace.count(), control::MigrationPhaseName(s.phase)));
-    }
-    if (interrupts.Sleep(o.interval_ms)) {
-      progress.Finish();
-      if (s.phase == MigrationPhase::kPostcopy) {
-        // Past the switchover nothing can be cancelled: the guest runs at the
-        // destination and needs the pages only the source has.
-        fmt::print(stderr,
-                   "faultline migrate: interrupted; the post-copy migration goes on (follow it "
-                   "with `faultline migrate --watch`)\n");
-        return kExitInterrupted;
-      }
-      if (interrupted) {
-        fmt::print(stderr, "faultline migrate: interrupted again; not waiting for the VMM\n");
-        return kExitInterrupted;
-      }
-      interrupted = true;
-      cancel_deadline = Clock::now() + kCancelGrace;
-      fmt::print(stderr,
-                 "faultline migrate: cancelling the migration (interrupt again to leave)\n");
-      Result<ControlReply> cancel = client.Call("migrate-cancel");
-      if (!cancel.has_value()) return Fail(cancel.error());
-      // WrongState: it ended meanwhile; the next poll says how.
-      if (!cancel->ok() && cancel->error_class != "WrongState") {
-        return Fail(Error("migrate-cancel: {}", cancel->error_desc));
-      }
-    }
+};
+
+// Ctrl-C while following: the first one cancels the migration (but not in
+// post-copy, which cannot be), the next one leaves. Returns the exit code
+// when leaving, nothing to follow on.
+std::optional<int> OnInterrupt(ControlClient& client, Followed& f) {
+  if (f.status.phase == MigrationPhase::kPostcopy) {
+    // Past the switchover nothing can be cancelled: the guest runs at the
+    // destination and needs the pages only the source has.
+    fmt::print(stderr,
+               "faultline migrate: interrupted; the post-copy migration goes on (follow it "
+               "with `faultline migrate --watch`)\n");
+    return kExitInterrupted;
   }
-  progress.Finish();
-  double elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  if (f.interrupted) {
+    fmt::print(stderr, "faultline migrate: interrupted again; not waiting for the VMM\n");
+    return kExitInterrupted;
+  }
+  f.interrupted = true;
+  f.cancel_deadline = Clock::now() + kCancelGrace;
+  fmt::print(stderr, "faultline migrate: cancelling the migration (interrupt again to leave)\n");
+  Result<ControlReply> cancel = client.Call("migrate-cancel");
+  if (!cancel.has_value()) return Fail(cancel.error());
+  // WrongState: it ended meanwhile; the next poll says how.
+  if (!cancel->ok() && cancel->error_class != "WrongState") {
+    return Fail(Error("migrate-cancel: {}", cancel->error_desc));
+  }
+  return std::nullopt;
+}
+
+// A completed migration, for people.
+void PrintCompleted(const MigrationStatus& s) {
+  if (s.local && s.local_memory == "fds") {
+    const double pause_ms =
+        s.downtime_us ? *s.downtime_us / 1000.0 : static_cast<double>(s.downtime_ms.value_or(0));
+    fmt::print(
+        "local update to {} completed in {:.1f} ms: the guest's {} of RAM passed as {} "
+        "descriptor(s), {} pages copied, {} of state sent; paused {:.2f} ms\n",
+        s.to, static_cast<double>(s.elapsed_ms), HumanBytes(static_cast<double>(s.bytes_total)),
+        s.fds_passed, s.pages_copied, HumanBytes(static_cast<double>(s.bytes_sent)), pause_ms);
+  } else if (s.mode == control::MigrationMode::kPostcopy) {
+    fmt::print(
+        "post-copy migration to {} completed in {:.1f} s: {} sent, {} pre-copy "
+        "pass(es), then {} pages demanded and {} pushed over {} session(s)\n",
+        s.to, s.elapsed_ms / 1000.0, HumanBytes(static_cast<double>(s.bytes_sent)), s.pass,
+        s.pages_demanded, s.pages_pushed, s.sessions);
+  } else {
+    std::string downtime = s.downtime_ms ? fmt::format(", downtime {} ms", *s.downtime_ms) : "";
+    fmt::print("migration to {} completed in {:.1f} s: {} sent in {} passes{}\n", s.to,
+               s.elapsed_ms / 1000.0, HumanBytes(static_cast<double>(s.bytes_sent)), s.pass,
+               downtime);
+  }
+}
+
+// How the migration ended, said once; returns the exit code.
+int ReportEnd(const MigrateOptions& o, const Followed& f, double elapsed_ms) {
+  const MigrationStatus& s = f.status;
   if (o.json) {
-    nlohmann::json out = {{"migration", raw},
+    nlohmann::json out = {{"migration", f.raw},
                           {"result", control::MigrationPhaseName(s.phase)},
                           {"elapsed_ms", elapsed_ms},
-                          {"interrupted", interrupted}};
+                          {"interrupted", f.interrupted}};
     fmt::print("{}\n", out.dump());
   }
   if (s.phase == MigrationPhase::kCompleted) {
-    if (!o.json && s.local && s.local_memory == "fds") {
-      const double pause_ms =
-          s.downtime_us ? *s.downtime_us / 1000.0 : static_cast<double>(s.downtime_ms.value_or(0));
-      fmt::print(
-          "local update to {} completed in {:.1f} ms: the guest's {} of RAM passed as {} "
-          "descriptor(s), {} pages copied, {} of state sent; paused {:.2f} ms\n",
-          s.to, static_cast<double>(s.elapsed_ms), HumanBytes(static_cast<double>(s.bytes_total)),
-          s.fds_passed, s.pages_copied, HumanBytes(static_cast<double>(s.bytes_sent)), pause_ms);
-    } else if (!o.json && s.mode == control::MigrationMode::kPostcopy) {
-      fmt::print(
-          "post-copy migration to {} completed in {:.1f} s: {} sent, {} pre-copy "
-          "pass(es), then {} pages demanded and {} pushed over {} session(s)\n",
-          s.to, s.elapsed_ms / 1000.0, HumanBytes(static_cast<double>(s.bytes_sent)), s.pass,
-          s.pages_demanded, s.pages_pushed, s.sessions);
-    } else if (!o.json) {
-      std::string downtime = s.downtime_ms ? fmt::format(", downtime {} ms", *s.downtime_ms) : "";
-      fmt::print("migration to {} completed in {:.1f} s: {} sent in {} passes{}\n", s.to,
-                 s.elapsed_ms / 1000.0, HumanBytes(static_cast<double>(s.bytes_sent)), s.pass,
-                 downtime);
-    }
+    if (!o.json) PrintCompleted(s);
     return 0;
   }
   if (o.cancel && s.paused) {
@@ -277,7 +262,45 @@ int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
     fmt::print(stderr, "faultline migrate: migration to {} cancelled{}\n", s.to,
                s.error.empty() ? "" : ": " + s.error);
   }
-  return interrupted ? kExitInterrupted : 1;
+  return f.interrupted ? kExitInterrupted : 1;
+}
+
+// Polls query-migrate until the migration ends; returns the exit code.
+int Follow(ControlClient& client, const MigrateOptions& o, bool show_progress) {
+  auto start = Clock::now();
+  InterruptWatch interrupts;
+  Progress progress(show_progress && !o.json);
+  Followed f;
+  for (;;) {
+    Result<nlohmann::json> reply = client.Execute("query-migrate");
+    Result<MigrationStatus> parsed = reply.has_value() ? control::ParseMigrationStatus(*reply)
+                                                       : Result<MigrationStatus>(reply.error());
+    if (!parsed.has_value()) {
+      progress.Finish();
+      return Fail(parsed.error().WithContext("query-migrate"));
+    }
+    f.raw = std::move(*reply);
+    f.status = std::move(*parsed);
+    const MigrationStatus& s = f.status;
+    progress.Update(s);
+    if (control::IsTerminal(s.phase)) break;
+    if (o.cancel && s.paused) break;  // a cancel in post-copy pauses it
+    if (s.phase == MigrationPhase::kNone) {
+      progress.Finish();
+      return Fail(Error("no migration is active on {}", client.path()));
+    }
+    if (f.interrupted && Clock::now() > f.cancel_deadline) {
+      progress.Finish();
+      return Fail(Error("the VMM did not confirm the cancellation within {} s (phase {})",
+                        kCancelGrace.count(), control::MigrationPhaseName(s.phase)));
+    }
+    if (interrupts.Sleep(o.interval_ms)) {
+      progress.Finish();
+      if (std::optional<int> code = OnInterrupt(client, f)) return *code;
+    }
+  }
+  progress.Finish();
+  return ReportEnd(o, f, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
 }
 
 // Drops the errno of an InvalidArgument: "Invalid argument" adds nothing.

@@ -19,24 +19,20 @@
 // post-copy migration over the same socket, as the source's offer says.
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <optional>
 #include <string>
 
 #include <fmt/format.h>
 
-#include "src/control/destination.h"
+#include "src/control/incoming.h"
 #include "src/control/migration.h"
 #include "src/control/server.h"
-#include "src/migration/destination.h"
-#include "src/migration/postcopy_destination.h"
-#include "src/migration/postcopy_vm.h"
 #include "src/migration/socket_transport.h"
-#include "src/sys/mapping.h"
 #include "src/vmm/vm.h"
-#include "src/vmm/vm_adapter.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
-#include "tools/faultline/incoming_local.h"
+#include "tools/faultline/incoming_vm.h"
 #include "tools/faultline/live_vm.h"
 
 namespace faultline::cli {
@@ -74,144 +70,89 @@ int Fail(const Status& status) {
   return 1;
 }
 
-std::chrono::milliseconds AcceptTimeout(const RunOptions& o) {
+std::chrono::milliseconds Millis(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
+// The VM the options describe, and the checks of the options that go
+// together.
+Result<vmm::VmConfig> MakeConfig(const RunOptions& o) {
+  vmm::VmConfig config;
+  RETURN_IF_ERROR(ApplyMachineOptions(o.guest, o.mem, o.vcpus, o.backing, o.accel, config));
+  Result<std::string> args = WorkloadToGuestArgs(o.workload, o.duration_s);
+  if (!args.has_value()) return args.error().WithContext("--workload");
+  config.guest_args = *args;
+  if (!o.quiet) {
+    config.serial = [](const std::string& line) { fmt::print(stderr, "guest| {}\n", line); };
+  }
+  if (o.postcopy && o.incoming.empty()) {
+    return Error("--postcopy goes with --incoming: it says the migration to receive is post-copy");
+  }
+  if (!o.installer.empty() && !o.postcopy) {
+    return Error("--installer goes with --incoming and --postcopy");
+  }
+  return config;
+}
+
+// The VM this run hosts and, with --incoming, the migration that brings its
+// guest (the post-copy pager lives in `incoming`).
+struct Hosted {
+  std::unique_ptr<migration::SocketListener> listener;
+  std::unique_ptr<vmm::Vm> vm;
+  std::unique_ptr<IncomingVmAdapter> adapter;
+  std::unique_ptr<control::IncomingControl> incoming;
+  // --incoming with --control: the socket serves the incoming migration
+  // from the start; LiveVm takes it over once the guest runs here.
+  std::unique_ptr<control::ControlServer> server;
+  nlohmann::json incoming_json;            // the report's "incoming"
+  Clock::time_point start = Clock::now();  // the guest's time here starts
+  // The VM stops first: its vCPUs may call the pager.
+  ~Hosted() {
+    if (vm) vm->Stop();
+  }
+};
+
+Status Boot(const vmm::VmConfig& config, Hosted& h) {
+  ASSIGN_OR_RETURN(h.vm, vmm::Vm::Create(config));
+  return h.vm->Start();
+}
+
+control::IncomingOptions IncomingOptionsFor(const RunOptions& o, const vmm::VmConfig& config) {
+  control::IncomingOptions options;
+  options.mode = o.postcopy ? control::MigrationMode::kPostcopy : control::MigrationMode::kPrecopy;
+  options.bytes_total = config.mem_size;
   // The source may be told to migrate long after this starts.
-  return std::chrono::milliseconds(
-      static_cast<int64_t>((o.timeout_s > 0 ? o.timeout_s : 3600) * 1000));
-}
-
-// --incoming: waits for one migration on `listener` and receives it into
-// `vm` (created with boot = false).
-Result<migration::DestinationStats> ReceiveGuest(vmm::Vm& vm, migration::SocketListener& listener,
-                                                 const RunOptions& o,
-                                                 control::IncomingStatus& status,
-                                                 nlohmann::json& out) {
-  const migration::Address& bound = listener.bound();
-  if (!bound.is_unix()) {  // unix: said already, before the offer
-    fmt::print(stderr, "faultline run: waiting for a migration on {}\n", bound.ToString());
-    std::fflush(stderr);
-  }
-  std::unique_ptr<migration::DestinationVm> target = vmm::MakeDestinationVm(vm);
-  migration::DestinationOptions options;
-  options.accept.timeout = AcceptTimeout(o);
-  migration::MigrationDestination destination(*target, options);
-  // The pre-copy receiver keeps no live counters: query-migrate says
-  // precopy (waiting or receiving) until it ends.
-  status.SetPhase(control::MigrationPhase::kPrecopy);
-  Result<migration::DestinationStats> stats = destination.Run(listener);
-  status.Finish(
-      stats.has_value() ? control::MigrationPhase::kCompleted : control::MigrationPhase::kFailed,
-      stats.has_value() ? "" : stats.error().ToString());
-  if (!stats.has_value()) {
-    return Error(
-        "incoming migration on {} refused: {}. The guest was not started here; the "
-        "source keeps running it",
-        bound.ToString(), stats.error().ToString());
-  }
-  out = {{"passes", stats->passes},
-         {"data_pages", stats->data_pages},
-         {"zero_pages", stats->zero_pages},
-         {"bytes_received", stats->bytes_received},
-         {"ms", stats->total.count() / 1000.0}};
-  if (!o.quiet) {
-    fmt::print(stderr,
-               "faultline run: received the guest: {} MiB in {} passes ({} data, {} zero "
-               "pages) in {:.0f} ms; running it\n",
-               stats->bytes_received >> 20, stats->passes, stats->data_pages, stats->zero_pages,
-               stats->total.count() / 1000.0);
-  }
-  return stats;
-}
-
-// --incoming --postcopy: waits for one post-copy migration into `vm`
-// (created with boot = false) and runs it to the end; the engine starts the
-// guest at the switchover. A broken link pauses it: the guest waits for its
-// missing pages and this waits for the source's resumed session on the same
-// listener. `target` keeps the pager, which must outlive the VM's run.
-Result<migration::PostcopyDestinationStats> ReceivePostcopy(
-    vmm::Vm& vm, migration::SocketListener& listener, const RunOptions& o,
-    std::unique_ptr<migration::PostcopyDestinationVm>& target, control::IncomingStatus& status,
-    nlohmann::json& out) {
-  migration::PostcopyVmOptions vm_options;
-  vm_options.realtime_priority = o.realtime_priority;
-  nlohmann::json calibration;
-  Result<paging::InstallerKind> kind =
-      ChooseInstaller(o.installer, vm.config().backing, &calibration, o.quiet);
-  if (!kind.has_value()) return kind.error().WithContext("--installer");
-  vm_options.installer = *kind;
-  // Refused here, before anyone waits on this destination, rather than when
-  // a source connects (e.g. the zero installer, which never asks the source).
-  target = vmm::MakePostcopyDestinationVm(vm, vm_options);
-  RETURN_IF_ERROR(target->CheckPaging().WithContext("--installer"));
-  const migration::Address& bound = listener.bound();
-  fmt::print(stderr, "faultline run: waiting for a post-copy migration on {} ({} installer)\n",
-             bound.ToString(), paging::InstallerName(target->installer()));
-  std::fflush(stderr);
-  migration::DestinationOptions options;
-  options.accept.timeout = AcceptTimeout(o);
+  options.accept_timeout = Millis(o.timeout_s > 0 ? o.timeout_s : 3600);
   options.realtime_priority = o.realtime_priority;
-  migration::PostcopyDestination destination(*target, options);
-  status.Attach(&destination);
-  struct Detach {
-    control::IncomingStatus& status;
-    ~Detach() { status.Detach(); }  // before `destination` goes
-  } detach{status};
-  Result<migration::PostcopyDestinationStats> stats = destination.Run(listener);
-  while (!stats.has_value() && destination.phase() == migration::PostcopyPhase::kPaused) {
-    fmt::print(stderr,
-               "faultline run: post-copy link broken ({}); the guest runs here and waits for "
-               "its missing pages; waiting on {} for the source to resume (`faultline migrate "
-               "--resume`)\n",
-               stats.error().ToString(), bound.ToString());
+  options.installer = o.installer;
+  options.prealloc = o.prealloc;
+  options.quiet = o.quiet;
+  options.test_die_before_confirm = o.test_die_before_confirm;
+  options.say = [](const std::string& line) {
+    fmt::print(stderr, "faultline run: {}\n", line);
     std::fflush(stderr);
-    stats = destination.Resume(listener);
-  }
-  if (!stats.has_value()) {
-    const migration::PostcopyDestinationStats last = destination.stats();
-    status.Finish(control::MigrationPhase::kFailed, stats.error().ToString(), &last);
-    if (destination.phase() == migration::PostcopyPhase::kPaused ||
-        destination.phase() == migration::PostcopyPhase::kPostcopy) {
-      return Error("post-copy migration on {} broke after the guest started here: {}",
-                   bound.ToString(), stats.error().ToString());
-    }
-    return Error(
-        "incoming post-copy migration on {} refused: {}. The guest was not started "
-        "here; the source keeps running it",
-        bound.ToString(), stats.error().ToString());
-  }
-  status.Finish(control::MigrationPhase::kCompleted, "", &*stats);
-  out = {{"mode", "postcopy"},
-         {"passes", stats->passes},
-         {"precopy_pages", stats->precopy_pages},
-         {"bytes_received", stats->bytes_received},
-         {"sessions", stats->sessions},
-         {"installer", paging::InstallerName(target->installer())},
-         {"installer_calibration", calibration},
-         {"start_vm_ms", stats->start_vm.count() / 1000.0},
-         {"ms", stats->total.count() / 1000.0}};
-  out.update(control::PostcopyFiguresJson(*stats));
-  if (!o.quiet) {
-    fmt::print(stderr,
-               "faultline run: post-copy complete: {} MiB in {} ms over {} session(s); {}\n",
-               stats->bytes_received >> 20, stats->total.count() / 1000, stats->sessions,
-               control::PostcopyFiguresLine(*stats));
-  }
-  return stats;
+  };
+  return options;
 }
 
-// The control socket of a VM waiting for (then receiving) a migration:
-// query-status and query-migrate, the latter from `incoming`.
-Result<std::unique_ptr<control::ControlServer>> ServeIncoming(
-    const std::string& path, vmm::Vm& vm, std::shared_ptr<control::IncomingStatus> incoming) {
-  ASSIGN_OR_RETURN(std::unique_ptr<control::ControlServer> server,
-                   control::ControlServer::Create(path));
-  const auto created = Clock::now();
-  server->Register("query-migrate", [incoming](const nlohmann::json&) -> Result<nlohmann::json> {
+// --incoming with --control: query-status and query-migrate (the incoming
+// migration's status) while the guest is on its way.
+Status ServeIncoming(const RunOptions& o, Hosted& h) {
+  if (o.control.empty()) return Status::Ok();
+  Result<std::unique_ptr<control::ControlServer>> server =
+      control::ControlServer::Create(o.control);
+  if (!server.has_value()) {
+    Status why = server.error().WithContext("--control");
+    (void)h.incoming->Refuse(why, migration::ErrorCode::kResource);
+    return why;
+  }
+  std::shared_ptr<control::IncomingStatus> incoming = h.incoming->status();
+  (*server)->Register("query-migrate", [incoming](const nlohmann::json&) -> Result<nlohmann::json> {
     return incoming->Status();
   });
-  control::RegisterStatusCommand(*server, [&vm, incoming, created] {
+  const vmm::VmConfig& config = h.vm->config();
+  control::RegisterStatusCommand(**server, [&config, incoming, created = Clock::now()] {
     control::VmStatus s;
-    const vmm::VmConfig& config = vm.config();
     s.vcpus = config.vcpus;
     s.mem_bytes = config.mem_size;
     s.backing = BackingName(config.backing);
@@ -224,212 +165,139 @@ Result<std::unique_ptr<control::ControlServer>> ServeIncoming(
         std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - created).count());
     return s;
   });
-  RETURN_IF_ERROR(server->Start());
-  return server;
+  RETURN_IF_ERROR((*server)->Start());
+  h.server = std::move(*server);
+  return Status::Ok();
+}
+
+// --incoming: boots nothing, waits for the guest and runs it once it is
+// here (post-copy: from the switchover on).
+Status Receive(const RunOptions& o, vmm::VmConfig config, Hosted& h) {
+  config.boot = false;  // the guest, its command line included, comes with its memory
+  Result<migration::Address> address = migration::ParseAddress(o.incoming);
+  if (!address.has_value()) return address.error().WithContext("--incoming");
+  Result<std::unique_ptr<migration::SocketListener>> listener =
+      migration::SocketListener::Listen(*address, {});
+  if (!listener.has_value()) return listener.error().WithContext("--incoming");
+  h.listener = std::move(*listener);
+  h.incoming =
+      std::make_unique<control::IncomingControl>(*h.listener, IncomingOptionsFor(o, config));
+  if (address->is_unix()) {
+    // The first connection offers the guest, and says how its memory
+    // comes (passed, or copied by the migration that follows).
+    const migration::BlockInfo ram[] = {ExpectedRam(config)};
+    RETURN_IF_ERROR(h.incoming->AcceptLocalOffer(ram, config.vcpus));
+    if (!h.incoming->passed_fds().empty()) config.ram_fd = h.incoming->passed_fds()[0].get();
+  }
+  Result<std::unique_ptr<vmm::Vm>> vm = vmm::Vm::Create(config);
+  if (!vm.has_value()) return h.incoming->Refuse(vm.error(), migration::ErrorCode::kResource);
+  h.vm = std::move(*vm);
+  h.adapter = std::make_unique<IncomingVmAdapter>(*h.vm);
+  RETURN_IF_ERROR(ServeIncoming(o, h));
+  RETURN_IF_ERROR(h.incoming->Prepare(*h.adapter));
+  ASSIGN_OR_RETURN(control::IncomingResult arrived, h.incoming->Run());
+  h.incoming_json = std::move(arrived.figures);
+  h.start = arrived.started_at;
+  return Status::Ok();
+}
+
+// The guest left by migration (or may have: kUnknown); the VM stays paused.
+int ReportMigratedAway(const RunOptions& o, LiveVm& live, vmm::Vm& vm, LiveVm::End end,
+                       Clock::time_point start) {
+  control::MigrationStatus m = live.migration_status();
+  if (end == LiveVm::End::kMigrated) {
+    // Let `faultline migrate` see "completed" before the socket goes.
+    live.WaitForCompletionSeen(std::chrono::seconds(3));
+  }
+  const GuestReport report = vm.report();
+  vm.Stop();
+  if (end == LiveVm::End::kUnknown) return kExitMigrationUnknown;
+  uint64_t workload_pages = 0;
+  for (const GuestVcpuReport& v : report.vcpus) workload_pages += v.pages;
+  if (o.json) {
+    nlohmann::json j = {
+        {"migrated_to", m.to},
+        {"migration", m},
+        {"workload_pages", workload_pages},
+        {"elapsed_ms", std::chrono::duration<double, std::milli>(Clock::now() - start).count()}};
+    fmt::print("{}\n", j.dump());
+  } else if (m.local && m.local_memory == "fds") {
+    fmt::print(
+        "the guest moved to the new VMM process at {} (local update: its RAM passed as {} "
+        "descriptor(s), {} pages copied, paused {:.2f} ms); it runs there now, this VMM is "
+        "done\n",
+        m.to, m.fds_passed, m.pages_copied, m.downtime_us.value_or(0) / 1000.0);
+  } else {
+    std::string downtime = m.downtime_ms ? fmt::format(", downtime {} ms", *m.downtime_ms) : "";
+    fmt::print(
+        "the guest migrated to {} ({} MiB in {} passes{}); it runs there now, this VMM is "
+        "done\n",
+        m.to, m.bytes_sent >> 20, m.pass, downtime);
+  }
+  return 0;
+}
+
+// The guest ended here: its report, and the exit code it earns.
+int ReportFinished(const RunOptions& o, const vmm::VmConfig& config, const Hosted& h,
+                   const GuestReport& report) {
+  double elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - h.start).count();
+  if (o.json) {
+    nlohmann::json j = ReportToJson(report);
+    j["elapsed_ms"] = elapsed_ms;
+    j["mem_bytes"] = config.mem_size;
+    j["backing"] = BackingName(config.backing);
+    j["accel"] = hv::AccelName(h.vm->accel());
+    j["dirty"] = DirtyLogModeName(h.vm->dirty_mode());
+    if (!h.incoming_json.is_null()) j["incoming"] = h.incoming_json;
+    fmt::print("{}\n", j.dump());
+  } else {
+    fmt::print("{}", FormatReport(report));
+    fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing, {}{})\n", elapsed_ms,
+               config.mem_size >> 20, config.vcpus, BackingName(config.backing),
+               hv::AccelName(h.vm->accel()),
+               o.incoming.empty()                             ? ""
+               : h.incoming_json.value("mode", "") == "local" ? ", taken over by a local update"
+                                                              : ", received by migration");
+  }
+  if (report.success()) return 0;
+  for (size_t i = 0; i < report.vcpus.size(); ++i) {
+    const GuestVcpuReport& v = report.vcpus[i];
+    if (v.panic) fmt::print(stderr, "faultline run: vcpu {}: guest {}\n", i, *v.panic);
+  }
+  fmt::print(stderr, "faultline run: the guest reported failure ({} bad pages)\n",
+             report.bad_page_count());
+  return 1;
 }
 
 int Run(const RunOptions& o) {
-  vmm::VmConfig config;
-  config.guest_path = o.guest;
-  Result<uint64_t> mem = ParseSize(o.mem);
-  if (!mem.has_value()) return Fail(mem.error().WithContext("--mem"));
-  config.mem_size = *mem;
-  config.vcpus = o.vcpus;
-  Result<Backing> backing = ParseBacking(o.backing);
-  if (!backing.has_value()) return Fail(backing.error().WithContext("--backing"));
-  config.backing = *backing;
-  if (Status s = ApplyAccelOptions(o.accel, config); !s.ok()) return Fail(s);
-  Result<std::string> args = WorkloadToGuestArgs(o.workload, o.duration_s);
-  if (!args.has_value()) return Fail(args.error().WithContext("--workload"));
-  config.guest_args = *args;
-  if (!o.quiet) {
-    config.serial = [](const std::string& line) { fmt::print(stderr, "guest| {}\n", line); };
-  }
-
-  if (o.postcopy && o.incoming.empty()) {
-    return Fail(
-        Error("--postcopy goes with --incoming: it says the migration to receive is "
-              "post-copy"));
-  }
-  if (!o.installer.empty() && !o.postcopy) {
-    return Fail(Error("--installer goes with --incoming and --postcopy"));
-  }
-  auto start = Clock::now();
-  Result<std::unique_ptr<vmm::Vm>> vm = Error("not created");
-  // Post-copy: the pager behind the VM's memory; stopped (below) before it
-  // goes, as the VM's vCPUs may call it.
-  std::unique_ptr<migration::PostcopyDestinationVm> postcopy_target;
-  struct StopFirst {
-    Result<std::unique_ptr<vmm::Vm>>& vm;
-    ~StopFirst() {
-      if (vm.has_value() && *vm) (*vm)->Stop();
-    }
-  } stop_first{vm};
-  bool started = false;
-  nlohmann::json incoming_json;
-  // --incoming with --control: the socket serves the incoming migration
-  // from now on; LiveVm takes it over once the guest runs here.
-  std::shared_ptr<control::IncomingStatus> incoming_status;
-  std::unique_ptr<control::ControlServer> early_server;
-  if (!o.incoming.empty()) {
-    // The guest, its command line included, arrives with its memory.
-    config.boot = false;
-    Result<migration::Address> address = migration::ParseAddress(o.incoming);
-    if (!address.has_value()) return Fail(address.error().WithContext("--incoming"));
-    Result<std::unique_ptr<migration::SocketListener>> listener =
-        migration::SocketListener::Listen(*address, {});
-    if (!listener.has_value()) return Fail(listener.error().WithContext("--incoming"));
-    // unix: the first connection offers the guest, and says how its memory
-    // comes (passed, or copied by the migration that follows).
-    std::unique_ptr<migration::LocalUpdateDestination> local;
-    bool postcopy = o.postcopy;
-    const LocalIncomingOptions local_options{AcceptTimeout(o), o.quiet, o.test_die_before_confirm};
-    if (address->is_unix()) {
-      Result<std::unique_ptr<migration::LocalUpdateDestination>> accepted =
-          AcceptLocalOffer(**listener, local_options, config, postcopy);
-      if (!accepted.has_value()) return Fail(accepted.error());
-      local = std::move(*accepted);
-    }
-    vm = vmm::Vm::Create(config);
-    if (local) {
-      Status checked = CheckLocalVm(*local, vm);
-      if (!checked.ok()) return Fail(checked);
-    } else if (!vm.has_value()) {
-      return Fail(vm.error());
-    }
-    incoming_status = std::make_shared<control::IncomingStatus>(
-        postcopy ? control::MigrationMode::kPostcopy : control::MigrationMode::kPrecopy,
-        config.mem_size);
-    if (!o.control.empty()) {
-      Result<std::unique_ptr<control::ControlServer>> server =
-          ServeIncoming(o.control, **vm, incoming_status);
-      if (!server.has_value()) {
-        Status why = server.error().WithContext("--control");
-        if (local) (void)local->Refuse(why, migration::ErrorCode::kResource);
-        return Fail(why);
-      }
-      early_server = std::move(*server);
-    }
-    if (local && local->offer().memory == migration::LocalMemory::kFds) {
-      Status received = ReceiveLocal(*local, **vm, local_options, *incoming_status, incoming_json);
-      if (!received.ok()) return Fail(received);
-      start = Clock::now();  // the guest's time here starts now
-    } else {
-      if (local) {
-        if (Status ready = local->Ready(); !ready.ok()) return Fail(LocalRefused(ready));
-        if (!o.quiet) {
-          fmt::print(stderr,
-                     "faultline run: the source's guest RAM cannot be passed (anonymous "
-                     "memory): receiving it by {} migration over {}\n",
-                     postcopy ? "post-copy" : "pre-copy", (*listener)->address());
-        }
-      }
-      if (o.prealloc) {
-        std::span<uint8_t> ram = (*vm)->ram();
-        if (Status s = sys::PopulateWrite(ram.data(), ram.size()); !s.ok()) {
-          return Fail(s.WithContext("--prealloc"));
-        }
-      }
-      if (postcopy) {
-        Result<migration::PostcopyDestinationStats> stats =
-            ReceivePostcopy(**vm, **listener, o, postcopy_target, *incoming_status, incoming_json);
-        if (!stats.has_value()) return Fail(stats.error());
-        started = true;  // by the engine, at the switchover
-        start = stats->vm_started_at;
-      } else {
-        Result<migration::DestinationStats> stats =
-            ReceiveGuest(**vm, **listener, o, *incoming_status, incoming_json);
-        if (!stats.has_value()) return Fail(stats.error());
-        start = Clock::now();  // the guest's time here starts now
-      }
-    }
-  } else {
-    vm = vmm::Vm::Create(config);
-    if (!vm.has_value()) return Fail(vm.error());
-  }
-  if (!started) {
-    if (Status s = (*vm)->Start(); !s.ok()) return Fail(s);
-  }
+  Result<vmm::VmConfig> config = MakeConfig(o);
+  if (!config.has_value()) return Fail(config.error());
+  Hosted h;
+  Status ready = o.incoming.empty() ? Boot(*config, h) : Receive(o, *config, h);
+  if (!ready.ok()) return Fail(ready);
 
   std::optional<migration::FaultPlan> link_fault;
   if (o.test_cut_after > 0) {
     link_fault.emplace();
     link_fault->cut_after_bytes_sent = o.test_cut_after;
   }
-  Result<std::unique_ptr<LiveVm>> live =
-      LiveVm::Create(**vm, o.control, link_fault, std::move(early_server), incoming_status,
-                     o.realtime_priority, o.test_withhold_fds);
+  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(
+      *h.vm, o.control, link_fault, std::move(h.server),
+      h.incoming ? h.incoming->status() : nullptr, o.realtime_priority, o.test_withhold_fds);
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
-  double timeout = o.timeout_s > 0 ? o.timeout_s : 300 + o.duration_s * 2;
-  auto deadline = start + std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
-  LiveVm::End end = (*live)->Wait(deadline, "faultline run");
+  const double timeout = o.timeout_s > 0 ? o.timeout_s : 300 + o.duration_s * 2;
+  const LiveVm::End end = (*live)->Wait(h.start + Millis(timeout), "faultline run");
   if (end == LiveVm::End::kMigrated || end == LiveVm::End::kUnknown) {
-    control::MigrationStatus m = (*live)->migration_status();
-    if (end == LiveVm::End::kMigrated) {
-      // Let `faultline migrate` see "completed" before the socket goes.
-      (*live)->WaitForCompletionSeen(std::chrono::seconds(3));
-    }
-    const GuestReport report = (*vm)->report();
-    (*vm)->Stop();
-    if (end == LiveVm::End::kUnknown) return kExitMigrationUnknown;
-    uint64_t workload_pages = 0;
-    for (const GuestVcpuReport& v : report.vcpus) workload_pages += v.pages;
-    if (o.json) {
-      nlohmann::json j = {
-          {"migrated_to", m.to},
-          {"migration", m},
-          {"workload_pages", workload_pages},
-          {"elapsed_ms", std::chrono::duration<double, std::milli>(Clock::now() - start).count()}};
-      fmt::print("{}\n", j.dump());
-    } else if (m.local && m.local_memory == "fds") {
-      fmt::print(
-          "the guest moved to the new VMM process at {} (local update: its RAM passed as {} "
-          "descriptor(s), {} pages copied, paused {:.2f} ms); it runs there now, this VMM is "
-          "done\n",
-          m.to, m.fds_passed, m.pages_copied, m.downtime_us.value_or(0) / 1000.0);
-    } else {
-      std::string downtime = m.downtime_ms ? fmt::format(", downtime {} ms", *m.downtime_ms) : "";
-      fmt::print(
-          "the guest migrated to {} ({} MiB in {} passes{}); it runs there now, this VMM is "
-          "done\n",
-          m.to, m.bytes_sent >> 20, m.pass, downtime);
-    }
-    return 0;
+    return ReportMigratedAway(o, **live, *h.vm, end, h.start);
   }
   // Finished here (or timed out: Wait stops the VM and says so).
   Result<GuestReport> report =
-      (*vm)->Wait(std::chrono::milliseconds(end == LiveVm::End::kTimeout ? 0 : 60'000));
+      h.vm->Wait(std::chrono::milliseconds(end == LiveVm::End::kTimeout ? 0 : 60'000));
   live->reset();
   if (!report.has_value()) return Fail(report.error());
-  double elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-  if (o.json) {
-    nlohmann::json j = ReportToJson(*report);
-    j["elapsed_ms"] = elapsed_ms;
-    j["mem_bytes"] = config.mem_size;
-    j["backing"] = BackingName(config.backing);
-    j["accel"] = hv::AccelName((*vm)->accel());
-    j["dirty"] = DirtyLogModeName((*vm)->dirty_mode());
-    if (!incoming_json.is_null()) j["incoming"] = incoming_json;
-    fmt::print("{}\n", j.dump());
-  } else {
-    fmt::print("{}", FormatReport(*report));
-    fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing, {}{})\n", elapsed_ms,
-               config.mem_size >> 20, config.vcpus, BackingName(config.backing),
-               hv::AccelName((*vm)->accel()),
-               o.incoming.empty()                           ? ""
-               : incoming_json.value("mode", "") == "local" ? ", taken over by a local update"
-                                                            : ", received by migration");
-  }
-  if (report->success()) return 0;
-  for (size_t i = 0; i < report->vcpus.size(); ++i) {
-    const GuestVcpuReport& v = report->vcpus[i];
-    if (v.panic) fmt::print(stderr, "faultline run: vcpu {}: guest {}\n", i, *v.panic);
-  }
-  fmt::print(stderr, "faultline run: the guest reported failure ({} bad pages)\n",
-             report->bad_page_count());
-  return 1;
+  return ReportFinished(o, *config, h, *report);
 }
 
 }  // namespace
