@@ -250,7 +250,11 @@ MigrationStatus SourceMigrationControl::PostcopyStatus() {
       }
       break;
     case PostcopyPhase::kCompleted:
-      s.phase = MigrationPhase::kCompleted;
+      // The engine is done, but "completed" is reported with the final
+      // figures (sessions, downtime), which the migration's thread records
+      // once Run() returns: until then a query sees it still finishing.
+      s.phase = MigrationPhase::kPostcopy;
+      s.bytes_remaining = 0;
       break;
     case PostcopyPhase::kFailed:
       s.phase = MigrationPhase::kFailed;
