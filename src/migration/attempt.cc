@@ -21,7 +21,7 @@ Attempt::~Attempt() {
 }
 
 Status Attempt::Adopt(Session session, std::unique_ptr<Link> priority) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   session_ = std::move(session);
   priority_ = std::move(priority);
   barrier_.emplace(session_.pages.size());
@@ -62,7 +62,7 @@ Status Attempt::FailByPeer(const ErrorMessage& error, std::string_view where) {
 
 void Attempt::Record(Status why, ErrorCode code, bool report) {
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (closed_) return;  // the attempt is over: threads only wind down
     if (error_) {
       // A consequence recorded first (the source closing the main channel
@@ -80,43 +80,43 @@ void Attempt::Record(Status why, ErrorCode code, bool report) {
   }
   if (!report) return;
   TellPeer(why, code);
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   ShutdownLinks();
 }
 
 bool Attempt::failed() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return error_.has_value();
 }
 
 Status Attempt::error() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return error_ ? *error_ : Status::Ok();
 }
 
 Status Attempt::failure() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return error_ ? *error_ : Status(ECANCELED, "migration abandoned");
 }
 
 Status Attempt::StopReporting() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   reporting_ = false;
   return error_ ? *error_ : Status::Ok();
 }
 
 void Attempt::TellPeer(const Status& why, ErrorCode code) {
-  std::lock_guard lock(write_mu_);
+  sys::MutexLock lock(write_mu_);
   (void)session_.main->writer().Send(ErrorMessage{code, why.ToString()});
 }
 
 Status Attempt::SendMain(const Message& message) {
-  std::lock_guard lock(write_mu_);
+  sys::MutexLock lock(write_mu_);
   return session_.main->writer().Send(message);
 }
 
 void Attempt::Close() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   closed_ = true;
   ShutdownLinks();
 }
@@ -158,25 +158,27 @@ void Attempt::Join() {
 }
 
 void Attempt::Reach(Milestone milestone) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   ++reached_[Index(milestone)];
   cv_.notify_all();
 }
 
 bool Attempt::Await(Milestone milestone, size_t count) {
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return Over() || reached_[Index(milestone)] >= count; });
+  sys::MutexLock lock(mu_);
+  cv_.wait(lock.native(),
+           [&]() REQUIRES(mu_) { return Over() || reached_[Index(milestone)] >= count; });
   return reached_[Index(milestone)] >= count && !Over();
 }
 
 bool Attempt::AwaitFor(Milestone milestone, size_t count, std::chrono::milliseconds timeout) {
-  std::unique_lock lock(mu_);
-  cv_.wait_for(lock, timeout, [&] { return Over() || reached_[Index(milestone)] >= count; });
+  sys::MutexLock lock(mu_);
+  cv_.wait_for(lock.native(), timeout,
+               [&]() REQUIRES(mu_) { return Over() || reached_[Index(milestone)] >= count; });
   return reached_[Index(milestone)] >= count && !Over();
 }
 
 size_t Attempt::reached(Milestone milestone) const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return reached_[Index(milestone)];
 }
 

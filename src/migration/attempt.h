@@ -38,7 +38,6 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -48,6 +47,7 @@
 #include "faultline/status.h"
 #include "src/migration/handshake.h"
 #include "src/migration/pass_barrier.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -139,21 +139,26 @@ class Attempt {
 
  private:
   void Record(Status why, ErrorCode code, bool report);
-  void ShutdownLinks();  // requires mu_
-  bool Over() const;     // requires mu_: failed or closed
+  void ShutdownLinks() REQUIRES(mu_);
+  bool Over() const REQUIRES(mu_);  // failed or closed
 
-  mutable std::mutex mu_;
+  // Taken after the engine's outer lock (which the engines hold while they
+  // fail the active attempt); the analysis cannot name that lock here, as
+  // each engine has its own and holds the attempt by pointer.
+  mutable sys::Mutex mu_;
   std::condition_variable cv_;  // a milestone, a failure, the close
-  Session session_;             // set under mu_ (Adopt), then used without it
+  // Not guarded: set under mu_ by Adopt, before any thread of the attempt
+  // uses them, and never replaced (threads use them without the lock).
+  Session session_;
   std::unique_ptr<Link> priority_;
   std::optional<PassBarrier> barrier_;
-  std::optional<Status> error_;  // guarded by mu_
-  bool reporting_;               // guarded by mu_
-  bool closed_ = false;          // guarded by mu_
-  // By milestone; guarded by mu_.
-  std::array<size_t, static_cast<size_t>(Milestone::kCount)> reached_{};
-  std::mutex write_mu_;               // the main channel's writer, for Error and SendMain
-  std::vector<std::thread> threads_;  // started and joined by the engine's thread
+  std::optional<Status> error_ GUARDED_BY(mu_);
+  bool reporting_ GUARDED_BY(mu_);
+  bool closed_ GUARDED_BY(mu_) = false;
+  // By milestone.
+  std::array<size_t, static_cast<size_t>(Milestone::kCount)> reached_ GUARDED_BY(mu_) = {};
+  sys::Mutex write_mu_ ACQUIRED_AFTER(mu_);  // the main channel's writer, for Error and SendMain
+  std::vector<std::thread> threads_;         // started and joined by the engine's thread
 };
 
 }  // namespace faultline::migration

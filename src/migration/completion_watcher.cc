@@ -9,7 +9,7 @@ CompletionWatcher::CompletionWatcher(Attempt& attempt) : a_(attempt), thread_([t
 CompletionWatcher::~CompletionWatcher() {
   bool ended;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     ended = verdict_.has_value();
   }
   if (!ended) a_.Close();
@@ -34,33 +34,35 @@ void CompletionWatcher::Run() {
     end = Error("the destination sent {} on the main channel", MessageTypeName(TypeOf(*m)));
   }
   if (!end.ok()) a_.Fail(end);  // wakes every other thread (the first failure wins)
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   verdict_ = std::move(end);
   refused_ = refused;
   cv_.notify_all();
 }
 
 Status CompletionWatcher::Wait() {
+  Status verdict;
   {
-    std::unique_lock lock(mu_);
+    sys::MutexLock lock(mu_);
     // A failure or close of the attempt shuts the main channel down, so the
     // read above always ends. The verdict is final: a CompleteAck read
     // before other channels closed wins.
-    cv_.wait(lock, [&] { return verdict_.has_value(); });
+    cv_.wait(lock.native(), [&]() REQUIRES(mu_) { return verdict_.has_value(); });
     if (verdict_->ok()) return Status::Ok();
+    verdict = *verdict_;
   }
   Status first = a_.error();
-  return first.ok() ? *verdict_ : first;
+  return first.ok() ? verdict : first;
 }
 
 Status CompletionWatcher::Explain(Status local, std::chrono::milliseconds timeout) {
-  std::unique_lock lock(mu_);
-  cv_.wait_for(lock, timeout, [&] { return verdict_.has_value(); });
+  sys::MutexLock lock(mu_);
+  cv_.wait_for(lock.native(), timeout, [&]() REQUIRES(mu_) { return verdict_.has_value(); });
   return refused_ ? *verdict_ : local;
 }
 
 bool CompletionWatcher::peer_refused() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return refused_;
 }
 

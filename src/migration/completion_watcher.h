@@ -10,12 +10,12 @@
 
 #include <chrono>
 #include <condition_variable>
-#include <mutex>
 #include <optional>
 #include <thread>
 
 #include "faultline/status.h"
 #include "src/migration/attempt.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -39,11 +39,11 @@ class CompletionWatcher {
   void Run();
 
   Attempt& a_;
-  mutable std::mutex mu_;  // leaf
+  mutable sys::Mutex mu_;  // leaf
   std::condition_variable cv_;
-  std::optional<Status> verdict_;  // guarded by mu_
-  bool refused_ = false;           // guarded by mu_
-  std::thread thread_;             // last: starts once the members above exist
+  std::optional<Status> verdict_ GUARDED_BY(mu_);
+  bool refused_ GUARDED_BY(mu_) = false;
+  std::thread thread_;  // last: starts once the members above exist
 };
 
 }  // namespace faultline::migration

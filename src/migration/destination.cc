@@ -28,19 +28,19 @@ MigrationDestination::MigrationDestination(DestinationVm& vm, DestinationOptions
 Result<DestinationStats> MigrationDestination::Run(Acceptor& acceptor) {
   Attempt attempt(Attempt::Reporting::kTellPeer);
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (active_ != nullptr) return Error("MigrationDestination::Run is already running");
     active_ = &attempt;
     if (cancelled_) attempt.Fail(Status(ECANCELED, "migration cancelled"), ErrorCode::kCancelled);
   }
   Result<DestinationStats> result = Receive(attempt, acceptor);
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   active_ = nullptr;
   return result;
 }
 
 void MigrationDestination::Cancel() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   cancelled_ = true;
   if (active_ != nullptr) {
     active_->Fail(Status(ECANCELED, "migration cancelled"), ErrorCode::kCancelled);

@@ -14,7 +14,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <mutex>
 
 #include "faultline/status.h"
 #include "src/migration/attempt.h"
@@ -22,6 +21,7 @@
 #include "src/migration/handshake.h"
 #include "src/migration/migratable.h"
 #include "src/migration/transport.h"
+#include "src/sys/mutex.h"
 #include "src/sys/sched.h"
 
 namespace faultline::migration {
@@ -68,9 +68,9 @@ class MigrationDestination {
   DestinationVm& vm_;
   const DestinationOptions options_;
   // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
-  std::mutex mu_;
-  Attempt* active_ = nullptr;  // guarded by mu_
-  bool cancelled_ = false;     // guarded by mu_
+  sys::Mutex mu_;
+  Attempt* active_ GUARDED_BY(mu_) = nullptr;
+  bool cancelled_ GUARDED_BY(mu_) = false;
 };
 
 }  // namespace faultline::migration

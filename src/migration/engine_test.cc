@@ -19,6 +19,7 @@
 #include "src/migration/handshake.h"
 #include "src/migration/source.h"
 #include "src/migration/test_util.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 namespace {
@@ -42,7 +43,7 @@ class FakeVm final : public SourceVm, public DestinationVm {
       const uint64_t pages = block_->size() / kWirePageSize;
       while (!stop_.load()) {
         {
-          std::lock_guard lock(mu_);
+          sys::MutexLock lock(mu_);
           if (!paused_) {
             for (uint64_t i = 0; i < pages_per_ms; ++i) {
               const uint64_t p = rng() % pages;
@@ -78,29 +79,29 @@ class FakeVm final : public SourceVm, public DestinationVm {
   // SourceVm
   std::vector<std::shared_ptr<RamBlock>> blocks() override { return {block_}; }
   Status StartDirtyTracking() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     tracking_ = true;
     dirty_.ClearAll();
     return Status::Ok();
   }
   Status StopDirtyTracking() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     tracking_ = false;
     return Status::Ok();
   }
   Status TakeDirty(const RamBlock&, DirtyBitmap& out) override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     dirty_.TakeInto(out);
     if (no_dirty_log_) out.SetAll();  // as a guest_memfd block reports itself
     return Status::Ok();
   }
   void Pause() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     paused_ = true;
     ++pauses_;
   }
   void Resume() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     paused_ = false;
     ++resumes_;
   }
@@ -127,19 +128,19 @@ class FakeVm final : public SourceVm, public DestinationVm {
   }
 
   bool paused() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return paused_;
   }
   bool tracking() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return tracking_;
   }
   int pauses() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return pauses_;
   }
   uint64_t writes() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return writes_;
   }
 
@@ -153,13 +154,13 @@ class FakeVm final : public SourceVm, public DestinationVm {
   std::shared_ptr<RamBlock> block_;
   std::thread guest_;
   std::atomic<bool> stop_{false};
-  std::mutex mu_;  // guards everything below; the guest writes under it
-  DirtyBitmap dirty_;
-  bool tracking_ = false;
-  bool paused_ = false;
-  int pauses_ = 0;
-  int resumes_ = 0;
-  uint64_t writes_ = 0;
+  sys::Mutex mu_;  // the guest writes under it
+  DirtyBitmap dirty_ GUARDED_BY(mu_);
+  bool tracking_ GUARDED_BY(mu_) = false;
+  bool paused_ GUARDED_BY(mu_) = false;
+  int pauses_ GUARDED_BY(mu_) = 0;
+  int resumes_ GUARDED_BY(mu_) = 0;
+  uint64_t writes_ GUARDED_BY(mu_) = 0;
 };
 
 struct Outcome {

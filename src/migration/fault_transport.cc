@@ -47,8 +47,10 @@ class FaultController::FaultyChannel final : public Channel {
     if (forwarder_.joinable()) {
       {
         // What was sent still arrives (unless the link is cut or shut down).
-        std::unique_lock lock(line_mu_);
-        room_cv_.wait(lock, [&] { return line_.empty() || stop_ || !line_error_.ok(); });
+        sys::MutexLock lock(line_mu_);
+        room_cv_.wait(lock.native(), [&]() REQUIRES(line_mu_) {
+          return line_.empty() || stop_ || !line_error_.ok();
+        });
         stop_ = true;
       }
       due_cv_.notify_all();
@@ -91,11 +93,12 @@ class FaultController::FaultyChannel final : public Channel {
     if (delay_.count() > 0) {
       // What was sent before still arrives, as the data in a socket's send
       // buffer does after shutdown(2); a cut (ShutdownInner) loses it.
-      std::unique_lock lock(line_mu_);
+      sys::MutexLock lock(line_mu_);
       closing_ = true;
       room_cv_.notify_all();
-      room_cv_.wait_for(lock, delay_ + std::chrono::milliseconds(100),
-                        [&] { return in_flight_ == 0 || stop_ || !line_error_.ok(); });
+      room_cv_.wait_for(
+          lock.native(), delay_ + std::chrono::milliseconds(100),
+          [&]() REQUIRES(line_mu_) { return in_flight_ == 0 || stop_ || !line_error_.ok(); });
     }
     StopLine();
     inner_->Shutdown();
@@ -130,19 +133,19 @@ class FaultController::FaultyChannel final : public Channel {
       if (!p.empty()) std::memcpy(f.bytes.data() + at, p.data(), p.size());
       at += p.size();
     }
-    std::unique_lock lock(line_mu_);
-    room_cv_.wait(lock, [&] {
+    sys::MutexLock lock(line_mu_);
+    room_cv_.wait(lock.native(), [&]() REQUIRES(line_mu_) {
       return stop_ || closing_ || !line_error_.ok() || in_flight_ + total <= kMaxInFlight ||
              line_.empty();
     });
     if (!line_error_.ok()) return line_error_;
     if (stop_ || closing_) {
-      lock.unlock();  // Wrapped takes the controller's mutex, which Cut() holds before line_mu_
+      lock.Unlock();  // Wrapped takes the controller's mutex, which Cut() holds before line_mu_
       return Wrapped(Status(ESHUTDOWN, fmt::format("{}: channel shut down", name())));
     }
     in_flight_ += total;
     line_.push_back(std::move(f));
-    lock.unlock();
+    lock.Unlock();
     due_cv_.notify_one();
     return Status::Ok();
   }
@@ -153,9 +156,9 @@ class FaultController::FaultyChannel final : public Channel {
     // 50 us slack, which is longer than the delays this emulates.
     (void)prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     bool realtime = false;
-    std::unique_lock lock(line_mu_);
+    sys::MutexLock lock(line_mu_);
     while (true) {
-      due_cv_.wait(lock, [&] { return stop_ || !line_.empty(); });
+      due_cv_.wait(lock.native(), [&]() REQUIRES(line_mu_) { return stop_ || !line_.empty(); });
       if (!realtime && low_latency_.load(std::memory_order_relaxed)) {
         // The wire of a request channel: its small messages should arrive
         // after the emulated latency, not after the host's scheduling delay
@@ -165,13 +168,14 @@ class FaultController::FaultyChannel final : public Channel {
       }
       if (stop_) return;
       const Clock::time_point due = line_.front().due;
-      if (due_cv_.wait_until(lock, due, [&] { return stop_; })) return;
+      const auto stopped = [&]() REQUIRES(line_mu_) { return stop_; };
+      if (due_cv_.wait_until(lock.native(), due, stopped)) return;
       InFlight f = std::move(line_.front());
       line_.pop_front();
-      lock.unlock();
+      lock.Unlock();
       Status sent = Wrapped(inner_->SendGather(std::span<const ConstBuffer>(
           std::array<ConstBuffer, 1>{ConstBuffer(f.bytes.data(), f.bytes.size())})));
-      lock.lock();
+      lock.Lock();
       in_flight_ -= f.bytes.size();
       if (!sent.ok() && line_error_.ok()) line_error_ = std::move(sent);
       room_cv_.notify_all();
@@ -183,7 +187,7 @@ class FaultController::FaultyChannel final : public Channel {
   void StopLine() {
     if (delay_.count() == 0) return;
     {
-      std::lock_guard lock(line_mu_);
+      sys::MutexLock lock(line_mu_);
       stop_ = true;
     }
     due_cv_.notify_all();
@@ -211,14 +215,14 @@ class FaultController::FaultyChannel final : public Channel {
   const std::chrono::microseconds delay_;
   std::atomic<bool> low_latency_{false};
 
-  std::mutex line_mu_;
+  sys::Mutex line_mu_ ACQUIRED_AFTER(link_->mu_);
   std::condition_variable due_cv_;   // the forwarder waits for sends and due times
   std::condition_variable room_cv_;  // senders wait for room, the destructor for an empty line
-  std::deque<InFlight> line_;        // guarded by line_mu_
-  uint64_t in_flight_ = 0;           // guarded by line_mu_: bytes in line_ and being handed on
-  bool stop_ = false;                // guarded by line_mu_
-  bool closing_ = false;             // guarded by line_mu_: Shutdown() under way
-  Status line_error_;                // guarded by line_mu_: the wrapped channel's send failed
+  std::deque<InFlight> line_ GUARDED_BY(line_mu_);
+  uint64_t in_flight_ GUARDED_BY(line_mu_) = 0;  // bytes in line_ and being handed on
+  bool stop_ GUARDED_BY(line_mu_) = false;
+  bool closing_ GUARDED_BY(line_mu_) = false;  // Shutdown() under way
+  Status line_error_ GUARDED_BY(line_mu_);     // the wrapped channel's send failed
   std::thread forwarder_;
 };
 
@@ -231,18 +235,18 @@ std::unique_ptr<Channel> FaultController::Wrap(std::unique_ptr<Channel> inner) {
 }
 
 void FaultController::Register(FaultyChannel* channel) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   channels_.push_back(channel);
   if (cut_) channel->ShutdownInner();
 }
 
 void FaultController::Unregister(FaultyChannel* channel) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   std::erase(channels_, channel);
 }
 
 void FaultController::Cut() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   cut_ = true;
   // shutdown(2) does not block, so holding mu_ here is fine; it also keeps
   // every registered channel alive until it returns.
@@ -251,35 +255,36 @@ void FaultController::Cut() {
 }
 
 bool FaultController::cut() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return cut_;
 }
 
 void FaultController::SetPlan(const FaultPlan& plan) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   plan_ = plan;
 }
 
 uint64_t FaultController::bytes_sent() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return sent_;
 }
 
 uint64_t FaultController::bytes_received() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return received_;
 }
 
 std::chrono::microseconds FaultController::one_way_delay() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return plan_.one_way_delay;
 }
 
 uint64_t FaultController::ReserveSend(uint64_t bytes) {
-  std::unique_lock lock(mu_);
+  sys::MutexLock lock(mu_);
   if (cut_) return 0;
+  const auto cut = [&]() REQUIRES(mu_) { return cut_; };
   if (plan_.delay_per_send.count() > 0) {
-    if (cut_cv_.wait_for(lock, plan_.delay_per_send, [&] { return cut_; })) return 0;
+    if (cut_cv_.wait_for(lock.native(), plan_.delay_per_send, cut)) return 0;
   }
   const uint64_t allowed =
       std::min(bytes, plan_.cut_after_bytes_sent - std::min(sent_, plan_.cut_after_bytes_sent));
@@ -292,18 +297,18 @@ uint64_t FaultController::ReserveSend(uint64_t bytes) {
     const auto transfer = std::chrono::nanoseconds(static_cast<int64_t>(
         static_cast<double>(allowed) * 1e9 / static_cast<double>(plan_.bytes_per_second)));
     link_free_at_ = std::max(now, link_free_at_) + transfer;
-    if (cut_cv_.wait_until(lock, link_free_at_, [&] { return cut_; })) return 0;
+    if (cut_cv_.wait_until(lock.native(), link_free_at_, cut)) return 0;
   }
   return allowed;
 }
 
 void FaultController::RefundReceive(uint64_t bytes) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   received_ -= std::min(received_, bytes);
 }
 
 uint64_t FaultController::ReserveReceive(uint64_t bytes) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (cut_) return 0;
   const uint64_t limit = plan_.cut_after_bytes_received;
   const uint64_t allowed = std::min(bytes, limit - std::min(received_, limit));

@@ -19,10 +19,10 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "src/migration/transport.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -78,15 +78,17 @@ class FaultController : public std::enable_shared_from_this<FaultController> {
   void Register(FaultyChannel* channel);
   void Unregister(FaultyChannel* channel);
 
-  mutable std::mutex mu_;
+  // Taken before each channel's line_mu_ (Cut shuts the channels down
+  // under it).
+  mutable sys::Mutex mu_;
   std::condition_variable cut_cv_;  // signalled by Cut(); wakes sleeping senders
-  FaultPlan plan_;                  // guarded by mu_
-  bool cut_ = false;                // guarded by mu_
-  uint64_t sent_ = 0;               // guarded by mu_
-  uint64_t received_ = 0;           // guarded by mu_
+  FaultPlan plan_ GUARDED_BY(mu_);
+  bool cut_ GUARDED_BY(mu_) = false;
+  uint64_t sent_ GUARDED_BY(mu_) = 0;
+  uint64_t received_ GUARDED_BY(mu_) = 0;
   // When the simulated link is next free to carry bytes (throttling).
-  std::chrono::steady_clock::time_point link_free_at_{};  // guarded by mu_
-  std::vector<FaultyChannel*> channels_;                  // guarded by mu_
+  std::chrono::steady_clock::time_point link_free_at_ GUARDED_BY(mu_){};
+  std::vector<FaultyChannel*> channels_ GUARDED_BY(mu_);
 };
 
 class FaultyConnector final : public Connector {

@@ -43,7 +43,7 @@ LocalUpdateSource::LocalUpdateSource(SourceVm& vm, LocalUpdateOptions options)
 
 void LocalUpdateSource::Cancel() {
   cancelled_.store(true, std::memory_order_release);
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (channel_ != nullptr && phase() == Phase::kSetup) channel_->Shutdown();
 }
 
@@ -54,13 +54,13 @@ Result<std::unique_ptr<Link>> LocalUpdateSource::Offer(Connector& connector, Loc
   ASSIGN_OR_RETURN(std::unique_ptr<Channel> channel, connector.Connect());
   auto link = std::make_unique<Link>(std::move(channel));
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (cancelled_.load(std::memory_order_acquire)) return Error("cancelled");
     channel_ = &link->channel();
   }
   Status offered = SendOffer(*link, memory, mode, fds_passed);
   if (!offered.ok()) {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     channel_ = nullptr;  // before `link` goes: Cancel must not reach it
     return offered;
   }
@@ -101,7 +101,7 @@ Status LocalUpdateSource::OfferCopy(Connector& connector, SwitchoverMode mode) {
   uint32_t fds = 0;
   Result<std::unique_ptr<Link>> link = Offer(connector, LocalMemory::kCopy, mode, fds);
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     channel_ = nullptr;
   }
   if (!link.has_value()) {
@@ -126,7 +126,7 @@ Result<LocalUpdateStats> LocalUpdateSource::Run(Connector& connector) {
     }
   }
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     channel_ = nullptr;
   }
   phase_.store(result.has_value() ? Phase::kCompleted : Phase::kFailed, std::memory_order_release);
@@ -140,7 +140,7 @@ Result<LocalUpdateStats> LocalUpdateSource::Handover(Link& link) {
   {
     // Cancel shuts the channel only in setup; from here the exchange runs to
     // its end, which takes milliseconds or the I/O timeout.
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (cancelled_.load(std::memory_order_acquire)) return Error("cancelled");
     phase_.store(Phase::kPaused, std::memory_order_release);
   }

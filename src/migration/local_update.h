@@ -30,7 +30,6 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "faultline/status.h"
@@ -39,6 +38,7 @@
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
 #include "src/migration/wire.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -101,8 +101,8 @@ class LocalUpdateSource {
   std::atomic<Phase> phase_{Phase::kNotStarted};
   std::atomic<SourceOutcome> outcome_{SourceOutcome::kNotStarted};
   std::atomic<bool> cancelled_{false};
-  std::mutex mu_;
-  Channel* channel_ = nullptr;  // guarded by mu_: what Cancel shuts down
+  sys::Mutex mu_;
+  Channel* channel_ GUARDED_BY(mu_) = nullptr;  // what Cancel shuts down
 };
 
 // The destination side: the first connection on a unix: socket, whose

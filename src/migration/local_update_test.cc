@@ -11,13 +11,13 @@
 #include <atomic>
 #include <cstring>
 #include <future>
-#include <mutex>
 #include <thread>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "src/migration/socket_transport.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 namespace {
@@ -38,12 +38,12 @@ class FakeVm final : public SourceVm, public DestinationVm {
   Status StopDirtyTracking() override { return Status::Ok(); }
   Status TakeDirty(const RamBlock&, DirtyBitmap&) override { return Error("not expected"); }
   void Pause() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     paused_ = true;
     ++pauses_;
   }
   void Resume() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     paused_ = false;
     ++resumes_;
   }
@@ -67,15 +67,15 @@ class FakeVm final : public SourceVm, public DestinationVm {
   }
 
   bool paused() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return paused_;
   }
   int pauses() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return pauses_;
   }
   int resumes() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return resumes_;
   }
 
@@ -85,10 +85,10 @@ class FakeVm final : public SourceVm, public DestinationVm {
   size_t devices_loaded_ = 0;
 
  private:
-  std::mutex mu_;
-  bool paused_ = false;
-  int pauses_ = 0;
-  int resumes_ = 0;
+  sys::Mutex mu_;
+  bool paused_ GUARDED_BY(mu_) = false;
+  int pauses_ GUARDED_BY(mu_) = 0;
+  int resumes_ GUARDED_BY(mu_) = 0;
 };
 
 std::shared_ptr<RamBlock> MemfdBlock(Backing backing = Backing::kMemfd, int adopt = -1) {

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
@@ -18,6 +17,7 @@
 #include "src/memory/memslot_backend.h"
 #include "src/migration/memory_vm.h"
 #include "src/migration/wire.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration::testing {
 
@@ -43,11 +43,16 @@ struct Memory {
 // What the fake VMM's vCPUs and devices did, kept by the test (the engines
 // own the VmControl).
 struct Record {
-  std::mutex mu;        // a guest write happens wholly before or after a pause
-  bool paused = false;  // guarded by mu
+  sys::Mutex mu;  // a guest write happens wholly before or after a pause
+  bool paused GUARDED_BY(mu) = false;
   std::atomic<bool> started{false};
   std::vector<std::vector<uint8_t>> vcpus_loaded;
   std::vector<DeviceBlob> devices_loaded;
+
+  bool IsPaused() {
+    sys::MutexLock lock(mu);
+    return paused;
+  }
 };
 
 class FakeControl final : public VmControl {
@@ -60,11 +65,11 @@ class FakeControl final : public VmControl {
 
   uint32_t vcpu_count() const override { return 2; }
   void Pause() override {
-    std::lock_guard lock(r_.mu);
+    sys::MutexLock lock(r_.mu);
     r_.paused = true;
   }
   void Resume() override {
-    std::lock_guard lock(r_.mu);
+    sys::MutexLock lock(r_.mu);
     r_.paused = false;
   }
   Result<std::vector<std::vector<uint8_t>>> SaveVcpus() override {
@@ -121,7 +126,7 @@ class Writer {
       while (!stop_) {
         bool paused;
         {
-          std::lock_guard lock(r_.mu);
+          sys::MutexLock lock(r_.mu);
           paused = r_.paused;
           if (!paused) Stamp(rng() % (m_.size() / kWirePageSize), rng() | 1);
         }

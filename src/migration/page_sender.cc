@@ -21,7 +21,7 @@ void Pacer::Take(uint64_t bytes) {
   if (rate_ == 0) return;
   std::chrono::steady_clock::time_point until;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     const auto now = std::chrono::steady_clock::now();
     const auto cost = std::chrono::nanoseconds(
         static_cast<int64_t>(static_cast<double>(bytes) * 1e9 / static_cast<double>(rate_)));

@@ -14,7 +14,6 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <vector>
 
@@ -22,6 +21,7 @@
 #include "src/memory/dirty_bitmap.h"
 #include "src/migration/handshake.h"
 #include "src/migration/source.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -38,8 +38,8 @@ class Pacer {
 
  private:
   const uint64_t rate_;
-  std::mutex mu_;
-  std::chrono::steady_clock::time_point free_at_{};  // guarded by mu_
+  sys::Mutex mu_;  // leaf
+  std::chrono::steady_clock::time_point free_at_ GUARDED_BY(mu_){};
 };
 
 class PageSender {

@@ -7,21 +7,21 @@ bool PassBarrier::AllArrived(uint32_t pass) const {
 }
 
 bool PassBarrier::Arrive(uint32_t pass) {
-  std::unique_lock lock(mu_);
+  sys::MutexLock lock(mu_);
   if (arrived_.size() <= pass) arrived_.resize(pass + 1, 0);
   if (++arrived_[pass] == parties_) cv_.notify_all();
-  cv_.wait(lock, [&] { return cancelled_ || AllArrived(pass); });
+  cv_.wait(lock.native(), [&]() REQUIRES(mu_) { return cancelled_ || AllArrived(pass); });
   return !cancelled_;
 }
 
 bool PassBarrier::AwaitAll(uint32_t pass) {
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return cancelled_ || AllArrived(pass); });
+  sys::MutexLock lock(mu_);
+  cv_.wait(lock.native(), [&]() REQUIRES(mu_) { return cancelled_ || AllArrived(pass); });
   return !cancelled_;
 }
 
 void PassBarrier::Cancel() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   cancelled_ = true;
   cv_.notify_all();
 }

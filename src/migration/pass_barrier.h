@@ -9,8 +9,9 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
 #include <vector>
+
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -28,13 +29,15 @@ class PassBarrier {
   void Cancel();
 
  private:
-  bool AllArrived(uint32_t pass) const;  // requires mu_
+  bool AllArrived(uint32_t pass) const REQUIRES(mu_);
 
   const size_t parties_;
-  std::mutex mu_;  // leaf
+  // A leaf, taken after Attempt::mu_ (whose ShutdownLinks cancels the
+  // barrier).
+  sys::Mutex mu_;
   std::condition_variable cv_;
-  std::vector<size_t> arrived_;  // guarded by mu_; by pass
-  bool cancelled_ = false;       // guarded by mu_
+  std::vector<size_t> arrived_ GUARDED_BY(mu_);  // by pass
+  bool cancelled_ GUARDED_BY(mu_) = false;
 };
 
 }  // namespace faultline::migration

@@ -20,7 +20,7 @@ PostcopyDestination::~PostcopyDestination() {
 }
 
 void PostcopyDestination::Cancel() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   cancelled_ = true;
   if (active_ != nullptr) {
     active_->Fail(Status(ECANCELED, "migration cancelled"), ErrorCode::kCancelled);
@@ -30,7 +30,7 @@ void PostcopyDestination::Cancel() {
 PostcopyDestinationStats PostcopyDestination::stats() const {
   PostcopyDestinationStats s;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     s = stats_;
   }
   // network_ and the pager are set before the phase becomes kPostcopy
@@ -63,19 +63,19 @@ Result<PostcopyDestinationStats> PostcopyDestination::Run(Acceptor& acceptor) {
   blocks_ = vm_.blocks();
   Attempt a(Attempt::Reporting::kTellPeer);
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     active_ = &a;
     if (cancelled_) a.Fail(Status(ECANCELED, "migration cancelled"), ErrorCode::kCancelled);
   }
   if (Status accepted = Accept(a, acceptor); !accepted.ok()) {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     active_ = nullptr;
     phase_.store(PostcopyPhase::kFailed, std::memory_order_release);
     return accepted;
   }
   session_id_ = a.session().hello.session_id;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     stats_.sessions = 1;
   }
   StartPageChannels(a);
@@ -111,7 +111,7 @@ Result<PostcopyDestinationStats> PostcopyDestination::FailBeforeGuest(Attempt& a
   a.Close();
   a.Join();
   status = a.error();
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   active_ = nullptr;
   phase_.store(PostcopyPhase::kFailed, std::memory_order_release);
   return status.WithContext("post-copy destination (the VM was not started)");
@@ -170,7 +170,7 @@ Status PostcopyDestination::CheckSwitchover(const migration::Switchover& s, uint
   if (s.device_count > kMaxDevices) return Error("Switchover: {} devices", s.device_count);
   final_pass_ = s.final_pass;
   switchover_devices_ = s.device_count;
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   stats_.passes = passes;
   stats_.dirty_at_switchover = s.dirty_pages;
   return Status::Ok();
@@ -221,7 +221,7 @@ Status PostcopyDestination::StartGuest(Attempt& a) {
   const auto started = Clock::now();
   phase_.store(PostcopyPhase::kPostcopy, std::memory_order_release);
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     stats_.start_vm = std::chrono::duration_cast<std::chrono::microseconds>(started - switched);
     stats_.state_wait = std::chrono::duration_cast<std::chrono::microseconds>(state_in - switched);
     stats_.channels_wait =
@@ -284,7 +284,7 @@ Status PostcopyDestination::FollowPostcopy(Attempt& a) {
     RETURN_IF_ERROR(vm_.FetchMissing());
     RETURN_IF_ERROR(vm_.FinishPaging());
     RETURN_IF_ERROR(a.SendMain(CompleteAck{complete->passes, 0, 0}).WithContext("CompleteAck"));
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     stats_.postcopy += Since(started);
     return Status::Ok();
   }
@@ -301,7 +301,7 @@ Result<PostcopyDestinationStats> PostcopyDestination::Finish(Attempt& a, Status 
   a.Join();
   if (!status.ok()) status = a.error();  // the first failure says why
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     active_ = nullptr;
     stats_.bytes_received += a.stats().bytes_received;
     stats_.total = Since(start_);
@@ -320,16 +320,16 @@ Result<PostcopyDestinationStats> PostcopyDestination::Resume(Acceptor& acceptor)
   // The guest runs here: nothing is ever told to the source with an Error.
   Attempt a(Attempt::Reporting::kSilent);
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     active_ = &a;
   }
   if (Status accepted = AcceptResume(a, acceptor); !accepted.ok()) {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     active_ = nullptr;
     return accepted;
   }
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     ++stats_.sessions;
   }
   phase_.store(PostcopyPhase::kPostcopy, std::memory_order_release);

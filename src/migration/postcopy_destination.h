@@ -28,7 +28,6 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 
 #include "faultline/status.h"
 #include "src/migration/attempt.h"
@@ -38,6 +37,7 @@
 #include "src/migration/postcopy_vm.h"
 #include "src/migration/precopy_receiver.h"
 #include "src/migration/receiver_state.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -153,10 +153,10 @@ class PostcopyDestination {
   std::vector<DirtyBitmap> early_;
 
   // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
-  mutable std::mutex mu_;
-  Attempt* active_ = nullptr;       // guarded by mu_
-  bool cancelled_ = false;          // guarded by mu_
-  PostcopyDestinationStats stats_;  // guarded by mu_
+  mutable sys::Mutex mu_;
+  Attempt* active_ GUARDED_BY(mu_) = nullptr;
+  bool cancelled_ GUARDED_BY(mu_) = false;
+  PostcopyDestinationStats stats_ GUARDED_BY(mu_);
 };
 
 }  // namespace faultline::migration

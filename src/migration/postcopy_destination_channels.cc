@@ -74,7 +74,7 @@ Status PostcopyDestination::ReceivePushChannel(Attempt& a, size_t c) {
 
 Status PostcopyDestination::ReceiveReplies(Attempt& a) {
   if (options_.realtime_priority != 0 && sys::SetRealtime(options_.realtime_priority).ok()) {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     stats_.realtime = true;
   }
   Link& link = a.priority();

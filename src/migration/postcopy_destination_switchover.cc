@@ -16,7 +16,7 @@ Result<PostcopyDestination::SwitchoverState> PostcopyDestination::ReceiveSwitcho
   MessageReader& reader = a.main().reader();
   uint64_t dirty_count;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     dirty_count = stats_.dirty_at_switchover;
   }
   SwitchoverState state;

@@ -108,7 +108,7 @@ TEST_P(PostcopyEngineTest, FaultsAndPushDeliverEveryPageAndTheState) {
   writer.Stop();
   ASSERT_TRUE(o.source.has_value()) << o.source.error().ToString();
   ASSERT_TRUE(o.destination.has_value()) << o.destination.error().ToString();
-  EXPECT_TRUE(source_record.paused);  // for good: the guest runs at the destination
+  EXPECT_TRUE(source_record.IsPaused());  // for good: the guest runs at the destination
   EXPECT_TRUE(destination_record.started);
   EXPECT_GT(writer.writes(), 0u);
   EXPECT_EQ(std::memcmp(from.host(), to.host(), from.size()), 0) << "the memory differs";

@@ -31,7 +31,7 @@ void PostcopySource::Log(std::string_view text) const {
 }
 
 void PostcopySource::Cancel() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   // Before the guest left, the migration fails (the state machine turns the
   // attempt's failure into Cancelled); after, breaking the session pauses.
   (void)state_.Cancel();
@@ -39,27 +39,27 @@ void PostcopySource::Cancel() {
 }
 
 PostcopyPhase PostcopySource::phase() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return state_.postcopy_phase();
 }
 
 PostcopyProgress PostcopySource::progress() {
   PostcopyProgress p;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     p.phase = state_.postcopy_phase();
     p.pass = state_.pass();
   }
   p.pages_sent = pages_sent_.load(std::memory_order_relaxed);
   p.pages_pushed = pages_pushed_.load(std::memory_order_relaxed);
   p.pages_requested = pages_requested_.load(std::memory_order_relaxed);
-  std::lock_guard lock(scheduler_mu_);
+  sys::MutexLock lock(scheduler_mu_);
   if (scheduler_) p.pages_remaining = scheduler_->remaining();
   return p;
 }
 
 Status PostcopySource::Step(Status (SourceState::*event)()) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return (state_.*event)();
 }
 
@@ -71,7 +71,7 @@ Result<PostcopySourceStats> PostcopySource::Run(Connector& connector) {
   }
   Attempt a(Attempt::Reporting::kSilent);
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (Status started = state_.Start(); !started.ok()) {
       if (started.code() == ECANCELED) {
         return started.WithContext(PostcopyPhaseName(PostcopyPhase::kFailed));
@@ -143,7 +143,7 @@ Status PostcopySource::FailBeforePostcopy(Attempt& a, Status status) {
   a.Fail(status);
   bool resume;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     active_ = nullptr;
     (void)state_.Fail(false);
     resume = state_.resumed_here();
@@ -155,7 +155,7 @@ Status PostcopySource::FailBeforePostcopy(Attempt& a, Status status) {
 
 Result<PostcopySourceStats> PostcopySource::EndSession(Attempt& a, Status status) {
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     active_ = nullptr;
   }
   stats_.bytes_sent += a.stats().bytes_sent;
@@ -294,14 +294,14 @@ void PostcopySource::PlanPush(std::vector<DirtyBitmap> todo) {
   for (const auto& b : blocks_) {
     units.push_back(static_cast<uint32_t>(b->page_size() / kWirePageSize));
   }
-  std::lock_guard lock(scheduler_mu_);
+  sys::MutexLock lock(scheduler_mu_);
   scheduler_ = std::make_unique<PushScheduler>(std::move(todo), std::move(units), options_.push);
 }
 
 Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
   Attempt a(Attempt::Reporting::kSilent);
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (!state_.Resume().ok()) {
       return Error("PostcopySource::Resume: the migration is {}, not paused",
                    PostcopyPhaseName(state_.postcopy_phase()));
@@ -316,7 +316,7 @@ Result<PostcopySourceStats> PostcopySource::Resume(Connector& connector) {
   }
   if (status.ok()) status = Step(&SourceState::Resumed);
   if (!status.ok()) {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     active_ = nullptr;
     (void)state_.Fail(false);  // still paused
     return status;

@@ -30,7 +30,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string_view>
 #include <vector>
 
@@ -39,6 +38,7 @@
 #include "src/migration/push_scheduler.h"
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
+#include "src/sys/mutex.h"
 #include "src/sys/sched.h"
 
 namespace faultline::migration {
@@ -137,7 +137,7 @@ class PostcopySource {
   // A failure before the guest left: it runs here (again).
   Status FailBeforePostcopy(Attempt& a, Status status);
   Result<PostcopySourceStats> EndSession(Attempt& a, Status status);
-  Status Step(Status (SourceState::*event)());
+  Status Step(Status (SourceState::*event)()) EXCLUDES(mu_);
   void Log(std::string_view text) const;
 
   SourceVm& vm_;
@@ -148,10 +148,11 @@ class PostcopySource {
   std::atomic<uint64_t> pages_requested_{0};
 
   std::vector<std::shared_ptr<RamBlock>> blocks_;
-  // Replaced at the switchover and at each Resume (by the thread running
-  // the migration, the only user besides progress()).
-  std::mutex scheduler_mu_;
-  std::unique_ptr<PushScheduler> scheduler_;  // guarded by scheduler_mu_ for replacement
+  // Replaced at the switchover and at each Resume by the thread running
+  // the migration; read by progress(). A session's responder and pushers
+  // are handed the scheduler in use when Postcopy() starts them.
+  sys::Mutex scheduler_mu_;
+  std::unique_ptr<PushScheduler> scheduler_ GUARDED_BY(scheduler_mu_);
   PostcopySourceStats stats_;
   uint64_t session_id_ = 0;  // the first session's: what Resume names
   migration::Switchover switchover_;
@@ -159,9 +160,9 @@ class PostcopySource {
   std::chrono::steady_clock::time_point start_;
 
   // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
-  mutable std::mutex mu_;
-  SourceState state_{SourceMode::kPostcopy};  // guarded by mu_
-  Attempt* active_ = nullptr;                 // guarded by mu_: the session in use
+  mutable sys::Mutex mu_;
+  SourceState state_ GUARDED_BY(mu_){SourceMode::kPostcopy};
+  Attempt* active_ GUARDED_BY(mu_) = nullptr;  // the session in use
 };
 
 }  // namespace faultline::migration

@@ -22,11 +22,14 @@ namespace faultline::migration {
 // guest's memory, and moves those pages out of the push order.
 class PostcopySource::Responder {
  public:
-  Responder(PostcopySource& source, Attempt& a, uint32_t final_pass,
+  Responder(PostcopySource& source, Attempt& a, PushScheduler& scheduler, uint32_t final_pass,
             const std::atomic<bool>& complete_sent)
-      : s_(source), a_(a), final_pass_(final_pass), complete_sent_(complete_sent), thread_([this] {
-          Run();
-        }) {}
+      : s_(source),
+        a_(a),
+        scheduler_(scheduler),
+        final_pass_(final_pass),
+        complete_sent_(complete_sent),
+        thread_([this] { Run(); }) {}
   void Join() { thread_.join(); }
   uint64_t served() const { return served_.load(); }
   uint64_t rejected() const { return rejected_.load(); }
@@ -64,7 +67,7 @@ class PostcopySource::Responder {
   }
 
   Status Answer(Link& link, const PageRequest& request) {
-    s_.scheduler_->Requested(request.block, request.pages);
+    scheduler_.Requested(request.block, request.pages);
     const uint8_t* host = s_.blocks_[request.block]->host();
     data_.clear();
     for (uint32_t p : request.pages) {
@@ -79,6 +82,7 @@ class PostcopySource::Responder {
 
   PostcopySource& s_;
   Attempt& a_;
+  PushScheduler& scheduler_;  // the session's (the source replaces it only between sessions)
   const uint32_t final_pass_;
   const std::atomic<bool>& complete_sent_;
   std::vector<ConstBuffer> data_;  // the responder thread's
@@ -91,9 +95,11 @@ class PostcopySource::Responder {
 // runs) until every page is out, then ends the pass.
 class PostcopySource::Pusher {
  public:
-  Pusher(PostcopySource& source, Attempt& a, size_t channel, uint32_t final_pass, bool marker_sent)
+  Pusher(PostcopySource& source, Attempt& a, PushScheduler& scheduler, size_t channel,
+         uint32_t final_pass, bool marker_sent)
       : s_(source),
         a_(a),
+        scheduler_(scheduler),
         channel_(channel),
         final_pass_(final_pass),
         marker_sent_(marker_sent),
@@ -107,10 +113,10 @@ class PostcopySource::Pusher {
     // channel thread learns that pre-copy ended on this channel.
     Status s = marker_sent_ ? Status::Ok() : writer.Send(s_.switchover_);
     while (s.ok() && !a_.failed()) {
-      std::optional<PushBatch> batch = s_.scheduler_->Next(s_.options_.push_batch_pages);
+      std::optional<PushBatch> batch = scheduler_.Next(s_.options_.push_batch_pages);
       if (!batch) break;
       s = Push(writer, *batch);
-      if (!s.ok()) s_.scheduler_->Return(*batch);
+      if (!s.ok()) scheduler_.Return(*batch);
     }
     if (s.ok() && !a_.failed()) s = writer.Send(PassEnd{final_pass_, data_pages_, zero_pages_, 0});
     if (!s.ok()) a_.Fail(s.WithContext(fmt::format("page channel {}", channel_)));
@@ -142,6 +148,7 @@ class PostcopySource::Pusher {
 
   PostcopySource& s_;
   Attempt& a_;
+  PushScheduler& scheduler_;
   const size_t channel_;
   const uint32_t final_pass_;
   const bool marker_sent_;  // Switchover() sent this channel's copy already
@@ -154,14 +161,21 @@ Status PostcopySource::Postcopy(Attempt& a) {
   const uint32_t final_pass = static_cast<uint32_t>(stats_.passes.size());
   const auto started = std::chrono::steady_clock::now();
   std::atomic<bool> complete_sent{false};
+  // Planned before this session (PlanPush) and not replaced until it ends.
+  PushScheduler* scheduler;
+  {
+    sys::MutexLock lock(scheduler_mu_);
+    scheduler = scheduler_.get();
+  }
   CompletionWatcher watcher(a);
-  Responder responder(*this, a, final_pass, complete_sent);
+  Responder responder(*this, a, *scheduler, final_pass, complete_sent);
   {
     const bool markers_sent = markers_sent_;  // by Switchover(), in the first session only
     markers_sent_ = false;
     std::vector<std::unique_ptr<Pusher>> pushers;
     for (size_t c = 0; c < a.page_channels(); ++c) {
-      pushers.push_back(std::make_unique<Pusher>(*this, a, c, final_pass, markers_sent));
+      pushers.push_back(
+          std::make_unique<Pusher>(*this, a, *scheduler, c, final_pass, markers_sent));
     }
     for (auto& p : pushers) p->Join();
   }
@@ -185,7 +199,7 @@ Status PostcopySource::Postcopy(Attempt& a) {
   stats_.postcopy += Since(started);
   bool resume;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     (void)(end.ok() ? state_.Acknowledged() : state_.Fail(watcher.peer_refused()));
     resume = state_.resumed_here();
   }

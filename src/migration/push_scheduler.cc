@@ -6,7 +6,10 @@ namespace faultline::migration {
 
 PushScheduler::PushScheduler(std::vector<DirtyBitmap> todo, std::vector<uint32_t> unit_pages,
                              Options options)
-    : options_(options), unit_pages_(std::move(unit_pages)), todo_(std::move(todo)) {
+    : options_(options),
+      unit_pages_(std::move(unit_pages)),
+      blocks_(todo.size()),
+      todo_(std::move(todo)) {
   cursor_.assign(todo_.size(), 0);
   for (const DirtyBitmap& t : todo_) remaining_ += t.Count();
 }
@@ -35,7 +38,7 @@ void PushScheduler::TakeLocked(uint32_t block, uint64_t first, uint64_t end, uin
 }
 
 std::optional<PushBatch> PushScheduler::Next(uint32_t max_pages) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   PushBatch out;
   while (!hints_.empty() && out.pages.empty()) {
     const Hint h = hints_.front();
@@ -55,8 +58,8 @@ std::optional<PushBatch> PushScheduler::Next(uint32_t max_pages) {
 }
 
 void PushScheduler::Requested(uint32_t block, const std::vector<uint32_t>& pages) {
-  if (block >= todo_.size() || pages.empty()) return;
-  std::lock_guard lock(mu_);
+  if (block >= blocks_ || pages.empty()) return;
+  sys::MutexLock lock(mu_);
   DirtyBitmap& todo = todo_[block];
   for (uint32_t p : pages) {
     if (p < todo.pages() && todo.TestAndClear(p)) --remaining_;
@@ -69,7 +72,7 @@ void PushScheduler::Requested(uint32_t block, const std::vector<uint32_t>& pages
 }
 
 void PushScheduler::Return(const PushBatch& batch) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   for (uint32_t p : batch.pages) {
     if (!todo_[batch.block].Test(p)) {
       todo_[batch.block].Set(p);
@@ -80,7 +83,7 @@ void PushScheduler::Return(const PushBatch& batch) {
 }
 
 uint64_t PushScheduler::remaining() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return remaining_;
 }
 

@@ -11,11 +11,11 @@
 
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <optional>
 #include <vector>
 
 #include "src/memory/dirty_bitmap.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -52,20 +52,24 @@ class PushScheduler {
  private:
   // Takes up to `max_pages` to-do pages of `block` from [first, end), whole
   // units, into `out`.
-  void TakeLocked(uint32_t block, uint64_t first, uint64_t end, uint32_t max_pages, PushBatch& out);
+  void TakeLocked(uint32_t block, uint64_t first, uint64_t end, uint32_t max_pages, PushBatch& out)
+      REQUIRES(mu_);
 
   const Options options_;
   const std::vector<uint32_t> unit_pages_;
-  mutable std::mutex mu_;
-  std::vector<DirtyBitmap> todo_;  // guarded by mu_
-  std::vector<uint64_t> cursor_;   // guarded by mu_: the address-order sweep, per block
+  const size_t blocks_;  // todo_.size(), which never changes: checked without the lock
+  // Taken after PostcopySource::scheduler_mu_ (progress() asks for
+  // remaining() under it).
+  mutable sys::Mutex mu_;
+  std::vector<DirtyBitmap> todo_ GUARDED_BY(mu_);
+  std::vector<uint64_t> cursor_ GUARDED_BY(mu_);  // the address-order sweep, per block
   struct Hint {
     uint32_t block;
     uint64_t first;
     uint64_t end;
   };
-  std::deque<Hint> hints_;  // guarded by mu_; newest first
-  uint64_t remaining_ = 0;  // guarded by mu_
+  std::deque<Hint> hints_ GUARDED_BY(mu_);  // newest first
+  uint64_t remaining_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace faultline::migration

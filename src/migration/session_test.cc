@@ -13,6 +13,7 @@
 #include "src/migration/fault_transport.h"
 #include "src/migration/handshake.h"
 #include "src/migration/test_util.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 namespace {
@@ -268,10 +269,10 @@ class Transfer {
 
   // Waits until all `n` channels ended pass `pass`.
   Status Barrier(uint32_t pass, size_t n) {
-    std::unique_lock lock(barrier_mu_);
+    sys::MutexLock lock(barrier_mu_);
     if (++arrived_[pass] == n) barrier_cv_.notify_all();
-    if (!barrier_cv_.wait_for(lock, std::chrono::seconds(60),
-                              [&] { return arrived_[pass] == n; })) {
+    if (!barrier_cv_.wait_for(lock.native(), std::chrono::seconds(60),
+                              [&]() REQUIRES(barrier_mu_) { return arrived_[pass] == n; })) {
       return Error("pass {} barrier timed out", pass);
     }
     return Status::Ok();
@@ -302,9 +303,9 @@ class Transfer {
   std::vector<uint8_t>& dst_;
   uint64_t total_data_[kMaxPageChannels] = {};
   uint64_t total_zero_[kMaxPageChannels] = {};
-  std::mutex barrier_mu_;
+  sys::Mutex barrier_mu_;
   std::condition_variable barrier_cv_;
-  size_t arrived_[3] = {};  // guarded by barrier_mu_
+  size_t arrived_[3] GUARDED_BY(barrier_mu_) = {};
 };
 
 struct TransferResult {

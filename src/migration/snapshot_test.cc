@@ -78,7 +78,7 @@ TEST_F(SnapshotTest, LiveSnapshotRestoresEagerlyToTheMemoryAtThePause) {
   writer.Stop();
   EXPECT_GE(stats.passes, 2u);
   EXPECT_GT(stats.zero_pages, 0u);
-  EXPECT_TRUE(record.paused);
+  EXPECT_TRUE(record.IsPaused());
   // Zero pages are holes.
   struct stat st = {};
   ASSERT_EQ(::stat((dir_ + "/block-0.mem").c_str(), &st), 0);

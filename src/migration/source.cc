@@ -32,7 +32,7 @@ Result<SourceStats> MigrationSource::Run(Connector& connector) {
   }
   Attempt attempt(Attempt::Reporting::kSilent);
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (Status started = state_.Start(); !started.ok()) {
       if (started.code() == ECANCELED) {
         return started.WithContext(SourceOutcomeName(state_.outcome()));
@@ -42,7 +42,7 @@ Result<SourceStats> MigrationSource::Run(Connector& connector) {
     active_ = &attempt;
   }
   Result<SourceStats> result = Migrate(attempt, connector);
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   active_ = nullptr;
   return result;
 }
@@ -85,7 +85,7 @@ Status MigrationSource::Fail(Outgoing& out, Status status) {
   const bool refused = out.watcher && out.watcher->peer_refused();
   bool resume;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     (void)state_.Fail(refused);
     resume = state_.resumed_here();
   }
@@ -95,7 +95,7 @@ Status MigrationSource::Fail(Outgoing& out, Status status) {
 }
 
 Status MigrationSource::Step(Status (SourceState::*event)()) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return (state_.*event)();
 }
 
@@ -167,7 +167,7 @@ Status MigrationSource::Switchover(Outgoing& out) {
 }
 
 void MigrationSource::Cancel() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   // Refused once Complete may be out (the state machine says so).
   if (state_.Cancel().ok() && active_ != nullptr) {
     active_->Fail(Status(ECANCELED, "migration cancelled"));
@@ -175,14 +175,14 @@ void MigrationSource::Cancel() {
 }
 
 SourceOutcome MigrationSource::outcome() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   return state_.outcome();
 }
 
 SourceProgress MigrationSource::progress() const {
   SourceProgress p;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     p.pass = state_.pass();
     p.paused = state_.paused_here();
   }

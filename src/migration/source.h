@@ -23,7 +23,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include "faultline/status.h"
@@ -31,6 +30,7 @@
 #include "src/migration/migratable.h"
 #include "src/migration/source_state.h"
 #include "src/migration/transport.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::migration {
 
@@ -97,17 +97,17 @@ class MigrationSource {
   // Ends a failed run: who runs the guest now (source_state.h), the VM
   // resumed here if it must be.
   Status Fail(Outgoing& out, Status status);
-  // Takes step `event` of the state machine, under mu_.
-  Status Step(Status (SourceState::*event)());
+  // Takes step `event` of the state machine (under mu_, which it takes).
+  Status Step(Status (SourceState::*event)()) EXCLUDES(mu_);
 
   SourceVm& vm_;
   const SourceOptions options_;
   std::atomic<uint64_t> pages_sent_{0};
   std::atomic<uint64_t> dirty_pages_{0};
   // Taken before Attempt::mu_ (Cancel fails the active attempt under it).
-  mutable std::mutex mu_;
-  SourceState state_{SourceMode::kStopAndCopy};  // guarded by mu_
-  Attempt* active_ = nullptr;                    // guarded by mu_; set while Run() runs
+  mutable sys::Mutex mu_;
+  SourceState state_ GUARDED_BY(mu_){SourceMode::kStopAndCopy};
+  Attempt* active_ GUARDED_BY(mu_) = nullptr;  // set while Run() runs
 };
 
 }  // namespace faultline::migration
