@@ -95,23 +95,23 @@ IncomingStatus::IncomingStatus(MigrationMode mode, uint64_t bytes_total)
     : mode_(mode), bytes_total_(bytes_total), start_(Clock::now()) {}
 
 void IncomingStatus::Attach(const migration::PostcopyDestination* destination) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   destination_ = destination;
 }
 
 void IncomingStatus::Detach() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   destination_ = nullptr;
 }
 
 void IncomingStatus::SetPhase(MigrationPhase phase) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   phase_ = phase;
 }
 
 void IncomingStatus::Finish(MigrationPhase phase, std::string error,
                             const migration::PostcopyDestinationStats* stats) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   destination_ = nullptr;
   phase_ = phase;
   error_ = std::move(error);
@@ -119,13 +119,13 @@ void IncomingStatus::Finish(MigrationPhase phase, std::string error,
 }
 
 MigrationPhase IncomingStatus::phase() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (destination_ != nullptr) return ToMigrationPhase(destination_->phase());
   return phase_;
 }
 
 nlohmann::json IncomingStatus::Status() const {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (!final_.is_null()) return final_;
   if (destination_ == nullptr) return StatusLocked(nullptr, phase_);
   // The live snapshot: the phase first, so that figures are never older

@@ -9,7 +9,6 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,6 +23,7 @@
 #include "src/migration/postcopy_source.h"
 #include "src/migration/socket_transport.h"
 #include "src/migration/source.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::control {
 namespace {
@@ -143,7 +143,7 @@ class IncomingControlTest : public ::testing::Test {
     // Not measured: nothing on stderr, no time spent.
     if (options.installer.empty()) options.installer = "copy";
     options.say = [this](const std::string& line) {
-      std::lock_guard lock(mu_);
+      sys::MutexLock lock(mu_);
       said_.push_back(line);
     };
     control_ = std::make_unique<IncomingControl>(*listener_, std::move(options));
@@ -163,7 +163,7 @@ class IncomingControlTest : public ::testing::Test {
   }
   migration::Address address() const { return {"tcp", "127.0.0.1", listener_->port()}; }
   std::vector<std::string> Said() {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return said_;
   }
   nlohmann::json StatusNow() const { return control_->status()->Status(); }
@@ -179,8 +179,8 @@ class IncomingControlTest : public ::testing::Test {
  private:
   std::thread receiver_;
   Result<IncomingResult> received_ = Error("not run");
-  std::mutex mu_;
-  std::vector<std::string> said_;  // guarded by mu_
+  sys::Mutex mu_;
+  std::vector<std::string> said_ GUARDED_BY(mu_);
 };
 
 TEST_F(IncomingControlTest, PrecopyReceivesAndStartsTheGuest) {

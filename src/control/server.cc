@@ -158,19 +158,19 @@ ControlServer::~ControlServer() {
 }
 
 void ControlServer::Register(std::string command, Handler handler) {
-  std::lock_guard lock(handlers_mu_);
+  sys::MutexLock lock(handlers_mu_);
   handlers_[std::move(command)] = std::move(handler);
 }
 
 std::vector<std::string> ControlServer::Commands() const {
-  std::lock_guard lock(handlers_mu_);
+  sys::MutexLock lock(handlers_mu_);
   std::vector<std::string> names;
   for (const auto& [name, handler] : handlers_) names.push_back(name);
   return names;
 }
 
 Status ControlServer::Start() {
-  std::lock_guard lock(lifecycle_mu_);
+  sys::MutexLock lock(lifecycle_mu_);
   if (started_ || stopped_) return Error("control server {}: already started", path_);
   started_ = true;
   accept_thread_ = std::thread([this] { AcceptLoop(); });
@@ -178,7 +178,7 @@ Status ControlServer::Start() {
 }
 
 void ControlServer::Stop() {
-  std::lock_guard lock(lifecycle_mu_);
+  sys::MutexLock lock(lifecycle_mu_);
   if (stopped_) return;
   stopped_ = true;
   uint64_t one = 1;
@@ -248,7 +248,7 @@ nlohmann::json ControlServer::Dispatch(std::string_view line) const {
   }
   Handler handler;
   {
-    std::lock_guard lock(handlers_mu_);
+    sys::MutexLock lock(handlers_mu_);
     auto it = handlers_.find(command);
     if (it != handlers_.end()) handler = it->second;
   }

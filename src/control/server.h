@@ -26,7 +26,6 @@
 #include <list>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -35,6 +34,7 @@
 #include <nlohmann/json.hpp>
 
 #include "faultline/status.h"
+#include "src/sys/mutex.h"
 #include "src/sys/unique_fd.h"
 
 namespace faultline::control {
@@ -111,13 +111,14 @@ class ControlServer {
   const dev_t dev_;        // identity of the socket file we bound
   const ino_t ino_;
 
-  mutable std::mutex handlers_mu_;
-  std::map<std::string, Handler, std::less<>> handlers_;  // guarded by handlers_mu_
+  // Handlers are copied out under it and called without it.
+  mutable sys::Mutex handlers_mu_;
+  std::map<std::string, Handler, std::less<>> handlers_ GUARDED_BY(handlers_mu_);
 
-  std::mutex lifecycle_mu_;  // serialises Start() and Stop()
-  bool started_ = false;     // guarded by lifecycle_mu_
-  bool stopped_ = false;     // guarded by lifecycle_mu_
-  std::thread accept_thread_;
+  sys::Mutex lifecycle_mu_;  // serialises Start() and Stop()
+  bool started_ GUARDED_BY(lifecycle_mu_) = false;
+  bool stopped_ GUARDED_BY(lifecycle_mu_) = false;
+  std::thread accept_thread_ GUARDED_BY(lifecycle_mu_);
   // Owned by the accepting thread while it runs, then by Stop().
   std::list<std::unique_ptr<Connection>> connections_;
 };

@@ -48,7 +48,7 @@ SourceMigrationControl::SourceMigrationControl(migration::SourceVm& vm, Options 
 
 SourceMigrationControl::~SourceMigrationControl() {
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (running_) {
       cancel_requested_ = true;
       stopping_ = true;  // a paused post-copy waits no longer
@@ -99,7 +99,7 @@ Result<SourceMigrationControl::Route> SourceMigrationControl::MakeRoute(
 Status SourceMigrationControl::Start(const MigrateRequest& request) {
   RETURN_IF_ERROR(CheckMode(request.mode));
   ASSIGN_OR_RETURN(Route route, MakeRoute(request));
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (running_) return WrongState("a migration to {} is already active", request_.to.ToString());
   // The previous migration's thread has published its result and is at
   // most in on_done, which must not call back into this object.
@@ -118,12 +118,16 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   sample_pages_ = pass_start_pages_ = 0;
   send_rate_ = dirty_rate_ = 0;
   pass_seen_ = 0;
+  // The thread's engine and connector are taken here, under mu_ (see
+  // RunMigration in source.h).
+  migration::Connector* c = connector_.get();
+  migration::LocalUpdateSource* local = local_.get();
   if (request.local && local_memory_ == migration::LocalMemory::kFds) {
-    thread_ = std::thread([this, c = connector_.get()] { RunLocal(c); });
+    thread_ = std::thread([this, c, local] { RunLocal(c, local); });
   } else if (postcopy_) {
-    thread_ = std::thread([this, c = connector_.get()] { RunPostcopy(c); });
+    thread_ = std::thread([this, c, p = postcopy_.get(), local] { RunPostcopy(c, p, local); });
   } else {
-    thread_ = std::thread([this, c = connector_.get()] { RunMigration(c); });
+    thread_ = std::thread([this, c, s = source_.get(), local] { RunMigration(c, s, local); });
   }
   return Status::Ok();
 }
@@ -163,34 +167,41 @@ void SourceMigrationControl::MakeEnginesLocked(const MigrateRequest& request, bo
   }
 }
 
-void SourceMigrationControl::RunPostcopy(migration::Connector* connector) {
+void SourceMigrationControl::RunPostcopy(migration::Connector* connector,
+                                         migration::PostcopySource* postcopy,
+                                         migration::LocalUpdateSource* local) {
   using migration::PostcopyPhase;
-  if (Status offered = OfferCopy(connector); !offered.ok()) return FailEarly(offered);
-  // postcopy_ is not replaced while running_ is true, so it is safe unlocked.
-  Result<migration::PostcopySourceStats> result = postcopy_->Run(*connector);
-  while (!result.has_value() && postcopy_->phase() == PostcopyPhase::kPaused) {
+  if (Status offered = OfferCopy(connector, local, migration::SwitchoverMode::kPostcopy);
+      !offered.ok()) {
+    return FailEarly(offered);
+  }
+  Result<migration::PostcopySourceStats> result = postcopy->Run(*connector);
+  while (!result.has_value() && postcopy->phase() == PostcopyPhase::kPaused) {
+    sys::MutexLock lock(mu_);
+    const std::string to = request_.to.ToString();
+    lock.Unlock();  // not held while writing to stderr
     fmt::print(stderr,
                "faultline: post-copy migration to {} paused: {}. The guest waits at the "
                "destination for its missing pages; reconnect with `faultline migrate --resume`\n",
-               request_.to.ToString(), result.error().ToString());
+               to, result.error().ToString());
     std::fflush(stderr);
-    {
-      std::unique_lock lock(mu_);
-      paused_error_ = result.error().ToString();
-      resume_cv_.wait(lock, [this] { return resume_connector_ != nullptr || stopping_; });
-      if (resume_connector_ == nullptr) break;
-      // The old connector may still be in use by nobody now: replace it.
-      connector_ = std::move(resume_connector_);
-      request_.to = resume_to_;
-      paused_error_.clear();
-      connector = connector_.get();
-    }
-    result = postcopy_->Resume(*connector);
+    lock.Lock();
+    paused_error_ = result.error().ToString();
+    resume_cv_.wait(lock.native(),
+                    [this]() REQUIRES(mu_) { return resume_connector_ != nullptr || stopping_; });
+    if (resume_connector_ == nullptr) break;
+    // The old connector may still be in use by nobody now: replace it.
+    connector_ = std::move(resume_connector_);
+    request_.to = resume_to_;
+    paused_error_.clear();
+    connector = connector_.get();
+    lock.Unlock();
+    result = postcopy->Resume(*connector);
   }
-  const PostcopyPhase phase = postcopy_->phase();
+  const PostcopyPhase phase = postcopy->phase();
   migration::SourceOutcome outcome;
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (result.has_value()) postcopy_stats_ = *result;
     MigrationStatus s = PostcopyStatus();
     s.eta_ms.reset();
@@ -265,7 +276,7 @@ MigrationStatus SourceMigrationControl::PostcopyStatus() {
 }
 
 Status SourceMigrationControl::Resume(const std::optional<MigrationTarget>& to) {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (!running_ || !postcopy_ || postcopy_->phase() != migration::PostcopyPhase::kPaused) {
     return WrongState(
         "no paused post-copy migration to resume: migrate-resume reconnects a post-copy "
@@ -286,7 +297,7 @@ Status SourceMigrationControl::Resume(const std::optional<MigrationTarget>& to) 
 }
 
 Status SourceMigrationControl::StartPostcopy() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (!running_ || !postcopy_) {
     return WrongState(
         "no post-copy migration is active: start one with mode postcopy (`faultline migrate "
@@ -302,14 +313,18 @@ Status SourceMigrationControl::StartPostcopy() {
   return Status::Ok();
 }
 
-void SourceMigrationControl::RunMigration(migration::Connector* connector) {
-  if (Status offered = OfferCopy(connector); !offered.ok()) return FailEarly(offered);
-  // source_ is not replaced while running_ is true, so it is safe unlocked.
-  Result<migration::SourceStats> result = source_->Run(*connector);
-  migration::SourceOutcome outcome = source_->outcome();
+void SourceMigrationControl::RunMigration(migration::Connector* connector,
+                                          migration::MigrationSource* source,
+                                          migration::LocalUpdateSource* local) {
+  if (Status offered = OfferCopy(connector, local, migration::SwitchoverMode::kStopAndCopy);
+      !offered.ok()) {
+    return FailEarly(offered);
+  }
+  Result<migration::SourceStats> result = source->Run(*connector);
+  migration::SourceOutcome outcome = source->outcome();
   {
-    std::lock_guard lock(mu_);
-    MigrationStatus s = Estimate(source_->progress());
+    sys::MutexLock lock(mu_);
+    MigrationStatus s = Estimate(source->progress());
     s.elapsed_ms = Millis(Clock::now() - started_);
     s.eta_ms.reset();
     if (result.has_value()) {
@@ -336,16 +351,16 @@ void SourceMigrationControl::RunMigration(migration::Connector* connector) {
   if (options_.on_done) options_.on_done(outcome);
 }
 
-Status SourceMigrationControl::OfferCopy(migration::Connector* connector) {
-  if (!local_) return Status::Ok();  // tcp: no offer
-  return local_->OfferCopy(*connector, request_.mode == MigrationMode::kPostcopy
-                                           ? migration::SwitchoverMode::kPostcopy
-                                           : migration::SwitchoverMode::kStopAndCopy);
+Status SourceMigrationControl::OfferCopy(migration::Connector* connector,
+                                         migration::LocalUpdateSource* local,
+                                         migration::SwitchoverMode mode) {
+  if (local == nullptr) return Status::Ok();  // tcp: no offer
+  return local->OfferCopy(*connector, mode);
 }
 
 void SourceMigrationControl::FailEarly(const Status& why) {
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     MigrationStatus s = BaseStatus();
     s.phase = cancel_requested_ ? MigrationPhase::kCancelled : MigrationPhase::kFailed;
     s.error = why.ToString();
@@ -372,12 +387,12 @@ void SourceMigrationControl::AddLocal(MigrationStatus& s) const {
   s.pages_copied = PassesFds() ? 0 : s.pages_sent;
 }
 
-void SourceMigrationControl::RunLocal(migration::Connector* connector) {
-  // local_ is not replaced while running_ is true, so it is safe unlocked.
-  Result<migration::LocalUpdateStats> result = local_->Run(*connector);
-  const migration::SourceOutcome outcome = local_->outcome();
+void SourceMigrationControl::RunLocal(migration::Connector* connector,
+                                      migration::LocalUpdateSource* local) {
+  Result<migration::LocalUpdateStats> result = local->Run(*connector);
+  const migration::SourceOutcome outcome = local->outcome();
   {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     MigrationStatus s = BaseStatus();
     AddLocal(s);
     if (result.has_value()) {
@@ -413,7 +428,7 @@ void SourceMigrationControl::RunLocal(migration::Connector* connector) {
 }
 
 MigrationStatus SourceMigrationControl::Query() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (final_) return *final_;
   if (!running_) return MigrationStatus();
   MigrationStatus s;
@@ -432,7 +447,7 @@ MigrationStatus SourceMigrationControl::Query() {
 }
 
 Status SourceMigrationControl::Cancel() {
-  std::lock_guard lock(mu_);
+  sys::MutexLock lock(mu_);
   if (!running_) return WrongState("no migration is active");
   if (postcopy_) {
     const migration::PostcopyPhase phase = postcopy_->phase();

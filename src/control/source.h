@@ -27,7 +27,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -41,6 +40,7 @@
 #include "src/migration/postcopy_source.h"
 #include "src/migration/source.h"
 #include "src/migration/transport.h"
+#include "src/sys/mutex.h"
 #include "src/sys/sched.h"
 
 namespace faultline::control {
@@ -90,60 +90,73 @@ class SourceMigrationControl final : public MigrationControl {
   };
   Result<Route> MakeRoute(const MigrateRequest& request);
   // The engine for `request` (and for a unix: target the local update's
-  // offer), replacing the previous migration's. Requires mu_.
-  void MakeEnginesLocked(const MigrateRequest& request, bool unix_target);
-  void RunMigration(migration::Connector* connector);
-  void RunPostcopy(migration::Connector* connector);
-  void RunLocal(migration::Connector* connector);
-  // unix: targets whose memory is copied: the offer before the migration.
-  Status OfferCopy(migration::Connector* connector);
+  // offer), replacing the previous migration's.
+  void MakeEnginesLocked(const MigrateRequest& request, bool unix_target) REQUIRES(mu_);
+  // The migration's thread, one of these three. Start hands it its engine
+  // (and `local`, the offer before a copy, or null) under mu_; an engine is
+  // not replaced while running_ is true, so the thread uses it without mu_.
+  void RunMigration(migration::Connector* connector, migration::MigrationSource* source,
+                    migration::LocalUpdateSource* local);
+  void RunPostcopy(migration::Connector* connector, migration::PostcopySource* postcopy,
+                   migration::LocalUpdateSource* local);
+  void RunLocal(migration::Connector* connector, migration::LocalUpdateSource* local);
+  // unix: targets whose memory is copied: the offer before the migration
+  // (none without `local`).
+  static Status OfferCopy(migration::Connector* connector, migration::LocalUpdateSource* local,
+                          migration::SwitchoverMode mode);
   // Publishes a migration that ended before its engine ran.
   void FailEarly(const Status& why);
   // A status with what every phase has: mode, target, size, time so far.
-  MigrationStatus BaseStatus() const;
+  MigrationStatus BaseStatus() const REQUIRES(mu_);
   // A local update whose RAM is passed by descriptor (no engine runs).
-  bool PassesFds() const { return request_.local && local_memory_ == migration::LocalMemory::kFds; }
+  bool PassesFds() const REQUIRES(mu_) {
+    return request_.local && local_memory_ == migration::LocalMemory::kFds;
+  }
   // The local-update fields of a status (request_.local).
-  void AddLocal(MigrationStatus& s) const;
-  MigrationStatus PostcopyStatus();
+  void AddLocal(MigrationStatus& s) const REQUIRES(mu_);
+  MigrationStatus PostcopyStatus() REQUIRES(mu_);
   // The phase of an active migration from the engine's counters.
-  MigrationStatus Estimate(const migration::SourceProgress& p);
+  MigrationStatus Estimate(const migration::SourceProgress& p) REQUIRES(mu_);
 
   migration::SourceVm& vm_;
   const Options options_;
   const uint64_t bytes_total_;
 
-  std::mutex mu_;
-  // All guarded by mu_. One migration at a time; the previous one's thread
-  // is joined when the next starts, or by the destructor.
-  std::thread thread_;
-  std::unique_ptr<migration::Connector> connector_;
-  std::unique_ptr<migration::MigrationSource> source_;   // mode precopy
-  std::unique_ptr<migration::PostcopySource> postcopy_;  // mode postcopy
+  // Taken before the engines' outer locks: Cancel, Query, Resume and
+  // StartPostcopy call into the engine with it held. Those locks are
+  // private to module migration, so the order is written here and in
+  // docs/architecture.md section 4, not as ACQUIRED_BEFORE.
+  sys::Mutex mu_;
+  // One migration at a time; the previous one's thread is joined when the
+  // next starts, or by the destructor.
+  std::thread thread_ GUARDED_BY(mu_);
+  std::unique_ptr<migration::Connector> connector_ GUARDED_BY(mu_);
+  std::unique_ptr<migration::MigrationSource> source_ GUARDED_BY(mu_);   // mode precopy
+  std::unique_ptr<migration::PostcopySource> postcopy_ GUARDED_BY(mu_);  // mode postcopy
   // unix: targets: the offer, and for memory passed by fd the whole update.
-  std::unique_ptr<migration::LocalUpdateSource> local_;
-  migration::LocalMemory local_memory_ = migration::LocalMemory::kCopy;
+  std::unique_ptr<migration::LocalUpdateSource> local_ GUARDED_BY(mu_);
+  migration::LocalMemory local_memory_ GUARDED_BY(mu_) = migration::LocalMemory::kCopy;
   // Post-copy paused: the connector a migrate-resume has made, for the
   // migration's thread to take; stopping_ ends a paused migration's wait.
   std::condition_variable resume_cv_;
-  std::unique_ptr<migration::Connector> resume_connector_;
-  MigrationTarget resume_to_;
-  bool stopping_ = false;
-  std::string paused_error_;  // why the post-copy link broke
-  std::optional<migration::PostcopySourceStats> postcopy_stats_;
-  MigrateRequest request_;
-  bool running_ = false;
-  bool cancel_requested_ = false;
-  std::optional<MigrationStatus> final_;  // once the migration has ended
-  std::chrono::steady_clock::time_point started_;
+  std::unique_ptr<migration::Connector> resume_connector_ GUARDED_BY(mu_);
+  MigrationTarget resume_to_ GUARDED_BY(mu_);
+  bool stopping_ GUARDED_BY(mu_) = false;
+  std::string paused_error_ GUARDED_BY(mu_);  // why the post-copy link broke
+  std::optional<migration::PostcopySourceStats> postcopy_stats_ GUARDED_BY(mu_);
+  MigrateRequest request_ GUARDED_BY(mu_);
+  bool running_ GUARDED_BY(mu_) = false;
+  bool cancel_requested_ GUARDED_BY(mu_) = false;
+  std::optional<MigrationStatus> final_ GUARDED_BY(mu_);  // once the migration has ended
+  std::chrono::steady_clock::time_point started_ GUARDED_BY(mu_);
   // Samples for the estimates.
-  std::chrono::steady_clock::time_point sample_time_;
-  uint64_t sample_pages_ = 0;
-  uint64_t send_rate_ = 0;  // bytes/s
-  uint32_t pass_seen_ = 0;
-  uint64_t pass_start_pages_ = 0;
-  std::chrono::steady_clock::time_point pass_start_time_;
-  uint64_t dirty_rate_ = 0;  // bytes/s
+  std::chrono::steady_clock::time_point sample_time_ GUARDED_BY(mu_);
+  uint64_t sample_pages_ GUARDED_BY(mu_) = 0;
+  uint64_t send_rate_ GUARDED_BY(mu_) = 0;  // bytes/s
+  uint32_t pass_seen_ GUARDED_BY(mu_) = 0;
+  uint64_t pass_start_pages_ GUARDED_BY(mu_) = 0;
+  std::chrono::steady_clock::time_point pass_start_time_ GUARDED_BY(mu_);
+  uint64_t dirty_rate_ GUARDED_BY(mu_) = 0;  // bytes/s
 };
 
 }  // namespace faultline::control

@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include <gmock/gmock.h>
@@ -14,6 +13,7 @@
 #include "src/control/args.h"
 #include "src/control/migration.h"
 #include "src/control/server.h"
+#include "src/sys/mutex.h"
 
 namespace faultline::control {
 namespace {
@@ -173,25 +173,29 @@ TEST(ControlTypesTest, VmStatusJson) {
 class FakeMigration : public MigrationControl {
  public:
   Status Start(const MigrateRequest& request) override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     last_request = request;
     status.phase = MigrationPhase::kSetup;
     status.to = request.to.ToString();
     return Status::Ok();
   }
   MigrationStatus Query() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     return status;
   }
   Status Cancel() override {
-    std::lock_guard lock(mu_);
+    sys::MutexLock lock(mu_);
     if (!IsActive(status.phase)) return WrongState("no migration is active");
     status.phase = MigrationPhase::kCancelled;
     return Status::Ok();
   }
-  std::mutex mu_;
-  MigrationStatus status;
-  MigrateRequest last_request;
+  MigrateRequest LastRequest() {
+    sys::MutexLock lock(mu_);
+    return last_request;
+  }
+  sys::Mutex mu_;
+  MigrationStatus status GUARDED_BY(mu_);
+  MigrateRequest last_request GUARDED_BY(mu_);
 };
 
 class MigrationCommandsTest : public ::testing::Test {
@@ -214,7 +218,7 @@ TEST_F(MigrationCommandsTest, MigrateQueryCancel) {
   EXPECT_EQ(Call({{"execute", "query-migrate"}})["return"]["phase"], "none");
   json r = Call({{"execute", "migrate"}, {"arguments", {{"to", "tcp:b:9"}, {"channels", 2}}}});
   EXPECT_EQ(r, json::parse(R"({"return": {}})"));
-  EXPECT_EQ(fake_->last_request.channels, 2u);
+  EXPECT_EQ(fake_->LastRequest().channels, 2u);
   EXPECT_EQ(Call({{"execute", "query-migrate"}})["return"]["phase"], "setup");
   r = Call({{"execute", "migrate"}, {"arguments", {{"to", "tcp:c:9"}}}});
   EXPECT_EQ(r["error"]["class"], "WrongState");

@@ -99,7 +99,7 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
   options.local_withhold_fds = withhold_fds;
   LiveVm* self = live.get();
   options.on_done = [self](migration::SourceOutcome outcome) {
-    std::lock_guard lock(self->mu_);
+    sys::MutexLock lock(self->mu_);
     self->outcome_ = outcome;
     self->cv_.notify_all();
   };
@@ -175,7 +175,7 @@ LiveVm::End LiveVm::Wait(Clock::time_point deadline, const char* who) {
     if (vm_.vcpus().WaitFinished(kPoll)) return End::kGuestFinished;
     std::optional<migration::SourceOutcome> outcome;
     {
-      std::lock_guard lock(mu_);
+      sys::MutexLock lock(mu_);
       outcome.swap(outcome_);
     }
     if (outcome) {

@@ -16,7 +16,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 
@@ -25,6 +24,7 @@
 #include "src/control/server.h"
 #include "src/control/source.h"
 #include "src/migration/source.h"
+#include "src/sys/mutex.h"
 #include "src/vmm/vm.h"
 
 namespace faultline::cli {
@@ -78,9 +78,9 @@ class LiveVm {
 
   vmm::Vm& vm_;
   // Declared before the engine, which calls on_done until it is destroyed.
-  std::mutex mu_;
+  sys::Mutex mu_;
   std::condition_variable cv_;
-  std::optional<migration::SourceOutcome> outcome_;  // guarded by mu_; set by the engine
+  std::optional<migration::SourceOutcome> outcome_ GUARDED_BY(mu_);  // set by the engine
   std::unique_ptr<TimedSource> source_;
   std::shared_ptr<control::SourceMigrationControl> engine_;
   std::shared_ptr<SeenControl> control_;
