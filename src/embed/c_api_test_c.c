@@ -40,6 +40,13 @@ static void* writer_main(void* arg) {
   return NULL;
 }
 
+/* Starts the writer and waits for its first write, so that a pause that
+ * comes at once still finds state to carry (a counter above 0). */
+static void start_writer(struct vm* vm) {
+  pthread_create(&vm->writer, NULL, writer_main, vm);
+  while (__atomic_load_n(&vm->counter, __ATOMIC_RELAXED) == 0) sched_yield();
+}
+
 static void vm_pause(void* ctx) {
   struct vm* vm = ctx;
   atomic_store(&vm->paused, 1);
@@ -119,7 +126,7 @@ int fl_c_api_roundtrip(int postcopy, char* why, size_t why_size) {
   }
   outgoing = fl_outgoing_create(&source_ops, &from, 1, &options, &error);
   if (outgoing == NULL) goto out;
-  pthread_create(&source.writer, NULL, writer_main, &source);
+  start_writer(&source);
   struct receive r = {incoming, -1, NULL};
   pthread_t receiver;
   pthread_create(&receiver, NULL, receive_main, &r);
@@ -178,7 +185,7 @@ int fl_c_api_snapshot(int lazy, char* why, size_t why_size) {
     goto unmap;
   }
   snprintf(dir, sizeof dir, "%s/snap", root);
-  pthread_create(&source.writer, NULL, writer_main, &source);
+  start_writer(&source);
   fl_snapshot_stats written;
   int wrote =
       fl_snapshot_write(&source_ops, &from, 1, dir, /*live=*/1, /*resume=*/0, &written, &error);

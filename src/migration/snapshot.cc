@@ -244,6 +244,8 @@ Result<SnapshotStats> WriteSnapshot(SourceVm& vm, const std::string& dir,
   SnapshotStats stats;
   Clock::time_point paused_at{};
   Status copied = CopyMemory(vm, writers, blocks, options, stats, paused_at);
+  // A failed copy leaves tracking on (a successful one stopped it).
+  if (!copied.ok() && options.live) (void)vm.StopDirtyTracking();
   if (copied.ok()) copied = WriteState(vm, tmp, manifest);
   if (paused_at != Clock::time_point{}) {
     stats.pause = Since(paused_at);
