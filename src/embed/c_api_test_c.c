@@ -40,6 +40,13 @@ static void* writer_main(void* arg) {
   return NULL;
 }
 
+/* Puts `error` (if any) into `why`, and frees it. */
+static void describe(fl_error* error, char* why, size_t why_size) {
+  if (error == NULL) return;
+  snprintf(why, why_size, "%s (errno %d)", fl_error_message(error), fl_error_code(error));
+  fl_error_free(error);
+}
+
 /* Starts the writer and waits for its first write, so that a pause that
  * comes at once still finds state to carry (a counter above 0). */
 static void start_writer(struct vm* vm) {
@@ -156,10 +163,7 @@ int fl_c_api_roundtrip(int postcopy, char* why, size_t why_size) {
     status = 0;
   }
 out:
-  if (error != NULL) {
-    snprintf(why, why_size, "%s (errno %d)", fl_error_message(error), fl_error_code(error));
-    fl_error_free(error);
-  }
+  describe(error, why, why_size);
   fl_outgoing_destroy(outgoing);
   fl_incoming_destroy(incoming);
   munmap(source.memory, kSize);
@@ -208,10 +212,7 @@ int fl_c_api_snapshot(int lazy, char* why, size_t why_size) {
     status = 0;
   }
 out:
-  if (error != NULL) {
-    snprintf(why, why_size, "%s (errno %d)", fl_error_message(error), fl_error_code(error));
-    fl_error_free(error);
-  }
+  describe(error, why, why_size);
   {
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);

@@ -272,7 +272,7 @@ Status StartLazyRestore(const SnapshotReader& snapshot, PostcopyDestinationVm& v
   for (DirtyBitmap& p : present) {
     DirtyBitmap zero(p.pages());
     zero.SetAll();
-    p.ForEachSet([&](uint64_t page) { zero.Clear(page); });
+    p.ForEachRun([&](uint64_t first, uint64_t count) { zero.ClearRange(first, count); });
     p = std::move(zero);
   }
   RETURN_IF_ERROR(PopulateZeroPages(vm, present));
