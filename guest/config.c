@@ -10,6 +10,8 @@
  *   ops=N                      random/hotset: stop after N page writes
  *   until_command=0|1          random/hotset: stop when FL_PORT_COMMAND says stop
  *   hot_pages=N                hotset: size of the working set (default 64)
+ *   hot_ops=N                  hotset: stop after N page writes, whatever ends
+ *                              the random phase (duration, ops, the command)
  *   tsc_khz=N                  TSC frequency, from the VMM
  *   skip=START:SIZE            GPA window no phase touches
  *   quiet=0|1                  only warnings, errors and the final line
@@ -94,6 +96,7 @@ enum option {
   OPT_OPS,
   OPT_UNTIL,
   OPT_HOT,
+  OPT_HOT_OPS,
   OPT_TSC,
   OPT_QUIET,
   OPT_PROBE,
@@ -112,6 +115,7 @@ static const struct {
     {"ops", OPT_OPS, UINT64_MAX},
     {"until_command", OPT_UNTIL, 1},
     {"hot_pages", OPT_HOT, UINT64_MAX},
+    {"hot_ops", OPT_HOT_OPS, UINT64_MAX},
     {"tsc_khz", OPT_TSC, UINT32_MAX},
     {"quiet", OPT_QUIET, 1},
     {"probe", OPT_PROBE, UINT64_MAX},
@@ -142,6 +146,9 @@ static void set_option(struct guest_config* cfg, enum option option, uint64_t v)
       break;
     case OPT_HOT:
       cfg->hot_pages = v;
+      break;
+    case OPT_HOT_OPS:
+      cfg->hot_ops = v;
       break;
     case OPT_TSC:
       cfg->tsc_khz = v;

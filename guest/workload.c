@@ -223,6 +223,11 @@ static void phase_writes(struct guest_vcpu* v, struct meter* m, bool hot) {
     s.max_ops = v->included_pages;
   }
   if (cfg->has_duration && s.duration == 0) s.max_ops = 0;
+  if (hot && cfg->hot_ops) { /* a fixed amount of work, e.g. after a restore */
+    s.max_ops = cfg->hot_ops;
+    s.duration = 0;
+    s.poll = false;
+  }
   /* 4 KiB per op at rate MiB/s: tsc_khz * 1000 * 4096 / (rate << 20) cycles. */
   struct pace pc = {0, m->last, cfg->tsc_khz * 10};
   if (!hot && cfg->rate_mibps) pc.cycles_per_op_x65536 = cfg->tsc_khz * 256000 / cfg->rate_mibps;

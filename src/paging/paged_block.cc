@@ -119,6 +119,9 @@ void PagedBlock::HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
     switch (s) {
       case PageState::kMissing:
         if (!states_.CompareExchange(unit, s, PageState::kFetching)) continue;
+        if (ctx_.options().on_demand_fetch) {
+          ctx_.options().on_demand_fetch(source_block_, unit * this->unit(), this->unit());
+        }
         if (installer_->uses_source()) {
           // A handler must not wait for a staging slot: it would stop
           // reading the very events that let fetches finish.

@@ -44,6 +44,12 @@ struct PagerOptions {
   uint32_t fetch_attempts = 3;
   // Called (on the installing thread) for each poisoned unit.
   std::function<void(const PoisonedUnit&)> on_poison = nullptr;
+  // Called (on the handler thread, before the fetch starts) when a fault on
+  // a missing unit starts its fetch: the order in which the guest first
+  // touched pages it did not have (a working set). `source_block` is the
+  // source's name for the block; offset and length are the unit's bytes.
+  std::function<void(uint32_t source_block, uint64_t offset, uint64_t length)> on_demand_fetch =
+      nullptr;
 };
 
 class PagerContext {

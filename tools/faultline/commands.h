@@ -3,6 +3,7 @@
 #pragma once
 
 #include <functional>
+#include <string>
 
 #include <CLI/CLI.hpp>
 
@@ -16,5 +17,11 @@ void AddMigrateCommand(CLI::App& app, Action& action);
 void AddQueryCommand(CLI::App& app, Action& action);
 void AddBenchCommand(CLI::App& app, Action& action);
 void AddDemoCommand(CLI::App& app, Action& action);
+void AddSnapshotCommand(CLI::App& app, Action& action);
+
+// `faultline snapshot`, also what `faultline migrate --to file:DIR` runs:
+// the exit code.
+int TakeSnapshot(const std::string& control, const std::string& dir, bool paused,
+                 bool leave_paused, bool json);
 
 }  // namespace faultline::cli

@@ -244,8 +244,9 @@ Status Demo::StartSource() {
   listener_ = std::move(*listener);
 
   if (Status s = source_->Start(); !s.ok()) return s.WithContext("source VM");
-  ASSIGN_OR_RETURN(
-      live_, LiveVm::Create(*source_, "", std::nullopt, nullptr, nullptr, o_.realtime_priority));
+  LiveVm::Options live;
+  live.realtime_priority = o_.realtime_priority;
+  ASSIGN_OR_RETURN(live_, LiveVm::Create(*source_, std::move(live)));
   Say(fmt::format("source VM: {} MiB, {} vCPUs, {} backing; the guest fills its memory",
                   config_.mem_size >> 20, o_.vcpus, BackingName(config_.backing)));
   RETURN_IF_ERROR(AwaitFill());

@@ -7,7 +7,9 @@
 
 #include <fmt/format.h>
 
+#include "src/control/args.h"
 #include "src/control/migration.h"
+#include "src/control/snapshot.h"
 #include "src/vmm/vm_adapter.h"
 
 namespace faultline::cli {
@@ -54,10 +56,14 @@ class LiveVm::TimedSource final : public migration::SourceVm {
 // migrate` has seen "completed".
 class LiveVm::SeenControl final : public control::MigrationControl {
  public:
-  explicit SeenControl(std::shared_ptr<control::MigrationControl> inner)
-      : inner_(std::move(inner)) {}
+  SeenControl(std::shared_ptr<control::MigrationControl> inner, LiveVm& owner)
+      : inner_(std::move(inner)), owner_(owner) {}
 
   Status Start(const control::MigrateRequest& request) override {
+    // The engine refuses a second migration itself; this also refuses one
+    // beside a snapshot, or of memory a lazy restore has not brought in.
+    sys::MutexLock lock(owner_.exclusive_mu_);
+    RETURN_IF_ERROR(owner_.MayStartLocked("a migration"));
     seen_terminal_.store(false);
     return inner_->Start(request);
   }
@@ -76,6 +82,7 @@ class LiveVm::SeenControl final : public control::MigrationControl {
 
  private:
   std::shared_ptr<control::MigrationControl> inner_;
+  LiveVm& owner_;
   std::atomic<bool> seen_terminal_{false};
 };
 
@@ -86,17 +93,14 @@ LiveVm::~LiveVm() {
   if (server_) server_->Stop();
 }
 
-Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& control_path,
-                                               std::optional<migration::FaultPlan> first_link_fault,
-                                               std::unique_ptr<control::ControlServer> server,
-                                               std::shared_ptr<control::IncomingStatus> incoming,
-                                               int realtime_priority, bool withhold_fds) {
+Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, Options o) {
   std::unique_ptr<LiveVm> live(new LiveVm(vm));
   live->source_ = std::make_unique<TimedSource>(vm);
+  live->memory_ready_ = std::move(o.memory_ready);
   control::SourceMigrationControl::Options options;
-  options.first_link_fault = first_link_fault;
-  options.realtime_priority = realtime_priority;
-  options.local_withhold_fds = withhold_fds;
+  options.first_link_fault = o.first_link_fault;
+  options.realtime_priority = o.realtime_priority;
+  options.local_withhold_fds = o.withhold_fds;
   LiveVm* self = live.get();
   options.on_done = [self](migration::SourceOutcome outcome) {
     sys::MutexLock lock(self->mu_);
@@ -105,68 +109,102 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, const std::string& c
   };
   live->engine_ =
       std::make_shared<control::SourceMigrationControl>(*live->source_, std::move(options));
-  live->control_ = std::make_shared<SeenControl>(live->engine_);
-  if (control_path.empty() && server == nullptr) return live;
+  live->control_ = std::make_shared<SeenControl>(live->engine_, *live);
+  if (o.control_path.empty() && o.server == nullptr) return live;
 
-  const bool serving = server != nullptr;
+  const bool serving = o.server != nullptr;
   if (serving) {
-    live->server_ = std::move(server);
+    live->server_ = std::move(o.server);
   } else {
-    ASSIGN_OR_RETURN(live->server_, control::ControlServer::Create(control_path));
+    ASSIGN_OR_RETURN(live->server_, control::ControlServer::Create(o.control_path));
   }
-  control::RegisterMigrationCommands(*live->server_, live->control_);
-  if (incoming != nullptr) {
-    // The migration that brought the guest here, until one takes it away.
-    live->server_->Register("query-migrate",
-                            [self, incoming](const nlohmann::json&) -> Result<nlohmann::json> {
-                              control::MigrationStatus out = self->control_->Query();
-                              if (out.phase == control::MigrationPhase::kNone)
-                                return incoming->Status();
-                              return nlohmann::json(out);
-                            });
-  }
-  control::RegisterStatusCommand(*live->server_, [self] {
-    control::VmStatus s;
-    const vmm::VmConfig& config = self->vm_.config();
-    s.vcpus = config.vcpus;
-    s.mem_bytes = config.mem_size;
-    s.backing = BackingName(config.backing);
-    s.uptime_ms = static_cast<uint64_t>(
-        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - self->started_)
-            .count());
-    const GuestReport report = self->vm_.report();
-    bool all_done = !report.vcpus.empty();
-    for (const GuestVcpuReport& v : report.vcpus) {
-      control::GuestVcpuProgress p;
-      p.booted = v.booted;
-      p.done = v.done;
-      if (!v.phases.empty()) {
-        p.phase = GuestPhaseName(v.phases.back().phase);
-        p.generation = v.phases.back().generation;
-        p.ops = v.phases.back().ops;
-      }
-      all_done = all_done && v.done;
-      s.guest.push_back(std::move(p));
-    }
-    s.pages_verified = report.pages_verified();
-    s.bad_pages = report.bad_page_count();
-    control::MigrationStatus m = self->engine_->Query();
-    s.migration = m.phase;
-    if (m.phase == control::MigrationPhase::kCompleted) {
-      s.state = control::VmState::kPaused;  // for good: the destination runs the guest
-    } else if (m.phase == control::MigrationPhase::kSwitchover ||
-               m.phase == control::MigrationPhase::kPostcopy) {
-      // Post-copy: the guest runs at the destination from the switchover on.
-      s.state = control::VmState::kPaused;
-    } else if (all_done) {
-      s.state = report.success() ? control::VmState::kFinished : control::VmState::kFailed;
-    } else {
-      s.state = control::VmState::kRunning;
-    }
-    return s;
-  });
+  live->RegisterCommands(o.incoming);
   if (!serving) RETURN_IF_ERROR(live->server_->Start());
   return live;
+}
+
+void LiveVm::RegisterCommands(const std::shared_ptr<control::IncomingStatus>& incoming) {
+  control::RegisterMigrationCommands(*server_, control_);
+  if (incoming != nullptr) {
+    // The migration that brought the guest here, until one takes it away.
+    server_->Register("query-migrate",
+                      [this, incoming](const nlohmann::json&) -> Result<nlohmann::json> {
+                        control::MigrationStatus out = control_->Query();
+                        if (out.phase == control::MigrationPhase::kNone) return incoming->Status();
+                        return nlohmann::json(out);
+                      });
+  }
+  control::RegisterStatusCommand(*server_, [this] { return CurrentStatus(); });
+  control::RegisterSnapshotCommand(
+      *server_, *source_, [this] { return StartSnapshot(); }, [this] { SnapshotEnded(); });
+}
+
+control::VmStatus LiveVm::CurrentStatus() const {
+  control::VmStatus s;
+  const vmm::VmConfig& config = vm_.config();
+  s.vcpus = config.vcpus;
+  s.mem_bytes = config.mem_size;
+  s.backing = BackingName(config.backing);
+  s.uptime_ms = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started_).count());
+  const GuestReport report = vm_.report();
+  bool all_done = !report.vcpus.empty();
+  for (const GuestVcpuReport& v : report.vcpus) {
+    control::GuestVcpuProgress p;
+    p.booted = v.booted;
+    p.done = v.done;
+    if (!v.phases.empty()) {
+      p.phase = GuestPhaseName(v.phases.back().phase);
+      p.generation = v.phases.back().generation;
+      p.ops = v.phases.back().ops;
+    }
+    all_done = all_done && v.done;
+    s.guest.push_back(std::move(p));
+  }
+  s.pages_verified = report.pages_verified();
+  s.bad_pages = report.bad_page_count();
+  control::MigrationStatus m = engine_->Query();
+  s.migration = m.phase;
+  if (m.phase == control::MigrationPhase::kCompleted ||
+      m.phase == control::MigrationPhase::kSwitchover ||
+      m.phase == control::MigrationPhase::kPostcopy) {
+    // Completed: for good, the destination runs the guest; post-copy: the
+    // guest runs at the destination from the switchover on.
+    s.state = control::VmState::kPaused;
+  } else if (all_done) {
+    s.state = report.success() ? control::VmState::kFinished : control::VmState::kFailed;
+  } else {
+    s.state = control::VmState::kRunning;
+  }
+  return s;
+}
+
+Status LiveVm::StartSnapshot() {
+  sys::MutexLock lock(exclusive_mu_);
+  RETURN_IF_ERROR(MayStartLocked("a snapshot"));
+  snapshotting_ = true;
+  return Status::Ok();
+}
+
+Status LiveVm::MayStartLocked(const char* what) {
+  if (snapshotting_) {
+    return control::WrongState("a snapshot is being written; start {} once it has ended", what);
+  }
+  const control::MigrationPhase phase = engine_->Query().phase;
+  if (phase == control::MigrationPhase::kCompleted) {
+    return control::WrongState("the guest has migrated away; nothing is left here for {}", what);
+  }
+  if (phase != control::MigrationPhase::kNone && !control::IsTerminal(phase)) {
+    return control::WrongState("a migration is {}; start {} once it has ended",
+                               control::MigrationPhaseName(phase), what);
+  }
+  if (memory_ready_) RETURN_IF_ERROR(memory_ready_());
+  return Status::Ok();
+}
+
+void LiveVm::SnapshotEnded() {
+  sys::MutexLock lock(exclusive_mu_);
+  snapshotting_ = false;
 }
 
 LiveVm::End LiveVm::Wait(Clock::time_point deadline, const char* who) {

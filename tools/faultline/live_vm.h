@@ -15,6 +15,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -33,18 +34,26 @@ class LiveVm {
  public:
   using Clock = std::chrono::steady_clock;
 
-  // `vm` has been started and must outlive this object. An empty
-  // `control_path` serves no socket (the demo drives migration() directly).
-  // `first_link_fault`: a test hook, see SourceMigrationControl::Options.
-  // `server`: a control socket already serving (at `control_path`), whose
-  // commands are replaced by this object's; `incoming`: see the top.
-  // `withhold_fds`: a test hook, see SourceMigrationControl::Options.
-  static Result<std::unique_ptr<LiveVm>> Create(
-      vmm::Vm& vm, const std::string& control_path,
-      std::optional<migration::FaultPlan> first_link_fault = std::nullopt,
-      std::unique_ptr<control::ControlServer> server = nullptr,
-      std::shared_ptr<control::IncomingStatus> incoming = nullptr,
-      int realtime_priority = sys::kDefaultRealtimePriority, bool withhold_fds = false);
+  struct Options {
+    // Serve the control socket here; empty: none (the demo drives
+    // migration() directly).
+    std::string control_path;
+    // A test hook, see SourceMigrationControl::Options.
+    std::optional<migration::FaultPlan> first_link_fault;
+    // A control socket already serving (at control_path), whose commands
+    // are replaced by this object's.
+    std::unique_ptr<control::ControlServer> server;
+    std::shared_ptr<control::IncomingStatus> incoming;  // see the top
+    int realtime_priority = sys::kDefaultRealtimePriority;
+    bool withhold_fds = false;  // a test hook, see SourceMigrationControl::Options
+    // A lazily restored VM: OK once its memory is all here, else why a
+    // migration or snapshot cannot read it yet (it may wait a while for
+    // the background reader). Null: always OK.
+    std::function<Status()> memory_ready;
+  };
+
+  // `vm` has been started and must outlive this object.
+  static Result<std::unique_ptr<LiveVm>> Create(vmm::Vm& vm, Options options);
   ~LiveVm();
 
   control::MigrationControl& migration();
@@ -75,6 +84,13 @@ class LiveVm {
   class SeenControl;  // notes when a client has seen a terminal phase
 
   explicit LiveVm(vmm::Vm& vm);
+  void RegisterCommands(const std::shared_ptr<control::IncomingStatus>& incoming);
+  control::VmStatus CurrentStatus() const;
+  // One migration or snapshot at a time: OK if `what` may start now, else
+  // WrongState saying why not.
+  Status MayStartLocked(const char* what) REQUIRES(exclusive_mu_);
+  Status StartSnapshot();  // marks one as running when it may
+  void SnapshotEnded();
 
   vmm::Vm& vm_;
   // Declared before the engine, which calls on_done until it is destroyed.
@@ -85,6 +101,9 @@ class LiveVm {
   std::shared_ptr<control::SourceMigrationControl> engine_;
   std::shared_ptr<SeenControl> control_;
   std::unique_ptr<control::ControlServer> server_;
+  std::function<Status()> memory_ready_;
+  sys::Mutex exclusive_mu_;  // taken before the engine's (SourceMigrationControl::mu_)
+  bool snapshotting_ GUARDED_BY(exclusive_mu_) = false;
   Clock::time_point started_;
 };
 

@@ -316,6 +316,11 @@ int Migrate(const MigrateOptions& o) {
               "--start-postcopy (one of them)"));
   }
   if (o.interval_ms == 0) return Fail(Error("--interval-ms must be at least 1"));
+  if (start && o.to.starts_with("file:")) {
+    // To a directory: a snapshot, written live (`faultline snapshot`).
+    return TakeSnapshot(o.control, o.to.substr(5), /*paused=*/false, /*leave_paused=*/false,
+                        o.json);
+  }
   nlohmann::json args = nlohmann::json::object();
   if (!o.to.empty()) {
     Result<control::MigrationTarget> target = control::ParseMigrationTarget(o.to);
@@ -396,7 +401,8 @@ void AddMigrateCommand(CLI::App& app, Action& action) {
   cmd->add_option("--control", o->control, "The VMM's control socket (faultline run --control)")
       ->required();
   cmd->add_option("--to", o->to,
-                  "Destination, tcp:HOST:PORT or unix:PATH (with --resume: a new one)");
+                  "Destination, tcp:HOST:PORT or unix:PATH (with --resume: a new one), or "
+                  "file:DIR: a snapshot (see `faultline snapshot`)");
   cmd->add_option("--mode", o->mode, "precopy or postcopy")->capture_default_str();
   cmd->add_option("--channels", o->channels, "Page channels (TCP connections), 1..16")
       ->capture_default_str();

@@ -281,9 +281,14 @@ int Run(const RunOptions& o) {
     link_fault.emplace();
     link_fault->cut_after_bytes_sent = o.test_cut_after;
   }
-  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(
-      *h.vm, o.control, link_fault, std::move(h.server),
-      h.incoming ? h.incoming->status() : nullptr, o.realtime_priority, o.test_withhold_fds);
+  LiveVm::Options live_options;
+  live_options.control_path = o.control;
+  live_options.first_link_fault = link_fault;
+  live_options.server = std::move(h.server);
+  live_options.incoming = h.incoming ? h.incoming->status() : nullptr;
+  live_options.realtime_priority = o.realtime_priority;
+  live_options.withhold_fds = o.test_withhold_fds;
+  Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(*h.vm, std::move(live_options));
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
   // these machines, plus the requested duration.
