@@ -1,0 +1,139 @@
+#include "src/migration/working_set.h"
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#include "src/migration/wire.h"
+
+namespace faultline::migration {
+
+namespace {
+constexpr char kHeader[] = "# faultline working set v1";
+// Bytes claimed at once: a claim may wait for staging pages, which only
+// completions free, so a prefetch claims a little and fills it before more.
+constexpr uint64_t kClaimBytes = 256ull << 10;
+}  // namespace
+
+std::vector<uint64_t> BlockBases(const SnapshotManifest& manifest) {
+  std::vector<uint64_t> bases;
+  uint64_t at = 0;
+  for (const SnapshotBlock& b : manifest.blocks) {
+    bases.push_back(at);
+    at += b.size;
+  }
+  return bases;
+}
+
+void WorkingSetRecorder::Record(uint32_t block, uint64_t offset, uint64_t length) {
+  if (block >= bases_.size()) return;
+  const uint64_t at = bases_[block] + offset;
+  sys::MutexLock lock(mu_);
+  bytes_ += length;
+  if (!ranges_.empty() && ranges_.back().offset + ranges_.back().length == at) {
+    ranges_.back().length += length;
+  } else {
+    ranges_.push_back({at, length});
+  }
+}
+
+std::vector<MemoryRange> WorkingSetRecorder::ranges() const {
+  sys::MutexLock lock(mu_);
+  return ranges_;
+}
+
+uint64_t WorkingSetRecorder::bytes() const {
+  sys::MutexLock lock(mu_);
+  return bytes_;
+}
+
+Status SaveWorkingSet(const std::string& path, std::span<const MemoryRange> ranges) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!out) return ErrnoError(errno, "working set: cannot create {}", tmp);
+    out << kHeader << "\n";
+    for (const MemoryRange& r : ranges) out << r.offset << ' ' << r.length << '\n';
+    out.flush();
+    if (!out) return ErrnoError(errno, "working set: writing {}", tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return ErrnoError(errno, "working set: renaming {} to {}", tmp, path);
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<MemoryRange>> LoadWorkingSet(const std::string& path, uint64_t memory_size) {
+  std::ifstream in(path);
+  if (!in) return ErrnoError(errno, "working set: cannot open {}", path);
+  std::vector<MemoryRange> out;
+  std::string line;
+  for (uint64_t number = 1; std::getline(in, line); ++number) {
+    if (number == 1 && line != kHeader) {
+      return Error("working set {}: line 1 is not \"{}\": not a working set of this version", path,
+                   kHeader);
+    }
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream fields(line);
+    MemoryRange r;
+    std::string rest;
+    if (!(fields >> r.offset >> r.length) || (fields >> rest)) {
+      return Error("working set {}: line {} is not \"OFFSET LENGTH\": '{}'", path, number, line);
+    }
+    if (r.length == 0 || r.offset % kWirePageSize != 0 || r.length % kWirePageSize != 0 ||
+        r.offset > memory_size || r.length > memory_size - r.offset) {
+      return Error(
+          "working set {}: line {}: {} bytes at {} is not a page-aligned range of the "
+          "snapshot's {} bytes of memory — was it recorded from another snapshot?",
+          path, number, r.length, r.offset, memory_size);
+    }
+    out.push_back(r);
+  }
+  return out;
+}
+
+namespace {
+
+// Claims and fills block `block`'s bytes [offset, offset + length).
+void PrefetchInBlock(paging::PageSource& source, paging::PushTarget& target, uint32_t block,
+                     uint64_t offset, uint64_t length, PrefetchStats& stats) {
+  for (uint64_t at = offset; at < offset + length; at += kClaimBytes) {
+    const uint64_t n = std::min(kClaimBytes, offset + length - at);
+    for (paging::PushSlot& slot : target.Claim(block, at, n)) {
+      ++stats.units;
+      stats.bytes += slot.dest.size();
+      source.Fetch({block, slot.offset, slot.dest, paging::FetchPriority::kPush},
+                   std::move(slot.done));
+    }
+  }
+}
+
+}  // namespace
+
+Result<PrefetchStats> Prefetch(const SnapshotReader& snapshot, PostcopyDestinationVm& vm,
+                               std::span<const MemoryRange> ranges, const std::atomic<bool>& stop) {
+  paging::PushTarget* target = vm.push_target();
+  if (target == nullptr) {
+    return Error("prefetch: the {} installer takes no pushed pages; use copy, move or continue",
+                 paging::InstallerName(vm.installer()));
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<paging::SnapshotPageSource> source, snapshot.MakePageSource());
+  const std::vector<SnapshotBlock>& blocks = snapshot.manifest().blocks;
+  const std::vector<uint64_t> bases = BlockBases(snapshot.manifest());
+  PrefetchStats stats;
+  for (const MemoryRange& r : ranges) {
+    for (uint32_t b = 0; b < blocks.size() && !stop.load(std::memory_order_relaxed); ++b) {
+      const uint64_t begin = std::max(r.offset, bases[b]);
+      const uint64_t end = std::min(r.offset + r.length, bases[b] + blocks[b].size);
+      if (begin < end) PrefetchInBlock(*source, *target, b, begin - bases[b], end - begin, stats);
+    }
+    if (stop.load(std::memory_order_relaxed)) break;
+  }
+  // Every fetch above completed inline (the source has no delay).
+  source->CancelAll();
+  return stats;
+}
+
+}  // namespace faultline::migration
