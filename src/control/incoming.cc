@@ -25,38 +25,6 @@ Status LocalRefused(const Status& why) {
       why.ToString());
 }
 
-// --installer: a name (checked against the backing), or "auto"/empty: the
-// fastest candidate for the backing measured now (paging::CalibrateInstaller,
-// ~50 ms), with the trials in `calibration` ({"chosen", "why", "ms",
-// "trials": [{"installer", "pages_per_sec", "runs"}]}) and on stderr unless
-// `quiet`.
-Result<paging::InstallerKind> ChooseInstaller(std::string_view text, Backing backing,
-                                              nlohmann::json& calibration, bool quiet) {
-  if (!text.empty() && text != "auto") {
-    ASSIGN_OR_RETURN(paging::InstallerKind kind, paging::ParseInstaller(text));
-    RETURN_IF_ERROR(paging::CheckInstaller(kind, backing));
-    return kind;
-  }
-  const paging::InstallerChoice choice = paging::CalibrateInstaller(backing);
-  nlohmann::json trials = nlohmann::json::array();
-  std::string line;
-  for (const paging::InstallerTrial& t : choice.trials) {
-    trials.push_back({{"installer", paging::InstallerName(t.installer)},
-                      {"pages_per_sec", t.pages_per_sec},
-                      {"runs", t.runs}});
-    line += fmt::format(" {} {:.0f} pages/s", paging::InstallerName(t.installer), t.pages_per_sec);
-  }
-  calibration = {{"chosen", paging::InstallerName(choice.installer)},
-                 {"why", choice.why},
-                 {"ms", choice.milliseconds},
-                 {"trials", trials}};
-  if (!quiet) {
-    fmt::print(stderr, "faultline: --installer auto chose {} for {} ({}):{}\n",
-               paging::InstallerName(choice.installer), BackingName(backing), choice.why, line);
-  }
-  return choice.installer;
-}
-
 nlohmann::json PrecopyFigures(const migration::DestinationStats& s) {
   return {{"passes", s.passes},
           {"data_pages", s.data_pages},
@@ -366,6 +334,33 @@ bool IncomingControl::PassesFds() const {
 
 void IncomingControl::Say(const std::string& line) const {
   if (options_.say) options_.say(line);
+}
+
+Result<paging::InstallerKind> ChooseInstaller(std::string_view text, Backing backing,
+                                              nlohmann::json& calibration, bool quiet) {
+  if (!text.empty() && text != "auto") {
+    ASSIGN_OR_RETURN(paging::InstallerKind kind, paging::ParseInstaller(text));
+    RETURN_IF_ERROR(paging::CheckInstaller(kind, backing));
+    return kind;
+  }
+  const paging::InstallerChoice choice = paging::CalibrateInstaller(backing);
+  nlohmann::json trials = nlohmann::json::array();
+  std::string line;
+  for (const paging::InstallerTrial& t : choice.trials) {
+    trials.push_back({{"installer", paging::InstallerName(t.installer)},
+                      {"pages_per_sec", t.pages_per_sec},
+                      {"runs", t.runs}});
+    line += fmt::format(" {} {:.0f} pages/s", paging::InstallerName(t.installer), t.pages_per_sec);
+  }
+  calibration = {{"chosen", paging::InstallerName(choice.installer)},
+                 {"why", choice.why},
+                 {"ms", choice.milliseconds},
+                 {"trials", trials}};
+  if (!quiet) {
+    fmt::print(stderr, "faultline: --installer auto chose {} for {} ({}):{}\n",
+               paging::InstallerName(choice.installer), BackingName(backing), choice.why, line);
+  }
+  return choice.installer;
 }
 
 }  // namespace faultline::control

@@ -187,4 +187,12 @@ class IncomingControl {
   std::atomic<bool> cancelled_{false};
 };
 
+// --installer: a name (checked against the backing), or "auto"/empty: the
+// fastest candidate for the backing measured now (paging::CalibrateInstaller,
+// ~50 ms), with the trials in `calibration` ({"chosen", "why", "ms",
+// "trials": [{"installer", "pages_per_sec", "runs"}]}) and on stderr unless
+// `quiet`.
+Result<paging::InstallerKind> ChooseInstaller(std::string_view text, Backing backing,
+                                              nlohmann::json& calibration, bool quiet);
+
 }  // namespace faultline::control

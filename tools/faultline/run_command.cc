@@ -34,6 +34,7 @@
 #include "tools/faultline/commands.h"
 #include "tools/faultline/incoming_vm.h"
 #include "tools/faultline/live_vm.h"
+#include "tools/faultline/restore.h"
 
 namespace faultline::cli {
 namespace {
@@ -58,6 +59,11 @@ struct RunOptions {
   uint64_t test_cut_after = 0;           // test hook: break the first migration link after N bytes
   bool test_withhold_fds = false;        // test hook: a local update's offer without descriptors
   bool test_die_before_confirm = false;  // test hook: an incoming local update's process dies
+  std::string restore;                   // a snapshot directory to run instead of booting
+  bool lazy = false;                     // with --restore
+  std::string prefetch;                  // with --restore --lazy
+  std::string record_ws;                 // with --restore --lazy
+  bool backing_given = false;
 };
 
 using Clock = std::chrono::steady_clock;
@@ -88,8 +94,11 @@ Result<vmm::VmConfig> MakeConfig(const RunOptions& o) {
   if (o.postcopy && o.incoming.empty()) {
     return Error("--postcopy goes with --incoming: it says the migration to receive is post-copy");
   }
-  if (!o.installer.empty() && !o.postcopy) {
-    return Error("--installer goes with --incoming and --postcopy");
+  if (!o.installer.empty() && !o.postcopy && !o.lazy) {
+    return Error("--installer goes with --incoming and --postcopy, or --restore and --lazy");
+  }
+  if (o.restore.empty() && (o.lazy || !o.prefetch.empty() || !o.record_ws.empty())) {
+    return Error("--lazy, --prefetch and --record-ws go with --restore DIR");
   }
   return config;
 }
@@ -104,7 +113,11 @@ struct Hosted {
   // --incoming with --control: the socket serves the incoming migration
   // from the start; LiveVm takes it over once the guest runs here.
   std::unique_ptr<control::ControlServer> server;
+  // --restore: after the VM, so that it goes first (its pager and
+  // background reader serve the VM until the VM has stopped).
+  std::unique_ptr<RestoredVm> restored;
   nlohmann::json incoming_json;            // the report's "incoming"
+  nlohmann::json restore_json;             // the report's "restore"
   Clock::time_point start = Clock::now();  // the guest's time here starts
   // The VM stops first: its vCPUs may call the pager.
   ~Hosted() {
@@ -201,6 +214,22 @@ Status Receive(const RunOptions& o, vmm::VmConfig config, Hosted& h) {
   return Status::Ok();
 }
 
+// --restore: the VM the snapshot describes, loaded or lazily paged, running.
+Status Restore(const RunOptions& o, vmm::VmConfig& config, Hosted& h) {
+  RestoreOptions r;
+  r.dir = o.restore;
+  r.lazy = o.lazy;
+  r.prefetch = o.prefetch;
+  r.record_ws = o.record_ws;
+  r.installer = o.installer;
+  r.realtime_priority = o.realtime_priority;
+  r.quiet = o.quiet;
+  ASSIGN_OR_RETURN(h.restored, RestoredVm::Open(std::move(r), config, o.backing_given));
+  h.start = h.restored->started();
+  ASSIGN_OR_RETURN(h.vm, vmm::Vm::Create(config));
+  return h.restored->Start(*h.vm).WithContext("--restore");
+}
+
 // The guest left by migration (or may have: kUnknown); the VM stays paused.
 int ReportMigratedAway(const RunOptions& o, LiveVm& live, vmm::Vm& vm, LiveVm::End end,
                        Clock::time_point start) {
@@ -249,13 +278,15 @@ int ReportFinished(const RunOptions& o, const vmm::VmConfig& config, const Hoste
     j["accel"] = hv::AccelName(h.vm->accel());
     j["dirty"] = DirtyLogModeName(h.vm->dirty_mode());
     if (!h.incoming_json.is_null()) j["incoming"] = h.incoming_json;
+    if (!h.restore_json.is_null()) j["restore"] = h.restore_json;
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("{}", FormatReport(report));
     fmt::print("elapsed {:.0f} ms ({} MiB, {} vCPUs, {} backing, {}{})\n", elapsed_ms,
                config.mem_size >> 20, config.vcpus, BackingName(config.backing),
                hv::AccelName(h.vm->accel()),
-               o.incoming.empty()                             ? ""
+               !o.restore.empty()                             ? ", restored from a snapshot"
+               : o.incoming.empty()                           ? ""
                : h.incoming_json.value("mode", "") == "local" ? ", taken over by a local update"
                                                               : ", received by migration");
   }
@@ -273,7 +304,9 @@ int Run(const RunOptions& o) {
   Result<vmm::VmConfig> config = MakeConfig(o);
   if (!config.has_value()) return Fail(config.error());
   Hosted h;
-  Status ready = o.incoming.empty() ? Boot(*config, h) : Receive(o, *config, h);
+  Status ready = !o.restore.empty()   ? Restore(o, *config, h)
+                 : o.incoming.empty() ? Boot(*config, h)
+                                      : Receive(o, *config, h);
   if (!ready.ok()) return Fail(ready);
 
   std::optional<migration::FaultPlan> link_fault;
@@ -288,6 +321,9 @@ int Run(const RunOptions& o) {
   live_options.incoming = h.incoming ? h.incoming->status() : nullptr;
   live_options.realtime_priority = o.realtime_priority;
   live_options.withhold_fds = o.test_withhold_fds;
+  if (h.restored) {
+    live_options.memory_ready = [r = h.restored.get()] { return r->MemoryReady(); };
+  }
   Result<std::unique_ptr<LiveVm>> live = LiveVm::Create(*h.vm, std::move(live_options));
   if (!live.has_value()) return Fail(live.error().WithContext("--control"));
   // Without an explicit timeout: generous for a fill and verify of 16 GiB on
@@ -302,6 +338,11 @@ int Run(const RunOptions& o) {
       h.vm->Wait(std::chrono::milliseconds(end == LiveVm::End::kTimeout ? 0 : 60'000));
   live->reset();
   if (!report.has_value()) return Fail(report.error());
+  if (h.restored) {
+    Result<nlohmann::json> figures = h.restored->Finish();
+    if (!figures.has_value()) return Fail(figures.error());
+    h.restore_json = std::move(*figures);
+  }
   return ReportFinished(o, *config, h, *report);
 }
 
@@ -362,11 +403,31 @@ void AddRunCommand(CLI::App& app, Action& action) {
   run->add_flag("--prealloc", options->prealloc,
                 "With --incoming: allocate all guest RAM before the migration starts, so that "
                 "receiving takes no page faults");
+  CLI::Option* restore = run->add_option(
+      "--restore", options->restore,
+      "A snapshot directory (`faultline snapshot`) to run instead of booting: the machine "
+      "(memory, vCPUs, backing, accelerator) comes from it; eager unless --lazy");
+  run->add_flag("--lazy", options->lazy,
+                "With --restore: run the guest at once and page its memory in from the snapshot "
+                "(zero pages at once, data pages on first touch, the rest by a background reader)");
+  run->add_option("--prefetch", options->prefetch,
+                  "With --restore --lazy: a working set (--record-ws of an earlier run) to load "
+                  "first, in its order, while the guest starts");
+  run->add_option("--record-ws", options->record_ws,
+                  "With --restore --lazy: save the order in which the guest first touched its "
+                  "pages to this file (pages then come only on demand: no background reader)");
+  for (const char* name : {"--incoming", "--mem", "--vcpus", "--workload", "--guest", "--duration",
+                           "--prealloc", "--postcopy"}) {
+    restore->excludes(name);
+  }
   run->footer(
       "Exit status: 0 when the guest succeeded, or when it migrated away (with --control); "
       "1 on failure; 3 when the link broke after the final state was sent (the guest stays "
       "paused: the destination may be running it).");
-  run->callback([options, &action] { action = [options] { return Run(*options); }; });
+  run->callback([options, run, &action] {
+    options->backing_given = run->count("--backing") > 0;
+    action = [options] { return Run(*options); };
+  });
 }
 
 }  // namespace faultline::cli
