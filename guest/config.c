@@ -12,6 +12,7 @@
  *   hot_pages=N                hotset: size of the working set (default 64)
  *   hot_ops=N                  hotset: stop after N page writes, whatever ends
  *                              the random phase (duration, ops, the command)
+ *   hot_stride=N               hotset: every Nth page is hot (default 1)
  *   tsc_khz=N                  TSC frequency, from the VMM
  *   skip=START:SIZE            GPA window no phase touches
  *   quiet=0|1                  only warnings, errors and the final line
@@ -97,6 +98,7 @@ enum option {
   OPT_UNTIL,
   OPT_HOT,
   OPT_HOT_OPS,
+  OPT_HOT_STRIDE,
   OPT_TSC,
   OPT_QUIET,
   OPT_PROBE,
@@ -116,6 +118,7 @@ static const struct {
     {"until_command", OPT_UNTIL, 1},
     {"hot_pages", OPT_HOT, UINT64_MAX},
     {"hot_ops", OPT_HOT_OPS, UINT64_MAX},
+    {"hot_stride", OPT_HOT_STRIDE, UINT32_MAX},
     {"tsc_khz", OPT_TSC, UINT32_MAX},
     {"quiet", OPT_QUIET, 1},
     {"probe", OPT_PROBE, UINT64_MAX},
@@ -149,6 +152,9 @@ static void set_option(struct guest_config* cfg, enum option option, uint64_t v)
       break;
     case OPT_HOT_OPS:
       cfg->hot_ops = v;
+      break;
+    case OPT_HOT_STRIDE:
+      cfg->hot_stride = v;
       break;
     case OPT_TSC:
       cfg->tsc_khz = v;

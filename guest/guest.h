@@ -93,6 +93,7 @@ struct guest_config {
   uint64_t ops;
   uint64_t hot_pages;
   uint64_t hot_ops; /* hotset: writes, whatever ends the other phases; 0: as they */
+  uint64_t hot_stride; /* hotset: every Nth page is hot (0 or 1: consecutive pages) */
   uint64_t tsc_khz;
   uint64_t skip_start, skip_end; /* GPA window excluded from every phase; empty if equal */
   uint64_t probe_gpa;            /* 0: no probe */

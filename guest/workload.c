@@ -232,10 +232,11 @@ static void phase_writes(struct guest_vcpu* v, struct meter* m, bool hot) {
   struct pace pc = {0, m->last, cfg->tsc_khz * 10};
   if (!hot && cfg->rate_mibps) pc.cycles_per_op_x65536 = cfg->tsc_khz * 256000 / cfg->rate_mibps;
 
+  const uint64_t stride = cfg->hot_stride ? cfg->hot_stride : 1;
   uint64_t hot_first = guest_next_included(v, 0), hot_end = hot_first;
   for (uint64_t n = 0, p = hot_first; n < cfg->hot_pages && p < v->pages; ++n) {
     hot_end = p + 1;
-    p = guest_next_included(v, p + 1);
+    p = guest_next_included(v, p + stride);
   }
   uint64_t cursor = hot_first;
 
@@ -244,7 +245,7 @@ static void phase_writes(struct guest_vcpu* v, struct meter* m, bool hot) {
     uint64_t p;
     if (hot) {
       p = cursor;
-      cursor = guest_next_included(v, cursor + 1);
+      cursor = guest_next_included(v, cursor + stride);
       if (cursor >= hot_end) cursor = hot_first;
     } else {
       v->rng += WORD_STEP; /* splitmix64 */

@@ -148,17 +148,18 @@ class MemoryPostcopyDestination final : public PostcopyDestinationVm {
 
   paging::PushTarget* push_target() override { return pager_ ? pager_->demand_pager() : nullptr; }
   Status FetchMissing() override { return pager_ ? pager_->PushAll() : Status::Ok(); }
-  // Hole: the chunk memslots are merged back. Userfaultfd installers stay
-  // registered until the VM is gone: every page is present, so nothing
-  // faults, and a stopped DemandPager refuses the VMM's own accesses
-  // (EnsurePresent) instead of letting them through.
+  // Hole: the chunk memslots are merged back. Userfaultfd installers
+  // unregister, so that the VM can be migrated on or snapshotted (a
+  // write-protect dirty tracker needs the memory for its own userfaultfd);
+  // the VMM's own accesses go on finding every page.
   Status FinishPaging() override {
     if (!pager_) return Status::Ok();
+    if (!pager_->complete()) return Error("post-copy: pages are still missing");
+    RETURN_IF_ERROR(pager_->Finish());
     if (installer_ == paging::InstallerKind::kHole) {
-      RETURN_IF_ERROR(pager_->Finish());
       return memory_.SetMemslotGranule(original_granule_);
     }
-    return pager_->complete() ? pager_->first_error() : Error("post-copy: pages are still missing");
+    return Status::Ok();
   }
   bool paging_complete() override { return !pager_ || pager_->complete(); }
   paging::PagingStats paging_stats() override {

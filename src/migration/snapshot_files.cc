@@ -1,8 +1,13 @@
 #include "src/migration/snapshot_files.h"
 
 #include <fcntl.h>
+#include <limits.h>
 #include <openssl/evp.h>
+#include <sys/uio.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <vector>
 
 #include <cerrno>
 
@@ -36,6 +41,32 @@ Status ReadAll(int fd, uint8_t* data, uint64_t size, uint64_t offset, const std:
     if (n < 0) return ErrnoError(errno, "snapshot: reading {}", path);
     if (n == 0) return Error("snapshot: {} ends at {:#x}: truncated", path, offset + done);
     done += static_cast<uint64_t>(n);
+  }
+  return Status::Ok();
+}
+
+Status ReadScattered(int fd, std::span<const std::span<uint8_t>> dests, uint64_t offset,
+                     const std::string& path) {
+  std::vector<iovec> iov;
+  iov.reserve(dests.size());
+  for (std::span<uint8_t> d : dests) iov.push_back({d.data(), d.size()});
+  size_t first = 0;
+  while (first < iov.size()) {
+    const int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    const ssize_t n = ::preadv(fd, &iov[first], count, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return ErrnoError(errno, "snapshot: reading {}", path);
+    if (n == 0) return Error("snapshot: {} ends at {:#x}: truncated", path, offset);
+    offset += static_cast<uint64_t>(n);
+    // Skip what was read; a partly read buffer continues where it stopped.
+    for (size_t left = static_cast<size_t>(n); left > 0;) {
+      const size_t take = std::min(left, iov[first].iov_len);
+      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + take;
+      iov[first].iov_len -= take;
+      left -= take;
+      if (iov[first].iov_len == 0) ++first;
+    }
+    while (first < iov.size() && iov[first].iov_len == 0) ++first;
   }
   return Status::Ok();
 }

@@ -17,6 +17,9 @@ Status WriteAll(int fd, const uint8_t* data, uint64_t size, uint64_t offset,
                 const std::string& path);
 // Fails on a file that ends before offset + size (truncated).
 Status ReadAll(int fd, uint8_t* data, uint64_t size, uint64_t offset, const std::string& path);
+// Reads the file's bytes from `offset` on into `dests` in turn (preadv).
+Status ReadScattered(int fd, std::span<const std::span<uint8_t>> dests, uint64_t offset,
+                     const std::string& path);
 std::string Sha256(std::span<const uint8_t> bytes);
 // The 4 KiB pages of the file's first `size` bytes that hold data (the rest
 // are holes, SEEK_DATA/SEEK_HOLE).

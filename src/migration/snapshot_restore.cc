@@ -45,8 +45,10 @@ Result<SnapshotManifest> ParseManifest(const nlohmann::json& j) {
     block.chunks = b.at("chunks").get<std::vector<std::string>>();
     if (block.size == 0 || block.size % kWirePageSize != 0 ||
         block.chunks.size() != (block.size + m.chunk - 1) / m.chunk) {
-      return Error("block '{}': {} bytes with {} checksums", block.name, block.size,
-                   block.chunks.size());
+      return Error(
+          "block '{}': the manifest says {} bytes but holds {} chunk checksums: the manifest is "
+          "damaged",
+          block.name, block.size, block.chunks.size());
     }
     m.blocks.push_back(std::move(block));
   }

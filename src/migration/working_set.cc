@@ -1,11 +1,14 @@
 #include "src/migration/working_set.h"
 
+#include <fcntl.h>
+
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 
 #include <fmt/format.h>
 
+#include "src/migration/snapshot_files.h"
 #include "src/migration/wire.h"
 
 namespace faultline::migration {
@@ -96,17 +99,35 @@ Result<std::vector<MemoryRange>> LoadWorkingSet(const std::string& path, uint64_
 
 namespace {
 
+// Fills `slots` (claimed in offset order) from the block's file, one
+// preadv per run of adjacent slots, and completes them.
+void FillSlots(int fd, const std::string& path, std::vector<paging::PushSlot>& slots) {
+  for (size_t i = 0; i < slots.size();) {
+    size_t j = i + 1;
+    while (j < slots.size() && slots[j].offset == slots[j - 1].offset + slots[j - 1].dest.size()) {
+      ++j;
+    }
+    std::vector<std::span<uint8_t>> dests;
+    for (size_t k = i; k < j; ++k) dests.push_back(slots[k].dest);
+    const Status read = ReadScattered(fd, dests, slots[i].offset, path);
+    for (size_t k = i; k < j; ++k) {
+      slots[k].done(read.ok() ? paging::FetchResult::Filled() : paging::FetchResult::Failed(read));
+    }
+    i = j;
+  }
+}
+
 // Claims and fills block `block`'s bytes [offset, offset + length).
-void PrefetchInBlock(paging::PageSource& source, paging::PushTarget& target, uint32_t block,
+void PrefetchInBlock(int fd, const std::string& path, paging::PushTarget& target, uint32_t block,
                      uint64_t offset, uint64_t length, PrefetchStats& stats) {
   for (uint64_t at = offset; at < offset + length; at += kClaimBytes) {
     const uint64_t n = std::min(kClaimBytes, offset + length - at);
-    for (paging::PushSlot& slot : target.Claim(block, at, n)) {
+    std::vector<paging::PushSlot> slots = target.Claim(block, at, n);
+    for (const paging::PushSlot& slot : slots) {
       ++stats.units;
       stats.bytes += slot.dest.size();
-      source.Fetch({block, slot.offset, slot.dest, paging::FetchPriority::kPush},
-                   std::move(slot.done));
     }
+    FillSlots(fd, path, slots);
   }
 }
 
@@ -119,20 +140,25 @@ Result<PrefetchStats> Prefetch(const SnapshotReader& snapshot, PostcopyDestinati
     return Error("prefetch: the {} installer takes no pushed pages; use copy, move or continue",
                  paging::InstallerName(vm.installer()));
   }
-  ASSIGN_OR_RETURN(std::shared_ptr<paging::SnapshotPageSource> source, snapshot.MakePageSource());
   const std::vector<SnapshotBlock>& blocks = snapshot.manifest().blocks;
+  std::vector<sys::UniqueFd> files;
+  for (const SnapshotBlock& b : blocks) {
+    ASSIGN_OR_RETURN(sys::UniqueFd fd, OpenFile(snapshot.dir() + "/" + b.file, O_RDONLY));
+    files.push_back(std::move(fd));
+  }
   const std::vector<uint64_t> bases = BlockBases(snapshot.manifest());
   PrefetchStats stats;
   for (const MemoryRange& r : ranges) {
     for (uint32_t b = 0; b < blocks.size() && !stop.load(std::memory_order_relaxed); ++b) {
       const uint64_t begin = std::max(r.offset, bases[b]);
       const uint64_t end = std::min(r.offset + r.length, bases[b] + blocks[b].size);
-      if (begin < end) PrefetchInBlock(*source, *target, b, begin - bases[b], end - begin, stats);
+      if (begin < end) {
+        PrefetchInBlock(files[b].get(), blocks[b].file, *target, b, begin - bases[b], end - begin,
+                        stats);
+      }
     }
     if (stop.load(std::memory_order_relaxed)) break;
   }
-  // Every fetch above completed inline (the source has no delay).
-  source->CancelAll();
   return stats;
 }
 

@@ -53,8 +53,10 @@ class DemandPager final : public PushTarget {
   // Starts the handler threads; faults are served from now on.
   Status Start();
   // Stops serving faults, cancels fetches in flight (waiting for their
-  // completions) and unregisters every block. Pages that never arrived then
-  // read as zeros; call it once complete(), or to abandon paging.
+  // completions) and unregisters every block, so that another userfaultfd
+  // (a write-protect dirty tracker) may register the memory. Pages that
+  // never arrived then read as zeros; call it once complete(), or to
+  // abandon paging. After a Stop once complete, EnsurePresent succeeds.
   void Stop();
 
   // The VMM's own access: makes block bytes [offset, offset + length)
@@ -92,6 +94,9 @@ class DemandPager final : public PushTarget {
   std::vector<std::unique_ptr<PagedBlock>> blocks_;
   bool started_ = false;              // set up on the owner's thread, before Start()
   std::atomic<bool> stopped_{false};  // read by vCPU and channel threads (EnsurePresent, Claim)
+  // Every page was present when Stop() began: EnsurePresent is a no-op
+  // then. Written before stopped_ (seq_cst exchange), read after it.
+  std::atomic<bool> complete_at_stop_{false};
 };
 
 }  // namespace faultline::paging

@@ -89,13 +89,20 @@ Result<std::string> WorkloadToGuestArgs(std::string_view workload, double durati
     start = comma + 1;
   }
   static const std::map<std::string, std::string> kPhases = {
-      {"verify", "fill,verify"},        {"fill", "fill"},   {"random", "fill,random,verify"},
-      {"hotset", "fill,hotset,verify"}, {"touch", "touch"}, {"triplefault", "triplefault"},
+      {"verify", "fill,verify"},
+      {"fill", "fill"},
+      {"random", "fill,random,verify"},
+      {"hotset", "fill,hotset,verify"},
+      {"touch", "touch"},
+      {"triplefault", "triplefault"},
+      // For snapshots: random writes until the VMM says stop (a restore with
+      // --guest-stop), then a hot-set phase of a fixed length, then verify.
+      {"random-hotset", "fill,random,hotset,verify until_command=1 hot_ops=4096"},
   };
   auto it = kPhases.find(parts[0]);
   if (it == kPhases.end()) {
     return Error(
-        "unknown workload '{}': choose verify, fill, random, hotset, touch or "
+        "unknown workload '{}': choose verify, fill, random, hotset, random-hotset, touch or "
         "triplefault, then optional ,key=value guest options",
         parts[0]);
   }

@@ -40,7 +40,9 @@ Result<uint64_t> ParseSize(std::string_view text);
 
 // `--workload NAME[,key=value...]` to the guest's command line. Names:
 // verify (fill then verify), fill, random (fill, random writes, verify),
-// hotset (fill, hot-set rewrites, verify), touch, triplefault. A non-zero
+// hotset (fill, hot-set rewrites, verify), random-hotset (fill, random
+// writes until the VMM's stop command, hot_ops hot-set writes, verify),
+// touch, triplefault. A non-zero
 // `duration_s` bounds the open-ended phases.
 Result<std::string> WorkloadToGuestArgs(std::string_view workload, double duration_s);
 

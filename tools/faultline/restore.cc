@@ -33,6 +33,13 @@ Status ApplyManifest(const migration::SnapshotManifest& m, vmm::VmConfig& config
   config.mem_size = ram.size;
   config.vcpus = static_cast<uint32_t>(m.vcpus.size());
   if (!keep_backing) config.backing = ram.backing;
+  const uint64_t page_size = config.backing == Backing::kHugetlb ? kHugePageSize : kPageSize;
+  if (page_size != ram.page_size) {
+    return Error(
+        "the snapshot's RAM has {} KiB pages, --backing {} has {} KiB pages: restore with a "
+        "backing of the snapshot's page size",
+        ram.page_size >> 10, BackingName(config.backing), page_size >> 10);
+  }
   if (config.accel == hv::AccelChoice::kAuto) {
     if (m.accelerator == migration::HelloAccel::kKvm) config.accel = hv::AccelChoice::kKvm;
     if (m.accelerator == migration::HelloAccel::kTcg) config.accel = hv::AccelChoice::kTcg;

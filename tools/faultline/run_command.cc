@@ -25,6 +25,7 @@
 
 #include <fmt/format.h>
 
+#include "guest/abi.h"
 #include "src/control/incoming.h"
 #include "src/control/migration.h"
 #include "src/control/server.h"
@@ -64,6 +65,7 @@ struct RunOptions {
   std::string prefetch;                  // with --restore --lazy
   std::string record_ws;                 // with --restore --lazy
   bool backing_given = false;
+  bool guest_stop = false;  // the guest's open-ended phases end at once
 };
 
 using Clock = std::chrono::steady_clock;
@@ -308,6 +310,7 @@ int Run(const RunOptions& o) {
                  : o.incoming.empty() ? Boot(*config, h)
                                       : Receive(o, *config, h);
   if (!ready.ok()) return Fail(ready);
+  if (o.guest_stop) h.vm->SetGuestCommand(FL_CMD_STOP);
 
   std::optional<migration::FaultPlan> link_fault;
   if (o.test_cut_after > 0) {
@@ -357,7 +360,8 @@ void AddRunCommand(CLI::App& app, Action& action) {
       ->capture_default_str();
   run->add_option("--vcpus", options->vcpus, "Number of vCPUs, 1..8")->capture_default_str();
   run->add_option("--workload", options->workload,
-                  "NAME[,key=value...]: verify, fill, random, hotset, touch, triplefault; "
+                  "NAME[,key=value...]: verify, fill, random, hotset, random-hotset, touch, "
+                  "triplefault; "
                   "options go to the guest (rate=MiBps, ops=N, hot_pages=N, seed=N)")
       ->capture_default_str();
   run->add_option("--duration", options->duration_s, "Seconds for random/hotset phases");
@@ -420,6 +424,10 @@ void AddRunCommand(CLI::App& app, Action& action) {
                            "--prealloc", "--postcopy"}) {
     restore->excludes(name);
   }
+  run->add_flag("--guest-stop", options->guest_stop,
+                "Tell the test guest at once to end its open-ended phases (random, and hotset "
+                "without hot_ops): e.g. a guest restored from a snapshot taken during the random "
+                "phase of --workload random-hotset goes on to its hot-set phase");
   run->footer(
       "Exit status: 0 when the guest succeeded, or when it migrated away (with --control); "
       "1 on failure; 3 when the link broke after the final state was sent (the guest stays "

@@ -1,0 +1,230 @@
+// Snapshots end to end, between processes of the real CLI: a running guest
+// snapshotted through its control socket, restored eagerly and lazily in new
+// processes (the guest goes on and verifies every page), a lazily restored
+// guest migrated on by post-copy, a working set recorded and prefetched, and
+// damaged snapshots refused before any guest runs.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/integration/cli_process.h"
+#include "tests/integration/test_accel.h"
+
+namespace faultline {
+namespace {
+
+using namespace ::faultline::clitest;  // NOLINT: the test helpers
+using ::testing::HasSubstr;
+using ::testing::Not;
+namespace fs = std::filesystem;
+
+std::string TempDir() {
+  std::string tmpl = ::testing::TempDir() + "fl_snap_XXXXXX";
+  return ::mkdtemp(tmpl.data()) ? tmpl : "";
+}
+
+// The source: two vCPUs fill their memory, then write random pages at
+// 64 MiB/s until told to stop (`random-hotset`), then a hot-set phase, then
+// verify: whoever restores the snapshot tells it to stop (--guest-stop).
+std::unique_ptr<Cli> StartSnapshotSource(const std::string& control, const std::string& mem,
+                                         const std::string& workload) {
+  return std::make_unique<Cli>(std::vector<std::string>{"run", "--control", control, "--mem", mem,
+                                                        "--vcpus", "2", "--workload", workload,
+                                                        "--json", "--quiet", "--timeout", "300"});
+}
+
+// Snapshots the running source into `dir`; the snapshot's reply.
+nlohmann::json Snapshot(const std::string& control, const std::string& dir, Cli& source) {
+  Cli snap({"snapshot", "--control", control, "--to", dir, "--json"});
+  EXPECT_EQ(snap.Wait(300s), 0) << snap.Describe() << "\n" << source.Describe();
+  return snap.Json();
+}
+
+// The restored guest ran to its end and verified every page of every vCPU.
+nlohmann::json ExpectRestoredAndVerified(Cli& run, const std::string& mode) {
+  EXPECT_EQ(run.Wait(300s), 0) << run.Describe();
+  nlohmann::json j = run.Json();
+  EXPECT_FALSE(j.is_discarded()) << run.Describe();
+  if (j.is_discarded()) return j;
+  EXPECT_TRUE(j["success"].get<bool>()) << j.dump();
+  EXPECT_EQ(j["bad_pages"].get<uint64_t>(), 0u) << j.dump();
+  // Each vCPU's verify phase checked every page of its region (the guest
+  // walks all of them; its hello, with the region's size, came before the
+  // snapshot, in the source's report).
+  for (const auto& v : j["vcpus"]) {
+    const nlohmann::json& verify = v["phases"].back();
+    EXPECT_EQ(verify["phase"], "verify") << j.dump();
+    EXPECT_GT(verify["pages_verified"].get<uint64_t>(), 0u) << j.dump();
+    EXPECT_EQ(verify["pages_verified"], verify["ops"]) << j.dump();
+  }
+  if (!mode.empty()) {
+    EXPECT_EQ(j["restore"]["mode"], mode) << j.dump();
+  }
+  return j;
+}
+
+TEST(SnapshotCliTest, LiveSnapshotRestoresEagerlyAndLazilyAndMigratesOn) {
+  const std::string root = TempDir(), dir = root + "/snap";
+  const std::string mem = itest::MemArg("1G", "512M");
+  const std::string control = ControlPath();
+  auto source = StartSnapshotSource(control, mem, "random-hotset,rate=64");
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  nlohmann::json written = Snapshot(control, dir, *source);
+  ASSERT_GT(written.value("data_pages", uint64_t{0}), 0u) << written.dump();
+  EXPECT_GE(written["passes"].get<uint32_t>(), 2u) << "live: copied while the guest wrote";
+  // The guest ran on after the snapshot.
+  std::optional<nlohmann::json> status = Query(control, "query-status");
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ((*status)["state"], "running") << status->dump();
+  source.reset();  // the source is gone: the snapshot alone carries the guest
+
+  Cli eager({"run", "--restore", dir, "--guest-stop", "--json", "--quiet"});
+  const uint64_t pages = ExpectRestoredAndVerified(eager, "eager").value("pages_verified", 0ul);
+  EXPECT_GT(pages, 0u);
+
+  // Lazy, and the guest writing on until it has migrated by post-copy to a
+  // third process, which tells it to stop and verify.
+  const std::string control2 = ControlPath();
+  Cli lazy({"run", "--restore", dir, "--lazy", "--control", control2, "--json", "--quiet"});
+  Cli dest({"run", "--incoming", "tcp:127.0.0.1:0", "--postcopy", "--mem", mem, "--vcpus", "2",
+            "--guest-stop", "--json", "--quiet", "--timeout", "300"});
+  std::optional<std::string> line = dest.AwaitStderr("waiting for a post-copy migration on", 60s);
+  ASSERT_TRUE(line.has_value()) << dest.Describe();
+  // "... waiting for a post-copy migration on tcp:127.0.0.1:PORT (copy installer)"
+  const std::string prefix = "tcp:127.0.0.1:";
+  ASSERT_NE(line->find(prefix), std::string::npos) << *line;
+  const std::string to =
+      prefix + std::to_string(std::stoul(line->substr(line->find(prefix) + prefix.size())));
+  Cli migrate({"migrate", "--control", control2, "--to", to, "--mode", "postcopy", "--json"});
+  ASSERT_EQ(migrate.Wait(300s), 0) << migrate.Describe() << "\n" << lazy.Describe();
+  EXPECT_EQ(migrate.Json()["result"], "completed") << migrate.out();
+  ASSERT_EQ(lazy.Wait(60s), 0) << lazy.Describe();
+  EXPECT_TRUE(lazy.Json().contains("migrated_to")) << lazy.out();
+  nlohmann::json d = ExpectRestoredAndVerified(dest, "");
+  EXPECT_EQ(d["incoming"]["mode"], "postcopy") << d.dump();
+  EXPECT_EQ(d.value("pages_verified", 0ul), pages) << d.dump();
+  fs::remove_all(root);
+}
+
+TEST(SnapshotCliTest, PrefetchedRestoreFaultsOnATenthOfWhatTheRecordedOneDid) {
+  const std::string root = TempDir(), dir = root + "/snap", ws = root + "/ws";
+  const std::string control = ControlPath();
+  // A hot set of 4096 pages spread over the memory (every 16th page).
+  auto source =
+      StartSnapshotSource(control, itest::MemArg("512M", "256M"),
+                          "random-hotset,rate=64,hot_pages=4096,hot_stride=16,hot_ops=8192");
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Snapshot(control, dir, *source);
+  source.reset();
+
+  Cli record(
+      {"run", "--restore", dir, "--lazy", "--record-ws", ws, "--guest-stop", "--json", "--quiet"});
+  nlohmann::json first = ExpectRestoredAndVerified(record, "lazy");
+  ASSERT_TRUE(fs::exists(ws)) << record.Describe();
+  const uint64_t recorded = first["restore"]["working_set"]["pages"].get<uint64_t>();
+  // Recording is demand paging only: every page the guest touched faulted.
+  EXPECT_EQ(first["restore"]["demand_fetches"].get<uint64_t>(), recorded) << first.dump();
+  EXPECT_FALSE(first["restore"].contains("resident_ms")) << first.dump();
+
+  Cli prefetch(
+      {"run", "--restore", dir, "--lazy", "--prefetch", ws, "--guest-stop", "--json", "--quiet"});
+  nlohmann::json second = ExpectRestoredAndVerified(prefetch, "lazy");
+  EXPECT_EQ(second["pages_verified"], first["pages_verified"]) << second.dump();
+  const nlohmann::json& r = second["restore"];
+  EXPECT_GT(r["prefetch"]["pages"].get<uint64_t>(), 0u) << second.dump();
+  EXPECT_LE(r["demand_fetches"].get<uint64_t>() * 10, recorded) << second.dump();
+  EXPECT_TRUE(r.contains("hotset_done_ms")) << second.dump();
+  EXPECT_TRUE(r.contains("resident_ms")) << second.dump();
+  fs::remove_all(root);
+}
+
+// A small paused snapshot, then one kind of damage: a clear error, and no
+// guest started (no report on stdout).
+struct Damage {
+  const char* name;
+  std::function<void(const std::string& dir)> apply;
+  std::vector<std::string> extra_args;
+  const char* error;
+};
+
+void EditManifest(const std::string& dir, const std::function<void(nlohmann::json&)>& edit) {
+  nlohmann::json m = nlohmann::json::parse(Slurp(dir + "/manifest.json"));
+  edit(m);
+  std::ofstream(dir + "/manifest.json", std::ios::trunc) << m.dump(1);
+}
+
+class DamagedSnapshotTest : public ::testing::TestWithParam<Damage> {};
+
+TEST_P(DamagedSnapshotTest, IsRefusedBeforeTheGuestStarts) {
+  const std::string root = TempDir(), dir = root + "/snap";
+  const std::string control = ControlPath();
+  auto source = StartSnapshotSource(control, "128M", "random-hotset,rate=64");
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Cli snap({"snapshot", "--control", control, "--to", dir, "--paused"});
+  ASSERT_EQ(snap.Wait(), 0) << snap.Describe();
+  source.reset();
+  GetParam().apply(dir);
+  for (const char* mode : {"", "--lazy"}) {
+    std::vector<std::string> args = {"run", "--restore", dir, "--guest-stop", "--json"};
+    if (*mode) args.push_back(mode);
+    args.insert(args.end(), GetParam().extra_args.begin(), GetParam().extra_args.end());
+    Cli run(args);
+    EXPECT_EQ(run.Wait(), 1) << run.Describe();
+    EXPECT_THAT(run.err(), HasSubstr(GetParam().error)) << run.Describe();
+    EXPECT_EQ(run.out(), "") << run.Describe();
+    EXPECT_THAT(run.err(), Not(HasSubstr("guest|"))) << run.Describe();
+    // A flipped byte is found by reading every chunk, which only the eager
+    // restore does before it starts (docs/snapshot.md).
+    if (std::string(GetParam().name) == "FlippedByte") break;
+  }
+  fs::remove_all(root);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Damages, DamagedSnapshotTest,
+    ::testing::Values(
+        Damage{"TruncatedMemoryFile",
+               [](const std::string& dir) { fs::resize_file(dir + "/block-0.mem", 64 << 20); },
+               {},
+               "block-0.mem"},
+        Damage{"FlippedByte",
+               [](const std::string& dir) {
+                 std::fstream f(dir + "/block-0.mem", std::ios::in | std::ios::out);
+                 // The first page holds data: the guest's image and ledger.
+                 f.seekg(4096 + 100);
+                 char c = 0;
+                 f.get(c);
+                 f.seekp(4096 + 100);
+                 f.put(static_cast<char>(c ^ 0x40));
+               },
+               {},
+               "checksum"},
+        Damage{"AnotherFormatVersion",
+               [](const std::string& dir) {
+                 EditManifest(dir, [](nlohmann::json& m) { m["version"] = 2; });
+               },
+               {},
+               "version 2"},
+        Damage{"BlockSizeMismatch",
+               [](const std::string& dir) {
+                 EditManifest(dir, [](nlohmann::json& m) {
+                   m["blocks"][0]["size"] = m["blocks"][0]["size"].get<uint64_t>() * 2;
+                 });
+               },
+               {},
+               "the manifest is damaged"},
+        Damage{
+            "PageSizeMismatch", [](const std::string&) {}, {"--backing", "hugetlb"}, "KiB pages"}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+}  // namespace
+}  // namespace faultline
