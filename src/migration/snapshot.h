@@ -125,6 +125,12 @@ class SnapshotReader {
 // devices. The caller runs the guest.
 Status RestoreEager(const SnapshotReader& snapshot, DestinationVm& vm);
 
+// A restore whose memory another process pages in (a page server, through
+// the VMM's userfaultfd: `faultline run --restore DIR --memory-backend
+// uffd:PATH`): the checks of the others, then the vCPU and device state.
+// The caller has connected the memory before and runs the guest after.
+Status RestoreState(const SnapshotReader& snapshot, DestinationVm& vm);
+
 // A lazy restore into `vm`: checks the layout, the state's checksums and
 // the vCPU count, then starts the guest at once with every data page
 // demand-paged from the files (holes are zero pages: present from the

@@ -264,6 +264,14 @@ Status RestoreEager(const SnapshotReader& snapshot, DestinationVm& vm) {
   return vm.LoadDevices(devices);
 }
 
+Status RestoreState(const SnapshotReader& snapshot, DestinationVm& vm) {
+  RETURN_IF_ERROR(CheckVm(snapshot, vm));
+  ASSIGN_OR_RETURN(auto vcpus, snapshot.ReadVcpus());
+  ASSIGN_OR_RETURN(auto devices, snapshot.ReadDevices());
+  RETURN_IF_ERROR(vm.LoadVcpus(vcpus));
+  return vm.LoadDevices(devices);
+}
+
 Status StartLazyRestore(const SnapshotReader& snapshot, PostcopyDestinationVm& vm) {
   RETURN_IF_ERROR(CheckVm(snapshot, vm));
   RETURN_IF_ERROR(vm.CheckPaging());

@@ -173,18 +173,19 @@ TEST_P(DamagedSnapshotTest, IsRefusedBeforeTheGuestStarts) {
   ASSERT_EQ(snap.Wait(), 0) << snap.Describe();
   source.reset();
   GetParam().apply(dir);
+  const bool flipped = std::string(GetParam().name) == "FlippedByte";
   for (const char* mode : {"", "--lazy"}) {
     std::vector<std::string> args = {"run", "--restore", dir, "--guest-stop", "--json"};
     if (*mode) args.push_back(mode);
+    // A flipped byte is found by reading every chunk, which a lazy restore
+    // does before it starts only when asked (docs/snapshot.md).
+    if (*mode && flipped) args.push_back("--verify");
     args.insert(args.end(), GetParam().extra_args.begin(), GetParam().extra_args.end());
     Cli run(args);
     EXPECT_EQ(run.Wait(), 1) << run.Describe();
     EXPECT_THAT(run.err(), HasSubstr(GetParam().error)) << run.Describe();
     EXPECT_EQ(run.out(), "") << run.Describe();
     EXPECT_THAT(run.err(), Not(HasSubstr("guest|"))) << run.Describe();
-    // A flipped byte is found by reading every chunk, which only the eager
-    // restore does before it starts (docs/snapshot.md).
-    if (std::string(GetParam().name) == "FlippedByte") break;
   }
   fs::remove_all(root);
 }

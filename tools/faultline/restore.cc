@@ -60,7 +60,9 @@ Result<std::unique_ptr<RestoredVm>> RestoredVm::Open(RestoreOptions options, vmm
         "--record-ws records the pages the guest faults on, --prefetch loads pages before it "
         "does: give one of them");
   }
-  if (!options.installer.empty() && !options.lazy) return Error("--installer goes with --lazy");
+  if ((!options.installer.empty() || options.verify) && !options.lazy) {
+    return Error("--installer and --verify go with --lazy (an eager restore always verifies)");
+  }
   ASSIGN_OR_RETURN(migration::SnapshotReader snapshot,
                    migration::SnapshotReader::Open(options.dir));
   RETURN_IF_ERROR(ApplyManifest(snapshot.manifest(), config, keep_backing));
@@ -113,6 +115,7 @@ Status RestoredVm::StartLazy(vmm::Vm& vm) {
       recorder->Record(block, offset, length);
     };
   }
+  if (options_.verify) RETURN_IF_ERROR(snapshot_.Verify());
   lazy_ = vmm::MakePostcopyDestinationVm(vm, vm_options);
   RETURN_IF_ERROR(migration::StartLazyRestore(snapshot_, *lazy_));
   first_instruction_ = Clock::now();

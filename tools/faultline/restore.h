@@ -9,6 +9,9 @@
 //           reader brings in the rest;
 //   --prefetch FILE   lazy: the background reader loads that working set
 //           first, in its order, then the rest;
+//   --verify  lazy: every memory chunk's checksum is checked before the guest
+//           starts (an eager restore always does; a lazy one otherwise
+//           reads only what the guest and the background reader need);
 //   --record-ws FILE  lazy: pages arrive only when the guest touches them
 //           (no background reader), and the order of first touches is saved
 //           to FILE when the guest has finished (migration/working_set.h).
@@ -42,6 +45,7 @@ struct RestoreOptions {
   std::string prefetch;   // a working set to load first (lazy)
   std::string record_ws;  // where to save this run's working set (lazy)
   std::string installer;  // lazy: empty or auto, or a name
+  bool verify = false;    // lazy: check every memory checksum before starting
   int realtime_priority = 0;
   bool quiet = false;
 };

@@ -64,6 +64,7 @@ struct RunOptions {
   bool lazy = false;                     // with --restore
   std::string prefetch;                  // with --restore --lazy
   std::string record_ws;                 // with --restore --lazy
+  bool verify = false;                   // with --restore --lazy
   bool backing_given = false;
   bool guest_stop = false;  // the guest's open-ended phases end at once
 };
@@ -99,8 +100,8 @@ Result<vmm::VmConfig> MakeConfig(const RunOptions& o) {
   if (!o.installer.empty() && !o.postcopy && !o.lazy) {
     return Error("--installer goes with --incoming and --postcopy, or --restore and --lazy");
   }
-  if (o.restore.empty() && (o.lazy || !o.prefetch.empty() || !o.record_ws.empty())) {
-    return Error("--lazy, --prefetch and --record-ws go with --restore DIR");
+  if (o.restore.empty() && (o.lazy || o.verify || !o.prefetch.empty() || !o.record_ws.empty())) {
+    return Error("--lazy, --verify, --prefetch and --record-ws go with --restore DIR");
   }
   return config;
 }
@@ -224,6 +225,7 @@ Status Restore(const RunOptions& o, vmm::VmConfig& config, Hosted& h) {
   r.prefetch = o.prefetch;
   r.record_ws = o.record_ws;
   r.installer = o.installer;
+  r.verify = o.verify;
   r.realtime_priority = o.realtime_priority;
   r.quiet = o.quiet;
   ASSIGN_OR_RETURN(h.restored, RestoredVm::Open(std::move(r), config, o.backing_given));
@@ -349,6 +351,30 @@ int Run(const RunOptions& o) {
   return ReportFinished(o, *config, h, *report);
 }
 
+// --restore and what goes with it.
+void AddRestoreOptions(CLI::App* run, RunOptions* options) {
+  CLI::Option* restore = run->add_option(
+      "--restore", options->restore,
+      "A snapshot directory (`faultline snapshot`) to run instead of booting: the machine "
+      "(memory, vCPUs, backing, accelerator) comes from it; eager unless --lazy");
+  run->add_flag("--lazy", options->lazy,
+                "With --restore: run the guest at once and page its memory in from the snapshot "
+                "(zero pages at once, data pages on first touch, the rest by a background reader)");
+  run->add_option("--prefetch", options->prefetch,
+                  "With --restore --lazy: a working set (--record-ws of an earlier run) to load "
+                  "first, in its order, while the guest starts");
+  run->add_flag("--verify", options->verify,
+                "With --restore --lazy: check every memory checksum before the guest starts "
+                "(reads all of the snapshot once; an eager restore always does)");
+  run->add_option("--record-ws", options->record_ws,
+                  "With --restore --lazy: save the order in which the guest first touched its "
+                  "pages to this file (pages then come only on demand: no background reader)");
+  for (const char* name : {"--incoming", "--mem", "--vcpus", "--workload", "--guest", "--duration",
+                           "--prealloc", "--postcopy"}) {
+    restore->excludes(name);
+  }
+}
+
 }  // namespace
 
 void AddRunCommand(CLI::App& app, Action& action) {
@@ -407,23 +433,7 @@ void AddRunCommand(CLI::App& app, Action& action) {
   run->add_flag("--prealloc", options->prealloc,
                 "With --incoming: allocate all guest RAM before the migration starts, so that "
                 "receiving takes no page faults");
-  CLI::Option* restore = run->add_option(
-      "--restore", options->restore,
-      "A snapshot directory (`faultline snapshot`) to run instead of booting: the machine "
-      "(memory, vCPUs, backing, accelerator) comes from it; eager unless --lazy");
-  run->add_flag("--lazy", options->lazy,
-                "With --restore: run the guest at once and page its memory in from the snapshot "
-                "(zero pages at once, data pages on first touch, the rest by a background reader)");
-  run->add_option("--prefetch", options->prefetch,
-                  "With --restore --lazy: a working set (--record-ws of an earlier run) to load "
-                  "first, in its order, while the guest starts");
-  run->add_option("--record-ws", options->record_ws,
-                  "With --restore --lazy: save the order in which the guest first touched its "
-                  "pages to this file (pages then come only on demand: no background reader)");
-  for (const char* name : {"--incoming", "--mem", "--vcpus", "--workload", "--guest", "--duration",
-                           "--prealloc", "--postcopy"}) {
-    restore->excludes(name);
-  }
+  AddRestoreOptions(run, options.get());
   run->add_flag("--guest-stop", options->guest_stop,
                 "Tell the test guest at once to end its open-ended phases (random, and hotset "
                 "without hot_ops): e.g. a guest restored from a snapshot taken during the random "
