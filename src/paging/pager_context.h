@@ -44,6 +44,10 @@ struct PagerOptions {
   uint32_t fetch_attempts = 3;
   // Called (on the installing thread) for each poisoned unit.
   std::function<void(const PoisonedUnit&)> on_poison = nullptr;
+  // Called (on the thread that ran into it, no pager lock held) for each
+  // error a handler, fetch or install records: ESRCH from an install says
+  // that the memory's process has gone (an adopted userfaultfd).
+  std::function<void(const Status&)> on_error = nullptr;
 };
 
 class PagerContext {
@@ -59,6 +63,7 @@ class PagerContext {
 
   void RecordError(Status status) {
     metrics_.errors.Add();
+    if (options_.on_error) options_.on_error(status);
     sys::MutexLock lock(mu_);
     if (first_error_.ok()) first_error_ = std::move(status);
   }
