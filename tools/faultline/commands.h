@@ -16,5 +16,6 @@ void AddMigrateCommand(CLI::App& app, Action& action);
 void AddQueryCommand(CLI::App& app, Action& action);
 void AddBenchCommand(CLI::App& app, Action& action);
 void AddDemoCommand(CLI::App& app, Action& action);
+void AddServePagesCommand(CLI::App& app, Action& action);
 
 }  // namespace faultline::cli

@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   faultline::cli::AddQueryCommand(app, action);
   faultline::cli::AddBenchCommand(app, action);
   faultline::cli::AddDemoCommand(app, action);
+  faultline::cli::AddServePagesCommand(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
