@@ -13,7 +13,7 @@
 // protocol, not against our own reading of it.
 //
 //   fc_uffd_client --socket PATH --memory FILE --region SIZE[:PAGESIZE]...
-//                  [--dontneed OFFSET:LENGTH] [--touch-delay-us N]
+//                  [--dontneed OFFSET:LENGTH] [--touch-delay-us N] [--wait-ms N]
 //                  [--page-size-kib] [--keep-socket] [--bad MODE]
 //
 // FILE holds the whole guest memory file (what the snapshot serves); the
@@ -54,6 +54,7 @@ struct Args {
   std::vector<Region> regions;
   uint64_t dontneed_offset = 0, dontneed_length = 0;
   unsigned touch_delay_us = 0;
+  unsigned wait_ms = 0;  // before touching (a guest that starts late)
   bool page_size_kib = false, keep_socket = false;
 };
 
@@ -80,6 +81,7 @@ Args Parse(int argc, char** argv) {
     else if (k == "--memory") a.memory = v, ++i;
     else if (k == "--bad") a.bad = v, ++i;
     else if (k == "--touch-delay-us") a.touch_delay_us = static_cast<unsigned>(Size(v)), ++i;
+    else if (k == "--wait-ms") a.wait_ms = static_cast<unsigned>(Size(v)), ++i;
     else if (k == "--page-size-kib") a.page_size_kib = true;
     else if (k == "--keep-socket") a.keep_socket = true;
     else if (k == "--dontneed") {
@@ -253,6 +255,7 @@ int main(int argc, char** argv) {
   if (mem < 0 || fstat(mem, &st) != 0) Die("open --memory");
   void* file = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, mem, 0);
   if (file == MAP_FAILED) Die("mmap --memory");
+  if (a.wait_ms > 0) usleep(a.wait_ms * 1000);
   uint64_t wrong = TouchAndCheck(a, static_cast<const uint8_t*>(file), false);
   if (a.dontneed_length > 0) {
     Discard(a);

@@ -175,6 +175,31 @@ TEST_F(PageServerTest, SigtermEndsCleanlyAndRemovesTheSocket) {
   EXPECT_THAT(server_->err(), HasSubstr("terminated: releasing every client"));
 }
 
+TEST_F(PageServerTest, PrefetchPushesTheWorkingSetFirstThenEveryDataPage) {
+  const std::string order = snap_.root + "/order.txt";
+  std::ofstream(order) << "# working set: offset length\n0x500000 0x200000\n1048576 65536\n";
+  Cli prefetching({"serve-pages", "--socket", snap_.Socket("prefetch.sock"), "--snapshot",
+                   snap_.dir, "--prefetch", order, "--json"});
+  ASSERT_TRUE(prefetching.AwaitStderr("serving", 30s)) << prefetching.Describe();
+  // The guest starts touching after 1 s: by then every data page is there.
+  auto vmm = std::make_unique<Cli>(
+      std::vector<std::string>{"--socket", snap_.Socket("prefetch.sock"), "--memory", snap_.flat,
+                               "--region", "16M", "--wait-ms", "1000"},
+      FAULTLINE_FC_CLIENT_PATH);
+  EXPECT_EQ(vmm->Wait(60s), 0) << vmm->Describe() << prefetching.Describe();
+  ASSERT_TRUE(prefetching.AwaitStderr("released (", 10s)) << prefetching.Describe();
+  auto j = nlohmann::json::parse(prefetching.out().substr(0, prefetching.out().find('\n')));
+  uint64_t data_pages = 0;
+  for (uint64_t p = 0; p < kMemory / kPageSize; ++p) data_pages += !pagetest::ZeroPage(p);
+  EXPECT_EQ(j["pushes"].get<uint64_t>(), data_pages) << j.dump();  // every data page, once
+  // Only the zero pages still fault.
+  EXPECT_EQ(j["faults"].get<uint64_t>(), j["zero_pages"].get<uint64_t>()) << j.dump();
+  Cli bad({"serve-pages", "--socket", snap_.Socket("bad.sock"), "--snapshot", snap_.dir,
+           "--prefetch", order + ".missing"});
+  EXPECT_EQ(bad.Wait(30s), 1);
+  EXPECT_THAT(bad.err(), HasSubstr("cannot open"));
+}
+
 TEST(PageServerCliTest, RefusesAMissingSnapshotAndAnUnusableSocket) {
   Cli no_snapshot({"serve-pages", "--socket", "/tmp/x.sock", "--snapshot", "/nonexistent/snap"});
   EXPECT_EQ(no_snapshot.Wait(30s), 1);
