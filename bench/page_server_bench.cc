@@ -134,8 +134,7 @@ double Floor(uint64_t bytes, bool data) {
 }
 
 // The page server over `dir`, one VMM (this process) touching its block.
-double Served(const std::string& dir, const std::string& socket, uint64_t bytes,
-              uint32_t threads) {
+double Served(const std::string& dir, const std::string& socket, uint64_t bytes, uint32_t threads) {
   auto reader = migration::SnapshotReader::Open(dir);
   Check(reader.has_value() ? Status::Ok() : reader.error(), "open snapshot");
   auto memory = migration::ServedMemory::FromSnapshot(*reader);
@@ -149,7 +148,8 @@ double Served(const std::string& dir, const std::string& socket, uint64_t bytes,
   std::vector<std::shared_ptr<RamBlock>> blocks = {block};
   auto backend = migration::ConnectUffdBackend(socket, blocks, nullptr);
   Check(backend.has_value() ? Status::Ok() : backend.error(), "backend");
-  while ((*server)->active_clients() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  while ((*server)->active_clients() == 0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the handshake is served
   const double rate = Touch(*block);
   backend->reset();
@@ -184,10 +184,11 @@ int main(int argc, char** argv) {
       floor = std::max(floor, Floor(bytes, data));
       served = std::max(served, Served(dir, root + "/s.sock", bytes, threads));
     }
-    fmt::print("{:5} pages: floor ({}) {:9.0f} faults/s, serve-pages {:9.0f} faults/s, ratio "
-               "{:.2f}\n",
-               data ? "data" : "zero", data ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE", floor, served,
-               served / floor);
+    fmt::print(
+        "{:5} pages: floor ({}) {:9.0f} faults/s, serve-pages {:9.0f} faults/s, ratio "
+        "{:.2f}\n",
+        data ? "data" : "zero", data ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE", floor, served,
+        served / floor);
   }
   std::filesystem::remove_all(root);
   return 0;

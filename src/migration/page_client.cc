@@ -24,7 +24,10 @@ constexpr uint64_t kPushPiece = 2ull << 20;
 
 PageClient::PageClient(uint64_t id, std::unique_ptr<SocketChannel> socket,
                        std::shared_ptr<const ServedMemory> memory, PageClientOptions options)
-    : id_(id), socket_(std::move(socket)), memory_(std::move(memory)), options_(std::move(options)) {
+    : id_(id),
+      socket_(std::move(socket)),
+      memory_(std::move(memory)),
+      options_(std::move(options)) {
   report_.id = id_;
   wake_ = sys::UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   thread_ = std::thread([this] { Run(); });
@@ -101,12 +104,11 @@ Status PageClient::Serve(PeerCredentials peer) {
   uint64_t data_bytes = 0;
   for (size_t i = 0; i < regions_.size(); ++i) {
     const UffdRegion& r = regions_[i];
-    ASSIGN_OR_RETURN(auto block, paging::ForeignBlock::Create(fmt::format("region{}", i),
-                                                              Hva(r.base_host_virt_addr), r.size,
-                                                              r.page_size));
-    RETURN_IF_ERROR(
-        pager_->AddAdoptedBlock(block, static_cast<uint32_t>(i),
-                                memory_->ZeroUnits(r.offset, r.size, r.page_size)));
+    ASSIGN_OR_RETURN(auto block,
+                     paging::ForeignBlock::Create(fmt::format("region{}", i),
+                                                  Hva(r.base_host_virt_addr), r.size, r.page_size));
+    RETURN_IF_ERROR(pager_->AddAdoptedBlock(block, static_cast<uint32_t>(i),
+                                            memory_->ZeroUnits(r.offset, r.size, r.page_size)));
     blocks_.push_back(std::move(block));
     for (const auto& [at, length] : memory_->DataRanges(r.offset, r.size)) data_bytes += length;
     report_.region_bytes += r.size;

@@ -42,8 +42,8 @@ void PageServer::AcceptLoop() {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
       continue;
     }
-    auto client = std::make_unique<PageClient>(next_id_++, std::move(*socket), memory_,
-                                               options_.client);
+    auto client =
+        std::make_unique<PageClient>(next_id_++, std::move(*socket), memory_, options_.client);
     sys::MutexLock lock(mu_);
     clients_.push_back(std::move(client));
   }

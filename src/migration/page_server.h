@@ -67,7 +67,7 @@ class PageServer {
   std::unique_ptr<SocketListener> listener_;  // the accept thread's; reset by Stop
   std::atomic<bool> stopping_{false};
   std::thread accept_;
-  uint64_t next_id_ = 1;  // the accept thread's
+  uint64_t next_id_ = 1;   // the accept thread's
   mutable sys::Mutex mu_;  // a leaf
   std::vector<std::unique_ptr<PageClient>> clients_ GUARDED_BY(mu_);
   std::vector<PageClientReport> reports_ GUARDED_BY(mu_);

@@ -14,8 +14,8 @@ namespace {
 class RegionSource final : public paging::PageSource {
  public:
   // files_ block b holds `block_sizes[b]` bytes of the memory, in order.
-  RegionSource(std::shared_ptr<paging::SnapshotPageSource> files,
-               std::vector<uint64_t> block_sizes, std::vector<UffdRegion> regions)
+  RegionSource(std::shared_ptr<paging::SnapshotPageSource> files, std::vector<uint64_t> block_sizes,
+               std::vector<UffdRegion> regions)
       : files_(std::move(files)),
         block_sizes_(std::move(block_sizes)),
         regions_(std::move(regions)) {}
@@ -125,7 +125,7 @@ paging::PresentMap ServedMemory::ZeroUnits(uint64_t offset, uint64_t length, uin
 }
 
 std::vector<std::pair<uint64_t, uint64_t>> ServedMemory::DataRanges(uint64_t offset,
-                                                                   uint64_t length) const {
+                                                                    uint64_t length) const {
   std::vector<std::pair<uint64_t, uint64_t>> out;
   ForEachPiece(offset, length, [&](size_t b, uint64_t at, uint64_t n) {
     const Block& block = blocks_[b];

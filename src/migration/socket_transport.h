@@ -44,8 +44,7 @@ class SocketChannel final : public Channel {
   // handshake, docs/page_server.md): one receive of at most bytes.size()
   // bytes, 0 at end of stream, the descriptors that came with them added
   // to `fds` (more than `max_fds` is an error). Unix only.
-  Result<size_t> ReceiveSome(MutableBuffer bytes, size_t max_fds,
-                             std::vector<sys::UniqueFd>& fds);
+  Result<size_t> ReceiveSome(MutableBuffer bytes, size_t max_fds, std::vector<sys::UniqueFd>& fds);
   // Waits up to `timeout` until a receive would not block (data, or the
   // peer closed); false on timeout. (socket_peer.cc)
   Result<bool> WaitReadable(std::chrono::milliseconds timeout) const;

@@ -27,9 +27,10 @@ Result<std::vector<UffdRegion>> Describe(std::span<const std::shared_ptr<RamBloc
   for (const auto& b : blocks) {
     if (b == nullptr) return Error("uffd backend: no RAM block");
     if (b->backing() == Backing::kGuestMemfd) {
-      return Error("uffd backend: block '{}' is guest_memfd, which userfaultfd cannot register; "
-                   "use anon, memfd or hugetlb",
-                   b->name());
+      return Error(
+          "uffd backend: block '{}' is guest_memfd, which userfaultfd cannot register; "
+          "use anon, memfd or hugetlb",
+          b->name());
     }
     regions.push_back({Hva(b->host()).value, b->size(), offset, b->page_size()});
     offset += b->size();

@@ -40,8 +40,8 @@ Result<uint64_t> PageSize(const json& region, size_t i) {
     return Error("uffd handshake: region {}: page_size_kib {} is too large", i, *kib);
   }
   if (bytes && kib && *bytes != *kib * 1024) {
-    return Error("uffd handshake: region {}: page_size {} and page_size_kib {} disagree", i,
-                 *bytes, *kib);
+    return Error("uffd handshake: region {}: page_size {} and page_size_kib {} disagree", i, *bytes,
+                 *kib);
   }
   const uint64_t size = bytes ? *bytes : *kib * 1024;
   if (size != kPageSize && size != kHugePageSize) {
@@ -69,9 +69,10 @@ Result<UffdRegion> ParseRegion(const json& region, size_t i, uint64_t memory_siz
         i, r.base_host_virt_addr, r.size, r.offset, r.page_size);
   }
   if (r.base_host_virt_addr + r.size < r.base_host_virt_addr) {
-    return Error("uffd handshake: region {} (base {:#x}, size {:#x}) wraps around the address "
-                 "space",
-                 i, r.base_host_virt_addr, r.size);
+    return Error(
+        "uffd handshake: region {} (base {:#x}, size {:#x}) wraps around the address "
+        "space",
+        i, r.base_host_virt_addr, r.size);
   }
   if (r.offset > memory_size || r.size > memory_size - r.offset) {
     return Error(
@@ -92,10 +93,10 @@ Status CheckOverlaps(const std::vector<UffdRegion>& regions) {
     const UffdRegion& prev = regions[order[k - 1]];
     const UffdRegion& next = regions[order[k]];
     if (prev.base_host_virt_addr + prev.size > next.base_host_virt_addr) {
-      return Error("uffd handshake: regions {} and {} overlap in the VMM's memory ({:#x} + {:#x} "
-                   "> {:#x})",
-                   order[k - 1], order[k], prev.base_host_virt_addr, prev.size,
-                   next.base_host_virt_addr);
+      return Error(
+          "uffd handshake: regions {} and {} overlap in the VMM's memory ({:#x} + {:#x} "
+          "> {:#x})",
+          order[k - 1], order[k], prev.base_host_virt_addr, prev.size, next.base_host_virt_addr);
     }
   }
   return Status::Ok();
@@ -106,13 +107,15 @@ Status CheckOverlaps(const std::vector<UffdRegion>& regions) {
 Result<std::vector<UffdRegion>> ParseUffdHandshake(std::string_view bytes, size_t fds,
                                                    uint64_t memory_size) {
   if (fds == 0) {
-    return Error("uffd handshake: no userfaultfd came with the message (send it as SCM_RIGHTS "
-                 "with the JSON)");
+    return Error(
+        "uffd handshake: no userfaultfd came with the message (send it as SCM_RIGHTS "
+        "with the JSON)");
   }
   if (fds > 1) {
-    return Error("uffd handshake: {} descriptors came with the message; send exactly one "
-                 "userfaultfd",
-                 fds);
+    return Error(
+        "uffd handshake: {} descriptors came with the message; send exactly one "
+        "userfaultfd",
+        fds);
   }
   const json doc = json::parse(bytes, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded()) {

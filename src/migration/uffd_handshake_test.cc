@@ -25,22 +25,20 @@ std::string Refusal(const std::string& json, size_t fds = 1, uint64_t memory = k
 }
 
 TEST(UffdHandshakeTest, AcceptsFirecrackersMessageWithEitherPageSizeSpelling) {
-  const std::string json = "[" + Region(0x7f0000000000, 16ull << 20, 0) + "," +
-                           Region(0x7f1000000000, 32ull << 20, 16ull << 20,
-                                  "\"page_size_kib\": 2048") +
-                           "]";
+  const std::string json =
+      "[" + Region(0x7f0000000000, 16ull << 20, 0) + "," +
+      Region(0x7f1000000000, 32ull << 20, 16ull << 20, "\"page_size_kib\": 2048") + "]";
   auto parsed = ParseUffdHandshake(json, 1, kMemory);
   ASSERT_TRUE(parsed.has_value()) << parsed.error().ToString();
   ASSERT_EQ(parsed->size(), 2u);
   EXPECT_EQ((*parsed)[0], (UffdRegion{0x7f0000000000, 16ull << 20, 0, 4096}));
   EXPECT_EQ((*parsed)[1], (UffdRegion{0x7f1000000000, 32ull << 20, 16ull << 20, 2ull << 20}));
   // Both spellings at once, agreeing; unknown fields are ignored.
-  EXPECT_TRUE(ParseUffdHandshake(
-                  "[" +
-                      Region(0x1000, 4096, 0, R"("page_size": 4096, "page_size_kib": 4, "x": 1)") +
-                      "]",
-                  1, kMemory)
-                  .has_value());
+  EXPECT_TRUE(
+      ParseUffdHandshake(
+          "[" + Region(0x1000, 4096, 0, R"("page_size": 4096, "page_size_kib": 4, "x": 1)") + "]",
+          1, kMemory)
+          .has_value());
 }
 
 TEST(UffdHandshakeTest, EncodeRoundTrips) {
@@ -65,9 +63,9 @@ TEST(UffdHandshakeTest, RefusesEachMistakeWithOneClearError) {
               HasSubstr("not an unsigned integer"));
   EXPECT_THAT(Refusal("[" + Region(0x10000, 4096, 0, "\"psize\": 4096") + "]"),
               HasSubstr("neither \"page_size\" nor \"page_size_kib\""));
-  EXPECT_THAT(Refusal("[" + Region(0x10000, 4096, 0, R"("page_size": 4096, "page_size_kib": 8)") +
-                      "]"),
-              HasSubstr("disagree"));
+  EXPECT_THAT(
+      Refusal("[" + Region(0x10000, 4096, 0, R"("page_size": 4096, "page_size_kib": 8)") + "]"),
+      HasSubstr("disagree"));
   EXPECT_THAT(Refusal("[" + Region(0x10000, 65536, 0, "\"page_size\": 65536") + "]"),
               HasSubstr("page size 65536 bytes is not served"));
   EXPECT_THAT(Refusal("[" + Region(0x10000, 0, 0) + "]"), HasSubstr("region 0 has size 0"));
@@ -80,8 +78,7 @@ TEST(UffdHandshakeTest, RefusesEachMistakeWithOneClearError) {
               HasSubstr("regions 0 and 1 overlap"));
   EXPECT_THAT(Refusal("[" + Region(0x10000, 8192, kMemory - 4096) + "]"),
               HasSubstr("reaches past the end of the served memory"));
-  EXPECT_THAT(Refusal("[" + Region(0xfffffffffffff000, 8192, 0) + "]"),
-              HasSubstr("wraps around"));
+  EXPECT_THAT(Refusal("[" + Region(0xfffffffffffff000, 8192, 0) + "]"), HasSubstr("wraps around"));
 }
 
 }  // namespace

@@ -7,8 +7,7 @@
 
 namespace faultline::paging {
 
-Result<std::unique_ptr<AdoptedUffd>> AdoptedUffd::Create(PagerContext& ctx,
-                                                         sys::Userfaultfd uffd) {
+Result<std::unique_ptr<AdoptedUffd>> AdoptedUffd::Create(PagerContext& ctx, sys::Userfaultfd uffd) {
   std::unique_ptr<AdoptedUffd> adopted(new AdoptedUffd(ctx));
   ASSIGN_OR_RETURN(adopted->queue_,
                    FaultQueue::Adopt(*adopted, ctx.metrics().AddQueue(), std::move(uffd)));
@@ -38,10 +37,9 @@ Status AdoptedUffd::Start() {
 
 PagedBlock* AdoptedUffd::Find(Hva address) const {
   // The last block starting at or below the address.
-  auto it = std::upper_bound(blocks_.begin(), blocks_.end(), address.value,
-                             [](uint64_t a, const PagedBlock* b) {
-                               return a < Hva(b->block().host()).value;
-                             });
+  auto it = std::upper_bound(
+      blocks_.begin(), blocks_.end(), address.value,
+      [](uint64_t a, const PagedBlock* b) { return a < Hva(b->block().host()).value; });
   if (it == blocks_.begin()) return nullptr;
   PagedBlock* block = *(it - 1);
   return block->Contains(address) ? block : nullptr;

@@ -106,12 +106,11 @@ TEST(AdoptedUffdTest, RemovedPagesReadZeroAfterwards) {
   Adopted a = Make(/*zero_pages=*/0, /*threads=*/2);
   ASSERT_TRUE(a.pager->Start().ok());
   uint8_t* p = a.region(1);
-  std::jthread([&] {
-    EXPECT_EQ(testing::WrongPages(p, 0, kRegion / kPageSize), 0u);
-  }).join();
+  std::jthread([&] { EXPECT_EQ(testing::WrongPages(p, 0, kRegion / kPageSize), 0u); }).join();
   // The balloon's discard: the handler reads REMOVE, the pages read zero.
-  std::jthread([&] { EXPECT_EQ(::madvise(p + 64 * kPageSize, 32 * kPageSize, MADV_DONTNEED), 0); })
-      .join();
+  std::jthread([&] {
+    EXPECT_EQ(::madvise(p + 64 * kPageSize, 32 * kPageSize, MADV_DONTNEED), 0);
+  }).join();
   uint64_t nonzero = 0;
   std::jthread([&] {
     for (uint64_t page = 64; page < 96; ++page) {
@@ -139,8 +138,8 @@ TEST(AdoptedUffdTest, RefusesWhatCannotBeServed) {
   EXPECT_FALSE(ForeignBlock::Create("r", Hva(kRegion), kRegion, 8192).has_value());
   auto uffd = sys::Userfaultfd::Create(0, 0);
   ASSERT_TRUE(uffd.has_value());
-  ASSERT_TRUE(pager->AdoptUserfaultfd(*sys::Userfaultfd::Adopt(sys::UniqueFd(::dup(uffd->fd()))))
-                  .ok());
+  ASSERT_TRUE(
+      pager->AdoptUserfaultfd(*sys::Userfaultfd::Adopt(sys::UniqueFd(::dup(uffd->fd())))).ok());
   ASSERT_TRUE(pager->AddAdoptedBlock(block, 0).ok());
   auto overlapping = *ForeignBlock::Create("s", Hva(kRegion + kPageSize), kPageSize, kPageSize);
   EXPECT_THAT(pager->AddAdoptedBlock(overlapping, 0).ToString(), HasSubstr("overlaps"));

@@ -109,8 +109,8 @@ class DemandPager final : public PushTarget {
   PagerContext ctx_;
   std::vector<std::unique_ptr<PagedBlock>> blocks_;
   std::unique_ptr<AdoptedUffd> adopted_;  // set up before Start()
-  bool started_ = false;              // set up on the owner's thread, before Start()
-  std::atomic<bool> stopped_{false};  // read by vCPU and channel threads (EnsurePresent, Claim)
+  bool started_ = false;                  // set up on the owner's thread, before Start()
+  std::atomic<bool> stopped_{false};      // read by vCPU and channel threads (EnsurePresent, Claim)
 };
 
 }  // namespace faultline::paging

@@ -17,8 +17,8 @@ namespace faultline::paging {
 Result<std::unique_ptr<FaultQueue>> FaultQueue::Create(PagedBlock& owner, uint32_t index,
                                                        uint64_t offset, uint64_t length) {
   const UffdInstaller& installer = owner.installer();
-  std::unique_ptr<FaultQueue> q(new FaultQueue(owner, index, installer.host(offset),
-                                               installer.host(offset + length)));
+  std::unique_ptr<FaultQueue> q(
+      new FaultQueue(owner, index, installer.host(offset), installer.host(offset + length)));
   ASSIGN_OR_RETURN(q->uffd_, sys::Userfaultfd::Create(O_NONBLOCK, installer.features()));
   ASSIGN_OR_RETURN(q->registration_,
                    q->uffd_.Register(installer.host(offset), length, installer.modes()));

@@ -100,8 +100,7 @@ class FaultSink {
   // A fault on a unit another fault of the same batch is resolving.
   virtual void JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg,
                            Clock::time_point read_at) = 0;
-  virtual void HandleRemove(FaultQueue& queue, Hva start, Hva end)
-      REQUIRES(queue.event_mu()) = 0;
+  virtual void HandleRemove(FaultQueue& queue, Hva start, Hva end) REQUIRES(queue.event_mu()) = 0;
   virtual void RecordError(Status status) = 0;
 };
 

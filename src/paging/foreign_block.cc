@@ -11,8 +11,8 @@ Result<std::shared_ptr<RamBlock>> ForeignBlock::Create(std::string name, Hva bas
   }
   if (size == 0 || size % page_size != 0 || base.value % page_size != 0 || base.value == 0 ||
       base.value + size < base.value) {
-    return Error("foreign block '{}': [{:#x}, +{:#x}) is not a range of whole {}-byte pages",
-                 name, base.value, size, page_size);
+    return Error("foreign block '{}': [{:#x}, +{:#x}) is not a range of whole {}-byte pages", name,
+                 base.value, size, page_size);
   }
   const Backing backing = page_size == kPageSize ? Backing::kAnonymous : Backing::kHugetlb;
   std::shared_ptr<ForeignBlock> block(new ForeignBlock(std::move(name), backing, size, page_size));
@@ -23,9 +23,10 @@ Result<std::shared_ptr<RamBlock>> ForeignBlock::Create(std::string name, Hva bas
 }
 
 Status ForeignBlock::Discard(uint64_t offset, uint64_t length) {
-  return Error("foreign block '{}': [{:#x}, +{:#x}) is another process's memory; it cannot be "
-               "discarded from here",
-               name(), offset, length);
+  return Error(
+      "foreign block '{}': [{:#x}, +{:#x}) is another process's memory; it cannot be "
+      "discarded from here",
+      name(), offset, length);
 }
 
 }  // namespace faultline::paging

@@ -57,8 +57,9 @@ Result<std::unique_ptr<PagedBlock>> PagedBlock::CreateOnQueue(PagerContext& ctx,
   if (block == nullptr) return Error("demand paging: no RAM block");
   // UFFDIO_COPY works across processes; MOVE and CONTINUE need the memory
   // (or its file) here.
-  ASSIGN_OR_RETURN(std::unique_ptr<UffdInstaller> installer,
-                   UffdInstaller::Create(InstallerKind::kCopy, *block, ctx.options().staging_slots));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<UffdInstaller> installer,
+      UffdInstaller::Create(InstallerKind::kCopy, *block, ctx.options().staging_slots));
   std::unique_ptr<PagedBlock> paged(
       new PagedBlock(ctx, std::move(block), std::move(installer), source_block));
   paged->part_units_ = std::max<uint64_t>(paged->states_.units(), 1);

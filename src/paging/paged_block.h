@@ -137,8 +137,8 @@ class PagedBlock final : public FaultSink {
   PageStateTable states_;
   std::vector<std::unique_ptr<FaultQueue>> own_queues_;
   std::vector<FaultQueue*> queues_;  // own_queues_, or the one adopted queue
-  uint64_t part_units_ = 0;     // units per queue (the last may have fewer)
-  PresentMap initial_present_;  // fixed after Create
+  uint64_t part_units_ = 0;          // units per queue (the last may have fewer)
+  PresentMap initial_present_;       // fixed after Create
   double mark_present_seconds_ = 0;
 };
 

@@ -245,9 +245,10 @@ Result<Userfaultfd> Userfaultfd::Adopt(UniqueFd fd) {
   const std::string path = fmt::format("/proc/self/fd/{}", fd.get());
   const ssize_t n = ::readlink(path.c_str(), link, sizeof(link) - 1);
   if (n < 0 || std::string_view(link, static_cast<size_t>(n)) != "anon_inode:[userfaultfd]") {
-    return Error("the passed descriptor is not a userfaultfd ({}); pass the one the VMM "
-                 "registered its memory with",
-                 n < 0 ? "unreadable" : std::string(link, static_cast<size_t>(n)));
+    return Error(
+        "the passed descriptor is not a userfaultfd ({}); pass the one the VMM "
+        "registered its memory with",
+        n < 0 ? "unreadable" : std::string(link, static_cast<size_t>(n)));
   }
   const int flags = ::fcntl(fd.get(), F_GETFL);
   if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK) != 0) {

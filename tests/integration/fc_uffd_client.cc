@@ -77,13 +77,20 @@ Args Parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : "";
-    if (k == "--socket") a.socket = v, ++i;
-    else if (k == "--memory") a.memory = v, ++i;
-    else if (k == "--bad") a.bad = v, ++i;
-    else if (k == "--touch-delay-us") a.touch_delay_us = static_cast<unsigned>(Size(v)), ++i;
-    else if (k == "--wait-ms") a.wait_ms = static_cast<unsigned>(Size(v)), ++i;
-    else if (k == "--page-size-kib") a.page_size_kib = true;
-    else if (k == "--keep-socket") a.keep_socket = true;
+    if (k == "--socket")
+      a.socket = v, ++i;
+    else if (k == "--memory")
+      a.memory = v, ++i;
+    else if (k == "--bad")
+      a.bad = v, ++i;
+    else if (k == "--touch-delay-us")
+      a.touch_delay_us = static_cast<unsigned>(Size(v)), ++i;
+    else if (k == "--wait-ms")
+      a.wait_ms = static_cast<unsigned>(Size(v)), ++i;
+    else if (k == "--page-size-kib")
+      a.page_size_kib = true;
+    else if (k == "--keep-socket")
+      a.keep_socket = true;
     else if (k == "--dontneed") {
       a.dontneed_offset = Size(v);
       a.dontneed_length = Size(std::strchr(v, ':') + 1);
@@ -152,7 +159,8 @@ std::string Json(const Args& a) {
     char page[64];
     const uint64_t page_size = a.bad == "pagesize" ? 65536 : r.page_size;
     if (a.page_size_kib) {
-      std::snprintf(page, sizeof(page), "\"page_size_kib\": %llu", (unsigned long long)(page_size >> 10));
+      std::snprintf(page, sizeof(page), "\"page_size_kib\": %llu",
+                    (unsigned long long)(page_size >> 10));
     } else {
       std::snprintf(page, sizeof(page), "\"page_size\": %llu", (unsigned long long)page_size);
     }

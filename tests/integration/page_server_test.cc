@@ -23,17 +23,17 @@
 namespace faultline {
 namespace {
 
-using ::testing::HasSubstr;
 using clitest::Cli;
+using ::testing::HasSubstr;
 using namespace std::chrono_literals;
 using pagetest::kMemory;
 
 class PageServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    server_ = std::make_unique<Cli>(std::vector<std::string>{
-        "serve-pages", "--socket", snap_.Socket(), "--snapshot", snap_.dir, "--threads", "2",
-        "--json"});
+    server_ = std::make_unique<Cli>(
+        std::vector<std::string>{"serve-pages", "--socket", snap_.Socket(), "--snapshot", snap_.dir,
+                                 "--threads", "2", "--json"});
     ASSERT_TRUE(server_->AwaitStderr("serving", 30s)) << server_->Describe();
   }
 

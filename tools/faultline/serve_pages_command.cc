@@ -46,7 +46,7 @@ int Fail(const Status& status) {
 // Lines "OFFSET LENGTH" (bytes, decimal or 0x hex) of the memory, the
 // working set in the order to push it; '#' starts a comment.
 Result<std::vector<std::pair<uint64_t, uint64_t>>> ReadPrefetchFile(const std::string& path,
-                                                                     uint64_t memory_size) {
+                                                                    uint64_t memory_size) {
   std::ifstream in(path);
   if (!in) return ErrnoError(errno, "--prefetch {}: cannot open", path);
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
