@@ -1,6 +1,5 @@
 // SocketChannel: waiting for input beside other work, and the peer's
 // credentials (the page server logs which process handed it memory).
-#include <poll.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -10,16 +9,9 @@
 namespace faultline::migration {
 
 Result<bool> SocketChannel::WaitReadable(std::chrono::milliseconds timeout) const {
-  pollfd pfd{fd_.get(), POLLIN, 0};
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (true) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    const int r = poll(&pfd, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return ErrnoError(errno, "{}: poll", name_);
-    return r > 0;
-  }
+  auto readable = PollReadable(fd_.get(), timeout);
+  if (!readable.has_value()) return readable.error().WithContext(name_);
+  return *readable;
 }
 
 Result<PeerCredentials> SocketChannel::peer_credentials() const {

@@ -159,6 +159,19 @@ class IovCursor {
 
 }  // namespace
 
+Result<bool> PollReadable(int fd, std::chrono::milliseconds timeout) {
+  pollfd pfd{fd, POLLIN, 0};
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (true) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    const int r = poll(&pfd, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return ErrnoError(errno, "poll");
+    return r > 0;
+  }
+}
+
 Result<std::unique_ptr<SocketChannel>> SocketChannel::Adopt(sys::UniqueFd fd,
                                                             const TransportOptions& options) {
   const int s = fd.get();
@@ -452,15 +465,9 @@ Result<std::unique_ptr<Channel>> SocketListener::Accept(std::chrono::millisecond
 
 Result<std::unique_ptr<SocketChannel>> SocketListener::AcceptSocket(
     std::chrono::milliseconds timeout) {
-  pollfd pfd{fd_.get(), POLLIN, 0};
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
   while (true) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    const int r = poll(&pfd, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return ErrnoError(errno, "accept on {}: poll", address());
-    if (r == 0) {
+    ASSIGN_OR_RETURN(bool readable, PollReadable(fd_.get(), timeout));
+    if (!readable) {
       return Status(ETIMEDOUT, fmt::format("accept on {}: no connection within {} ms", address(),
                                            timeout.count()));
     }

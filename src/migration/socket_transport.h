@@ -71,6 +71,10 @@ class SocketChannel final : public Channel {
   std::atomic<uint64_t> receive_calls_{0};
 };
 
+// Waits up to `timeout` until `fd` is readable (or its peer closed); false
+// on timeout.
+Result<bool> PollReadable(int fd, std::chrono::milliseconds timeout);
+
 // Listens on a TCP address or a Unix socket path; each accepted connection
 // is a channel. A Unix socket file is created mode 0600 (only this user may
 // connect); a stale one, which nobody listens on any more, is replaced; one

@@ -64,33 +64,25 @@ Result<std::unique_ptr<PagedBlock>> PagedBlock::CreateOnQueue(PagerContext& ctx,
       new PagedBlock(ctx, std::move(block), std::move(installer), source_block));
   paged->part_units_ = std::max<uint64_t>(paged->states_.units(), 1);
   paged->queues_.push_back(&queue);
-  RETURN_IF_ERROR(paged->MarkZero(zero));
+  RETURN_IF_ERROR(paged->SetInitial(zero, PageState::kZero, "zero map"));
   return paged;
 }
 
-Status PagedBlock::MarkZero(const PresentMap& zero) {
-  for (const PageRun& run : zero.runs()) {
+Status PagedBlock::SetInitial(const PresentMap& units, PageState state, const char* what) {
+  for (const PageRun& run : units.runs()) {
     if (run.first > states_.units() || run.count > states_.units() - run.first) {
-      return Error("zero map: pages [{}, +{}) are outside block '{}' ({} pages)", run.first,
+      return Error("{}: pages [{}, +{}) are outside block '{}' ({} pages)", what, run.first,
                    run.count, block_->name(), states_.units());
     }
-    for (uint64_t u = run.first; u < run.first + run.count; ++u) {
-      states_.SetInitial(u, PageState::kZero);
-    }
+    for (uint64_t u = run.first; u < run.first + run.count; ++u) states_.SetInitial(u, state);
   }
   return Status::Ok();
 }
 
 Status PagedBlock::MarkPresent(const PresentMap& present) {
   const auto start = Clock::now();
+  RETURN_IF_ERROR(SetInitial(present, PageState::kPresent, "present map"));
   for (const PageRun& run : present.runs()) {
-    if (run.first > states_.units() || run.count > states_.units() - run.first) {
-      return Error("present map: pages [{}, +{}) are outside block '{}' ({} pages)", run.first,
-                   run.count, block_->name(), states_.units());
-    }
-    for (uint64_t u = run.first; u < run.first + run.count; ++u) {
-      states_.SetInitial(u, PageState::kPresent);
-    }
     // One call per run and queue: a run may span parts, and each part is
     // registered with its own userfaultfd.
     for (uint64_t u = run.first; u < run.first + run.count;) {

@@ -99,7 +99,8 @@ class PagedBlock final : public FaultSink {
   PagedBlock(PagerContext& ctx, std::shared_ptr<RamBlock> block,
              std::unique_ptr<UffdInstaller> installer, uint32_t source_block);
   Status MarkPresent(const PresentMap& present);
-  Status MarkZero(const PresentMap& zero);
+  // Before paging starts: `units` are in `state` (errors name `what`).
+  Status SetInitial(const PresentMap& units, PageState state, const char* what);
   FaultQueue& QueueFor(uint64_t unit) const;
   uint64_t OffsetOf(uint64_t u) const { return u * unit(); }
 
