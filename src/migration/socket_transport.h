@@ -1,7 +1,8 @@
 // Stream-socket transports: one connection per channel, TCP between hosts
 // or Unix-domain on one host (which can also pass file descriptors: a local
 // update hands guest RAM to a new process, docs/protocol.md section 11).
-// Every socket call of the migration module lives in socket_transport.cc.
+// Every socket call of the migration module lives in socket_transport.cc
+// (and socket_peer.cc: waiting for input, the peer's credentials).
 #pragma once
 
 #include <sys/types.h>
