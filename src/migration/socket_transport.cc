@@ -159,6 +159,19 @@ class IovCursor {
 
 }  // namespace
 
+Result<bool> PollReadable(int fd, std::chrono::milliseconds timeout) {
+  pollfd pfd{fd, POLLIN, 0};
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (true) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    const int r = poll(&pfd, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return ErrnoError(errno, "poll");
+    return r > 0;
+  }
+}
+
 Result<std::unique_ptr<SocketChannel>> SocketChannel::Adopt(sys::UniqueFd fd,
                                                             const TransportOptions& options) {
   const int s = fd.get();
@@ -303,6 +316,16 @@ Result<std::vector<sys::UniqueFd>> SocketChannel::ReceiveWithFds(MutableBuffer b
                                                                  size_t max_fds) {
   if (!is_unix_) return Channel::ReceiveWithFds(bytes, max_fds);
   if (bytes.empty()) return Error("{}: descriptors come with at least one byte", name_);
+  std::vector<sys::UniqueFd> fds;
+  ASSIGN_OR_RETURN(size_t n, ReceiveSome(bytes, max_fds, fds));
+  if (n == 0) return IoError(0, "receive with descriptors", 0, bytes.size());
+  if (n < bytes.size()) RETURN_IF_ERROR(Receive(bytes.subspan(n)));
+  return fds;
+}
+
+Result<size_t> SocketChannel::ReceiveSome(MutableBuffer bytes, size_t max_fds,
+                                          std::vector<sys::UniqueFd>& fds) {
+  if (!is_unix_) return Status(EOPNOTSUPP, fmt::format("{}: not a Unix socket", name_));
   max_fds = std::min(max_fds, kMaxPassedFds);
   // Room for one more than allowed, so that too many shows as a count
   // rather than only as MSG_CTRUNC.
@@ -324,10 +347,9 @@ Result<std::vector<sys::UniqueFd>> SocketChannel::ReceiveWithFds(MutableBuffer b
     }
     return IoError(errno, "receive with descriptors", 0, bytes.size());
   }
-  if (n == 0) return IoError(0, "receive with descriptors", 0, bytes.size());
   bytes_received_.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
   // Owned from here, so that every return path closes them.
-  std::vector<sys::UniqueFd> fds;
+  const size_t before = fds.size();
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
     const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -337,13 +359,10 @@ Result<std::vector<sys::UniqueFd>> SocketChannel::ReceiveWithFds(MutableBuffer b
       fds.emplace_back(fd);
     }
   }
-  if ((msg.msg_flags & MSG_CTRUNC) != 0 || fds.size() > max_fds) {
+  if ((msg.msg_flags & MSG_CTRUNC) != 0 || fds.size() - before > max_fds) {
     return Error("{}: the peer passed more than {} descriptors", name_, max_fds);
   }
-  if (static_cast<size_t>(n) < bytes.size()) {
-    RETURN_IF_ERROR(Receive(bytes.subspan(static_cast<size_t>(n))));
-  }
-  return fds;
+  return static_cast<size_t>(n);
 }
 
 Status SocketChannel::SetLowLatency(bool low_latency) {
@@ -440,15 +459,15 @@ Result<std::unique_ptr<SocketListener>> SocketListener::Listen(const Address& ad
 }
 
 Result<std::unique_ptr<Channel>> SocketListener::Accept(std::chrono::milliseconds timeout) {
-  pollfd pfd{fd_.get(), POLLIN, 0};
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  ASSIGN_OR_RETURN(auto channel, AcceptSocket(timeout));
+  return std::unique_ptr<Channel>(std::move(channel));
+}
+
+Result<std::unique_ptr<SocketChannel>> SocketListener::AcceptSocket(
+    std::chrono::milliseconds timeout) {
   while (true) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    const int r = poll(&pfd, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return ErrnoError(errno, "accept on {}: poll", address());
-    if (r == 0) {
+    ASSIGN_OR_RETURN(bool readable, PollReadable(fd_.get(), timeout));
+    if (!readable) {
       return Status(ETIMEDOUT, fmt::format("accept on {}: no connection within {} ms", address(),
                                            timeout.count()));
     }
@@ -458,8 +477,7 @@ Result<std::unique_ptr<Channel>> SocketListener::Accept(std::chrono::millisecond
       if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
       return ErrnoError(errno, "accept on {}", address());
     }
-    ASSIGN_OR_RETURN(auto channel, SocketChannel::Adopt(std::move(conn), options_));
-    return std::unique_ptr<Channel>(std::move(channel));
+    return SocketChannel::Adopt(std::move(conn), options_);
   }
 }
 

@@ -1,10 +1,14 @@
 // Stream-socket transports: one connection per channel, TCP between hosts
 // or Unix-domain on one host (which can also pass file descriptors: a local
 // update hands guest RAM to a new process, docs/protocol.md section 11).
-// Every socket call of the migration module lives in socket_transport.cc.
+// Every socket call of the migration module lives in socket_transport.cc
+// (and socket_peer.cc: waiting for input, the peer's credentials).
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -12,6 +16,13 @@
 #include "src/sys/unique_fd.h"
 
 namespace faultline::migration {
+
+// Who is at the other end of a Unix socket (SO_PEERCRED, as of connect).
+struct PeerCredentials {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
 
 class SocketChannel final : public Channel {
  public:
@@ -29,6 +40,19 @@ class SocketChannel final : public Channel {
   Result<std::vector<sys::UniqueFd>> ReceiveWithFds(MutableBuffer bytes, size_t max_fds) override;
   ChannelStats stats() const override;
   std::string name() const override { return name_; }
+
+  // For peers that send messages of unannounced length (the userfaultfd
+  // handshake, docs/page_server.md): one receive of at most bytes.size()
+  // bytes, 0 at end of stream, the descriptors that came with them added
+  // to `fds` (more than `max_fds` is an error). Unix only.
+  Result<size_t> ReceiveSome(MutableBuffer bytes, size_t max_fds, std::vector<sys::UniqueFd>& fds);
+  // Waits up to `timeout` until a receive would not block (data, or the
+  // peer closed); false on timeout. (socket_peer.cc)
+  Result<bool> WaitReadable(std::chrono::milliseconds timeout) const;
+  // The peer of a Unix socket. (socket_peer.cc)
+  Result<PeerCredentials> peer_credentials() const;
+  // To poll beside other descriptors; owned by the channel.
+  int native_fd() const { return fd_.get(); }
 
  private:
   SocketChannel(sys::UniqueFd fd, std::string name, bool is_unix)
@@ -48,6 +72,10 @@ class SocketChannel final : public Channel {
   std::atomic<uint64_t> receive_calls_{0};
 };
 
+// Waits up to `timeout` until `fd` is readable (or its peer closed); false
+// on timeout.
+Result<bool> PollReadable(int fd, std::chrono::milliseconds timeout);
+
 // Listens on a TCP address or a Unix socket path; each accepted connection
 // is a channel. A Unix socket file is created mode 0600 (only this user may
 // connect); a stale one, which nobody listens on any more, is replaced; one
@@ -60,6 +88,8 @@ class SocketListener final : public Acceptor {
   ~SocketListener() override;
 
   Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout) override;
+  // Accept, as the socket channel it is.
+  Result<std::unique_ptr<SocketChannel>> AcceptSocket(std::chrono::milliseconds timeout);
   // With the port actually bound (port 0 asks for any free one).
   std::string address() const override { return bound_.ToString(); }
   uint16_t port() const { return bound_.port; }

@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "src/paging/adopted_uffd.h"
 #include "src/paging/paged_block.h"
 
 namespace faultline::paging {
@@ -33,10 +34,29 @@ Status DemandPager::AddBlock(std::shared_ptr<RamBlock> block, InstallerKind kind
   return Status::Ok();
 }
 
+Status DemandPager::AdoptUserfaultfd(sys::Userfaultfd uffd) {
+  if (started_) return Error("demand paging: adopt the userfaultfd before Start()");
+  if (adopted_ != nullptr) return Error("demand paging: a userfaultfd is adopted already");
+  ASSIGN_OR_RETURN(adopted_, AdoptedUffd::Create(ctx_, std::move(uffd)));
+  return Status::Ok();
+}
+
+Status DemandPager::AddAdoptedBlock(std::shared_ptr<RamBlock> block, uint32_t source_block,
+                                    const PresentMap& zero) {
+  if (started_) return Error("demand paging: add blocks before Start()");
+  if (adopted_ == nullptr) return Error("demand paging: no adopted userfaultfd (AdoptUserfaultfd)");
+  ASSIGN_OR_RETURN(auto paged, PagedBlock::CreateOnQueue(ctx_, std::move(block), source_block,
+                                                         adopted_->queue(), zero));
+  RETURN_IF_ERROR(adopted_->Add(*paged));
+  blocks_.push_back(std::move(paged));
+  return Status::Ok();
+}
+
 Status DemandPager::Start() {
   if (started_) return Error("demand paging: already started");
   started_ = true;
   for (auto& b : blocks_) RETURN_IF_ERROR(b->Start());
+  if (adopted_ != nullptr) RETURN_IF_ERROR(adopted_->Start());
   return Status::Ok();
 }
 
@@ -46,6 +66,7 @@ void DemandPager::Stop() {
   complete_at_stop_.store(started_ && complete(), std::memory_order_relaxed);
   if (stopped_.exchange(true)) return;
   for (auto& b : blocks_) b->Stop();
+  if (adopted_ != nullptr) adopted_->Stop();
   // Completions install through the registrations: unregister only once the
   // last one has run.
   ctx_.source().CancelAll();

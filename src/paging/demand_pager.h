@@ -11,6 +11,12 @@
 //   ... the guest runs; faults are served ...
 //   pager->Stop();  // once complete(), or to give up
 //
+// Another process's memory (a VMM that handed over its userfaultfd, as
+// Firecracker does): AdoptUserfaultfd(uffd), then AddAdoptedBlock for each
+// range it registered (a ForeignBlock), then Start(). The pager reads that
+// one userfaultfd with threads_per_queue threads and installs by
+// UFFDIO_COPY; it never registers or unregisters anything on it.
+//
 // A page the source cannot supply is installed as poison: an access to it
 // raises SIGBUS (BUS_MCEERR_AR) in the accessing thread. The pager records
 // it (poisoned(), PagerOptions::on_poison); what to do with the vCPU that
@@ -31,6 +37,7 @@
 
 namespace faultline::paging {
 
+class AdoptedUffd;
 class PagedBlock;
 
 class DemandPager final : public PushTarget {
@@ -49,6 +56,17 @@ class DemandPager final : public PushTarget {
   // thread blocks) until it is fetched and installed.
   Status AddBlock(std::shared_ptr<RamBlock> block, InstallerKind kind, uint32_t source_block,
                   const PresentMap& present = {});
+
+  // Serves the ranges another process registered (MISSING) on `uffd`
+  // (sys::Userfaultfd::Adopt). Once, before AddAdoptedBlock.
+  Status AdoptUserfaultfd(sys::Userfaultfd uffd);
+  // One range of the adopted userfaultfd (before Start): `block` describes
+  // it (a ForeignBlock: 4 KiB anonymous or 2 MiB hugetlb pages). Units in
+  // `zero` (block pages) read as zeros: a fault on one gets a zero page
+  // (UFFDIO_ZEROPAGE; hugetlb: a copy of zeros) without the source; every
+  // other unit is fetched and copied in (UFFDIO_COPY).
+  Status AddAdoptedBlock(std::shared_ptr<RamBlock> block, uint32_t source_block,
+                         const PresentMap& zero = {});
 
   // Starts the handler threads; faults are served from now on.
   Status Start();
@@ -92,11 +110,17 @@ class DemandPager final : public PushTarget {
 
   PagerContext ctx_;
   std::vector<std::unique_ptr<PagedBlock>> blocks_;
+<<<<<<< HEAD
   bool started_ = false;              // set up on the owner's thread, before Start()
   std::atomic<bool> stopped_{false};  // read by vCPU and channel threads (EnsurePresent, Claim)
   // Every page was present when Stop() began: EnsurePresent is a no-op
   // then. Written before stopped_ (seq_cst exchange), read after it.
   std::atomic<bool> complete_at_stop_{false};
+=======
+  std::unique_ptr<AdoptedUffd> adopted_;  // set up before Start()
+  bool started_ = false;                  // set up on the owner's thread, before Start()
+  std::atomic<bool> stopped_{false};      // read by vCPU and channel threads (EnsurePresent, Claim)
+>>>>>>> pages
 };
 
 }  // namespace faultline::paging

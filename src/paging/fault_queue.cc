@@ -16,17 +16,36 @@ namespace faultline::paging {
 
 Result<std::unique_ptr<FaultQueue>> FaultQueue::Create(PagedBlock& owner, uint32_t index,
                                                        uint64_t offset, uint64_t length) {
-  std::unique_ptr<FaultQueue> q(new FaultQueue(owner, index, offset, length));
   const UffdInstaller& installer = owner.installer();
+  std::unique_ptr<FaultQueue> q(
+      new FaultQueue(owner, index, installer.host(offset), installer.host(offset + length)));
   ASSIGN_OR_RETURN(q->uffd_, sys::Userfaultfd::Create(O_NONBLOCK, installer.features()));
   ASSIGN_OR_RETURN(q->registration_,
                    q->uffd_.Register(installer.host(offset), length, installer.modes()));
-  q->stop_fd_ = sys::UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!q->stop_fd_.valid()) {
-    const int err = errno;
-    return ErrnoError(err, "fault queue {}: eventfd", index);
-  }
+  RETURN_IF_ERROR(q->OpenStopFd());
   return q;
+}
+
+Result<std::unique_ptr<FaultQueue>> FaultQueue::Adopt(FaultSink& sink, uint32_t index,
+                                                      sys::Userfaultfd uffd) {
+  if (!uffd.valid()) return Error("fault queue {}: no userfaultfd to adopt", index);
+  if (!uffd.non_blocking()) {
+    // Several threads poll it; a blocking read would keep one from Stop().
+    return Error("fault queue {}: the adopted userfaultfd must be non-blocking", index);
+  }
+  std::unique_ptr<FaultQueue> q(new FaultQueue(sink, index, Hva(uint64_t{0}), Hva(~uint64_t{0})));
+  q->uffd_ = std::move(uffd);
+  RETURN_IF_ERROR(q->OpenStopFd());
+  return q;
+}
+
+Status FaultQueue::OpenStopFd() {
+  stop_fd_ = sys::UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!stop_fd_.valid()) {
+    const int err = errno;
+    return ErrnoError(err, "fault queue {}: eventfd", index_);
+  }
+  return Status::Ok();
 }
 
 FaultQueue::~FaultQueue() { Stop(); }
@@ -54,7 +73,7 @@ void FaultQueue::Stop() {
 }
 
 bool FaultQueue::SeenInBatch(std::span<const sys::UffdMessage> msgs, size_t i) const {
-  const uint64_t unit = owner_.unit();
+  const uint64_t unit = owner_.unit_at(msgs[i].fault_address());
   const uint64_t page = msgs[i].fault_address().value / unit;
   for (size_t j = 0; j < i; ++j) {
     if (msgs[j].type() == sys::UffdMessage::Type::kPagefault &&

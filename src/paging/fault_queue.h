@@ -2,8 +2,11 @@
 // handler threads. A block is split into several parts, each with its own
 // queue, so faults from different vCPUs (which mostly touch different
 // memory) are read and served in parallel instead of waiting in one queue.
+// An adopted queue reads a userfaultfd that another process registered over
+// several blocks (AdoptedUffd routes its messages to them).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -17,7 +20,11 @@
 
 namespace faultline::paging {
 
+class FaultQueue;
 class PagedBlock;
+class PagerContext;
+
+class FaultSink;
 
 class FaultQueue {
  public:
@@ -26,6 +33,10 @@ class FaultQueue {
   // queue in metrics.
   static Result<std::unique_ptr<FaultQueue>> Create(PagedBlock& owner, uint32_t index,
                                                     uint64_t offset, uint64_t length);
+  // Reads `uffd`, which someone else registered: nothing is registered or
+  // unregistered here, and the queue covers whatever it reports.
+  static Result<std::unique_ptr<FaultQueue>> Adopt(FaultSink& sink, uint32_t index,
+                                                   sys::Userfaultfd uffd);
   ~FaultQueue();  // Stop()
   FaultQueue(const FaultQueue&) = delete;
   FaultQueue& operator=(const FaultQueue&) = delete;
@@ -40,8 +51,10 @@ class FaultQueue {
   Status Unregister() { return registration_.Unregister(); }
 
   uint32_t index() const { return index_; }
-  uint64_t offset() const { return offset_; }
-  uint64_t length() const { return length_; }
+  // The addresses the queue's registration covers, [start, end): the whole
+  // address space for an adopted queue.
+  Hva start() const { return start_; }
+  Hva end() const { return end_; }
   const sys::Userfaultfd& uffd() const { return uffd_; }
 
   // Serializes installs against reading events. An install holds it shared
@@ -53,21 +66,42 @@ class FaultQueue {
   sys::SharedMutex& event_mu() RETURN_CAPABILITY(event_mu_) { return event_mu_; }
 
  private:
-  FaultQueue(PagedBlock& owner, uint32_t index, uint64_t offset, uint64_t length)
-      : owner_(owner), index_(index), offset_(offset), length_(length) {}
+  FaultQueue(FaultSink& owner, uint32_t index, Hva start, Hva end)
+      : owner_(owner), index_(index), start_(start), end_(end) {}
+  Status OpenStopFd();
   void HandlerLoop();
   // Whether message i faults on the same unit as an earlier one of msgs.
   bool SeenInBatch(std::span<const sys::UffdMessage> msgs, size_t i) const;
 
-  PagedBlock& owner_;
+  FaultSink& owner_;
   const uint32_t index_;
-  const uint64_t offset_;
-  const uint64_t length_;
+  const Hva start_;
+  const Hva end_;
   sys::Userfaultfd uffd_;
   sys::UffdRegistration registration_;
   sys::UniqueFd stop_fd_;  // an eventfd; readable once Stop() was called
   std::vector<std::thread> threads_;
   sys::SharedMutex event_mu_;
+};
+
+// What a queue hands its messages to: the block it covers (PagedBlock), or
+// a router over the blocks an adopted userfaultfd covers (AdoptedUffd).
+class FaultSink {
+ public:
+  using Clock = std::chrono::steady_clock;
+  virtual ~FaultSink() = default;
+
+  virtual PagerContext& ctx() const = 0;
+  // The install unit of the memory at `address` (faults on one unit in one
+  // batch are handled once).
+  virtual uint64_t unit_at(Hva address) const = 0;
+  virtual void HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
+                           Clock::time_point read_at) = 0;
+  // A fault on a unit another fault of the same batch is resolving.
+  virtual void JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg,
+                           Clock::time_point read_at) = 0;
+  virtual void HandleRemove(FaultQueue& queue, Hva start, Hva end) REQUIRES(queue.event_mu()) = 0;
+  virtual void RecordError(Status status) = 0;
 };
 
 }  // namespace faultline::paging

@@ -42,22 +42,47 @@ Result<std::unique_ptr<PagedBlock>> PagedBlock::Create(PagerContext& ctx,
     const uint64_t count = std::min(paged->part_units_, units - first);
     ASSIGN_OR_RETURN(auto queue, FaultQueue::Create(*paged, ctx.metrics().AddQueue(),
                                                     paged->OffsetOf(first), count * paged->unit()));
-    paged->queues_.push_back(std::move(queue));
+    paged->queues_.push_back(queue.get());
+    paged->own_queues_.push_back(std::move(queue));
   }
   RETURN_IF_ERROR(paged->MarkPresent(present));
   return paged;
 }
 
-Status PagedBlock::MarkPresent(const PresentMap& present) {
-  const auto start = Clock::now();
-  for (const PageRun& run : present.runs()) {
+Result<std::unique_ptr<PagedBlock>> PagedBlock::CreateOnQueue(PagerContext& ctx,
+                                                              std::shared_ptr<RamBlock> block,
+                                                              uint32_t source_block,
+                                                              FaultQueue& queue,
+                                                              const PresentMap& zero) {
+  if (block == nullptr) return Error("demand paging: no RAM block");
+  // UFFDIO_COPY works across processes; MOVE and CONTINUE need the memory
+  // (or its file) here.
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<UffdInstaller> installer,
+      UffdInstaller::Create(InstallerKind::kCopy, *block, ctx.options().staging_slots));
+  std::unique_ptr<PagedBlock> paged(
+      new PagedBlock(ctx, std::move(block), std::move(installer), source_block));
+  paged->part_units_ = std::max<uint64_t>(paged->states_.units(), 1);
+  paged->queues_.push_back(&queue);
+  RETURN_IF_ERROR(paged->SetInitial(zero, PageState::kZero, "zero map"));
+  return paged;
+}
+
+Status PagedBlock::SetInitial(const PresentMap& units, PageState state, const char* what) {
+  for (const PageRun& run : units.runs()) {
     if (run.first > states_.units() || run.count > states_.units() - run.first) {
-      return Error("present map: pages [{}, +{}) are outside block '{}' ({} pages)", run.first,
+      return Error("{}: pages [{}, +{}) are outside block '{}' ({} pages)", what, run.first,
                    run.count, block_->name(), states_.units());
     }
-    for (uint64_t u = run.first; u < run.first + run.count; ++u) {
-      states_.SetInitial(u, PageState::kPresent);
-    }
+    for (uint64_t u = run.first; u < run.first + run.count; ++u) states_.SetInitial(u, state);
+  }
+  return Status::Ok();
+}
+
+Status PagedBlock::MarkPresent(const PresentMap& present) {
+  const auto start = Clock::now();
+  RETURN_IF_ERROR(SetInitial(present, PageState::kPresent, "present map"));
+  for (const PageRun& run : present.runs()) {
     // One call per run and queue: a run may span parts, and each part is
     // registered with its own userfaultfd.
     for (uint64_t u = run.first; u < run.first + run.count;) {
@@ -74,19 +99,19 @@ Status PagedBlock::MarkPresent(const PresentMap& present) {
 }
 
 Status PagedBlock::Start() {
-  for (auto& q : queues_) {
+  for (auto& q : own_queues_) {
     RETURN_IF_ERROR(q->Start(ctx_.options().threads_per_queue, ctx_.options().realtime_priority));
   }
   return Status::Ok();
 }
 
 void PagedBlock::Stop() {
-  for (auto& q : queues_) q->Stop();
+  for (auto& q : own_queues_) q->Stop();
 }
 
 Status PagedBlock::Unregister() {
   Status first;
-  for (auto& q : queues_) {
+  for (auto& q : own_queues_) {
     Status s = q->Unregister();
     if (first.ok()) first = s;
   }
@@ -182,11 +207,13 @@ void PagedBlock::Settle(uint64_t unit, PageState state, const Origin& origin) {
 }
 
 void PagedBlock::HandleRemove(FaultQueue& queue, Hva start, Hva end) {
-  ctx_.metrics().remove_events.Add();
   const uint64_t host = Hva(block_->host()).value;
-  const uint64_t lo = std::max(start.value, host + queue.offset()) - host;
-  const uint64_t hi = std::min(end.value, host + queue.offset() + queue.length()) - host;
-  if (lo >= hi) return;
+  const uint64_t lo_at = std::max({start.value, queue.start().value, host});
+  const uint64_t hi_at = std::min({end.value, queue.end().value, host + block_->size()});
+  if (lo_at >= hi_at) return;
+  ctx_.metrics().remove_events.Add();
+  const uint64_t lo = lo_at - host;
+  const uint64_t hi = hi_at - host;
   for (uint64_t u = lo / unit(); u < (hi + unit() - 1) / unit(); ++u) {
     PageState s = states_.Load(u);
     while (true) {

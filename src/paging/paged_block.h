@@ -30,25 +30,37 @@
 
 namespace faultline::paging {
 
-class PagedBlock {
+class PagedBlock final : public FaultSink {
  public:
-  using Clock = std::chrono::steady_clock;
-
   // Registers the block's parts with K userfaultfds and marks `present`
   // present. Faults wait (unread) until Start().
   static Result<std::unique_ptr<PagedBlock>> Create(PagerContext& ctx,
                                                     std::shared_ptr<RamBlock> block,
                                                     InstallerKind kind, uint32_t source_block,
                                                     const PresentMap& present);
+  // A block that someone else registered on the userfaultfd `queue` reads
+  // (an adopted one, shared with other blocks): installs go through it with
+  // the copy installer, nothing is registered here. Units in `zero` read as
+  // zeros: their faults get zero pages without the source.
+  static Result<std::unique_ptr<PagedBlock>> CreateOnQueue(PagerContext& ctx,
+                                                           std::shared_ptr<RamBlock> block,
+                                                           uint32_t source_block, FaultQueue& queue,
+                                                           const PresentMap& zero);
   PagedBlock(const PagedBlock&) = delete;
   PagedBlock& operator=(const PagedBlock&) = delete;
 
+  // Start, Stop and Unregister act on the block's own queues only.
   Status Start();
   void Stop();  // handler threads only
   Status Unregister();
 
   RamBlock& block() const { return *block_; }
-  PagerContext& ctx() const { return ctx_; }
+  PagerContext& ctx() const override { return ctx_; }
+  uint64_t unit_at(Hva) const override { return unit(); }
+  bool Contains(Hva address) const {
+    return address.value >= Hva(block_->host()).value &&
+           address.value - Hva(block_->host()).value < block_->size();
+  }
   const UffdInstaller& installer() const { return *installer_; }
   uint64_t unit() const { return installer_->unit(); }
   // Units not yet settled (neither present, poisoned nor known zero).
@@ -56,11 +68,12 @@ class PagedBlock {
   double mark_present_seconds() const { return mark_present_seconds_; }
 
   // From the fault queues' handler threads.
-  void HandleFault(FaultQueue& queue, const sys::UffdMessage& msg, Clock::time_point read_at);
-  // A fault on a unit another fault of the same batch is resolving.
-  void JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg, Clock::time_point read_at);
-  void HandleRemove(FaultQueue& queue, Hva start, Hva end) REQUIRES(queue.event_mu());
-  void RecordError(Status status) { ctx_.RecordError(std::move(status)); }
+  void HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
+                   Clock::time_point read_at) override;
+  void JoinedFault(FaultQueue& queue, const sys::UffdMessage& msg,
+                   Clock::time_point read_at) override;
+  void HandleRemove(FaultQueue& queue, Hva start, Hva end) override REQUIRES(queue.event_mu());
+  void RecordError(Status status) override { ctx_.RecordError(std::move(status)); }
 
   // Makes every unit overlapping [offset, offset + length) present, fetching
   // what is missing, and waits. An error names a poisoned unit.
@@ -86,6 +99,8 @@ class PagedBlock {
   PagedBlock(PagerContext& ctx, std::shared_ptr<RamBlock> block,
              std::unique_ptr<UffdInstaller> installer, uint32_t source_block);
   Status MarkPresent(const PresentMap& present);
+  // Before paging starts: `units` are in `state` (errors name `what`).
+  Status SetInitial(const PresentMap& units, PageState state, const char* what);
   FaultQueue& QueueFor(uint64_t unit) const;
   uint64_t OffsetOf(uint64_t u) const { return u * unit(); }
 
@@ -121,9 +136,10 @@ class PagedBlock {
   std::unique_ptr<UffdInstaller> installer_;
   const uint32_t source_block_;
   PageStateTable states_;
-  std::vector<std::unique_ptr<FaultQueue>> queues_;
-  uint64_t part_units_ = 0;     // units per queue (the last may have fewer)
-  PresentMap initial_present_;  // fixed after Create
+  std::vector<std::unique_ptr<FaultQueue>> own_queues_;
+  std::vector<FaultQueue*> queues_;  // own_queues_, or the one adopted queue
+  uint64_t part_units_ = 0;          // units per queue (the last may have fewer)
+  PresentMap initial_present_;       // fixed after Create
   double mark_present_seconds_ = 0;
 };
 

@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstddef>
+#include <string_view>
 
 #include "src/sys/linux_abi.h"
 
@@ -233,6 +234,29 @@ Result<Userfaultfd> Userfaultfd::Create(int flags, uint64_t features) {
   uffd.features_ = features;
   uffd.available_features_ = available;
   uffd.non_blocking_ = (flags & O_NONBLOCK) != 0;
+  return uffd;
+}
+
+Result<Userfaultfd> Userfaultfd::Adopt(UniqueFd fd) {
+  if (!fd.valid()) return Error("adopting a userfaultfd: no descriptor");
+  // Checked by name, without an ioctl: any ioctl could change a
+  // descriptor of another kind, or the other process's userfaultfd.
+  char link[64] = {};
+  const std::string path = fmt::format("/proc/self/fd/{}", fd.get());
+  const ssize_t n = ::readlink(path.c_str(), link, sizeof(link) - 1);
+  if (n < 0 || std::string_view(link, static_cast<size_t>(n)) != "anon_inode:[userfaultfd]") {
+    return Error(
+        "the passed descriptor is not a userfaultfd ({}); pass the one the VMM "
+        "registered its memory with",
+        n < 0 ? "unreadable" : std::string(link, static_cast<size_t>(n)));
+  }
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
+    return ErrnoError(errno, "adopting a userfaultfd: fcntl(O_NONBLOCK)");
+  }
+  Userfaultfd uffd;
+  uffd.fd_ = std::make_shared<const UniqueFd>(std::move(fd));
+  uffd.non_blocking_ = true;
   return uffd;
 }
 

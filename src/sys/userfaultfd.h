@@ -192,6 +192,14 @@ class Userfaultfd {
   // them, if the kernel lacks any of `features`. `flags`: O_NONBLOCK and/or
   // kUffdUserModeOnly; O_CLOEXEC is always set.
   static Result<Userfaultfd> Create(int flags, uint64_t features);
+  // A userfaultfd another process opened, registered and passed here
+  // (SCM_RIGHTS): its API handshake is done, its features unknown here
+  // (features() is 0). It is made non-blocking (O_NONBLOCK on the open file,
+  // which the other process shares: it hands the reading to us), so that
+  // several threads can poll and read it. Its ioctls act on the other
+  // process's memory; they fail with ESRCH once that process's memory is
+  // gone (it exited).
+  static Result<Userfaultfd> Adopt(UniqueFd fd);
 
   Userfaultfd() = default;
   Userfaultfd(Userfaultfd&&) noexcept = default;

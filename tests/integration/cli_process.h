@@ -45,7 +45,8 @@ inline std::string Slurp(const std::string& path) {
 // A faultline process in the background, its stdout and stderr in files.
 class Cli {
  public:
-  explicit Cli(std::vector<std::string> args) {
+  // `program`: the faultline CLI, or another program of the tests.
+  explicit Cli(std::vector<std::string> args, std::string program = FAULTLINE_CLI_PATH) {
     static std::atomic<int> counter{0};
     std::string base = fmt::format("{}mig_cli_{}_{}", testing::TempDir(), getpid(), counter++);
     out_path_ = base + ".out";
@@ -56,13 +57,13 @@ class Cli {
                                      0644);
     posix_spawn_file_actions_addopen(&actions, 2, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
                                      0644);
-    itest::AddAccelArgs(args);
-    args.insert(args.begin(), FAULTLINE_CLI_PATH);
+    if (program == FAULTLINE_CLI_PATH) itest::AddAccelArgs(args);
+    args.insert(args.begin(), program);
     command_ = fmt::format("{}", fmt::join(args, " "));
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (posix_spawn(&pid_, FAULTLINE_CLI_PATH, &actions, nullptr, argv.data(), environ) != 0) {
+    if (posix_spawn(&pid_, program.c_str(), &actions, nullptr, argv.data(), environ) != 0) {
       pid_ = -1;
     }
     posix_spawn_file_actions_destroy(&actions);
@@ -116,6 +117,7 @@ class Cli {
       std::this_thread::sleep_for(20ms);
     }
   }
+  pid_t pid() const { return pid_; }
   std::string out() const { return Slurp(out_path_); }
   std::string err() const { return Slurp(err_path_); }
   nlohmann::json Json() const {

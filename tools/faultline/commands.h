@@ -18,6 +18,7 @@ void AddQueryCommand(CLI::App& app, Action& action);
 void AddBenchCommand(CLI::App& app, Action& action);
 void AddDemoCommand(CLI::App& app, Action& action);
 void AddSnapshotCommand(CLI::App& app, Action& action);
+void AddServePagesCommand(CLI::App& app, Action& action);
 
 // `faultline snapshot`, also what `faultline migrate --to file:DIR` runs:
 // the exit code.

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   faultline::cli::AddBenchCommand(app, action);
   faultline::cli::AddDemoCommand(app, action);
   faultline::cli::AddSnapshotCommand(app, action);
+  faultline::cli::AddServePagesCommand(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
