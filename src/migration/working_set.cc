@@ -3,8 +3,9 @@
 #include <fcntl.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
-#include <sstream>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -68,28 +69,50 @@ Status SaveWorkingSet(const std::string& path, std::span<const MemoryRange> rang
   return Status::Ok();
 }
 
+namespace {
+
+// One "OFFSET LENGTH" line without its comment; false if it is not one.
+// Numbers are decimal or 0x hexadecimal.
+bool ParseRange(const std::string& text, MemoryRange& r, bool& blank) {
+  const char* p = text.c_str();
+  while (*p == ' ' || *p == '\t') ++p;
+  blank = *p == '\0';
+  if (blank) return true;
+  char* end = nullptr;
+  r.offset = std::strtoull(p, &end, 0);
+  if (end == p) return false;
+  p = end;
+  r.length = std::strtoull(p, &end, 0);
+  if (end == p) return false;
+  for (p = end; *p == ' ' || *p == '\t' || *p == '\r'; ++p) {
+  }
+  return *p == '\0';
+}
+
+}  // namespace
+
 Result<std::vector<MemoryRange>> LoadWorkingSet(const std::string& path, uint64_t memory_size) {
   std::ifstream in(path);
   if (!in) return ErrnoError(errno, "working set: cannot open {}", path);
   std::vector<MemoryRange> out;
   std::string line;
   for (uint64_t number = 1; std::getline(in, line); ++number) {
-    if (number == 1 && line != kHeader) {
-      return Error("working set {}: line 1 is not \"{}\": not a working set of this version", path,
-                   kHeader);
+    if (line.starts_with("# faultline working set v") && line != kHeader) {
+      return Error("working set {}: line {} says \"{}\"; this Faultline reads \"{}\"", path, number,
+                   line, kHeader);
     }
-    if (line.empty() || line[0] == '#') continue;
-    std::istringstream fields(line);
     MemoryRange r;
-    std::string rest;
-    if (!(fields >> r.offset >> r.length) || (fields >> rest)) {
-      return Error("working set {}: line {} is not \"OFFSET LENGTH\": '{}'", path, number, line);
+    bool blank = false;
+    if (!ParseRange(line.substr(0, line.find('#')), r, blank)) {
+      return Error("working set {}: line {} is not \"OFFSET LENGTH\" in bytes: '{}'", path, number,
+                   line);
     }
+    if (blank) continue;
     if (r.length == 0 || r.offset % kWirePageSize != 0 || r.length % kWirePageSize != 0 ||
         r.offset > memory_size || r.length > memory_size - r.offset) {
       return Error(
-          "working set {}: line {}: {} bytes at {} is not a page-aligned range of the "
-          "snapshot's {} bytes of memory — was it recorded from another snapshot?",
+          "working set {}: line {}: {:#x} bytes at {:#x} is not a page-aligned range of the "
+          "snapshot's {:#x} bytes of memory — was it recorded from another snapshot?",
           path, number, r.length, r.offset, memory_size);
     }
     out.push_back(r);
@@ -134,7 +157,8 @@ void PrefetchInBlock(int fd, const std::string& path, paging::PushTarget& target
 }  // namespace
 
 Result<PrefetchStats> Prefetch(const SnapshotReader& snapshot, PostcopyDestinationVm& vm,
-                               std::span<const MemoryRange> ranges, const std::atomic<bool>& stop) {
+                               std::span<const MemoryRange> ranges, const std::atomic<bool>& stop,
+                               uint32_t threads) {
   paging::PushTarget* target = vm.push_target();
   if (target == nullptr) {
     return Error("prefetch: the {} installer takes no pushed pages; use copy, move or continue",
@@ -147,19 +171,32 @@ Result<PrefetchStats> Prefetch(const SnapshotReader& snapshot, PostcopyDestinati
     files.push_back(std::move(fd));
   }
   const std::vector<uint64_t> bases = BlockBases(snapshot.manifest());
-  PrefetchStats stats;
-  for (const MemoryRange& r : ranges) {
-    for (uint32_t b = 0; b < blocks.size() && !stop.load(std::memory_order_relaxed); ++b) {
-      const uint64_t begin = std::max(r.offset, bases[b]);
-      const uint64_t end = std::min(r.offset + r.length, bases[b] + blocks[b].size);
-      if (begin < end) {
-        PrefetchInBlock(files[b].get(), blocks[b].file, *target, b, begin - bases[b], end - begin,
-                        stats);
+  // Worker k takes ranges k, k + n, k + 2n...: all of them go in order.
+  const uint32_t n = std::max<uint32_t>(1, threads);
+  std::vector<PrefetchStats> stats(n);
+  auto work = [&](uint32_t k) {
+    for (size_t i = k; i < ranges.size() && !stop.load(std::memory_order_relaxed); i += n) {
+      const MemoryRange& r = ranges[i];
+      for (uint32_t b = 0; b < blocks.size(); ++b) {
+        const uint64_t begin = std::max(r.offset, bases[b]);
+        const uint64_t end = std::min(r.offset + r.length, bases[b] + blocks[b].size);
+        if (begin < end) {
+          PrefetchInBlock(files[b].get(), blocks[b].file, *target, b, begin - bases[b], end - begin,
+                          stats[k]);
+        }
       }
     }
-    if (stop.load(std::memory_order_relaxed)) break;
+  };
+  std::vector<std::thread> workers;
+  for (uint32_t k = 1; k < n; ++k) workers.emplace_back(work, k);
+  work(0);
+  for (std::thread& t : workers) t.join();
+  PrefetchStats total;
+  for (const PrefetchStats& s : stats) {
+    total.units += s.units;
+    total.bytes += s.bytes;
   }
-  return stats;
+  return total;
 }
 
 }  // namespace faultline::migration

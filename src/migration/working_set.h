@@ -9,7 +9,9 @@
 // into the snapshot's memory as one file: its blocks back to back, in
 // manifest order, which is the `offset` of Firecracker's page-fault handler
 // handshake, so `faultline serve-pages --prefetch` reads the same file.
-// Lines starting with '#' are comments.
+// Numbers may also be 0x hexadecimal; '#' starts a comment; the first line
+// is optional (a hand-written list of ranges is a working set too), but a
+// file that names another version is refused.
 #pragma once
 
 #include <atomic>
@@ -64,8 +66,10 @@ struct PrefetchStats {
 // Brings the pages of `ranges` into a lazily restored VM (StartLazyRestore),
 // in order, from the snapshot's files, through the pager's PushTarget: pages
 // the guest has already, or is fetching, are skipped, so none is read twice.
+// `threads` read at once, each taking every `threads`-th range, in order.
 // Returns early, with what it did, once `stop` is true.
 Result<PrefetchStats> Prefetch(const SnapshotReader& snapshot, PostcopyDestinationVm& vm,
-                               std::span<const MemoryRange> ranges, const std::atomic<bool>& stop);
+                               std::span<const MemoryRange> ranges, const std::atomic<bool>& stop,
+                               uint32_t threads = 2);
 
 }  // namespace faultline::migration

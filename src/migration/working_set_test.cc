@@ -60,8 +60,9 @@ TEST_F(WorkingSetTest, RecordsInOrderMergingNeighboursAcrossBlocks) {
 
 TEST_F(WorkingSetTest, LoadRefusesWhatIsNotAWorkingSetOfThisMemory) {
   const std::string header = "# faultline working set v1\n";
-  EXPECT_THAT(LoadWorkingSet(Write("0 4096\n"), 1 << 20).error().message(),
-              HasSubstr("not a working set"));
+  EXPECT_THAT(
+      LoadWorkingSet(Write("# faultline working set v2\n0 4096\n"), 1 << 20).error().message(),
+      HasSubstr("this Faultline reads"));
   EXPECT_THAT(LoadWorkingSet(Write(header + "0 4096 7\n"), 1 << 20).error().message(),
               HasSubstr("line 2"));
   EXPECT_THAT(LoadWorkingSet(Write(header + "# a comment\nten 4096\n"), 1 << 20).error().message(),
@@ -74,6 +75,10 @@ TEST_F(WorkingSetTest, LoadRefusesWhatIsNotAWorkingSetOfThisMemory) {
   Result<std::vector<MemoryRange>> ok = LoadWorkingSet(Write(header + "\n4096 4096\n"), 1 << 20);
   ASSERT_TRUE(ok.has_value()) << ok.error().ToString();
   EXPECT_THAT(*ok, ElementsAre(MemoryRange{4096, 4096}));
+  // Hand-written: no first line, hexadecimal, comments after a range.
+  ok = LoadWorkingSet(Write("0x2000 0x1000  # the hot page\n  8192 4096\n"), 1 << 20);
+  ASSERT_TRUE(ok.has_value()) << ok.error().ToString();
+  EXPECT_THAT(*ok, ElementsAre(MemoryRange{0x2000, 0x1000}, MemoryRange{8192, 4096}));
 }
 
 // A snapshot of 8 MiB whose pages hold data except every third one, the

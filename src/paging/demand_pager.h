@@ -110,17 +110,12 @@ class DemandPager final : public PushTarget {
 
   PagerContext ctx_;
   std::vector<std::unique_ptr<PagedBlock>> blocks_;
-<<<<<<< HEAD
-  bool started_ = false;              // set up on the owner's thread, before Start()
-  std::atomic<bool> stopped_{false};  // read by vCPU and channel threads (EnsurePresent, Claim)
-  // Every page was present when Stop() began: EnsurePresent is a no-op
-  // then. Written before stopped_ (seq_cst exchange), read after it.
-  std::atomic<bool> complete_at_stop_{false};
-=======
   std::unique_ptr<AdoptedUffd> adopted_;  // set up before Start()
   bool started_ = false;                  // set up on the owner's thread, before Start()
   std::atomic<bool> stopped_{false};      // read by vCPU and channel threads (EnsurePresent, Claim)
->>>>>>> pages
+  // Every page was present when Stop() began: EnsurePresent is a no-op
+  // then. Written before stopped_ (seq_cst exchange), read after it.
+  std::atomic<bool> complete_at_stop_{false};
 };
 
 }  // namespace faultline::paging

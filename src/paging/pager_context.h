@@ -44,19 +44,16 @@ struct PagerOptions {
   uint32_t fetch_attempts = 3;
   // Called (on the installing thread) for each poisoned unit.
   std::function<void(const PoisonedUnit&)> on_poison = nullptr;
-<<<<<<< HEAD
   // Called (on the handler thread, before the fetch starts) when a fault on
   // a missing unit starts its fetch: the order in which the guest first
   // touched pages it did not have (a working set). `source_block` is the
   // source's name for the block; offset and length are the unit's bytes.
   std::function<void(uint32_t source_block, uint64_t offset, uint64_t length)> on_demand_fetch =
       nullptr;
-=======
   // Called (on the thread that ran into it, no pager lock held) for each
   // error a handler, fetch or install records: ESRCH from an install says
   // that the memory's process has gone (an adopted userfaultfd).
   std::function<void(const Status&)> on_error = nullptr;
->>>>>>> pages
 };
 
 class PagerContext {

@@ -3,6 +3,7 @@
 // processes (the guest goes on and verifies every page), a lazily restored
 // guest migrated on by post-copy, a working set recorded and prefetched, and
 // damaged snapshots refused before any guest runs.
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -144,6 +145,53 @@ TEST(SnapshotCliTest, PrefetchedRestoreFaultsOnATenthOfWhatTheRecordedOneDid) {
   EXPECT_LE(r["demand_fetches"].get<uint64_t>() * 10, recorded) << second.dump();
   EXPECT_TRUE(r.contains("hotset_done_ms")) << second.dump();
   EXPECT_TRUE(r.contains("resident_ms")) << second.dump();
+  fs::remove_all(root);
+}
+
+// `faultline run --restore DIR --memory-backend uffd:PATH`: the reference
+// VMM hands its userfaultfd to `faultline serve-pages`; the guest verifies
+// every page. Then a server killed while the guest runs: the VMM says so
+// and exits 1 instead of hanging (the time it took is logged).
+TEST(SnapshotCliTest, TheVmmRunsOnAPageServerAndStopsWhenTheServerDies) {
+  const std::string root = TempDir(), dir = root + "/snap";
+  const std::string control = ControlPath();
+  auto source =
+      StartSnapshotSource(control, itest::MemArg("256M", "128M"), "random-hotset,rate=64");
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Snapshot(control, dir, *source);
+  source.reset();
+  auto serve = [&](const std::string& socket) {
+    auto server = std::make_unique<Cli>(
+        std::vector<std::string>{"serve-pages", "--socket", socket, "--snapshot", dir});
+    for (int i = 0; i < 1000 && !fs::exists(socket) && server->Running(); ++i) {
+      std::this_thread::sleep_for(10ms);
+    }
+    return server;
+  };
+
+  const std::string socket = root + "/pages.sock";
+  auto server = serve(socket);
+  Cli served({"run", "--restore", dir, "--memory-backend", "uffd:" + socket, "--guest-stop",
+              "--json", "--quiet"});
+  ExpectRestoredAndVerified(served, "page-server");
+  EXPECT_TRUE(server->Running()) << server->Describe();
+
+  // The guest writes random pages until told to stop, which nobody does.
+  const std::string socket2 = root + "/pages2.sock";
+  auto server2 = serve(socket2);
+  Cli orphan({"run", "--restore", dir, "--memory-backend", "uffd:" + socket2, "--json", "--quiet"});
+  ASSERT_TRUE(server2->AwaitStderr("serving 1 region", 60s).has_value()) << server2->Describe();
+  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(orphan.Running()) << orphan.Describe();
+  const auto killed = Clock::now();
+  ASSERT_EQ(::kill(server2->pid(), SIGKILL), 0);
+  EXPECT_EQ(orphan.Wait(30s), 1) << orphan.Describe();
+  RecordProperty(
+      "vmm_exit_ms",
+      std::to_string(
+          std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - killed).count()));
+  EXPECT_THAT(orphan.err(), HasSubstr("the page server at " + socket2 + " is gone"))
+      << orphan.Describe();
   fs::remove_all(root);
 }
 

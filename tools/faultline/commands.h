@@ -22,7 +22,7 @@ void AddServePagesCommand(CLI::App& app, Action& action);
 
 // `faultline snapshot`, also what `faultline migrate --to file:DIR` runs:
 // the exit code.
-int TakeSnapshot(const std::string& control, const std::string& dir, bool paused,
-                 bool leave_paused, bool json);
+int TakeSnapshot(const std::string& control, const std::string& dir, bool paused, bool leave_paused,
+                 bool json);
 
 }  // namespace faultline::cli

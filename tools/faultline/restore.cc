@@ -63,6 +63,18 @@ Result<std::unique_ptr<RestoredVm>> RestoredVm::Open(RestoreOptions options, vmm
   if ((!options.installer.empty() || options.verify) && !options.lazy) {
     return Error("--installer and --verify go with --lazy (an eager restore always verifies)");
   }
+  if (!options.memory_backend.empty()) {
+    if (!options.memory_backend.starts_with("uffd:") || options.memory_backend.size() == 5) {
+      return Error(
+          "--memory-backend {}: expected uffd:PATH (the socket of `faultline serve-pages`)",
+          options.memory_backend);
+    }
+    if (options.lazy) {
+      return Error(
+          "--memory-backend uffd:PATH pages the memory in from the page server: not with "
+          "--lazy, which pages it in from the snapshot's files here");
+    }
+  }
   ASSIGN_OR_RETURN(migration::SnapshotReader snapshot,
                    migration::SnapshotReader::Open(options.dir));
   RETURN_IF_ERROR(ApplyManifest(snapshot.manifest(), config, keep_backing));
@@ -92,6 +104,7 @@ void RestoredVm::OnGuestEvent(const GuestEvent& event) {
 
 Status RestoredVm::Start(vmm::Vm& vm) {
   if (options_.lazy) return StartLazy(vm);
+  if (!options_.memory_backend.empty()) return StartServed(vm);
   eager_ = vmm::MakeDestinationVm(vm);
   RETURN_IF_ERROR(migration::RestoreEager(snapshot_, *eager_));
   RETURN_IF_ERROR(vm.Start());
@@ -125,11 +138,35 @@ Status RestoredVm::StartLazy(vmm::Vm& vm) {
   return Status::Ok();
 }
 
+Status RestoredVm::StartServed(vmm::Vm& vm) {
+  const std::string path = options_.memory_backend.substr(5);
+  Result<std::unique_ptr<migration::UffdBackend>> backend =
+      migration::ConnectUffdBackend(path, vm.memory().blocks(), [path](const Status& why) {
+        // The vCPUs would wait forever on the next missing page: stop now.
+        fmt::print(stderr,
+                   "faultline run: error: the page server at {} is gone ({}); it served the "
+                   "guest's memory, so the guest cannot go on: stopping\n",
+                   path, why.ToString());
+        std::fflush(stderr);
+        std::_Exit(1);
+      });
+  if (!backend.has_value()) return backend.error().WithContext("--memory-backend");
+  backend_ = std::move(*backend);
+  eager_ = vmm::MakeDestinationVm(vm);
+  RETURN_IF_ERROR(migration::RestoreState(snapshot_, *eager_));
+  RETURN_IF_ERROR(vm.Start());
+  first_instruction_ = Clock::now();
+  return Status::Ok();
+}
+
 void RestoredVm::Background() {
   Status status;
   migration::PrefetchStats prefetched;
+  const Clock::time_point started = Clock::now();
+  double prefetch_ms = 0;
   if (!prefetch_.empty()) {
     Result<migration::PrefetchStats> p = migration::Prefetch(snapshot_, *lazy_, prefetch_, stop_);
+    prefetch_ms = std::chrono::duration<double, std::milli>(Clock::now() - started).count();
     if (p.has_value()) {
       prefetched = *p;
     } else {
@@ -143,10 +180,17 @@ void RestoredVm::Background() {
   resident_at_ = Clock::now();
   background_status_ = status;
   prefetched_ = prefetched;
+  prefetch_ms_ = prefetch_ms;
   cv_.notify_all();
 }
 
 Status RestoredVm::MemoryReady() {
+  if (backend_) {
+    return Error(
+        "this VM's memory is paged by the page server at {} (--memory-backend): it cannot be "
+        "read as a whole here",
+        options_.memory_backend.substr(5));
+  }
   if (recorder_) {
     return Error(
         "this VM records its working set (--record-ws): pages come only when the guest touches "
@@ -158,7 +202,9 @@ Status RestoredVm::MemoryReady() {
 }
 
 Result<nlohmann::json> RestoredVm::Finish() {
-  nlohmann::json j = {{"dir", options_.dir}, {"mode", options_.lazy ? "lazy" : "eager"}};
+  const char* mode = options_.lazy ? "lazy" : backend_ ? "page-server" : "eager";
+  nlohmann::json j = {{"dir", options_.dir}, {"mode", mode}};
+  if (backend_) j["memory_backend"] = options_.memory_backend;
   if (first_instruction_) j["first_instruction_ms"] = MsSinceOpen(*first_instruction_);
   if (const Clock::rep t = hotset_done_.load(); t != 0) {
     j["hotset_done_ms"] = MsSinceOpen(Clock::time_point(Clock::duration(t)));
@@ -187,7 +233,8 @@ Result<nlohmann::json> RestoredVm::Finish() {
   if (!prefetch_.empty()) {
     j["prefetch"] = {{"file", options_.prefetch},
                      {"pages", prefetched_.bytes / kPageSize},
-                     {"units", prefetched_.units}};
+                     {"units", prefetched_.units},
+                     {"ms", prefetch_ms_}};
   }
   RETURN_IF_ERROR(background_status_.WithContext("the lazy restore's background reader"));
   return j;

@@ -12,6 +12,10 @@
 //   --verify  lazy: every memory chunk's checksum is checked before the guest
 //           starts (an eager restore always does; a lazy one otherwise
 //           reads only what the guest and the background reader need);
+//   --memory-backend uffd:PATH  the memory comes from a page server (the
+//           handshake of Firecracker's page-fault handlers, sent by this
+//           VMM with its userfaultfd); if the server dies, this VMM says so
+//           and exits 1 at once (its guest would wait forever otherwise);
 //   --record-ws FILE  lazy: pages arrive only when the guest touches them
 //           (no background reader), and the order of first touches is saved
 //           to FILE when the guest has finished (migration/working_set.h).
@@ -33,6 +37,7 @@
 
 #include "faultline/status.h"
 #include "src/migration/snapshot.h"
+#include "src/migration/uffd_backend.h"
 #include "src/migration/working_set.h"
 #include "src/sys/mutex.h"
 #include "src/vmm/vm.h"
@@ -46,6 +51,10 @@ struct RestoreOptions {
   std::string record_ws;  // where to save this run's working set (lazy)
   std::string installer;  // lazy: empty or auto, or a name
   bool verify = false;    // lazy: check every memory checksum before starting
+  // "uffd:PATH": the memory is paged by the page server at PATH (`faultline
+  // serve-pages`) through a userfaultfd this VMM hands it; the vCPU and
+  // device state come from the snapshot.
+  std::string memory_backend;
   int realtime_priority = 0;
   bool quiet = false;
 };
@@ -81,6 +90,7 @@ class RestoredVm {
   RestoredVm(RestoreOptions options, migration::SnapshotReader snapshot);
   void OnGuestEvent(const GuestEvent& event);
   Status StartLazy(vmm::Vm& vm);
+  Status StartServed(vmm::Vm& vm);
   void Background();
   double MsSinceOpen(Clock::time_point t) const {
     return std::chrono::duration<double, std::milli>(t - opened_).count();
@@ -93,6 +103,7 @@ class RestoredVm {
   std::unique_ptr<migration::WorkingSetRecorder> recorder_;
   std::unique_ptr<migration::DestinationVm> eager_;
   std::unique_ptr<migration::PostcopyDestinationVm> lazy_;
+  std::unique_ptr<migration::UffdBackend> backend_;  // --memory-backend uffd:PATH
   nlohmann::json calibration_;
   std::optional<Clock::time_point> first_instruction_;
   std::atomic<Clock::rep> hotset_done_{0};  // the last hot-set phase report, or 0
@@ -105,6 +116,7 @@ class RestoredVm {
   Status background_status_ GUARDED_BY(mu_);
   std::optional<Clock::time_point> resident_at_ GUARDED_BY(mu_);
   migration::PrefetchStats prefetched_ GUARDED_BY(mu_);
+  double prefetch_ms_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace faultline::cli

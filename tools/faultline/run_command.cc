@@ -65,6 +65,7 @@ struct RunOptions {
   std::string prefetch;                  // with --restore --lazy
   std::string record_ws;                 // with --restore --lazy
   bool verify = false;                   // with --restore --lazy
+  std::string memory_backend;            // with --restore: uffd:PATH
   bool backing_given = false;
   bool guest_stop = false;  // the guest's open-ended phases end at once
 };
@@ -100,8 +101,10 @@ Result<vmm::VmConfig> MakeConfig(const RunOptions& o) {
   if (!o.installer.empty() && !o.postcopy && !o.lazy) {
     return Error("--installer goes with --incoming and --postcopy, or --restore and --lazy");
   }
-  if (o.restore.empty() && (o.lazy || o.verify || !o.prefetch.empty() || !o.record_ws.empty())) {
-    return Error("--lazy, --verify, --prefetch and --record-ws go with --restore DIR");
+  if (o.restore.empty() && (o.lazy || o.verify || !o.prefetch.empty() || !o.record_ws.empty() ||
+                            !o.memory_backend.empty())) {
+    return Error(
+        "--lazy, --verify, --prefetch, --record-ws and --memory-backend go with --restore DIR");
   }
   return config;
 }
@@ -226,6 +229,7 @@ Status Restore(const RunOptions& o, vmm::VmConfig& config, Hosted& h) {
   r.record_ws = o.record_ws;
   r.installer = o.installer;
   r.verify = o.verify;
+  r.memory_backend = o.memory_backend;
   r.realtime_priority = o.realtime_priority;
   r.quiet = o.quiet;
   ASSIGN_OR_RETURN(h.restored, RestoredVm::Open(std::move(r), config, o.backing_given));
@@ -363,6 +367,11 @@ void AddRestoreOptions(CLI::App* run, RunOptions* options) {
   run->add_option("--prefetch", options->prefetch,
                   "With --restore --lazy: a working set (--record-ws of an earlier run) to load "
                   "first, in its order, while the guest starts");
+  run->add_option("--memory-backend", options->memory_backend,
+                  "With --restore: uffd:PATH: the guest's memory is paged in by the page server "
+                  "listening at PATH (`faultline serve-pages`, or any handler that speaks "
+                  "Firecracker's userfaultfd handshake) instead of read here; if it dies, this "
+                  "VMM exits 1 at once with a message");
   run->add_flag("--verify", options->verify,
                 "With --restore --lazy: check every memory checksum before the guest starts "
                 "(reads all of the snapshot once; an eager restore always does)");

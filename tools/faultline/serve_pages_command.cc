@@ -9,9 +9,7 @@
 
 #include <cerrno>
 #include <cstdio>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,6 +20,7 @@
 #include "src/migration/page_server.h"
 #include "src/migration/served_memory.h"
 #include "src/migration/snapshot.h"
+#include "src/migration/working_set.h"
 #include "tools/faultline/commands.h"
 
 namespace faultline::cli {
@@ -41,37 +40,6 @@ struct ServePagesOptions {
 int Fail(const Status& status) {
   fmt::print(stderr, "faultline serve-pages: error: {}\n", status.ToString());
   return 1;
-}
-
-// Lines "OFFSET LENGTH" (bytes, decimal or 0x hex) of the memory, the
-// working set in the order to push it; '#' starts a comment.
-Result<std::vector<std::pair<uint64_t, uint64_t>>> ReadPrefetchFile(const std::string& path,
-                                                                    uint64_t memory_size) {
-  std::ifstream in(path);
-  if (!in) return ErrnoError(errno, "--prefetch {}: cannot open", path);
-  std::vector<std::pair<uint64_t, uint64_t>> ranges;
-  std::string line;
-  for (int number = 1; std::getline(in, line); ++number) {
-    line = line.substr(0, line.find('#'));
-    std::istringstream fields(line);
-    std::string offset_text, length_text, extra;
-    if (!(fields >> offset_text)) continue;  // blank
-    uint64_t offset = 0, length = 0;
-    try {
-      if (!(fields >> length_text) || (fields >> extra)) throw std::invalid_argument("fields");
-      offset = std::stoull(offset_text, nullptr, 0);
-      length = std::stoull(length_text, nullptr, 0);
-    } catch (const std::exception&) {
-      return Error("--prefetch {} line {}: expected \"OFFSET LENGTH\" in bytes, got \"{}\"", path,
-                   number, line);
-    }
-    if (offset > memory_size || length > memory_size - offset) {
-      return Error("--prefetch {} line {}: [{:#x}, +{:#x}) is outside the snapshot's {:#x} bytes",
-                   path, number, offset, length, memory_size);
-    }
-    ranges.emplace_back(offset, length);
-  }
-  return ranges;
 }
 
 nlohmann::json ReportJson(const PageClientReport& r) {
@@ -135,9 +103,11 @@ int ServePages(const ServePagesOptions& o) {
   options.client.threads = o.threads;
   options.client.prefetch = o.prefetch_all || !o.prefetch.empty();
   if (!o.prefetch.empty()) {
-    auto ranges = ReadPrefetchFile(o.prefetch, (*memory)->size());
-    if (!ranges.has_value()) return Fail(ranges.error());
-    options.client.prefetch_first = std::move(*ranges);
+    auto ranges = migration::LoadWorkingSet(o.prefetch, (*memory)->size());
+    if (!ranges.has_value()) return Fail(ranges.error().WithContext("--prefetch"));
+    for (const migration::MemoryRange& r : *ranges) {
+      options.client.prefetch_first.emplace_back(r.offset, r.length);
+    }
   }
   options.client.log = [](const std::string& line) {
     fmt::print(stderr, "faultline serve-pages: {}\n", line);
