@@ -71,6 +71,11 @@ Status ReadScattered(int fd, std::span<const std::span<uint8_t>> dests, uint64_t
   return Status::Ok();
 }
 
+void AdviseWillNeed(int fd, uint64_t offset, uint64_t length) {
+  (void)::posix_fadvise(fd, static_cast<off_t>(offset), static_cast<off_t>(length),
+                        POSIX_FADV_WILLNEED);
+}
+
 std::string Sha256(std::span<const uint8_t> bytes) {
   uint8_t digest[EVP_MAX_MD_SIZE];
   unsigned int length = 0;
