@@ -85,7 +85,6 @@ Result<DestinationStats> MigrationDestination::Receive(Attempt& a, Acceptor& acc
 
 Status MigrationDestination::FollowMain(Incoming& in) {
   MessageReader& reader = in.a.main().reader();
-  in.vcpus.resize(vm_.vcpu_count());
   while (true) {
     Result<Message> m = reader.Read();
     if (!m && m.error().code() == EAGAIN) continue;  // pre-copy passes can be long
@@ -95,8 +94,10 @@ Status MigrationDestination::FollowMain(Incoming& in) {
       return in.a.FailByPeer(*e);  // the source gave up: nothing to tell it
     }
     RETURN_IF_ERROR(in.receiver.OnMessage(*m));
-    if (auto* v = std::get_if<VcpuStateMessage>(&*m)) {
-      in.vcpus[v->index] = std::move(v->state);  // index < vcpu_count == vcpus.size(), checked
+    if (const auto* s = std::get_if<Switchover>(&*m)) {
+      in.vcpus.resize(s->vcpu_count);  // the VM's count, unless it takes any (checked)
+    } else if (auto* v = std::get_if<VcpuStateMessage>(&*m)) {
+      in.vcpus[v->index] = std::move(v->state);  // index < the Switchover's count, checked
     } else if (auto* d = std::get_if<DeviceState>(&*m)) {
       in.devices.push_back(DeviceBlob{std::move(d->name), std::move(d->state)});
     } else if (const auto* complete = std::get_if<Complete>(&*m)) {

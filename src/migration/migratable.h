@@ -69,6 +69,8 @@ class DestinationVm {
   // an incoming migration): zero pages of the first pass need no write.
   virtual bool memory_is_zero() const = 0;
 
+  // 0: a destination that runs no vCPUs (a page server, which serves the
+  // memory to VMMs that bring their own state): it takes any count.
   virtual uint32_t vcpu_count() const = 0;
   // One blob per vCPU from SourceVm::SaveVcpus, in index order.
   virtual Status LoadVcpus(std::span<const std::vector<uint8_t>> states) = 0;

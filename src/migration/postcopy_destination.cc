@@ -164,11 +164,12 @@ Status PostcopyDestination::CheckSwitchover(const migration::Switchover& s, uint
   if (s.final_pass != passes) {
     return Error("Switchover: final pass {}, but {} passes ended", s.final_pass, passes);
   }
-  if (s.vcpu_count != vm_.vcpu_count()) {
+  if (vm_.vcpu_count() != 0 && s.vcpu_count != vm_.vcpu_count()) {
     return Error("Switchover: the source has {} vCPUs, this VM {}", s.vcpu_count, vm_.vcpu_count());
   }
   if (s.device_count > kMaxDevices) return Error("Switchover: {} devices", s.device_count);
   final_pass_ = s.final_pass;
+  switchover_vcpus_ = s.vcpu_count;
   switchover_devices_ = s.device_count;
   sys::MutexLock lock(mu_);
   stats_.passes = passes;

@@ -141,6 +141,7 @@ class PostcopyDestination {
   std::shared_ptr<NetworkPageSource> network_;
   uint64_t session_id_ = 0;  // the first session's
   uint32_t final_pass_ = 0;
+  uint32_t switchover_vcpus_ = 0;    // VcpuState messages the Switchover announced
   uint32_t switchover_devices_ = 0;  // DeviceState messages the Switchover announced
   std::chrono::steady_clock::time_point start_;
   // The first session's pre-copy: where pages go, and each page channel's

@@ -21,7 +21,7 @@ Result<PostcopyDestination::SwitchoverState> PostcopyDestination::ReceiveSwitcho
   }
   SwitchoverState state;
   for (const auto& b : blocks_) state.dirty.emplace_back(b->size() / kWirePageSize);
-  state.vcpus.resize(vm_.vcpu_count());
+  state.vcpus.resize(switchover_vcpus_);
   uint64_t dirty_seen = 0;
   uint32_t vcpus_seen = 0;
   while (dirty_seen < dirty_count || vcpus_seen < state.vcpus.size() ||

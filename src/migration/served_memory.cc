@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <utility>
 
 #include "faultline/types.h"
@@ -9,14 +10,36 @@
 namespace faultline::migration {
 namespace {
 
-// A client's view: its regions over the memory's files. Fetches complete
-// inline because the snapshot source does (no delay configured).
+// Blocks in memory: a fetch makes the range present, then copies it.
+class BlockReader final : public paging::PageSource {
+ public:
+  BlockReader(std::vector<std::shared_ptr<RamBlock>> blocks, ServedMemory::EnsurePresent ensure)
+      : blocks_(std::move(blocks)), ensure_(std::move(ensure)) {}
+
+  void Fetch(const paging::FetchRequest& request, paging::FetchCallback done) override {
+    const RamBlock& block = *blocks_[request.block_id];
+    if (Status s = ensure_(request.block_id, request.offset, request.dest.size()); !s.ok()) {
+      return done(paging::FetchResult::Failed(std::move(s)));
+    }
+    std::memcpy(request.dest.data(), block.host() + request.offset, request.dest.size());
+    done(paging::FetchResult::Filled());
+  }
+  void CancelAll() override {}
+
+ private:
+  const std::vector<std::shared_ptr<RamBlock>> blocks_;
+  const ServedMemory::EnsurePresent ensure_;
+};
+
+// A client's view: its regions over the memory's blocks. Fetches complete
+// inline because the reader's do (the snapshot source has no delay
+// configured; the block reader waits in its caller's thread).
 class RegionSource final : public paging::PageSource {
  public:
-  // files_ block b holds `block_sizes[b]` bytes of the memory, in order.
-  RegionSource(std::shared_ptr<paging::SnapshotPageSource> files, std::vector<uint64_t> block_sizes,
+  // reader_ block b holds `block_sizes[b]` bytes of the memory, in order.
+  RegionSource(std::shared_ptr<paging::PageSource> reader, std::vector<uint64_t> block_sizes,
                std::vector<UffdRegion> regions)
-      : files_(std::move(files)),
+      : reader_(std::move(reader)),
         block_sizes_(std::move(block_sizes)),
         regions_(std::move(regions)) {}
 
@@ -42,7 +65,7 @@ class RegionSource final : public paging::PageSource {
       part.block_id = static_cast<uint32_t>(block);
       part.offset = at - start;
       part.dest = request.dest.subspan(done_bytes, piece);
-      files_->Fetch(part, [&](paging::FetchResult r) { result = std::move(r); });
+      reader_->Fetch(part, [&](paging::FetchResult r) { result = std::move(r); });
       at += piece;
       done_bytes += piece;
     }
@@ -62,7 +85,7 @@ class RegionSource final : public paging::PageSource {
     return {block_sizes_.size() - 1, start};
   }
 
-  std::shared_ptr<paging::SnapshotPageSource> files_;
+  std::shared_ptr<paging::PageSource> reader_;
   std::vector<uint64_t> block_sizes_;
   std::vector<UffdRegion> regions_;
   std::atomic<bool> cancelled_{false};
@@ -74,7 +97,7 @@ Result<std::shared_ptr<const ServedMemory>> ServedMemory::FromSnapshot(
     const SnapshotReader& snapshot) {
   std::shared_ptr<ServedMemory> memory(new ServedMemory());
   ASSIGN_OR_RETURN(std::vector<DirtyBitmap> data, snapshot.DataPages());
-  ASSIGN_OR_RETURN(memory->files_, snapshot.MakePageSource());
+  ASSIGN_OR_RETURN(memory->reader_, snapshot.MakePageSource());
   const auto& blocks = snapshot.manifest().blocks;
   if (blocks.empty()) return Error("page server: snapshot {} has no memory", snapshot.dir());
   for (size_t b = 0; b < blocks.size(); ++b) {
@@ -86,6 +109,21 @@ Result<std::shared_ptr<const ServedMemory>> ServedMemory::FromSnapshot(
     memory->blocks_.push_back({memory->size_, blocks[b].size, std::move(data[b])});
     memory->size_ += blocks[b].size;
   }
+  return std::shared_ptr<const ServedMemory>(std::move(memory));
+}
+
+Result<std::shared_ptr<const ServedMemory>> ServedMemory::FromBlocks(
+    std::vector<std::shared_ptr<RamBlock>> blocks, EnsurePresent ensure) {
+  if (blocks.empty()) return Error("page server: no memory to serve");
+  std::shared_ptr<ServedMemory> memory(new ServedMemory());
+  for (const auto& block : blocks) {
+    DirtyBitmap data(block->size() / kPageSize);
+    data.SetAll();
+    memory->data_pages_ += data.pages();
+    memory->blocks_.push_back({memory->size_, block->size(), std::move(data)});
+    memory->size_ += block->size();
+  }
+  memory->reader_ = std::make_shared<BlockReader>(std::move(blocks), std::move(ensure));
   return std::shared_ptr<const ServedMemory>(std::move(memory));
 }
 
@@ -148,7 +186,7 @@ std::vector<std::pair<uint64_t, uint64_t>> ServedMemory::DataRanges(uint64_t off
 std::shared_ptr<paging::PageSource> ServedMemory::SourceFor(std::vector<UffdRegion> regions) const {
   std::vector<uint64_t> sizes;
   for (const Block& b : blocks_) sizes.push_back(b.size);
-  return std::make_shared<RegionSource>(files_, std::move(sizes), std::move(regions));
+  return std::make_shared<RegionSource>(reader_, std::move(sizes), std::move(regions));
 }
 
 }  // namespace faultline::migration

@@ -1,16 +1,19 @@
-// ServedMemory: what the page server serves: a snapshot's blocks laid end
-// to end in manifest order, which is the "guest memory file" a Firecracker
-// handshake's offsets point into. It knows which 4 KiB pages hold data (the
-// rest are the files' holes: zero pages, never read) and makes, per client,
-// a PageSource whose block ids are the client's regions.
+// ServedMemory: what the page server serves: RAM blocks laid end to end in
+// order (a snapshot's, in manifest order; or a migration's, as they
+// arrive), which is the "guest memory file" a Firecracker handshake's
+// offsets point into. It knows which 4 KiB pages hold data (the rest are
+// zero pages, never read) and makes, per client, a PageSource whose block
+// ids are the client's regions.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <utility>
 #include <vector>
 
+#include "faultline/ram_block.h"
 #include "faultline/status.h"
 #include "src/memory/dirty_bitmap.h"
 #include "src/migration/snapshot.h"
@@ -26,6 +29,17 @@ class ServedMemory {
   // Opens every block file of `snapshot` and reads where its data lies
   // (SEEK_DATA/SEEK_HOLE); reads no page.
   static Result<std::shared_ptr<const ServedMemory>> FromSnapshot(const SnapshotReader& snapshot);
+
+  // Makes block `block`'s bytes [offset, offset + length) hold their
+  // contents (a post-copy pager's EnsurePresent: it may wait for the
+  // network), or says why they cannot.
+  using EnsurePresent = std::function<Status(uint32_t block, uint64_t offset, uint64_t length)>;
+  // `blocks` as they are in memory (a migration's destination): every page
+  // counts as data, and a client's fetch calls `ensure`, then copies from
+  // the block's mapping. `ensure` must stay callable while any client's
+  // source lives.
+  static Result<std::shared_ptr<const ServedMemory>> FromBlocks(
+      std::vector<std::shared_ptr<RamBlock>> blocks, EnsurePresent ensure);
 
   uint64_t size() const { return size_; }
   uint64_t data_pages() const { return data_pages_; }
@@ -57,7 +71,8 @@ class ServedMemory {
   std::vector<Block> blocks_;
   uint64_t size_ = 0;
   uint64_t data_pages_ = 0;
-  std::shared_ptr<paging::SnapshotPageSource> files_;  // block i: snapshot block i
+  // Completes every fetch inline; its block i is blocks_[i].
+  std::shared_ptr<paging::PageSource> reader_;
 };
 
 }  // namespace faultline::migration

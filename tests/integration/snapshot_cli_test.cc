@@ -105,6 +105,10 @@ TEST(SnapshotCliTest, LiveSnapshotRestoresEagerlyAndLazilyAndMigratesOn) {
   ASSERT_NE(line->find(prefix), std::string::npos) << *line;
   const std::string to =
       prefix + std::to_string(std::stoul(line->substr(line->find(prefix) + prefix.size())));
+  // Snapshotted again first (once its memory is all here), then moved on.
+  const std::string dir2 = root + "/again";
+  Cli again({"snapshot", "--control", control2, "--to", dir2, "--json"});
+  ASSERT_EQ(again.Wait(300s), 0) << again.Describe() << "\n" << lazy.Describe();
   Cli migrate({"migrate", "--control", control2, "--to", to, "--mode", "postcopy", "--json"});
   ASSERT_EQ(migrate.Wait(300s), 0) << migrate.Describe() << "\n" << lazy.Describe();
   EXPECT_EQ(migrate.Json()["result"], "completed") << migrate.out();
@@ -113,6 +117,9 @@ TEST(SnapshotCliTest, LiveSnapshotRestoresEagerlyAndLazilyAndMigratesOn) {
   nlohmann::json d = ExpectRestoredAndVerified(dest, "");
   EXPECT_EQ(d["incoming"]["mode"], "postcopy") << d.dump();
   EXPECT_EQ(d.value("pages_verified", 0ul), pages) << d.dump();
+
+  Cli from_again({"run", "--restore", dir2, "--guest-stop", "--json", "--quiet"});
+  EXPECT_EQ(ExpectRestoredAndVerified(from_again, "eager").value("pages_verified", 0ul), pages);
   fs::remove_all(root);
 }
 
@@ -192,6 +199,77 @@ TEST(SnapshotCliTest, TheVmmRunsOnAPageServerAndStopsWhenTheServerDies) {
           std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - killed).count()));
   EXPECT_THAT(orphan.err(), HasSubstr("the page server at " + socket2 + " is gone"))
       << orphan.Describe();
+  fs::remove_all(root);
+}
+
+// The port of "... waiting for a post-copy migration on tcp:127.0.0.1:PORT".
+std::string AwaitIncomingAddress(Cli& destination) {
+  std::optional<std::string> line =
+      destination.AwaitStderr("waiting for a post-copy migration on", 60s);
+  const std::string prefix = "tcp:127.0.0.1:";
+  if (!line.has_value() || line->find(prefix) == std::string::npos) return "";
+  return prefix + std::to_string(std::stoul(line->substr(line->find(prefix) + prefix.size())));
+}
+
+// serve-pages --from: the memory arrives by post-copy migration from a
+// running VMM and is served from the switchover on, with every page left
+// to post-copy. The source is paused by its snapshot, so the snapshot's
+// files say what every page must hold: the documentation-only client reads
+// every page right, and so does the reference VMM restoring the snapshot's
+// state over the served memory.
+TEST(SnapshotCliTest, ThePageServerServesAnIncomingMigration) {
+  const std::string root = TempDir(), dir = root + "/snap", socket = root + "/pages.sock";
+  const std::string control = ControlPath();
+  const std::string mem = itest::MemArg("256M", "128M");
+  auto source = StartSnapshotSource(control, mem, "random-hotset,rate=64");
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+
+  // Refused at the handshake, before any page moves: the guest runs on.
+  Cli misfit({"serve-pages", "--socket", socket, "--from", "tcp:127.0.0.1:0", "--mem", "64M"});
+  Cli refused({"migrate", "--control", control, "--to", AwaitIncomingAddress(misfit), "--mode",
+               "postcopy", "--json"});
+  EXPECT_EQ(refused.Wait(60s), 1) << refused.Describe();
+  EXPECT_EQ(misfit.Wait(60s), 1) << misfit.Describe();
+  EXPECT_THAT(misfit.err(), HasSubstr("ram0")) << misfit.Describe();
+  EXPECT_FALSE(fs::exists(socket));
+  std::optional<nlohmann::json> status = Query(control, "query-status");
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ((*status)["state"], "running") << status->dump();
+
+  Cli snap({"snapshot", "--control", control, "--to", dir, "--paused", "--leave-paused", "--json"});
+  ASSERT_EQ(snap.Wait(300s), 0) << snap.Describe() << source->Describe();
+  Cli server({"serve-pages", "--socket", socket, "--from", "tcp:127.0.0.1:0", "--mem", mem,
+              "--json"});
+  Cli migrate({"migrate", "--control", control, "--to", AwaitIncomingAddress(server), "--mode",
+               "postcopy", "--precopy-passes", "0", "--json"});
+  for (int i = 0; i < 3000 && !fs::exists(socket) && server.Running(); ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  ASSERT_TRUE(fs::exists(socket)) << server.Describe() << migrate.Describe();
+  Cli fc({"--socket", socket, "--memory", dir + "/block-0.mem", "--region", mem},
+         FAULTLINE_FC_CLIENT_PATH);
+  Cli vmm({"run", "--restore", dir, "--memory-backend", "uffd:" + socket, "--guest-stop", "--json",
+           "--quiet"});
+  EXPECT_EQ(fc.Wait(300s), 0) << fc.Describe() << server.Describe();
+  ExpectRestoredAndVerified(vmm, "page-server");
+  ASSERT_EQ(migrate.Wait(300s), 0) << migrate.Describe() << server.Describe();
+  EXPECT_EQ(migrate.Json()["result"], "completed") << migrate.out();
+  EXPECT_EQ(source->Wait(60s), 0) << source->Describe();  // migrated away
+
+  // Still served once every page is here.
+  ASSERT_TRUE(server.AwaitStderr("the migration completed", 60s)) << server.Describe();
+  Cli again({"--socket", socket, "--memory", dir + "/block-0.mem", "--region", mem},
+            FAULTLINE_FC_CLIENT_PATH);
+  EXPECT_EQ(again.Wait(120s), 0) << again.Describe() << server.Describe();
+  ASSERT_EQ(::kill(server.pid(), SIGTERM), 0);
+  EXPECT_EQ(server.Wait(60s), 0) << server.Describe();
+  const std::string out = server.out();
+  const size_t at = out.find("{\"migration\"");
+  ASSERT_NE(at, std::string::npos) << out;
+  nlohmann::json line = nlohmann::json::parse(out.substr(at, out.find('\n', at) - at), nullptr, false);
+  ASSERT_TRUE(line.contains("migration")) << out;
+  RecordProperty("pages_demanded", std::to_string(line["migration"].value("pages_demanded", 0ul)));
+  EXPECT_FALSE(fs::exists(socket));
   fs::remove_all(root);
 }
 
