@@ -92,8 +92,9 @@ void ServedIncomingVm::AttachPager(paging::GuestPager* pager) {
 Status ServedIncomingVm::EnsurePresent(uint32_t block, uint64_t offset, uint64_t length) {
   sys::ReaderLock lock(pager_mu_);
   if (!served_) {
-    return Error("serve-pages: the guest's memory has not arrived yet (the migration has not "
-                 "reached its switchover)");
+    return Error(
+        "serve-pages: the guest's memory has not arrived yet (the migration has not "
+        "reached its switchover)");
   }
   if (pager_ == nullptr) return Status::Ok();  // pre-copy: everything is here
   return pager_->EnsurePresent(bases_[block] + offset, length);

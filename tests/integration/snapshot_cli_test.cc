@@ -238,8 +238,8 @@ TEST(SnapshotCliTest, ThePageServerServesAnIncomingMigration) {
 
   Cli snap({"snapshot", "--control", control, "--to", dir, "--paused", "--leave-paused", "--json"});
   ASSERT_EQ(snap.Wait(300s), 0) << snap.Describe() << source->Describe();
-  Cli server({"serve-pages", "--socket", socket, "--from", "tcp:127.0.0.1:0", "--mem", mem,
-              "--json"});
+  Cli server(
+      {"serve-pages", "--socket", socket, "--from", "tcp:127.0.0.1:0", "--mem", mem, "--json"});
   Cli migrate({"migrate", "--control", control, "--to", AwaitIncomingAddress(server), "--mode",
                "postcopy", "--precopy-passes", "0", "--json"});
   for (int i = 0; i < 3000 && !fs::exists(socket) && server.Running(); ++i) {
@@ -266,7 +266,8 @@ TEST(SnapshotCliTest, ThePageServerServesAnIncomingMigration) {
   const std::string out = server.out();
   const size_t at = out.find("{\"migration\"");
   ASSERT_NE(at, std::string::npos) << out;
-  nlohmann::json line = nlohmann::json::parse(out.substr(at, out.find('\n', at) - at), nullptr, false);
+  nlohmann::json line =
+      nlohmann::json::parse(out.substr(at, out.find('\n', at) - at), nullptr, false);
   ASSERT_TRUE(line.contains("migration")) << out;
   RecordProperty("pages_demanded", std::to_string(line["migration"].value("pages_demanded", 0ul)));
   EXPECT_FALSE(fs::exists(socket));

@@ -165,8 +165,8 @@ int ServeSnapshot(const ServePagesOptions& o) {
   if (!snapshot.has_value()) return Fail(snapshot.error().WithContext("--snapshot"));
   auto memory = migration::ServedMemory::FromSnapshot(*snapshot);
   if (!memory.has_value()) return Fail(memory.error());
-  auto server = StartServer(
-      o, *memory, fmt::format("{} ({} data pages)", o.snapshot, (*memory)->data_pages()));
+  auto server = StartServer(o, *memory,
+                            fmt::format("{} ({} data pages)", o.snapshot, (*memory)->data_pages()));
   if (!server.has_value()) return Fail(server.error());
   int sig = SIGUSR1;
   while (sig == SIGUSR1) sig = WaitForSignal();
@@ -185,16 +185,17 @@ Result<T> ForOption(Result<T> result, std::string_view option) {
 // (ram0, then ram1, ...).
 Result<std::vector<RamBlockOptions>> ParseBlocks(const ServePagesOptions& o) {
   if (o.mem.empty()) {
-    return Error("--from needs --mem: the size of the guest's RAM (the source's --mem), so that "
-                 "the migration's blocks can be checked before any page moves");
+    return Error(
+        "--from needs --mem: the size of the guest's RAM (the source's --mem), so that "
+        "the migration's blocks can be checked before any page moves");
   }
   ASSIGN_OR_RETURN(Backing backing, ForOption(ParseBacking(o.backing), "--backing"));
   std::vector<RamBlockOptions> blocks;
   for (const std::string& text : o.mem) {
     RamBlockOptions block;
     const size_t colon = text.find(':');
-    block.name = colon == std::string::npos ? fmt::format("ram{}", blocks.size())
-                                            : text.substr(0, colon);
+    block.name =
+        colon == std::string::npos ? fmt::format("ram{}", blocks.size()) : text.substr(0, colon);
     const std::string size = colon == std::string::npos ? text : text.substr(colon + 1);
     ASSIGN_OR_RETURN(block.size, ForOption(ParseSize(size), "--mem"));
     block.backing = backing;
@@ -235,16 +236,18 @@ class MigrationServer {
     ASSIGN_OR_RETURN(migration::Address address,
                      ForOption(migration::ParseAddress(o_.from), "--from"));
     if (address.is_unix()) {
-      return Error("--from {}: a page server receives a migration over tcp:HOST:PORT only", o_.from);
+      return Error("--from {}: a page server receives a migration over tcp:HOST:PORT only",
+                   o_.from);
     }
-    ASSIGN_OR_RETURN(listener_, ForOption(migration::SocketListener::Listen(address, {}), "--from"));
+    ASSIGN_OR_RETURN(listener_,
+                     ForOption(migration::SocketListener::Listen(address, {}), "--from"));
     ASSIGN_OR_RETURN(vm_, control::ServedIncomingVm::Create(std::move(blocks), [this] {
                        servable_.store(true, std::memory_order_release);
                        pthread_kill(main_, SIGUSR1);
                      }));
     control::IncomingOptions options;
-    options.mode = o_.mode == "precopy" ? control::MigrationMode::kPrecopy
-                                        : control::MigrationMode::kPostcopy;
+    options.mode =
+        o_.mode == "precopy" ? control::MigrationMode::kPrecopy : control::MigrationMode::kPostcopy;
     for (const auto& block : vm_->blocks()) options.bytes_total += block->size();
     options.accept_timeout = std::chrono::hours(24);  // the source migrates when it is told
     options.installer = o_.installer;
