@@ -5,13 +5,18 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <span>
 #include <utility>
+#include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "src/control/args.h"
 
@@ -99,6 +104,41 @@ Status ClaimPath(const std::string& path, const sockaddr_un& addr) {
   return Status::Ok();
 }
 
+// Grants each of `uids` read and write on `path` (connecting to a unix
+// socket needs write permission): the POSIX ACL of mode 0600 plus one named
+// user entry each, in the kernel's xattr format (version 2, then tag,
+// permissions and id per entry, in tag order; acl(5)).
+Status GrantUids(const std::string& path, std::span<const uid_t> uids) {
+  enum : uint16_t { kUserObj = 0x01, kUser = 0x02, kGroupObj = 0x04, kMask = 0x10, kOther = 0x20 };
+  constexpr uint16_t kReadWrite = 6;
+  constexpr uint32_t kNoId = 0xffffffff;
+  std::vector<uint8_t> acl;
+  auto put = [&acl](uint64_t value, int bytes) {
+    for (int i = 0; i < bytes; ++i) acl.push_back(static_cast<uint8_t>(value >> (8 * i)));
+  };
+  auto entry = [&put](uint16_t tag, uint16_t perm, uint32_t id) {
+    put(tag, 2);
+    put(perm, 2);
+    put(id, 4);
+  };
+  put(2, 4);  // POSIX_ACL_XATTR_VERSION
+  entry(kUserObj, kReadWrite, kNoId);
+  std::vector<uid_t> sorted(uids.begin(), uids.end());
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  for (uid_t uid : sorted) entry(kUser, kReadWrite, uid);
+  entry(kGroupObj, 0, kNoId);
+  entry(kMask, kReadWrite, kNoId);
+  entry(kOther, 0, kNoId);
+  if (setxattr(path.c_str(), "system.posix_acl_access", acl.data(), acl.size(), 0) != 0) {
+    return ErrnoError(errno,
+                      "control socket {}: granting uid(s) {} access (a POSIX ACL; the "
+                      "filesystem must support them, or leave out --control-allow-uid)",
+                      path, fmt::join(sorted, ", "));
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Result<std::unique_ptr<ControlServer>> ControlServer::Create(std::string path, Options options) {
@@ -117,6 +157,12 @@ Result<std::unique_ptr<ControlServer>> ControlServer::Create(std::string path, O
     Status s = ErrnoError(errno, "control socket {}", path);
     unlink(path.c_str());
     return s;
+  }
+  if (!options.allowed_uids.empty()) {
+    if (Status s = GrantUids(path, options.allowed_uids); !s.ok()) {
+      unlink(path.c_str());
+      return s;
+    }
   }
   if (listen(fd.get(), 16) != 0) {
     Status s = ErrnoError(errno, "control socket {}: listen", path);
@@ -286,6 +332,11 @@ void ControlServer::AcceptLoop() {
     }
     auto connection = std::make_unique<Connection>();
     connection->fd.Reset(fd);
+    if (Status peer = CheckPeer(fd); !peer.ok()) {
+      if (options_.on_refused) options_.on_refused(peer.ToString());
+      Send(fd, Serialize(ErrorReply(ControlErrorClass::kGenericError, peer.ToString())) + "\n");
+      continue;  // closed by connection's destructor, nothing read
+    }
     connections_.remove_if([](const std::unique_ptr<Connection>& c) {
       if (!c->finished.load(std::memory_order_acquire)) return false;
       c->thread.join();
@@ -307,6 +358,23 @@ void ControlServer::AcceptLoop() {
       c->finished.store(true, std::memory_order_release);
     });
   }
+}
+
+Status ControlServer::CheckPeer(int fd) const {
+  ucred peer{};
+  socklen_t length = sizeof(peer);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0) {
+    return ErrnoError(errno, "control socket {}: the peer's credentials", path_);
+  }
+  const uid_t self = geteuid();
+  if (peer.uid == self || std::find(options_.allowed_uids.begin(), options_.allowed_uids.end(),
+                                    peer.uid) != options_.allowed_uids.end()) {
+    return Status::Ok();
+  }
+  return Error(
+      "control socket {}: refused pid {} of uid {}: this VMM runs as uid {} and allows no other "
+      "(start it with --control-allow-uid {} to allow that one)",
+      path_, peer.pid, peer.uid, self, peer.uid);
 }
 
 void ControlServer::Serve(Connection& connection) {

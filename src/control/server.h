@@ -53,11 +53,23 @@ class ControlServer {
     size_t max_clients = 16;
     // A client that does not read its responses for this long is dropped.
     std::chrono::milliseconds write_timeout{5000};
+    // Who may use the socket besides this process's effective uid: each is
+    // granted read-write on the socket file by a POSIX ACL entry, and
+    // accepted by its peer credentials. Every other uid is refused.
+    std::vector<uid_t> allowed_uids;
+    // Told about each refused peer (one line, no prefix); may be null.
+    std::function<void(const std::string&)> on_refused;
   };
 
-  // Binds `path` (mode 0600) and listens; serves nothing until Start(). A
-  // socket file nobody listens on (left by a dead VMM) is replaced; a live
-  // one, or any other kind of file, is an error.
+  // Binds `path` (mode 0600, plus the ACL entries of allowed_uids) and
+  // listens; serves nothing until Start(). A socket file nobody listens on
+  // (left by a dead VMM) is replaced; a live one, or any other kind of
+  // file, is an error.
+  //
+  // Every connection's peer credentials (SO_PEERCRED) are checked when it
+  // is accepted: a peer of another uid that is not allowed (root included)
+  // gets one error response saying so and is closed before any request of
+  // it is read, so it changes nothing.
   static Result<std::unique_ptr<ControlServer>> Create(std::string path, Options options);
   static Result<std::unique_ptr<ControlServer>> Create(std::string path) {
     return Create(std::move(path), Options());
@@ -97,6 +109,8 @@ class ControlServer {
                 dev_t dev, ino_t ino);
   nlohmann::json Dispatch(std::string_view line) const;
   void AcceptLoop();
+  // The peer of `fd` may use the socket; else why not.
+  Status CheckPeer(int fd) const;
   void Serve(Connection& connection);
   // Writes all of `data`; false if the client is gone, too slow, or the
   // server is stopping.

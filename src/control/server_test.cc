@@ -5,6 +5,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
+#include <grp.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -384,6 +386,141 @@ TEST(ControlServerTest, HandleLineWithoutSockets) {
   auto server = StartServer(dir.File("ctl.sock"));
   EXPECT_EQ(server->HandleLine(R"({"execute":"echo","arguments":{"a":"b"},"id":1})"),
             R"({"id":1,"return":{"a":"b"}})");
+}
+
+// What a client of another uid got: connect()'s errno (0: connected) and
+// the first response line to `request`.
+struct ForeignReply {
+  int connect_errno = 0;
+  std::string line;
+};
+
+// Connects to `path` as `uid` from a child process (setresuid) and sends
+// `request`. The child uses no allocation: the parent has threads.
+ForeignReply AsUid(uid_t uid, const std::string& path, const char* request) {
+  int pipe_fds[2];
+  EXPECT_EQ(pipe(pipe_fds), 0);
+  const pid_t child = fork();
+  if (child == 0) {
+    close(pipe_fds[0]);
+    char buffer[1024] = {};
+    int err = 0;
+    if (setgroups(0, nullptr) != 0 || setresgid(uid, uid, uid) != 0 ||
+        setresuid(uid, uid, uid) != 0) {
+      _exit(3);
+    }
+    const int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr = {};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    ssize_t got = 0;
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      err = errno;
+    } else {
+      (void)!write(fd, request, std::strlen(request));
+      for (ssize_t n; got < static_cast<ssize_t>(sizeof(buffer)) - 1 &&
+                      (n = read(fd, buffer + got, sizeof(buffer) - 1 - got)) > 0;) {
+        got += n;
+        if (std::memchr(buffer, '\n', static_cast<size_t>(got)) != nullptr) break;
+      }
+    }
+    (void)!write(pipe_fds[1], &err, sizeof(err));
+    (void)!write(pipe_fds[1], buffer, static_cast<size_t>(got));
+    _exit(0);
+  }
+  close(pipe_fds[1]);
+  ForeignReply reply;
+  std::string out;
+  char chunk[1024];
+  for (ssize_t n; (n = read(pipe_fds[0], chunk, sizeof(chunk))) > 0;) out.append(chunk, n);
+  close(pipe_fds[0]);
+  int status = 0;
+  EXPECT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  if (out.size() >= sizeof(int)) {
+    std::memcpy(&reply.connect_errno, out.data(), sizeof(int));
+    reply.line = out.substr(sizeof(int));
+  }
+  return reply;
+}
+
+constexpr uid_t kNobody = 65534;
+
+class ControlAccessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (geteuid() != 0) GTEST_SKIP() << "needs root: a client of another uid is made by setresuid";
+    ASSERT_EQ(chmod(dir_.File("").c_str(), 0755), 0);  // others may reach the socket file
+  }
+  std::unique_ptr<ControlServer> Serve(ControlServer::Options options) {
+    options.on_refused = [this](const std::string& line) {
+      refused_.fetch_add(1);
+      last_refusal_ = line;
+    };
+    auto server = ControlServer::Create(dir_.File("vmm.sock"), options);
+    EXPECT_TRUE(server.has_value()) << server.error().ToString();
+    if (!server.has_value()) return nullptr;
+    (*server)->Register("poke", [this](const json&) -> Result<json> {
+      pokes_.fetch_add(1);
+      return json::object();
+    });
+    EXPECT_TRUE((*server)->Start().ok());
+    return std::move(*server);
+  }
+
+  TempDir dir_;
+  std::atomic<int> pokes_{0};
+  std::atomic<int> refused_{0};
+  std::string last_refusal_;
+};
+
+TEST_F(ControlAccessTest, AnotherUidCannotConnectToTheSocketFile) {
+  auto server = Serve({});
+  ASSERT_TRUE(server);
+  struct stat st {};
+  ASSERT_EQ(stat(server->path().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  ForeignReply r = AsUid(kNobody, server->path(), "{\"execute\": \"poke\"}\n");
+  EXPECT_EQ(r.connect_errno, EACCES) << r.line;
+  EXPECT_EQ(pokes_.load(), 0);
+}
+
+// Even when the file lets it connect (a mode changed by hand), a peer of
+// another uid is refused by its credentials before any request is read.
+TEST_F(ControlAccessTest, AnotherUidIsRefusedByItsCredentialsAndChangesNothing) {
+  auto server = Serve({});
+  ASSERT_TRUE(server);
+  ASSERT_EQ(chmod(server->path().c_str(), 0666), 0);
+  ForeignReply r = AsUid(kNobody, server->path(), "{\"execute\": \"poke\", \"id\": 1}\n");
+  ASSERT_EQ(r.connect_errno, 0);
+  json reply = json::parse(r.line, nullptr, false);
+  ASSERT_TRUE(reply.contains("error")) << r.line;
+  EXPECT_THAT(reply["error"]["desc"].get<std::string>(), HasSubstr("uid 65534"));
+  EXPECT_THAT(reply["error"]["desc"].get<std::string>(), HasSubstr("--control-allow-uid 65534"));
+  EXPECT_EQ(pokes_.load(), 0);
+  EXPECT_EQ(refused_.load(), 1);
+  EXPECT_THAT(last_refusal_, HasSubstr("refused pid"));
+  // Its own uid is served as before.
+  RawClient self(server->path());
+  ASSERT_TRUE(self.connected());
+  ASSERT_TRUE(self.Write("{\"execute\": \"poke\"}\n"));
+  ASSERT_TRUE(self.ReadLine().has_value());
+  EXPECT_EQ(pokes_.load(), 1);
+}
+
+TEST_F(ControlAccessTest, AnAllowedUidIsGrantedTheFileAndServed) {
+  ControlServer::Options options;
+  options.allowed_uids = {kNobody};
+  auto server = Serve(options);
+  ASSERT_TRUE(server);
+  ForeignReply r = AsUid(kNobody, server->path(), "{\"execute\": \"poke\", \"id\": 2}\n");
+  ASSERT_EQ(r.connect_errno, 0);
+  EXPECT_EQ(json::parse(r.line, nullptr, false), json({{"return", json::object()}, {"id", 2}}))
+      << r.line;
+  EXPECT_EQ(pokes_.load(), 1);
+  // Another uid still may not connect: the ACL names only the allowed one.
+  EXPECT_EQ(AsUid(kNobody - 1, server->path(), "{}\n").connect_errno, EACCES);
+  EXPECT_EQ(refused_.load(), 0);
 }
 
 }  // namespace

@@ -116,7 +116,7 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, Options o) {
   if (serving) {
     live->server_ = std::move(o.server);
   } else {
-    ASSIGN_OR_RETURN(live->server_, control::ControlServer::Create(o.control_path));
+    ASSIGN_OR_RETURN(live->server_, control::ControlServer::Create(o.control_path, o.control));
   }
   live->RegisterCommands(o.incoming);
   if (!serving) RETURN_IF_ERROR(live->server_->Start());

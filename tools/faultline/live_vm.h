@@ -38,6 +38,9 @@ class LiveVm {
     // Serve the control socket here; empty: none (the demo drives
     // migration() directly).
     std::string control_path;
+    // Its access: who besides this process's uid may use it, and what to
+    // say of a refused peer (control::ControlServer::Options).
+    control::ControlServer::Options control;
     // A test hook, see SourceMigrationControl::Options.
     std::optional<migration::FaultPlan> first_link_fault;
     // A control socket already serving (at control_path), whose commands

@@ -52,6 +52,7 @@ struct RunOptions {
   bool json = false;
   bool quiet = false;
   std::string control;    // serve the control socket here
+  std::vector<uid_t> control_allow_uids;  // --control-allow-uid
   std::string incoming;   // tcp:HOST:PORT: receive the guest by migration
   bool prealloc = false;  // with --incoming: allocate all RAM before receiving
   bool postcopy = false;  // with --incoming: the migration is post-copy
@@ -154,12 +155,23 @@ control::IncomingOptions IncomingOptionsFor(const RunOptions& o, const vmm::VmCo
   return options;
 }
 
+// --control's access: --control-allow-uid, and refused peers on stderr.
+control::ControlServer::Options ControlOptions(const RunOptions& o) {
+  control::ControlServer::Options options;
+  options.allowed_uids = o.control_allow_uids;
+  options.on_refused = [](const std::string& line) {
+    fmt::print(stderr, "faultline run: {}\n", line);
+    std::fflush(stderr);
+  };
+  return options;
+}
+
 // --incoming with --control: query-status and query-migrate (the incoming
 // migration's status) while the guest is on its way.
 Status ServeIncoming(const RunOptions& o, Hosted& h) {
   if (o.control.empty()) return Status::Ok();
   Result<std::unique_ptr<control::ControlServer>> server =
-      control::ControlServer::Create(o.control);
+      control::ControlServer::Create(o.control, ControlOptions(o));
   if (!server.has_value()) {
     Status why = server.error().WithContext("--control");
     (void)h.incoming->Refuse(why, migration::ErrorCode::kResource);
@@ -325,6 +337,7 @@ int Run(const RunOptions& o) {
   }
   LiveVm::Options live_options;
   live_options.control_path = o.control;
+  live_options.control = ControlOptions(o);
   live_options.first_link_fault = link_fault;
   live_options.server = std::move(h.server);
   live_options.incoming = h.incoming ? h.incoming->status() : nullptr;
@@ -409,6 +422,10 @@ void AddRunCommand(CLI::App& app, Action& action) {
   run->add_option("--control", options->control,
                   "Serve the control socket (query-status, migrate, query-migrate, "
                   "migrate-cancel) at this path; see `faultline migrate`");
+  run->add_option("--control-allow-uid", options->control_allow_uids,
+                  "Another user id that may use the control socket (repeatable); the socket "
+                  "is 0600 and refuses every other uid, root included")
+      ->needs("--control");
   run->add_option("--incoming", options->incoming,
                   "tcp:HOST:PORT: boot nothing, wait for a migration there, then run the guest "
                   "that arrived (--mem, --vcpus and --backing must match the source); "
