@@ -10,6 +10,7 @@ packages=(
   qemu-system-x86 valgrind clang-format
   python3  # scripts/check_layers.py and its test (ctest -L layering)
   clang-19  # the thread-safety analysis (scripts/thread-safety.sh, ctest -L thread-safety)
+  libclang-rt-19-dev  # libFuzzer (scripts/fuzz.sh)
 )
 
 missing=()

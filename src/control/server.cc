@@ -258,7 +258,9 @@ nlohmann::json ControlServer::Dispatch(std::string_view line) const {
   nlohmann::json request;
   try {
     request = nlohmann::json::parse(line);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
+    // parse_error, and out_of_range for a number too large for a double
+    // (1e999): either is the client's mistake, never the VMM's end.
     return ErrorReply(EC::kInvalidRequest, fmt::format("malformed JSON: {}", e.what()));
   }
   if (!request.is_object()) {

@@ -21,6 +21,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "faultline/status.h"
@@ -82,6 +83,10 @@ struct SnapshotManifest {
   std::vector<SnapshotBlob> vcpus;
   std::vector<SnapshotBlob> devices;
 };
+
+// Parses and checks manifest.json's text (format, version, every field's
+// type and range); the files are not looked at.
+Result<SnapshotManifest> ParseSnapshotManifest(std::string_view text);
 
 // A snapshot directory, opened: its manifest read and checked (format,
 // version, every file there with its size). Nothing is started or changed

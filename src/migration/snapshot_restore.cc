@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include <fstream>
+#include <iterator>
 
 #include <nlohmann/json.hpp>
 
@@ -20,30 +21,64 @@ Result<uint64_t> FileSize(const std::string& path) {
   return static_cast<uint64_t>(st.st_size);
 }
 
+// A file the manifest names must be one in the snapshot directory: a
+// hostile manifest must not make a restore read elsewhere.
+Status CheckFileName(const std::string& file) {
+  if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos ||
+      file.find('\0') != std::string::npos) {
+    return Error(
+        "the manifest names file '{}', which is not a file of the snapshot directory: "
+        "the manifest is damaged",
+        file);
+  }
+  return Status::Ok();
+}
+
+// `j[key]`, an unsigned integer no larger than `max` (nlohmann's get<>
+// would convert a float or a negative number without a word).
+Result<uint64_t> Unsigned(const nlohmann::json& j, const char* key, uint64_t max = UINT64_MAX) {
+  const nlohmann::json& v = j.at(key);
+  if (!v.is_number_unsigned() || v.get<uint64_t>() > max) {
+    return Error("\"{}\" is {}, not an unsigned integer up to {}: the manifest is damaged", key,
+                 v.dump(), max);
+  }
+  return v.get<uint64_t>();
+}
+
 Result<SnapshotManifest> ParseManifest(const nlohmann::json& j) {
   if (!j.is_object() || j.value("format", "") != "faultline-snapshot") {
     return Error("not a Faultline snapshot (no \"format\": \"faultline-snapshot\")");
   }
   SnapshotManifest m;
-  m.version = j.at("version").get<uint32_t>();
+  ASSIGN_OR_RETURN(const uint64_t version, Unsigned(j, "version", UINT32_MAX));
+  m.version = static_cast<uint32_t>(version);
   if (m.version != kSnapshotVersion) {
     return Error(
         "snapshot format version {}; this Faultline reads version {} — restore it with "
         "the Faultline that wrote it",
         m.version, kSnapshotVersion);
   }
-  m.accelerator = static_cast<HelloAccel>(j.at("accelerator").get<int>());
-  m.chunk = j.at("chunk").get<uint64_t>();
-  if (m.chunk == 0 || m.chunk % kWirePageSize != 0) return Error("bad chunk size {}", m.chunk);
+  ASSIGN_OR_RETURN(const uint64_t accelerator, Unsigned(j, "accelerator", UINT8_MAX));
+  m.accelerator = static_cast<HelloAccel>(accelerator);
+  ASSIGN_OR_RETURN(m.chunk, Unsigned(j, "chunk"));
+  // Verify() reads a chunk at a time into one buffer: bounded.
+  if (m.chunk == 0 || m.chunk % kWirePageSize != 0 || m.chunk > (1ull << 30)) {
+    return Error("bad chunk size {}: the manifest is damaged", m.chunk);
+  }
   for (const auto& b : j.at("blocks")) {
     SnapshotBlock block;
     block.name = b.at("name").get<std::string>();
-    block.size = b.at("size").get<uint64_t>();
-    block.page_size = b.at("page_size").get<uint64_t>();
+    ASSIGN_OR_RETURN(block.size, Unsigned(b, "size"));
+    ASSIGN_OR_RETURN(block.page_size, Unsigned(b, "page_size"));
     ASSIGN_OR_RETURN(block.backing, ParseBacking(b.at("backing").get<std::string>()));
     block.file = b.at("file").get<std::string>();
     block.chunks = b.at("chunks").get<std::vector<std::string>>();
-    if (block.size == 0 || block.size % kWirePageSize != 0 ||
+    RETURN_IF_ERROR(CheckFileName(block.file));
+    if (block.page_size != kPageSize && block.page_size != kHugePageSize) {
+      return Error("block '{}': page size {} (4096 or 2097152 expected): the manifest is damaged",
+                   block.name, block.page_size);
+    }
+    if (block.size == 0 || block.size % block.page_size != 0 || block.size > (uint64_t{1} << 52) ||
         block.chunks.size() != (block.size + m.chunk - 1) / m.chunk) {
       return Error(
           "block '{}': the manifest says {} bytes but holds {} chunk checksums: the manifest is "
@@ -52,20 +87,34 @@ Result<SnapshotManifest> ParseManifest(const nlohmann::json& j) {
     }
     m.blocks.push_back(std::move(block));
   }
-  auto blobs = [](const nlohmann::json& list) {
+  auto blobs = [](const nlohmann::json& list) -> Result<std::vector<SnapshotBlob>> {
     std::vector<SnapshotBlob> out;
     for (const auto& b : list) {
-      out.push_back({b.at("name").get<std::string>(), b.at("file").get<std::string>(),
-                     b.at("size").get<uint64_t>(), b.at("sha256").get<std::string>()});
+      ASSIGN_OR_RETURN(const uint64_t size, Unsigned(b, "size"));
+      out.push_back({b.at("name").get<std::string>(), b.at("file").get<std::string>(), size,
+                     b.at("sha256").get<std::string>()});
     }
     return out;
   };
-  m.vcpus = blobs(j.at("vcpus"));
-  m.devices = blobs(j.at("devices"));
+  ASSIGN_OR_RETURN(m.vcpus, blobs(j.at("vcpus")));
+  ASSIGN_OR_RETURN(m.devices, blobs(j.at("devices")));
+  for (const auto* list : {&m.vcpus, &m.devices}) {
+    for (const SnapshotBlob& blob : *list) RETURN_IF_ERROR(CheckFileName(blob.file));
+  }
   return m;
 }
 
 }  // namespace
+
+Result<SnapshotManifest> ParseSnapshotManifest(std::string_view text) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Error("not valid JSON");
+  try {
+    return ParseManifest(j);
+  } catch (const nlohmann::json::exception& e) {
+    return Error("{}", e.what());
+  }
+}
 
 Result<SnapshotReader> SnapshotReader::Open(const std::string& dir) {
   const std::string path = dir + "/manifest.json";
@@ -73,14 +122,8 @@ Result<SnapshotReader> SnapshotReader::Open(const std::string& dir) {
   if (!in) {
     return Error("{}: no snapshot manifest (not a snapshot directory, or an incomplete one)", path);
   }
-  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return Error("{}: not valid JSON", path);
-  Result<SnapshotManifest> manifest = Error("");
-  try {
-    manifest = ParseManifest(j);
-  } catch (const nlohmann::json::exception& e) {
-    return Error("{}: {}", path, e.what());
-  }
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  Result<SnapshotManifest> manifest = ParseSnapshotManifest(text);
   if (!manifest) return manifest.error().WithContext(path);
   SnapshotReader reader(dir, std::move(*manifest));
   // Every file there, with the size the manifest says.

@@ -211,3 +211,54 @@ TEST_F(SnapshotTest, ASnapshotIsNeverWrittenOverAnotherNorLeftHalfWritten) {
 
 }  // namespace
 }  // namespace faultline::migration
+
+namespace faultline::migration {
+namespace {
+
+// A manifest of one 4 MiB block and one vCPU, edited by each case.
+nlohmann::json SmallManifest() {
+  return nlohmann::json::parse(R"({"format": "faultline-snapshot", "version": 1,
+    "accelerator": 1, "chunk": 2097152, "devices": [],
+    "blocks": [{"name": "ram0", "size": 4194304, "page_size": 4096, "backing": "anon",
+                "file": "block-0.mem", "chunks": ["a", "b"]}],
+    "vcpus": [{"name": "0", "file": "vcpu-0.bin", "size": 10, "sha256": "c"}]})");
+}
+
+// Found by the snapshot_manifest fuzz target, or guarded because of it: a
+// hostile manifest gets one error, never undefined behaviour, a read
+// outside the snapshot directory or a page size the restore cannot use.
+TEST(ParseSnapshotManifestTest, RefusesWhatTheReaderCannotTrust) {
+  ASSERT_TRUE(ParseSnapshotManifest(SmallManifest().dump()).has_value());
+  struct Case {
+    const char* what;
+    std::function<void(nlohmann::json&)> edit;
+    const char* error;
+  };
+  const std::vector<Case> cases = {
+      {"float accelerator", [](auto& m) { m["accelerator"] = 7.7e111; }, "not an unsigned"},
+      {"negative size", [](auto& m) { m["blocks"][0]["size"] = -4096; }, "not an unsigned"},
+      {"float version", [](auto& m) { m["version"] = 1.5; }, "not an unsigned"},
+      {"page size 0", [](auto& m) { m["blocks"][0]["page_size"] = 0; }, "page size 0"},
+      {"page size 8192", [](auto& m) { m["blocks"][0]["page_size"] = 8192; }, "page size 8192"},
+      {"block file ../x", [](auto& m) { m["blocks"][0]["file"] = "../x"; }, "not a file of"},
+      {"vcpu file /etc", [](auto& m) { m["vcpus"][0]["file"] = "/etc/passwd"; }, "not a file of"},
+      {"huge chunk", [](auto& m) { m["chunk"] = 1ull << 40; }, "bad chunk size"},
+      {"size overflow",
+       [](auto& m) {
+         m["blocks"][0]["size"] = 0xfffffffffffff000ull;
+         m["chunk"] = 4096;
+       },
+       "chunk checksums"},
+  };
+  for (const Case& c : cases) {
+    nlohmann::json m = SmallManifest();
+    c.edit(m);
+    auto parsed = ParseSnapshotManifest(m.dump());
+    ASSERT_FALSE(parsed.has_value()) << c.what;
+    EXPECT_THAT(parsed.error().ToString(), ::testing::HasSubstr(c.error)) << c.what;
+  }
+  EXPECT_FALSE(ParseSnapshotManifest("{\"version\": 1e999}").has_value());
+}
+
+}  // namespace
+}  // namespace faultline::migration
