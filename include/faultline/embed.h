@@ -15,6 +15,10 @@
 // eager or lazy:
 //   WriteSnapshot(vm, ram, "/var/lib/vm/snap1")
 //   RestoreSnapshot(vm, ram, "/var/lib/vm/snap1", {.lazy = true})
+// Or the snapshot's memory served to other VMMs (Firecracker's
+// userfaultfd handshake), and this VMM as one of them:
+//   PageServer::Start({.snapshot_dir = ..., .socket_path = "/run/pages.sock"})
+//   ConnectPageServer("/run/pages.sock", ram, on_server_lost)
 //
 // Dirty pages are tracked with userfaultfd write-protect on the VMM's own
 // mappings, so KVM's dirty log is not needed; post-copy serves the guest's
@@ -26,6 +30,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -214,5 +219,76 @@ struct RestoreStats {
 // Lazy: returns once every page is resident.
 Result<RestoreStats> RestoreSnapshot(VmHandle& vm, std::vector<GuestRegion> ram,
                                      const std::string& dir, RestoreOptions options = {});
+
+// A page server (docs/page_server.md): serves a snapshot's memory, on a
+// Unix socket, to VMMs that hand over their userfaultfd with Firecracker's
+// page-fault-handler handshake (a JSON array of regions {base_host_virt_addr,
+// size, offset, page_size} with the userfaultfd attached), each with its own
+// handler threads, zero pages without reading, balloon removes, and an
+// optional background push. A VMM that dies is released; the others go on.
+// What `faultline serve-pages --snapshot DIR` runs.
+struct PageServerOptions {
+  std::string snapshot_dir;
+  std::string socket_path;  // created 0600; a stale socket file is replaced
+  uint32_t threads = 2;     // fault handler threads per VMM
+  // After each handshake, push every data page in the background; with a
+  // working-set file ("OFFSET LENGTH" lines, docs/snapshot.md), its ranges
+  // first, in order.
+  bool prefetch = false;
+  std::string prefetch_file;
+};
+
+// One VMM the server has released.
+struct PageServerClient {
+  uint64_t id = 0;  // in connection order, from 1
+  int64_t pid = 0;  // its process (SO_PEERCRED)
+  uint32_t uid = 0;
+  bool served = false;  // false: its handshake was refused (`end` says why)
+  std::string end;      // why it was released
+  uint64_t faults = 0;
+  uint64_t zero_pages = 0;
+  uint64_t removes = 0;          // balloon (UFFD_EVENT_REMOVE) events
+  uint64_t pages_installed = 0;  // install units, pushed ones included
+  uint64_t pages_pushed = 0;
+  uint64_t bytes_copied = 0;
+  double seconds = 0;  // connected
+};
+
+class PageServer {
+ public:
+  // Opens the snapshot (and the working set), listens and starts serving.
+  static Result<std::unique_ptr<PageServer>> Start(PageServerOptions options);
+  ~PageServer();  // Stop()
+  PageServer(const PageServer&) = delete;
+  PageServer& operator=(const PageServer&) = delete;
+
+  // Releases every VMM (their guests then wait for pages nobody serves)
+  // and removes the socket file. Idempotent.
+  void Stop();
+  size_t active_clients() const;
+  std::vector<PageServerClient> released() const;
+
+ private:
+  struct Impl;
+  explicit PageServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The VMM's side: registers `ram`'s blocks (fresh: nothing written yet) on
+// a new userfaultfd and hands it to the page server at `socket_path`, whose
+// memory file holds the blocks back to back in order (a snapshot of the
+// same layout). From then on the guest's first touch of each page is
+// served by the server. If the server goes, `on_server_lost` is called
+// once, at once, on a thread of the connection's: the VMM should stop its
+// guest, which would otherwise wait forever. Keep the connection as long
+// as the guest runs.
+class PageServerConnection {
+ public:
+  virtual ~PageServerConnection() = default;
+  virtual bool server_lost() const = 0;
+};
+Result<std::unique_ptr<PageServerConnection>> ConnectPageServer(
+    const std::string& socket_path, std::vector<GuestRegion> ram,
+    std::function<void(const Status&)> on_server_lost);
 
 }  // namespace faultline

@@ -178,6 +178,36 @@ int fl_snapshot_write(const fl_vm_ops* ops, const fl_region* regions, size_t cou
 int fl_snapshot_restore(const fl_vm_ops* ops, const fl_region* regions, size_t count,
                         const char* dir, int lazy, fl_restore_stats* stats, fl_error** error);
 
+/* --- The page server (embed.h's PageServer and ConnectPageServer) --- */
+
+typedef struct fl_page_server fl_page_server;
+/* Serves the snapshot in `snapshot_dir` on the Unix socket `socket_path`
+ * (created 0600) to VMMs that hand over their userfaultfd with
+ * Firecracker's handshake, `threads` handler threads each (0: 2), until
+ * fl_page_server_destroy. `prefetch`: push every data page after each
+ * handshake; `prefetch_file` (may be NULL): a working set to push first. */
+fl_page_server* fl_page_server_create(const char* snapshot_dir, const char* socket_path,
+                                      uint32_t threads, int prefetch, const char* prefetch_file,
+                                      fl_error** error);
+/* VMMs connected and not yet released. */
+size_t fl_page_server_active_clients(const fl_page_server* server);
+/* Releases every VMM, removes the socket and frees the server. */
+void fl_page_server_destroy(fl_page_server* server);
+
+typedef struct fl_page_client fl_page_client;
+/* The VMM's side: registers `regions` (fresh: nothing written yet; laid
+ * back to back in order, they are the server's memory file) on a new
+ * userfaultfd and hands it to the server at `socket_path`. If the server
+ * goes, `on_lost(ctx, message)` is called once, at once, from a thread of
+ * the connection's (may be NULL): stop the guest, which would otherwise
+ * wait forever. Keep the client while the guest runs. */
+fl_page_client* fl_page_client_connect(const char* socket_path, const fl_region* regions,
+                                       size_t count,
+                                       void (*on_lost)(void* ctx, const char* message), void* ctx,
+                                       fl_error** error);
+int fl_page_client_server_lost(const fl_page_client* client);
+void fl_page_client_destroy(fl_page_client* client);
+
 #ifdef __cplusplus
 }
 #endif

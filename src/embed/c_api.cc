@@ -303,3 +303,70 @@ int fl_snapshot_restore(const fl_vm_ops* ops, const fl_region* regions, size_t c
 }
 
 }  // extern "C"
+
+struct fl_page_server {
+  std::unique_ptr<faultline::PageServer> server;
+};
+
+fl_page_server* fl_page_server_create(const char* snapshot_dir, const char* socket_path,
+                                      uint32_t threads, int prefetch, const char* prefetch_file,
+                                      fl_error** error) {
+  using namespace faultline;
+  if (snapshot_dir == nullptr || socket_path == nullptr) {
+    Fail(ErrnoError(EINVAL, "fl_page_server_create: snapshot_dir and socket_path are required"),
+         error);
+    return nullptr;
+  }
+  PageServerOptions options{.snapshot_dir = snapshot_dir,
+                            .socket_path = socket_path,
+                            .threads = threads == 0 ? 2 : threads,
+                            .prefetch = prefetch != 0,
+                            .prefetch_file = prefetch_file != nullptr ? prefetch_file : ""};
+  Result<std::unique_ptr<PageServer>> server = PageServer::Start(std::move(options));
+  if (!server.has_value()) {
+    Fail(server.error(), error);
+    return nullptr;
+  }
+  return new fl_page_server{std::move(*server)};
+}
+
+size_t fl_page_server_active_clients(const fl_page_server* server) {
+  return server != nullptr ? server->server->active_clients() : 0;
+}
+
+void fl_page_server_destroy(fl_page_server* server) { delete server; }
+
+struct fl_page_client {
+  std::unique_ptr<faultline::PageServerConnection> connection;
+};
+
+fl_page_client* fl_page_client_connect(const char* socket_path, const fl_region* regions,
+                                       size_t count,
+                                       void (*on_lost)(void* ctx, const char* message), void* ctx,
+                                       fl_error** error) {
+  using namespace faultline;
+  if (socket_path == nullptr) {
+    Fail(ErrnoError(EINVAL, "fl_page_client_connect: socket_path is required"), error);
+    return nullptr;
+  }
+  Result<std::vector<GuestRegion>> ram = Regions(regions, count);
+  if (!ram.has_value()) {
+    Fail(ram.error(), error);
+    return nullptr;
+  }
+  Result<std::unique_ptr<PageServerConnection>> connection =
+      ConnectPageServer(socket_path, std::move(*ram), [on_lost, ctx](const Status& why) {
+        if (on_lost != nullptr) on_lost(ctx, why.ToString().c_str());
+      });
+  if (!connection.has_value()) {
+    Fail(connection.error(), error);
+    return nullptr;
+  }
+  return new fl_page_client{std::move(*connection)};
+}
+
+int fl_page_client_server_lost(const fl_page_client* client) {
+  return client != nullptr && client->connection->server_lost() ? 1 : 0;
+}
+
+void fl_page_client_destroy(fl_page_client* client) { delete client; }

@@ -8,6 +8,7 @@
 
 extern "C" int fl_c_api_roundtrip(int postcopy, char* why, size_t why_size);
 extern "C" int fl_c_api_snapshot(int lazy, char* why, size_t why_size);
+extern "C" int fl_c_api_page_server(char* why, size_t why_size);
 
 namespace {
 
@@ -31,6 +32,11 @@ TEST(CApiTest, SnapshotAndEagerRestoreFromC) {
 TEST(CApiTest, SnapshotAndLazyRestoreFromC) {
   char why[512] = "";
   EXPECT_EQ(fl_c_api_snapshot(1, why, sizeof why), 0) << why;
+}
+
+TEST(CApiTest, PageServerAndClientFromC) {
+  char why[512] = "";
+  EXPECT_EQ(fl_c_api_page_server(why, sizeof why), 0) << why;
 }
 
 TEST(CApiTest, ErrorsCarryACodeAndAMessage) {
@@ -60,6 +66,19 @@ TEST(CApiTest, ErrorsCarryACodeAndAMessage) {
   fl_error_free(nullptr);
   fl_outgoing_destroy(nullptr);
   fl_incoming_destroy(nullptr);
+
+  error = nullptr;
+  EXPECT_EQ(fl_page_server_create("/nonexistent", "/tmp/x.sock", 0, 0, nullptr, &error), nullptr);
+  ASSERT_NE(error, nullptr);
+  EXPECT_THAT(fl_error_message(error), HasSubstr("no snapshot manifest"));
+  fl_error_free(error);
+  error = nullptr;
+  EXPECT_EQ(fl_page_client_connect(nullptr, &region, 1, nullptr, nullptr, &error), nullptr);
+  ASSERT_NE(error, nullptr);
+  EXPECT_EQ(fl_error_code(error), EINVAL);
+  fl_error_free(error);
+  fl_page_server_destroy(nullptr);
+  fl_page_client_destroy(nullptr);
 }
 
 }  // namespace

@@ -223,3 +223,66 @@ unmap:
   munmap(restored.memory, kSize);
   return status;
 }
+
+static void on_lost(void* ctx, const char* message) {
+  (void)message;
+  atomic_store((atomic_int*)ctx, 1);
+}
+
+/* A snapshot served by fl_page_server to fresh memory connected with
+ * fl_page_client: every byte arrives on first touch, and destroying the
+ * server tells the client. */
+int fl_c_api_page_server(char* why, size_t why_size) {
+  struct vm source = {0};
+  source.memory = mmap(NULL, kSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* served = mmap(NULL, kSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  fl_region from = {"ram", 0, kSize, source.memory, -1, FL_BACKING_ANON};
+  fl_region to = {"ram", 0, kSize, served, -1, FL_BACKING_ANON};
+  fl_vm_ops source_ops = ops_for(&source);
+  fl_error* error = NULL;
+  fl_page_server* server = NULL;
+  fl_page_client* client = NULL;
+  atomic_int lost = 0;
+  int status = -1;
+  char root[] = "/tmp/faultline-c-pages-XXXXXX", dir[64], socket[64];
+  if (mkdtemp(root) == NULL) {
+    snprintf(why, why_size, "mkdtemp: %s", strerror(errno));
+    goto unmap;
+  }
+  snprintf(dir, sizeof dir, "%s/snap", root);
+  snprintf(socket, sizeof socket, "%s/pages.sock", root);
+  start_writer(&source);
+  int wrote = fl_snapshot_write(&source_ops, &from, 1, dir, /*live=*/0, /*resume=*/0, NULL, &error);
+  atomic_store(&source.stop, 1);
+  pthread_join(source.writer, NULL);
+  if (wrote != 0) goto out;
+  server = fl_page_server_create(dir, socket, 2, /*prefetch=*/0, NULL, &error);
+  if (server == NULL) goto out;
+  client = fl_page_client_connect(socket, &to, 1, on_lost, &lost, &error);
+  if (client == NULL) goto out;
+  if (memcmp(source.memory, served, kSize) != 0) {
+    snprintf(why, why_size, "the served memory differs");
+    goto out;
+  }
+  fl_page_server_destroy(server);
+  server = NULL;
+  for (int i = 0; i < 500 && !atomic_load(&lost); ++i) usleep(10000);
+  if (!atomic_load(&lost) || !fl_page_client_server_lost(client)) {
+    snprintf(why, why_size, "the client did not notice the server go");
+    goto out;
+  }
+  status = 0;
+out:
+  describe(error, why, why_size);
+  fl_page_client_destroy(client);
+  fl_page_server_destroy(server);
+  {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+    if (system(cmd) != 0) status = -1;
+  }
+unmap:
+  munmap(source.memory, kSize);
+  munmap(served, kSize);
+  return status;
+}

@@ -260,6 +260,66 @@ INSTANTIATE_TEST_SUITE_P(Modes, EmbedSnapshotTest,
                                               std::get<1>(info.param) ? "lazy" : "eager");
                          });
 
+// A snapshot served by the embedded page server to a second "VMM" that
+// connects with the embedded client: every byte arrives on first touch;
+// stopping the server tells the client at once.
+TEST(EmbedPageServerTest, ServesASnapshotToAConnectedVmm) {
+  char tmpl[] = "/tmp/faultline-embed-pages-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = std::string(tmpl) + "/snap", socket = std::string(tmpl) + "/pages.sock";
+  VmmMemory from(Backing::kAnonymous), to(Backing::kAnonymous);
+  TestVm source(from.host);
+  source.StartWorkers();
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  Result<SnapshotStats> written = WriteSnapshot(source, from.Regions(Backing::kAnonymous), dir,
+                                                {.live = false, .resume = false});
+  source.StopWorkers();
+  ASSERT_TRUE(written.has_value()) << written.error().ToString();
+
+  PageServerOptions options;
+  options.snapshot_dir = dir;
+  options.socket_path = socket;
+  auto server = PageServer::Start(options);
+  ASSERT_TRUE(server.has_value()) << server.error().ToString();
+  std::atomic<bool> lost{false};
+  auto connection = ConnectPageServer(socket, to.Regions(Backing::kAnonymous),
+                                      [&](const Status&) { lost.store(true); });
+  ASSERT_TRUE(connection.has_value()) << connection.error().ToString();
+  EXPECT_EQ(std::memcmp(from.host, to.host, kSize), 0) << "the served memory differs";
+  for (int i = 0; i < 500 && (*server)->active_clients() != 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ((*server)->active_clients(), 1u);
+  (*server)->Stop();
+  for (int i = 0; i < 500 && !lost.load(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(lost.load());
+  EXPECT_TRUE((*connection)->server_lost());
+  const std::vector<PageServerClient> released = (*server)->released();
+  ASSERT_EQ(released.size(), 1u);
+  EXPECT_TRUE(released[0].served);
+  EXPECT_EQ(released[0].pid, static_cast<int64_t>(getpid()));
+  EXPECT_GT(released[0].faults, 0u);
+  EXPECT_EQ(released[0].faults, released[0].pages_installed + released[0].zero_pages);
+  connection->reset();
+  std::filesystem::remove_all(tmpl);
+}
+
+TEST(EmbedPageServerTest, MistakesSayWhat) {
+  PageServerOptions options;
+  options.snapshot_dir = "/nonexistent/snap";
+  options.socket_path = "/tmp/x";
+  auto none = PageServer::Start(options);
+  ASSERT_FALSE(none.has_value());
+  EXPECT_THAT(none.error().ToString(), ::testing::HasSubstr("no snapshot manifest"));
+  VmmMemory memory(Backing::kAnonymous);
+  auto nobody = ConnectPageServer("/nonexistent/pages.sock", memory.Regions(Backing::kAnonymous),
+                                  [](const Status&) {});
+  ASSERT_FALSE(nobody.has_value());
+  EXPECT_THAT(nobody.error().ToString(), ::testing::HasSubstr("/nonexistent/pages.sock"));
+}
+
 TEST(EmbedErrorsTest, WrongKeyIsRefusedAndTheSourceRunsOn) {
   VmmMemory from(Backing::kAnonymous), to(Backing::kAnonymous);
   TestVm source(from.host), destination(to.host);
