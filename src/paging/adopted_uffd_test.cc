@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -71,6 +72,19 @@ Adopted Make(uint64_t zero_pages, uint32_t threads) {
   return a;
 }
 
+// The pager's stats once `done` holds of them (at most 5 s): an install is
+// counted just after it woke the thread that faulted, so a test that reads
+// the stats as soon as its touchers return may miss the last one.
+template <typename Done>
+PagingStats SettledStats(DemandPager& pager, Done done) {
+  PagingStats stats = pager.stats();
+  for (int i = 0; i < 2500 && !done(stats); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    stats = pager.stats();
+  }
+  return stats;
+}
+
 TEST(AdoptedUffdTest, ServesEveryRegionThroughOneQueueWithSeveralThreads) {
   Adopted a = Make(/*zero_pages=*/16, /*threads=*/3);
   ASSERT_TRUE(a.pager->Start().ok());
@@ -89,7 +103,9 @@ TEST(AdoptedUffdTest, ServesEveryRegionThroughOneQueueWithSeveralThreads) {
   }
   touchers.clear();
   EXPECT_EQ(wrong, 0u);
-  const PagingStats stats = a.pager->stats();
+  const PagingStats stats = SettledStats(*a.pager, [](const PagingStats& s) {
+    return s.units_installed >= 2 * kRegion / kPageSize;
+  });
   EXPECT_EQ(stats.zero_installs, 32u);
   EXPECT_EQ(stats.units_installed, 2 * kRegion / kPageSize);
   EXPECT_EQ(stats.bytes_fetched, 2 * (kRegion - 16 * kPageSize));
@@ -119,7 +135,8 @@ TEST(AdoptedUffdTest, RemovedPagesReadZeroAfterwards) {
   }).join();
   EXPECT_EQ(nonzero, 0u);
   EXPECT_EQ(testing::WrongPages(p, 0, 64), 0u);
-  const PagingStats stats = a.pager->stats();
+  const PagingStats stats =
+      SettledStats(*a.pager, [](const PagingStats& s) { return s.zero_installs >= 32; });
   EXPECT_GE(stats.remove_events, 1u);
   EXPECT_EQ(stats.zero_installs, 32u);
   a.pager->Stop();

@@ -31,7 +31,6 @@
 #include "src/migration/snapshot.h"
 #include "src/migration/socket_transport.h"
 #include "src/migration/working_set.h"
-#include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
 
@@ -223,9 +222,11 @@ class MigrationServer {
       sig = WaitForSignal();
       if (sig == SIGUSR1) status = OnChange();
     }
-    if (sig != SIGUSR1 && server_) StopServer(*server_, sig, o_.json);
-    if (server_) server_->Stop();  // its clients fetch through the pager
+    // The migration first: a client's handler thread may be waiting in the
+    // pager for a page from the source, which cancelling ends.
     incoming_->Cancel();
+    if (sig != SIGUSR1 && server_) StopServer(*server_, sig, o_.json);
+    if (server_) server_->Stop();
     thread_.join();
     return status < 0 ? 0 : status;
   }
