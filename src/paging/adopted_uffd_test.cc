@@ -103,9 +103,8 @@ TEST(AdoptedUffdTest, ServesEveryRegionThroughOneQueueWithSeveralThreads) {
   }
   touchers.clear();
   EXPECT_EQ(wrong, 0u);
-  const PagingStats stats = SettledStats(*a.pager, [](const PagingStats& s) {
-    return s.units_installed >= 2 * kRegion / kPageSize;
-  });
+  const PagingStats stats = SettledStats(
+      *a.pager, [](const PagingStats& s) { return s.units_installed >= 2 * kRegion / kPageSize; });
   EXPECT_EQ(stats.zero_installs, 32u);
   EXPECT_EQ(stats.units_installed, 2 * kRegion / kPageSize);
   EXPECT_EQ(stats.bytes_fetched, 2 * (kRegion - 16 * kPageSize));

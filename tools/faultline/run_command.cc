@@ -51,12 +51,12 @@ struct RunOptions {
   std::string backing = "anon";
   bool json = false;
   bool quiet = false;
-  std::string control;    // serve the control socket here
+  std::string control;                    // serve the control socket here
   std::vector<uid_t> control_allow_uids;  // --control-allow-uid
-  std::string incoming;   // tcp:HOST:PORT: receive the guest by migration
-  bool prealloc = false;  // with --incoming: allocate all RAM before receiving
-  bool postcopy = false;  // with --incoming: the migration is post-copy
-  std::string installer;  // with --postcopy: override the default per backing
+  std::string incoming;                   // tcp:HOST:PORT: receive the guest by migration
+  bool prealloc = false;                  // with --incoming: allocate all RAM before receiving
+  bool postcopy = false;                  // with --incoming: the migration is post-copy
+  std::string installer;                  // with --postcopy: override the default per backing
   int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both roles
   uint64_t test_cut_after = 0;           // test hook: break the first migration link after N bytes
   bool test_withhold_fds = false;        // test hook: a local update's offer without descriptors
