@@ -430,7 +430,8 @@ ForeignReply AsUid(uid_t uid, const std::string& path, const char* request) {
     if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
       err = errno;
     } else {
-      (void)!write(fd, request, std::strlen(request));
+      // The server may have refused and closed already: no SIGPIPE, read on.
+      (void)!send(fd, request, std::strlen(request), MSG_NOSIGNAL);
       for (ssize_t n; got < static_cast<ssize_t>(sizeof(buffer)) - 1 &&
                       (n = read(fd, buffer + got, sizeof(buffer) - 1 - got)) > 0;) {
         got += n;

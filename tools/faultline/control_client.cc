@@ -92,8 +92,13 @@ Result<std::string> ControlClient::ReadLine() {
 Result<ControlReply> ControlClient::Call(std::string_view command, const nlohmann::json& args) {
   uint64_t id = next_id_++;
   nlohmann::json request = {{"execute", command}, {"arguments", args}, {"id", id}};
-  RETURN_IF_ERROR(SendAll(request.dump() + "\n"));
-  ASSIGN_OR_RETURN(std::string line, ReadLine());
+  const Status sent = SendAll(request.dump() + "\n");
+  // A VMM that refuses this client (another uid) says why and closes, which
+  // the send may meet first: that line is the answer.
+  Result<std::string> read = ReadLine();
+  if (!sent.ok() && !read.has_value()) return sent;
+  if (!read.has_value()) return read.error();
+  const std::string line = std::move(*read);
   nlohmann::json reply = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
   auto garbage = [&](std::string_view why) {
     return Error("control socket {}: bad reply to {} ({}): {:.200}", path_, command, why, line);
