@@ -10,10 +10,12 @@
 // stdout, and the end a summary line.
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -222,16 +224,37 @@ class MigrationServer {
       sig = WaitForSignal();
       if (sig == SIGUSR1) status = OnChange();
     }
-    // The migration first: a client's handler thread may be waiting in the
-    // pager for a page from the source, which cancelling ends.
+    if (status < 0) status = 0;
+    if (server_ && !(done_.load(std::memory_order_acquire) && result_.has_value())) {
+      EndIncomplete(sig, status);
+    }
     incoming_->Cancel();
     if (sig != SIGUSR1 && server_) StopServer(*server_, sig, o_.json);
     if (server_) server_->Stop();
     thread_.join();
-    return status < 0 ? 0 : status;
+    return status;
   }
 
  private:
+  // Serving, with pages still missing (post-copy under way or paused, or
+  // failed): a VMM's handler thread may be waiting in the pager for a page
+  // only the source has, and releasing it would wait with it. Nothing more
+  // can be served right, so the process ends here: the socket goes, and
+  // every VMM sees its page server gone (its descriptors close with us).
+  [[noreturn]] void EndIncomplete(int sig, int status) {
+    fmt::print(stderr,
+               "faultline serve-pages: {}: the migration has not brought every page, so the "
+               "VMMs served cannot go on; ending without waiting for their faults\n",
+               sig == SIGINT ? "interrupted" : sig == SIGTERM ? "terminated" : "stopping");
+    ::unlink(o_.socket.c_str());
+    if (o_.json) {
+      fmt::print("{}\n", nlohmann::json{{"stopped", true}, {"complete", false}}.dump());
+    }
+    std::fflush(stdout);
+    std::fflush(stderr);
+    std::_Exit(status);
+  }
+
   Status Prepare() {
     ASSIGN_OR_RETURN(std::vector<RamBlockOptions> blocks, ParseBlocks(o_));
     ASSIGN_OR_RETURN(migration::Address address,
