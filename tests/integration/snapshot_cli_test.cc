@@ -274,6 +274,54 @@ TEST(SnapshotCliTest, ThePageServerServesAnIncomingMigration) {
   fs::remove_all(root);
 }
 
+// serve-pages --from when the link breaks in post-copy (the source's test
+// hook cuts it after 64 MiB): it waits for the source's resume and
+// completes; a second one, told to stop while still paused, ends at once
+// instead of waiting on faults only the source could answer.
+TEST(SnapshotCliTest, ThePageServerWaitsForAResumeAndEndsAtOnceWithPagesMissing) {
+  const std::string root = TempDir();
+  const std::string mem = itest::MemArg("256M", "128M");
+  auto serve = [&](const std::string& socket) {
+    return std::make_unique<Cli>(std::vector<std::string>{
+        "serve-pages", "--socket", socket, "--from", "tcp:127.0.0.1:0", "--mem", mem, "--json"});
+  };
+  auto breaking_source = [&](const std::string& control) {
+    return std::make_unique<Cli>(std::vector<std::string>{
+        "run", "--control", control, "--mem", mem, "--vcpus", "2", "--workload", "random,rate=64",
+        "--duration", "6", "--json", "--quiet", "--timeout", "120", "--test-cut-link-after",
+        std::to_string(64 << 20)});
+  };
+  for (const bool resume : {true, false}) {
+    SCOPED_TRACE(resume ? "resumed" : "stopped while paused");
+    const std::string socket = root + (resume ? "/resumed.sock" : "/stopped.sock");
+    const std::string control = ControlPath();
+    auto source = breaking_source(control);
+    ASSERT_TRUE(AwaitRandomWrites(control, *source));
+    auto server = serve(socket);
+    Cli migrate({"migrate", "--control", control, "--to", AwaitIncomingAddress(*server), "--mode",
+                 "postcopy", "--precopy-passes", "0", "--json"});
+    ASSERT_TRUE(server->AwaitStderr("waiting on", 60s)) << server->Describe() << migrate.Describe();
+    EXPECT_TRUE(fs::exists(socket)) << server->Describe();
+    if (resume) {
+      Cli resumed({"migrate", "--control", control, "--resume", "--json"});
+      ASSERT_EQ(resumed.Wait(120s), 0) << resumed.Describe() << server->Describe();
+      ASSERT_TRUE(server->AwaitStderr("the migration completed", 60s)) << server->Describe();
+      ASSERT_EQ(::kill(server->pid(), SIGTERM), 0);
+      EXPECT_EQ(server->Wait(60s), 0) << server->Describe();
+      EXPECT_THAT(server->out(), HasSubstr("\"sessions\":2")) << server->out();
+      EXPECT_EQ(source->Wait(60s), 0) << source->Describe();  // migrated away
+    } else {
+      ASSERT_EQ(::kill(server->pid(), SIGTERM), 0);
+      EXPECT_EQ(server->Wait(60s), 0) << server->Describe();
+      EXPECT_THAT(server->err(), HasSubstr("has not brought every page")) << server->Describe();
+      EXPECT_THAT(server->out(), HasSubstr("\"complete\":false")) << server->out();
+      ASSERT_EQ(::kill(source->pid(), SIGKILL), 0);
+    }
+    EXPECT_FALSE(fs::exists(socket));
+  }
+  fs::remove_all(root);
+}
+
 // A small paused snapshot, then one kind of damage: a clear error, and no
 // guest started (no report on stdout).
 struct Damage {
