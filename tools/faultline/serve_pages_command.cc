@@ -245,7 +245,9 @@ class MigrationServer {
     fmt::print(stderr,
                "faultline serve-pages: {}: the migration has not brought every page, so the "
                "VMMs served cannot go on; ending without waiting for their faults\n",
-               sig == SIGINT ? "interrupted" : sig == SIGTERM ? "terminated" : "stopping");
+               sig == SIGINT    ? "interrupted"
+               : sig == SIGTERM ? "terminated"
+                                : "stopping");
     ::unlink(o_.socket.c_str());
     if (o_.json) {
       fmt::print("{}\n", nlohmann::json{{"stopped", true}, {"complete", false}}.dump());
