@@ -29,11 +29,8 @@ Result<std::unique_ptr<PageServer>> PageServer::Start(PageServerOptions options)
   o.client.threads = options.threads;
   o.client.prefetch = options.prefetch || !options.prefetch_file.empty();
   if (!options.prefetch_file.empty()) {
-    ASSIGN_OR_RETURN(std::vector<migration::MemoryRange> ranges,
+    ASSIGN_OR_RETURN(o.client.prefetch_first,
                      migration::LoadWorkingSet(options.prefetch_file, memory->size()));
-    for (const migration::MemoryRange& r : ranges) {
-      o.client.prefetch_first.emplace_back(r.offset, r.length);
-    }
   }
   auto impl = std::make_unique<Impl>();
   ASSIGN_OR_RETURN(impl->server, migration::PageServer::Start(std::move(memory), std::move(o)));

@@ -174,7 +174,7 @@ std::string PageClient::Watch() {
 }
 
 void PageClient::Prefetch() {
-  for (const auto& [offset, length] : options_.prefetch_first) PushRange(offset, length);
+  for (const MemoryRange& r : options_.prefetch_first) PushRange(r.offset, r.length);
   for (const UffdRegion& r : regions_) {
     for (const auto& [offset, length] : memory_->DataRanges(r.offset, r.size)) {
       PushRange(offset, length);

@@ -30,6 +30,7 @@
 
 #include "src/migration/served_memory.h"
 #include "src/migration/socket_transport.h"
+#include "src/migration/working_set.h"
 #include "src/paging/demand_pager.h"
 #include "src/sys/unique_fd.h"
 
@@ -38,9 +39,10 @@ namespace faultline::migration {
 struct PageClientOptions {
   uint32_t threads = 2;  // handler threads on the client's userfaultfd
   // Push every data page in the background after the handshake, the
-  // `prefetch_first` ranges ((memory offset, length) bytes) before the rest.
+  // `prefetch_first` ranges (bytes of the memory, as a working set's:
+  // LoadWorkingSet) before the rest.
   bool prefetch = false;
-  std::vector<std::pair<uint64_t, uint64_t>> prefetch_first;
+  std::vector<MemoryRange> prefetch_first;
   // How long a connected VMM may take to send its handshake.
   std::chrono::milliseconds handshake_timeout{5000};
   std::function<void(const std::string&)> log;  // one line per event

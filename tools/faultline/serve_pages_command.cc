@@ -119,17 +119,21 @@ int WaitForSignal() {
   return sig;
 }
 
+// `result`, its error named after the option it came from.
+template <typename T>
+Result<T> ForOption(Result<T> result, std::string_view option) {
+  if (!result.has_value()) return result.error().WithContext(option);
+  return result;
+}
+
 Result<migration::PageServerOptions> ServerOptions(const ServePagesOptions& o, uint64_t size) {
   migration::PageServerOptions options;
   options.socket_path = o.socket;
   options.client.threads = o.threads;
   options.client.prefetch = o.prefetch_all || !o.prefetch.empty();
   if (!o.prefetch.empty()) {
-    auto ranges = migration::LoadWorkingSet(o.prefetch, size);
-    if (!ranges.has_value()) return ranges.error().WithContext("--prefetch");
-    for (const migration::MemoryRange& r : *ranges) {
-      options.client.prefetch_first.emplace_back(r.offset, r.length);
-    }
+    ASSIGN_OR_RETURN(options.client.prefetch_first,
+                     ForOption(migration::LoadWorkingSet(o.prefetch, size), "--prefetch"));
   }
   options.client.log = [](const std::string& line) {
     fmt::print(stderr, "faultline serve-pages: {}\n", line);
@@ -173,13 +177,6 @@ int ServeSnapshot(const ServePagesOptions& o) {
   while (sig == SIGUSR1) sig = WaitForSignal();
   StopServer(**server, sig, o.json);
   return 0;
-}
-
-// `result`, its error named after the option it came from.
-template <typename T>
-Result<T> ForOption(Result<T> result, std::string_view option) {
-  if (!result.has_value()) return result.error().WithContext(option);
-  return result;
 }
 
 // --mem's blocks: [NAME:]SIZE each; unnamed ones are the reference VMM's
