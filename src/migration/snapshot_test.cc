@@ -115,8 +115,10 @@ TEST_P(LazyRestoreTest, GuestRunsAtOnceAndEveryPageArrives) {
   Status started = StartLazyRestore(*reader, *vm);
   ASSERT_TRUE(started.ok()) << started.ToString();
   EXPECT_TRUE(restored.started);
-  ASSERT_TRUE(vm->FetchMissing().ok());
-  ASSERT_TRUE(vm->FinishPaging().ok());
+  const Status fetched = vm->FetchMissing();
+  ASSERT_TRUE(fetched.ok()) << fetched.ToString();
+  const Status finished = vm->FinishPaging();
+  ASSERT_TRUE(finished.ok()) << finished.ToString();
   EXPECT_EQ(std::memcmp(from.host(), to.host(), kBytes), 0);
   auto data = reader->DataPages();
   ASSERT_TRUE(data.has_value());

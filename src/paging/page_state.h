@@ -8,12 +8,15 @@
 //      │  REMOVE event              │ REMOVE event
 //      v                            v
 //    kZero <──completion────── kFetchingDiscarded
-//      └──fault──> (installs zeros) ──> kPresent
+//      └──fault/VMM──> kZeroFilling ──zeros installed──> kPresent
 //
-// kFetching and kFetchingDiscarded belong to the fetching thread: only it
-// leaves them (REMOVE handling only turns the one into the other). Waiters
+// kFetching, kFetchingDiscarded and kZeroFilling belong to the thread that
+// entered them: only it leaves them (REMOVE handling only turns kFetching
+// into kFetchingDiscarded). Waiters
 // (EnsurePresent) block on the byte with std::atomic::wait and are notified
 // whenever a unit reaches a settled state (kPresent, kPoisoned, kZero).
+// kZeroFilling counts as settled too (it never needs the source), so that
+// a block once complete stays complete.
 #pragma once
 
 #include <atomic>
@@ -29,10 +32,15 @@ enum class PageState : uint8_t {
   kPresent,
   kPoisoned,
   kZero,  // discarded: reads as zeros; the next fault installs a zero page
+  // A zero page being installed: owned like kFetching (waiters wait, one
+  // thread installs), but settled, since it never needs the source. So a
+  // fault on a zero page never turns a complete block incomplete again.
+  kZeroFilling,
 };
 
 inline bool IsSettled(PageState s) {
-  return s == PageState::kPresent || s == PageState::kPoisoned || s == PageState::kZero;
+  return s == PageState::kPresent || s == PageState::kPoisoned || s == PageState::kZero ||
+         s == PageState::kZeroFilling;
 }
 
 class PageStateTable {

@@ -164,7 +164,7 @@ void PagedBlock::HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
         if (initial_present_.Contains(unit)) ctx_.metrics().faults_on_present.Add();
         [[fallthrough]];
       case PageState::kZero:
-        if (!states_.CompareExchange(unit, s, PageState::kFetching)) continue;
+        if (!states_.CompareExchange(unit, s, PageState::kZeroFilling)) continue;
         ZeroFill(unit, msg.is_minor(), origin);
         return;
       case PageState::kPoisoned:
@@ -174,6 +174,7 @@ void PagedBlock::HandleFault(FaultQueue& queue, const sys::UffdMessage& msg,
         return;
       case PageState::kFetching:
       case PageState::kFetchingDiscarded:
+      case PageState::kZeroFilling:
         // The fetching thread's install wakes this thread too.
         ctx_.metrics().faults_joined.Add();
         Join(unit, slot, read_at);
@@ -217,7 +218,11 @@ void PagedBlock::HandleRemove(FaultQueue& queue, Hva start, Hva end) {
   for (uint64_t u = lo / unit(); u < (hi + unit() - 1) / unit(); ++u) {
     PageState s = states_.Load(u);
     while (true) {
-      if (s == PageState::kFetchingDiscarded || s == PageState::kZero) break;
+      // A zero fill reads as zeros either way.
+      if (s == PageState::kFetchingDiscarded || s == PageState::kZero ||
+          s == PageState::kZeroFilling) {
+        break;
+      }
       const PageState next =
           s == PageState::kFetching ? PageState::kFetchingDiscarded : PageState::kZero;
       if (states_.CompareExchange(u, s, next)) break;
@@ -412,7 +417,9 @@ Status PagedBlock::EnsurePresent(uint64_t offset, uint64_t length) {
         }
         if (s == PageState::kMissing || s == PageState::kZero) {
           const PageState was = s;
-          if (!states_.CompareExchange(u, s, PageState::kFetching)) continue;
+          const PageState owned =
+              was == PageState::kMissing ? PageState::kFetching : PageState::kZeroFilling;
+          if (!states_.CompareExchange(u, s, owned)) continue;
           const Origin vmm{Reason::kVmm, Clock::now()};
           if (was == PageState::kMissing) {
             StartFetch(u, vmm, /*may_wait=*/true);
@@ -422,7 +429,8 @@ Status PagedBlock::EnsurePresent(uint64_t offset, uint64_t length) {
         }
         if (pass == 0) break;
         s = states_.Load(u);
-        if (s == PageState::kFetching || s == PageState::kFetchingDiscarded) {
+        if (s == PageState::kFetching || s == PageState::kFetchingDiscarded ||
+            s == PageState::kZeroFilling) {
           states_.WaitWhile(u, s);
           s = states_.Load(u);
         }
