@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "src/control/args.h"
+#include "src/migration/tls_transport.h"
 #include "src/migration/wire.h"
 
 namespace faultline::control {
@@ -73,7 +74,25 @@ Result<SourceMigrationControl::Route> SourceMigrationControl::MakeRoute(
   Result<migration::Address> address = migration::ParseAddress(request.to.ToString());
   if (!address.has_value()) return InvalidArgument("argument 'to': {}", address.error().message());
   Route route;
-  ASSIGN_OR_RETURN(route.connector, migration::MakeConnector(*address, options_.transport));
+  route.transport = options_.transport;
+  if (!request.tls_dir.empty() || !request.tls_peer_name.empty()) {
+    // The request's directory, or the VMM's with the request's peer name.
+    std::string dir = request.tls_dir;
+    if (dir.empty() && options_.transport.tls) dir = options_.transport.tls->dir();
+    if (dir.empty()) {
+      return InvalidArgument(
+          "tls_peer_name needs TLS: give tls_dir (faultline migrate --tls-dir) or start the VMM "
+          "with --tls-dir");
+    }
+    Result<std::shared_ptr<migration::TlsContext>> tls =
+        migration::TlsContext::Load(dir, request.tls_peer_name);
+    if (!tls.has_value()) return InvalidArgument("argument 'tls_dir': {}", tls.error().message());
+    route.transport.tls = std::move(*tls);
+  }
+  // A unix: target stays on this host: the VMM's TLS is for tcp: ones (a
+  // request's own tls_dir with a unix: target is refused in parsing).
+  if (address->is_unix()) route.transport.tls.reset();
+  ASSIGN_OR_RETURN(route.connector, migration::MakeConnector(*address, route.transport));
   // A unix: target: the guest goes to a process on this host; its memory is
   // passed by descriptor when it can be and the request asks (local).
   route.unix_target = address->is_unix();
@@ -105,6 +124,7 @@ Status SourceMigrationControl::Start(const MigrateRequest& request) {
   // most in on_done, which must not call back into this object.
   if (thread_.joinable()) thread_.join();
   connector_ = std::move(route.connector);
+  transport_ = std::move(route.transport);
   local_memory_ = route.local_memory;
   MakeEnginesLocked(request, route.unix_target);
   request_ = request;
@@ -288,7 +308,7 @@ Status SourceMigrationControl::Resume(const std::optional<MigrationTarget>& to) 
   Result<migration::Address> address = migration::ParseAddress(target.ToString());
   if (!address.has_value()) return InvalidArgument("argument 'to': {}", address.error().message());
   Result<std::unique_ptr<migration::Connector>> connector =
-      migration::MakeConnector(*address, options_.transport);
+      migration::MakeConnector(*address, transport_);
   if (!connector.has_value()) return connector.error();
   resume_connector_ = std::move(*connector);
   resume_to_ = target;
@@ -377,6 +397,7 @@ MigrationStatus SourceMigrationControl::BaseStatus() const {
   s.to = request_.to.ToString();
   s.bytes_total = bytes_total_;
   s.elapsed_ms = Millis(Clock::now() - started_);
+  if (transport_.tls) s.tls = transport_.tls->Describe();
   return s;
 }
 

@@ -84,6 +84,9 @@ class SourceMigrationControl final : public MigrationControl {
   // Where a request goes: the connector to dial and, for a unix: target,
   // how the guest's memory can go there.
   struct Route {
+    // Options::transport, with the request's TLS directory if it has one
+    // (a migrate-resume dials with the same).
+    migration::TransportOptions transport;
     std::unique_ptr<migration::Connector> connector;
     bool unix_target = false;
     migration::LocalMemory local_memory = migration::LocalMemory::kCopy;
@@ -131,6 +134,7 @@ class SourceMigrationControl final : public MigrationControl {
   // next starts, or by the destructor.
   std::thread thread_ GUARDED_BY(mu_);
   std::unique_ptr<migration::Connector> connector_ GUARDED_BY(mu_);
+  migration::TransportOptions transport_ GUARDED_BY(mu_);                // the migration's (Route)
   std::unique_ptr<migration::MigrationSource> source_ GUARDED_BY(mu_);   // mode precopy
   std::unique_ptr<migration::PostcopySource> postcopy_ GUARDED_BY(mu_);  // mode postcopy
   // unix: targets: the offer, and for memory passed by fd the whole update.

@@ -123,14 +123,16 @@ void to_json(nlohmann::json& j, const MigrateRequest& request) {
     j["postcopy_on_command"] = request.postcopy_on_command;
   }
   if (request.local) j["local"] = true;
+  if (!request.tls_dir.empty()) j["tls_dir"] = request.tls_dir;
+  if (!request.tls_peer_name.empty()) j["tls_peer_name"] = request.tls_peer_name;
 }
 
 Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
   JsonFields f(args);
   RETURN_IF_ERROR(f.CheckObject());
-  RETURN_IF_ERROR(
-      f.RejectUnknown({"to", "mode", "channels", "downtime_ms", "bandwidth_bytes_per_sec",
-                       "precopy_passes", "postcopy_on_command", "local"}));
+  RETURN_IF_ERROR(f.RejectUnknown({"to", "mode", "channels", "downtime_ms",
+                                   "bandwidth_bytes_per_sec", "precopy_passes",
+                                   "postcopy_on_command", "local", "tls_dir", "tls_peer_name"}));
   MigrateRequest r;
   ASSIGN_OR_RETURN(std::string to, f.String("to"));
   ASSIGN_OR_RETURN(r.to, ParseMigrationTarget(to));
@@ -163,6 +165,14 @@ Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
         "\"to\" must be unix:PATH, not {}",
         r.to.ToString());
   }
+  ASSIGN_OR_RETURN(std::optional<std::string> tls_dir, f.OptionalString("tls_dir"));
+  ASSIGN_OR_RETURN(std::optional<std::string> tls_peer_name, f.OptionalString("tls_peer_name"));
+  r.tls_dir = tls_dir.value_or("");
+  r.tls_peer_name = tls_peer_name.value_or("");
+  if (!r.tls_dir.empty() && r.to.is_unix()) {
+    return InvalidArgument(
+        "tls_dir protects tcp: targets; a unix: socket stays on this host (drop tls_dir)");
+  }
   return r;
 }
 
@@ -188,6 +198,7 @@ void to_json(nlohmann::json& j, const MigrationStatus& s) {
                      {"downtime_ms", OptionalToJson(s.downtime_ms)},
                      {"elapsed_ms", s.elapsed_ms}};
   if (!s.error.empty()) j["error"] = s.error;
+  if (!s.tls.empty()) j["tls"] = s.tls;
   if (s.downtime_us) j["downtime_us"] = *s.downtime_us;
   if (s.mode == MigrationMode::kPostcopy) {
     auto optional_us = [](const std::optional<double>& v) {
@@ -240,6 +251,8 @@ Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply) {
   s.elapsed_ms = elapsed.value_or(0);
   ASSIGN_OR_RETURN(std::optional<std::string> error, f.OptionalString("error"));
   s.error = error.value_or("");
+  ASSIGN_OR_RETURN(std::optional<std::string> tls, f.OptionalString("tls"));
+  s.tls = tls.value_or("");
   ASSIGN_OR_RETURN(std::optional<bool> paused, f.OptionalBool("paused"));
   s.paused = paused.value_or(false);
   ASSIGN_OR_RETURN(std::optional<uint64_t> demanded, f.OptionalUint("pages_demanded"));

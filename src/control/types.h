@@ -80,6 +80,12 @@ struct MigrateRequest {
   // destination process by file descriptor and not copied; memory that
   // cannot be passed (anonymous) falls back to copying in `mode`.
   bool local = false;
+  // TLS (tcp: targets): a directory with ca.pem, cert.pem and key.pem
+  // (docs/protocol.md section 8.2), and optionally the name the
+  // destination's certificate must carry. Empty: the VMM's own (faultline
+  // run --tls-dir), if any.
+  std::string tls_dir;
+  std::string tls_peer_name;
 };
 void to_json(nlohmann::json& j, const MigrateRequest& request);
 Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args);
@@ -104,6 +110,9 @@ struct MigrationStatus {
   std::optional<uint64_t> downtime_us;
   uint64_t elapsed_ms = 0;  // since "migrate" was accepted
   std::string error;        // why, for phase failed (and cancelled, if known)
+  // TLS channels: protocol, cipher, and on how many channels the kernel
+  // took over encryption (TlsContext::Describe); empty without TLS.
+  std::string tls;
 
   // Post-copy (mode postcopy; in JSON only then). The source's view: pages
   // the destination asked for (demanded by its faults) against pages pushed

@@ -1,7 +1,11 @@
-// SocketChannel: waiting for input beside other work, and the peer's
-// credentials (the page server logs which process handed it memory).
+// SocketChannel: waiting for input or room beside other work, non-blocking
+// use by a layer above (TLS), and the peer's credentials (the page server
+// logs which process handed it memory).
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "src/migration/socket_transport.h"
@@ -12,6 +16,34 @@ Result<bool> SocketChannel::WaitReadable(std::chrono::milliseconds timeout) cons
   auto readable = PollReadable(fd_.get(), timeout);
   if (!readable.has_value()) return readable.error().WithContext(name_);
   return *readable;
+}
+
+Result<bool> SocketChannel::WaitWritable(std::chrono::milliseconds timeout) const {
+  pollfd pfd{fd_.get(), POLLOUT, 0};
+  auto ready = PollAny(std::span<pollfd>(&pfd, 1), timeout);
+  if (!ready.has_value()) return ready.error().WithContext(name_);
+  return *ready > 0;
+}
+
+Status SocketChannel::SetNonBlocking() {
+  const int flags = fcntl(fd_.get(), F_GETFL);
+  if (flags < 0 || fcntl(fd_.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
+    return ErrnoError(errno, "{}: fcntl(O_NONBLOCK)", name_);
+  }
+  return Status::Ok();
+}
+
+Result<int> PollAny(std::span<pollfd> fds, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (true) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    const int r =
+        poll(fds.data(), fds.size(), static_cast<int>(std::max<int64_t>(0, left.count())));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return ErrnoError(errno, "poll");
+    return r;
+  }
 }
 
 Result<PeerCredentials> SocketChannel::peer_credentials() const {

@@ -482,6 +482,11 @@ Result<std::unique_ptr<SocketChannel>> SocketListener::AcceptSocket(
 }
 
 Result<std::unique_ptr<Channel>> SocketConnector::Connect() {
+  ASSIGN_OR_RETURN(auto channel, ConnectSocket());
+  return std::unique_ptr<Channel>(std::move(channel));
+}
+
+Result<std::unique_ptr<SocketChannel>> SocketConnector::ConnectSocket() {
   ASSIGN_OR_RETURN(SocketAddress sa, ToSocketAddress(address_));
   if (address_.is_unix()) {
     // A Unix connect completes or fails at once.
@@ -504,8 +509,7 @@ Result<std::unique_ptr<Channel>> SocketConnector::Connect() {
       }
       return ErrnoError(err, "connect to {}", address_.ToString());
     }
-    ASSIGN_OR_RETURN(auto channel, SocketChannel::Adopt(std::move(fd), options_));
-    return std::unique_ptr<Channel>(std::move(channel));
+    return SocketChannel::Adopt(std::move(fd), options_);
   }
   // Non-blocking connect, so that an unreachable peer costs connect_timeout
   // rather than the kernel's minutes of SYN retries; blocking afterwards.
@@ -531,8 +535,7 @@ Result<std::unique_ptr<Channel>> SocketConnector::Connect() {
   if (flags < 0 || fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
     return ErrnoError(errno, "fcntl(O_NONBLOCK) on a connection to {}", address_.ToString());
   }
-  ASSIGN_OR_RETURN(auto channel, SocketChannel::Adopt(std::move(fd), options_));
-  return std::unique_ptr<Channel>(std::move(channel));
+  return SocketChannel::Adopt(std::move(fd), options_);
 }
 
 }  // namespace faultline::migration

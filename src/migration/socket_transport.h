@@ -5,11 +5,13 @@
 // (and socket_peer.cc: waiting for input, the peer's credentials).
 #pragma once
 
+#include <poll.h>
 #include <sys/types.h>
 
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "src/migration/transport.h"
@@ -49,6 +51,12 @@ class SocketChannel final : public Channel {
   // Waits up to `timeout` until a receive would not block (data, or the
   // peer closed); false on timeout. (socket_peer.cc)
   Result<bool> WaitReadable(std::chrono::milliseconds timeout) const;
+  // The same for a send (room in the send buffer, or an error). (socket_peer.cc)
+  Result<bool> WaitWritable(std::chrono::milliseconds timeout) const;
+  // For a layer that drives the socket itself (TLS, tls_transport.h): its
+  // reads and writes return EAGAIN at once instead of blocking, and the
+  // layer waits with WaitReadable/WaitWritable. (socket_peer.cc)
+  Status SetNonBlocking();
   // The peer of a Unix socket. (socket_peer.cc)
   Result<PeerCredentials> peer_credentials() const;
   // To poll beside other descriptors; owned by the channel.
@@ -75,6 +83,10 @@ class SocketChannel final : public Channel {
 // Waits up to `timeout` until `fd` is readable (or its peer closed); false
 // on timeout.
 Result<bool> PollReadable(int fd, std::chrono::milliseconds timeout);
+// Waits up to `timeout` until one of `fds` has one of its events (or an
+// error or hang-up); the number of such descriptors, 0 on timeout.
+// (socket_peer.cc)
+Result<int> PollAny(std::span<pollfd> fds, std::chrono::milliseconds timeout);
 
 // Listens on a TCP address or a Unix socket path; each accepted connection
 // is a channel. A Unix socket file is created mode 0600 (only this user may
@@ -92,6 +104,9 @@ class SocketListener final : public Acceptor {
   Result<std::unique_ptr<SocketChannel>> AcceptSocket(std::chrono::milliseconds timeout);
   // With the port actually bound (port 0 asks for any free one).
   std::string address() const override { return bound_.ToString(); }
+  // To poll beside other descriptors (readable: a connection waits).
+  int native_fd() const { return fd_.get(); }
+  const TransportOptions& options() const { return options_; }
   uint16_t port() const { return bound_.port; }
   const Address& bound() const { return bound_; }
 
@@ -111,6 +126,8 @@ class SocketConnector final : public Connector {
   SocketConnector(Address address, TransportOptions options)
       : address_(std::move(address)), options_(options) {}
   Result<std::unique_ptr<Channel>> Connect() override;
+  // Connect, as the socket channel it is.
+  Result<std::unique_ptr<SocketChannel>> ConnectSocket();
   std::string name() const override { return address_.ToString(); }
 
  private:

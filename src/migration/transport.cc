@@ -6,6 +6,7 @@
 #include <charconv>
 
 #include "src/migration/socket_transport.h"
+#include "src/migration/tls_transport.h"
 
 namespace faultline::migration {
 
@@ -94,6 +95,8 @@ Result<std::unique_ptr<Connector>> MakeConnector(const Address& address,
   }
   if (!address.is_unix() && address.port == 0)
     return Error("{}: cannot connect to port 0", address.ToString());
+  RETURN_IF_ERROR(CheckTls(address, options));
+  if (options.tls) return MakeTlsConnector(address, options);
   return std::unique_ptr<Connector>(std::make_unique<SocketConnector>(address, options));
 }
 
@@ -102,8 +105,20 @@ Result<std::unique_ptr<Acceptor>> MakeAcceptor(const Address& address,
   if (address.scheme != "tcp" && !address.is_unix()) {
     return Error("unknown transport '{}'", address.scheme);
   }
+  RETURN_IF_ERROR(CheckTls(address, options));
   ASSIGN_OR_RETURN(auto listener, SocketListener::Listen(address, options));
+  if (options.tls) return MakeTlsAcceptor(std::move(listener), options);
   return std::unique_ptr<Acceptor>(std::move(listener));
+}
+
+Status CheckTls(const Address& address, const TransportOptions& options) {
+  if (options.tls && address.is_unix()) {
+    return Error(
+        "{}: TLS protects TCP channels; a unix: socket stays on this host and is guarded by its "
+        "file mode (0600): drop the TLS directory for it",
+        address.ToString());
+  }
+  return Status::Ok();
 }
 
 }  // namespace faultline::migration

@@ -5,12 +5,13 @@
 // A session uses one main channel (control messages, low latency) and N page
 // channels (bulk page data); the handshake (handshake.h) binds them together.
 // Implementations: stream sockets, TCP or Unix-domain (socket_transport.h),
-// and a wrapper that delays, throttles and cuts any other transport for
-// tests (fault_transport.h).
+// TLS 1.3 over TCP (tls_transport.h), and a wrapper that delays, throttles and cuts any other
+// transport for tests (fault_transport.h).
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -21,6 +22,8 @@
 #include "src/sys/unique_fd.h"
 
 namespace faultline::migration {
+
+class TlsContext;
 
 using ConstBuffer = std::span<const uint8_t>;
 using MutableBuffer = std::span<uint8_t>;
@@ -135,11 +138,22 @@ struct TransportOptions {
   std::chrono::milliseconds connect_timeout{10'000};
   // SO_SNDBUF / SO_RCVBUF for page channels; 0 keeps the kernel's autotuning.
   int socket_buffer_bytes = 0;
+  // Non-null: every TCP channel is TLS 1.3 with both ends' certificates
+  // checked (tls_transport.h); a TLS handshake takes at most
+  // connect_timeout. Null: plaintext, with or without the pre-shared key of
+  // the handshake (docs/protocol.md section 8).
+  std::shared_ptr<TlsContext> tls;
+  // Connections an acceptor refused before they became a channel (a failed
+  // TLS handshake): one line each, saying who and why. Null: not said.
+  std::function<void(const std::string&)> on_refused;
 };
 
 Result<std::unique_ptr<Connector>> MakeConnector(const Address& address,
                                                  const TransportOptions& options);
 Result<std::unique_ptr<Acceptor>> MakeAcceptor(const Address& address,
                                                const TransportOptions& options);
+// Whether `options` can be used for `address` (TLS is for tcp: only); the
+// two above check it.
+Status CheckTls(const Address& address, const TransportOptions& options);
 
 }  // namespace faultline::migration

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -28,6 +29,31 @@ Result<bool> PidfdExited(const UniqueFd& pidfd) {
   } while (r < 0 && errno == EINTR);
   if (r < 0) return ErrnoError(errno, "poll pidfd");
   return r > 0;
+}
+
+ScopedSigpipeBlock::ScopedSigpipeBlock() {
+  sigset_t pipe;
+  sigemptyset(&pipe);
+  sigaddset(&pipe, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe, &old_);
+  was_blocked_ = sigismember(&old_, SIGPIPE) == 1;
+}
+
+ScopedSigpipeBlock::~ScopedSigpipeBlock() {
+  if (was_blocked_) return;
+  // A SIGPIPE raised meanwhile is pending for this thread: take it before
+  // unblocking, or it would be delivered (and end the process) at once.
+  sigset_t pending;
+  sigemptyset(&pending);
+  if (sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1) {
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    const timespec zero{};
+    while (sigtimedwait(&pipe, nullptr, &zero) < 0 && errno == EINTR) {
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &old_, nullptr);
 }
 
 }  // namespace faultline::sys

@@ -10,6 +10,8 @@
 
 #include <fmt/format.h>
 
+#include "src/migration/tls_transport.h"
+
 namespace faultline::cli {
 
 void AddAccelOptions(CLI::App* command, AccelOptions* options) {
@@ -196,6 +198,32 @@ std::string FormatReport(const GuestReport& report) {
                      report.success() ? "PASS" : "FAIL", report.pages_verified(),
                      report.bad_page_count(), report.CyclesToUs(report.max_stall_cycles()));
   return out;
+}
+
+void AddTlsOptions(CLI::App* command, TlsOptions* options) {
+  CLI::Option* dir = command->add_option(
+      "--tls-dir", options->dir,
+      "TLS 1.3 on every migration channel: DIR holds ca.pem, cert.pem and key.pem (both ends' "
+      "certificates from one CA)");
+  command
+      ->add_option("--tls-peer-name", options->peer_name,
+                   "With --tls-dir: the peer's certificate must carry this DNS name or IP address")
+      ->needs(dir);
+}
+
+Result<migration::TransportOptions> TransportFor(const TlsOptions& options,
+                                                 std::string_view command) {
+  migration::TransportOptions transport;
+  if (options.dir.empty()) return transport;
+  Result<std::shared_ptr<migration::TlsContext>> tls =
+      migration::TlsContext::Load(options.dir, options.peer_name);
+  if (!tls.has_value()) return tls.error().WithContext("--tls-dir");
+  transport.tls = std::move(*tls);
+  transport.on_refused = [command = std::string(command)](const std::string& line) {
+    fmt::print(stderr, "faultline {}: {}\n", command, line);
+    std::fflush(stderr);
+  };
+  return transport;
 }
 
 }  // namespace faultline::cli

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "faultline/status.h"
+#include "src/migration/transport.h"
 #include "src/vmm/guest_report.h"
 #include "src/vmm/vm.h"
 
@@ -34,6 +35,20 @@ Status ApplyAccelOptions(const AccelOptions& options, vmm::VmConfig& config);
 Status ApplyMachineOptions(const std::string& guest, std::string_view mem, uint32_t vcpus,
                            std::string_view backing, const AccelOptions& accel,
                            vmm::VmConfig& config);
+
+// --tls-dir and --tls-peer-name, for the commands that migrate (run,
+// migrate, demo, serve-pages --from): TLS 1.3 with both ends' certificates
+// checked (docs/protocol.md section 8.2).
+struct TlsOptions {
+  std::string dir;        // ca.pem, cert.pem, key.pem; empty: plaintext
+  std::string peer_name;  // the name the peer's certificate must carry
+};
+void AddTlsOptions(CLI::App* command, TlsOptions* options);
+// Transport options with the TLS context of `options` loaded (none without
+// --tls-dir; errors name the option), whose refused peers are said on
+// stderr as "faultline COMMAND: refused a connection ...".
+Result<migration::TransportOptions> TransportFor(const TlsOptions& options,
+                                                 std::string_view command);
 
 // "1G", "512M", "64MiB", "2g", "4096": a byte count. Errors say the syntax.
 Result<uint64_t> ParseSize(std::string_view text);

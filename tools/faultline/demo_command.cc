@@ -39,7 +39,7 @@
 #include "src/control/destination.h"
 #include "src/control/incoming.h"
 #include "src/control/source.h"
-#include "src/migration/socket_transport.h"
+#include "src/migration/tls_transport.h"
 #include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
@@ -71,6 +71,7 @@ struct DemoOptions {
   bool prealloc = false;
   bool json = false;
   bool verbose = false;
+  TlsOptions tls;  // both ends use the same directory
 };
 
 int Fail(const Status& status) {
@@ -162,7 +163,9 @@ class Demo {
   Clock::time_point demo_start_;
   std::unique_ptr<vmm::Vm> source_;
   std::unique_ptr<vmm::Vm> destination_;
-  std::unique_ptr<migration::SocketListener> listener_;
+  migration::TransportOptions transport_;  // --tls-dir's, both ends
+  std::unique_ptr<migration::Acceptor> listener_;
+  uint16_t port_ = 0;  // listener_'s
   std::unique_ptr<LiveVm> live_;
   std::unique_ptr<IncomingVmAdapter> adapter_;
   std::unique_ptr<control::IncomingControl> incoming_;
@@ -238,14 +241,18 @@ Status Demo::StartSource() {
   Result<std::unique_ptr<vmm::Vm>> destination = vmm::Vm::Create(dest_config_);
   if (!destination.has_value()) return destination.error().WithContext("destination VM");
   destination_ = std::move(*destination);
-  Result<std::unique_ptr<migration::SocketListener>> listener =
-      migration::SocketListener::Listen({"tcp", "127.0.0.1", 0}, {});
+  ASSIGN_OR_RETURN(transport_, TransportFor(o_.tls, "demo"));
+  Result<std::unique_ptr<migration::Acceptor>> listener =
+      migration::MakeAcceptor({"tcp", "127.0.0.1", 0}, transport_);
   if (!listener.has_value()) return listener.error().WithContext("destination");
   listener_ = std::move(*listener);
+  ASSIGN_OR_RETURN(migration::Address bound, migration::ParseAddress(listener_->address()));
+  port_ = bound.port;
 
   if (Status s = source_->Start(); !s.ok()) return s.WithContext("source VM");
   LiveVm::Options live;
   live.realtime_priority = o_.realtime_priority;
+  live.transport = transport_;
   ASSIGN_OR_RETURN(live_, LiveVm::Create(*source_, std::move(live)));
   Say(fmt::format("source VM: {} MiB, {} vCPUs, {} backing; the guest fills its memory",
                   config_.mem_size >> 20, o_.vcpus, BackingName(config_.backing)));
@@ -308,7 +315,7 @@ Result<LoopbackRate> Demo::MeasureBaseline() {
 
 control::MigrateRequest Demo::Request() const {
   control::MigrateRequest request;
-  request.to = {"127.0.0.1", listener_->port()};
+  request.to = {"127.0.0.1", port_};
   request.mode = mode_;
   request.channels = o_.channels;
   request.downtime_ms = o_.downtime_ms;
@@ -431,6 +438,7 @@ void Demo::PrintJson(const Figures& f) const {
       {"mem_bytes", config_.mem_size},
       {"vcpus", o_.vcpus},
       {"channels", o_.channels},
+      {"tls", transport_.tls ? nlohmann::json(transport_.tls->Describe()) : nlohmann::json()},
       {"prealloc", o_.prealloc},
       {"guest_write_rate_mibps", rate_},
       {"downtime_target_ms", o_.downtime_ms},
@@ -567,6 +575,7 @@ void AddDemoCommand(CLI::App& app, Action& action) {
       ->capture_default_str();
   cmd->add_option("--mem", o->mem, "Guest RAM, e.g. 2G")->capture_default_str();
   cmd->add_option("--vcpus", o->vcpus, "Number of vCPUs, 1..8")->capture_default_str();
+  AddTlsOptions(cmd, &o->tls);
   cmd->add_option("--channels", o->channels, "Page channels (TCP connections), 1..16")
       ->capture_default_str();
   cmd->add_option("--rate", o->rate_mibps, "The guest's random writes, MiB/s (0: unthrottled)")

@@ -101,6 +101,7 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, Options o) {
   options.first_link_fault = o.first_link_fault;
   options.realtime_priority = o.realtime_priority;
   options.local_withhold_fds = o.withhold_fds;
+  options.transport = o.transport;
   LiveVm* self = live.get();
   options.on_done = [self](migration::SourceOutcome outcome) {
     sys::MutexLock lock(self->mu_);

@@ -49,6 +49,8 @@ class LiveVm {
     std::shared_ptr<control::IncomingStatus> incoming;  // see the top
     int realtime_priority = sys::kDefaultRealtimePriority;
     bool withhold_fds = false;  // a test hook, see SourceMigrationControl::Options
+    // Outgoing migrations' channels: TLS (run --tls-dir) or plaintext.
+    migration::TransportOptions transport;
     // A lazily restored VM: OK once its memory is all here, else why a
     // migration or snapshot cannot read it yet (it may wait a while for
     // the background reader). Null: always OK.

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
@@ -44,6 +45,7 @@ struct MigrateOptions {
   bool postcopy_on_command = false;
   bool local = false;
   uint32_t interval_ms = 200;
+  TlsOptions tls;  // sent as tls_dir (absolute: the VMM's cwd is not ours)
 };
 
 int Fail(const Status& status) {
@@ -348,6 +350,11 @@ int Migrate(const MigrateOptions& o) {
                 "unix:PATH (the socket of `faultline run --incoming unix:PATH`)"));
     }
     if (o.local && o.resume) return Fail(Error("--local goes with --to, not --resume"));
+    if (!o.tls.dir.empty() && o.resume) {
+      return Fail(Error("--tls-dir goes with --to: a resumed migration keeps its own TLS"));
+    }
+    if (!o.tls.dir.empty()) request.tls_dir = std::filesystem::absolute(o.tls.dir).string();
+    request.tls_peer_name = o.tls.peer_name;
     // The VMM checks the ranges again; it has the last word.
     args = o.resume ? nlohmann::json{{"to", request.to.ToString()}} : nlohmann::json(request);
   }
@@ -421,6 +428,7 @@ void AddMigrateCommand(CLI::App& app, Action& action) {
   cmd->add_option("--bandwidth", o->bandwidth, "Rate limit in bytes/s, e.g. 500M, 1G/s")
       ->capture_default_str();
   cmd->add_flag("--json", o->json, "No progress; one JSON object on stdout at the end");
+  AddTlsOptions(cmd, &o->tls);
   cmd->add_flag("--resume", o->resume, "Reconnect a post-copy migration whose link broke");
   cmd->add_flag("--cancel", o->cancel,
                 "Cancel the active migration and wait until it stops (in post-copy: break the "

@@ -29,7 +29,7 @@
 #include "src/control/incoming.h"
 #include "src/control/migration.h"
 #include "src/control/server.h"
-#include "src/migration/socket_transport.h"
+#include "src/migration/tls_transport.h"
 #include "src/vmm/vm.h"
 #include "tools/faultline/cli_util.h"
 #include "tools/faultline/commands.h"
@@ -69,6 +69,7 @@ struct RunOptions {
   std::string memory_backend;            // with --restore: uffd:PATH
   bool backing_given = false;
   bool guest_stop = false;  // the guest's open-ended phases end at once
+  TlsOptions tls;           // --tls-dir: incoming and outgoing migrations
 };
 
 using Clock = std::chrono::steady_clock;
@@ -113,7 +114,8 @@ Result<vmm::VmConfig> MakeConfig(const RunOptions& o) {
 // The VM this run hosts and, with --incoming, the migration that brings its
 // guest (the post-copy pager lives in `incoming`).
 struct Hosted {
-  std::unique_ptr<migration::SocketListener> listener;
+  migration::TransportOptions transport;  // --tls-dir's, both directions
+  std::unique_ptr<migration::Acceptor> listener;
   std::unique_ptr<vmm::Vm> vm;
   std::unique_ptr<IncomingVmAdapter> adapter;
   std::unique_ptr<control::IncomingControl> incoming;
@@ -207,8 +209,8 @@ Status Receive(const RunOptions& o, vmm::VmConfig config, Hosted& h) {
   config.boot = false;  // the guest, its command line included, comes with its memory
   Result<migration::Address> address = migration::ParseAddress(o.incoming);
   if (!address.has_value()) return address.error().WithContext("--incoming");
-  Result<std::unique_ptr<migration::SocketListener>> listener =
-      migration::SocketListener::Listen(*address, {});
+  Result<std::unique_ptr<migration::Acceptor>> listener =
+      migration::MakeAcceptor(*address, h.transport);
   if (!listener.has_value()) return listener.error().WithContext("--incoming");
   h.listener = std::move(*listener);
   h.incoming =
@@ -228,6 +230,7 @@ Status Receive(const RunOptions& o, vmm::VmConfig config, Hosted& h) {
   RETURN_IF_ERROR(h.incoming->Prepare(*h.adapter));
   ASSIGN_OR_RETURN(control::IncomingResult arrived, h.incoming->Run());
   h.incoming_json = std::move(arrived.figures);
+  if (h.transport.tls) h.incoming_json["tls"] = h.transport.tls->Describe();
   h.start = arrived.started_at;
   return Status::Ok();
 }
@@ -324,6 +327,9 @@ int Run(const RunOptions& o) {
   Result<vmm::VmConfig> config = MakeConfig(o);
   if (!config.has_value()) return Fail(config.error());
   Hosted h;
+  Result<migration::TransportOptions> transport = TransportFor(o.tls, "run");
+  if (!transport.has_value()) return Fail(transport.error());
+  h.transport = std::move(*transport);
   Status ready = !o.restore.empty()   ? Restore(o, *config, h)
                  : o.incoming.empty() ? Boot(*config, h)
                                       : Receive(o, *config, h);
@@ -343,6 +349,7 @@ int Run(const RunOptions& o) {
   live_options.incoming = h.incoming ? h.incoming->status() : nullptr;
   live_options.realtime_priority = o.realtime_priority;
   live_options.withhold_fds = o.test_withhold_fds;
+  live_options.transport = h.transport;
   if (h.restored) {
     live_options.memory_ready = [r = h.restored.get()] { return r->MemoryReady(); };
   }
@@ -418,6 +425,7 @@ void AddRunCommand(CLI::App& app, Action& action) {
       ->capture_default_str();
   run->add_option("--timeout", options->timeout_s, "Give up after this many seconds");
   run->add_flag("--json", options->json, "Print one JSON object on stdout");
+  AddTlsOptions(run, &options->tls);
   run->add_flag("--quiet", options->quiet, "Do not echo the guest console");
   run->add_option("--control", options->control,
                   "Serve the control socket (query-status, migrate, query-migrate, "

@@ -53,6 +53,7 @@ struct ServePagesOptions {
   std::string prefetch;  // FILE of "offset length" lines
   bool prefetch_all = false;
   bool json = false;
+  TlsOptions tls;  // with --from
 };
 
 int Fail(const Status& status) {
@@ -262,8 +263,8 @@ class MigrationServer {
       return Error("--from {}: a page server receives a migration over tcp:HOST:PORT only",
                    o_.from);
     }
-    ASSIGN_OR_RETURN(listener_,
-                     ForOption(migration::SocketListener::Listen(address, {}), "--from"));
+    ASSIGN_OR_RETURN(migration::TransportOptions transport, TransportFor(o_.tls, "serve-pages"));
+    ASSIGN_OR_RETURN(listener_, ForOption(migration::MakeAcceptor(address, transport), "--from"));
     ASSIGN_OR_RETURN(vm_, control::ServedIncomingVm::Create(std::move(blocks), [this] {
                        servable_.store(true, std::memory_order_release);
                        pthread_kill(main_, SIGUSR1);
@@ -305,7 +306,7 @@ class MigrationServer {
 
   const ServePagesOptions& o_;
   const pthread_t main_ = pthread_self();
-  std::unique_ptr<migration::SocketListener> listener_;
+  std::unique_ptr<migration::Acceptor> listener_;
   std::unique_ptr<control::ServedIncomingVm> vm_;  // outlives incoming_ (its pager)
   std::unique_ptr<control::IncomingControl> incoming_;
   std::unique_ptr<migration::PageServer> server_;
@@ -345,6 +346,7 @@ void AddServePagesCommand(CLI::App& app, Action& action) {
                       "switchover on; a page not here yet is fetched from the source when a VMM "
                       "faults on it");
   snapshot->excludes(from);
+  AddTlsOptions(cmd, &options->tls);
   cmd->add_option("--mem", options->mem,
                   "With --from: the guest RAM's blocks, [NAME:]SIZE each, in order (the "
                   "reference VMM's: one, SIZE = its --mem); they are the memory file")
