@@ -494,10 +494,7 @@ Status SourceMigrationControl::Cancel() {
 
 MigrationStatus SourceMigrationControl::Estimate(const migration::SourceProgress& p) {
   const Clock::time_point now = Clock::now();
-  MigrationStatus s;
-  s.mode = request_.mode;
-  s.to = request_.to.ToString();
-  s.bytes_total = bytes_total_;
+  MigrationStatus s = BaseStatus();
   s.elapsed_ms = Millis(now - started_);
   s.pages_sent = p.pages_sent;
   s.bytes_sent = p.pages_sent * kPage;

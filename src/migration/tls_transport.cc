@@ -24,9 +24,9 @@ using Clock = std::chrono::steady_clock;
 
 // The largest TLS record's payload: a send fills records of this size.
 constexpr size_t kRecordBytes = 16384;
-// Handshakes the acceptor carries at once; more connections wait in the
-// listen backlog until one of these ends (memory stays bounded under a
-// flood of silent peers).
+// Handshakes the acceptor carries at once. A connection beyond them drops
+// the oldest (memory stays bounded under a flood of silent peers, and a
+// good peer that comes after a burst of them is not kept waiting).
 constexpr size_t kMaxPendingHandshakes = 16;
 // AES-GCM first: AES-NI and the kernel's TLS both have it.
 constexpr const char* kCipherSuites =
@@ -77,6 +77,10 @@ std::string Explain(const std::string& errors, long verify, int saved_errno,
       Contains(errors, "record layer failure")) {
     return fmt::format("the peer does not speak TLS ({}): give it the TLS directory (--tls-dir)",
                        errors);
+  }
+  if (Contains(errors, "bad record mac") || Contains(errors, "decrypt")) {
+    return fmt::format(
+        "a TLS record failed its integrity check ({}): a replayed or tampered handshake", errors);
   }
   if (Contains(errors, "peer did not return a certificate") ||
       Contains(errors, "certificate required")) {
@@ -412,6 +416,12 @@ Status TlsAcceptor::TakeConnection() {
     return socket.error().code() == ETIMEDOUT ? Status::Ok() : socket.error();
   }
   ASSIGN_OR_RETURN(SslPtr ssl, NewSsl(*options_.tls, **socket, true));
+  if (pending_.size() == kMaxPendingHandshakes) {
+    Refuse(pending_.front(), fmt::format("more than {} TLS handshakes at once: the oldest is "
+                                         "dropped",
+                                         kMaxPendingHandshakes));
+    pending_.pop_front();
+  }
   pending_.push_back(
       Pending{std::move(*socket), std::move(ssl), Clock::now() + options_.connect_timeout});
   return Status::Ok();
@@ -468,15 +478,13 @@ Result<std::unique_ptr<Channel>> TlsAcceptor::Accept(std::chrono::milliseconds t
           pollfd{p.socket->native_fd(), static_cast<short>(p.want_write ? POLLOUT : POLLIN), 0});
       wake = std::min(wake, p.deadline);
     }
-    // A full table leaves new connections in the backlog for now.
-    const bool room = pending_.size() < kMaxPendingHandshakes;
-    if (room) fds.push_back(pollfd{listener_->native_fd(), POLLIN, 0});
+    fds.push_back(pollfd{listener_->native_fd(), POLLIN, 0});
     RETURN_IF_ERROR(PollAny(fds, Left(wake)).status());
     if (std::unique_ptr<Channel> channel =
             Progress(std::span<const pollfd>(fds.data(), pending_.size()))) {
       return channel;
     }
-    if (room && fds.back().revents != 0) RETURN_IF_ERROR(TakeConnection());
+    if (fds.back().revents != 0) RETURN_IF_ERROR(TakeConnection());
     if (Clock::now() >= deadline) {
       const std::string refused = options_.tls->stats().last_refusal;
       return Status(

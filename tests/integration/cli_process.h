@@ -144,11 +144,14 @@ struct Destination {
   uint16_t port = 0;
 };
 
-inline Destination StartDestination(const std::string& mem, const std::string& backing) {
+inline Destination StartDestination(const std::string& mem, const std::string& backing,
+                                    std::vector<std::string> extra = {}) {
   Destination d;
-  d.cli = std::make_unique<Cli>(
-      std::vector<std::string>{"run", "--incoming", "tcp:127.0.0.1:0", "--mem", mem, "--vcpus", "2",
-                               "--backing", backing, "--json", "--quiet", "--timeout", "120"});
+  std::vector<std::string> args{
+      "run",       "--incoming", "tcp:127.0.0.1:0", "--mem",   mem,         "--vcpus", "2",
+      "--backing", backing,      "--json",          "--quiet", "--timeout", "120"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  d.cli = std::make_unique<Cli>(std::move(args));
   std::optional<std::string> line = d.cli->AwaitStderr("waiting for a migration on", 60s);
   if (line) d.port = static_cast<uint16_t>(std::stoul(line->substr(line->rfind(':') + 1)));
   return d;
