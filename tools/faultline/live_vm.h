@@ -25,6 +25,7 @@
 #include "src/control/server.h"
 #include "src/control/source.h"
 #include "src/migration/source.h"
+#include "src/migration/transport.h"
 #include "src/sys/mutex.h"
 #include "src/vmm/vm.h"
 
@@ -48,7 +49,8 @@ class LiveVm {
     std::unique_ptr<control::ControlServer> server;
     std::shared_ptr<control::IncomingStatus> incoming;  // see the top
     int realtime_priority = sys::kDefaultRealtimePriority;
-    bool withhold_fds = false;  // a test hook, see SourceMigrationControl::Options
+    migration::TransportOptions transport;  // outgoing migrations' links
+    bool withhold_fds = false;              // a test hook, see SourceMigrationControl::Options
     // A lazily restored VM: OK once its memory is all here, else why a
     // migration or snapshot cannot read it yet (it may wait a while for
     // the background reader). Null: always OK.

@@ -58,6 +58,7 @@ struct RunOptions {
   bool postcopy = false;                  // with --incoming: the migration is post-copy
   std::string installer;                  // with --postcopy: override the default per backing
   int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both roles
+  uint32_t link_timeout_ms = 30'000;     // TCP migration links, both roles (TransportOptions)
   uint64_t test_cut_after = 0;           // test hook: break the first migration link after N bytes
   bool test_withhold_fds = false;        // test hook: a local update's offer without descriptors
   bool test_die_before_confirm = false;  // test hook: an incoming local update's process dies
@@ -83,6 +84,13 @@ int Fail(const Status& status) {
 
 std::chrono::milliseconds Millis(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
+// The migration links' options, incoming and outgoing alike.
+migration::TransportOptions Transport(const RunOptions& o) {
+  migration::TransportOptions t;
+  t.link_timeout = std::chrono::milliseconds(o.link_timeout_ms);
+  return t;
 }
 
 // The VM the options describe, and the checks of the options that go
@@ -208,7 +216,7 @@ Status Receive(const RunOptions& o, vmm::VmConfig config, Hosted& h) {
   Result<migration::Address> address = migration::ParseAddress(o.incoming);
   if (!address.has_value()) return address.error().WithContext("--incoming");
   Result<std::unique_ptr<migration::SocketListener>> listener =
-      migration::SocketListener::Listen(*address, {});
+      migration::SocketListener::Listen(*address, Transport(o));
   if (!listener.has_value()) return listener.error().WithContext("--incoming");
   h.listener = std::move(*listener);
   h.incoming =
@@ -342,6 +350,7 @@ int Run(const RunOptions& o) {
   live_options.server = std::move(h.server);
   live_options.incoming = h.incoming ? h.incoming->status() : nullptr;
   live_options.realtime_priority = o.realtime_priority;
+  live_options.transport = Transport(o);
   live_options.withhold_fds = o.test_withhold_fds;
   if (h.restored) {
     live_options.memory_ready = [r = h.restored.get()] { return r->MemoryReady(); };
@@ -440,6 +449,12 @@ void AddRunCommand(CLI::App& app, Action& action) {
                   "fault waits on and of the switchover; 0 leaves them to the default scheduler "
                   "(needs CAP_SYS_NICE; without it they run as before)")
       ->check(CLI::Range(0, 99));
+  run->add_option("--link-timeout-ms", options->link_timeout_ms,
+                  "Migration over TCP (either end): a link that acknowledges nothing, neither "
+                  "data nor keepalive probes, for this long is broken (a post-copy migration "
+                  "pauses for `faultline migrate --resume`, any other fails); 1000 to 3600000")
+      ->check(CLI::Range(1'000, 3'600'000))
+      ->capture_default_str();
   run->add_option("--installer", options->installer,
                   "With --postcopy: how fetched pages are installed: auto (default: the fastest "
                   "of the backing's candidates, measured at start in ~50 ms: copy or move on "
