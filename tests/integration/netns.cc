@@ -1,17 +1,17 @@
 #include "tests/integration/netns.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <fcntl.h>
-
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <regex>
+#include <sstream>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -116,11 +116,15 @@ std::string NetnsPair::Make() {
 }
 
 double NetnsPair::bytes_per_second() const {
-  std::smatch m;
-  static const std::regex kRate(R"(^(\d+)(k|m|g)?bit$)");
-  if (!std::regex_match(rate_, m, kRate)) return 0;
-  const double unit = m[2] == "k" ? 1e3 : m[2] == "m" ? 1e6 : m[2] == "g" ? 1e9 : 1;
-  return std::stod(m[1]) * unit / 8;
+  // tc's "<digits>[kmg]bit" (std::regex is avoided: GCC 12 warns inside it).
+  size_t digits = 0;
+  while (digits < rate_.size() && std::isdigit(static_cast<unsigned char>(rate_[digits]))) {
+    ++digits;
+  }
+  const std::string unit = rate_.substr(digits);
+  const double scale = unit == "kbit" ? 1e3 : unit == "mbit" ? 1e6 : unit == "gbit" ? 1e9 : 1;
+  if (digits == 0 || (scale == 1 && unit != "bit")) return 0;
+  return std::stod(rate_.substr(0, digits)) * scale / 8;
 }
 
 std::string NetnsPair::LinkDown() {
@@ -140,18 +144,18 @@ void NetnsPair::RemoveStale() {
   std::string list;
   if (Capture({"ip", "netns", "list"}, list) != 0) return;
   // "fl1234a (id: 3)" or "fl1234a"
-  static const std::regex kOurs(R"(^fl(\d+)[ab]\b.*$)");
-  std::smatch m;
-  size_t begin = 0;
-  while (begin < list.size()) {
-    size_t end = list.find('\n', begin);
-    if (end == std::string::npos) end = list.size();
-    const std::string line = list.substr(begin, end - begin);
-    begin = end + 1;
-    if (!std::regex_match(line, m, kOurs)) continue;
-    const pid_t pid = static_cast<pid_t>(std::stol(m[1]));
+  std::istringstream lines(list);
+  for (std::string line; std::getline(lines, line);) {
+    const std::string name = line.substr(0, line.find(' '));
+    const size_t digits = name.size() - 3;  // "fl", the pid, then "a" or "b"
+    if (name.size() < 4 || name.compare(0, 2, "fl") != 0 ||
+        (name.back() != 'a' && name.back() != 'b') ||
+        name.find_first_not_of("0123456789", 2) != name.size() - 1) {
+      continue;
+    }
+    const pid_t pid = static_cast<pid_t>(std::stol(name.substr(2, digits)));
     if (pid == getpid() || kill(pid, 0) == 0 || errno != ESRCH) continue;
-    (void)Run({"ip", "netns", "del", line.substr(0, line.find(' '))});
+    (void)Run({"ip", "netns", "del", name});
   }
 }
 
