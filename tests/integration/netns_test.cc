@@ -46,12 +46,12 @@ void PrintFigures(const NetnsPair& net, nlohmann::json m, nlohmann::json in) {
   const double total_ms = mig["elapsed_ms"].get<double>();
   fmt::print(
       "link {}: {:.1f} MiB sent, floor (bytes / rate) {:.0f} ms; total {:.0f} ms ({:.2f}x the "
-      "floor); pause {} ms; destination: {} pages demanded, {} pushed, fault p50 {} us p99 {} "
+      "floor); pause {:.1f} ms; destination: {} pages demanded, {} pushed, fault p50 {} us p99 {} "
       "us, request p50 {} us p99 {} us\n",
       net.rate(), bytes / (1 << 20), floor_ms, total_ms, total_ms / floor_ms,
-      mig["downtime_ms"].dump(), in["pages_demanded"].dump(), in["pages_pushed"].dump(),
-      in["fault_p50_us"].dump(), in["fault_p99_us"].dump(), in["request_p50_us"].dump(),
-      in["request_p99_us"].dump());
+      mig["downtime_us"].get<double>() / 1000, in["pages_demanded"].dump(),
+      in["pages_pushed"].dump(), in["fault_p50_us"].dump(), in["fault_p99_us"].dump(),
+      in["request_p50_us"].dump(), in["request_p99_us"].dump());
 }
 
 // A destination in b's namespace and a source in a's, its guest writing
