@@ -8,6 +8,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libfmt-dev libcli11-dev nlohmann-json3-dev libssl-dev libunicorn-dev pkg-config
   qemu-system-x86 valgrind clang-format
+  iproute2  # ip and tc: the two-namespace tests (tests/integration/netns_test.cc)
   python3  # scripts/check_layers.py and its test (ctest -L layering)
   clang-19  # the thread-safety analysis (scripts/thread-safety.sh, ctest -L thread-safety)
   libclang-rt-19-dev  # libFuzzer (scripts/fuzz.sh)

@@ -112,6 +112,27 @@ Status SetTimeout(int fd, int option, std::chrono::milliseconds timeout, const c
   return Status::Ok();
 }
 
+// TransportOptions::link_timeout on a TCP socket. Keepalive probes find a
+// peer that vanished without closing (a host that died, a cut link) while
+// this side waits legitimately long for a message; TCP_USER_TIMEOUT ends a
+// connection whose data, or whose probes, nobody acknowledged for that long
+// (it overrides TCP_KEEPCNT once set; the count is the equivalent anyway).
+Status ApplyLinkTimeout(int fd, std::chrono::milliseconds timeout) {
+  if (timeout < std::chrono::seconds(1) || timeout > std::chrono::hours(1)) {
+    return Error("link timeout {} ms: give 1000 ms to 1 h", timeout.count());
+  }
+  const int total_s = static_cast<int>(timeout.count() / 1000);
+  const int idle_s = std::max(1, total_s / 3);
+  const int interval_s = std::max(1, total_s / 6);
+  const int probes = std::clamp((total_s - idle_s + interval_s - 1) / interval_s, 1, 127);
+  RETURN_IF_ERROR(SetIntOption(fd, SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE"));
+  RETURN_IF_ERROR(SetIntOption(fd, IPPROTO_TCP, TCP_KEEPIDLE, idle_s, "TCP_KEEPIDLE"));
+  RETURN_IF_ERROR(SetIntOption(fd, IPPROTO_TCP, TCP_KEEPINTVL, interval_s, "TCP_KEEPINTVL"));
+  RETURN_IF_ERROR(SetIntOption(fd, IPPROTO_TCP, TCP_KEEPCNT, probes, "TCP_KEEPCNT"));
+  return SetIntOption(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, static_cast<int>(timeout.count()),
+                      "TCP_USER_TIMEOUT");
+}
+
 // Walks a list of buffers as one byte stream: fills an iovec array from the
 // current position and advances past what a syscall transferred.
 template <typename Buffer>
@@ -184,13 +205,8 @@ Result<std::unique_ptr<SocketChannel>> SocketChannel::Adopt(sys::UniqueFd fd,
   RETURN_IF_ERROR(SetTimeout(s, SO_SNDTIMEO, options.io_timeout, "SO_SNDTIMEO"));
   RETURN_IF_ERROR(SetTimeout(s, SO_RCVTIMEO, options.io_timeout, "SO_RCVTIMEO"));
   if (!is_unix) {
-    // Keepalive probes find a peer that vanished without closing (a host
-    // that died, a cut cable) while a side waits legitimately long for a
-    // message. (A Unix peer that dies is closed by its kernel at once.)
-    RETURN_IF_ERROR(SetIntOption(s, SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE"));
-    RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPIDLE, 10, "TCP_KEEPIDLE"));
-    RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPINTVL, 5, "TCP_KEEPINTVL"));
-    RETURN_IF_ERROR(SetIntOption(s, IPPROTO_TCP, TCP_KEEPCNT, 3, "TCP_KEEPCNT"));
+    // (A Unix peer that dies is closed by its kernel at once.)
+    RETURN_IF_ERROR(ApplyLinkTimeout(s, options.link_timeout));
   }
   if (options.socket_buffer_bytes > 0) {
     RETURN_IF_ERROR(

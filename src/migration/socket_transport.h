@@ -29,7 +29,7 @@ struct PeerCredentials {
 class SocketChannel final : public Channel {
  public:
   // Takes a connected socket (TCP or Unix); applies the I/O timeouts and
-  // buffer sizes, and on TCP keepalive.
+  // buffer sizes, and on TCP the link timeout (keepalive, TCP_USER_TIMEOUT).
   static Result<std::unique_ptr<SocketChannel>> Adopt(sys::UniqueFd fd,
                                                       const TransportOptions& options);
   ~SocketChannel() override;

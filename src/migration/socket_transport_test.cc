@@ -1,5 +1,8 @@
 #include "src/migration/socket_transport.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -163,6 +166,50 @@ TEST(TcpTransportTest, IoTimeout) {
   EXPECT_EQ(s.code(), ETIMEDOUT);
   EXPECT_THAT(s.message(), HasSubstr("made no progress within the I/O timeout (2 of 4 bytes"));
   ASSERT_TRUE(pair.client->Send(two).ok());
+}
+
+int IntOption(const Channel& channel, int level, int option) {
+  const auto* socket = dynamic_cast<const SocketChannel*>(&channel);
+  EXPECT_NE(socket, nullptr);
+  if (socket == nullptr) return -1;
+  int value = -1;
+  socklen_t length = sizeof(value);
+  EXPECT_EQ(getsockopt(socket->native_fd(), level, option, &value, &length), 0) << errno;
+  return value;
+}
+
+// Both ends of a TCP channel: a dead link ends it after the link timeout,
+// with data in flight (TCP_USER_TIMEOUT) or idle (keepalive probes).
+TEST(TcpTransportTest, LinkTimeoutIsAppliedOnBothEnds) {
+  struct Case {
+    int link_ms, user_timeout_ms, idle_s, interval_s, probes;
+  };
+  for (const Case c :
+       {Case{30'000, 30'000, 10, 5, 4}, Case{2'000, 2'000, 1, 1, 1}, Case{6'500, 6'500, 2, 1, 4}}) {
+    TransportOptions options;
+    options.link_timeout = std::chrono::milliseconds(c.link_ms);
+    auto pair = MakeTcpPair(options);
+    ASSERT_TRUE(pair.client && pair.server);
+    for (const Channel* end : {pair.client.get(), pair.server.get()}) {
+      SCOPED_TRACE(fmt::format("{} ms, {}", c.link_ms, end->name()));
+      EXPECT_EQ(IntOption(*end, IPPROTO_TCP, TCP_USER_TIMEOUT), c.user_timeout_ms);
+      EXPECT_EQ(IntOption(*end, SOL_SOCKET, SO_KEEPALIVE), 1);
+      EXPECT_EQ(IntOption(*end, IPPROTO_TCP, TCP_KEEPIDLE), c.idle_s);
+      EXPECT_EQ(IntOption(*end, IPPROTO_TCP, TCP_KEEPINTVL), c.interval_s);
+      EXPECT_EQ(IntOption(*end, IPPROTO_TCP, TCP_KEEPCNT), c.probes);
+    }
+  }
+}
+
+TEST(TcpTransportTest, LinkTimeoutOutOfRangeIsRefused) {
+  auto listener = SocketListener::Listen(Loopback(), {});
+  ASSERT_TRUE(listener.has_value());
+  TransportOptions options;
+  options.link_timeout = std::chrono::milliseconds(500);
+  SocketConnector connector(Address{"tcp", "127.0.0.1", (*listener)->port()}, options);
+  auto refused = connector.Connect();
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_THAT(refused.error().message(), HasSubstr("link timeout 500 ms: give 1000 ms to 1 h"));
 }
 
 TEST(TcpTransportTest, ConnectAndAcceptErrors) {

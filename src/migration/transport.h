@@ -136,6 +136,16 @@ struct TransportOptions {
   // instead of hanging on a peer that went silent.
   std::chrono::milliseconds io_timeout{60'000};
   std::chrono::milliseconds connect_timeout{10'000};
+  // TCP only: how long the link may be dead before every channel over it
+  // fails (ETIMEDOUT), whether this side has data in flight (TCP_USER_TIMEOUT:
+  // unacknowledged for this long) or is idle, waiting (keepalive probes from a
+  // third of it, every sixth of it, none answered for this long). A link cut
+  // in the kernel (a cable, `ip link set down`) breaks no connection by
+  // itself; this is how both ends of a post-copy migration notice and pause
+  // for `migrate-resume`. Probes are answered by the peer's kernel, so a slow
+  // peer process or a slow link never trips it; a link that acknowledges
+  // nothing for this long does. Whole seconds of at least 1 s for the probes.
+  std::chrono::milliseconds link_timeout{30'000};
   // SO_SNDBUF / SO_RCVBUF for page channels; 0 keeps the kernel's autotuning.
   int socket_buffer_bytes = 0;
   // Non-null: every TCP channel is TLS 1.3 with both ends' certificates

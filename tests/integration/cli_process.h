@@ -46,7 +46,11 @@ inline std::string Slurp(const std::string& path) {
 class Cli {
  public:
   // `program`: the faultline CLI, or another program of the tests.
-  explicit Cli(std::vector<std::string> args, std::string program = FAULTLINE_CLI_PATH) {
+  // `prefix`: a command that runs it, e.g. {"ip", "netns", "exec", "NS"}
+  // (found in PATH; it must exec the program in its own process, so that
+  // pid() is the program's), or none.
+  explicit Cli(std::vector<std::string> args, std::string program = FAULTLINE_CLI_PATH,
+               std::vector<std::string> prefix = {}) {
     static std::atomic<int> counter{0};
     std::string base = fmt::format("{}mig_cli_{}_{}", testing::TempDir(), getpid(), counter++);
     out_path_ = base + ".out";
@@ -59,11 +63,12 @@ class Cli {
                                      0644);
     if (program == FAULTLINE_CLI_PATH) itest::AddAccelArgs(args);
     args.insert(args.begin(), program);
+    args.insert(args.begin(), prefix.begin(), prefix.end());
     command_ = fmt::format("{}", fmt::join(args, " "));
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (posix_spawn(&pid_, program.c_str(), &actions, nullptr, argv.data(), environ) != 0) {
+    if (posix_spawnp(&pid_, args[0].c_str(), &actions, nullptr, argv.data(), environ) != 0) {
       pid_ = -1;
     }
     posix_spawn_file_actions_destroy(&actions);
@@ -164,9 +169,11 @@ inline std::string ControlPath() {
 
 // The source: the guest fills its memory, then writes random pages at
 // 64 MiB/s for `seconds`, then verifies every page, wherever it runs then.
+// `extra`: more arguments; `prefix`: see Cli.
 inline std::unique_ptr<Cli> StartSource(const std::string& control, const std::string& mem,
                                         const std::string& backing, int seconds,
-                                        std::vector<std::string> extra = {}) {
+                                        std::vector<std::string> extra = {},
+                                        std::vector<std::string> prefix = {}) {
   // On the software CPU the two vCPUs' fills can end seconds apart: random
   // writes long enough that both are writing at once (AwaitRandomWrites).
   if (!itest::OnKvm()) seconds = std::max(seconds, 6);
@@ -188,7 +195,7 @@ inline std::unique_ptr<Cli> StartSource(const std::string& control, const std::s
                                    "--timeout",
                                    "120"};
   args.insert(args.end(), extra.begin(), extra.end());
-  return std::make_unique<Cli>(args);
+  return std::make_unique<Cli>(args, FAULTLINE_CLI_PATH, std::move(prefix));
 }
 
 // One control command through `faultline query`.

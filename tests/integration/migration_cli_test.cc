@@ -36,6 +36,7 @@
 #include "src/sys/mutex.h"
 #include "tests/integration/cli_process.h"
 #include "tests/integration/huge_pages.h"
+#include "tests/integration/postcopy_cli.h"
 #include "tests/integration/test_accel.h"
 
 namespace faultline {
@@ -412,46 +413,6 @@ TEST(MigrationCliTest, DemoPrecopyJsonVerifiesEveryPage) {
 // destination `faultline run --incoming ... --postcopy`, including a broken
 // link resumed with `faultline migrate --resume`.
 
-Destination StartPostcopyDestination(const std::string& mem, const std::string& backing,
-                                     const std::string& control = "") {
-  Destination d;
-  std::vector<std::string> args{
-      "run", "--incoming", "tcp:127.0.0.1:0", "--postcopy", "--mem",   mem,         "--vcpus",
-      "2",   "--backing",  backing,           "--json",     "--quiet", "--timeout", "120"};
-  if (!control.empty()) args.insert(args.end(), {"--control", control});
-  d.cli = std::make_unique<Cli>(std::move(args));
-  // "... waiting for a post-copy migration on tcp:127.0.0.1:PORT (move installer)"
-  std::optional<std::string> line = d.cli->AwaitStderr("waiting for a post-copy migration on", 60s);
-  const std::string prefix = "tcp:127.0.0.1:";
-  if (line && line->find(prefix) != std::string::npos) {
-    d.port = static_cast<uint16_t>(std::stoul(line->substr(line->find(prefix) + prefix.size())));
-  }
-  return d;
-}
-
-// The destination ran the guest to the end and it verified every page the
-// source's guest had written.
-void ExpectPostcopyVerified(Cli& dest, uint64_t written, uint32_t sessions,
-                            const std::string& installer, uint32_t min_passes = 0) {
-  ExpectVerifiedOn(dest, written);
-  if (::testing::Test::HasFatalFailure()) return;
-  nlohmann::json d = dest.Json();
-  const nlohmann::json& in = d["incoming"];
-  EXPECT_EQ(in["mode"], "postcopy") << d.dump();
-  EXPECT_EQ(in["sessions"].get<uint32_t>(), sessions) << d.dump();
-  // `installer` is the backing's candidates for --installer auto
-  // ("copy|move"): the one measured fastest at start, with its trials.
-  EXPECT_NE(installer.find(in["installer"].get<std::string>()), std::string::npos) << d.dump();
-  EXPECT_EQ(in["installer_calibration"]["chosen"], in["installer"]) << d.dump();
-  EXPECT_EQ(in["installer_calibration"]["trials"].size(), 2u) << d.dump();
-  EXPECT_GE(in["passes"].get<uint32_t>(), min_passes) << d.dump();
-  fmt::print(
-      "post-copy destination: {} sessions, {} pages demanded, {} pushed, fault p50 {} us "
-      "p99 {} us, blocked {} ms\n",
-      in["sessions"].dump(), in["pages_demanded"].dump(), in["pages_pushed"].dump(),
-      in["fault_p50_us"].dump(), in["fault_p99_us"].dump(), in["blocked_ms"].dump());
-}
-
 TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
   Cli demo({"demo", "--mode", "postcopy", "--mem", itest::MemArg("256M", "128M"), "--after", "0.3",
             "--json"});
@@ -549,15 +510,7 @@ TEST(PostcopyCliTest, BrokenLinkPausesAndMigrateResumeCompletes) {
   const std::string& control = run.control;
   std::unique_ptr<Cli>& source = run.source;
   Cli& migrate = *run.migrate;
-  std::optional<nlohmann::json> paused;
-  for (auto deadline = Clock::now() + 60s; Clock::now() < deadline && migrate.Running();) {
-    std::optional<nlohmann::json> q = Query(control, "query-migrate");
-    if (q && (*q)["paused"] == true) {
-      paused = q;
-      break;
-    }
-    std::this_thread::sleep_for(50ms);
-  }
+  std::optional<nlohmann::json> paused = AwaitPaused(control, migrate);
   ASSERT_TRUE(paused) << migrate.Describe() << "\n" << source->Describe();
   EXPECT_EQ((*paused)["phase"], "postcopy") << paused->dump();
   EXPECT_THAT((*paused)["error"].get<std::string>(), HasSubstr("link cut"));

@@ -100,6 +100,7 @@ Result<std::unique_ptr<LiveVm>> LiveVm::Create(vmm::Vm& vm, Options o) {
   control::SourceMigrationControl::Options options;
   options.first_link_fault = o.first_link_fault;
   options.realtime_priority = o.realtime_priority;
+  options.transport = o.transport;
   options.local_withhold_fds = o.withhold_fds;
   options.transport = o.transport;
   LiveVm* self = live.get();

@@ -25,6 +25,7 @@
 #include "src/control/server.h"
 #include "src/control/source.h"
 #include "src/migration/source.h"
+#include "src/migration/transport.h"
 #include "src/sys/mutex.h"
 #include "src/vmm/vm.h"
 
@@ -49,7 +50,8 @@ class LiveVm {
     std::shared_ptr<control::IncomingStatus> incoming;  // see the top
     int realtime_priority = sys::kDefaultRealtimePriority;
     bool withhold_fds = false;  // a test hook, see SourceMigrationControl::Options
-    // Outgoing migrations' channels: TLS (run --tls-dir) or plaintext.
+    // Outgoing migrations' channels: TLS (run --tls-dir) or plaintext, and
+    // the link timeout.
     migration::TransportOptions transport;
     // A lazily restored VM: OK once its memory is all here, else why a
     // migration or snapshot cannot read it yet (it may wait a while for

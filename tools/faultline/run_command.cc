@@ -58,6 +58,7 @@ struct RunOptions {
   bool postcopy = false;                  // with --incoming: the migration is post-copy
   std::string installer;                  // with --postcopy: override the default per backing
   int realtime_priority = sys::kDefaultRealtimePriority;  // post-copy fault path, both roles
+  uint32_t link_timeout_ms = 30'000;     // TCP migration links, both roles (TransportOptions)
   uint64_t test_cut_after = 0;           // test hook: break the first migration link after N bytes
   bool test_withhold_fds = false;        // test hook: a local update's offer without descriptors
   bool test_die_before_confirm = false;  // test hook: an incoming local update's process dies
@@ -330,6 +331,8 @@ int Run(const RunOptions& o) {
   Result<migration::TransportOptions> transport = TransportFor(o.tls, "run");
   if (!transport.has_value()) return Fail(transport.error());
   h.transport = std::move(*transport);
+  // The migration links' options, incoming and outgoing alike.
+  h.transport.link_timeout = std::chrono::milliseconds(o.link_timeout_ms);
   Status ready = !o.restore.empty()   ? Restore(o, *config, h)
                  : o.incoming.empty() ? Boot(*config, h)
                                       : Receive(o, *config, h);
@@ -448,6 +451,12 @@ void AddRunCommand(CLI::App& app, Action& action) {
                   "fault waits on and of the switchover; 0 leaves them to the default scheduler "
                   "(needs CAP_SYS_NICE; without it they run as before)")
       ->check(CLI::Range(0, 99));
+  run->add_option("--link-timeout-ms", options->link_timeout_ms,
+                  "Migration over TCP (either end): a link that acknowledges nothing, neither "
+                  "data nor keepalive probes, for this long is broken (a post-copy migration "
+                  "pauses for `faultline migrate --resume`, any other fails); 1000 to 3600000")
+      ->check(CLI::Range(1'000, 3'600'000))
+      ->capture_default_str();
   run->add_option("--installer", options->installer,
                   "With --postcopy: how fetched pages are installed: auto (default: the fastest "
                   "of the backing's candidates, measured at start in ~50 ms: copy or move on "
