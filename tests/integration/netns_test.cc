@@ -5,7 +5,10 @@
 // for 3 s during post-copy, both ends notice through the link timeout
 // (--link-timeout-ms: TCP_USER_TIMEOUT and keepalive), pause, and
 // `faultline migrate --resume` completes it with every page verified.
-// The control socket is a Unix socket path, reachable from any namespace.
+// The 1 Gbit/s migration and the cut one run over TLS (--tls-dir, each
+// end checking the other's certificate and name); the 10 Gbit/s one is
+// plaintext. The control socket is a Unix socket path, reachable from any
+// namespace.
 // Without root (or iproute2) the tests skip and say why.
 #include <chrono>
 #include <memory>
@@ -19,6 +22,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "src/migration/tls_test_certs.h"
 #include "tests/integration/cli_process.h"
 #include "tests/integration/netns.h"
 #include "tests/integration/postcopy_cli.h"
@@ -45,11 +49,11 @@ void PrintFigures(const NetnsPair& net, nlohmann::json m, nlohmann::json in) {
   const double floor_ms = bytes / net.bytes_per_second() * 1000;
   const double total_ms = mig["elapsed_ms"].get<double>();
   fmt::print(
-      "link {}: {:.1f} MiB sent, floor (bytes / rate) {:.0f} ms; total {:.0f} ms ({:.2f}x the "
+      "link {}{}: {:.1f} MiB sent, floor (bytes / rate) {:.0f} ms; total {:.0f} ms ({:.2f}x the "
       "floor); pause {:.1f} ms; destination: {} pages demanded, {} pushed, fault p50 {} us p99 {} "
       "us, request p50 {} us p99 {} us\n",
-      net.rate(), bytes / (1 << 20), floor_ms, total_ms, total_ms / floor_ms,
-      mig["downtime_us"].get<double>() / 1000, in["pages_demanded"].dump(),
+      net.rate(), mig.contains("tls") ? " over TLS" : "", bytes / (1 << 20), floor_ms, total_ms,
+      total_ms / floor_ms, mig["downtime_us"].get<double>() / 1000, in["pages_demanded"].dump(),
       in["pages_pushed"].dump(), in["fault_p50_us"].dump(), in["fault_p99_us"].dump(),
       in["request_p50_us"].dump(), in["request_p99_us"].dump());
 }
@@ -60,17 +64,31 @@ void PrintFigures(const NetnsPair& net, nlohmann::json m, nlohmann::json in) {
 // killed before the namespaces go.
 class TwoHostsTest : public ::testing::Test {
  protected:
-  // Skips (IsSkipped()) when the namespaces cannot be made.
-  void Start(const std::string& rate, const std::string& backing) {
+  // Skips (IsSkipped()) when the namespaces cannot be made. `tls`: both
+  // ends with --tls-dir, certificates from one CA naming their addresses.
+  void Start(const std::string& rate, const std::string& backing, bool tls) {
     net_.emplace(rate);
     if (!net_->error().empty()) GTEST_SKIP() << net_->error();
+    tls_ = tls;
+    std::vector<std::string> dest_args = kLinkTimeout, source_args = kLinkTimeout;
+    if (tls) {
+      const std::string root = fmt::format("{}netns_tls_{}", ::testing::TempDir(), getpid());
+      mkdir(root.c_str(), 0700);
+      migration::testing::TestCa ca;
+      ca.WriteDir(root + "/src", "source", "DNS:source,IP:" + net_->a().address);
+      ca.WriteDir(root + "/dst", "dest", "DNS:dest,IP:" + net_->b().address);
+      dest_args.insert(dest_args.end(),
+                       {"--tls-dir", root + "/dst", "--tls-peer-name", net_->a().address});
+      source_args.insert(source_args.end(),
+                         {"--tls-dir", root + "/src", "--tls-peer-name", "dest"});
+    }
     const std::string mem = itest::MemArg("256M", "128M");
     dest_ = StartPostcopyDestination(
-        mem, backing, "", Host{net_->b().address, NetnsPair::Exec(net_->b()), kLinkTimeout});
+        mem, backing, "", Host{net_->b().address, NetnsPair::Exec(net_->b()), dest_args});
     ASSERT_NE(dest_.port, 0) << dest_.cli->Describe();
     to_ = fmt::format("tcp:{}:{}", net_->b().address, dest_.port);
     control_ = ControlPath();
-    source_ = StartSource(control_, mem, backing, 6, kLinkTimeout, NetnsPair::Exec(net_->a()));
+    source_ = StartSource(control_, mem, backing, 6, source_args, NetnsPair::Exec(net_->a()));
     ASSERT_TRUE(AwaitRandomWrites(control_, *source_));
   }
   // `faultline migrate --mode postcopy` to the destination.
@@ -89,6 +107,10 @@ class TwoHostsTest : public ::testing::Test {
     migration_ = migrate_->Json();
     EXPECT_EQ(migration_["result"], "completed") << migration_.dump();
     EXPECT_EQ(migration_["migration"]["sessions"].get<uint32_t>(), sessions) << migration_.dump();
+    if (tls_) {
+      EXPECT_THAT(migration_["migration"].value("tls", ""), ::testing::HasSubstr("TLSv1.3"))
+          << migration_.dump();
+    }
     ASSERT_EQ(source_->Wait(), 0) << source_->Describe();
     nlohmann::json s = source_->Json();
     EXPECT_EQ(s["migrated_to"], to_) << s.dump();
@@ -97,16 +119,22 @@ class TwoHostsTest : public ::testing::Test {
   }
 
   std::optional<NetnsPair> net_;
+  bool tls_ = false;
   Destination dest_;
   std::string to_, control_;  // the destination's address, the source's control socket
   std::unique_ptr<Cli> source_, migrate_;
   nlohmann::json migration_;  // `faultline migrate --json`'s report
 };
 
-class NetnsPostcopyTest : public TwoHostsTest, public ::testing::WithParamInterface<std::string> {};
+struct LinkCase {
+  std::string rate;
+  bool tls = false;
+};
+
+class NetnsPostcopyTest : public TwoHostsTest, public ::testing::WithParamInterface<LinkCase> {};
 
 TEST_P(NetnsPostcopyTest, MigratesBetweenNamespacesAndVerifies) {
-  Start(GetParam(), "memfd");
+  Start(GetParam().rate, "memfd", GetParam().tls);
   if (IsSkipped() || HasFatalFailure()) return;
   // One pre-copy pass, then post-copy pushes the rest while the guest
   // faults on the destination: the push fills the link.
@@ -115,8 +143,11 @@ TEST_P(NetnsPostcopyTest, MigratesBetweenNamespacesAndVerifies) {
   if (!HasFailure()) PrintFigures(*net_, migration_, dest_.cli->Json()["incoming"]);
 }
 
-INSTANTIATE_TEST_SUITE_P(Links, NetnsPostcopyTest, ::testing::Values("1gbit", "10gbit"),
-                         [](const auto& info) { return info.param; });
+INSTANTIATE_TEST_SUITE_P(Links, NetnsPostcopyTest,
+                         ::testing::Values(LinkCase{"1gbit", true}, LinkCase{"10gbit", false}),
+                         [](const auto& info) {
+                           return info.param.rate + (info.param.tls ? "_tls" : "");
+                         });
 
 // Waits until the source's migration is in post-copy, not paused.
 testing::AssertionResult AwaitPostcopy(const std::string& control, Cli& migrate) {
@@ -133,7 +164,7 @@ testing::AssertionResult AwaitPostcopy(const std::string& control, Cli& migrate)
 using NetnsLinkCutTest = TwoHostsTest;
 
 TEST_F(NetnsLinkCutTest, LinkDownDuringPostcopyPausesAndResumeCompletes) {
-  Start("1gbit", "anon");
+  Start("1gbit", "anon", true);
   if (IsSkipped() || HasFatalFailure()) return;
   // Pure post-copy (no pre-copy pass): every page is pushed or demanded
   // after the switchover, so the cut lands inside post-copy.
