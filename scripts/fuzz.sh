@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (tests/fuzz/) with clang-19, AddressSanitizer
-# and UBSan, and runs each for SECONDS (default 60) from its seed corpus in
+# and UBSan, and runs each for SECONDS (default 60), as many at once as
+# there are CPUs, from its seed corpus in
 # tests/fuzz/corpus/<name>/. New inputs go to a scratch copy of the corpus,
 # not the repository's. Fails on any crash, sanitizer report or broken
 # property; the input that did it is left in $build/crashes/<name>/ and its
@@ -22,24 +23,38 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG
 cmake --build "$build" --target faultline_fuzzers
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-status=0
-for name in "${names[@]}"; do
-  corpus="$build/corpus/$name" crashes="$build/crashes/$name"
+# One target per CPU at a time (a libFuzzer run is single-threaded).
+run_one() {
+  local name=$1 corpus="$build/corpus/$1" crashes="$build/crashes/$1" log="$build/fuzz-$1.log"
   rm -rf "$corpus" && mkdir -p "$corpus" "$crashes"
   cp tests/fuzz/corpus/"$name"/* "$corpus"/
-  log="$build/fuzz-$name.log"
+  local args
   if [ "$seconds" = 0 ]; then
     args=(-runs=0 tests/fuzz/corpus/"$name")  # every seed once
   else
     args=(-max_total_time="$seconds" -max_len=65536 -timeout=10 -rss_limit_mb=2048 "$corpus")
   fi
   if "$build/tests/fuzz/faultline_fuzz_$name" -artifact_prefix="$crashes/" "${args[@]}" >"$log" 2>&1; then
-    summary=$(grep -E '^#[0-9]+.*(DONE|INITED)' "$log" | tail -1 || true)
-    echo "fuzz $name: ok ($summary)"
+    echo "fuzz $name: ok ($(grep -E '^#[0-9]+.*(DONE|INITED)' "$log" | tail -1 || true))"
   else
-    status=1
     echo "fuzz $name: FAILED; the input is in $crashes/, the log in $log:"
     tail -30 "$log"
+    return 1
   fi
+}
+status=0
+jobs=$(nproc)
+running=0
+for name in "${names[@]}"; do
+  if [ "$running" -ge "$jobs" ]; then
+    wait -n || status=1
+    running=$((running - 1))
+  fi
+  run_one "$name" &
+  running=$((running + 1))
+done
+while [ "$running" -gt 0 ]; do
+  wait -n || status=1
+  running=$((running - 1))
 done
 exit $status
