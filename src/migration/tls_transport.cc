@@ -3,8 +3,6 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509_vfy.h>
-#include <openssl/x509v3.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -28,9 +26,6 @@ constexpr size_t kRecordBytes = 16384;
 // the oldest (memory stays bounded under a flood of silent peers, and a
 // good peer that comes after a burst of them is not kept waiting).
 constexpr size_t kMaxPendingHandshakes = 16;
-// AES-GCM first: AES-NI and the kernel's TLS both have it.
-constexpr const char* kCipherSuites =
-    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 
 struct SslFree {
   void operator()(SSL* ssl) const { SSL_free(ssl); }
@@ -42,22 +37,11 @@ std::chrono::milliseconds Left(Clock::time_point deadline) {
                   std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()));
 }
 
-// The reasons OpenSSL queued in this thread, oldest first, and clears them.
-std::string TakeErrors() {
-  std::string out;
-  while (unsigned long e = ERR_get_error()) {
-    const char* reason = ERR_reason_error_string(e);
-    if (!out.empty()) out += "; ";
-    out += reason != nullptr ? reason : fmt::format("OpenSSL error {:#x}", e);
-  }
-  return out;
-}
-
 bool Contains(const std::string& text, const char* part) {
   return text.find(part) != std::string::npos;
 }
 
-// What a failed TLS step means for the operator. `errors` is TakeErrors()
+// What a failed TLS step means for the operator. `errors` is TakeTlsErrors()
 // after it, `verify` the certificate check's result.
 std::string Explain(const std::string& errors, long verify, int saved_errno,
                     const TlsContext& tls) {
@@ -122,7 +106,7 @@ HandshakeStep StepHandshake(SSL* ssl, const TlsContext& tls) {
     return HandshakeStep{.done = false, .want_write = true, .refused = {}};
   const int saved_errno = err == SSL_ERROR_SYSCALL ? errno : 0;
   return HandshakeStep{.refused =
-                           Explain(TakeErrors(), SSL_get_verify_result(ssl), saved_errno, tls)};
+                           Explain(TakeTlsErrors(), SSL_get_verify_result(ssl), saved_errno, tls)};
 }
 
 // A TLS connection over a non-blocking socket. OpenSSL's SSL object is not
@@ -163,10 +147,12 @@ class TlsChannel final : public Channel {
     int saved_errno = 0;
   };
   Io Call(bool write, uint8_t* data, size_t size);
-  Status WriteAll(const uint8_t* data, size_t size, uint64_t& done, uint64_t total);
-  // Waits for what `io` wants; an error once nothing moved for io_timeout_.
-  Status Await(const Io& io, Clock::time_point progress_at, const char* what, uint64_t done,
-               uint64_t total, bool& timed_out);
+  Status Transfer(bool write, uint8_t* data, size_t size, uint64_t& done, uint64_t total,
+                  Clock::time_point& progress_at);
+  Status WriteAll(const uint8_t* data, size_t size, uint64_t& done, uint64_t total) {
+    auto progress_at = Clock::now();
+    return Transfer(true, const_cast<uint8_t*>(data), size, done, total, progress_at);
+  }
   Status Failed(const Io& io, const char* what, uint64_t done, uint64_t total) const;
 
   const std::unique_ptr<SocketChannel> socket_;
@@ -191,7 +177,7 @@ TlsChannel::Io TlsChannel::Call(bool write, uint8_t* data, size_t size) {
   if (r == 1) return io;
   io.error = SSL_get_error(ssl_.get(), r);
   if (io.error == SSL_ERROR_SYSCALL) io.saved_errno = errno;
-  if (io.error != SSL_ERROR_WANT_READ && io.error != SSL_ERROR_WANT_WRITE) io.why = TakeErrors();
+  if (io.error != SSL_ERROR_WANT_READ && io.error != SSL_ERROR_WANT_WRITE) io.why = TakeTlsErrors();
   return io;
 }
 
@@ -216,41 +202,40 @@ Status TlsChannel::Failed(const Io& io, const char* what, uint64_t done, uint64_
                                     total, io.why.empty() ? "unknown TLS error" : io.why));
 }
 
-Status TlsChannel::Await(const Io& io, Clock::time_point progress_at, const char* what,
-                         uint64_t done, uint64_t total, bool& timed_out) {
-  const auto left = Left(progress_at + io_timeout_);
-  Result<bool> ready =
-      io.error == SSL_ERROR_WANT_WRITE ? socket_->WaitWritable(left) : socket_->WaitReadable(left);
-  if (!ready.has_value()) return ready.error();
-  timed_out = !*ready;
-  if (timed_out && !shut_down_.load(std::memory_order_acquire)) {
-    return Status(ETIMEDOUT, fmt::format("{}: {} made no progress within the I/O timeout ({} of "
-                                         "{} bytes done)",
-                                         name_, what, done, total));
-  }
-  if (shut_down_.load(std::memory_order_acquire)) return Failed(io, what, done, total);
-  return Status::Ok();
-}
-
-Status TlsChannel::WriteAll(const uint8_t* data, size_t size, uint64_t& done, uint64_t total) {
-  auto progress_at = Clock::now();
+// Moves `size` bytes between `data` and the connection, waiting for the
+// socket as OpenSSL asks; a direction fails once nothing moved for
+// io_timeout_, except that a receive that has moved nothing at all returns
+// EAGAIN (the stream position is intact, see Channel).
+Status TlsChannel::Transfer(bool write, uint8_t* data, size_t size, uint64_t& done, uint64_t total,
+                            Clock::time_point& progress_at) {
+  const char* what = write ? "send" : "receive";
   size_t off = 0;
   while (off < size) {
-    if (shut_down_.load(std::memory_order_acquire)) return Failed(Io{}, "send", done, total);
+    if (shut_down_.load(std::memory_order_acquire)) return Failed(Io{}, what, done, total);
     // SSL_write_ex wants the same arguments again after a WANT_*.
-    const Io io = Call(true, const_cast<uint8_t*>(data) + off, size - off);
+    const Io io = Call(write, data + off, size - off);
     if (io.error == SSL_ERROR_NONE) {
       off += io.bytes;
       done += io.bytes;
-      bytes_sent_.fetch_add(io.bytes, std::memory_order_relaxed);
+      (write ? bytes_sent_ : bytes_received_).fetch_add(io.bytes, std::memory_order_relaxed);
       progress_at = Clock::now();
       continue;
     }
     if (io.error != SSL_ERROR_WANT_READ && io.error != SSL_ERROR_WANT_WRITE) {
-      return Failed(io, "send", done, total);
+      return Failed(io, what, done, total);
     }
-    bool timed_out = false;
-    RETURN_IF_ERROR(Await(io, progress_at, "send", done, total, timed_out));
+    const auto left = Left(progress_at + io_timeout_);
+    Result<bool> ready = io.error == SSL_ERROR_WANT_WRITE ? socket_->WaitWritable(left)
+                                                          : socket_->WaitReadable(left);
+    if (!ready.has_value()) return ready.error();
+    if (shut_down_.load(std::memory_order_acquire)) return Failed(io, what, done, total);
+    if (*ready) continue;
+    if (!write && done == 0) {
+      return Status(EAGAIN, fmt::format("{}: nothing received within the I/O timeout", name_));
+    }
+    return Status(ETIMEDOUT, fmt::format("{}: {} made no progress within the I/O timeout ({} of "
+                                         "{} bytes done)",
+                                         name_, what, done, total));
   }
   return Status::Ok();
 }
@@ -296,28 +281,7 @@ Status TlsChannel::ReceiveScatter(std::span<const MutableBuffer> parts) {
   sys::ScopedSigpipeBlock no_sigpipe;  // a read may write (a TLS alert)
   auto progress_at = Clock::now();
   for (const MutableBuffer& part : parts) {
-    size_t off = 0;
-    while (off < part.size()) {
-      if (shut_down_.load(std::memory_order_acquire)) return Failed(Io{}, "receive", done, total);
-      const Io io = Call(false, part.data() + off, part.size() - off);
-      if (io.error == SSL_ERROR_NONE) {
-        off += io.bytes;
-        done += io.bytes;
-        bytes_received_.fetch_add(io.bytes, std::memory_order_relaxed);
-        progress_at = Clock::now();
-        continue;
-      }
-      if (io.error != SSL_ERROR_WANT_READ && io.error != SSL_ERROR_WANT_WRITE) {
-        return Failed(io, "receive", done, total);
-      }
-      bool timed_out = false;
-      Status waited = Await(io, progress_at, "receive", done, total, timed_out);
-      if (timed_out && done == 0 && !shut_down_.load(std::memory_order_acquire)) {
-        // Nothing consumed: the stream position is intact (see Channel).
-        return Status(EAGAIN, fmt::format("{}: nothing received within the I/O timeout", name_));
-      }
-      RETURN_IF_ERROR(waited);
-    }
+    RETURN_IF_ERROR(Transfer(false, part.data(), part.size(), done, total, progress_at));
   }
   return Status::Ok();
 }
@@ -335,7 +299,7 @@ Result<SslPtr> NewSsl(TlsContext& tls, SocketChannel& socket, bool server) {
   RETURN_IF_ERROR(socket.SetNonBlocking());
   SslPtr ssl(SSL_new(tls.native()));
   if (!ssl || SSL_set_fd(ssl.get(), socket.native_fd()) != 1) {
-    return Error("{}: setting up TLS: {}", socket.name(), TakeErrors());
+    return Error("{}: setting up TLS: {}", socket.name(), TakeTlsErrors());
   }
   if (server) {
     SSL_set_accept_state(ssl.get());
@@ -495,134 +459,7 @@ Result<std::unique_ptr<Channel>> TlsAcceptor::Accept(std::chrono::milliseconds t
   }
 }
 
-int RejectPassphrase(char*, int, int, void*) { return -1; }
-
-std::string Path(const std::string& dir, const char* file) { return dir + "/" + file; }
-
-// cert.pem must chain to ca.pem, or no peer could ever accept it.
-Status CheckOwnCertificate(SSL_CTX* ctx, const std::string& dir) {
-  X509* leaf = SSL_CTX_get0_certificate(ctx);
-  STACK_OF(X509)* chain = nullptr;
-  SSL_CTX_get0_chain_certs(ctx, &chain);
-  X509_STORE_CTX* store_ctx = X509_STORE_CTX_new();
-  if (store_ctx == nullptr ||
-      X509_STORE_CTX_init(store_ctx, SSL_CTX_get_cert_store(ctx), leaf, chain) != 1) {
-    X509_STORE_CTX_free(store_ctx);
-    return Error("{}: checking cert.pem: {}", dir, TakeErrors());
-  }
-  const int ok = X509_verify_cert(store_ctx);
-  const int error = X509_STORE_CTX_get_error(store_ctx);
-  X509_STORE_CTX_free(store_ctx);
-  if (ok != 1) {
-    return Error(
-        "{} is not signed by {} ({}): both ends need certificates from one CA, and ca.pem is "
-        "that CA's certificate",
-        Path(dir, "cert.pem"), Path(dir, "ca.pem"), X509_verify_cert_error_string(error));
-  }
-  return Status::Ok();
-}
-
-Status LoadFiles(SSL_CTX* ctx, const std::string& dir) {
-  for (const char* file : {"ca.pem", "cert.pem", "key.pem"}) {
-    if (access(Path(dir, file).c_str(), R_OK) != 0) {
-      return ErrnoError(errno,
-                        "TLS directory {}: cannot read {} (it needs ca.pem, cert.pem and key.pem; "
-                        "docs/protocol.md section 8.2 shows how to make them)",
-                        dir, file);
-    }
-  }
-  if (SSL_CTX_load_verify_locations(ctx, Path(dir, "ca.pem").c_str(), nullptr) != 1) {
-    return Error("{}: not a PEM certificate: {}", Path(dir, "ca.pem"), TakeErrors());
-  }
-  if (SSL_CTX_use_certificate_chain_file(ctx, Path(dir, "cert.pem").c_str()) != 1) {
-    return Error("{}: not a PEM certificate chain: {}", Path(dir, "cert.pem"), TakeErrors());
-  }
-  // An encrypted key would prompt on the terminal: refuse it instead.
-  SSL_CTX_set_default_passwd_cb(ctx, RejectPassphrase);
-  if (SSL_CTX_use_PrivateKey_file(ctx, Path(dir, "key.pem").c_str(), SSL_FILETYPE_PEM) != 1) {
-    const std::string errors = TakeErrors();
-    if (Contains(errors, "mismatch")) {
-      return Error("{} is not the key of {} ({})", Path(dir, "key.pem"), Path(dir, "cert.pem"),
-                   errors);
-    }
-    return Error("{}: not an unencrypted PEM private key: {}", Path(dir, "key.pem"), errors);
-  }
-  if (SSL_CTX_check_private_key(ctx) != 1) {
-    return Error("{} is not the key of {}: {}", Path(dir, "key.pem"), Path(dir, "cert.pem"),
-                 TakeErrors());
-  }
-  return CheckOwnCertificate(ctx, dir);
-}
-
-Status Configure(SSL_CTX* ctx, const std::string& peer_name) {
-  if (SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) != 1 ||
-      SSL_CTX_set_ciphersuites(ctx, kCipherSuites) != 1) {
-    return Error("TLS 1.3 setup: {}", TakeErrors());
-  }
-  // Both ends present a certificate, and both check the other's.
-  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
-  // No session tickets or resumption: every channel proves itself afresh,
-  // and no post-handshake message interleaves with the data.
-  SSL_CTX_set_num_tickets(ctx, 0);
-  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-  // A peer that closes without close_notify ends the stream like TCP does
-  // (the protocol's own framing detects truncation).
-  SSL_CTX_set_options(ctx, SSL_OP_ENABLE_KTLS | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_TICKET);
-  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-  if (peer_name.empty()) return Status::Ok();
-  X509_VERIFY_PARAM* param = SSL_CTX_get0_param(ctx);
-  X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
-  const bool ip = X509_VERIFY_PARAM_set1_ip_asc(param, peer_name.c_str()) == 1;
-  if (!ip && X509_VERIFY_PARAM_set1_host(param, peer_name.c_str(), peer_name.size()) != 1) {
-    return Error("TLS peer name '{}': {}", peer_name, TakeErrors());
-  }
-  ERR_clear_error();  // set1_ip_asc's complaint about a name that is no address
-  return Status::Ok();
-}
-
 }  // namespace
-
-Result<std::shared_ptr<TlsContext>> TlsContext::Load(const std::string& dir,
-                                                     std::string peer_name) {
-  ERR_clear_error();
-  SSL_CTX* ctx = SSL_CTX_new(TLS_method());
-  if (ctx == nullptr) return Error("TLS: SSL_CTX_new: {}", TakeErrors());
-  std::shared_ptr<TlsContext> tls(new TlsContext(ctx, dir, std::move(peer_name)));
-  RETURN_IF_ERROR(Configure(ctx, tls->peer_name_));
-  RETURN_IF_ERROR(LoadFiles(ctx, dir));
-  return tls;
-}
-
-TlsContext::~TlsContext() { SSL_CTX_free(ctx_); }
-
-TlsStats TlsContext::stats() const {
-  sys::MutexLock lock(mu_);
-  return stats_;
-}
-
-std::string TlsContext::Describe() const {
-  const TlsStats s = stats();
-  if (s.handshakes == 0) return fmt::format("TLS, no channel yet ({} refused)", s.refused);
-  return fmt::format("{} {}, kernel TLS on {}/{} channels sending and {}/{} receiving{}",
-                     s.protocol, s.cipher, s.ktls_send, s.handshakes, s.ktls_receive, s.handshakes,
-                     s.refused == 0 ? "" : fmt::format(", {} refused", s.refused));
-}
-
-void TlsContext::CountHandshake(const std::string& protocol, const std::string& cipher,
-                                bool ktls_send, bool ktls_receive) {
-  sys::MutexLock lock(mu_);
-  ++stats_.handshakes;
-  stats_.ktls_send += ktls_send ? 1 : 0;
-  stats_.ktls_receive += ktls_receive ? 1 : 0;
-  stats_.protocol = protocol;
-  stats_.cipher = cipher;
-}
-
-void TlsContext::CountRefusal(const std::string& why) {
-  sys::MutexLock lock(mu_);
-  ++stats_.refused;
-  stats_.last_refusal = why;
-}
 
 Result<std::unique_ptr<Connector>> MakeTlsConnector(const Address& address,
                                                     const TransportOptions& options) {

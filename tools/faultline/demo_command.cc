@@ -165,7 +165,6 @@ class Demo {
   std::unique_ptr<vmm::Vm> destination_;
   migration::TransportOptions transport_;  // --tls-dir's, both ends
   std::unique_ptr<migration::Acceptor> listener_;
-  uint16_t port_ = 0;  // listener_'s
   std::unique_ptr<LiveVm> live_;
   std::unique_ptr<IncomingVmAdapter> adapter_;
   std::unique_ptr<control::IncomingControl> incoming_;
@@ -246,8 +245,6 @@ Status Demo::StartSource() {
       migration::MakeAcceptor({"tcp", "127.0.0.1", 0}, transport_);
   if (!listener.has_value()) return listener.error().WithContext("destination");
   listener_ = std::move(*listener);
-  ASSIGN_OR_RETURN(migration::Address bound, migration::ParseAddress(listener_->address()));
-  port_ = bound.port;
 
   if (Status s = source_->Start(); !s.ok()) return s.WithContext("source VM");
   LiveVm::Options live;
@@ -315,7 +312,8 @@ Result<LoopbackRate> Demo::MeasureBaseline() {
 
 control::MigrateRequest Demo::Request() const {
   control::MigrateRequest request;
-  request.to = {"127.0.0.1", port_};
+  // The listener's own address, which it printed itself: it parses.
+  request.to = {"127.0.0.1", migration::ParseAddress(listener_->address())->port};
   request.mode = mode_;
   request.channels = o_.channels;
   request.downtime_ms = o_.downtime_ms;

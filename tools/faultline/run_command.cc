@@ -378,6 +378,21 @@ int Run(const RunOptions& o) {
   return ReportFinished(o, *config, h, *report);
 }
 
+// Hidden from --help: for the tests of recovery (a link that breaks at a
+// known point) and of local updates.
+void AddTestHooks(CLI::App* run, RunOptions* options) {
+  run->add_option("--test-cut-link-after", options->test_cut_after,
+                  "Test hook: the first session of each outgoing migration breaks after this "
+                  "many bytes sent")
+      ->group("");
+  run->add_flag("--test-withhold-fds", options->test_withhold_fds,
+                "Test hook: an outgoing local update offers its memory without the descriptors")
+      ->group("");
+  run->add_flag("--test-die-before-confirm", options->test_die_before_confirm,
+                "Test hook: an incoming local update's process exits just before it confirms")
+      ->group("");
+}
+
 // --restore and what goes with it.
 void AddRestoreOptions(CLI::App* run, RunOptions* options) {
   CLI::Option* restore = run->add_option(
@@ -462,17 +477,7 @@ void AddRunCommand(CLI::App& app, Action& action) {
                   "of the backing's candidates, measured at start in ~50 ms: copy or move on "
                   "anon, copy or continue on memfd and hugetlb, hole on gmem), continue, move, "
                   "copy or hole");
-  // Hidden: for the tests of recovery (a link that breaks at a known point).
-  run->add_option("--test-cut-link-after", options->test_cut_after,
-                  "Test hook: the first session of each outgoing migration breaks after this "
-                  "many bytes sent")
-      ->group("");
-  run->add_flag("--test-withhold-fds", options->test_withhold_fds,
-                "Test hook: an outgoing local update offers its memory without the descriptors")
-      ->group("");
-  run->add_flag("--test-die-before-confirm", options->test_die_before_confirm,
-                "Test hook: an incoming local update's process exits just before it confirms")
-      ->group("");
+  AddTestHooks(run, options.get());
   run->add_flag("--prealloc", options->prealloc,
                 "With --incoming: allocate all guest RAM before the migration starts, so that "
                 "receiving takes no page faults");
