@@ -200,7 +200,7 @@ std::string FormatReport(const GuestReport& report) {
   return out;
 }
 
-void AddTlsOptions(CLI::App* command, TlsOptions* options) {
+CLI::Option* AddTlsOptions(CLI::App* command, TlsOptions* options) {
   CLI::Option* dir = command->add_option(
       "--tls-dir", options->dir,
       "TLS 1.3 on every migration channel: DIR holds ca.pem, cert.pem and key.pem (both ends' "
@@ -209,6 +209,7 @@ void AddTlsOptions(CLI::App* command, TlsOptions* options) {
       ->add_option("--tls-peer-name", options->peer_name,
                    "With --tls-dir: the peer's certificate must carry this DNS name or IP address")
       ->needs(dir);
+  return dir;
 }
 
 Result<migration::TransportOptions> TransportFor(const TlsOptions& options,

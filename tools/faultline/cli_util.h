@@ -15,6 +15,7 @@
 
 namespace CLI {
 class App;
+class Option;
 }
 
 namespace faultline::cli {
@@ -43,7 +44,8 @@ struct TlsOptions {
   std::string dir;        // ca.pem, cert.pem, key.pem; empty: plaintext
   std::string peer_name;  // the name the peer's certificate must carry
 };
-void AddTlsOptions(CLI::App* command, TlsOptions* options);
+// Returns --tls-dir, for the command's own constraints on it.
+CLI::Option* AddTlsOptions(CLI::App* command, TlsOptions* options);
 // Transport options with the TLS context of `options` loaded (none without
 // --tls-dir; errors name the option), whose refused peers are said on
 // stderr as "faultline COMMAND: refused a connection ...".

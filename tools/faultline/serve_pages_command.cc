@@ -346,7 +346,7 @@ void AddServePagesCommand(CLI::App& app, Action& action) {
                       "switchover on; a page not here yet is fetched from the source when a VMM "
                       "faults on it");
   snapshot->excludes(from);
-  AddTlsOptions(cmd, &options->tls);
+  AddTlsOptions(cmd, &options->tls)->needs(from);
   cmd->add_option("--mem", options->mem,
                   "With --from: the guest RAM's blocks, [NAME:]SIZE each, in order (the "
                   "reference VMM's: one, SIZE = its --mem); they are the memory file")
