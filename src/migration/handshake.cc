@@ -91,7 +91,13 @@ Result<Session> ConnectSession(Connector& connector, const SourceSessionOptions&
   RETURN_IF_ERROR(main.channel().SetLowLatency(true));
   main.reader().set_blocks(session.blocks.get());
   RETURN_IF_ERROR(main.writer().Send(hello));
-  ASSIGN_OR_RETURN(session.ack, Expect<HelloAck>(main.reader(), "handshake"));
+  Result<HelloAck> answered = Expect<HelloAck>(main.reader(), "handshake");
+  if (!answered.has_value() && answered.error().code() == ECONNRESET) {
+    return answered.error().WithContext(
+        "the destination hung up on the Hello (a destination that requires TLS does so to a "
+        "plaintext source: check --tls-dir on both ends)");
+  }
+  ASSIGN_OR_RETURN(session.ack, std::move(answered));
   const HelloAck& ack = session.ack;
   if (Status s = CheckAck(hello, ack, options.key); !s.ok()) {
     return SendError(main, (ack.features & kFeatureAuth) ? ErrorCode::kAuth : ErrorCode::kProtocol,

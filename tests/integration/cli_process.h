@@ -252,4 +252,14 @@ inline void ExpectVerifiedOn(Cli& dest, uint64_t written) {
   EXPECT_EQ(d["pages_verified"].get<uint64_t>(), written) << d.dump();
 }
 
+// faultline_hostile_peer (hostile_peer.cc) against a destination on
+// 127.0.0.1:`port`, expected to end with `expected_exit`: its report.
+inline nlohmann::json Hostile(uint16_t port, std::vector<std::string> args, int expected_exit = 0) {
+  args.insert(args.begin(), {"--to", fmt::format("tcp:127.0.0.1:{}", port)});
+  Cli peer(args, FAULTLINE_HOSTILE_PEER_PATH);
+  EXPECT_EQ(peer.Wait(), expected_exit) << peer.Describe();
+  fmt::print("hostile peer {}: {}", args[2], peer.out());
+  return peer.Json();
+}
+
 }  // namespace faultline::clitest

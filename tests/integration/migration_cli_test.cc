@@ -382,6 +382,28 @@ INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
                                            BadInput{"BlockListMismatch", true, nullptr, "block"}),
                          [](const auto& info) { return info.param.name; });
 
+// Connections that are no migration at all (a frame announcing 4 GiB,
+// random bytes, a Hello cut in half) are strays to a plaintext destination:
+// each is dropped, said, and the destination goes on waiting; the real
+// migration that follows completes and its guest verifies every page.
+TEST(MigrationCliTest, NonProtocolPeersAreDroppedAndTheMigrationThenCompletes) {
+  const std::string mem = itest::MemArg("256M", "128M");
+  Destination dest = StartDestination(mem, "anon");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = StartSource(control, mem, "anon", 3);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+  Hostile(dest.port, {"oversized"});
+  Hostile(dest.port, {"garbage", "--bytes", "65536"});
+  Hostile(dest.port, {"truncated"});
+  EXPECT_TRUE(dest.cli->Running()) << dest.cli->Describe();
+  Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
+               "--json"});
+  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n" << dest.cli->Describe();
+  ASSERT_EQ(source->Wait(), 0) << source->Describe();
+  ExpectVerifiedOn(*dest.cli, source->Json()["workload_pages"].get<uint64_t>());
+}
+
 // The demo in pre-copy mode: the destination control path's other engine,
 // which receives every page before the destination starts the guest, here
 // into memory allocated beforehand (--prealloc).

@@ -63,18 +63,6 @@ sys::UniqueFd Dial(uint16_t port) {
   return fd;
 }
 
-// Reads until the peer closes (or 20 s pass); whether it closed.
-bool ReadUntilClosed(int fd) {
-  timeval tv{20, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  char buf[4096];
-  while (true) {
-    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
-    if (n == 0 || (n < 0 && errno == ECONNRESET)) return true;
-    if (n < 0) return false;
-  }
-}
-
 // What a TLS source sends on one channel to a server with the
 // destination's certificate: a real client's handshake and first record,
 // captured on the way (as an eavesdropper on the path would), for replay.
@@ -158,10 +146,11 @@ TEST(TlsCliTest, HostilePeersAreRefusedBeforeAnyPageAndTheRealMigrationCompletes
   const std::string to = fmt::format("tcp:127.0.0.1:{}", dest.port);
   const uint64_t rss_before = RssKib(dest.cli->pid());
 
-  // 1. A plaintext source.
+  // 1. A plaintext source, the real one and the hostile tool's.
   Cli plain({"migrate", "--control", control, "--to", to, "--json"});
   EXPECT_EQ(plain.Wait(), 1) << plain.Describe();
   EXPECT_TRUE(dest.cli->AwaitStderr("does not speak TLS", 20s)) << dest.cli->Describe();
+  Hostile(dest.port, {"hello"});
   // 2. A source whose certificate another CA signed (and which trusts that
   // CA only: it refuses the destination too).
   Cli intruder(
@@ -171,22 +160,25 @@ TEST(TlsCliTest, HostilePeersAreRefusedBeforeAnyPageAndTheRealMigrationCompletes
       << intruder.Describe();
   EXPECT_TRUE(dest.cli->AwaitStderr("refused this side's certificate", 20s))
       << dest.cli->Describe();
-  // The replay's refusal is checked below, with the destination's stderr.
-  // 3. A real source's handshake, recorded elsewhere and replayed here.
+  EXPECT_THAT(Hostile(dest.port, {"hello", "--tls-dir", dirs.Dir("intruder")}).dump(),
+              HasSubstr("failed verification"));
+  // 3. A real source's handshake, recorded elsewhere and replayed here; and
+  // bytes that are no protocol at all.
   const std::vector<uint8_t> recorded = RecordAHandshake(dirs);
   ASSERT_GT(recorded.size(), 500u);
-  {
-    sys::UniqueFd replay = Dial(dest.port);
-    ASSERT_TRUE(replay);
-    ASSERT_EQ(send(replay.get(), recorded.data(), recorded.size(), MSG_NOSIGNAL),
-              static_cast<ssize_t>(recorded.size()));
-    EXPECT_TRUE(ReadUntilClosed(replay.get()));
-  }
+  const std::string replay = dirs.Dir("replay.bin");
+  std::ofstream(replay, std::ios::binary)
+      .write(reinterpret_cast<const char*>(recorded.data()),
+             static_cast<std::streamsize>(recorded.size()));
+  Hostile(dest.port, {"replay", "--file", replay});
+  Hostile(dest.port, {"oversized"});
+  Hostile(dest.port, {"garbage", "--bytes", "65536"});
   // 4. Silent peers, more than the destination handshakes at once, still
-  // connected while the real migration comes.
-  std::vector<sys::UniqueFd> silent;
-  for (int i = 0; i < 40; ++i) silent.push_back(Dial(dest.port));
-  std::this_thread::sleep_for(500ms);
+  // connected while the real migration comes (the 16 newest are still in
+  // their handshakes when the tool lets go: it exits 1).
+  Cli silent({"--to", to, "silent", "--count", "40", "--hold-ms", "4000"},
+             FAULTLINE_HOSTILE_PEER_PATH);
+  std::this_thread::sleep_for(1s);
   const uint64_t rss_attacked = RssKib(dest.cli->pid());
   const std::string said = dest.cli->err();
   EXPECT_THAT(said, HasSubstr("a replayed or tampered handshake"));
@@ -208,6 +200,8 @@ TEST(TlsCliTest, HostilePeersAreRefusedBeforeAnyPageAndTheRealMigrationCompletes
   ExpectVerifiedOn(*dest.cli, source->Json()["workload_pages"].get<uint64_t>());
   nlohmann::json d = dest.cli->Json();
   EXPECT_THAT(d["incoming"]["tls"].get<std::string>(), HasSubstr("refused")) << d.dump();
+  EXPECT_EQ(silent.Wait(), 1) << silent.Describe();
+  fmt::print("silent peers: {}\n", silent.out());
   fmt::print("destination RSS: {} KiB before the attacks, {} KiB under 40 silent peers\n",
              rss_before, rss_attacked);
   fmt::print("destination said:\n{}\n", said);

@@ -1,0 +1,223 @@
+// faultline_hostile_peer: a deliberately malicious migration source, for
+// the tests of a destination's refusals (Firecracker ships a
+// malicious_handler for the same reason). It speaks to a destination
+// (`faultline run --incoming tcp:...`, `serve-pages --from`) the way an
+// attacker on the network would, and reports whether each of its
+// connections was refused.
+//
+//   faultline_hostile_peer --to tcp:HOST:PORT CASE [--tls-dir DIR] [--count N]
+//                          [--hold-ms MS] [--bytes N] [--file FILE]
+//
+// CASE:
+//   hello      a well-formed Hello (a plaintext source, or with --tls-dir a
+//              TLS source with DIR's certificate), then waits for the answer
+//   replay     the bytes of --file (a recorded handshake), then waits
+//   oversized  a Hello frame header announcing 4 GiB - 1 of payload
+//   truncated  the first half of a well-formed Hello, then half-closes
+//   garbage    --bytes random bytes (default 4096)
+//   silent     --count connections (default 1) that send nothing, held for
+//              --hold-ms (default 3000); reports how many the peer closed
+//
+// Prints one JSON object: {"case", "connections", "refused", "answers"}
+// where `answers` says what each connection heard (an Error's text, "closed",
+// "HelloAck: accepted", "no answer"). Exit status: 0 when every connection
+// was refused (closed, reset, or answered with an Error, or failed its TLS
+// handshake; `truncated` hangs up itself, and counts as refused: what the
+// peer made of it shows on its side), 1 when one was not, 2 on a usage
+// error.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <random>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "src/migration/message_io.h"
+#include "src/migration/tls_transport.h"
+#include "src/migration/transport.h"
+#include "src/migration/wire.h"
+
+namespace faultline::migration {
+namespace {
+
+struct Options {
+  std::string to;
+  std::string kase;
+  std::string tls_dir;
+  std::string file;
+  int count = 1;
+  int hold_ms = 3000;
+  size_t bytes = 4096;
+};
+
+// What the peer did with one connection.
+struct Outcome {
+  bool refused = false;
+  std::string answer;
+};
+
+std::vector<uint8_t> HelloBytes() {
+  Hello hello;
+  hello.session_id = std::random_device()() | 1;
+  hello.blocks = {BlockInfo{"ram", 128ull << 20, 4096, Backing::kAnonymous}};
+  return EncodeFrame(hello, 0);
+}
+
+std::vector<uint8_t> Payload(const Options& o) {
+  if (o.kase == "hello") return HelloBytes();
+  if (o.kase == "truncated") {
+    std::vector<uint8_t> hello = HelloBytes();
+    hello.resize(hello.size() / 2);
+    return hello;
+  }
+  if (o.kase == "oversized") {
+    std::vector<uint8_t> header(kFrameHeaderSize + 64, 0);
+    EncodeFrameHeader(FrameHeader{MessageType::kHello, 0, 0xFFFFFFFFu, 0},
+                      std::span<uint8_t, kFrameHeaderSize>(header.data(), kFrameHeaderSize));
+    return header;
+  }
+  if (o.kase == "garbage") {
+    std::mt19937_64 random(std::random_device{}());
+    std::vector<uint8_t> bytes(o.bytes);
+    for (uint8_t& b : bytes) b = static_cast<uint8_t>(random());
+    return bytes;
+  }
+  std::ifstream in(o.file, std::ios::binary);  // replay
+  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
+}
+
+// Sends `bytes`, then reads what the peer answers (within the I/O timeout).
+// `hang_up`: closes instead of listening (a truncated frame: what the peer
+// makes of it shows on the peer's side only).
+Outcome SendAndListen(Channel& channel, const std::vector<uint8_t>& bytes, bool hang_up) {
+  if (Status sent = channel.Send(bytes); !sent.ok()) return {true, sent.ToString()};
+  if (hang_up) {
+    channel.Shutdown();
+    return {true, fmt::format("sent {} bytes, then hung up mid-frame", bytes.size())};
+  }
+  MessageReader reader(channel);
+  Result<Message> answer = reader.Read();
+  if (!answer.has_value()) {
+    const int code = answer.error().code();
+    if (code == EAGAIN || code == ETIMEDOUT) return {false, "no answer"};
+    return {true, answer.error().ToString()};
+  }
+  if (const auto* error = std::get_if<ErrorMessage>(&*answer)) return {true, error->text};
+  return {false, fmt::format("{}: accepted", MessageTypeName(TypeOf(*answer)))};
+}
+
+// --count connections that say nothing; the ones the peer closed.
+std::vector<Outcome> Silent(Connector& connector, const Options& o) {
+  std::vector<std::unique_ptr<Channel>> held;
+  std::vector<Outcome> outcomes;
+  for (int i = 0; i < o.count; ++i) {
+    Result<std::unique_ptr<Channel>> c = connector.Connect();
+    if (c.has_value()) {
+      held.push_back(std::move(*c));
+    } else {
+      outcomes.push_back({true, c.error().ToString()});
+    }
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(o.hold_ms));
+  for (auto& channel : held) {
+    std::array<uint8_t, 1> byte{};
+    Status s = channel->Receive(byte);  // within the short I/O timeout
+    const bool closed = !s.ok() && s.code() != EAGAIN;
+    outcomes.push_back({closed, closed ? s.ToString() : "held open"});
+  }
+  return outcomes;
+}
+
+int Run(const Options& o) {
+  Result<Address> address = ParseAddress(o.to);
+  if (!address.has_value()) {
+    fmt::print(stderr, "--to: {}\n", address.error().ToString());
+    return 2;
+  }
+  TransportOptions transport;
+  transport.io_timeout = std::chrono::milliseconds(o.kase == "silent" ? 200 : 10'000);
+  if (!o.tls_dir.empty()) {
+    Result<std::shared_ptr<TlsContext>> tls = TlsContext::Load(o.tls_dir);
+    if (!tls.has_value()) {
+      fmt::print(stderr, "--tls-dir: {}\n", tls.error().ToString());
+      return 2;
+    }
+    transport.tls = *tls;
+  }
+  Result<std::unique_ptr<Connector>> connector = MakeConnector(*address, transport);
+  if (!connector.has_value()) {
+    fmt::print(stderr, "{}\n", connector.error().ToString());
+    return 2;
+  }
+  std::vector<Outcome> outcomes;
+  if (o.kase == "silent") {
+    outcomes = Silent(**connector, o);
+  } else {
+    Result<std::unique_ptr<Channel>> channel = (*connector)->Connect();
+    outcomes.push_back(channel.has_value()
+                           ? SendAndListen(**channel, Payload(o), o.kase == "truncated")
+                           : Outcome{true, channel.error().ToString()});
+  }
+  nlohmann::json answers = nlohmann::json::array();
+  int refused = 0;
+  for (const Outcome& out : outcomes) {
+    refused += out.refused ? 1 : 0;
+    answers.push_back(out.answer);
+  }
+  fmt::print("{}\n", nlohmann::json{{"case", o.kase},
+                                    {"connections", outcomes.size()},
+                                    {"refused", refused},
+                                    {"answers", answers}}
+                         .dump());
+  return refused == static_cast<int>(outcomes.size()) ? 0 : 1;
+}
+
+int Main(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (arg == "--to" && has_value) {
+      o.to = argv[++i];
+    } else if (arg == "--tls-dir" && has_value) {
+      o.tls_dir = argv[++i];
+    } else if (arg == "--file" && has_value) {
+      o.file = argv[++i];
+    } else if (arg == "--count" && has_value) {
+      o.count = std::atoi(argv[++i]);
+    } else if (arg == "--hold-ms" && has_value) {
+      o.hold_ms = std::atoi(argv[++i]);
+    } else if (arg == "--bytes" && has_value) {
+      o.bytes = static_cast<size_t>(std::atoll(argv[++i]));
+    } else if (o.kase.empty() && !arg.starts_with("--")) {
+      o.kase = arg;
+    } else {
+      o.kase.clear();
+      break;
+    }
+  }
+  const bool known = o.kase == "hello" || o.kase == "replay" || o.kase == "oversized" ||
+                     o.kase == "truncated" || o.kase == "garbage" || o.kase == "silent";
+  if (o.to.empty() || !known || (o.kase == "replay" && o.file.empty()) || o.count < 1 ||
+      o.count > 1000 || o.hold_ms < 0) {
+    fmt::print(stderr,
+               "usage: {} --to tcp:HOST:PORT hello|replay|oversized|truncated|garbage|silent "
+               "[--tls-dir DIR] [--file FILE] [--count N] [--hold-ms MS] [--bytes N]\n",
+               argv[0]);
+    return 2;
+  }
+  return Run(o);
+}
+
+}  // namespace
+}  // namespace faultline::migration
+
+int main(int argc, char** argv) { return faultline::migration::Main(argc, argv); }
