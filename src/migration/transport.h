@@ -5,8 +5,8 @@
 // A session uses one main channel (control messages, low latency) and N page
 // channels (bulk page data); the handshake (handshake.h) binds them together.
 // Implementations: stream sockets, TCP or Unix-domain (socket_transport.h),
-// TLS 1.3 over TCP (tls_transport.h), and a wrapper that delays, throttles and cuts any other
-// transport for tests (fault_transport.h).
+// TLS 1.3 over TCP (tls_transport.h), and a wrapper that delays, throttles
+// and cuts any other transport for tests (fault_transport.h).
 #pragma once
 
 #include <chrono>
