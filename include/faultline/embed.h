@@ -85,6 +85,13 @@ struct MigrationOptions {
   std::chrono::milliseconds downtime_target{50};  // pre-copy's switchover goal
   uint64_t bandwidth_limit = 0;                   // bytes/s of page data, 0: none
   std::chrono::milliseconds io_timeout{60'000};   // a silent peer is a broken link
+  // TLS 1.3 on every channel of a tcp: migration, both ends' certificates
+  // checked (docs/protocol.md section 8.2): a directory with ca.pem (the CA
+  // that signs both ends), cert.pem and key.pem; empty: no TLS. Checked by
+  // Create. `tls_peer_name`, if set: the name the peer's certificate must
+  // carry (a DNS name or IP address).
+  std::string tls_dir;
+  std::string tls_peer_name;
   // Destination: the blocks read as zero now (made for this migration), so
   // zero pages need no write.
   bool memory_is_zero = true;

@@ -83,6 +83,11 @@ typedef struct fl_migration_options {
   uint64_t bandwidth_limit; /* bytes/s of page data, 0: none */
   uint32_t io_timeout_ms;   /* a silent peer is a broken link */
   int memory_is_zero;       /* destination: its RAM reads as zero now */
+  /* TLS 1.3 on every channel of a tcp: migration (docs/protocol.md 8.2):
+   * a directory with ca.pem, cert.pem and key.pem; NULL or "": none. And
+   * the name the peer's certificate must carry; NULL or "": any. */
+  const char* tls_dir;
+  const char* tls_peer_name;
 } fl_migration_options;
 
 /* Fills `options` with the defaults: pre-copy, 4 channels, no key, 50 ms

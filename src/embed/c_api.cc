@@ -147,6 +147,8 @@ MigrationOptions Options(const fl_migration_options* c) {
   o.bandwidth_limit = c->bandwidth_limit;
   o.io_timeout = std::chrono::milliseconds(c->io_timeout_ms);
   o.memory_is_zero = c->memory_is_zero != 0;
+  o.tls_dir = c->tls_dir != nullptr ? c->tls_dir : "";
+  o.tls_peer_name = c->tls_peer_name != nullptr ? c->tls_peer_name : "";
   return o;
 }
 

@@ -14,8 +14,9 @@
 #include "src/migration/memory_vm.h"
 #include "src/migration/postcopy_destination.h"
 #include "src/migration/postcopy_source.h"
-#include "src/migration/socket_transport.h"
 #include "src/migration/source.h"
+#include "src/migration/tls_context.h"
+#include "src/migration/transport.h"
 
 namespace faultline {
 
@@ -46,9 +47,17 @@ Status CheckOptions(const MigrationOptions& o) {
 
 migration::AuthKey Key(const MigrationOptions& o) { return {o.key.begin(), o.key.end()}; }
 
-migration::TransportOptions Transport(const MigrationOptions& o) {
+Result<migration::TransportOptions> Transport(const MigrationOptions& o) {
   migration::TransportOptions t;
   t.io_timeout = o.io_timeout;
+  if (!o.tls_dir.empty()) {
+    Result<std::shared_ptr<migration::TlsContext>> tls =
+        migration::TlsContext::Load(o.tls_dir, o.tls_peer_name);
+    if (!tls.has_value()) return tls.error().WithContext("MigrationOptions::tls_dir");
+    t.tls = std::move(*tls);
+  } else if (!o.tls_peer_name.empty()) {
+    return Error("MigrationOptions::tls_peer_name goes with tls_dir");
+  }
   return t;
 }
 
@@ -95,6 +104,7 @@ MigrationStats FromPostcopySource(const migration::PostcopySourceStats& s) {
 
 struct OutgoingMigration::Impl {
   MigrationOptions options;
+  migration::TransportOptions transport;  // Transport(options)
   Ram ram;
   std::unique_ptr<migration::SourceVm> vm;
   std::unique_ptr<migration::MigrationSource> precopy;  // one of the two
@@ -104,7 +114,7 @@ struct OutgoingMigration::Impl {
 
   Result<std::unique_ptr<migration::Connector>> Connect(std::string_view address) const {
     ASSIGN_OR_RETURN(migration::Address a, migration::ParseAddress(address));
-    return migration::MakeConnector(a, Transport(options));
+    return migration::MakeConnector(a, transport);
   }
 };
 
@@ -117,6 +127,7 @@ Result<std::unique_ptr<OutgoingMigration>> OutgoingMigration::Create(VmHandle& v
   RETURN_IF_ERROR(CheckOptions(options));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  ASSIGN_OR_RETURN(impl->transport, Transport(options));
   RETURN_IF_ERROR(impl->ram.Init(ram));
   impl->vm =
       migration::MakeMemorySource(*impl->ram.memory, std::make_unique<HandleControl>(vm, false));
@@ -206,12 +217,13 @@ MigrationProgress OutgoingMigration::progress() const {
 struct IncomingMigration::Impl {
   VmHandle* handle = nullptr;
   MigrationOptions options;
+  migration::TransportOptions transport;  // Transport(options)
   Ram ram;
   std::unique_ptr<migration::DestinationVm> vm;  // pre-copy
   std::unique_ptr<migration::PostcopyDestinationVm> postcopy_vm;
   std::unique_ptr<migration::MigrationDestination> precopy;  // one of the two
   std::unique_ptr<migration::PostcopyDestination> postcopy;
-  std::unique_ptr<migration::SocketListener> listener;
+  std::unique_ptr<migration::Acceptor> listener;
   std::atomic<int> state{0};  // 0 setup, 1 running, 2 completed, 3 failed
 
   Status Listening() const {
@@ -230,6 +242,7 @@ Result<std::unique_ptr<IncomingMigration>> IncomingMigration::Create(VmHandle& v
   auto impl = std::make_unique<Impl>();
   impl->handle = &vm;
   impl->options = options;
+  ASSIGN_OR_RETURN(impl->transport, Transport(options));
   RETURN_IF_ERROR(impl->ram.Init(ram));
   auto control = std::make_unique<HandleControl>(vm, options.memory_is_zero);
   migration::DestinationOptions d;
@@ -251,8 +264,7 @@ Result<std::unique_ptr<IncomingMigration>> IncomingMigration::Create(VmHandle& v
 Result<std::string> IncomingMigration::Listen(std::string_view address) {
   if (impl_->listener != nullptr) return Error("IncomingMigration: already listening");
   ASSIGN_OR_RETURN(migration::Address a, migration::ParseAddress(address));
-  ASSIGN_OR_RETURN(impl_->listener,
-                   migration::SocketListener::Listen(a, Transport(impl_->options)));
+  ASSIGN_OR_RETURN(impl_->listener, migration::MakeAcceptor(a, impl_->transport));
   return impl_->listener->address();
 }
 

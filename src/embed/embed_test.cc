@@ -6,6 +6,7 @@
 #include "faultline/embed.h"
 
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -13,9 +14,11 @@
 #include <filesystem>
 #include <thread>
 
+#include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "src/migration/tls_test_certs.h"
 #include "src/sys/memfd.h"
 
 namespace faultline {
@@ -340,6 +343,57 @@ TEST(EmbedErrorsTest, WrongKeyIsRefusedAndTheSourceRunsOn) {
   ASSERT_FALSE(received.has_value());
   EXPECT_FALSE(destination.started());
   EXPECT_EQ((*outgoing)->progress().phase, "failed");
+}
+
+// TLS between two embedders: the memory and state arrive over tcp: with
+// both certificates checked; a source from another CA is refused and its
+// guest runs on.
+TEST(EmbedTlsTest, MigratesOverTlsAndRefusesAnotherCa) {
+  const std::string root = fmt::format("/tmp/faultline-embed-tls-{}", getpid());
+  mkdir(root.c_str(), 0700);
+  migration::testing::TestCa ca, other("another CA");
+  ca.WriteDir(root + "/src", "source", "DNS:source");
+  ca.WriteDir(root + "/dst", "dest", "DNS:dest");
+  other.WriteDir(root + "/intruder", "source", "DNS:source");
+  VmmMemory from(Backing::kAnonymous), to(Backing::kAnonymous);
+  TestVm source(from.host), destination(to.host);
+  MigrationOptions in_options, out_options;
+  in_options.tls_dir = root + "/dst";
+  in_options.tls_peer_name = "source";
+  auto incoming =
+      IncomingMigration::Create(destination, to.Regions(Backing::kAnonymous), in_options);
+  ASSERT_TRUE(incoming.has_value()) << incoming.error().ToString();
+  auto address = (*incoming)->Listen("tcp:127.0.0.1:0");
+  ASSERT_TRUE(address.has_value()) << address.error().ToString();
+  Result<MigrationStats> received = Error("not run");
+  std::thread receiver([&] { received = (*incoming)->Run(); });
+
+  out_options.tls_dir = root + "/intruder";
+  auto intruder = OutgoingMigration::Create(source, from.Regions(Backing::kAnonymous), out_options);
+  ASSERT_TRUE(intruder.has_value()) << intruder.error().ToString();
+  source.StartWorkers();
+  Result<MigrationStats> refused = (*intruder)->Run(*address);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_THAT(refused.error().ToString(), ::testing::HasSubstr("failed verification"));
+
+  out_options.tls_dir = root + "/src";
+  out_options.tls_peer_name = "dest";
+  auto outgoing = OutgoingMigration::Create(source, from.Regions(Backing::kAnonymous), out_options);
+  ASSERT_TRUE(outgoing.has_value()) << outgoing.error().ToString();
+  Result<MigrationStats> sent = (*outgoing)->Run(*address);
+  receiver.join();
+  destination.JoinReader();
+  ASSERT_TRUE(sent.has_value()) << sent.error().ToString();
+  ASSERT_TRUE(received.has_value()) << received.error().ToString();
+  source.StopWorkers();
+  EXPECT_EQ(std::memcmp(from.host, to.host, kSize), 0) << "the memory differs";
+
+  // A directory that is not one is refused when the migration is made.
+  MigrationOptions wrong;
+  wrong.tls_dir = root + "/nowhere";
+  auto refused_early = OutgoingMigration::Create(source, from.Regions(Backing::kAnonymous), wrong);
+  ASSERT_FALSE(refused_early.has_value());
+  EXPECT_THAT(refused_early.error().ToString(), ::testing::HasSubstr("MigrationOptions::tls_dir"));
 }
 
 TEST(EmbedErrorsTest, MistakesInTheDescriptionSayWhat) {
