@@ -9,8 +9,9 @@ scripts/install-deps.sh
 build=${FAULTLINE_TEST_BUILD:-build/test}
 # -g1 (line tables): reports still name function, file and line, and the
 # build takes 40% less time than with full debug information.
+# No benchmarks here (they run no test): scripts/examples.sh builds them.
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFAULTLINE_WERROR=ON \
-  -DFAULTLINE_SANITIZE=ON -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" >/dev/null
+  -DFAULTLINE_SANITIZE=ON -DFAULTLINE_BENCH=OFF -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" >/dev/null
 cmake --build "$build"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
