@@ -303,8 +303,12 @@ TEST(EmbedPageServerTest, ServesASnapshotToAConnectedVmm) {
   ASSERT_EQ(released.size(), 1u);
   EXPECT_TRUE(released[0].served);
   EXPECT_EQ(released[0].pid, static_cast<int64_t>(getpid()));
-  EXPECT_GT(released[0].faults, 0u);
-  EXPECT_EQ(released[0].faults, released[0].pages_installed + released[0].zero_pages);
+  // Every page was touched once and installed once, zero pages among them
+  // (pages_installed counts them too: how many depends on how much the
+  // workers wrote before the snapshot). A fault may be reported twice.
+  EXPECT_EQ(released[0].pages_installed, kSize / 4096);
+  EXPECT_LE(released[0].zero_pages, released[0].pages_installed);
+  EXPECT_GE(released[0].faults, released[0].pages_installed);
   connection->reset();
   std::filesystem::remove_all(tmpl);
 }
