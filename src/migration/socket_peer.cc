@@ -12,17 +12,25 @@
 
 namespace faultline::migration {
 
+namespace {
+
+// Whether `fd` has `events` (or an error or hang-up) within `timeout`.
+Result<bool> WaitFor(int fd, short events, std::chrono::milliseconds timeout,
+                     const std::string& name) {
+  pollfd pfd{fd, events, 0};
+  auto ready = PollAny(std::span<pollfd>(&pfd, 1), timeout);
+  if (!ready.has_value()) return ready.error().WithContext(name);
+  return *ready > 0;
+}
+
+}  // namespace
+
 Result<bool> SocketChannel::WaitReadable(std::chrono::milliseconds timeout) const {
-  auto readable = PollReadable(fd_.get(), timeout);
-  if (!readable.has_value()) return readable.error().WithContext(name_);
-  return *readable;
+  return WaitFor(fd_.get(), POLLIN, timeout, name_);
 }
 
 Result<bool> SocketChannel::WaitWritable(std::chrono::milliseconds timeout) const {
-  pollfd pfd{fd_.get(), POLLOUT, 0};
-  auto ready = PollAny(std::span<pollfd>(&pfd, 1), timeout);
-  if (!ready.has_value()) return ready.error().WithContext(name_);
-  return *ready > 0;
+  return WaitFor(fd_.get(), POLLOUT, timeout, name_);
 }
 
 Status SocketChannel::SetNonBlocking() {

@@ -182,15 +182,8 @@ class IovCursor {
 
 Result<bool> PollReadable(int fd, std::chrono::milliseconds timeout) {
   pollfd pfd{fd, POLLIN, 0};
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (true) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    const int r = poll(&pfd, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return ErrnoError(errno, "poll");
-    return r > 0;
-  }
+  ASSIGN_OR_RETURN(int ready, PollAny(std::span<pollfd>(&pfd, 1), timeout));
+  return ready > 0;
 }
 
 Result<std::unique_ptr<SocketChannel>> SocketChannel::Adopt(sys::UniqueFd fd,
