@@ -179,6 +179,7 @@ void SourceMigrationControl::MakeEnginesLocked(const MigrateRequest& request, bo
     migration::PostcopySourceOptions options;
     options.base = std::move(source_options);
     options.realtime_priority = options_.realtime_priority;
+    options.answers_on_bulk = request.answers_on_bulk;
     options.precopy_passes =
         request.postcopy_on_command ? migration::kPostcopyOnCommand : request.precopy_passes;
     postcopy_ = std::make_unique<migration::PostcopySource>(vm_, std::move(options));

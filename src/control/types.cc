@@ -121,6 +121,7 @@ void to_json(nlohmann::json& j, const MigrateRequest& request) {
   if (request.mode == MigrationMode::kPostcopy) {
     j["precopy_passes"] = request.precopy_passes;
     j["postcopy_on_command"] = request.postcopy_on_command;
+    j["postcopy_answers"] = request.answers_on_bulk ? "bulk" : "priority";
   }
   if (request.local) j["local"] = true;
   if (!request.tls_dir.empty()) j["tls_dir"] = request.tls_dir;
@@ -130,9 +131,9 @@ void to_json(nlohmann::json& j, const MigrateRequest& request) {
 Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
   JsonFields f(args);
   RETURN_IF_ERROR(f.CheckObject());
-  RETURN_IF_ERROR(f.RejectUnknown({"to", "mode", "channels", "downtime_ms",
-                                   "bandwidth_bytes_per_sec", "precopy_passes",
-                                   "postcopy_on_command", "local", "tls_dir", "tls_peer_name"}));
+  RETURN_IF_ERROR(f.RejectUnknown(
+      {"to", "mode", "channels", "downtime_ms", "bandwidth_bytes_per_sec", "precopy_passes",
+       "postcopy_on_command", "postcopy_answers", "local", "tls_dir", "tls_peer_name"}));
   MigrateRequest r;
   ASSIGN_OR_RETURN(std::string to, f.String("to"));
   ASSIGN_OR_RETURN(r.to, ParseMigrationTarget(to));
@@ -150,11 +151,19 @@ Result<MigrateRequest> ParseMigrateRequest(const nlohmann::json& args) {
   r.bandwidth_bytes_per_sec = bandwidth.value_or(0);
   ASSIGN_OR_RETURN(std::optional<uint64_t> passes, f.OptionalUint("precopy_passes", 0, 1000));
   ASSIGN_OR_RETURN(std::optional<bool> on_command, f.OptionalBool("postcopy_on_command"));
-  if ((passes || on_command) && r.mode != MigrationMode::kPostcopy) {
+  ASSIGN_OR_RETURN(std::optional<std::string> answers, f.OptionalString("postcopy_answers"));
+  if ((passes || on_command || answers) && r.mode != MigrationMode::kPostcopy) {
     return InvalidArgument(
-        "precopy_passes and postcopy_on_command apply to mode postcopy only; add "
-        "\"mode\": \"postcopy\" or drop them");
+        "precopy_passes, postcopy_on_command and postcopy_answers apply to mode postcopy only; "
+        "add \"mode\": \"postcopy\" or drop them");
   }
+  if (answers && *answers != "priority" && *answers != "bulk") {
+    return InvalidArgument(
+        "postcopy_answers must be \"priority\" (the default) or \"bulk\" (behind the push, "
+        "for comparison), not \"{}\"",
+        *answers);
+  }
+  r.answers_on_bulk = answers == "bulk";
   r.precopy_passes = static_cast<uint32_t>(passes.value_or(1));
   r.postcopy_on_command = on_command.value_or(false);
   ASSIGN_OR_RETURN(std::optional<bool> local, f.OptionalBool("local"));

@@ -76,6 +76,10 @@ struct MigrateRequest {
   // migrate-start-postcopy.
   uint32_t precopy_passes = 1;
   bool postcopy_on_command = false;
+  // Post-copy only, for comparison (QEMU's post-copy without preempt):
+  // "postcopy_answers": "bulk" sends the answers to page requests behind the
+  // push on page channel 0 instead of on the priority channel ("priority").
+  bool answers_on_bulk = false;
   // A local update (to a unix: target): the guest's memory is handed to the
   // destination process by file descriptor and not copied; memory that
   // cannot be passed (anonymous) falls back to copying in `mode`.

@@ -84,7 +84,8 @@ TEST(ControlTypesTest, MigrateRequestDefaultsAndErrors) {
                {"downtime_ms", 50},
                {"bandwidth_bytes_per_sec", 1 << 30},
                {"precopy_passes", 0},
-               {"postcopy_on_command", true}};
+               {"postcopy_on_command", true},
+               {"postcopy_answers", "bulk"}};
   r = ParseMigrateRequest(full);
   ASSERT_TRUE(r.has_value());
   EXPECT_EQ(json(*r), full);
@@ -106,6 +107,9 @@ TEST(ControlTypesTest, MigrateRequestDefaultsAndErrors) {
        "argument 'precopy_passes' is 1001"},
       {{{"to", "tcp:h:1"}, {"mode", "postcopy"}, {"postcopy_on_command", 1}},
        "argument 'postcopy_on_command' must be true or false"},
+      {{{"to", "tcp:h:1"}, {"postcopy_answers", "bulk"}}, "apply to mode postcopy only"},
+      {{{"to", "tcp:h:1"}, {"mode", "postcopy"}, {"postcopy_answers", "main"}},
+       "postcopy_answers must be \"priority\" (the default) or \"bulk\""},
       {json::array(), "arguments must be a JSON object"},
   };
   for (const Case& c : cases) {

@@ -45,7 +45,8 @@ struct Outcome {
 // Runs a post-copy migration; `cut_at` (0..1): the link is cut once that
 // share of the pages is at the destination, and both sides resume.
 Outcome Migrate(Memory& from, Memory& to, Record& source_record, Record& destination_record,
-                uint32_t precopy_passes, std::optional<double> cut_at = std::nullopt) {
+                uint32_t precopy_passes, std::optional<double> cut_at = std::nullopt,
+                bool answers_on_bulk = false) {
   auto source_vm = MakeMemorySource(
       *from.memory, std::make_unique<FakeControl>(source_record, from.host(), from.size()));
   auto destination_vm = MakeMemoryPostcopyDestination(
@@ -57,6 +58,7 @@ Outcome Migrate(Memory& from, Memory& to, Record& source_record, Record& destina
   PostcopySourceOptions options;
   options.base.page_channels = 2;
   options.precopy_passes = precopy_passes;
+  options.answers_on_bulk = answers_on_bulk;
   PostcopySource source(*source_vm, options);
   DestinationOptions destination_options;
   destination_options.accept.timeout = std::chrono::seconds(10);
@@ -136,6 +138,26 @@ TEST_P(PostcopyEngineTest, LinkCutDuringPostcopyResumesAndCompletes) {
   EXPECT_EQ(o.resumes, 1u);
   EXPECT_EQ(o.destination->sessions, 2u);
   EXPECT_EQ(std::memcmp(from.host(), to.host(), from.size()), 0) << "the memory differs";
+}
+
+// Answers behind the push on page channel 0 (the comparison mode): they
+// count in its PassEnd, later ones go on the priority channel, and a resumed
+// session shares its new channel 0 the same way.
+TEST_P(PostcopyEngineTest, AnswersOnTheBulkChannelDeliverEveryPage) {
+  for (std::optional<double> cut : {std::optional<double>(), std::optional<double>(0.3)}) {
+    SCOPED_TRACE(cut ? "link cut" : "unbroken");
+    Memory from(GetParam(), 32 << 20), to(GetParam(), 32 << 20);
+    Record source_record, destination_record;
+    Writer writer(from, source_record);
+    Outcome o = Migrate(from, to, source_record, destination_record, /*precopy_passes=*/0, cut,
+                        /*answers_on_bulk=*/true);
+    writer.Stop();
+    ASSERT_TRUE(o.source.has_value()) << o.source.error().ToString();
+    ASSERT_TRUE(o.destination.has_value()) << o.destination.error().ToString();
+    EXPECT_EQ(o.resumes, cut ? 1u : 0u);
+    EXPECT_GT(o.source->pages_requested, 0u) << "no request was answered";
+    EXPECT_EQ(std::memcmp(from.host(), to.host(), from.size()), 0) << "the memory differs";
+  }
 }
 
 // A source that breaks the protocol on a page channel during pre-copy: the

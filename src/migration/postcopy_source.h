@@ -60,6 +60,11 @@ struct PostcopySourceOptions {
   // (src/sys/sched.h), so that neither waits for a CPU behind the push or
   // other work. Without permission they run as before (stats: realtime).
   int realtime_priority = sys::kDefaultRealtimePriority;
+  // For comparison only (QEMU's post-copy without preempt): answers to page
+  // requests go out on page channel 0, queued behind the push, until that
+  // channel ends its pass; then on the priority channel. The requests still
+  // come on the priority channel.
+  bool answers_on_bulk = false;
   // Where rejected requests and other notes go (default: stderr).
   std::function<void(std::string_view)> log;
 };
@@ -119,6 +124,7 @@ class PostcopySource {
   // watcher is the CompletionWatcher both sources use).
   class Responder;
   class Pusher;
+  struct SharedChannel;
 
   // One session's handshake and priority channel, adopted by `a`. A resume
   // requires recovery; the first session, post-copy.

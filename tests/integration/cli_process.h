@@ -176,7 +176,7 @@ inline std::unique_ptr<Cli> StartSource(const std::string& control, const std::s
                                         std::vector<std::string> prefix = {}) {
   // On the software CPU the two vCPUs' fills can end seconds apart: random
   // writes long enough that both are writing at once (AwaitRandomWrites).
-  if (!itest::OnKvm()) seconds = std::max(seconds, 6);
+  if (!itest::OnKvm()) seconds = std::max(seconds, 4);
   std::vector<std::string> args = {"run",
                                    "--control",
                                    control,
@@ -196,6 +196,16 @@ inline std::unique_ptr<Cli> StartSource(const std::string& control, const std::s
                                    "120"};
   args.insert(args.end(), extra.begin(), extra.end());
   return std::make_unique<Cli>(args, FAULTLINE_CLI_PATH, std::move(prefix));
+}
+
+// A process's resident memory (VmRSS), in KiB; 0 once it is gone.
+inline uint64_t RssKib(pid_t pid) {
+  std::ifstream status(fmt::format("/proc/{}/status", pid));
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6));
+  }
+  return 0;
 }
 
 // One control command through `faultline query`.

@@ -1,12 +1,13 @@
-// faultline_hostile_peer: a deliberately malicious migration source, for
-// the tests of a destination's refusals (Firecracker ships a
-// malicious_handler for the same reason). It speaks to a destination
-// (`faultline run --incoming tcp:...`, `serve-pages --from`) the way an
-// attacker on the network would, and reports whether each of its
-// connections was refused.
+// faultline_hostile_peer: a deliberately malicious migration peer, for
+// the tests of refusals and bounds (Firecracker ships a malicious_handler
+// for the same reason). It speaks to a destination (`faultline run
+// --incoming tcp:...`, `serve-pages --from`) the way an attacker on the
+// network would, and reports whether each of its connections was refused;
+// or (`flood`) it sits on the path between a source and its destination and
+// floods the source with page requests.
 //
 //   faultline_hostile_peer --to tcp:HOST:PORT CASE [--tls-dir DIR] [--count N]
-//                          [--hold-ms MS] [--bytes N] [--file FILE]
+//                          [--hold-ms MS] [--bytes N] [--file FILE] [--pages N]
 //
 // CASE:
 //   hello      a well-formed Hello (a plaintext source, or with --tls-dir a
@@ -17,8 +18,17 @@
 //   garbage    --bytes random bytes (default 4096)
 //   silent     --count connections (default 1) that send nothing, held for
 //              --hold-ms (default 3000); reports how many the peer closed
+//   flood      a relay: listens on 127.0.0.1 (prints "listening on
+//              tcp:127.0.0.1:PORT" on stderr) for a source's channels and
+//              relays each to --to; into each priority channel it injects
+//              --count page requests (default 1000) towards the source:
+//              nine in ten ask for --pages pages (default 64) spread over the
+//              first block, one in ten for a page past its end. Plaintext
+//              only (TLS leaves an on-path attacker nothing to inject
+//              into); see hostile_flood.cc
 //
 // Prints one JSON object: {"case", "connections", "refused", "answers"}
+// (flood: see hostile_flood.h)
 // where `answers` says what each connection heard (an Error's text, "closed",
 // "HelloAck: accepted", "no answer"). Exit status: 0 when every connection
 // was refused (closed, reset, or answered with an Error, or failed its TLS
@@ -44,6 +54,7 @@
 #include "src/migration/tls_transport.h"
 #include "src/migration/transport.h"
 #include "src/migration/wire.h"
+#include "tests/integration/hostile_flood.h"
 
 namespace faultline::migration {
 namespace {
@@ -53,9 +64,10 @@ struct Options {
   std::string kase;
   std::string tls_dir;
   std::string file;
-  int count = 1;
+  int count = 0;  // 0: the case's default
   int hold_ms = 3000;
   size_t bytes = 4096;
+  uint32_t pages = 64;
 };
 
 // What the peer did with one connection.
@@ -118,7 +130,7 @@ Outcome SendAndListen(Channel& channel, const std::vector<uint8_t>& bytes, bool 
 std::vector<Outcome> Silent(Connector& connector, const Options& o) {
   std::vector<std::unique_ptr<Channel>> held;
   std::vector<Outcome> outcomes;
-  for (int i = 0; i < o.count; ++i) {
+  for (int i = 0; i < std::max(o.count, 1); ++i) {
     Result<std::unique_ptr<Channel>> c = connector.Connect();
     if (c.has_value()) {
       held.push_back(std::move(*c));
@@ -141,6 +153,10 @@ int Run(const Options& o) {
   if (!address.has_value()) {
     fmt::print(stderr, "--to: {}\n", address.error().ToString());
     return 2;
+  }
+  if (o.kase == "flood") {
+    return RunFlood(*address,
+                    FloodOptions{o.count == 0 ? 1000u : static_cast<uint32_t>(o.count), o.pages});
   }
   TransportOptions transport;
   transport.io_timeout = std::chrono::milliseconds(o.kase == "silent" ? 200 : 10'000);
@@ -197,6 +213,8 @@ int Main(int argc, char** argv) {
       o.hold_ms = std::atoi(argv[++i]);
     } else if (arg == "--bytes" && has_value) {
       o.bytes = static_cast<size_t>(std::atoll(argv[++i]));
+    } else if (arg == "--pages" && has_value) {
+      o.pages = static_cast<uint32_t>(std::atoi(argv[++i]));
     } else if (o.kase.empty() && !arg.starts_with("--")) {
       o.kase = arg;
     } else {
@@ -205,13 +223,17 @@ int Main(int argc, char** argv) {
     }
   }
   const bool known = o.kase == "hello" || o.kase == "replay" || o.kase == "oversized" ||
-                     o.kase == "truncated" || o.kase == "garbage" || o.kase == "silent";
-  if (o.to.empty() || !known || (o.kase == "replay" && o.file.empty()) || o.count < 1 ||
-      o.count > 1000 || o.hold_ms < 0) {
+                     o.kase == "truncated" || o.kase == "garbage" || o.kase == "silent" ||
+                     o.kase == "flood";
+  const int max_count = o.kase == "flood" ? 1'000'000 : 1000;
+  if (o.to.empty() || !known || (o.kase == "replay" && o.file.empty()) || o.count < 0 ||
+      o.count > max_count || o.hold_ms < 0 || o.pages < 1 || o.pages > kMaxRequestPages ||
+      (o.kase == "flood" && !o.tls_dir.empty())) {
     fmt::print(stderr,
-               "usage: {} --to tcp:HOST:PORT hello|replay|oversized|truncated|garbage|silent "
-               "[--tls-dir DIR] [--file FILE] [--count N] [--hold-ms MS] [--bytes N]\n",
-               argv[0]);
+               "usage: {} --to tcp:HOST:PORT hello|replay|oversized|truncated|garbage|silent|flood "
+               "[--tls-dir DIR (not with flood)] [--file FILE] [--count N] [--hold-ms MS] "
+               "[--bytes N] [--pages 1..{}]\n",
+               argv[0], kMaxRequestPages);
     return 2;
   }
   return Run(o);

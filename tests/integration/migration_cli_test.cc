@@ -130,7 +130,7 @@ TEST_P(BackingMigrationTest, Migrates) {
   std::optional<HugePages> huge;
   if (GetParam() == "hugetlb") huge.emplace(256);
   MigrationRun run;
-  MigrateAndVerify(itest::MemArg("256M", "128M"), GetParam(), 2, &run);
+  MigrateAndVerify(itest::MemArg("256M", "64M"), GetParam(), 2, &run);
   if (GetParam() == "gmem" && !HasFailure()) {
     // No dirty log for guest_memfd: every pass is every page, so pre-copy
     // stops iterating and copies what is left with the guest stopped.
@@ -143,10 +143,10 @@ INSTANTIATE_TEST_SUITE_P(FourBackings, BackingMigrationTest,
                          [](const auto& info) { return info.param; });
 
 TEST(MigrationCliTest, CancelLeavesTheGuestRunningOnTheSource) {
-  Destination dest = StartDestination(itest::MemArg("256M", "128M"), "anon");
+  Destination dest = StartDestination(itest::MemArg("256M", "64M"), "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "anon", 4);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "64M"), "anon", 4);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   // Slow enough to be cancelled in the middle of the first pass.
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
@@ -328,13 +328,13 @@ class BadDestinationInputTest : public ::testing::TestWithParam<BadInput> {};
 TEST_P(BadDestinationInputTest, RefusedWhileTheSourceGoesOn) {
   const BadInput& bad = GetParam();
   const std::string dest_mem =
-      bad.dest_bigger ? itest::MemArg("512M", "256M") : itest::MemArg("256M", "128M");
+      bad.dest_bigger ? itest::MemArg("512M", "256M") : itest::MemArg("256M", "64M");
   Destination dest = StartDestination(dest_mem, "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   std::optional<TamperingProxy> proxy;
   if (bad.tamper) proxy.emplace(dest.port, bad.tamper);
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "anon", 3);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "64M"), "anon", 3);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   const uint16_t port = proxy ? proxy->port() : dest.port;
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", port),
@@ -387,7 +387,7 @@ INSTANTIATE_TEST_SUITE_P(Refusals, BadDestinationInputTest,
 // each is dropped, said, and the destination goes on waiting; the real
 // migration that follows completes and its guest verifies every page.
 TEST(MigrationCliTest, NonProtocolPeersAreDroppedAndTheMigrationThenCompletes) {
-  const std::string mem = itest::MemArg("256M", "128M");
+  const std::string mem = itest::MemArg("256M", "64M");
   Destination dest = StartDestination(mem, "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
@@ -408,7 +408,7 @@ TEST(MigrationCliTest, NonProtocolPeersAreDroppedAndTheMigrationThenCompletes) {
 // which receives every page before the destination starts the guest, here
 // into memory allocated beforehand (--prealloc).
 TEST(MigrationCliTest, DemoPrecopyJsonVerifiesEveryPage) {
-  Cli demo({"demo", "--mode", "precopy", "--mem", itest::MemArg("256M", "128M"), "--after", "0.3",
+  Cli demo({"demo", "--mode", "precopy", "--mem", itest::MemArg("256M", "64M"), "--after", "0.3",
             "--prealloc", "--json"});
   ASSERT_EQ(demo.Wait(), 0) << demo.Describe();
   nlohmann::json j = demo.Json();
@@ -436,7 +436,7 @@ TEST(MigrationCliTest, DemoPrecopyJsonVerifiesEveryPage) {
 // link resumed with `faultline migrate --resume`.
 
 TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
-  Cli demo({"demo", "--mode", "postcopy", "--mem", itest::MemArg("256M", "128M"), "--after", "0.3",
+  Cli demo({"demo", "--mode", "postcopy", "--mem", itest::MemArg("256M", "64M"), "--after", "0.3",
             "--json"});
   ASSERT_EQ(demo.Wait(), 0) << demo.Describe();
   nlohmann::json j = demo.Json();
@@ -461,10 +461,10 @@ TEST(PostcopyCliTest, DemoPostcopyJsonVerifiesEveryPage) {
 }
 
 TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
-  Destination dest = StartPostcopyDestination(itest::MemArg("256M", "128M"), "memfd");
+  Destination dest = StartPostcopyDestination(itest::MemArg("256M", "64M"), "memfd");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "memfd", 6);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "64M"), "memfd", 6);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   const std::string to = fmt::format("tcp:127.0.0.1:{}", dest.port);
   // Pre-copy passes until told: the switch comes from `faultline migrate
@@ -496,6 +496,71 @@ TEST(PostcopyCliTest, MigrateModePostcopyBetweenProcesses) {
   nlohmann::json s = source->Json();
   EXPECT_EQ(s["migrated_to"], to) << s.dump();
   ExpectPostcopyVerified(*dest.cli, s["workload_pages"].get<uint64_t>(), 1, "copy|continue", 2);
+}
+
+// A flood of page requests in post-copy, from an on-path attacker between
+// the source and its destination (plaintext: TLS leaves it nothing to
+// inject into): faultline_hostile_peer's flood relay injects 3000 requests,
+// 16 pages each, one in ten for a page past the block's end. The source
+// answers the valid ones in turn, counts the rest and logs only the first
+// few; its memory stays bounded (the answers are far more than the bound);
+// the migration completes and the guest verifies every page.
+TEST(PostcopyCliTest, AFloodOfPageRequestsIsServedWithBoundedMemoryAndTheGuestVerifies) {
+  const std::string mem = itest::MemArg("256M", "64M");
+  Destination dest = StartPostcopyDestination(mem, "anon");
+  ASSERT_NE(dest.port, 0) << dest.cli->Describe();
+  constexpr uint64_t kRequests = 3000, kPages = 16;
+  Cli relay({"--to", fmt::format("tcp:127.0.0.1:{}", dest.port), "flood", "--count",
+             std::to_string(kRequests), "--pages", std::to_string(kPages)},
+            FAULTLINE_HOSTILE_PEER_PATH);
+  std::optional<std::string> line = relay.AwaitStderr("listening on tcp:", 30s);
+  ASSERT_TRUE(line.has_value()) << relay.Describe();
+  const std::string to = line->substr(line->find("tcp:"));
+  const std::string control = ControlPath();
+  std::unique_ptr<Cli> source = StartSource(control, mem, "anon", 4);
+  ASSERT_TRUE(AwaitRandomWrites(control, *source));
+
+  const uint64_t rss_before = RssKib(source->pid());
+  uint64_t rss_peak = rss_before;
+  Cli migrate({"migrate", "--control", control, "--to", to, "--mode", "postcopy", "--json"});
+  while (migrate.Running()) {
+    rss_peak = std::max(rss_peak, RssKib(source->pid()));
+    std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_EQ(migrate.Wait(), 0) << migrate.Describe() << "\n"
+                               << source->Describe() << "\n"
+                               << dest.cli->Describe();
+  ASSERT_EQ(relay.Wait(60s), 0) << relay.Describe();
+  const nlohmann::json flood = relay.Json(), m = migrate.Json();
+  fmt::print("flood: {}\nsource: RSS {} KiB before, {} KiB at most during the migration\n{}\n",
+             flood.dump(), rss_before, rss_peak, m.dump());
+  EXPECT_EQ(flood["injected"].get<uint64_t>(), kRequests) << flood.dump();
+  EXPECT_EQ(flood["invalid"].get<uint64_t>(), kRequests / 10) << flood.dump();
+  // The relay saw the source answer (real requests and the flood's); the
+  // source counted every page it sent on its priority channel.
+  const uint64_t answered = flood["answered_pages"].get<uint64_t>();
+  EXPECT_GT(answered, kPages) << flood.dump();
+  EXPECT_GE(m["migration"]["pages_demanded"].get<uint64_t>(), answered) << m.dump();
+  // Bounded: the source answers one request at a time, so the flood's
+  // answers (kRequests * 0.9 * kPages pages: 169 MiB) never pile up there.
+  EXPECT_LT(rss_peak - rss_before, uint64_t{64} << 10) << "KiB";
+  // The log names the first rejections only.
+  const std::string err = source->err();
+  size_t logged = 0;
+  for (size_t at = err.find("rejected a page request"); at != std::string::npos;
+       at = err.find("rejected a page request", at + 1)) {
+    ++logged;
+  }
+  EXPECT_LE(logged, 8u) << err;
+  // Every tenth request is refused: past 90 answers, more than 8 refusals.
+  if (flood["answers"].get<uint64_t>() > 90) {
+    EXPECT_THAT(err, HasSubstr("page requests in this session")) << err;
+  }
+
+  ASSERT_EQ(source->Wait(), 0) << source->Describe();
+  nlohmann::json s = source->Json();
+  EXPECT_EQ(s["migrated_to"], to) << s.dump();
+  ExpectPostcopyVerified(*dest.cli, s["workload_pages"].get<uint64_t>(), 1, "copy|move");
 }
 
 // A 256 MiB (TCG: 128 MiB) source guest writing at random whose link breaks after 64 MiB
@@ -662,10 +727,10 @@ TEST(PostcopyCliTest, DestinationQueryMigrateShowsFaultLatencyPerVcpu) {
 TEST(PostcopyCliTest, ModeMismatchIsRefusedAndTheSourceGoesOn) {
   // A pre-copy migration to a post-copy destination: refused in the
   // handshake; the guest keeps running on the source to the end.
-  Destination dest = StartPostcopyDestination(itest::MemArg("256M", "128M"), "anon");
+  Destination dest = StartPostcopyDestination(itest::MemArg("256M", "64M"), "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "anon", 2);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "64M"), "anon", 2);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
                "--json"});
@@ -687,10 +752,10 @@ TEST(PostcopyCliTest, AnInstallerThatCannotMigrateIsRefusedBeforeListening) {
 }
 
 TEST(PostcopyCliTest, PostcopyToAPrecopyDestinationIsRefused) {
-  Destination dest = StartDestination(itest::MemArg("256M", "128M"), "anon");
+  Destination dest = StartDestination(itest::MemArg("256M", "64M"), "anon");
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();
-  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "128M"), "anon", 2);
+  std::unique_ptr<Cli> source = StartSource(control, itest::MemArg("256M", "64M"), "anon", 2);
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   Cli migrate({"migrate", "--control", control, "--to", fmt::format("tcp:127.0.0.1:{}", dest.port),
                "--mode", "postcopy", "--json"});

@@ -75,7 +75,7 @@ nlohmann::json ExpectRestoredAndVerified(Cli& run, const std::string& mode) {
 
 TEST(SnapshotCliTest, LiveSnapshotRestoresEagerlyAndLazilyAndMigratesOn) {
   const std::string root = TempDir(), dir = root + "/snap";
-  const std::string mem = itest::MemArg("1G", "512M");
+  const std::string mem = itest::MemArg("1G", "128M");
   const std::string control = ControlPath();
   auto source = StartSnapshotSource(control, mem, "random-hotset,rate=64");
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
@@ -162,8 +162,7 @@ TEST(SnapshotCliTest, PrefetchedRestoreFaultsOnATenthOfWhatTheRecordedOneDid) {
 TEST(SnapshotCliTest, TheVmmRunsOnAPageServerAndStopsWhenTheServerDies) {
   const std::string root = TempDir(), dir = root + "/snap";
   const std::string control = ControlPath();
-  auto source =
-      StartSnapshotSource(control, itest::MemArg("256M", "128M"), "random-hotset,rate=64");
+  auto source = StartSnapshotSource(control, itest::MemArg("256M", "64M"), "random-hotset,rate=64");
   ASSERT_TRUE(AwaitRandomWrites(control, *source));
   Snapshot(control, dir, *source);
   source.reset();

@@ -113,18 +113,9 @@ std::vector<uint8_t> RecordAHandshake(const TlsDirs& dirs) {
   return recorded;
 }
 
-uint64_t RssKib(pid_t pid) {
-  std::ifstream status(fmt::format("/proc/{}/status", pid));
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6));
-  }
-  return 0;
-}
-
 TEST(TlsCliTest, DemoPostcopyOverTlsVerifiesEveryPage) {
   TlsDirs dirs;
-  Cli demo({"demo", "--mode", "postcopy", "--mem", itest::MemArg("256M", "128M"), "--tls-dir",
+  Cli demo({"demo", "--mode", "postcopy", "--mem", itest::MemArg("256M", "64M"), "--tls-dir",
             dirs.Dir("src"), "--json"});
   ASSERT_EQ(demo.Wait(300s), 0) << demo.Describe();
   nlohmann::json j = demo.Json();
@@ -137,7 +128,7 @@ TEST(TlsCliTest, DemoPostcopyOverTlsVerifiesEveryPage) {
 
 TEST(TlsCliTest, HostilePeersAreRefusedBeforeAnyPageAndTheRealMigrationCompletes) {
   TlsDirs dirs;
-  const std::string mem = itest::MemArg("256M", "128M");
+  const std::string mem = itest::MemArg("256M", "64M");
   Destination dest = StartDestination(mem, "anon", {"--tls-dir", dirs.Dir("dst")});
   ASSERT_NE(dest.port, 0) << dest.cli->Describe();
   const std::string control = ControlPath();

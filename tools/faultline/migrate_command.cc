@@ -43,6 +43,7 @@ struct MigrateOptions {
   bool start_postcopy = false;
   std::optional<uint32_t> precopy_passes;  // mode postcopy
   bool postcopy_on_command = false;
+  std::optional<std::string> postcopy_answers;  // mode postcopy: priority or bulk
   bool local = false;
   uint32_t interval_ms = 200;
   TlsOptions tls;  // sent as tls_dir (absolute: the VMM's cwd is not ours)
@@ -337,12 +338,15 @@ int Migrate(const MigrateOptions& o) {
     request.bandwidth_bytes_per_sec = *rate;
     request.channels = o.channels;
     request.downtime_ms = o.downtime_ms;
-    if ((o.precopy_passes || o.postcopy_on_command) &&
+    if ((o.precopy_passes || o.postcopy_on_command || o.postcopy_answers) &&
         request.mode != control::MigrationMode::kPostcopy) {
-      return Fail(Error("--precopy-passes and --postcopy-on-command go with --mode postcopy"));
+      return Fail(
+          Error("--precopy-passes, --postcopy-on-command and --postcopy-answers go with --mode "
+                "postcopy"));
     }
     request.precopy_passes = o.precopy_passes.value_or(1);
     request.postcopy_on_command = o.postcopy_on_command;
+    request.answers_on_bulk = o.postcopy_answers == "bulk";
     request.local = o.local;
     if (o.local && !request.to.is_unix()) {
       return Fail(
@@ -419,6 +423,11 @@ void AddMigrateCommand(CLI::App& app, Action& action) {
   cmd->add_flag("--postcopy-on-command", o->postcopy_on_command,
                 "With --mode postcopy: run pre-copy passes until `faultline migrate "
                 "--start-postcopy`");
+  cmd->add_option("--postcopy-answers", o->postcopy_answers,
+                  "With --mode postcopy: where answers to page requests go: priority (the "
+                  "default: their own channel) or bulk (behind the push on page channel 0, as "
+                  "without QEMU's postcopy-preempt; for comparison)")
+      ->check(CLI::IsMember({"priority", "bulk"}));
   cmd->add_flag("--local", o->local,
                 "With --to unix:PATH: a local update: hand the guest to a new VMM process on "
                 "this host without copying its memory (memfd and hugetlb RAM is passed by "
