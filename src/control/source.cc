@@ -262,6 +262,7 @@ MigrationStatus SourceMigrationControl::PostcopyStatus() {
   MigrationStatus s = Estimate(as_precopy);
   s.mode = MigrationMode::kPostcopy;
   s.pages_demanded = p.pages_requested;
+  s.requests_rejected = p.requests_rejected;
   s.pages_pushed = p.pages_pushed;
   s.sessions = postcopy_stats_ ? postcopy_stats_->sessions : 0;
   switch (p.phase) {

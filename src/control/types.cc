@@ -216,6 +216,7 @@ void to_json(nlohmann::json& j, const MigrationStatus& s) {
     j["paused"] = s.paused;
     j["pages_demanded"] = s.pages_demanded;
     j["pages_pushed"] = s.pages_pushed;
+    j["requests_rejected"] = s.requests_rejected;
     j["sessions"] = s.sessions;
     j["fault_p50_us"] = optional_us(s.fault_p50_us);
     j["fault_p99_us"] = optional_us(s.fault_p99_us);
@@ -268,6 +269,8 @@ Result<MigrationStatus> ParseMigrationStatus(const nlohmann::json& reply) {
   s.pages_demanded = demanded.value_or(0);
   ASSIGN_OR_RETURN(std::optional<uint64_t> pushed, f.OptionalUint("pages_pushed"));
   s.pages_pushed = pushed.value_or(0);
+  ASSIGN_OR_RETURN(std::optional<uint64_t> rejected, f.OptionalUint("requests_rejected"));
+  s.requests_rejected = rejected.value_or(0);
   ASSIGN_OR_RETURN(std::optional<uint64_t> sessions, f.OptionalUint("sessions", 0, UINT32_MAX));
   s.sessions = static_cast<uint32_t>(sessions.value_or(0));
   ASSIGN_OR_RETURN(std::optional<bool> local, f.OptionalBool("local"));

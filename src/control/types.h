@@ -126,6 +126,9 @@ struct MigrationStatus {
   bool paused = false;
   uint64_t pages_demanded = 0;
   uint64_t pages_pushed = 0;
+  // The source's: page requests it refused (an index out of range, say),
+  // as a destination that misbehaves or an attacker on the path sends.
+  uint64_t requests_rejected = 0;
   uint32_t sessions = 0;  // 1 + resumes
   std::optional<double> fault_p50_us;
   std::optional<double> fault_p99_us;

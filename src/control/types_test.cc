@@ -137,11 +137,13 @@ TEST(ControlTypesTest, MigrationStatusRoundTrip) {
   s.paused = true;
   s.pages_demanded = 15;
   s.pages_pushed = 16;
+  s.requests_rejected = 3;
   s.sessions = 2;
   s.fault_p99_us = 17.5;
   json j = s;
   EXPECT_TRUE(j["fault_p50_us"].is_null());
   EXPECT_EQ(j["pages_demanded"], 15);
+  EXPECT_EQ(j["requests_rejected"], 3);
   EXPECT_TRUE(j["downtime_ms"].is_null());
   EXPECT_FALSE(j.contains("error"));
   EXPECT_DOUBLE_EQ(s.Percent(), 75.0);

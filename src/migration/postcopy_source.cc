@@ -53,6 +53,7 @@ PostcopyProgress PostcopySource::progress() {
   p.pages_sent = pages_sent_.load(std::memory_order_relaxed);
   p.pages_pushed = pages_pushed_.load(std::memory_order_relaxed);
   p.pages_requested = pages_requested_.load(std::memory_order_relaxed);
+  p.requests_rejected = requests_rejected_.load(std::memory_order_relaxed);
   sys::MutexLock lock(scheduler_mu_);
   if (scheduler_) p.pages_remaining = scheduler_->remaining();
   return p;

@@ -93,6 +93,7 @@ struct PostcopyProgress {
   uint64_t pages_remaining = 0;  // post-copy: still to push
   uint64_t pages_pushed = 0;
   uint64_t pages_requested = 0;
+  uint64_t requests_rejected = 0;  // all sessions: out of range or malformed
 };
 
 class PostcopySource {
@@ -152,6 +153,7 @@ class PostcopySource {
   std::atomic<uint64_t> pages_sent_{0};
   std::atomic<uint64_t> pages_pushed_{0};
   std::atomic<uint64_t> pages_requested_{0};
+  std::atomic<uint64_t> requests_rejected_{0};
 
   std::vector<std::shared_ptr<RamBlock>> blocks_;
   // Replaced at the switchover and at each Resume by the thread running

@@ -64,6 +64,7 @@ class PostcopySource::Responder {
         // Logged up to kLoggedRejections times: a peer that floods bad
         // requests must not flood the log as well.
         const uint64_t n = rejected_.fetch_add(1, std::memory_order_relaxed) + 1;
+        s_.requests_rejected_.fetch_add(1, std::memory_order_relaxed);
         if (n <= kLoggedRejections) {
           s_.Log(
               fmt::format("post-copy: rejected a page request: {}{}", m.error().ToString(),
@@ -105,10 +106,13 @@ class PostcopySource::Responder {
     if (bulk_ == nullptr) return false;
     sys::MutexLock lock(bulk_->mu);
     if (!bulk_->open || bulk_->ended) return false;
-    // A failure here is the page channel's: its pusher reports it.
-    if (a_.page(0).writer().SendPages(answer, data_).ok()) {
-      bulk_->answered_pages += answer.pages.size();
+    if (!a_.page(0).writer().SendPages(answer, data_).ok()) {
+      // The page channel broke (its pusher reports it): this answer and
+      // the next go on the priority channel.
+      bulk_->ended = true;
+      return false;
     }
+    bulk_->answered_pages += answer.pages.size();
     return true;
   }
 
