@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (tests/fuzz/) with clang-19, AddressSanitizer
-# and UBSan, and runs each for SECONDS (default 60), as many at once as
+# and UBSan (and the thread-safety analysis as errors, so that
+# scripts/thread-safety.sh can skip what this build compiled), and runs each
+# for SECONDS (default 60), as many at once as
 # there are CPUs, from its seed corpus in
 # tests/fuzz/corpus/<name>/. New inputs go to a scratch copy of the corpus,
 # not the repository's. Fails on any crash, sanitizer report or broken
@@ -19,7 +21,7 @@ names=("$@")
 build=${FAULTLINE_FUZZ_BUILD:-build/fuzz}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
   -DCMAKE_C_COMPILER=clang-19 -DCMAKE_CXX_COMPILER=clang++-19 -DFAULTLINE_WERROR=ON \
-  -DFAULTLINE_SANITIZE=ON -DFAULTLINE_FUZZ=ON >/dev/null
+  -DFAULTLINE_SANITIZE=ON -DFAULTLINE_FUZZ=ON -DFAULTLINE_THREAD_SAFETY=ON >/dev/null
 cmake --build "$build" --target faultline_fuzzers
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}

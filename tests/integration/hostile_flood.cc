@@ -26,33 +26,14 @@
 #include <nlohmann/json.hpp>
 
 #include "src/migration/wire.h"
+#include "tests/integration/socket_io.h"
 
 namespace faultline::migration {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-bool ReadAll(int fd, uint8_t* p, size_t n) {
-  while (n > 0) {
-    ssize_t r = read(fd, p, n);
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
-bool WriteAll(int fd, std::span<const uint8_t> bytes) {
-  const uint8_t* p = bytes.data();
-  size_t n = bytes.size();
-  while (n > 0) {
-    ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
+using itest::ReadAll;
+using itest::WriteAll;
 
 uint32_t GetU32(const uint8_t* p) {
   uint32_t v;

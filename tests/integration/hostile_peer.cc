@@ -28,13 +28,12 @@
 //              into); see hostile_flood.cc
 //
 // Prints one JSON object: {"case", "connections", "refused", "answers"}
-// (flood: see hostile_flood.h)
 // where `answers` says what each connection heard (an Error's text, "closed",
 // "HelloAck: accepted", "no answer"). Exit status: 0 when every connection
 // was refused (closed, reset, or answered with an Error, or failed its TLS
 // handshake; `truncated` hangs up itself, and counts as refused: what the
 // peer made of it shows on its side), 1 when one was not, 2 on a usage
-// error.
+// error. The flood's report and exit status: hostile_flood.h.
 #include <unistd.h>
 
 #include <chrono>

@@ -37,6 +37,7 @@
 #include "tests/integration/cli_process.h"
 #include "tests/integration/huge_pages.h"
 #include "tests/integration/postcopy_cli.h"
+#include "tests/integration/socket_io.h"
 #include "tests/integration/test_accel.h"
 
 namespace faultline {
@@ -218,25 +219,6 @@ class TamperingProxy {
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     return a;
   }
-  static bool ReadAll(int fd, uint8_t* p, size_t n) {
-    while (n > 0) {
-      ssize_t r = read(fd, p, n);
-      if (r <= 0) return false;
-      p += r;
-      n -= static_cast<size_t>(r);
-    }
-    return true;
-  }
-  static bool WriteAll(int fd, const uint8_t* p, size_t n) {
-    while (n > 0) {
-      ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
-      if (r <= 0) return false;
-      p += r;
-      n -= static_cast<size_t>(r);
-    }
-    return true;
-  }
-
   void AcceptLoop() {
     for (;;) {
       int from = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
@@ -259,7 +241,7 @@ class TamperingProxy {
         std::vector<uint8_t> buffer(64 << 10);
         for (;;) {
           ssize_t n = read(to, buffer.data(), buffer.size());
-          if (n <= 0 || !WriteAll(from, buffer.data(), static_cast<size_t>(n))) break;
+          if (n <= 0 || !itest::WriteAll(from, {buffer.data(), static_cast<size_t>(n)})) break;
         }
         shutdown(from, SHUT_RDWR);
         shutdown(to, SHUT_RDWR);
@@ -271,19 +253,19 @@ class TamperingProxy {
     std::vector<uint8_t> payload;
     for (;;) {
       uint8_t header[16];
-      if (!ReadAll(from, header, sizeof header)) break;
+      if (!itest::ReadAll(from, header, sizeof header)) break;
       uint32_t length;
       std::memcpy(&length, header + 4, 4);  // little-endian, as is this host
       if (length > (4u << 20)) break;
       payload.resize(length);
-      if (!ReadAll(from, payload.data(), length)) break;
+      if (!itest::ReadAll(from, payload.data(), length)) break;
       const Action action = tamper_(header[2], payload);
       if (action == Action::kTruncate) {
-        WriteAll(to, header, sizeof header);
-        WriteAll(to, payload.data(), payload.size() / 2);
+        itest::WriteAll(to, header);
+        itest::WriteAll(to, {payload.data(), payload.size() / 2});
         break;
       }
-      if (!WriteAll(to, header, sizeof header) || !WriteAll(to, payload.data(), payload.size())) {
+      if (!itest::WriteAll(to, header) || !itest::WriteAll(to, payload)) {
         break;
       }
     }
