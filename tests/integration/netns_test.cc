@@ -8,8 +8,8 @@
 // The 1 Gbit/s migration and the cut one run over TLS (--tls-dir, each
 // end checking the other's certificate and name); the 10 Gbit/s one is
 // plaintext. Each link's migration also runs with --postcopy-answers bulk
-// (answers behind the push), for the fault latency it prints beside ours. The control socket is a Unix socket path, reachable from any
-// namespace.
+// (answers behind the push), for the fault latency it prints beside ours.
+// The control socket is a Unix socket path, reachable from any namespace.
 // Without root (or iproute2) the tests skip and say why.
 #include <chrono>
 #include <memory>
